@@ -1,0 +1,120 @@
+//! The admin endpoint: `/metrics` (Prometheus text), `/healthz`, `/readyz`
+//! (ready once a first complete snapshot arrived) and `/debug/streams`
+//! (JSON: each stream's class and per-type ACK/NACK state).
+
+use std::{convert::Infallible, sync::Arc};
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use crate::{metrics::Metrics, store::SnapshotStore, xds::AdsServer};
+
+/// What the admin endpoint reads.
+pub struct Admin {
+    store: Arc<SnapshotStore>,
+    metrics: Arc<Metrics>,
+    registry: Registry,
+    ads: AdsServer,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin").finish_non_exhaustive()
+    }
+}
+
+impl Admin {
+    /// An admin endpoint over the edge's store, metrics and ADS server.
+    pub fn new(store: Arc<SnapshotStore>, metrics: Arc<Metrics>, ads: AdsServer) -> Admin {
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        Admin {
+            store,
+            metrics,
+            registry,
+            ads,
+        }
+    }
+
+    /// Serves HTTP/1 on `listener` until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    warn!(%error, "admin accept failed");
+                    continue;
+                }
+            };
+            let admin = self.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request| {
+                    let admin = admin.clone();
+                    async move { Ok::<_, Infallible>(admin.handle(&request)) }
+                });
+                if let Err(error) = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    debug!(%error, %peer, "admin connection ended");
+                }
+            });
+        }
+    }
+
+    fn handle(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if request.method() != Method::GET {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+        }
+        match request.uri().path() {
+            "/healthz" => text(StatusCode::OK, "ok\n".into()),
+            "/readyz" if self.store.is_ready() => text(StatusCode::OK, "ready\n".into()),
+            "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "no snapshot yet\n".into()),
+            "/metrics" => self.metrics_text(),
+            "/debug/streams" => match serde_json::to_vec_pretty(&self.ads.streams()) {
+                Ok(json) => response(StatusCode::OK, "application/json", json.into()),
+                Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")),
+            },
+            _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+        }
+    }
+
+    fn metrics_text(&self) -> Response<Full<Bytes>> {
+        let snapshot = self.store.load();
+        self.metrics
+            .snapshot_epoch
+            .set(i64::try_from(snapshot.epoch()).unwrap_or(i64::MAX));
+        self.metrics
+            .snapshot_scopes
+            .set(i64::try_from(snapshot.scope_count()).unwrap_or(i64::MAX));
+        let mut body = String::new();
+        match prometheus_client::encoding::text::encode(&mut body, &self.registry) {
+            Ok(()) => response(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                body.into(),
+            ),
+            Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    response(status, "text/plain; charset=utf-8", body.into())
+}
+
+fn response(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    response
+}

@@ -1,0 +1,113 @@
+//! An edge: the store, the ADS server and the admin endpoint, served together.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+use crate::{
+    admin::Admin,
+    classify::{NodeClassifier, ProxyClassifier},
+    metrics::Metrics,
+    store::SnapshotStore,
+    xds::{AdsConfig, AdsServer},
+};
+
+/// Settings of an edge.
+#[derive(Clone, Copy, Debug)]
+pub struct EdgeConfig {
+    /// ADS protocol settings.
+    pub ads: AdsConfig,
+    /// HTTP/2 streams one connection may open (default 1,024): load tests
+    /// multiplex many simulated proxies over one connection.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 keepalive ping interval (default 30 s), so dead peers are
+    /// noticed and their streams freed.
+    pub keepalive: Duration,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        EdgeConfig {
+            ads: AdsConfig::default(),
+            max_concurrent_streams: 1024,
+            keepalive: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why an edge stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    /// The xDS server failed.
+    #[error("xDS server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A Trellis edge.
+#[derive(Debug)]
+pub struct Edge {
+    store: Arc<SnapshotStore>,
+    metrics: Arc<Metrics>,
+    ads: AdsServer,
+    config: EdgeConfig,
+}
+
+impl Edge {
+    /// An edge that classifies proxies from their node.
+    pub fn new(config: EdgeConfig) -> Edge {
+        Edge::with_classifier(config, Arc::new(NodeClassifier))
+    }
+
+    /// An edge with its own proxy classifier.
+    pub fn with_classifier(config: EdgeConfig, classifier: Arc<dyn ProxyClassifier>) -> Edge {
+        let store = Arc::new(SnapshotStore::new());
+        let metrics = Arc::new(Metrics::default());
+        let ads = AdsServer::new(store.clone(), classifier, metrics.clone(), config.ads);
+        Edge {
+            store,
+            metrics,
+            ads,
+            config,
+        }
+    }
+
+    /// Where snapshots are published.
+    pub fn store(&self) -> &Arc<SnapshotStore> {
+        &self.store
+    }
+
+    /// The ADS service.
+    pub fn ads(&self) -> &AdsServer {
+        &self.ads
+    }
+
+    /// Serves ADS on `xds` and the admin endpoint on `admin` until `shutdown`
+    /// completes.
+    pub async fn serve(
+        self,
+        xds: TcpListener,
+        admin: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), EdgeError> {
+        info!(xds = ?xds.local_addr().ok(), admin = ?admin.local_addr().ok(), "edge serving");
+        let admin_task = tokio::spawn(
+            Arc::new(Admin::new(
+                self.store.clone(),
+                self.metrics.clone(),
+                self.ads.clone(),
+            ))
+            .serve(admin),
+        );
+        let result = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(self.config.max_concurrent_streams))
+            .http2_keepalive_interval(Some(self.config.keepalive))
+            .tcp_nodelay(true)
+            .add_service(self.ads)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(xds), shutdown)
+            .await;
+        admin_task.abort();
+        Ok(result?)
+    }
+}

@@ -1,0 +1,29 @@
+//! The Trellis edge: serves Envoy's Aggregated Discovery Service, Delta and
+//! state of the world, from an in-memory snapshot.
+//!
+//! * [`SnapshotStore`]: the one input seam. Whoever produces snapshots (a
+//!   test, the in-process leader, later the leader's replication stream)
+//!   publishes them here; readers never lock.
+//! * [`AdsServer`]: one task per stream; responses assembled from
+//!   pre-encoded bytes and shared across streams of a class.
+//! * [`ProxyClassifier`]: which class a connecting proxy is served.
+//! * [`Admin`]: `/metrics`, `/healthz`, `/readyz`, `/debug/streams`.
+//! * [`Edge`]: all of the above wired together and served on two listeners.
+//!
+//! Not here yet: TLS and per-proxy authorization, the upstream client.
+
+mod admin;
+mod classify;
+mod edge;
+mod metrics;
+mod store;
+mod xds;
+
+pub use crate::{
+    admin::Admin,
+    classify::{ClassifyError, NodeClassifier, ProxyClassifier, CLASS_METADATA_KEY},
+    edge::{Edge, EdgeConfig, EdgeError},
+    metrics::{Metrics, Protocol},
+    store::SnapshotStore,
+    xds::{AdsConfig, AdsServer, Limits, StreamReport, TypeReport},
+};

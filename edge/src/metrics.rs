@@ -1,0 +1,108 @@
+//! The edge's Prometheus metrics.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+/// Which xDS protocol variant a stream speaks.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Incremental xDS (`DeltaAggregatedResources`).
+    Delta,
+    /// State of the world (`StreamAggregatedResources`).
+    Sotw,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ProtocolLabels {
+    pub(crate) protocol: Protocol,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct TypeLabels {
+    pub(crate) protocol: Protocol,
+    /// Short type name (`lds`, `cds`, ..., `other`): bounded cardinality.
+    pub(crate) r#type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ReasonLabels {
+    pub(crate) reason: &'static str,
+}
+
+/// Counters and gauges of the Envoy-facing server.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub(crate) streams: Family<ProtocolLabels, Gauge>,
+    pub(crate) responses: Family<TypeLabels, Counter>,
+    pub(crate) resources_sent: Family<TypeLabels, Counter>,
+    pub(crate) acks: Family<TypeLabels, Counter>,
+    pub(crate) nacks: Family<TypeLabels, Counter>,
+    pub(crate) stale_nonces: Family<TypeLabels, Counter>,
+    pub(crate) refused: Family<ReasonLabels, Counter>,
+    pub(crate) snapshot_epoch: Gauge,
+    pub(crate) snapshot_scopes: Gauge,
+    pub(crate) response_cache_hits: Counter,
+    pub(crate) response_cache_misses: Counter,
+}
+
+impl Metrics {
+    /// Registers every metric under the `trellis_edge` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        let edge = registry.sub_registry_with_prefix("trellis_edge");
+        edge.register("streams", "Connected xDS streams", self.streams.clone());
+        edge.register(
+            "responses",
+            "Discovery responses sent",
+            self.responses.clone(),
+        );
+        edge.register(
+            "resources_sent",
+            "Resources carried by discovery responses",
+            self.resources_sent.clone(),
+        );
+        edge.register(
+            "acks",
+            "Responses acknowledged by clients",
+            self.acks.clone(),
+        );
+        edge.register("nacks", "Responses rejected by clients", self.nacks.clone());
+        edge.register(
+            "stale_nonces",
+            "Requests whose nonce is not the latest sent (or was never sent)",
+            self.stale_nonces.clone(),
+        );
+        edge.register(
+            "refused",
+            "Streams or requests refused, by reason",
+            self.refused.clone(),
+        );
+        edge.register(
+            "snapshot_epoch",
+            "Epoch of the snapshot being served",
+            self.snapshot_epoch.clone(),
+        );
+        edge.register(
+            "snapshot_scopes",
+            "Scopes in the snapshot being served",
+            self.snapshot_scopes.clone(),
+        );
+        edge.register(
+            "response_cache_hits",
+            "Responses served from bytes another stream already encoded",
+            self.response_cache_hits.clone(),
+        );
+        edge.register(
+            "response_cache_misses",
+            "Responses encoded afresh",
+            self.response_cache_misses.clone(),
+        );
+    }
+
+    pub(crate) fn refuse(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+}

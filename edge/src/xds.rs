@@ -1,0 +1,153 @@
+//! The Envoy-facing Aggregated Discovery Service.
+//!
+//! * `state`: what one stream holds (shared by both protocol variants).
+//! * `delta`, `sotw`: how each variant turns a request into a response.
+//! * `response`: responses assembled from pre-encoded bytes, shared by
+//!   fingerprint across streams.
+//! * `server`: the per-stream driver (I/O only) and the gRPC service.
+
+mod codec;
+mod delta;
+mod response;
+mod server;
+mod sotw;
+mod state;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tonic::Status;
+use trellis_proto::pb::envoy::config::core::v3::Node;
+use trellis_shared::{ClassView, Epoch};
+
+pub use self::server::{AdsServer, StreamReport, TypeReport};
+use self::{
+    response::ResponseCache,
+    state::{NonceCheck, StreamState, TypeUpdate},
+};
+use crate::classify::ClassifyError;
+use crate::metrics::Protocol;
+
+/// Bounds on what one client may make a stream hold.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Longest resource name or type URL accepted (default 4096 bytes).
+    pub max_name_len: usize,
+    /// Most explicitly subscribed names per type (default 100,000).
+    pub max_names: usize,
+    /// Most types per stream (default 32).
+    pub max_types: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_name_len: 4096,
+            max_names: 100_000,
+            max_types: 32,
+        }
+    }
+}
+
+/// Settings of the ADS server.
+#[derive(Clone, Copy, Debug)]
+pub struct AdsConfig {
+    /// How long a new stream may stay silent before its first request
+    /// (default 30 s): the node is needed to know what to serve.
+    pub first_request_timeout: Duration,
+    /// Per-stream bounds.
+    pub limits: Limits,
+}
+
+impl Default for AdsConfig {
+    fn default() -> Self {
+        AdsConfig {
+            first_request_timeout: Duration::from_secs(30),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Why a stream is closed by the server.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Refusal {
+    #[error("the first request carries no node")]
+    MissingNode,
+    #[error(transparent)]
+    NoClass(ClassifyError),
+    #[error("a request carries no type_url")]
+    MissingTypeUrl,
+    #[error("a resource name or type URL is longer than the limit")]
+    NameTooLong,
+    #[error("too many subscribed names for one type")]
+    TooManyNames,
+    #[error("too many resource types on one stream")]
+    TooManyTypes,
+    #[error("no request within the first-request timeout")]
+    FirstRequestTimeout,
+}
+
+impl Refusal {
+    /// Bounded label for the `refused` metric.
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            Refusal::MissingNode => "missing_node",
+            Refusal::NoClass(_) => "no_class",
+            Refusal::MissingTypeUrl => "missing_type_url",
+            Refusal::NameTooLong => "name_too_long",
+            Refusal::TooManyNames => "too_many_names",
+            Refusal::TooManyTypes => "too_many_types",
+            Refusal::FirstRequestTimeout => "first_request_timeout",
+        }
+    }
+
+    pub(crate) fn status(&self) -> Status {
+        match self {
+            Refusal::FirstRequestTimeout => Status::deadline_exceeded(self.to_string()),
+            Refusal::NoClass(_) => Status::permission_denied(self.to_string()),
+            _ => Status::invalid_argument(self.to_string()),
+        }
+    }
+}
+
+/// What handling one request produced.
+#[derive(Debug)]
+pub(crate) struct RequestOutcome {
+    pub(crate) nonce: NonceCheck,
+    pub(crate) update: TypeUpdate,
+}
+
+/// An encoded response body and what it carries.
+#[derive(Debug)]
+pub(crate) struct Encoded {
+    pub(crate) body: Bytes,
+    /// Whether another stream had already encoded these bytes.
+    pub(crate) cached: bool,
+    pub(crate) resources: usize,
+}
+
+/// One protocol variant: how its requests change a stream's state, and how
+/// an update becomes its response.
+pub(crate) trait Variant: Send + Sync + 'static {
+    type Request: prost::Message + Default + Send + 'static;
+    const PROTOCOL: Protocol;
+
+    fn node(request: &Self::Request) -> Option<&Node>;
+    fn type_url(request: &Self::Request) -> &str;
+    fn on_request(
+        state: &mut StreamState,
+        request: Self::Request,
+    ) -> Result<RequestOutcome, Refusal>;
+    /// The response for `update`, or `None` if this variant has nothing to
+    /// say about it. `before` is the view the client was last brought to.
+    fn encode(
+        state: &StreamState,
+        update: &TypeUpdate,
+        before: ClassView<'_>,
+        cache: &ResponseCache,
+        epoch: Epoch,
+    ) -> Option<Encoded>;
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,521 @@
+//! The per-stream driver and the gRPC face of the ADS service.
+//!
+//! The driver only does I/O: it waits for the next request or the next
+//! snapshot, hands the event to the protocol state machine, and writes the
+//! responses it gets back. A stream that falls behind wakes to the latest
+//! snapshot, never to a queue of intermediate ones.
+
+use std::{
+    convert::Infallible,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+};
+
+use dashmap::DashMap;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{
+    body::Body,
+    codegen::{BoxFuture, StdError},
+    server::{Grpc, NamedService, StreamingService},
+    Request, Response, Status, Streaming,
+};
+use tracing::{debug, info, info_span, warn, Instrument};
+use trellis_shared::{type_url, ClassDelta, Snapshot, SnapshotDiff};
+
+use super::{
+    codec::AdsCodec,
+    delta::Delta,
+    response::{Outbound, ResponseCache},
+    sotw::Sotw,
+    state::{make_before_break, NonceCheck, StreamState, TypeUpdate},
+    AdsConfig, Refusal, Variant,
+};
+use crate::{
+    classify::ProxyClassifier,
+    metrics::{Metrics, Protocol, ProtocolLabels, TypeLabels},
+    store::SnapshotStore,
+};
+
+const SOTW_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+const DELTA_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+
+/// Responses queued per stream before the driver waits for the client: small,
+/// so a slow client holds few encoded responses and catches up to the latest
+/// snapshot instead.
+const OUTBOUND_QUEUE: usize = 4;
+
+/// The ADS gRPC service. Cloning shares the same state.
+#[derive(Clone)]
+pub struct AdsServer {
+    pub(super) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for AdsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdsServer").finish_non_exhaustive()
+    }
+}
+
+pub(super) struct Shared {
+    store: Arc<SnapshotStore>,
+    classifier: Arc<dyn ProxyClassifier>,
+    metrics: Arc<Metrics>,
+    config: AdsConfig,
+    responses: ResponseCache,
+    deltas: DeltaCache,
+    streams: DashMap<u64, StreamReport>,
+    next_stream: AtomicU64,
+}
+
+/// What the admin endpoint shows about one stream.
+#[derive(Clone, Debug, Serialize)]
+pub struct StreamReport {
+    /// Stream id, unique within this edge process.
+    pub id: u64,
+    /// The node id from the first request.
+    pub node: String,
+    /// The class the proxy is served.
+    pub class: String,
+    /// Delta or state of the world.
+    pub protocol: Protocol,
+    /// Per-type delivery state.
+    pub types: Vec<TypeReport>,
+}
+
+/// Delivery state of one type on one stream.
+#[derive(Clone, Debug, Serialize)]
+pub struct TypeReport {
+    /// The type URL.
+    pub type_url: String,
+    /// Resources the client holds (or rejected).
+    pub held: usize,
+    /// Responses acknowledged.
+    pub acks: u64,
+    /// Responses rejected.
+    pub nacks: u64,
+    /// Error detail of the latest rejection, while it is the latest answer.
+    pub last_nack: Option<String>,
+}
+
+impl AdsServer {
+    /// A server that serves `store`'s snapshots to proxies classified by
+    /// `classifier`.
+    pub fn new(
+        store: Arc<SnapshotStore>,
+        classifier: Arc<dyn ProxyClassifier>,
+        metrics: Arc<Metrics>,
+        config: AdsConfig,
+    ) -> AdsServer {
+        AdsServer {
+            shared: Arc::new(Shared {
+                store,
+                classifier,
+                metrics,
+                config,
+                responses: ResponseCache::default(),
+                deltas: DeltaCache::default(),
+                streams: DashMap::new(),
+                next_stream: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) fn shared_limits(&self) -> super::Limits {
+        self.shared.config.limits
+    }
+
+    /// Reports of the connected streams, by id.
+    pub fn streams(&self) -> Vec<StreamReport> {
+        let mut reports: Vec<StreamReport> = self
+            .shared
+            .streams
+            .iter()
+            .map(|e| e.value().clone())
+            .collect();
+        reports.sort_by_key(|r| r.id);
+        reports
+    }
+
+    fn open<V: Variant>(
+        &self,
+        inbound: Streaming<V::Request>,
+    ) -> ReceiverStream<Result<Outbound, Status>> {
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            if let Err(refusal) = drive::<V>(&shared, inbound, &tx).await {
+                warn!(reason = %refusal, protocol = ?V::PROTOCOL, "refusing xDS stream");
+                shared.metrics.refuse(refusal.reason());
+                // The client may be gone already; nothing else to tell it.
+                let _ = tx.send(Err(refusal.status())).await;
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+/// One thing a stream must react to.
+pub(super) enum Event<R> {
+    Request(R),
+    Snapshot,
+}
+
+async fn drive<V: Variant>(
+    shared: &Arc<Shared>,
+    mut inbound: Streaming<V::Request>,
+    out: &mpsc::Sender<Result<Outbound, Status>>,
+) -> Result<(), Refusal> {
+    // xDS: the node is taken from the first message; later ones may omit it.
+    let first =
+        match tokio::time::timeout(shared.config.first_request_timeout, inbound.message()).await {
+            Err(_) => return Err(Refusal::FirstRequestTimeout),
+            Ok(Ok(Some(request))) => request,
+            Ok(Ok(None)) | Ok(Err(_)) => return Ok(()),
+        };
+    let node = V::node(&first).ok_or(Refusal::MissingNode)?.clone();
+    let class = shared
+        .classifier
+        .classify(&node)
+        .map_err(Refusal::NoClass)?;
+    let id = shared.next_stream.fetch_add(1, Ordering::Relaxed);
+    let span = info_span!("xds_stream", stream = id, proxy = %node.id, class = %class, protocol = ?V::PROTOCOL);
+    let _registration = Registration::new(shared, id, &node.id, &class, V::PROTOCOL);
+
+    async move {
+        let mut epochs = shared.store.subscribe();
+        epochs.borrow_and_update();
+        let mut state = StreamState::new(
+            Arc::from(class.as_str()),
+            shared.store.load(),
+            shared.config.limits,
+        );
+        info!(epoch = state.snapshot.epoch(), "stream opened");
+        let mut next = Some(Event::Request(first));
+        loop {
+            let event = match next.take() {
+                Some(event) => event,
+                None => tokio::select! {
+                    message = inbound.message() => match message {
+                        Ok(Some(request)) => Event::Request(request),
+                        Ok(None) => break,
+                        Err(status) => {
+                            debug!(%status, "stream ended by the client");
+                            break;
+                        }
+                    },
+                    changed = epochs.changed() => match changed {
+                        Ok(()) => Event::Snapshot,
+                        Err(_) => break,
+                    },
+                },
+            };
+            for outbound in handle::<V>(shared, id, &mut state, event)? {
+                if out.send(Ok(outbound)).await.is_err() {
+                    debug!("client went away mid-response");
+                    return Ok(());
+                }
+            }
+        }
+        info!("stream closed");
+        Ok(())
+    }
+    .instrument(span)
+    .await
+}
+
+/// Applies one event to the stream's state and returns the responses it
+/// calls for, in the order they must be sent. No I/O happens here.
+pub(super) fn handle<V: Variant>(
+    shared: &Shared,
+    id: u64,
+    state: &mut StreamState,
+    event: Event<V::Request>,
+) -> Result<Vec<Outbound>, Refusal> {
+    let (updates, before) = step::<V>(shared, id, state, event)?;
+    let mut responses = Vec::with_capacity(updates.len());
+    for update in &updates {
+        if let Some(outbound) = respond::<V>(shared, state, update, &before)? {
+            responses.push(outbound);
+        }
+    }
+    Ok(responses)
+}
+
+/// Applies one event to the stream's state; returns the updates to send, in
+/// order, and the snapshot the client was at before them.
+fn step<V: Variant>(
+    shared: &Shared,
+    id: u64,
+    state: &mut StreamState,
+    event: Event<V::Request>,
+) -> Result<(Vec<TypeUpdate>, Arc<Snapshot>), Refusal> {
+    match event {
+        Event::Request(request) => {
+            let labels = TypeLabels {
+                protocol: V::PROTOCOL,
+                r#type: type_url::short_name(V::type_url(&request)),
+            };
+            let type_name = V::type_url(&request).to_owned();
+            let outcome = V::on_request(state, request)?;
+            match &outcome.nonce {
+                NonceCheck::Ack => {
+                    shared.metrics.acks.get_or_create(&labels).inc();
+                }
+                NonceCheck::Nack(detail) => {
+                    shared.metrics.nacks.get_or_create(&labels).inc();
+                    warn!(type_url = %type_name, detail = %detail, "client rejected a response");
+                }
+                NonceCheck::Stale => {
+                    shared.metrics.stale_nonces.get_or_create(&labels).inc();
+                    debug!(type_url = %type_name, "stale nonce");
+                }
+                NonceCheck::Absent => {}
+            }
+            shared.report(id, state);
+            let updates = if outcome.update.is_noop() {
+                Vec::new()
+            } else {
+                vec![outcome.update]
+            };
+            Ok((updates, state.snapshot.clone()))
+        }
+        Event::Snapshot => {
+            let latest = shared.store.load();
+            let before = state.snapshot.clone();
+            if latest.epoch() == before.epoch() && latest.lineage() == before.lineage() {
+                return Ok((Vec::new(), before));
+            }
+            let delta = shared.deltas.class_delta(&state.class, &before, &latest);
+            let updates = make_before_break(state.advance(latest, &delta));
+            Ok((updates, before))
+        }
+    }
+}
+
+/// Encodes one update for this stream and stamps it with a fresh nonce.
+fn respond<V: Variant>(
+    shared: &Shared,
+    state: &mut StreamState,
+    update: &TypeUpdate,
+    before: &Snapshot,
+) -> Result<Option<Outbound>, Refusal> {
+    let epoch = state.snapshot.epoch();
+    let Some(encoded) = V::encode(
+        state,
+        update,
+        before.class(&state.class),
+        &shared.responses,
+        epoch,
+    ) else {
+        return Ok(None);
+    };
+    let nonce = state.next_nonce();
+    state.type_state(&update.type_url)?.last_nonce = Some(nonce);
+    let labels = TypeLabels {
+        protocol: V::PROTOCOL,
+        r#type: type_url::short_name(&update.type_url),
+    };
+    shared.metrics.responses.get_or_create(&labels).inc();
+    shared
+        .metrics
+        .resources_sent
+        .get_or_create(&labels)
+        .inc_by(encoded.resources as u64);
+    if encoded.cached {
+        shared.metrics.response_cache_hits.inc();
+    } else {
+        shared.metrics.response_cache_misses.inc();
+    }
+    debug!(
+        type_url = %update.type_url,
+        nonce,
+        resources = update.resources.len(),
+        removed = update.removed.len(),
+        "response"
+    );
+    Ok(Some(Outbound {
+        body: encoded.body,
+        nonce,
+    }))
+}
+
+impl Shared {
+    /// Refreshes the admin report of stream `id` after its state changed.
+    fn report(&self, id: u64, state: &StreamState) {
+        let Some(mut report) = self.streams.get_mut(&id) else {
+            return;
+        };
+        report.types = state
+            .types()
+            .map(|(type_url, t)| TypeReport {
+                type_url: type_url.to_string(),
+                held: t.sent().len(),
+                acks: t.acks,
+                nacks: t.nacks,
+                last_nack: t.last_nack.clone(),
+            })
+            .collect();
+    }
+}
+
+/// Counts the stream and lists it for the admin endpoint while it lives.
+struct Registration {
+    shared: Arc<Shared>,
+    id: u64,
+    protocol: Protocol,
+}
+
+impl Registration {
+    fn new(
+        shared: &Arc<Shared>,
+        id: u64,
+        node: &str,
+        class: &str,
+        protocol: Protocol,
+    ) -> Registration {
+        shared
+            .metrics
+            .streams
+            .get_or_create(&ProtocolLabels { protocol })
+            .inc();
+        shared.streams.insert(
+            id,
+            StreamReport {
+                id,
+                node: node.to_owned(),
+                class: class.to_owned(),
+                protocol,
+                types: Vec::new(),
+            },
+        );
+        Registration {
+            shared: shared.clone(),
+            id,
+            protocol,
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.shared
+            .metrics
+            .streams
+            .get_or_create(&ProtocolLabels {
+                protocol: self.protocol,
+            })
+            .dec();
+        self.shared.streams.remove(&self.id);
+    }
+}
+
+/// What changed for a class between two snapshots, computed once per
+/// (class, transition) however many streams of the class make it. Entries
+/// for transitions to older snapshots are dropped when a newer one is asked
+/// for.
+#[derive(Default)]
+struct DeltaCache {
+    diffs: DashMap<Transition, Arc<SnapshotDiff>>,
+    classes: DashMap<(Arc<str>, Transition), Arc<ClassDelta>>,
+    newest: AtomicU64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Transition {
+    from: (u64, u64),
+    to: (u64, u64),
+}
+
+impl DeltaCache {
+    fn class_delta(&self, class: &Arc<str>, old: &Snapshot, new: &Snapshot) -> Arc<ClassDelta> {
+        let transition = Transition {
+            from: (old.lineage(), old.epoch()),
+            to: (new.lineage(), new.epoch()),
+        };
+        if self.newest.fetch_max(new.epoch(), Ordering::AcqRel) < new.epoch() {
+            self.diffs.retain(|t, _| t.to.1 >= new.epoch());
+            self.classes.retain(|(_, t), _| t.to.1 >= new.epoch());
+        }
+        let key = (class.clone(), transition);
+        if let Some(delta) = self.classes.get(&key) {
+            return delta.clone();
+        }
+        let diff = self
+            .diffs
+            .entry(transition)
+            .or_insert_with(|| Arc::new(new.diff_from(old)))
+            .clone();
+        let delta = Arc::new(ClassDelta::between(old, new, &diff, class));
+        self.classes.insert(key, delta.clone());
+        delta
+    }
+}
+
+/// One RPC of the service, bound to its protocol variant.
+struct Method<V> {
+    server: AdsServer,
+    variant: std::marker::PhantomData<fn() -> V>,
+}
+
+impl<V: Variant> StreamingService<V::Request> for Method<V> {
+    type Response = Outbound;
+    type ResponseStream = ReceiverStream<Result<Outbound, Status>>;
+    type Future = std::future::Ready<Result<Response<Self::ResponseStream>, Status>>;
+
+    fn call(&mut self, request: Request<Streaming<V::Request>>) -> Self::Future {
+        std::future::ready(Ok(Response::new(
+            self.server.open::<V>(request.into_inner()),
+        )))
+    }
+}
+
+impl<B> tonic::codegen::Service<http::Request<B>> for AdsServer
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let server = self.clone();
+        match request.uri().path() {
+            SOTW_PATH => Box::pin(async move {
+                let method = Method::<Sotw> {
+                    server,
+                    variant: std::marker::PhantomData,
+                };
+                Ok(Grpc::new(AdsCodec::default())
+                    .streaming(method, request)
+                    .await)
+            }),
+            DELTA_PATH => Box::pin(async move {
+                let method = Method::<Delta> {
+                    server,
+                    variant: std::marker::PhantomData,
+                };
+                Ok(Grpc::new(AdsCodec::default())
+                    .streaming(method, request)
+                    .await)
+            }),
+            _ => Box::pin(async move { Ok(Status::unimplemented("unknown method").into_http()) }),
+        }
+    }
+}
+
+impl NamedService for AdsServer {
+    const NAME: &'static str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+}

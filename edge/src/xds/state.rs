@@ -1,0 +1,365 @@
+//! What one stream holds, shared by the Delta and state-of-the-world loops:
+//! per type, what the client subscribed to, what it was sent (and so holds or
+//! rejected), the nonce of the latest response, and what it last rejected.
+//!
+//! Every decision about one resource name goes through
+//! [`TypeState::reconcile`], so both protocol variants agree on when a
+//! resource is sent, re-sent or announced as removed.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+};
+
+use trellis_shared::{type_url, ClassDelta, ClassView, Resource, Snapshot, Version};
+
+use super::{Limits, Refusal};
+
+/// Per-type subscription and delivery state.
+#[derive(Debug, Default)]
+pub(crate) struct TypeState {
+    /// Subscribed to everything of this type (`*`, or the legacy empty
+    /// first request for LDS/CDS).
+    pub(crate) wildcard: bool,
+    /// Explicitly subscribed names; kept while they do not exist, so they are
+    /// pushed when they appear.
+    pub(crate) names: HashSet<Arc<str>>,
+    /// Version of each resource the client was sent (or declared it holds).
+    /// A rejected version stays here, so it is never pushed again.
+    sent: HashMap<Arc<str>, Version>,
+    /// XOR of a hash of every (name, version) in `sent`: an order-free
+    /// fingerprint of what the client holds, used as the SotW version_info.
+    digest: u64,
+    /// Whether the client ever asked for this type on this stream.
+    pub(crate) requested: bool,
+    /// Nonce of the latest response of this type.
+    pub(crate) last_nonce: Option<u64>,
+    /// Error detail of the latest rejection, if the latest answer was a NACK.
+    pub(crate) last_nack: Option<String>,
+    pub(crate) acks: u64,
+    pub(crate) nacks: u64,
+}
+
+/// What one response of one type must carry.
+#[derive(Debug, Clone)]
+pub(crate) struct TypeUpdate {
+    pub(crate) type_url: Arc<str>,
+    /// Resources to send (new, changed, or explicitly asked for again).
+    pub(crate) resources: Vec<(Arc<str>, Resource)>,
+    /// Names the client must drop, or that it asked for and do not exist.
+    pub(crate) removed: Vec<Arc<str>>,
+    /// Names already gone whose removal is deferred to a later response
+    /// (make-before-break); a state-of-the-world response still lists them.
+    pub(crate) holding: Vec<Arc<str>>,
+    /// Respond even if empty: the answer to a first wildcard request tells
+    /// the client its initial fetch is complete.
+    pub(crate) respond_empty: bool,
+}
+
+impl TypeUpdate {
+    pub(crate) fn new(type_url: Arc<str>) -> TypeUpdate {
+        TypeUpdate {
+            type_url,
+            resources: Vec::new(),
+            removed: Vec::new(),
+            holding: Vec::new(),
+            respond_empty: false,
+        }
+    }
+
+    /// Whether sending this would be a no-op response.
+    pub(crate) fn is_noop(&self) -> bool {
+        self.resources.is_empty() && self.removed.is_empty() && !self.respond_empty
+    }
+}
+
+fn entry_hash(name: &str, version: Version) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(name.as_bytes(), version.0)
+}
+
+impl TypeState {
+    /// Whether the client wants this name.
+    pub(crate) fn interested(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+
+    /// The fingerprint of what the client holds.
+    pub(crate) fn digest(&self) -> u64 {
+        self.digest
+    }
+
+    /// What the client holds, by name.
+    pub(crate) fn sent(&self) -> &HashMap<Arc<str>, Version> {
+        &self.sent
+    }
+
+    /// Records that the client holds `version` of `name`.
+    pub(crate) fn hold(&mut self, name: Arc<str>, version: Version) {
+        self.digest ^= entry_hash(&name, version);
+        if let Some(old) = self.sent.insert(name.clone(), version) {
+            self.digest ^= entry_hash(&name, old);
+        }
+    }
+
+    /// Forgets that the client holds `name`; returns whether it did.
+    pub(crate) fn forget(&mut self, name: &str) -> bool {
+        match self.sent.remove_entry(name) {
+            Some((name, old)) => {
+                self.digest ^= entry_hash(&name, old);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets every held name the client no longer wants, so that a later
+    /// subscription sends it again (xDS: unsubscribing clears sent state).
+    pub(crate) fn forget_unwanted(&mut self) {
+        let unwanted: Vec<Arc<str>> = self
+            .sent
+            .keys()
+            .filter(|n| !self.interested(n))
+            .cloned()
+            .collect();
+        for name in unwanted {
+            self.forget(&name);
+        }
+    }
+
+    /// Decides what the client must receive for one name, given the resource
+    /// the class now has under it. `force` answers the name even if the client
+    /// already holds that version (xDS: names in a subscribe request are
+    /// always answered, with the resource or as removed).
+    pub(crate) fn reconcile(
+        &mut self,
+        name: &Arc<str>,
+        now: Option<&Resource>,
+        force: bool,
+        update: &mut TypeUpdate,
+    ) {
+        let interested = self.interested(name);
+        match now {
+            Some(resource) if interested => {
+                if force || self.sent.get(name) != Some(&resource.version()) {
+                    self.hold(name.clone(), resource.version());
+                    update.resources.push((name.clone(), resource.clone()));
+                }
+            }
+            Some(_) => {
+                self.forget(name);
+            }
+            None => {
+                if self.forget(name) || (force && interested) {
+                    update.removed.push(name.clone());
+                }
+            }
+        }
+    }
+
+    /// Reconciles every name the client could care about: the class's names
+    /// (if wildcard), explicit subscriptions, and whatever it holds.
+    pub(crate) fn reconcile_all(
+        &mut self,
+        view: ClassView<'_>,
+        type_url: &str,
+        update: &mut TypeUpdate,
+    ) {
+        let mut names: Vec<Arc<str>> = self.sent.keys().cloned().collect();
+        names.extend(self.names.iter().cloned());
+        if self.wildcard {
+            names.extend(view.iter(type_url).map(|(n, _)| n.clone()));
+        }
+        names.sort_unstable();
+        names.dedup();
+        for name in &names {
+            self.reconcile(name, view.get(type_url, name), false, update);
+        }
+    }
+
+    /// Fingerprint of what the client would hold if it had exactly the
+    /// class's current resources of interest.
+    pub(crate) fn desired_digest(&self, view: ClassView<'_>, type_url: &str) -> u64 {
+        let mut digest = 0;
+        if self.wildcard {
+            for (name, resource) in view.iter(type_url) {
+                digest ^= entry_hash(name, resource.version());
+            }
+        } else {
+            for name in &self.names {
+                if let Some(resource) = view.get(type_url, name) {
+                    digest ^= entry_hash(name, resource.version());
+                }
+            }
+        }
+        digest
+    }
+}
+
+/// The state of one stream.
+#[derive(Debug)]
+pub(crate) struct StreamState {
+    pub(crate) class: Arc<str>,
+    /// The snapshot the sent state reflects.
+    pub(crate) snapshot: Arc<Snapshot>,
+    types: BTreeMap<Arc<str>, TypeState>,
+    next_nonce: u64,
+    limits: Limits,
+}
+
+/// How a request's nonce relates to what this stream sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum NonceCheck {
+    /// No nonce: an initial request, or a subscription change.
+    Absent,
+    /// The client accepted the latest response.
+    Ack,
+    /// The client rejected the latest response.
+    Nack(String),
+    /// Not the latest nonce of this type (or never sent on this stream).
+    Stale,
+}
+
+impl StreamState {
+    pub(crate) fn new(class: Arc<str>, snapshot: Arc<Snapshot>, limits: Limits) -> StreamState {
+        StreamState {
+            class,
+            snapshot,
+            types: BTreeMap::new(),
+            next_nonce: 1,
+            limits,
+        }
+    }
+
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The class's configuration in the snapshot the stream reflects.
+    pub(crate) fn view(&self) -> ClassView<'_> {
+        self.snapshot.class(&self.class)
+    }
+
+    /// The state of one type, created on first use within the stream's limit.
+    pub(crate) fn type_state(&mut self, type_url: &str) -> Result<&mut TypeState, Refusal> {
+        if type_url.is_empty() {
+            return Err(Refusal::MissingTypeUrl);
+        }
+        if type_url.len() > self.limits.max_name_len {
+            return Err(Refusal::NameTooLong);
+        }
+        if !self.types.contains_key(type_url) && self.types.len() >= self.limits.max_types {
+            return Err(Refusal::TooManyTypes);
+        }
+        Ok(self.types.entry(Arc::from(type_url)).or_default())
+    }
+
+    pub(crate) fn get(&self, type_url: &str) -> Option<&TypeState> {
+        self.types.get(type_url)
+    }
+
+    pub(crate) fn types(&self) -> impl Iterator<Item = (&Arc<str>, &TypeState)> {
+        self.types.iter()
+    }
+
+    /// A nonce never used before on this stream.
+    pub(crate) fn next_nonce(&mut self) -> u64 {
+        let nonce = self.next_nonce;
+        self.next_nonce += 1;
+        nonce
+    }
+
+    /// Classifies a request's `response_nonce` against the latest response
+    /// of its type, and records an ACK or NACK.
+    pub(crate) fn check_nonce(
+        state: &mut TypeState,
+        response_nonce: &str,
+        error: Option<&str>,
+    ) -> NonceCheck {
+        if response_nonce.is_empty() {
+            return NonceCheck::Absent;
+        }
+        let latest = state.last_nonce.map(|n| n.to_string());
+        if latest.as_deref() != Some(response_nonce) {
+            return NonceCheck::Stale;
+        }
+        match error {
+            Some(detail) => {
+                state.nacks += 1;
+                state.last_nack = Some(detail.to_owned());
+                NonceCheck::Nack(detail.to_owned())
+            }
+            None => {
+                state.acks += 1;
+                state.last_nack = None;
+                NonceCheck::Ack
+            }
+        }
+    }
+
+    /// Moves the stream to `snapshot`: per requested type, what the client
+    /// must receive given what changed for its class.
+    pub(crate) fn advance(
+        &mut self,
+        snapshot: Arc<Snapshot>,
+        delta: &ClassDelta,
+    ) -> Vec<TypeUpdate> {
+        let mut updates = Vec::new();
+        for (type_url, state) in self.types.iter_mut().filter(|(_, s)| s.requested) {
+            let Some(changes) = delta.types.get(type_url) else {
+                continue;
+            };
+            let mut update = TypeUpdate::new(type_url.clone());
+            for (name, resource) in &changes.changed {
+                state.reconcile(name, Some(resource), false, &mut update);
+            }
+            for name in &changes.removed {
+                state.reconcile(name, None, false, &mut update);
+            }
+            if !update.is_noop() {
+                updates.push(update);
+            }
+        }
+        self.snapshot = snapshot;
+        updates
+    }
+}
+
+/// Orders one batch of updates make-before-break (xDS protocol, "Eventual
+/// consistency considerations"): secrets, then clusters, endpoints, listeners
+/// and routes; removals of clusters, endpoints and secrets last, once nothing
+/// sent before them can still refer to what they remove.
+pub(crate) fn make_before_break(mut updates: Vec<TypeUpdate>) -> Vec<TypeUpdate> {
+    fn rank(type_url: &str) -> u8 {
+        match type_url {
+            type_url::SECRET => 0,
+            type_url::CLUSTER => 1,
+            type_url::ENDPOINT => 2,
+            type_url::LISTENER => 3,
+            type_url::ROUTE => 4,
+            _ => 5,
+        }
+    }
+    fn removal_last(type_url: &str) -> bool {
+        matches!(
+            type_url,
+            type_url::CLUSTER | type_url::ENDPOINT | type_url::SECRET
+        )
+    }
+    updates.sort_by_key(|u| rank(&u.type_url));
+    // A lone update removes nothing another response still needs.
+    if updates.len() < 2 {
+        return updates;
+    }
+    let mut removals = Vec::new();
+    for update in &mut updates {
+        if removal_last(&update.type_url) && !update.removed.is_empty() {
+            let mut removal = TypeUpdate::new(update.type_url.clone());
+            removal.removed = std::mem::take(&mut update.removed);
+            update.holding = removal.removed.clone();
+            removals.push(removal);
+        }
+    }
+    updates.retain(|u| !u.is_noop());
+    updates.extend(removals);
+    updates
+}

@@ -1,0 +1,714 @@
+//! Protocol rules of DESIGN.md section 4, each pinned by a test that drives
+//! the stream state machine exactly as the driver does, minus the sockets,
+//! and decodes the bytes that would go on the wire.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{collections::HashMap, sync::Arc};
+
+use prost::Message;
+use trellis_proto::pb::{
+    envoy::{
+        config::{
+            cluster::v3::Cluster, core::v3::Node, endpoint::v3::ClusterLoadAssignment,
+            listener::v3::Listener,
+        },
+        service::discovery::v3::{
+            DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+        },
+    },
+    google::rpc,
+};
+use trellis_shared::{type_url, ClassManifest, Resource, Scope, Snapshot};
+
+use super::{
+    delta::Delta,
+    server::{handle, Event},
+    sotw::Sotw,
+    state::{NonceCheck, StreamState},
+    AdsConfig, AdsServer, Limits, Refusal, Variant,
+};
+use crate::{classify::NodeClassifier, metrics::Metrics, store::SnapshotStore};
+
+const CLASS: &str = "web";
+
+/// One resource of the class under test: (type, name, version tweak).
+type Item = (&'static str, &'static str, u32);
+
+fn resource(type_url: &str, name: &str, tweak: u32) -> Resource {
+    match type_url {
+        type_url::CLUSTER => Resource::encode(
+            type_url,
+            &Cluster {
+                name: name.into(),
+                per_connection_buffer_limit_bytes: Some(
+                    trellis_proto::pb::google::protobuf::UInt32Value { value: tweak },
+                ),
+                ..Default::default()
+            },
+        ),
+        type_url::ENDPOINT => Resource::encode(
+            type_url,
+            &ClusterLoadAssignment {
+                cluster_name: format!("{name}#{tweak}"),
+                ..Default::default()
+            },
+        ),
+        _ => Resource::encode(
+            type_url,
+            &Listener {
+                name: name.into(),
+                stat_prefix: tweak.to_string(),
+                ..Default::default()
+            },
+        ),
+    }
+    .unwrap()
+}
+
+fn scope_for(type_url: &str) -> Scope {
+    match type_url {
+        type_url::ENDPOINT => Scope::Service("ns/svc".into()),
+        _ => Scope::Class(CLASS.into()),
+    }
+}
+
+/// Derives a snapshot in which class `web` holds exactly `items`.
+fn derive(previous: &Snapshot, items: &[Item]) -> Arc<Snapshot> {
+    let mut builder = previous.to_builder();
+    let mut manifest = ClassManifest::default();
+    let wanted: Vec<(Scope, &str, &str)> = items
+        .iter()
+        .map(|(t, n, _)| (scope_for(t), *t, *n))
+        .collect();
+    if let Some(old) = previous.manifest(CLASS) {
+        for (scope, t, n) in old.refs() {
+            if !wanted
+                .iter()
+                .any(|(s, wt, wn)| s == scope && **wt == **t && **wn == **n)
+            {
+                builder.remove(scope, t, n);
+            }
+        }
+    }
+    for (t, n, tweak) in items {
+        builder
+            .insert(scope_for(t), t, n, resource(t, n, *tweak))
+            .unwrap();
+        manifest.insert(scope_for(t), t, n).unwrap();
+    }
+    builder
+        .insert(
+            Scope::Class(CLASS.into()),
+            type_url::PROXY_CLASS,
+            CLASS,
+            manifest.to_resource().unwrap(),
+        )
+        .unwrap();
+    Arc::new(builder.build().unwrap())
+}
+
+struct Harness<V: Variant> {
+    store: Arc<SnapshotStore>,
+    server: AdsServer,
+    state: StreamState,
+    _variant: std::marker::PhantomData<V>,
+}
+
+impl<V: Variant> Harness<V> {
+    fn new(items: &[Item]) -> Self {
+        let store = Arc::new(SnapshotStore::new());
+        store.publish((*derive(&store.load(), items)).clone());
+        let server = AdsServer::new(
+            store.clone(),
+            Arc::new(NodeClassifier),
+            Arc::new(Metrics::default()),
+            AdsConfig {
+                limits: Limits {
+                    max_names: 3,
+                    max_types: 6,
+                    ..Limits::default()
+                },
+                ..AdsConfig::default()
+            },
+        );
+        let state = StreamState::new(CLASS.into(), store.load(), server.shared_limits());
+        Harness {
+            store,
+            server,
+            state,
+            _variant: std::marker::PhantomData,
+        }
+    }
+
+    fn request(&mut self, request: V::Request) -> Result<Vec<(u64, bytes::Bytes)>, Refusal> {
+        let responses = handle::<V>(
+            &self.server.shared,
+            1,
+            &mut self.state,
+            Event::Request(request),
+        )?;
+        Ok(responses.into_iter().map(|o| (o.nonce, wire(&o))).collect())
+    }
+
+    fn publish(&mut self, items: &[Item]) -> Vec<(u64, bytes::Bytes)> {
+        let next = derive(&self.store.load(), items);
+        self.store.publish((*next).clone());
+        let responses =
+            handle::<V>(&self.server.shared, 1, &mut self.state, Event::Snapshot).unwrap();
+        responses.into_iter().map(|o| (o.nonce, wire(&o))).collect()
+    }
+
+    fn held(&self, type_url: &str) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .state
+            .get(type_url)
+            .map(|t| t.sent().keys().map(|n| n.to_string()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+}
+
+fn wire(outbound: &super::response::Outbound) -> bytes::Bytes {
+    let mut buf = bytes::BytesMut::new();
+    outbound.write(&mut buf);
+    buf.freeze()
+}
+
+fn node() -> Node {
+    Node {
+        id: "sidecar-1".into(),
+        cluster: CLASS.into(),
+        ..Default::default()
+    }
+}
+
+fn delta(
+    type_url: &str,
+    subscribe: &[&str],
+    unsubscribe: &[&str],
+    nonce: &str,
+) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        node: Some(node()),
+        type_url: type_url.into(),
+        resource_names_subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+        resource_names_unsubscribe: unsubscribe.iter().map(|s| s.to_string()).collect(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    }
+}
+
+fn nack(mut request: DeltaDiscoveryRequest, detail: &str) -> DeltaDiscoveryRequest {
+    request.error_detail = Some(rpc::Status {
+        code: 3,
+        message: detail.into(),
+        details: vec![],
+    });
+    request
+}
+
+fn sotw(type_url: &str, names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
+    DiscoveryRequest {
+        node: Some(node()),
+        type_url: type_url.into(),
+        resource_names: names.iter().map(|s| s.to_string()).collect(),
+        version_info: version.into(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    }
+}
+
+fn decode_delta(responses: &[(u64, bytes::Bytes)]) -> Vec<DeltaDiscoveryResponse> {
+    responses
+        .iter()
+        .map(|(_, b)| DeltaDiscoveryResponse::decode(b.as_ref()).unwrap())
+        .collect()
+}
+
+fn decode_sotw(responses: &[(u64, bytes::Bytes)]) -> Vec<DiscoveryResponse> {
+    responses
+        .iter()
+        .map(|(_, b)| DiscoveryResponse::decode(b.as_ref()).unwrap())
+        .collect()
+}
+
+fn names(response: &DeltaDiscoveryResponse) -> Vec<&str> {
+    let mut names: Vec<&str> = response.resources.iter().map(|r| r.name.as_str()).collect();
+    names.sort();
+    names
+}
+
+fn sotw_names(response: &DiscoveryResponse) -> Vec<String> {
+    let mut names: Vec<String> = response
+        .resources
+        .iter()
+        .map(|any| match any.type_url.as_str() {
+            type_url::CLUSTER => Cluster::decode(any.value.as_slice()).unwrap().name,
+            type_url::ENDPOINT => {
+                ClusterLoadAssignment::decode(any.value.as_slice())
+                    .unwrap()
+                    .cluster_name
+            }
+            _ => Listener::decode(any.value.as_slice()).unwrap().name,
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+const TWO_CLUSTERS: &[Item] = &[(type_url::CLUSTER, "a", 1), (type_url::CLUSTER, "b", 1)];
+
+#[test]
+fn delta_response_bytes_decode_as_envoy_messages() {
+    let mut h = Harness::<Delta>::new(TWO_CLUSTERS);
+    let responses = h.request(delta(type_url::CLUSTER, &[], &[], "")).unwrap();
+    let decoded = decode_delta(&responses);
+    assert_eq!(decoded.len(), 1);
+    assert_eq!(decoded[0].type_url, type_url::CLUSTER);
+    assert_eq!(decoded[0].nonce, responses[0].0.to_string());
+    assert_eq!(names(&decoded[0]), ["a", "b"]);
+    let version = &decoded[0].resources[0].version;
+    let any = decoded[0].resources[0].resource.as_ref().unwrap();
+    assert_eq!(
+        *version,
+        resource(type_url::CLUSTER, "a", 1).version().to_string()
+    );
+    assert_eq!(Cluster::decode(any.value.as_slice()).unwrap().name, "a");
+}
+
+#[test]
+fn nonces_are_unique_within_a_stream() {
+    let mut h = Harness::<Delta>::new(TWO_CLUSTERS);
+    let mut nonces = Vec::new();
+    nonces.extend(
+        h.request(delta(type_url::CLUSTER, &[], &[], ""))
+            .unwrap()
+            .into_iter()
+            .map(|r| r.0),
+    );
+    nonces.extend(
+        h.request(delta(type_url::LISTENER, &[], &[], ""))
+            .unwrap()
+            .into_iter()
+            .map(|r| r.0),
+    );
+    for tweak in 2..6 {
+        nonces.extend(
+            h.publish(&[(type_url::CLUSTER, "a", tweak)])
+                .into_iter()
+                .map(|r| r.0),
+        );
+    }
+    let mut unique = nonces.clone();
+    unique.sort();
+    unique.dedup();
+    assert!(nonces.len() >= 6);
+    assert_eq!(unique.len(), nonces.len(), "{nonces:?}");
+}
+
+#[test]
+fn legacy_empty_first_request_is_wildcard_for_lds_and_cds_only() {
+    let mut h = Harness::<Delta>::new(&[(type_url::CLUSTER, "a", 1), (type_url::ENDPOINT, "a", 1)]);
+    let cds = decode_delta(&h.request(delta(type_url::CLUSTER, &[], &[], "")).unwrap());
+    assert_eq!(names(&cds[0]), ["a"]);
+    let eds = h.request(delta(type_url::ENDPOINT, &[], &[], "")).unwrap();
+    assert!(
+        eds.is_empty(),
+        "EDS has no wildcard: nothing subscribed, nothing sent"
+    );
+    assert!(!h.state.get(type_url::ENDPOINT).unwrap().wildcard);
+}
+
+#[test]
+fn explicit_star_subscribes_to_the_wildcard_and_unsubscribing_it_forgets() {
+    let mut h = Harness::<Delta>::new(TWO_CLUSTERS);
+    let first = decode_delta(
+        &h.request(delta(type_url::CLUSTER, &["*", "a"], &[], ""))
+            .unwrap(),
+    );
+    assert_eq!(names(&first[0]), ["a", "b"]);
+    let after = h
+        .request(delta(type_url::CLUSTER, &[], &["*"], ""))
+        .unwrap();
+    assert!(after.is_empty(), "unsubscribing is not answered");
+    assert_eq!(
+        h.held(type_url::CLUSTER),
+        ["a"],
+        "only the explicit name stays held"
+    );
+    let again = decode_delta(
+        &h.request(delta(type_url::CLUSTER, &["*"], &[], ""))
+            .unwrap(),
+    );
+    assert_eq!(
+        names(&again[0]),
+        ["b"],
+        "b was forgotten, so it is sent again"
+    );
+}
+
+#[test]
+fn names_in_a_subscribe_request_are_always_answered() {
+    let mut h = Harness::<Delta>::new(TWO_CLUSTERS);
+    h.request(delta(type_url::CLUSTER, &[], &[], "")).unwrap();
+    let again = decode_delta(
+        &h.request(delta(type_url::CLUSTER, &["a"], &[], ""))
+            .unwrap(),
+    );
+    assert_eq!(names(&again[0]), ["a"], "already held, still answered");
+}
+
+#[test]
+fn initial_resource_versions_are_honoured_on_the_first_request_only() {
+    let mut h = Harness::<Delta>::new(TWO_CLUSTERS);
+    let a = resource(type_url::CLUSTER, "a", 1).version().to_string();
+    let mut first = delta(type_url::CLUSTER, &[], &[], "");
+    first.initial_resource_versions =
+        HashMap::from([("a".into(), a.clone()), ("gone".into(), a.clone())]);
+    let response = decode_delta(&h.request(first).unwrap());
+    assert_eq!(names(&response[0]), ["b"], "a is current, so not sent");
+    assert_eq!(response[0].removed_resources, ["gone"]);
+
+    let mut later = delta(type_url::CLUSTER, &[], &[], "");
+    later.initial_resource_versions = HashMap::from([("b".into(), "0000000000000000".into())]);
+    assert!(
+        h.request(later).unwrap().is_empty(),
+        "ignored after the first request"
+    );
+    assert_eq!(h.held(type_url::CLUSTER), ["a", "b"]);
+}
+
+#[test]
+fn missing_names_are_answered_as_removed_and_pushed_when_they_appear() {
+    let mut h = Harness::<Delta>::new(&[(type_url::ENDPOINT, "a", 1)]);
+    let first = decode_delta(
+        &h.request(delta(type_url::ENDPOINT, &["a", "later"], &[], ""))
+            .unwrap(),
+    );
+    assert_eq!(names(&first[0]), ["a"]);
+    assert_eq!(first[0].removed_resources, ["later"]);
+    let pushed = decode_delta(&h.publish(&[
+        (type_url::ENDPOINT, "a", 1),
+        (type_url::ENDPOINT, "later", 1),
+    ]));
+    assert_eq!(names(&pushed[0]), ["later"]);
+}
+
+#[test]
+fn deletions_are_sent_as_removed_resources() {
+    let mut h = Harness::<Delta>::new(TWO_CLUSTERS);
+    h.request(delta(type_url::CLUSTER, &[], &[], "")).unwrap();
+    let pushed = decode_delta(&h.publish(&[(type_url::CLUSTER, "a", 1)]));
+    assert_eq!(pushed.len(), 1);
+    assert!(pushed[0].resources.is_empty());
+    assert_eq!(pushed[0].removed_resources, ["b"]);
+}
+
+#[test]
+fn unsubscribing_clears_sent_state() {
+    let mut h = Harness::<Delta>::new(&[(type_url::ENDPOINT, "a", 1)]);
+    h.request(delta(type_url::ENDPOINT, &["a"], &[], ""))
+        .unwrap();
+    assert_eq!(h.held(type_url::ENDPOINT), ["a"]);
+    assert!(h
+        .request(delta(type_url::ENDPOINT, &[], &["a"], ""))
+        .unwrap()
+        .is_empty());
+    assert!(h.held(type_url::ENDPOINT).is_empty());
+    assert!(
+        h.publish(&[(type_url::ENDPOINT, "a", 2)]).is_empty(),
+        "no longer subscribed"
+    );
+    let again = decode_delta(
+        &h.request(delta(type_url::ENDPOINT, &["a"], &[], ""))
+            .unwrap(),
+    );
+    assert_eq!(names(&again[0]), ["a"]);
+}
+
+#[test]
+fn ack_and_nack_are_tracked_per_type_and_rejected_bytes_never_repushed() {
+    let mut h = Harness::<Delta>::new(&[(type_url::CLUSTER, "a", 1), (type_url::LISTENER, "l", 1)]);
+    let cds = h.request(delta(type_url::CLUSTER, &[], &[], "")).unwrap();
+    let lds = h.request(delta(type_url::LISTENER, &[], &[], "")).unwrap();
+    let (cds_nonce, lds_nonce) = (cds[0].0.to_string(), lds[0].0.to_string());
+
+    h.request(nack(
+        delta(type_url::CLUSTER, &[], &[], &cds_nonce),
+        "bad cluster",
+    ))
+    .unwrap();
+    h.request(delta(type_url::LISTENER, &[], &[], &lds_nonce))
+        .unwrap();
+    let cds_state = h.state.get(type_url::CLUSTER).unwrap();
+    let lds_state = h.state.get(type_url::LISTENER).unwrap();
+    assert_eq!((cds_state.acks, cds_state.nacks), (0, 1));
+    assert_eq!(cds_state.last_nack.as_deref(), Some("bad cluster"));
+    assert_eq!((lds_state.acks, lds_state.nacks), (1, 0));
+
+    // Something unrelated changes: the rejected cluster is not sent again.
+    let pushed =
+        decode_delta(&h.publish(&[(type_url::CLUSTER, "a", 1), (type_url::LISTENER, "l", 2)]));
+    assert_eq!(pushed.len(), 1);
+    assert_eq!(pushed[0].type_url, type_url::LISTENER);
+    // The cluster itself changes: the new version is sent.
+    let fixed =
+        decode_delta(&h.publish(&[(type_url::CLUSTER, "a", 3), (type_url::LISTENER, "l", 2)]));
+    assert_eq!(fixed[0].type_url, type_url::CLUSTER);
+}
+
+#[test]
+fn nonces_that_are_stale_or_never_sent_are_not_acks() {
+    let mut h = Harness::<Delta>::new(TWO_CLUSTERS);
+    let first = h.request(delta(type_url::CLUSTER, &[], &[], "")).unwrap();
+    let old = first[0].0.to_string();
+    h.publish(&[(type_url::CLUSTER, "a", 2), (type_url::CLUSTER, "b", 1)]);
+    for nonce in [old.as_str(), "999999", "not-a-nonce"] {
+        let types = h.state.type_state(type_url::CLUSTER).unwrap();
+        assert_eq!(
+            StreamState::check_nonce(types, nonce, None),
+            NonceCheck::Stale
+        );
+    }
+    // A stale nonce does not stop a Delta subscription change.
+    let answered = decode_delta(
+        &h.request(delta(type_url::CLUSTER, &["b"], &[], "999999"))
+            .unwrap(),
+    );
+    assert_eq!(names(&answered[0]), ["b"]);
+    assert_eq!(h.state.get(type_url::CLUSTER).unwrap().acks, 0);
+}
+
+#[test]
+fn no_op_responses_are_never_sent() {
+    let mut h = Harness::<Delta>::new(TWO_CLUSTERS);
+    h.request(delta(type_url::CLUSTER, &[], &[], "")).unwrap();
+    assert!(
+        h.publish(TWO_CLUSTERS).is_empty(),
+        "same content, nothing to send"
+    );
+    assert!(
+        h.publish(&[
+            (type_url::CLUSTER, "a", 1),
+            (type_url::CLUSTER, "b", 1),
+            (type_url::ENDPOINT, "e", 1)
+        ])
+        .is_empty(),
+        "EDS changed but nobody subscribed to it"
+    );
+}
+
+#[test]
+fn updates_are_ordered_make_before_break() {
+    let mut h = Harness::<Delta>::new(&[
+        (type_url::CLUSTER, "old", 1),
+        (type_url::ENDPOINT, "old", 1),
+        (type_url::LISTENER, "l", 1),
+    ]);
+    h.request(delta(type_url::LISTENER, &[], &[], "")).unwrap();
+    h.request(delta(type_url::ENDPOINT, &["old", "new"], &[], ""))
+        .unwrap();
+    h.request(delta(type_url::CLUSTER, &[], &[], "")).unwrap();
+    let pushed = decode_delta(&h.publish(&[
+        (type_url::CLUSTER, "new", 1),
+        (type_url::ENDPOINT, "new", 1),
+        (type_url::LISTENER, "l", 2),
+    ]));
+    let order: Vec<(&str, Vec<&str>, Vec<&str>)> = pushed
+        .iter()
+        .map(|r| {
+            (
+                type_url::short_name(&r.type_url),
+                names(r),
+                r.removed_resources.iter().map(String::as_str).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            ("cds", vec!["new"], vec![]),
+            ("eds", vec!["new"], vec![]),
+            ("lds", vec!["l"], vec![]),
+            ("cds", vec![], vec!["old"]),
+            ("eds", vec![], vec!["old"]),
+        ]
+    );
+}
+
+#[test]
+fn unknown_types_are_answered_without_resources_and_bounded() {
+    let mut h = Harness::<Delta>::new(TWO_CLUSTERS);
+    let answered = decode_delta(
+        &h.request(delta("type.googleapis.com/no.Such", &["x"], &[], ""))
+            .unwrap(),
+    );
+    assert_eq!(
+        answered[0].removed_resources,
+        ["x"],
+        "a name that does not exist, like any other"
+    );
+    for i in 0..5 {
+        let _ = h.request(delta(&format!("type.googleapis.com/t{i}"), &[], &[], ""));
+    }
+    let refused = h.request(delta("type.googleapis.com/one.too.many", &[], &[], ""));
+    assert!(matches!(refused, Err(Refusal::TooManyTypes)));
+}
+
+#[test]
+fn garbage_names_are_answered_or_refused_when_over_the_limits() {
+    let mut h = Harness::<Delta>::new(TWO_CLUSTERS);
+    let odd = decode_delta(
+        &h.request(delta(
+            type_url::ENDPOINT,
+            &["", "\u{1F980}/..|%00"],
+            &[],
+            "",
+        ))
+        .unwrap(),
+    );
+    assert_eq!(odd[0].removed_resources.len(), 2);
+    let long = "x".repeat(5000);
+    assert!(matches!(
+        h.request(delta(type_url::ENDPOINT, &[long.as_str()], &[], "")),
+        Err(Refusal::NameTooLong)
+    ));
+    assert!(matches!(
+        h.request(delta(type_url::ENDPOINT, &["1", "2", "3"], &[], "")),
+        Err(Refusal::TooManyNames)
+    ));
+    assert!(matches!(
+        h.request(delta("", &[], &[], "")),
+        Err(Refusal::MissingTypeUrl)
+    ));
+}
+
+#[test]
+fn responses_of_one_transition_are_encoded_once_across_streams() {
+    let mut a = Harness::<Delta>::new(TWO_CLUSTERS);
+    a.request(delta(type_url::CLUSTER, &[], &[], "")).unwrap();
+    let mut b = StreamState::new(CLASS.into(), a.store.load(), a.server.shared_limits());
+    handle::<Delta>(
+        &a.server.shared,
+        2,
+        &mut b,
+        Event::Request(delta(type_url::CLUSTER, &[], &[], "")),
+    )
+    .unwrap();
+    let next = derive(
+        &a.store.load(),
+        &[(type_url::CLUSTER, "a", 9), (type_url::CLUSTER, "b", 1)],
+    );
+    a.store.publish((*next).clone());
+    let first = handle::<Delta>(&a.server.shared, 1, &mut a.state, Event::Snapshot).unwrap();
+    let second = handle::<Delta>(&a.server.shared, 2, &mut b, Event::Snapshot).unwrap();
+    assert_eq!(first[0].body, second[0].body);
+    assert_eq!(
+        first[0].body.as_ptr(),
+        second[0].body.as_ptr(),
+        "the same bytes, not a copy"
+    );
+}
+
+#[test]
+fn sotw_first_request_sends_the_full_state_even_when_empty() {
+    let mut h = Harness::<Sotw>::new(&[(type_url::CLUSTER, "a", 1)]);
+    let lds = decode_sotw(&h.request(sotw(type_url::LISTENER, &[], "", "")).unwrap());
+    assert_eq!(lds.len(), 1);
+    assert!(lds[0].resources.is_empty());
+    let cds = decode_sotw(&h.request(sotw(type_url::CLUSTER, &[], "", "")).unwrap());
+    assert_eq!(sotw_names(&cds[0]), ["a"]);
+}
+
+#[test]
+fn sotw_cds_changes_resend_every_cluster_but_eds_changes_only_the_changed() {
+    let mut h = Harness::<Sotw>::new(&[
+        (type_url::CLUSTER, "a", 1),
+        (type_url::CLUSTER, "b", 1),
+        (type_url::ENDPOINT, "a", 1),
+        (type_url::ENDPOINT, "b", 1),
+    ]);
+    h.request(sotw(type_url::CLUSTER, &[], "", "")).unwrap();
+    let eds = decode_sotw(
+        &h.request(sotw(type_url::ENDPOINT, &["a", "b"], "", ""))
+            .unwrap(),
+    );
+    assert_eq!(sotw_names(&eds[0]), ["a#1", "b#1"]);
+    let pushed = decode_sotw(&h.publish(&[
+        (type_url::CLUSTER, "a", 2),
+        (type_url::CLUSTER, "b", 1),
+        (type_url::ENDPOINT, "a", 2),
+        (type_url::ENDPOINT, "b", 1),
+    ]));
+    assert_eq!(pushed.len(), 2);
+    assert_eq!(sotw_names(&pushed[0]), ["a", "b"]);
+    assert_eq!(sotw_names(&pushed[1]), ["a#2"]);
+}
+
+#[test]
+fn sotw_stale_requests_are_ignored_and_nacks_not_answered() {
+    let mut h = Harness::<Sotw>::new(TWO_CLUSTERS);
+    let first = h.request(sotw(type_url::CLUSTER, &[], "", "")).unwrap();
+    let nonce = first[0].0.to_string();
+    let stale = h
+        .request(sotw(type_url::CLUSTER, &["a"], "", "12345"))
+        .unwrap();
+    assert!(stale.is_empty());
+    assert!(
+        h.state.get(type_url::CLUSTER).unwrap().wildcard,
+        "the stale request changed nothing"
+    );
+    let mut rejected = sotw(type_url::CLUSTER, &[], "", &nonce);
+    rejected.error_detail = Some(rpc::Status {
+        code: 3,
+        message: "no".into(),
+        details: vec![],
+    });
+    assert!(h.request(rejected).unwrap().is_empty());
+    assert_eq!(h.state.get(type_url::CLUSTER).unwrap().nacks, 1);
+}
+
+#[test]
+fn sotw_reconnect_with_the_current_version_is_sent_nothing() {
+    let mut h = Harness::<Sotw>::new(TWO_CLUSTERS);
+    let first = decode_sotw(&h.request(sotw(type_url::CLUSTER, &[], "", "")).unwrap());
+    let version = first[0].version_info.clone();
+    let mut again = Harness::<Sotw>::new(TWO_CLUSTERS);
+    assert!(again
+        .request(sotw(type_url::CLUSTER, &[], &version, ""))
+        .unwrap()
+        .is_empty());
+    assert_eq!(again.held(type_url::CLUSTER), ["a", "b"]);
+    let mut stale = Harness::<Sotw>::new(&[(type_url::CLUSTER, "a", 5)]);
+    assert_eq!(
+        stale
+            .request(sotw(type_url::CLUSTER, &[], &version, ""))
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn sotw_cluster_removal_waits_for_the_listener_update() {
+    let mut h =
+        Harness::<Sotw>::new(&[(type_url::CLUSTER, "old", 1), (type_url::LISTENER, "l", 1)]);
+    h.request(sotw(type_url::CLUSTER, &[], "", "")).unwrap();
+    h.request(sotw(type_url::LISTENER, &[], "", "")).unwrap();
+    let pushed =
+        decode_sotw(&h.publish(&[(type_url::CLUSTER, "new", 1), (type_url::LISTENER, "l", 2)]));
+    let order: Vec<(&str, Vec<String>)> = pushed
+        .iter()
+        .map(|r| (type_url::short_name(&r.type_url), sotw_names(r)))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            ("cds", vec!["new".to_string(), "old".to_string()]),
+            ("lds", vec!["l".to_string()]),
+            ("cds", vec!["new".to_string()]),
+        ]
+    );
+}

@@ -1,0 +1,43 @@
+//! Trellis's protobuf boundary.
+//!
+//! * [`trellis::v1`]: the project's own resource types (proxy classes), served
+//!   next to Envoy's and compiled from `proto/trellis` with protox.
+//! * [`descriptors`]: descriptors of every message Trellis encodes (its own
+//!   and the Envoy messages it emits), used to encode them canonically.
+//! * [`pb`]: the Envoy v3 API types, re-exported from `envoy-types`.
+//!
+//! Domain code does not use these types as its model; it converts at the edge.
+
+use std::sync::OnceLock;
+
+use prost_reflect::DescriptorPool;
+
+/// Envoy v3 API and Google well-known types (re-exported from `envoy-types`).
+pub use envoy_types::pb;
+
+/// Trellis's own messages.
+pub mod trellis {
+    /// Version 1 of the Trellis resource types.
+    #[allow(missing_docs, unreachable_pub)]
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/trellis.v1.rs"));
+    }
+}
+
+/// Type URL of [`trellis::v1::ProxyClass`].
+pub const PROXY_CLASS_TYPE_URL: &str = "type.googleapis.com/trellis.v1.ProxyClass";
+
+static DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
+
+/// Descriptors of every message Trellis encodes: its own, and the Envoy
+/// messages it emits (listeners, routes, clusters, endpoints, secrets and the
+/// filters they embed). Decoded once.
+pub fn descriptors() -> &'static DescriptorPool {
+    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        // The bytes were produced by protox in build.rs, so failing to decode
+        // them is a build defect, not a runtime condition.
+        #[allow(clippy::expect_used)]
+        DescriptorPool::decode(DESCRIPTORS).expect("descriptor set embedded at build time")
+    })
+}

@@ -1,0 +1,24 @@
+//! What the Trellis leader and edge share.
+//!
+//! * [`Resource`], [`Scope`], [`Version`]: a resource is keyed by scope, type
+//!   URL and name, and carries its canonical bytes and their content hash.
+//! * [`Snapshot`]: an immutable, structurally shared set of resources that is
+//!   cheap to derive from its parent and to diff against an ancestor.
+//! * [`ClassManifest`], [`ClassView`], [`ClassDelta`]: which resources make
+//!   up a proxy class, and what changed for a class between two snapshots.
+//!
+//! No I/O happens here and nothing process-wide is touched.
+
+mod canonical;
+mod class;
+mod resource;
+mod snapshot;
+
+pub use crate::{
+    canonical::{put_len_delimited, EncodeError},
+    class::{ClassDelta, ClassManifest, ClassView, InvalidClass, TypeDelta},
+    resource::{type_url, Resource, Scope, Version},
+    snapshot::{
+        Epoch, ScopeDiff, Snapshot, SnapshotBuilder, SnapshotDiff, SnapshotError, TypeChanges,
+    },
+};
