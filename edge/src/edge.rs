@@ -84,7 +84,8 @@ impl Edge {
     }
 
     /// Serves ADS on `xds` and the admin endpoint on `admin` until `shutdown`
-    /// completes.
+    /// completes; then drains: ends every stream, sends GOAWAY, and returns
+    /// once connections are closed.
     pub async fn serve(
         self,
         xds: TcpListener,
@@ -100,6 +101,12 @@ impl Edge {
             ))
             .serve(admin),
         );
+        let ads = self.ads.clone();
+        let shutdown = async move {
+            shutdown.await;
+            info!("edge draining");
+            ads.drain();
+        };
         let result = tonic::transport::Server::builder()
             .max_concurrent_streams(Some(self.config.max_concurrent_streams))
             .http2_keepalive_interval(Some(self.config.keepalive))

@@ -85,6 +85,8 @@ pub(crate) enum Refusal {
     TooManyTypes,
     #[error("no request within the first-request timeout")]
     FirstRequestTimeout,
+    #[error("the edge is draining; reconnect to another edge")]
+    Draining,
 }
 
 impl Refusal {
@@ -98,6 +100,7 @@ impl Refusal {
             Refusal::TooManyNames => "too_many_names",
             Refusal::TooManyTypes => "too_many_types",
             Refusal::FirstRequestTimeout => "first_request_timeout",
+            Refusal::Draining => "draining",
         }
     }
 
@@ -105,6 +108,7 @@ impl Refusal {
         match self {
             Refusal::FirstRequestTimeout => Status::deadline_exceeded(self.to_string()),
             Refusal::NoClass(_) => Status::permission_denied(self.to_string()),
+            Refusal::Draining => Status::unavailable(self.to_string()),
             _ => Status::invalid_argument(self.to_string()),
         }
     }

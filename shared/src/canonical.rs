@@ -195,3 +195,172 @@ fn split<'a>(
     }
     Ok(input.split_at(len))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::collections::HashMap;
+
+    use prost::Message;
+    use trellis_proto::pb::{
+        envoy::{
+            config::{
+                core::v3::Metadata,
+                rbac::v3::{Policy, Rbac},
+                route::v3::{RouteConfiguration, VirtualHost},
+            },
+            extensions::filters::http::rbac::v3::{Rbac as RbacFilter, RbacPerRoute},
+        },
+        google::protobuf::{value::Kind, Any, Struct, Value},
+    };
+
+    use crate::{type_url, Resource};
+
+    const CHILD_ENV: &str = "TRELLIS_CANONICAL_CHILD";
+
+    /// Maps everywhere: per-filter config (map of Any), RBAC policies inside
+    /// each Any (a map), and Struct metadata (a map).
+    fn route_with_maps() -> RouteConfiguration {
+        let per_route = |i: usize| {
+            let policies: HashMap<String, Policy> = (0..8)
+                .map(|p| (format!("policy-{i}-{p}"), Policy::default()))
+                .collect();
+            let per_route = RbacPerRoute {
+                rbac: Some(RbacFilter {
+                    rules: Some(Rbac {
+                        policies,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            };
+            Any {
+                type_url: "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute"
+                    .into(),
+                value: per_route.encode_to_vec(),
+            }
+        };
+        let fields: HashMap<String, Value> = (0..8)
+            .map(|i| {
+                (
+                    format!("key-{i}"),
+                    Value {
+                        kind: Some(Kind::StringValue(i.to_string())),
+                    },
+                )
+            })
+            .collect();
+        RouteConfiguration {
+            name: "rds-inbound.8080".into(),
+            virtual_hosts: vec![VirtualHost {
+                name: "inbound_virtual-host|bookstore.ns".into(),
+                typed_per_filter_config: (0..8)
+                    .map(|i| (format!("filter-{i}"), per_route(i)))
+                    .collect(),
+                metadata: Some(Metadata {
+                    filter_metadata: HashMap::from([("trellis".to_string(), Struct { fields })]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn version() -> String {
+        Resource::encode(type_url::ROUTE, &route_with_maps())
+            .unwrap()
+            .version()
+            .to_string()
+    }
+
+    /// Not a test on its own: when re-run as a child process, prints the
+    /// version of the message as this process encodes it.
+    #[test]
+    fn child_prints_version() {
+        if std::env::var_os(CHILD_ENV).is_some() {
+            println!("VERSION={}", version());
+        }
+    }
+
+    #[test]
+    fn prost_map_order_differs_between_instances() {
+        // The problem canonical encoding solves: the same content, different
+        // bytes, depending on each HashMap's random state.
+        let encodings: std::collections::HashSet<Vec<u8>> =
+            (0..32).map(|_| route_with_maps().encode_to_vec()).collect();
+        assert!(
+            encodings.len() > 1,
+            "prost output was stable; the test message needs more map entries"
+        );
+    }
+
+    #[test]
+    fn same_content_same_version_within_a_process() {
+        let versions: std::collections::HashSet<String> = (0..32).map(|_| version()).collect();
+        assert_eq!(versions.len(), 1);
+    }
+
+    #[test]
+    fn same_content_same_version_across_processes() {
+        let exe = std::env::current_exe().unwrap();
+        let versions: Vec<String> = (0..2)
+            .map(|_| {
+                let output = std::process::Command::new(&exe)
+                    .args([
+                        "--exact",
+                        "canonical::tests::child_prints_version",
+                        "--nocapture",
+                    ])
+                    .env(CHILD_ENV, "1")
+                    .output()
+                    .unwrap();
+                let stdout = String::from_utf8(output.stdout).unwrap();
+                stdout
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VERSION="))
+                    .unwrap_or_else(|| panic!("child printed no version: {stdout}"))
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(versions[0], versions[1]);
+        assert_eq!(versions[0], version());
+    }
+
+    #[test]
+    fn canonical_bytes_decode_to_the_same_content() {
+        let original = route_with_maps();
+        let resource = Resource::encode(type_url::ROUTE, &original).unwrap();
+        let any = Any::decode(resource.any().as_ref()).unwrap();
+        assert_eq!(any.type_url, type_url::ROUTE);
+        let decoded = RouteConfiguration::decode(any.value.as_slice()).unwrap();
+        // Maps compare as maps; Any values compare by what they hold.
+        let (a, b) = (&original.virtual_hosts[0], &decoded.virtual_hosts[0]);
+        assert_eq!(a.metadata, b.metadata);
+        assert_eq!(
+            a.typed_per_filter_config.len(),
+            b.typed_per_filter_config.len()
+        );
+        for (key, value) in &a.typed_per_filter_config {
+            let inner = |any: &Any| RbacPerRoute::decode(any.value.as_slice()).unwrap();
+            assert_eq!(
+                inner(value),
+                inner(&b.typed_per_filter_config[key]),
+                "{key}"
+            );
+        }
+        // And canonical form is a fixed point.
+        assert_eq!(
+            Resource::encode(type_url::ROUTE, &decoded).unwrap(),
+            resource
+        );
+    }
+
+    #[test]
+    fn unknown_types_are_refused() {
+        let error =
+            Resource::encode("type.googleapis.com/not.a.Type", &Any::default()).unwrap_err();
+        assert!(error.to_string().contains("not.a.Type"), "{error}");
+    }
+}

@@ -421,3 +421,6 @@ impl SnapshotBuilder {
         Ok(self.next)
     }
 }
+
+#[cfg(test)]
+mod tests;

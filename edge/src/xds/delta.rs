@@ -132,7 +132,12 @@ fn on_request(
 
     if first || wildcard_added {
         types.reconcile_all(view, &type_url, &mut update);
-        update.respond_empty = first && types.wildcard;
+        // A fresh client's wildcard fetch is answered even when empty, to
+        // complete its initialisation; a reconnecting client (it declares
+        // what it holds) is already initialised, and an empty answer would
+        // count as a configuration update.
+        update.respond_empty =
+            first && types.wildcard && request.initial_resource_versions.is_empty();
     }
     for name in &forced {
         if update.resources.iter().any(|(n, _)| n == name) || update.removed.contains(name) {

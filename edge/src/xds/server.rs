@@ -16,7 +16,7 @@ use std::{
 
 use dashmap::DashMap;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
     body::Body,
@@ -72,6 +72,9 @@ pub(super) struct Shared {
     deltas: DeltaCache,
     streams: DashMap<u64, StreamReport>,
     next_stream: AtomicU64,
+    /// Flipped once when the edge drains: every stream ends with UNAVAILABLE
+    /// so its proxy reconnects elsewhere.
+    draining: watch::Sender<bool>,
 }
 
 /// What the admin endpoint shows about one stream.
@@ -123,6 +126,7 @@ impl AdsServer {
                 deltas: DeltaCache::default(),
                 streams: DashMap::new(),
                 next_stream: AtomicU64::new(1),
+                draining: watch::channel(false).0,
             }),
         }
     }
@@ -130,6 +134,13 @@ impl AdsServer {
     #[cfg(test)]
     pub(super) fn shared_limits(&self) -> super::Limits {
         self.shared.config.limits
+    }
+
+    /// Ends every stream (status UNAVAILABLE) and refuses new ones, so that
+    /// the server's graceful shutdown can complete and proxies reconnect to
+    /// another edge.
+    pub fn drain(&self) {
+        self.shared.draining.send_replace(true);
     }
 
     /// Reports of the connected streams, by id.
@@ -189,6 +200,10 @@ async fn drive<V: Variant>(
     let span = info_span!("xds_stream", stream = id, proxy = %node.id, class = %class, protocol = ?V::PROTOCOL);
     let _registration = Registration::new(shared, id, &node.id, &class, V::PROTOCOL);
 
+    let mut draining = shared.draining.subscribe();
+    if *draining.borrow_and_update() {
+        return Err(Refusal::Draining);
+    }
     async move {
         let mut epochs = shared.store.subscribe();
         epochs.borrow_and_update();
@@ -215,6 +230,7 @@ async fn drive<V: Variant>(
                         Ok(()) => Event::Snapshot,
                         Err(_) => break,
                     },
+                    _ = draining.changed() => return Err(Refusal::Draining),
                 },
             };
             for outbound in handle::<V>(shared, id, &mut state, event)? {
@@ -280,12 +296,13 @@ fn step<V: Variant>(
                 NonceCheck::Absent => {}
             }
             shared.report(id, state);
-            let updates = if outcome.update.is_noop() {
+            let mut updates = if outcome.update.is_noop() {
                 Vec::new()
             } else {
                 vec![outcome.update]
             };
-            Ok((updates, state.snapshot.clone()))
+            state.rewarm_endpoints(&mut updates);
+            Ok((make_before_break(updates), state.snapshot.clone()))
         }
         Event::Snapshot => {
             let latest = shared.store.load();
@@ -294,8 +311,9 @@ fn step<V: Variant>(
                 return Ok((Vec::new(), before));
             }
             let delta = shared.deltas.class_delta(&state.class, &before, &latest);
-            let updates = make_before_break(state.advance(latest, &delta));
-            Ok((updates, before))
+            let mut updates = state.advance(latest, &delta);
+            state.rewarm_endpoints(&mut updates);
+            Ok((make_before_break(updates), before))
         }
     }
 }

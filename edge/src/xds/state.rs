@@ -324,6 +324,49 @@ impl StreamState {
     }
 }
 
+impl StreamState {
+    /// Envoy re-warms a cluster it receives again and waits for that
+    /// cluster's endpoints, which it does not request anew (envoy#13009), so
+    /// every cluster sent is followed by its assignment, changed or not.
+    /// Trellis names a cluster's assignment after the cluster.
+    pub(crate) fn rewarm_endpoints(&mut self, updates: &mut Vec<TypeUpdate>) {
+        let clusters: Vec<Arc<str>> = updates
+            .iter()
+            .filter(|u| &*u.type_url == type_url::CLUSTER)
+            .flat_map(|u| u.resources.iter().map(|(name, _)| name.clone()))
+            .collect();
+        if clusters.is_empty() {
+            return;
+        }
+        let snapshot = self.snapshot.clone();
+        let view = snapshot.class(&self.class);
+        let Some(endpoints) = self
+            .types
+            .get_mut(type_url::ENDPOINT)
+            .filter(|t| t.requested)
+        else {
+            return;
+        };
+        let position = updates
+            .iter()
+            .position(|u| &*u.type_url == type_url::ENDPOINT);
+        let mut update = match position {
+            Some(i) => updates.remove(i),
+            None => TypeUpdate::new(Arc::from(type_url::ENDPOINT)),
+        };
+        for cluster in &clusters {
+            let resource = view.get(type_url::ENDPOINT, cluster);
+            let already = update.resources.iter().any(|(n, _)| n == cluster);
+            if resource.is_some() && endpoints.interested(cluster) && !already {
+                endpoints.reconcile(cluster, resource, true, &mut update);
+            }
+        }
+        if !update.is_noop() {
+            updates.push(update);
+        }
+    }
+}
+
 /// Orders one batch of updates make-before-break (xDS protocol, "Eventual
 /// consistency considerations"): secrets, then clusters, endpoints, listeners
 /// and routes; removals of clusters, endpoints and secrets last, once nothing

@@ -371,6 +371,27 @@ fn initial_resource_versions_are_honoured_on_the_first_request_only() {
     assert_eq!(names(&response[0]), ["b"], "a is current, so not sent");
     assert_eq!(response[0].removed_resources, ["gone"]);
 
+    // A client that holds exactly the current state is sent nothing at all,
+    // not even the empty answer that completes a fresh client's first fetch.
+    let mut current = Harness::<Delta>::new(TWO_CLUSTERS);
+    let mut reconnect = delta(type_url::CLUSTER, &[], &[], "");
+    for name in ["a", "b"] {
+        let version = resource(type_url::CLUSTER, name, 1).version().to_string();
+        reconnect
+            .initial_resource_versions
+            .insert(name.into(), version);
+    }
+    assert!(current.request(reconnect).unwrap().is_empty());
+    let mut fresh = Harness::<Delta>::new(&[]);
+    assert_eq!(
+        fresh
+            .request(delta(type_url::CLUSTER, &[], &[], ""))
+            .unwrap()
+            .len(),
+        1,
+        "empty, but answered"
+    );
+
     let mut later = delta(type_url::CLUSTER, &[], &[], "");
     later.initial_resource_versions = HashMap::from([("b".into(), "0000000000000000".into())]);
     assert!(
@@ -711,4 +732,19 @@ fn sotw_cluster_removal_waits_for_the_listener_update() {
             ("cds", vec!["new".to_string()]),
         ]
     );
+}
+
+#[test]
+fn an_updated_cluster_is_followed_by_its_unchanged_endpoints() {
+    let mut h = Harness::<Delta>::new(&[(type_url::CLUSTER, "a", 1), (type_url::ENDPOINT, "a", 1)]);
+    h.request(delta(type_url::CLUSTER, &[], &[], "")).unwrap();
+    h.request(delta(type_url::ENDPOINT, &["a"], &[], ""))
+        .unwrap();
+    let pushed =
+        decode_delta(&h.publish(&[(type_url::CLUSTER, "a", 2), (type_url::ENDPOINT, "a", 1)]));
+    let order: Vec<(&str, Vec<&str>)> = pushed
+        .iter()
+        .map(|r| (type_url::short_name(&r.type_url), names(r)))
+        .collect();
+    assert_eq!(order, [("cds", vec!["a"]), ("eds", vec!["a"])]);
 }
