@@ -215,12 +215,19 @@ impl ClassDelta {
         let mut delta = ClassDelta::default();
         match (old_m, new_m) {
             (Some(a), Some(b)) if Arc::ptr_eq(a, b) => {
-                for scope_diff in &diff.scopes {
-                    for (type_url, name) in b.refs_in(&scope_diff.scope) {
-                        if !scope_diff.touches(type_url, name) {
-                            continue;
+                for scope_diff in diff
+                    .scopes
+                    .iter()
+                    .filter(|d| !b.refs_in(&d.scope).is_empty())
+                {
+                    let scope = &scope_diff.scope;
+                    for changes in &scope_diff.types {
+                        let type_url = &changes.type_url;
+                        for name in changes.changed.iter().chain(&changes.removed) {
+                            if b.scope_of(type_url, name) == Some(scope) {
+                                delta.record(type_url, name, new.get(scope, type_url, name));
+                            }
                         }
-                        delta.record(type_url, name, new.get(&scope_diff.scope, type_url, name));
                     }
                 }
             }

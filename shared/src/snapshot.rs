@@ -250,17 +250,6 @@ pub struct ScopeDiff {
     pub types: Vec<TypeChanges>,
 }
 
-impl ScopeDiff {
-    /// Whether this type and name changed or disappeared.
-    pub fn touches(&self, type_url: &str, name: &str) -> bool {
-        self.types.iter().any(|t| {
-            &*t.type_url == type_url
-                && (t.changed.iter().any(|n| &**n == name)
-                    || t.removed.iter().any(|n| &**n == name))
-        })
-    }
-}
-
 /// Changes to one type within one scope.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TypeChanges {

@@ -17,7 +17,7 @@ use trellis_shared::{type_url, ClassView, Epoch, Version};
 
 use super::{
     response::{self, ResponseCache},
-    state::{StreamState, TypeUpdate},
+    state::{Candidates, StreamState, TypeUpdate},
     Encoded, Refusal, RequestOutcome,
 };
 use crate::metrics::Protocol;
@@ -130,30 +130,27 @@ fn on_request(
         }
     }
 
-    if first || wildcard_added {
-        types.reconcile_all(view, &type_url, &mut update);
-        // A fresh client's wildcard fetch is answered even when empty, to
-        // complete its initialisation; a reconnecting client (it declares
-        // what it holds) is already initialised, and an empty answer would
-        // count as a configuration update.
-        update.respond_empty =
-            first && types.wildcard && request.initial_resource_versions.is_empty();
-    }
-    for name in &forced {
-        if update.resources.iter().any(|(n, _)| n == name) || update.removed.contains(name) {
-            continue;
-        }
-        let current = view.get(&type_url, name);
+    let mut candidates = if first || wildcard_added {
+        types.candidates(view, &type_url)
+    } else {
+        Candidates::new()
+    };
+    for name in forced {
         // On the first request, a name the client declared with the current
         // version is not re-sent: that is what initial_resource_versions is for.
+        let current = view.get(&type_url, &name).map(|r| r.version());
         let declared = request
             .initial_resource_versions
-            .get(&**name)
+            .get(&*name)
             .and_then(|v| Version::parse(v));
-        if first && current.is_some() && declared == current.map(|r| r.version()) {
-            continue;
-        }
-        types.reconcile(name, current, true, &mut update);
+        let held = first && current.is_some() && declared == current;
+        candidates.insert(name, !held);
     }
+    types.reconcile_each(candidates, view, &type_url, &mut update);
+    // A fresh client's wildcard fetch is answered even when empty, to
+    // complete its initialisation; a reconnecting client (it declares what
+    // it holds) is already initialised, and an empty answer would count as a
+    // configuration update.
+    update.respond_empty = first && types.wildcard && request.initial_resource_versions.is_empty();
     Ok(RequestOutcome { nonce, update })
 }

@@ -18,7 +18,7 @@ use trellis_shared::{type_url, ClassView, Epoch};
 
 use super::{
     response::{self, ResponseCache},
-    state::{NonceCheck, StreamState, TypeUpdate},
+    state::{Candidates, NonceCheck, StreamState, TypeUpdate},
     Encoded, Refusal, RequestOutcome,
 };
 use crate::metrics::Protocol;
@@ -143,25 +143,29 @@ fn on_request(
 
     let first = !types.requested;
     types.requested = true;
+    let mut candidates = if first || wildcard_added {
+        types.candidates(view, &type_url)
+    } else {
+        Candidates::new()
+    };
     if first {
         // A reconnecting client reports the digest of what it holds; if that
         // is the current state, it needs nothing.
         let current = types.desired_digest(view, &type_url);
         if !request.version_info.is_empty() && request.version_info == format!("{current:016x}") {
-            let mut up_to_date = TypeUpdate::new(type_url.clone());
-            types.reconcile_all(view, &type_url, &mut up_to_date);
+            types.reconcile_each(
+                candidates,
+                view,
+                &type_url,
+                &mut TypeUpdate::new(type_url.clone()),
+            );
             return Ok(RequestOutcome { nonce, update });
         }
-        types.reconcile_all(view, &type_url, &mut update);
         update.respond_empty = type_url::supports_wildcard(&type_url);
-    } else if wildcard_added {
-        types.reconcile_all(view, &type_url, &mut update);
     }
-    for name in &added {
-        if update.resources.iter().any(|(n, _)| n == name) {
-            continue;
-        }
-        types.reconcile(name, view.get(&type_url, name), true, &mut update);
+    for name in added {
+        candidates.insert(name, true);
     }
+    types.reconcile_each(candidates, view, &type_url, &mut update);
     Ok(RequestOutcome { nonce, update })
 }

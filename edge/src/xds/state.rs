@@ -40,6 +40,10 @@ pub(crate) struct TypeState {
     pub(crate) nacks: u64,
 }
 
+/// Names to reconcile, each with whether it must be answered even if the
+/// client already holds its current version.
+pub(crate) type Candidates = BTreeMap<Arc<str>, bool>;
+
 /// What one response of one type must carry.
 #[derive(Debug, Clone)]
 pub(crate) struct TypeUpdate {
@@ -156,23 +160,28 @@ impl TypeState {
         }
     }
 
-    /// Reconciles every name the client could care about: the class's names
-    /// (if wildcard), explicit subscriptions, and whatever it holds.
-    pub(crate) fn reconcile_all(
+    /// Every name the client could care about: the class's names (if
+    /// wildcard), explicit subscriptions, and whatever it holds; none forced.
+    pub(crate) fn candidates(&self, view: ClassView<'_>, type_url: &str) -> Candidates {
+        let mut names: Candidates = self.sent.keys().map(|n| (n.clone(), false)).collect();
+        names.extend(self.names.iter().map(|n| (n.clone(), false)));
+        if self.wildcard {
+            names.extend(view.iter(type_url).map(|(n, _)| (n.clone(), false)));
+        }
+        names
+    }
+
+    /// Reconciles each candidate once, in name order (so equal transitions
+    /// produce equal responses and share one encoding).
+    pub(crate) fn reconcile_each(
         &mut self,
+        candidates: Candidates,
         view: ClassView<'_>,
         type_url: &str,
         update: &mut TypeUpdate,
     ) {
-        let mut names: Vec<Arc<str>> = self.sent.keys().cloned().collect();
-        names.extend(self.names.iter().cloned());
-        if self.wildcard {
-            names.extend(view.iter(type_url).map(|(n, _)| n.clone()));
-        }
-        names.sort_unstable();
-        names.dedup();
-        for name in &names {
-            self.reconcile(name, view.get(type_url, name), false, update);
+        for (name, force) in &candidates {
+            self.reconcile(name, view.get(type_url, name), *force, update);
         }
     }
 
@@ -354,10 +363,10 @@ impl StreamState {
             Some(i) => updates.remove(i),
             None => TypeUpdate::new(Arc::from(type_url::ENDPOINT)),
         };
-        for cluster in &clusters {
+        let already: HashSet<Arc<str>> = update.resources.iter().map(|(n, _)| n.clone()).collect();
+        for cluster in clusters.iter().filter(|c| !already.contains(*c)) {
             let resource = view.get(type_url::ENDPOINT, cluster);
-            let already = update.resources.iter().any(|(n, _)| n == cluster);
-            if resource.is_some() && endpoints.interested(cluster) && !already {
+            if resource.is_some() && endpoints.interested(cluster) {
                 endpoints.reconcile(cluster, resource, true, &mut update);
             }
         }
