@@ -1,0 +1,233 @@
+//! The normalized mesh: what the compiler needs, built from the raw objects
+//! the sources hold, with every invalid object reported and skipped so the
+//! rest keeps compiling.
+
+mod build;
+mod policy;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+    time::Duration,
+};
+
+pub use self::build::build;
+pub use self::policy::{HttpRule, Split, Target, TcpRule};
+use crate::kinds::ObjectRef;
+
+/// The default trust domain.
+pub const TRUST_DOMAIN: &str = "cluster.local";
+/// The namespace label that puts a namespace in the mesh.
+pub const MONITORED_BY: &str = "openservicemesh.io/monitored-by";
+
+/// A ServiceAccount: who a proxy is.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Identity {
+    /// Namespace.
+    pub namespace: String,
+    /// ServiceAccount name.
+    pub name: String,
+}
+
+impl Identity {
+    /// OSM's principal and certificate name: `<sa>.<ns>.<trust-domain>`.
+    pub fn principal(&self, trust_domain: &str) -> String {
+        format!("{}.{}.{trust_domain}", self.name, self.namespace)
+    }
+
+    /// The SPIFFE id put on leaf certificates.
+    pub fn spiffe(&self, trust_domain: &str) -> String {
+        format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            self.namespace, self.name
+        )
+    }
+}
+
+impl fmt::Display for Identity {
+    /// `<ns>/<sa>`, as in secret names.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A service, by namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl ServiceKey {
+    /// `<svc>.<ns>.svc.cluster.local`.
+    pub fn fqdn(&self) -> String {
+        format!("{}.{}.svc.{TRUST_DOMAIN}", self.name, self.namespace)
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    /// `<ns>/<svc>`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// How a port's traffic is handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AppProtocol {
+    /// HTTP/1.1 or HTTP/2: routed, with per-route RBAC.
+    Http,
+    /// gRPC: routed like HTTP over HTTP/2.
+    Grpc,
+    /// Opaque TCP.
+    Tcp,
+    /// TCP where the server speaks first (no protocol sniffing).
+    TcpServerFirst,
+}
+
+impl AppProtocol {
+    /// The name used in filter chain names.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppProtocol::Http => "http",
+            AppProtocol::Grpc => "grpc",
+            AppProtocol::Tcp => "tcp",
+            AppProtocol::TcpServerFirst => "tcp-server-first",
+        }
+    }
+
+    /// Whether traffic goes through an HTTP connection manager.
+    pub fn is_http(self) -> bool {
+        matches!(self, AppProtocol::Http | AppProtocol::Grpc)
+    }
+}
+
+/// One port of a service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePort {
+    /// Port name (may be empty).
+    pub name: String,
+    /// The service port clients dial.
+    pub port: u16,
+    /// The port the pods listen on.
+    pub target_port: u16,
+    /// How traffic on it is handled.
+    pub protocol: AppProtocol,
+}
+
+/// One endpoint of a service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    /// Pod IP.
+    pub ip: IpAddr,
+    /// The identity of the pod behind it, if known.
+    pub identity: Option<Identity>,
+}
+
+/// A service in the mesh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshService {
+    /// Namespace and name.
+    pub key: ServiceKey,
+    /// ClusterIP; `None` for headless services.
+    pub cluster_ip: Option<IpAddr>,
+    /// Ports.
+    pub ports: Vec<ServicePort>,
+    /// Pod selector.
+    pub selector: BTreeMap<String, String>,
+    /// Ready endpoints, sorted.
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl MeshService {
+    /// The identities of the pods behind this service.
+    pub fn identities(&self) -> BTreeSet<&Identity> {
+        self.endpoints
+            .iter()
+            .filter_map(|e| e.identity.as_ref())
+            .collect()
+    }
+}
+
+/// A pod in the mesh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshPod {
+    /// `<ns>/<name>`.
+    pub name: String,
+    /// Its ServiceAccount.
+    pub identity: Identity,
+    /// Its IP, once assigned.
+    pub ip: Option<IpAddr>,
+    /// Services whose selector matches it.
+    pub services: BTreeSet<ServiceKey>,
+    /// Annotated `prometheus.io/scrape=true`.
+    pub metrics: bool,
+}
+
+/// Mesh-wide settings from the MeshConfig.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshSettings {
+    /// Every service reachable from every proxy.
+    pub permissive: bool,
+    /// Traffic to destinations outside the mesh passes through.
+    pub egress: bool,
+    /// Leaf certificate validity.
+    pub cert_validity: Duration,
+    /// Trust domain of identities.
+    pub trust_domain: String,
+}
+
+impl Default for MeshSettings {
+    fn default() -> Self {
+        MeshSettings {
+            permissive: false,
+            egress: false,
+            cert_validity: Duration::from_secs(24 * 3600),
+            trust_domain: TRUST_DOMAIN.to_owned(),
+        }
+    }
+}
+
+/// An object that was skipped, and why.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Problem {
+    /// The object (or, for unparsable input, a file and document).
+    pub object: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl Problem {
+    pub(crate) fn new(object: &ObjectRef, reason: impl Into<String>) -> Problem {
+        Problem {
+            object: object.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.object, self.reason)
+    }
+}
+
+/// The normalized mesh.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Catalog {
+    /// Mesh-wide settings.
+    pub mesh: MeshSettings,
+    /// Services in monitored namespaces.
+    pub services: BTreeMap<ServiceKey, MeshService>,
+    /// Pods in monitored namespaces.
+    pub pods: BTreeMap<String, MeshPod>,
+    /// Valid TrafficTargets.
+    pub targets: Vec<Target>,
+    /// Valid TrafficSplits, by root service.
+    pub splits: BTreeMap<ServiceKey, Split>,
+    /// Objects skipped, with the reason.
+    pub problems: Vec<Problem>,
+}

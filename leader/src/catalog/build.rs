@@ -1,0 +1,390 @@
+//! Builds the catalog from the raw objects.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::Duration,
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Endpoints, Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+
+use super::{
+    policy, AppProtocol, Catalog, Endpoint, Identity, MeshPod, MeshService, MeshSettings, Problem,
+    ServiceKey, ServicePort, MONITORED_BY,
+};
+use crate::kinds::{MeshConfig, Object, ObjectRef};
+
+/// The MeshConfig Trellis reads.
+const MESH_CONFIG_NAME: &str = "osm-mesh-config";
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Builds the catalog of mesh `mesh` (the value of the namespaces'
+/// `openservicemesh.io/monitored-by` label) from every object the sources
+/// hold.
+pub fn build(objects: &BTreeMap<ObjectRef, Object>, mesh: &str) -> Catalog {
+    let mut problems = Vec::new();
+    let settings = mesh_settings(objects, &mut problems);
+    let monitored: BTreeSet<&str> = objects
+        .values()
+        .filter_map(|o| match o {
+            Object::Namespace(ns) => Some(ns),
+            _ => None,
+        })
+        .filter(|ns| {
+            ns.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(MONITORED_BY))
+                .is_some_and(|m| m == mesh)
+        })
+        .filter_map(|ns| ns.metadata.name.as_deref())
+        .collect();
+    let in_mesh = |r: &ObjectRef| monitored.contains(r.namespace.as_str());
+
+    let mut pods = BTreeMap::new();
+    let mut pod_labels = BTreeMap::new();
+    for (r, object) in objects.iter().filter(|(r, _)| in_mesh(r)) {
+        if let Object::Pod(pod) = object {
+            let (mesh_pod, labels) = mesh_pod(r, pod);
+            pod_labels.insert(mesh_pod.name.clone(), labels);
+            pods.insert(mesh_pod.name.clone(), mesh_pod);
+        }
+    }
+
+    let mut slices: BTreeMap<ServiceKey, Vec<&EndpointSlice>> = BTreeMap::new();
+    let mut endpoints: BTreeMap<ServiceKey, &Endpoints> = BTreeMap::new();
+    for (r, object) in objects.iter().filter(|(r, _)| in_mesh(r)) {
+        match object {
+            Object::EndpointSlice(slice) => {
+                let Some(service) = slice
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                else {
+                    problems.push(Problem::new(
+                        r,
+                        format!("EndpointSlice without label {SERVICE_NAME_LABEL}"),
+                    ));
+                    continue;
+                };
+                let key = ServiceKey {
+                    namespace: r.namespace.clone(),
+                    name: service.clone(),
+                };
+                slices.entry(key).or_default().push(slice);
+            }
+            Object::Endpoints(e) => {
+                let key = ServiceKey {
+                    namespace: r.namespace.clone(),
+                    name: r.name.clone(),
+                };
+                endpoints.insert(key, e);
+            }
+            _ => {}
+        }
+    }
+
+    let mut services = BTreeMap::new();
+    for (r, object) in objects.iter().filter(|(r, _)| in_mesh(r)) {
+        let Object::Service(service) = object else {
+            continue;
+        };
+        let key = ServiceKey {
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+        };
+        // EndpointSlices are authoritative; Endpoints only when a service has none.
+        let (found, port_names) = match (slices.get(&key), endpoints.get(&key)) {
+            (Some(slices), _) => slice_endpoints(slices, &r.namespace, &pods),
+            (None, Some(e)) => legacy_endpoints(e, &r.namespace, &pods),
+            (None, None) => (Vec::new(), BTreeMap::new()),
+        };
+        match mesh_service(key.clone(), service, found, &port_names) {
+            Ok(s) => {
+                services.insert(key, s);
+            }
+            Err(reason) => problems.push(Problem::new(r, reason)),
+        }
+    }
+
+    for pod in pods.values_mut() {
+        let labels = &pod_labels[&pod.name];
+        let namespace = pod.identity.namespace.clone();
+        pod.services = services
+            .values()
+            .filter(|s| s.key.namespace == namespace && !s.selector.is_empty())
+            .filter(|s| s.selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            .map(|s| s.key.clone())
+            .collect();
+    }
+
+    let (targets, splits) = policy::build(objects, &in_mesh, &services, &mut problems);
+    problems.sort();
+    Catalog {
+        mesh: settings,
+        services,
+        pods,
+        targets,
+        splits,
+        problems,
+    }
+}
+
+fn mesh_settings(
+    objects: &BTreeMap<ObjectRef, Object>,
+    problems: &mut Vec<Problem>,
+) -> MeshSettings {
+    let configs: Vec<(&ObjectRef, &MeshConfig)> = objects
+        .iter()
+        .filter_map(|(r, o)| match o {
+            Object::MeshConfig(c) if r.name == MESH_CONFIG_NAME => Some((r, c)),
+            _ => None,
+        })
+        .collect();
+    let mut settings = MeshSettings::default();
+    let Some((r, config)) = configs.first() else {
+        return settings;
+    };
+    for (extra, _) in &configs[1..] {
+        problems.push(Problem::new(
+            extra,
+            format!("a second {MESH_CONFIG_NAME}; {r} is used"),
+        ));
+    }
+    settings.permissive = config.spec.traffic.enable_permissive_traffic_policy_mode;
+    settings.egress = config.spec.traffic.enable_egress;
+    let validity = &config.spec.certificate.service_cert_validity_duration;
+    if !validity.is_empty() {
+        match parse_go_duration(validity) {
+            Some(d) if d >= Duration::from_secs(60) => settings.cert_validity = d,
+            _ => problems.push(Problem::new(
+                r,
+                format!("serviceCertValidityDuration {validity:?} is not a duration of at least 1m; using 24h"),
+            )),
+        }
+    }
+    settings
+}
+
+/// Parses Go durations such as `24h`, `1h30m`, `90s`.
+pub(crate) fn parse_go_duration(text: &str) -> Option<Duration> {
+    let mut total = 0f64;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let value: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let seconds = match &rest[..unit] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 0.001,
+            _ => return None,
+        };
+        total += value * seconds;
+        rest = &rest[unit..];
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
+fn mesh_pod(r: &ObjectRef, pod: &Pod) -> (MeshPod, BTreeMap<String, String>) {
+    let spec = pod.spec.as_ref();
+    let account = spec
+        .and_then(|s| s.service_account_name.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".to_owned());
+    let ip = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_deref())
+        .and_then(|ip| ip.parse::<IpAddr>().ok());
+    let metrics = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("prometheus.io/scrape"))
+        .is_some_and(|v| v == "true");
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let mesh_pod = MeshPod {
+        name: format!("{}/{}", r.namespace, r.name),
+        identity: Identity {
+            namespace: r.namespace.clone(),
+            name: account,
+        },
+        ip,
+        services: BTreeSet::new(),
+        metrics,
+    };
+    (mesh_pod, labels)
+}
+
+fn identity_of(
+    namespace: &str,
+    target: Option<(&str, &str, Option<&str>)>,
+    pods: &BTreeMap<String, MeshPod>,
+) -> Option<Identity> {
+    let (kind, name, ns) = target?;
+    if kind != "Pod" {
+        return None;
+    }
+    let key = format!("{}/{name}", ns.unwrap_or(namespace));
+    pods.get(&key).map(|p| p.identity.clone())
+}
+
+type Found = (Vec<Endpoint>, BTreeMap<String, u16>);
+
+fn slice_endpoints(
+    slices: &[&EndpointSlice],
+    namespace: &str,
+    pods: &BTreeMap<String, MeshPod>,
+) -> Found {
+    let mut found = BTreeSet::new();
+    let mut port_names = BTreeMap::new();
+    for slice in slices {
+        for port in slice.ports.iter().flatten() {
+            if let (Some(name), Some(number)) = (&port.name, port.port) {
+                if let Ok(number) = u16::try_from(number) {
+                    port_names.insert(name.clone(), number);
+                }
+            }
+        }
+        for endpoint in &slice.endpoints {
+            if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            let target = endpoint.target_ref.as_ref().and_then(|t| {
+                Some((
+                    t.kind.as_deref()?,
+                    t.name.as_deref()?,
+                    t.namespace.as_deref(),
+                ))
+            });
+            let identity = identity_of(namespace, target, pods);
+            for address in &endpoint.addresses {
+                if let Ok(ip) = address.parse() {
+                    found.insert(Endpoint {
+                        ip,
+                        identity: identity.clone(),
+                    });
+                }
+            }
+        }
+    }
+    (found.into_iter().collect(), port_names)
+}
+
+fn legacy_endpoints(
+    endpoints: &Endpoints,
+    namespace: &str,
+    pods: &BTreeMap<String, MeshPod>,
+) -> Found {
+    let mut found = BTreeSet::new();
+    let mut port_names = BTreeMap::new();
+    for subset in endpoints.subsets.iter().flatten() {
+        for port in subset.ports.iter().flatten() {
+            if let (Some(name), Ok(number)) = (&port.name, u16::try_from(port.port)) {
+                port_names.insert(name.clone(), number);
+            }
+        }
+        for address in subset.addresses.iter().flatten() {
+            let target = address.target_ref.as_ref().and_then(|t| {
+                Some((
+                    t.kind.as_deref()?,
+                    t.name.as_deref()?,
+                    t.namespace.as_deref(),
+                ))
+            });
+            if let Ok(ip) = address.ip.parse() {
+                found.insert(Endpoint {
+                    ip,
+                    identity: identity_of(namespace, target, pods),
+                });
+            }
+        }
+    }
+    (found.into_iter().collect(), port_names)
+}
+
+fn mesh_service(
+    key: ServiceKey,
+    service: &Service,
+    endpoints: Vec<Endpoint>,
+    port_names: &BTreeMap<String, u16>,
+) -> Result<MeshService, String> {
+    let spec = service.spec.as_ref().ok_or("Service has no spec")?;
+    let cluster_ip = match spec.cluster_ip.as_deref() {
+        None | Some("") | Some("None") => None,
+        Some(ip) => Some(
+            ip.parse::<IpAddr>()
+                .map_err(|_| format!("clusterIP {ip:?} is not an IP address"))?,
+        ),
+    };
+    let mut ports = Vec::new();
+    for port in spec.ports.iter().flatten() {
+        let number =
+            u16::try_from(port.port).map_err(|_| format!("port {} is out of range", port.port))?;
+        let target_port = match &port.target_port {
+            None => number,
+            Some(IntOrString::Int(n)) => {
+                u16::try_from(*n).map_err(|_| format!("targetPort {n} is out of range"))?
+            }
+            Some(IntOrString::String(name)) => *port_names.get(name).ok_or_else(|| {
+                format!("targetPort {name:?} names no port of the service's endpoints")
+            })?,
+        };
+        let name = port.name.clone().unwrap_or_default();
+        let protocol = app_protocol(port.app_protocol.as_deref(), &name)?;
+        ports.push(ServicePort {
+            name,
+            port: number,
+            target_port,
+            protocol,
+        });
+    }
+    Ok(MeshService {
+        key,
+        cluster_ip,
+        ports,
+        selector: spec.selector.clone().unwrap_or_default(),
+        endpoints,
+    })
+}
+
+/// `appProtocol` if set, else the port name's prefix (`http-`, `tcp-`,
+/// `grpc-`), else HTTP, as OSM did.
+fn app_protocol(app_protocol: Option<&str>, name: &str) -> Result<AppProtocol, String> {
+    let given = app_protocol.map(str::to_ascii_lowercase);
+    let from_name = name
+        .split('-')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let protocol = given.as_deref().unwrap_or(from_name.as_str());
+    Ok(match protocol {
+        "tcp" => AppProtocol::Tcp,
+        "tcp-server-first" => AppProtocol::TcpServerFirst,
+        "grpc" => AppProtocol::Grpc,
+        "http" | "http2" | "h2c" => AppProtocol::Http,
+        other if given.is_some() => {
+            return Err(format!(
+                "appProtocol {other:?} is not http, grpc, tcp or tcp-server-first"
+            ))
+        }
+        _ => AppProtocol::Http,
+    })
+}

@@ -1,0 +1,275 @@
+//! SMI policies, validated: TrafficTargets resolved against their route
+//! groups, and one TrafficSplit per root service.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{Identity, MeshService, Problem, ServiceKey};
+use crate::kinds::{
+    HTTPRouteGroup, HttpMatch, IdentityBinding, Object, ObjectRef, TCPRoute, TrafficSplit,
+    TrafficTarget,
+};
+
+/// Allowed HTTP traffic: one named match of a route group.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HttpRule {
+    /// `<group>/<match>`, for route names.
+    pub name: String,
+    /// Anchored RE2 path regex (`.*` when the match leaves it empty).
+    pub path_regex: String,
+    /// Methods; empty means any.
+    pub methods: Vec<String>,
+    /// Header name → value regex.
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Allowed TCP traffic: ports (empty means any).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TcpRule {
+    /// Destination ports.
+    pub ports: Vec<u16>,
+}
+
+/// A valid TrafficTarget.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// `<ns>/<name>` of the TrafficTarget.
+    pub name: String,
+    /// Where traffic may go.
+    pub destination: Identity,
+    /// Who may send it.
+    pub sources: Vec<Identity>,
+    /// HTTP traffic allowed.
+    pub http: Vec<HttpRule>,
+    /// TCP traffic allowed.
+    pub tcp: Vec<TcpRule>,
+}
+
+/// A valid TrafficSplit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Split {
+    /// `<ns>/<name>` of the TrafficSplit.
+    pub name: String,
+    /// The root service.
+    pub root: ServiceKey,
+    /// Backends and weights (their sum is positive).
+    pub backends: Vec<(ServiceKey, u32)>,
+}
+
+type Groups<'a> = BTreeMap<(String, String), &'a HTTPRouteGroup>;
+
+pub(super) fn build(
+    objects: &BTreeMap<ObjectRef, Object>,
+    in_mesh: &dyn Fn(&ObjectRef) -> bool,
+    services: &BTreeMap<ServiceKey, MeshService>,
+    problems: &mut Vec<Problem>,
+) -> (Vec<Target>, BTreeMap<ServiceKey, Split>) {
+    let mut groups: Groups<'_> = BTreeMap::new();
+    let mut tcp_routes = BTreeMap::new();
+    let mut targets = Vec::new();
+    let mut splits = Vec::new();
+    for (r, object) in objects.iter().filter(|(r, _)| in_mesh(r)) {
+        match object {
+            Object::HttpRouteGroup(group) => match invalid_regex(&group.spec.matches) {
+                Some(reason) => problems.push(Problem::new(r, reason)),
+                None => {
+                    groups.insert((r.namespace.clone(), r.name.clone()), group);
+                }
+            },
+            Object::TcpRoute(route) => {
+                tcp_routes.insert((r.namespace.clone(), r.name.clone()), route);
+            }
+            Object::TrafficTarget(t) => targets.push((r, t)),
+            Object::TrafficSplit(s) => splits.push((r, s)),
+            _ => {}
+        }
+    }
+    let targets = targets
+        .into_iter()
+        .filter_map(|(r, t)| match target(r, t, &groups, &tcp_routes) {
+            Ok(t) => Some(t),
+            Err(reason) => {
+                problems.push(Problem::new(r, reason));
+                None
+            }
+        })
+        .collect();
+
+    // The first split of a root wins; later ones are reported.
+    splits.sort_by_key(|(r, s)| {
+        (
+            s.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            (*r).clone(),
+        )
+    });
+    let mut by_root: BTreeMap<ServiceKey, Split> = BTreeMap::new();
+    for (r, s) in splits {
+        let result = split(r, s, services).and_then(|split| match by_root.get(&split.root) {
+            Some(first) => Err(format!(
+                "a second TrafficSplit for {}; {} applies",
+                split.root, first.name
+            )),
+            None => Ok(split),
+        });
+        match result {
+            Ok(split) => {
+                by_root.insert(split.root.clone(), split);
+            }
+            Err(reason) => problems.push(Problem::new(r, reason)),
+        }
+    }
+    (targets, by_root)
+}
+
+fn invalid_regex(matches: &[HttpMatch]) -> Option<String> {
+    for m in matches {
+        let regexes = std::iter::once(("pathRegex", &m.path_regex))
+            .chain(m.headers.iter().map(|(h, v)| (h.as_str(), v)));
+        for (what, re) in regexes {
+            if let Err(error) = regex::Regex::new(re) {
+                return Some(format!(
+                    "match {:?}: {what} {re:?} is not a valid regex: {error}",
+                    m.name
+                ));
+            }
+        }
+    }
+    None
+}
+
+fn identity(binding: &IdentityBinding, default_namespace: &str) -> Result<Identity, String> {
+    if binding.kind != "ServiceAccount" {
+        return Err(format!(
+            "{} {} is not a ServiceAccount",
+            binding.kind, binding.name
+        ));
+    }
+    let namespace = if binding.namespace.is_empty() {
+        default_namespace
+    } else {
+        &binding.namespace
+    };
+    Ok(Identity {
+        namespace: namespace.to_owned(),
+        name: binding.name.clone(),
+    })
+}
+
+fn target(
+    r: &ObjectRef,
+    t: &TrafficTarget,
+    groups: &Groups<'_>,
+    tcp_routes: &BTreeMap<(String, String), &TCPRoute>,
+) -> Result<Target, String> {
+    let destination = identity(&t.spec.destination, &r.namespace)?;
+    if destination.namespace != r.namespace {
+        return Err(format!(
+            "destination {destination} is outside the TrafficTarget's namespace {}",
+            r.namespace
+        ));
+    }
+    let sources = t
+        .spec
+        .sources
+        .iter()
+        .map(|s| identity(s, &r.namespace))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut http = BTreeSet::new();
+    let mut tcp = BTreeSet::new();
+    for rule in &t.spec.rules {
+        let key = (r.namespace.clone(), rule.name.clone());
+        match rule.kind.as_str() {
+            "HTTPRouteGroup" => {
+                let group = groups
+                    .get(&key)
+                    .ok_or_else(|| format!("HTTPRouteGroup {} is missing or invalid", rule.name))?;
+                // SMI: no match names means every match of the group (OSM
+                // compiled no routes here; Trellis follows the spec).
+                let chosen: Vec<&HttpMatch> = if rule.matches.is_empty() {
+                    group.spec.matches.iter().collect()
+                } else {
+                    rule.matches
+                        .iter()
+                        .map(|name| {
+                            group
+                                .spec
+                                .matches
+                                .iter()
+                                .find(|m| &m.name == name)
+                                .ok_or_else(|| {
+                                    format!("HTTPRouteGroup {} has no match {name:?}", rule.name)
+                                })
+                        })
+                        .collect::<Result<_, _>>()?
+                };
+                http.extend(chosen.into_iter().map(|m| {
+                    HttpRule {
+                        name: format!("{}/{}", rule.name, m.name),
+                        path_regex: if m.path_regex.is_empty() {
+                            ".*".to_owned()
+                        } else {
+                            m.path_regex.clone()
+                        },
+                        methods: m
+                            .methods
+                            .iter()
+                            .filter(|m| m.as_str() != "*")
+                            .cloned()
+                            .collect(),
+                        headers: m.headers.clone(),
+                    }
+                }));
+            }
+            "TCPRoute" => {
+                let route = tcp_routes
+                    .get(&key)
+                    .ok_or_else(|| format!("TCPRoute {} is missing", rule.name))?;
+                tcp.insert(TcpRule {
+                    ports: route.spec.matches.ports.clone(),
+                });
+            }
+            other => {
+                return Err(format!(
+                    "rule kind {other:?} is not HTTPRouteGroup or TCPRoute"
+                ))
+            }
+        }
+    }
+    Ok(Target {
+        name: format!("{}/{}", r.namespace, r.name),
+        destination,
+        sources,
+        http: http.into_iter().collect(),
+        tcp: tcp.into_iter().collect(),
+    })
+}
+
+fn split(
+    r: &ObjectRef,
+    s: &TrafficSplit,
+    services: &BTreeMap<ServiceKey, MeshService>,
+) -> Result<Split, String> {
+    let key = |name: &str| ServiceKey {
+        namespace: r.namespace.clone(),
+        name: name.to_owned(),
+    };
+    let root = key(&s.spec.service);
+    if !services.contains_key(&root) {
+        return Err(format!("root service {root} does not exist"));
+    }
+    let mut backends = Vec::new();
+    for backend in &s.spec.backends {
+        let service = key(&backend.service);
+        if !services.contains_key(&service) {
+            return Err(format!("backend service {service} does not exist"));
+        }
+        backends.push((service, backend.weight));
+    }
+    if backends.iter().map(|(_, w)| u64::from(*w)).sum::<u64>() == 0 {
+        return Err("backend weights sum to zero".to_owned());
+    }
+    Ok(Split {
+        name: format!("{}/{}", r.namespace, r.name),
+        root,
+        backends,
+    })
+}

@@ -1,0 +1,374 @@
+//! `outbound-listener` (15001), `inbound-listener` (15003) and
+//! `inbound-prometheus-listener` (15010).
+
+use std::collections::BTreeSet;
+
+use trellis_proto::pb::{
+    envoy::{
+        config::{
+            core::v3::{CidrRange, TrafficDirection},
+            listener::v3::{
+                filter, listener_filter, Filter, FilterChain, FilterChainMatch, Listener,
+                ListenerFilter,
+            },
+            rbac::v3::{permission, principal, rbac::Action, Permission, Policy, Principal, Rbac},
+            route::v3::{
+                route, route_action, route_match, Route, RouteAction, RouteConfiguration,
+                RouteMatch, VirtualHost,
+            },
+        },
+        extensions::{
+            filters::{
+                http::{rbac::v3::Rbac as HttpRbac, router::v3::Router},
+                listener::{original_dst::v3::OriginalDst, tls_inspector::v3::TlsInspector},
+                network::{
+                    http_connection_manager::v3::{
+                        http_connection_manager, http_filter, HttpConnectionManager, HttpFilter,
+                        Rds,
+                    },
+                    rbac::v3::Rbac as NetworkRbac,
+                    tcp_proxy::v3::{tcp_proxy, TcpProxy},
+                },
+            },
+            transport_sockets::tls::v3::{CommonTlsContext, DownstreamTlsContext},
+        },
+    },
+    google::protobuf::{BoolValue, UInt32Value},
+};
+
+use super::{
+    envoy::{ads, any, exact, names, sds, socket, tls_socket, types, ALPN},
+    names as resource, Backend,
+};
+use crate::catalog::Identity;
+
+pub(crate) const OUTBOUND: &str = "outbound-listener";
+pub(crate) const INBOUND: &str = "inbound-listener";
+pub(crate) const PROMETHEUS: &str = "inbound-prometheus-listener";
+pub(crate) const OUTBOUND_PORT: u16 = 15001;
+pub(crate) const INBOUND_PORT: u16 = 15003;
+pub(crate) const PROMETHEUS_PORT: u16 = 15010;
+pub(crate) const ENVOY_ADMIN_PORT: u16 = 15000;
+
+fn listener_filter(name: &str, type_url: &str, config: &impl prost::Message) -> ListenerFilter {
+    ListenerFilter {
+        name: name.to_owned(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(any(
+            type_url, config,
+        ))),
+        ..Default::default()
+    }
+}
+
+fn network_filter(name: &str, type_url: &str, config: &impl prost::Message) -> Filter {
+    Filter {
+        name: name.to_owned(),
+        config_type: Some(filter::ConfigType::TypedConfig(any(type_url, config))),
+    }
+}
+
+fn hcm(stat_prefix: &str, route_config: &str, rbac: bool) -> Filter {
+    let mut http_filters = Vec::new();
+    if rbac {
+        // Empty rules here; each route carries its own policy (RBACPerRoute).
+        http_filters.push(HttpFilter {
+            name: names::HTTP_RBAC.to_owned(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(any(
+                types::HTTP_RBAC,
+                &HttpRbac::default(),
+            ))),
+            ..Default::default()
+        });
+    }
+    http_filters.push(HttpFilter {
+        name: names::ROUTER.to_owned(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(any(
+            types::ROUTER,
+            &Router::default(),
+        ))),
+        ..Default::default()
+    });
+    let manager = HttpConnectionManager {
+        stat_prefix: stat_prefix.to_owned(),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: route_config.to_owned(),
+        })),
+        http_filters,
+        ..Default::default()
+    };
+    network_filter(names::HCM, types::HCM, &manager)
+}
+
+pub(crate) fn tcp_proxy(stat_prefix: &str, backends: &[Backend]) -> Filter {
+    let specifier = match backends {
+        [only] => tcp_proxy::ClusterSpecifier::Cluster(only.cluster.clone()),
+        _ => tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
+            clusters: backends
+                .iter()
+                .map(|b| tcp_proxy::weighted_cluster::ClusterWeight {
+                    name: b.cluster.clone(),
+                    weight: b.weight,
+                    ..Default::default()
+                })
+                .collect(),
+        }),
+    };
+    let proxy = TcpProxy {
+        stat_prefix: stat_prefix.to_owned(),
+        cluster_specifier: Some(specifier),
+        ..Default::default()
+    };
+    network_filter(names::TCP_PROXY, types::TCP_PROXY, &proxy)
+}
+
+/// One outbound filter chain: traffic to a service's ClusterIP (or, for a
+/// headless service, its pods) on one port.
+pub(crate) struct OutboundChain {
+    pub(crate) name: String,
+    pub(crate) port: u16,
+    pub(crate) addresses: Vec<std::net::IpAddr>,
+    /// `Some(route config)` for HTTP/gRPC, `None` for TCP.
+    pub(crate) route_config: Option<String>,
+    pub(crate) backends: Vec<Backend>,
+}
+
+fn cidr(ip: &std::net::IpAddr) -> CidrRange {
+    CidrRange {
+        address_prefix: ip.to_string(),
+        prefix_len: Some(UInt32Value {
+            value: if ip.is_ipv4() { 32 } else { 128 },
+        }),
+    }
+}
+
+/// `outbound-listener`; `None` when it would have no chains.
+pub(crate) fn outbound(chains: &[OutboundChain], egress: bool) -> Option<Listener> {
+    if chains.is_empty() && !egress {
+        return None;
+    }
+    let filter_chains = chains
+        .iter()
+        .map(|c| FilterChain {
+            name: c.name.clone(),
+            filter_chain_match: Some(FilterChainMatch {
+                destination_port: Some(UInt32Value {
+                    value: c.port.into(),
+                }),
+                prefix_ranges: c.addresses.iter().map(cidr).collect(),
+                ..Default::default()
+            }),
+            filters: vec![match &c.route_config {
+                Some(route_config) => hcm(&c.name, route_config, false),
+                None => tcp_proxy(&c.name, &c.backends),
+            }],
+            ..Default::default()
+        })
+        .collect();
+    let default_filter_chain = egress.then(|| FilterChain {
+        name: "outbound-egress-passthrough".to_owned(),
+        filters: vec![tcp_proxy(
+            "outbound-egress-passthrough",
+            &[Backend {
+                cluster: resource::PASSTHROUGH.to_owned(),
+                weight: 1,
+            }],
+        )],
+        ..Default::default()
+    });
+    Some(Listener {
+        name: OUTBOUND.to_owned(),
+        address: Some(socket("0.0.0.0", OUTBOUND_PORT)),
+        traffic_direction: TrafficDirection::Outbound as i32,
+        listener_filters: vec![listener_filter(
+            names::ORIGINAL_DST,
+            types::ORIGINAL_DST,
+            &OriginalDst::default(),
+        )],
+        filter_chains,
+        default_filter_chain,
+        ..Default::default()
+    })
+}
+
+/// One inbound filter chain: mTLS traffic for a local service's target port.
+pub(crate) struct InboundChain {
+    pub(crate) name: String,
+    pub(crate) target_port: u16,
+    pub(crate) server_name: String,
+    /// `Some(route config)` for HTTP/gRPC, `None` for TCP.
+    pub(crate) route_config: Option<String>,
+    pub(crate) local_cluster: String,
+    /// SMI mode: the identities allowed to connect at all (L4 RBAC);
+    /// permissive mode: `None`.
+    pub(crate) allowed: Option<BTreeSet<Identity>>,
+}
+
+fn network_rbac(stat_prefix: &str, allowed: &BTreeSet<Identity>, trust_domain: &str) -> Filter {
+    let principals: Vec<Principal> = allowed
+        .iter()
+        .map(|i| Principal {
+            identifier: Some(principal::Identifier::Authenticated(
+                principal::Authenticated {
+                    principal_name: Some(exact(&i.principal(trust_domain))),
+                },
+            )),
+        })
+        .collect();
+    // An ALLOW policy with no principals allows nobody, which is the point.
+    let policies = if principals.is_empty() {
+        Default::default()
+    } else {
+        [(
+            "allowed-sources".to_owned(),
+            Policy {
+                permissions: vec![Permission {
+                    rule: Some(permission::Rule::Any(true)),
+                }],
+                principals,
+                ..Default::default()
+            },
+        )]
+        .into_iter()
+        .collect()
+    };
+    let rbac = NetworkRbac {
+        stat_prefix: stat_prefix.to_owned(),
+        rules: Some(Rbac {
+            action: Action::Allow as i32,
+            policies,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    network_filter(names::NETWORK_RBAC, types::NETWORK_RBAC, &rbac)
+}
+
+/// `inbound-listener`; `None` when the class backs no service.
+pub(crate) fn inbound(
+    identity: &Identity,
+    chains: &[InboundChain],
+    trust_domain: &str,
+) -> Option<Listener> {
+    if chains.is_empty() {
+        return None;
+    }
+    let tls = DownstreamTlsContext {
+        require_client_certificate: Some(BoolValue { value: true }),
+        common_tls_context: Some(CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![sds(&resource::service_cert(identity))],
+            validation_context_type: Some(
+                trellis_proto::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
+                    sds(&resource::inbound_root(identity)),
+                ),
+            ),
+            alpn_protocols: vec![ALPN.to_owned()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let filter_chains = chains
+        .iter()
+        .map(|c| {
+            let mut filters = Vec::new();
+            if let Some(allowed) = &c.allowed {
+                filters.push(network_rbac(&c.name, allowed, trust_domain));
+            }
+            filters.push(match &c.route_config {
+                Some(route_config) => hcm(&c.name, route_config, true),
+                None => tcp_proxy(
+                    &c.name,
+                    &[Backend {
+                        cluster: c.local_cluster.clone(),
+                        weight: 1,
+                    }],
+                ),
+            });
+            FilterChain {
+                name: c.name.clone(),
+                filter_chain_match: Some(FilterChainMatch {
+                    destination_port: Some(UInt32Value {
+                        value: c.target_port.into(),
+                    }),
+                    server_names: vec![c.server_name.clone()],
+                    transport_protocol: "tls".to_owned(),
+                    application_protocols: vec![ALPN.to_owned()],
+                    ..Default::default()
+                }),
+                filters,
+                transport_socket: Some(tls_socket(types::DOWNSTREAM_TLS, &tls)),
+                ..Default::default()
+            }
+        })
+        .collect();
+    Some(Listener {
+        name: INBOUND.to_owned(),
+        address: Some(socket("0.0.0.0", INBOUND_PORT)),
+        traffic_direction: TrafficDirection::Inbound as i32,
+        listener_filters: vec![
+            listener_filter(
+                names::TLS_INSPECTOR,
+                types::TLS_INSPECTOR,
+                &TlsInspector::default(),
+            ),
+            listener_filter(
+                names::ORIGINAL_DST,
+                types::ORIGINAL_DST,
+                &OriginalDst::default(),
+            ),
+        ],
+        filter_chains,
+        ..Default::default()
+    })
+}
+
+/// `inbound-prometheus-listener`: `/stats/prometheus` to Envoy's admin.
+pub(crate) fn prometheus() -> Listener {
+    let route = RouteConfiguration {
+        name: "prometheus-route".to_owned(),
+        virtual_hosts: vec![VirtualHost {
+            name: "prometheus".to_owned(),
+            domains: vec!["*".to_owned()],
+            routes: vec![Route {
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(route_match::PathSpecifier::Path(
+                        "/stats/prometheus".to_owned(),
+                    )),
+                    ..Default::default()
+                }),
+                action: Some(route::Action::Route(RouteAction {
+                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                        resource::METRICS.to_owned(),
+                    )),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let manager = HttpConnectionManager {
+        stat_prefix: "prometheus".to_owned(),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(route)),
+        http_filters: vec![HttpFilter {
+            name: names::ROUTER.to_owned(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(any(
+                types::ROUTER,
+                &Router::default(),
+            ))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Listener {
+        name: PROMETHEUS.to_owned(),
+        address: Some(socket("0.0.0.0", PROMETHEUS_PORT)),
+        traffic_direction: TrafficDirection::Inbound as i32,
+        filter_chains: vec![FilterChain {
+            filters: vec![network_filter(names::HCM, types::HCM, &manager)],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}

@@ -1,0 +1,390 @@
+//! The Kubernetes kinds Trellis reads, as a cluster holds them: core kinds
+//! from k8s-openapi, SMI and OSM kinds as typed custom resources at the
+//! versions OSM v1.2 used.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Namespace, Pod, Service, ServiceAccount},
+    discovery::v1::EndpointSlice,
+};
+use kube::CustomResource;
+use serde::{Deserialize, Serialize};
+
+/// A reference to a ServiceAccount in an SMI TrafficTarget.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityBinding {
+    /// Must be `ServiceAccount`.
+    pub kind: String,
+    /// ServiceAccount name.
+    pub name: String,
+    /// ServiceAccount namespace.
+    #[serde(default)]
+    pub namespace: String,
+}
+
+/// A rule of a TrafficTarget: a route group (or TCP route) and the match
+/// names it allows; no matches means all of them (SMI spec).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficTargetRule {
+    /// `HTTPRouteGroup` or `TCPRoute`.
+    pub kind: String,
+    /// Name of the route object, in the TrafficTarget's namespace.
+    pub name: String,
+    /// Names of matches within it.
+    #[serde(default)]
+    pub matches: Vec<String>,
+}
+
+/// access.smi-spec.io/v1alpha3 TrafficTarget.
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[kube(
+    group = "access.smi-spec.io",
+    version = "v1alpha3",
+    kind = "TrafficTarget",
+    namespaced,
+    schema = "disabled"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficTargetSpec {
+    /// The ServiceAccount traffic goes to.
+    pub destination: IdentityBinding,
+    /// The ServiceAccounts allowed to send it.
+    #[serde(default)]
+    pub sources: Vec<IdentityBinding>,
+    /// What traffic is allowed.
+    #[serde(default)]
+    pub rules: Vec<TrafficTargetRule>,
+}
+
+/// One named HTTP match.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpMatch {
+    /// Match name, referenced from TrafficTarget rules.
+    pub name: String,
+    /// RE2 regex for the path; empty means any path.
+    #[serde(default)]
+    pub path_regex: String,
+    /// Methods; empty or `*` means any.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Header name → value regex; `host` matches `:authority`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// specs.smi-spec.io/v1alpha4 HTTPRouteGroup.
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[kube(
+    group = "specs.smi-spec.io",
+    version = "v1alpha4",
+    kind = "HTTPRouteGroup",
+    namespaced,
+    schema = "disabled"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteGroupSpec {
+    /// Named matches.
+    #[serde(default)]
+    pub matches: Vec<HttpMatch>,
+}
+
+/// One named TCP match.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpMatch {
+    /// Match name.
+    #[serde(default)]
+    pub name: String,
+    /// Destination ports; empty means any.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+}
+
+/// specs.smi-spec.io/v1alpha4 TCPRoute.
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[kube(
+    group = "specs.smi-spec.io",
+    version = "v1alpha4",
+    kind = "TCPRoute",
+    namespaced,
+    schema = "disabled"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpRouteSpec {
+    /// The match (v1alpha4 has one).
+    #[serde(default)]
+    pub matches: TcpMatch,
+}
+
+/// A backend of a TrafficSplit.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficSplitBackend {
+    /// Service name, in the split's namespace.
+    pub service: String,
+    /// Relative weight.
+    pub weight: u32,
+}
+
+/// split.smi-spec.io/v1alpha2 TrafficSplit.
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[kube(
+    group = "split.smi-spec.io",
+    version = "v1alpha2",
+    kind = "TrafficSplit",
+    namespaced,
+    schema = "disabled"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficSplitSpec {
+    /// The root (apex) service clients call.
+    pub service: String,
+    /// Where its traffic goes.
+    #[serde(default)]
+    pub backends: Vec<TrafficSplitBackend>,
+}
+
+/// `traffic` settings of the MeshConfig.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TrafficSpec {
+    /// Every service reachable from every proxy.
+    pub enable_permissive_traffic_policy_mode: bool,
+    /// Traffic to destinations outside the mesh passes through.
+    pub enable_egress: bool,
+    /// Outbound ports not intercepted.
+    pub outbound_port_exclusion_list: Vec<u16>,
+    /// Outbound IP ranges not intercepted.
+    #[serde(rename = "outboundIPRangeExclusionList")]
+    pub outbound_ip_range_exclusion_list: Vec<String>,
+    /// Inbound ports not intercepted.
+    pub inbound_port_exclusion_list: Vec<u16>,
+}
+
+/// `certificate` settings of the MeshConfig.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct CertificateSpec {
+    /// Leaf validity, a Go duration such as `24h` or `90m`.
+    pub service_cert_validity_duration: String,
+}
+
+/// `sidecar` settings of the MeshConfig.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SidecarSpec {
+    /// Envoy's log level.
+    pub log_level: String,
+}
+
+/// config.openservicemesh.io/v1alpha2 MeshConfig (`osm-mesh-config`).
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[kube(
+    group = "config.openservicemesh.io",
+    version = "v1alpha2",
+    kind = "MeshConfig",
+    namespaced,
+    schema = "disabled"
+)]
+#[serde(rename_all = "camelCase", default)]
+pub struct MeshConfigSpec {
+    /// Traffic policy switches.
+    pub traffic: TrafficSpec,
+    /// Certificate settings.
+    pub certificate: CertificateSpec,
+    /// Sidecar settings.
+    pub sidecar: SidecarSpec,
+    /// Observability settings (kept as given).
+    pub observability: serde_json::Value,
+    /// Feature flags (kept as given).
+    pub feature_flags: serde_json::Value,
+}
+
+/// policy.openservicemesh.io/v1alpha1 Egress (read and kept; not compiled yet).
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[kube(
+    group = "policy.openservicemesh.io",
+    version = "v1alpha1",
+    kind = "Egress",
+    namespaced,
+    schema = "disabled"
+)]
+pub struct EgressSpec(pub serde_json::Value);
+
+/// policy.openservicemesh.io/v1alpha1 IngressBackend (read and kept; not compiled yet).
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[kube(
+    group = "policy.openservicemesh.io",
+    version = "v1alpha1",
+    kind = "IngressBackend",
+    namespaced,
+    schema = "disabled"
+)]
+pub struct IngressBackendSpec(pub serde_json::Value);
+
+/// policy.openservicemesh.io/v1alpha1 Retry (read and kept; not compiled yet).
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[kube(
+    group = "policy.openservicemesh.io",
+    version = "v1alpha1",
+    kind = "Retry",
+    namespaced,
+    schema = "disabled"
+)]
+pub struct RetrySpec(pub serde_json::Value);
+
+/// policy.openservicemesh.io/v1alpha1 UpstreamTrafficSetting (read and kept; not compiled yet).
+#[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[kube(
+    group = "policy.openservicemesh.io",
+    version = "v1alpha1",
+    kind = "UpstreamTrafficSetting",
+    namespaced,
+    schema = "disabled"
+)]
+pub struct UpstreamTrafficSettingSpec(pub serde_json::Value);
+
+/// Any object the sources read.
+#[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum Object {
+    /// core/v1 Namespace.
+    Namespace(Namespace),
+    /// core/v1 Service.
+    Service(Service),
+    /// core/v1 Endpoints (used when a service has no EndpointSlice).
+    Endpoints(Endpoints),
+    /// discovery.k8s.io/v1 EndpointSlice.
+    EndpointSlice(EndpointSlice),
+    /// core/v1 Pod.
+    Pod(Pod),
+    /// core/v1 ServiceAccount.
+    ServiceAccount(ServiceAccount),
+    /// SMI TrafficTarget.
+    TrafficTarget(TrafficTarget),
+    /// SMI HTTPRouteGroup.
+    HttpRouteGroup(HTTPRouteGroup),
+    /// SMI TCPRoute.
+    TcpRoute(TCPRoute),
+    /// SMI TrafficSplit.
+    TrafficSplit(TrafficSplit),
+    /// OSM MeshConfig.
+    MeshConfig(MeshConfig),
+    /// OSM Egress.
+    Egress(Egress),
+    /// OSM IngressBackend.
+    IngressBackend(IngressBackend),
+    /// OSM Retry.
+    Retry(Retry),
+    /// OSM UpstreamTrafficSetting.
+    UpstreamTrafficSetting(UpstreamTrafficSetting),
+}
+
+/// Identifies an object: kind, namespace (empty if cluster-scoped), name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    /// The object's kind, as in its manifest.
+    pub kind: &'static str,
+    /// Its namespace; empty for cluster-scoped kinds.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// Why a manifest is not an object Trellis reads.
+#[derive(Debug, thiserror::Error)]
+pub enum KindError {
+    /// apiVersion/kind is not one Trellis reads (such objects are skipped).
+    #[error("{api_version} {kind} is not a kind Trellis reads")]
+    Unsupported {
+        /// The manifest's apiVersion.
+        api_version: String,
+        /// The manifest's kind.
+        kind: String,
+    },
+    /// The manifest has no name.
+    #[error("{kind} has no metadata.name")]
+    Unnamed {
+        /// The manifest's kind.
+        kind: String,
+    },
+    /// The manifest does not fit its kind's schema.
+    #[error("{kind} {name}: {source}")]
+    Invalid {
+        /// The manifest's kind.
+        kind: String,
+        /// Its name.
+        name: String,
+        /// Why it does not fit.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+macro_rules! kinds {
+    ($($api:literal, $kind:literal => $variant:ident($ty:ty),)*) => {
+        impl Object {
+            /// Reads one manifest (any `apiVersion`/`kind` Trellis knows).
+            pub fn from_manifest(value: serde_json::Value) -> Result<Object, KindError> {
+                let api_version = value["apiVersion"].as_str().unwrap_or_default().to_owned();
+                let kind = value["kind"].as_str().unwrap_or_default().to_owned();
+                let name = value["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+                match (api_version.as_str(), kind.as_str()) {
+                    $(($api, $kind) => {
+                        if name.is_empty() {
+                            return Err(KindError::Unnamed { kind });
+                        }
+                        serde_json::from_value::<$ty>(value)
+                            .map(Object::$variant)
+                            .map_err(|source| KindError::Invalid { kind, name, source })
+                    })*
+                    _ => Err(KindError::Unsupported { api_version, kind }),
+                }
+            }
+
+            /// The object's identity.
+            pub fn object_ref(&self) -> ObjectRef {
+                let (kind, meta) = match self {
+                    $(Object::$variant(o) => ($kind, &o.metadata),)*
+                };
+                ObjectRef {
+                    kind,
+                    namespace: meta.namespace.clone().unwrap_or_default(),
+                    name: meta.name.clone().unwrap_or_default(),
+                }
+            }
+        }
+    };
+}
+
+kinds! {
+    "v1", "Namespace" => Namespace(Namespace),
+    "v1", "Service" => Service(Service),
+    "v1", "Endpoints" => Endpoints(Endpoints),
+    "discovery.k8s.io/v1", "EndpointSlice" => EndpointSlice(EndpointSlice),
+    "v1", "Pod" => Pod(Pod),
+    "v1", "ServiceAccount" => ServiceAccount(ServiceAccount),
+    "access.smi-spec.io/v1alpha3", "TrafficTarget" => TrafficTarget(TrafficTarget),
+    "specs.smi-spec.io/v1alpha4", "HTTPRouteGroup" => HttpRouteGroup(HTTPRouteGroup),
+    "specs.smi-spec.io/v1alpha4", "TCPRoute" => TcpRoute(TCPRoute),
+    "split.smi-spec.io/v1alpha2", "TrafficSplit" => TrafficSplit(TrafficSplit),
+    "config.openservicemesh.io/v1alpha2", "MeshConfig" => MeshConfig(MeshConfig),
+    "policy.openservicemesh.io/v1alpha1", "Egress" => Egress(Egress),
+    "policy.openservicemesh.io/v1alpha1", "IngressBackend" => IngressBackend(IngressBackend),
+    "policy.openservicemesh.io/v1alpha1", "Retry" => Retry(Retry),
+    "policy.openservicemesh.io/v1alpha1", "UpstreamTrafficSetting" => UpstreamTrafficSetting(UpstreamTrafficSetting),
+}

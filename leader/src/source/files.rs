@@ -1,0 +1,234 @@
+//! A directory of Kubernetes manifests (`*.yaml`, `*.yml`, `*.json`,
+//! multi-document files allowed, subdirectories included), watched.
+//!
+//! Any change under the directory triggers a rescan; only files whose bytes
+//! changed are parsed again. A file that no longer parses keeps its last
+//! good objects (bad input never takes good config down) and is reported;
+//! a deleted file's objects are deleted.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::{Change, Source, SourceError, SourceUpdate};
+use crate::{
+    catalog::Problem,
+    kinds::{KindError, Object, ObjectRef},
+};
+
+/// Reads and watches a directory of manifests.
+#[derive(Debug)]
+pub struct FileSource {
+    root: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+}
+
+#[derive(Debug, Default)]
+struct FileState {
+    hash: u64,
+    objects: BTreeMap<ObjectRef, Object>,
+    problems: Vec<Problem>,
+}
+
+impl FileSource {
+    /// A source over `root`.
+    pub fn new(root: impl Into<PathBuf>) -> FileSource {
+        FileSource {
+            root: root.into(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    /// Rescans the directory; returns the changes since the last scan, and
+    /// the problems of every file now.
+    pub fn scan(&mut self) -> Result<SourceUpdate, SourceError> {
+        let mut touched: BTreeSet<ObjectRef> = BTreeSet::new();
+        let mut seen = BTreeSet::new();
+        for path in manifest_files(&self.root)? {
+            let bytes = std::fs::read(&path).map_err(|source| SourceError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let hash = xxhash_rust::xxh3::xxh3_64(&bytes);
+            seen.insert(path.clone());
+            let state = self.files.entry(path.clone()).or_default();
+            if state.hash == hash && hash != 0 {
+                continue;
+            }
+            state.hash = hash;
+            let shown = path
+                .strip_prefix(&self.root)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            match parse(&shown, &bytes) {
+                Ok((objects, problems)) => {
+                    touched.extend(state.objects.keys().cloned());
+                    touched.extend(objects.keys().cloned());
+                    state.objects = objects;
+                    state.problems = problems;
+                }
+                Err(problem) => {
+                    warn!(file = %shown, reason = %problem.reason, "keeping the file's last good objects");
+                    state.problems = vec![problem];
+                }
+            }
+        }
+        for (_, gone) in self.files.iter().filter(|(path, _)| !seen.contains(*path)) {
+            touched.extend(gone.objects.keys().cloned());
+        }
+        self.files.retain(|path, _| seen.contains(path));
+        // Each touched object is now whatever the last file defining it says,
+        // or deleted if no file does.
+        let changes = touched
+            .into_iter()
+            .map(
+                |r| match self.files.values().rev().find_map(|f| f.objects.get(&r)) {
+                    Some(object) => Change::Apply(Box::new(object.clone())),
+                    None => Change::Delete(r),
+                },
+            )
+            .collect();
+        Ok(SourceUpdate {
+            changes,
+            problems: self.problems(),
+        })
+    }
+
+    fn problems(&self) -> Vec<Problem> {
+        let mut problems: Vec<Problem> = self
+            .files
+            .values()
+            .flat_map(|s| s.problems.iter().cloned())
+            .collect();
+        let mut owners: BTreeMap<&ObjectRef, Vec<String>> = BTreeMap::new();
+        for (path, state) in &self.files {
+            for r in state.objects.keys() {
+                let file = path
+                    .strip_prefix(&self.root)
+                    .unwrap_or(path)
+                    .display()
+                    .to_string();
+                owners.entry(r).or_default().push(file);
+            }
+        }
+        for (r, files) in owners.into_iter().filter(|(_, f)| f.len() > 1) {
+            problems.push(Problem {
+                object: r.to_string(),
+                reason: format!(
+                    "defined in several files ({}); the last one applies",
+                    files.join(", ")
+                ),
+            });
+        }
+        problems.sort();
+        problems
+    }
+}
+
+impl Source for FileSource {
+    async fn run(mut self, updates: mpsc::Sender<SourceUpdate>) -> Result<(), SourceError> {
+        let (wake, mut woken) = mpsc::channel::<()>(1);
+        let root = self.root.display().to_string();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if event.is_ok() {
+                    // A full channel already holds a pending rescan.
+                    let _ = wake.try_send(());
+                }
+            })
+            .map_err(|source| SourceError::Watch {
+                path: root.clone(),
+                source,
+            })?;
+        watcher
+            .watch(&self.root, RecursiveMode::Recursive)
+            .map_err(|source| SourceError::Watch { path: root, source })?;
+        let first = self.scan()?;
+        info!(dir = %self.root.display(), objects = first.changes.len(), "manifests read");
+        if updates.send(first).await.is_err() {
+            return Ok(());
+        }
+        while woken.recv().await.is_some() {
+            // Editors write in several steps; let them finish.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            while woken.try_recv().is_ok() {}
+            let update = self.scan()?;
+            if update.changes.is_empty() {
+                debug!("rescan found no change");
+            }
+            if updates.send(update).await.is_err() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn manifest_files(root: &Path) -> Result<Vec<PathBuf>, SourceError> {
+    let mut files = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let entries = std::fs::read_dir(&dir).map_err(|source| SourceError::Read {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with('.') {
+                continue;
+            }
+            if path.is_dir() {
+                dirs.push(path);
+            } else if matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            ) {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Parses one file. `Err` when the file as a whole is unreadable YAML; else
+/// its objects and the documents it had to skip.
+fn parse(file: &str, bytes: &[u8]) -> Result<(BTreeMap<ObjectRef, Object>, Vec<Problem>), Problem> {
+    let text = std::str::from_utf8(bytes).map_err(|e| Problem {
+        object: file.to_owned(),
+        reason: format!("not UTF-8: {e}"),
+    })?;
+    let documents: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(text).map_err(|e| Problem {
+            object: file.to_owned(),
+            reason: format!("YAML does not parse: {e}"),
+        })?;
+    let mut objects = BTreeMap::new();
+    let mut problems = Vec::new();
+    for (index, document) in documents.into_iter().enumerate() {
+        if document.is_null() {
+            continue;
+        }
+        match Object::from_manifest(document) {
+            Ok(object) => {
+                objects.insert(object.object_ref(), object);
+            }
+            Err(KindError::Unsupported { api_version, kind }) => {
+                debug!(%file, document = index + 1, %api_version, %kind, "not a kind Trellis reads");
+            }
+            Err(error) => problems.push(Problem {
+                object: format!("{file} (document {})", index + 1),
+                reason: error.to_string(),
+            }),
+        }
+    }
+    Ok((objects, problems))
+}
