@@ -39,12 +39,8 @@ async fn setup(
         connect_timeout_ms: 1000,
     };
     mesh.publish(&edge.store);
-    let envoy = Envoy::start(
-        &format!("node-{}-{}", label(api), mesh.listen_port),
-        edge.xds,
-        api,
-    )
-    .await?;
+    let node = format!("node-{}-{}", label(api), mesh.listen_port);
+    let envoy = Envoy::start(&node, support::CLASS, edge.xds, api).await?;
     let ingress = SocketAddr::from(([127, 0, 0, 1], mesh.listen_port));
     eventually(
         Duration::from_secs(30),

@@ -8,7 +8,7 @@ use std::{
 };
 
 use tokio::sync::{mpsc, watch};
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 use trellis_shared::{Epoch, Snapshot, SnapshotError};
 
 use crate::{
@@ -115,8 +115,9 @@ impl Pipeline {
         self.source_problems = update.problems;
     }
 
-    /// Compiles the objects held now into the next snapshot.
-    pub fn compile(&mut self) -> Result<Snapshot, SnapshotError> {
+    /// Compiles the objects held now into the next snapshot; `None` when the
+    /// result is what is already served.
+    pub fn compile(&mut self) -> Result<Option<Snapshot>, SnapshotError> {
         let catalog = catalog::build(&self.objects, &self.config.mesh);
         let mut compiled = self.compiler.compile(&catalog);
         compiled
@@ -138,7 +139,12 @@ impl Pipeline {
                 builder.remove(scope, type_url, name);
             }
         }
-        let snapshot = builder.build()?;
+        let changed = builder.has_changes();
+        let snapshot = if changed {
+            builder.build()?
+        } else {
+            self.snapshot.clone()
+        };
         self.report(&compiled);
         self.status.send_replace(Arc::new(Status {
             epoch: snapshot.epoch(),
@@ -147,7 +153,7 @@ impl Pipeline {
         }));
         self.snapshot = snapshot.clone();
         self.compiled = Some(compiled);
-        Ok(snapshot)
+        Ok(changed.then_some(snapshot))
     }
 
     /// Logs problems that appeared and those that went away.
@@ -185,7 +191,8 @@ impl Pipeline {
             let span = info_span!("compile", objects = self.objects.len());
             let result = async { self.compile() }.instrument(span).await;
             match result {
-                Ok(snapshot) => {
+                Ok(None) => debug!("compiled; nothing changed"),
+                Ok(Some(snapshot)) => {
                     info!(
                         epoch = snapshot.epoch(),
                         classes = self.compiled.as_ref().map_or(0, |c| c.classes.len()),

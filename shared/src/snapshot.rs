@@ -378,6 +378,12 @@ impl SnapshotBuilder {
             })
     }
 
+    /// Whether anything was put or removed that the parent did not already
+    /// hold; a builder without changes need not be built.
+    pub fn has_changes(&self) -> bool {
+        !self.touched_scopes.is_empty() || !self.touched_classes.is_empty()
+    }
+
     /// Validates the classes this builder touched (every reference must
     /// exist) and stamps the changes with the new epoch.
     pub fn build(mut self) -> Result<Snapshot, SnapshotError> {

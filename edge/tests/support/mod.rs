@@ -480,10 +480,14 @@ pub enum Api {
 }
 
 impl Envoy {
-    /// Starts Envoy as node `node` of class `test` against the xDS server at
-    /// `xds`, and waits for its admin endpoint.
-    pub async fn start(node: &str, xds: SocketAddr, api: Api) -> Result<Envoy> {
-        let dir = std::env::temp_dir().join(format!("trellis-envoy-{}-{node}", std::process::id()));
+    /// Starts Envoy as node `node` of class `class` against the xDS server
+    /// at `xds`, and waits for its admin endpoint.
+    pub async fn start(node: &str, class: &str, xds: SocketAddr, api: Api) -> Result<Envoy> {
+        let dir = std::env::temp_dir().join(format!(
+            "trellis-envoy-{}-{}",
+            std::process::id(),
+            node.replace('/', "_")
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let api_type = match api {
@@ -492,7 +496,7 @@ impl Envoy {
         };
         let bootstrap = format!(
             r#"
-node: {{ id: "{node}", cluster: "{CLASS}" }}
+node: {{ id: "{node}", cluster: "{class}" }}
 dynamic_resources:
   ads_config:
     api_type: {api_type}

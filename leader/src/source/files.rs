@@ -138,7 +138,10 @@ impl Source for FileSource {
         let root = self.root.display().to_string();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if event.is_ok() {
+                // Reading the files raises access events; only changes matter.
+                let changed = event
+                    .is_ok_and(|e| e.kind.is_create() || e.kind.is_modify() || e.kind.is_remove());
+                if changed {
                     // A full channel already holds a pending rescan.
                     let _ = wake.try_send(());
                 }

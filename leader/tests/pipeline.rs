@@ -1,0 +1,154 @@
+//! The leader in-process: the file source and the pipeline feed an edge, and
+//! a real Envoy of one class receives that class's configuration and follows
+//! edits to the manifests.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "../../edge/tests/support/mod.rs"]
+mod support;
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use support::{eventually, Api, Envoy, TestEdge};
+use tokio::sync::mpsc;
+use trellis_edge::EdgeConfig;
+use trellis_leader::{
+    ca::BuiltinCa,
+    compile::Compiler,
+    pipeline::{Pipeline, PipelineConfig, Status},
+    source::{files::FileSource, Source},
+};
+
+fn copy_example(to: &Path) {
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bookstore");
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+async fn wait_for_status(
+    status: &mut tokio::sync::watch::Receiver<Arc<Status>>,
+    what: &str,
+    done: impl Fn(&Status) -> bool,
+) -> Arc<Status> {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let now = status.borrow_and_update().clone();
+            if done(&now) {
+                return now;
+            }
+            status.changed().await.unwrap();
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_gets_its_class_from_the_in_process_leader_and_follows_edits() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("trellis-pipeline-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_example(&dir);
+
+    let edge = TestEdge::start(EdgeConfig::default()).await;
+    let config = PipelineConfig {
+        quiet: Duration::from_millis(50),
+        ..PipelineConfig::default()
+    };
+    let pipeline = Pipeline::new(config, Compiler::new(Box::new(BuiltinCa::generate()?)));
+    let mut status = pipeline.status();
+    let (updates, received) = mpsc::channel(16);
+    tokio::spawn(FileSource::new(&dir).run(updates));
+    tokio::spawn(pipeline.run(received, edge.store.clone()));
+
+    let first = wait_for_status(&mut status, "the first compile", |s| s.epoch > 0).await;
+    assert!(first.problems.is_empty(), "{:?}", first.problems);
+    // Reading the manifests must not look like editing them.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        status.borrow().epoch,
+        first.epoch,
+        "republished without any edit"
+    );
+    let class = first
+        .classes
+        .iter()
+        .find(|(_, c)| c.pods.contains(&"bookbuyer/bookbuyer-0".to_owned()))
+        .map(|(id, _)| id.clone())
+        .context("no bookbuyer class")?;
+
+    // The whole class warms: listener, clusters, endpoints and secrets.
+    let envoy = Envoy::start("bookbuyer-0", &class, edge.xds, Api::Delta).await?;
+    eventually(
+        Duration::from_secs(20),
+        "bookbuyer's listener and clusters to warm",
+        || async {
+            envoy.stat("listener_manager.total_listeners_active").await == 1
+                && envoy.stat("cluster_manager.active_clusters").await == 3
+                && envoy.stat("cluster_manager.warming_clusters").await == 0
+        },
+    )
+    .await
+    .with_context(|| envoy.log())?;
+    assert_eq!(envoy.stat("listener_manager.lds.update_rejected").await, 0);
+    assert_eq!(envoy.stat("cluster_manager.cds.update_rejected").await, 0);
+
+    // A broken edit is reported and changes nothing Envoy holds.
+    let policies = dir.join("policies.yaml");
+    let good = std::fs::read_to_string(&policies)?;
+    std::fs::write(&policies, "kind: [this is not yaml\n")?;
+    let broken = wait_for_status(&mut status, "the parse error", |s| {
+        s.problems.iter().any(|p| p.object == "policies.yaml")
+    })
+    .await;
+    assert!(broken.classes.contains_key(&class));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        envoy.stat("listener_manager.total_listeners_active").await,
+        1
+    );
+
+    // Without its TrafficTarget, bookbuyer has no outbound listener at all.
+    let without_target = good
+        .replace(
+            "kind: TrafficTarget\nmetadata: { name: bookstore,",
+            "kind: TrafficTarget\nmetadata: { name: bookstore-gone,",
+        )
+        .replace(
+            "- { kind: ServiceAccount, name: bookbuyer, namespace: bookbuyer }",
+            "- { kind: ServiceAccount, name: nobody, namespace: bookbuyer }",
+        );
+    std::fs::write(&policies, without_target)?;
+    wait_for_status(&mut status, "the edit to compile", |s| {
+        s.problems.is_empty() && s.epoch > broken.epoch
+    })
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "bookbuyer's listener to go",
+        || async { envoy.stat("listener_manager.listener_removed").await >= 1 },
+    )
+    .await
+    .with_context(|| envoy.log())?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn compiling_unchanged_input_publishes_nothing() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bookstore");
+    let mut pipeline = Pipeline::new(
+        PipelineConfig::default(),
+        Compiler::new(Box::new(BuiltinCa::generate().unwrap())),
+    );
+    pipeline.apply(FileSource::new(&example).scan().unwrap());
+    let first = pipeline.compile().unwrap().expect("a first snapshot");
+    assert_eq!(first.epoch(), 1);
+    assert!(
+        pipeline.compile().unwrap().is_none(),
+        "same input, same resources: nothing to publish"
+    );
+}
