@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-pub use self::build::build;
+pub use self::build::{build, rebuild_service};
 pub use self::policy::{HttpRule, Split, Target, TcpRule};
 use crate::kinds::ObjectRef;
 

@@ -21,7 +21,10 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::{
     ca::{CaError, CertificateIssuer, IssuedCert},
-    catalog::{Catalog, HttpRule, Identity, MeshService, Problem, ServiceKey, ServicePort},
+    catalog::{
+        Catalog, Endpoint, HttpRule, Identity, MeshService, Problem, ServiceKey, ServicePort,
+        Target,
+    },
 };
 
 /// Where a compiled resource goes: scope, type URL, name.
@@ -76,6 +79,47 @@ pub struct Compiled {
     pub classes: BTreeMap<String, ClassSummary>,
     /// Objects skipped, by the catalog or the compiler.
     pub problems: Vec<Problem>,
+    /// Every endpoint assignment, by the service it is compiled from, so an
+    /// endpoint change recompiles exactly those.
+    pub assignments: BTreeMap<ServiceKey, BTreeMap<ResourceKey, Assignment>>,
+}
+
+/// How one endpoint assignment is compiled: which service, which port, and
+/// which identities' endpoints it shows (`None`: all).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assignment {
+    /// Where it is stored.
+    pub key: ResourceKey,
+    /// The service whose endpoints it lists.
+    pub service: ServiceKey,
+    /// The port of those endpoints.
+    pub target_port: u16,
+    /// Only endpoints of these identities; `None` for all.
+    pub visible_to: Option<BTreeSet<Identity>>,
+}
+
+impl Assignment {
+    /// The endpoints of `service` this assignment shows.
+    fn visible<'s>(&self, service: &'s MeshService) -> Vec<&'s Endpoint> {
+        service
+            .endpoints
+            .iter()
+            .filter(|e| {
+                self.visible_to
+                    .as_ref()
+                    .is_none_or(|a| e.identity.as_ref().is_some_and(|i| a.contains(i)))
+            })
+            .collect()
+    }
+
+    /// Encodes this assignment from `service`'s current endpoints.
+    pub fn compile(&self, service: &MeshService) -> Result<Resource, EncodeError> {
+        let visible = self.visible(service);
+        Resource::encode(
+            type_url::ENDPOINT,
+            &clusters::assignment(&self.service, self.target_port, &visible),
+        )
+    }
 }
 
 /// Why a class could not be compiled (it is skipped; others are not).
@@ -133,8 +177,17 @@ impl Compiler {
         for (key, pods) in classes {
             let id = key.id();
             match self.compile_class(catalog, &access, &key, &id) {
-                Ok(resources) => {
+                Ok(ClassResources {
+                    resources,
+                    assignments,
+                }) => {
                     out.resources.extend(resources);
+                    for assignment in assignments {
+                        out.assignments
+                            .entry(assignment.service.clone())
+                            .or_default()
+                            .insert(assignment.key.clone(), assignment);
+                    }
                     out.classes.insert(id, ClassSummary { key, pods });
                 }
                 Err(error) => out.problems.push(Problem {
@@ -165,7 +218,7 @@ impl Compiler {
         access: &Access<'_>,
         key: &ClassKey,
         id: &str,
-    ) -> Result<Vec<(ResourceKey, Resource)>, ClassError> {
+    ) -> Result<ClassResources, ClassError> {
         let identity = &key.identity;
         let trust_domain = &catalog.mesh.trust_domain;
         let mut class = ClassOutput::new(id);
@@ -175,7 +228,7 @@ impl Compiler {
         let mut chains = Vec::new();
         let mut outbound_hosts: BTreeMap<u16, Vec<_>> = BTreeMap::new();
         let mut upstreams: BTreeMap<String, (&MeshService, &ServicePort)> = BTreeMap::new();
-        for service in catalog.services.values() {
+        for service in access.candidates(allowed.as_ref()) {
             for port in &service.ports {
                 let targets = backends(catalog, allowed.as_ref(), service, port);
                 if targets.is_empty() {
@@ -243,22 +296,29 @@ impl Compiler {
             class.need(type_url::SECRET, &names::service_cert(identity));
             // Endpoints: shared per service unless SMI hides some of them
             // from this caller, then per (service, visible identities).
-            let visible: Vec<_> = service
-                .endpoints
-                .iter()
-                .filter(|e| {
-                    allowed
-                        .as_ref()
-                        .is_none_or(|a| e.identity.as_ref().is_some_and(|i| a.contains(i)))
-                })
-                .collect();
-            let scope = if visible.len() == service.endpoints.len() {
-                Scope::Service(service.key.to_string().into())
-            } else {
-                Scope::Service(format!("{}#{:08x}", service.key, visible_hash(&visible)).into())
+            let mut assignment = Assignment {
+                key: (
+                    Scope::Service(service.key.to_string().into()),
+                    type_url::ENDPOINT,
+                    name.clone(),
+                ),
+                service: service.key.clone(),
+                target_port: port.target_port,
+                visible_to: allowed.clone(),
             };
-            let assignment = clusters::assignment(&service.key, port.target_port, &visible);
-            class.reference(scope, type_url::ENDPOINT, name, &assignment)?;
+            let visible = assignment.visible(service);
+            if visible.len() != service.endpoints.len() {
+                let variant = format!("{}#{:08x}", service.key, visible_hash(&visible));
+                assignment.key.0 = Scope::Service(variant.into());
+            }
+            let resource = assignment.compile(service)?;
+            class.reference_encoded(
+                assignment.key.0.clone(),
+                type_url::ENDPOINT,
+                name,
+                resource,
+            )?;
+            class.assignments.push(assignment);
             let secret = secrets::outbound_root(
                 &service.key,
                 &roots,
@@ -423,14 +483,48 @@ fn backends<'a>(
     }
 }
 
-/// Who may talk to whom, from the TrafficTargets.
+/// Who may talk to whom, from the TrafficTargets, indexed so that a class
+/// visits only what it can reach.
 struct Access<'a> {
     catalog: &'a Catalog,
+    backed_by: HashMap<&'a Identity, Vec<&'a MeshService>>,
+    roots_of: HashMap<&'a ServiceKey, Vec<&'a ServiceKey>>,
+    by_source: HashMap<&'a Identity, Vec<&'a Target>>,
+    by_destination: HashMap<&'a Identity, Vec<&'a Target>>,
 }
 
 impl<'a> Access<'a> {
     fn new(catalog: &'a Catalog) -> Self {
-        Access { catalog }
+        let mut backed_by: HashMap<&Identity, Vec<&MeshService>> = HashMap::new();
+        for service in catalog.services.values() {
+            for identity in service.identities() {
+                backed_by.entry(identity).or_default().push(service);
+            }
+        }
+        let mut roots_of: HashMap<&ServiceKey, Vec<&ServiceKey>> = HashMap::new();
+        for split in catalog.splits.values() {
+            for (backend, _) in &split.backends {
+                roots_of.entry(backend).or_default().push(&split.root);
+            }
+        }
+        let mut by_source: HashMap<&Identity, Vec<&Target>> = HashMap::new();
+        let mut by_destination: HashMap<&Identity, Vec<&Target>> = HashMap::new();
+        for target in &catalog.targets {
+            by_destination
+                .entry(&target.destination)
+                .or_default()
+                .push(target);
+            for source in &target.sources {
+                by_source.entry(source).or_default().push(target);
+            }
+        }
+        Access {
+            catalog,
+            backed_by,
+            roots_of,
+            by_source,
+            by_destination,
+        }
     }
 
     /// The identities `source` may reach; `None` means every identity
@@ -439,25 +533,44 @@ impl<'a> Access<'a> {
         if self.catalog.mesh.permissive {
             return None;
         }
-        Some(
-            self.catalog
-                .targets
-                .iter()
-                .filter(|t| t.sources.contains(source))
-                .map(|t| t.destination.clone())
-                .collect(),
-        )
+        let targets = self.by_source.get(source).into_iter().flatten();
+        Some(targets.map(|t| t.destination.clone()).collect())
+    }
+
+    /// Services a caller allowed to reach `allowed` may have chains to, in
+    /// key order: those backed by an allowed identity, and the split roots
+    /// in front of them.
+    fn candidates(&self, allowed: Option<&BTreeSet<Identity>>) -> Vec<&'a MeshService> {
+        let Some(allowed) = allowed else {
+            return self.catalog.services.values().collect();
+        };
+        let mut found: BTreeMap<&ServiceKey, &MeshService> = BTreeMap::new();
+        for service in allowed
+            .iter()
+            .flat_map(|i| self.backed_by.get(i).into_iter().flatten())
+        {
+            found.insert(&service.key, service);
+            for root in self.roots_of.get(&service.key).into_iter().flatten() {
+                if let Some(root) = self.catalog.services.get(*root) {
+                    found.insert(&root.key, root);
+                }
+            }
+        }
+        found.into_values().collect()
+    }
+
+    fn targets_to(&self, destination: &Identity) -> impl Iterator<Item = &'a Target> + '_ {
+        self.by_destination
+            .get(destination)
+            .into_iter()
+            .flatten()
+            .copied()
     }
 
     /// For traffic to `destination`: each allowed HTTP match and who may use it.
     fn inbound_http(&self, destination: &Identity) -> BTreeMap<HttpRule, BTreeSet<Identity>> {
         let mut rules: BTreeMap<HttpRule, BTreeSet<Identity>> = BTreeMap::new();
-        for target in self
-            .catalog
-            .targets
-            .iter()
-            .filter(|t| &t.destination == destination)
-        {
+        for target in self.targets_to(destination) {
             for rule in &target.http {
                 rules
                     .entry(rule.clone())
@@ -470,10 +583,7 @@ impl<'a> Access<'a> {
 
     /// Who may open TCP connections to `destination` on `port`.
     fn inbound_tcp(&self, destination: &Identity, port: &ServicePort) -> BTreeSet<Identity> {
-        self.catalog
-            .targets
-            .iter()
-            .filter(|t| &t.destination == destination)
+        self.targets_to(destination)
             .filter(|t| {
                 t.tcp.iter().any(|r| {
                     r.ports.is_empty()
@@ -486,6 +596,12 @@ impl<'a> Access<'a> {
     }
 }
 
+/// What compiling one class produced.
+struct ClassResources {
+    resources: Vec<(ResourceKey, Resource)>,
+    assignments: Vec<Assignment>,
+}
+
 /// One class's resources as they are produced, and its references checked.
 struct ClassOutput {
     id: String,
@@ -494,6 +610,7 @@ struct ClassOutput {
     manifest: ClassManifest,
     provided: BTreeSet<(&'static str, String)>,
     needed: BTreeSet<(&'static str, String)>,
+    assignments: Vec<Assignment>,
 }
 
 impl ClassOutput {
@@ -505,6 +622,7 @@ impl ClassOutput {
             manifest: ClassManifest::default(),
             provided: BTreeSet::new(),
             needed: BTreeSet::new(),
+            assignments: Vec::new(),
         }
     }
 
@@ -526,10 +644,23 @@ impl ClassOutput {
         name: &str,
         message: &M,
     ) -> Result<(), ClassError> {
+        if self.provided.contains(&(type_url, name.to_owned())) {
+            return Ok(());
+        }
+        self.reference_encoded(scope, type_url, name, Resource::encode(type_url, message)?)
+    }
+
+    /// Like `reference`, for a resource already encoded.
+    fn reference_encoded(
+        &mut self,
+        scope: Scope,
+        type_url: &'static str,
+        name: &str,
+        resource: Resource,
+    ) -> Result<(), ClassError> {
         if !self.provided.insert((type_url, name.to_owned())) {
             return Ok(());
         }
-        let resource = Resource::encode(type_url, message)?;
         self.manifest.insert(scope.clone(), type_url, name)?;
         self.resources
             .push(((scope, type_url, name.to_owned()), resource));
@@ -540,7 +671,7 @@ impl ClassOutput {
         self.needed.insert((type_url, name.to_owned()));
     }
 
-    fn finish(mut self) -> Result<Vec<(ResourceKey, Resource)>, ClassError> {
+    fn finish(mut self) -> Result<ClassResources, ClassError> {
         // Every TLS context refers to these secrets; clusters to endpoints.
         if let Some((type_url, name)) = self.needed.difference(&self.provided).next() {
             return Err(ClassError::Dangling(type_url, name.clone()));
@@ -550,6 +681,9 @@ impl ClassOutput {
             (self.scope.clone(), type_url::PROXY_CLASS, self.id.clone()),
             manifest,
         ));
-        Ok(self.resources)
+        Ok(ClassResources {
+            resources: self.resources,
+            assignments: self.assignments,
+        })
     }
 }

@@ -9,10 +9,10 @@ use std::{
 
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, info_span, warn, Instrument};
-use trellis_shared::{Epoch, Snapshot, SnapshotError};
+use trellis_shared::{Epoch, Snapshot, SnapshotBuilder, SnapshotError};
 
 use crate::{
-    catalog::{self, Problem},
+    catalog::{self, Catalog, Problem, ServiceKey},
     compile::{ClassSummary, Compiled, Compiler},
     kinds::{Object, ObjectRef},
     source::{Change, SourceUpdate},
@@ -69,8 +69,41 @@ pub struct Pipeline {
     objects: BTreeMap<ObjectRef, Object>,
     source_problems: Vec<Problem>,
     compiled: Option<Compiled>,
+    catalog: Option<Catalog>,
+    /// What changed since the last compile.
+    pending: Pending,
     snapshot: Snapshot,
     status: watch::Sender<Arc<Status>>,
+}
+
+/// Changes since the last compile: endpoints of some services only, or
+/// anything else (which needs a full compile).
+#[derive(Debug, Default)]
+struct Pending {
+    full: bool,
+    endpoints_of: BTreeSet<ServiceKey>,
+}
+
+/// The service an EndpointSlice or Endpoints object belongs to; `None` for
+/// other kinds.
+fn endpoints_owner(object: &Object) -> Option<ServiceKey> {
+    let (namespace, name) = match object {
+        Object::EndpointSlice(slice) => (
+            slice.metadata.namespace.clone()?,
+            slice
+                .metadata
+                .labels
+                .as_ref()?
+                .get("kubernetes.io/service-name")?
+                .clone(),
+        ),
+        Object::Endpoints(endpoints) => (
+            endpoints.metadata.namespace.clone()?,
+            endpoints.metadata.name.clone()?,
+        ),
+        _ => return None,
+    };
+    Some(ServiceKey { namespace, name })
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -90,6 +123,11 @@ impl Pipeline {
             objects: BTreeMap::new(),
             source_problems: Vec::new(),
             compiled: None,
+            catalog: None,
+            pending: Pending {
+                full: true,
+                ..Pending::default()
+            },
             snapshot: Snapshot::empty(),
             status: watch::channel(Arc::new(Status::default())).0,
         }
@@ -103,21 +141,98 @@ impl Pipeline {
     /// Takes in one source update.
     pub fn apply(&mut self, update: SourceUpdate) {
         for change in update.changes {
-            match change {
-                Change::Apply(object) => {
-                    self.objects.insert(object.object_ref(), *object);
-                }
-                Change::Delete(r) => {
-                    self.objects.remove(&r);
-                }
+            let (r, object) = match change {
+                Change::Apply(object) => (object.object_ref(), Some(*object)),
+                Change::Delete(r) => (r, None),
+            };
+            let before = self.objects.get(&r).and_then(endpoints_owner);
+            let after = object.as_ref().and_then(endpoints_owner);
+            match (before, after) {
+                (None, None) => self.pending.full = true,
+                (before, after) => self
+                    .pending
+                    .endpoints_of
+                    .extend(before.into_iter().chain(after)),
             }
+            if r.kind != "EndpointSlice" && r.kind != "Endpoints" {
+                self.pending.full = true;
+            }
+            match object {
+                Some(object) => self.objects.insert(r, object),
+                None => self.objects.remove(&r),
+            };
+        }
+        if update.problems != self.source_problems {
+            self.pending.full = true;
         }
         self.source_problems = update.problems;
+    }
+
+    /// Endpoint-only changes: patch the catalog and recompile just the
+    /// affected endpoint assignments. `None` when the change turns out to
+    /// need a full compile (the identities behind a service changed, or its
+    /// ports did).
+    fn compile_endpoints(&mut self) -> Result<Option<SnapshotBuilder>, SnapshotError> {
+        let (Some(catalog), Some(compiled)) = (self.catalog.as_mut(), self.compiled.as_mut())
+        else {
+            return Ok(None);
+        };
+        let mut rebuilt = Vec::new();
+        for key in &self.pending.endpoints_of {
+            let Some(old) = catalog.services.get(key) else {
+                continue;
+            };
+            let Some(Ok(new)) = catalog::rebuild_service(&self.objects, key, &catalog.pods) else {
+                return Ok(None);
+            };
+            if new.ports != old.ports || new.identities() != old.identities() {
+                return Ok(None);
+            }
+            rebuilt.push(new);
+        }
+        let mut builder = self.snapshot.to_builder();
+        for service in rebuilt {
+            for assignment in compiled
+                .assignments
+                .get(&service.key)
+                .into_iter()
+                .flat_map(|a| a.values())
+            {
+                let Ok(resource) = assignment.compile(&service) else {
+                    return Ok(None);
+                };
+                let (scope, type_url, name) = &assignment.key;
+                builder.insert(scope.clone(), type_url, name, resource.clone())?;
+                compiled.resources.insert(assignment.key.clone(), resource);
+            }
+            catalog.services.insert(service.key.clone(), service);
+        }
+        Ok(Some(builder))
     }
 
     /// Compiles the objects held now into the next snapshot; `None` when the
     /// result is what is already served.
     pub fn compile(&mut self) -> Result<Option<Snapshot>, SnapshotError> {
+        let pending = std::mem::take(&mut self.pending);
+        if !pending.full {
+            self.pending = pending;
+            let fast = self.compile_endpoints();
+            let pending = std::mem::take(&mut self.pending);
+            match fast? {
+                Some(builder) if !builder.has_changes() => return Ok(None),
+                Some(builder) => {
+                    let snapshot = builder.build()?;
+                    self.snapshot = snapshot.clone();
+                    self.status
+                        .send_modify(|s| Arc::make_mut(s).epoch = snapshot.epoch());
+                    return Ok(Some(snapshot));
+                }
+                None => debug!(
+                    services = pending.endpoints_of.len(),
+                    "endpoint change needs a full compile"
+                ),
+            }
+        }
         let catalog = catalog::build(&self.objects, &self.config.mesh);
         let mut compiled = self.compiler.compile(&catalog);
         compiled
@@ -153,6 +268,7 @@ impl Pipeline {
         }));
         self.snapshot = snapshot.clone();
         self.compiled = Some(compiled);
+        self.catalog = Some(catalog);
         Ok(changed.then_some(snapshot))
     }
 

@@ -7,7 +7,7 @@
 #[path = "../../edge/tests/support/mod.rs"]
 mod support;
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use support::{eventually, Api, Envoy, TestEdge};
@@ -16,9 +16,11 @@ use trellis_edge::EdgeConfig;
 use trellis_leader::{
     ca::BuiltinCa,
     compile::Compiler,
+    kinds::{Object, ObjectRef},
     pipeline::{Pipeline, PipelineConfig, Status},
-    source::{files::FileSource, Source},
+    source::{files::FileSource, Change, Source, SourceUpdate},
 };
+use trellis_shared::{type_url, Scope, Snapshot};
 
 fn copy_example(to: &Path) {
     let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bookstore");
@@ -150,5 +152,144 @@ fn compiling_unchanged_input_publishes_nothing() {
     assert!(
         pipeline.compile().unwrap().is_none(),
         "same input, same resources: nothing to publish"
+    );
+}
+
+fn example_pipeline() -> (Pipeline, BTreeMap<ObjectRef, Object>, Snapshot) {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bookstore");
+    let mut pipeline = Pipeline::new(
+        PipelineConfig::default(),
+        Compiler::new(Box::new(BuiltinCa::generate().unwrap())),
+    );
+    let update = FileSource::new(&example).scan().unwrap();
+    let objects = update
+        .changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Apply(o) => Some((o.object_ref(), (**o).clone())),
+            Change::Delete(_) => None,
+        })
+        .collect();
+    pipeline.apply(update);
+    let first = pipeline.compile().unwrap().expect("a first snapshot");
+    (pipeline, objects, first)
+}
+
+/// bookstore-v1's EndpointSlice with these (ip, pod, pod namespace).
+fn v1_slice(endpoints: &[(&str, &str, &str)]) -> Object {
+    let endpoints: String = endpoints
+        .iter()
+        .map(|(ip, pod, ns)| {
+            format!("\n- {{ addresses: [\"{ip}\"], conditions: {{ ready: true }}, targetRef: {{ kind: Pod, name: {pod}, namespace: {ns} }} }}")
+        })
+        .collect();
+    let yaml = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{ name: bookstore-v1-slice, namespace: bookstore, labels: {{ kubernetes.io/service-name: bookstore-v1 }} }}\naddressType: IPv4\nports: [{{ name: http-bookstore-v1, port: 14001 }}]\nendpoints:{endpoints}\n"
+    );
+    Object::from_manifest(serde_saphyr::from_str(&yaml).unwrap()).unwrap()
+}
+
+fn apply(
+    pipeline: &mut Pipeline,
+    objects: &mut BTreeMap<ObjectRef, Object>,
+    object: Object,
+) -> Snapshot {
+    objects.insert(object.object_ref(), object.clone());
+    pipeline.apply(SourceUpdate {
+        changes: vec![Change::Apply(Box::new(object))],
+        problems: Vec::new(),
+    });
+    pipeline
+        .compile()
+        .unwrap()
+        .expect("the change is published")
+}
+
+/// What a fresh pipeline compiles from `objects`, and its classes.
+fn fully_compiled(objects: &BTreeMap<ObjectRef, Object>) -> (Snapshot, Arc<Status>) {
+    let mut fresh = Pipeline::new(
+        PipelineConfig::default(),
+        Compiler::new(Box::new(BuiltinCa::generate().unwrap())),
+    );
+    fresh.apply(SourceUpdate {
+        changes: objects
+            .values()
+            .map(|o| Change::Apply(Box::new(o.clone())))
+            .collect(),
+        problems: Vec::new(),
+    });
+    let snapshot = fresh.compile().unwrap().expect("a snapshot");
+    let status = fresh.status().borrow().clone();
+    (snapshot, status)
+}
+
+/// Versions of every endpoint assignment, by scope and name.
+fn assignments(snapshot: &Snapshot, status: &Status) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for class in status.classes.keys() {
+        let view = snapshot.class(class);
+        for (name, resource) in view.iter(type_url::ENDPOINT) {
+            out.insert(format!("{class} {name}"), resource.version().to_string());
+        }
+    }
+    out
+}
+
+const V1_ASSIGNMENT: &str = "bookstore/bookstore-v1|14001";
+
+#[test]
+fn an_endpoint_change_recompiles_only_that_services_assignments() {
+    let (mut pipeline, mut objects, first) = example_pipeline();
+    let classes_before = pipeline.status().borrow().classes.clone();
+
+    // bookstore-v1 moves to a new IP: same pod, same identity.
+    let moved = apply(
+        &mut pipeline,
+        &mut objects,
+        v1_slice(&[("10.0.3.11", "bookstore-v1-0", "bookstore")]),
+    );
+    let diff = moved.diff_from(&first);
+    let scopes: Vec<String> = diff.scopes.iter().map(|s| s.scope.to_string()).collect();
+    assert_eq!(scopes, ["service:bookstore/bookstore-v1"]);
+    assert_eq!(diff.scopes[0].types[0].changed.len(), 1);
+    assert_eq!(&*diff.scopes[0].types[0].changed[0], V1_ASSIGNMENT);
+
+    // Exactly what a full compile of the same objects gives.
+    let (full, full_status) = fully_compiled(&objects);
+    let status = pipeline.status().borrow().clone();
+    assert_eq!(
+        assignments(&moved, &status),
+        assignments(&full, &full_status)
+    );
+    assert_eq!(status.classes, classes_before);
+}
+
+#[test]
+fn an_endpoint_change_that_changes_identities_compiles_fully() {
+    let (mut pipeline, mut objects, _) = example_pipeline();
+    // Now a bookbuyer pod sits behind bookstore-v1: who backs it changed,
+    // so outbound secrets and reachability must be recompiled too.
+    let slice = v1_slice(&[
+        ("10.0.3.10", "bookstore-v1-0", "bookstore"),
+        ("10.0.1.10", "bookbuyer-0", "bookbuyer"),
+    ]);
+    let snapshot = apply(&mut pipeline, &mut objects, slice);
+    let (full, full_status) = fully_compiled(&objects);
+    let status = pipeline.status().borrow().clone();
+    assert_eq!(
+        assignments(&snapshot, &status),
+        assignments(&full, &full_status)
+    );
+    let secret = snapshot
+        .get(
+            &Scope::Service("bookstore/bookstore-v1".into()),
+            type_url::SECRET,
+            "root-cert-for-mtls-outbound:bookstore/bookstore-v1",
+        )
+        .expect("outbound root secret");
+    let text = String::from_utf8_lossy(secret.any());
+    assert!(
+        text.contains("bookbuyer.bookbuyer.cluster.local"),
+        "the new backing identity is trusted"
     );
 }

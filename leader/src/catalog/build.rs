@@ -137,6 +137,49 @@ pub fn build(objects: &BTreeMap<ObjectRef, Object>, mesh: &str) -> Catalog {
     }
 }
 
+/// Rebuilds one service from the objects, as [`build`] would: `None` if the
+/// Service object is gone, `Err` if it is invalid. Only the namespace's
+/// EndpointSlices are visited.
+pub fn rebuild_service(
+    objects: &BTreeMap<ObjectRef, Object>,
+    key: &ServiceKey,
+    pods: &BTreeMap<String, MeshPod>,
+) -> Option<Result<MeshService, String>> {
+    let object_ref = |kind: &'static str, name: &str| ObjectRef {
+        kind,
+        namespace: key.namespace.clone(),
+        name: name.to_owned(),
+    };
+    let Some(Object::Service(service)) = objects.get(&object_ref("Service", &key.name)) else {
+        return None;
+    };
+    let slices: Vec<&EndpointSlice> = objects
+        .range(object_ref("EndpointSlice", "")..)
+        .take_while(|(r, _)| r.kind == "EndpointSlice" && r.namespace == key.namespace)
+        .filter_map(|(_, o)| match o {
+            Object::EndpointSlice(slice) => Some(slice),
+            _ => None,
+        })
+        .filter(|slice| {
+            slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                == Some(&key.name)
+        })
+        .collect();
+    let found = if slices.is_empty() {
+        match objects.get(&object_ref("Endpoints", &key.name)) {
+            Some(Object::Endpoints(e)) => legacy_endpoints(e, &key.namespace, pods),
+            _ => (Vec::new(), BTreeMap::new()),
+        }
+    } else {
+        slice_endpoints(&slices, &key.namespace, pods)
+    };
+    Some(mesh_service(key.clone(), service, found.0, &found.1))
+}
+
 fn mesh_settings(
     objects: &BTreeMap<ObjectRef, Object>,
     problems: &mut Vec<Problem>,
