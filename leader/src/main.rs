@@ -1,7 +1,8 @@
 //! `trellis`: the Trellis control plane.
 //!
-//! * `trellis run`: leader and edge in one process, file source (default:
-//!   `examples/bookstore`), until Ctrl-C.
+//! * `trellis run`: leader and edge in one process, until Ctrl-C; the mesh
+//!   from a manifest directory (default `examples/bookstore`) or, with
+//!   `--source kube`, from the Kubernetes API.
 //! * `trellis check`: compile a manifest directory once; print its classes
 //!   and every object skipped, with the reason.
 
@@ -18,7 +19,7 @@ use trellis_leader::{
     ca::BuiltinCa,
     compile::Compiler,
     pipeline::{Pipeline, PipelineConfig, Status},
-    source::{files::FileSource, Source},
+    source::{files::FileSource, kube::KubeSource, Source},
 };
 
 #[derive(Parser)]
@@ -34,9 +35,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a leader and an edge in one process on a directory of manifests.
+    /// Run a leader and an edge in one process (file or Kubernetes source).
     Run {
-        /// Directory of Kubernetes YAML (watched).
+        /// Where the mesh is read from.
+        #[arg(long, value_enum, default_value = "files")]
+        source: SourceKind,
+        /// Directory of Kubernetes YAML (watched), for `--source files`.
         #[arg(long, default_value = "examples/bookstore")]
         dir: PathBuf,
         /// Address of the edge's xDS (ADS) server.
@@ -61,6 +65,15 @@ enum Command {
     },
 }
 
+/// Where `trellis run` reads the mesh from.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SourceKind {
+    /// A directory of manifests (`--dir`).
+    Files,
+    /// The Kubernetes API: in-cluster config, else the kubeconfig.
+    Kube,
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -71,11 +84,12 @@ async fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Run {
+            source,
             dir,
             xds,
             admin,
             mesh,
-        } => run(dir, xds, admin, mesh).await,
+        } => run(source, dir, xds, admin, mesh).await,
         Command::Check { dir, mesh } => check(dir, mesh),
     }
 }
@@ -125,8 +139,13 @@ fn print_classes(status: &Status) {
     }
 }
 
-async fn run(dir: PathBuf, xds: SocketAddr, admin: SocketAddr, mesh: String) -> Result<()> {
-    require_dir(&dir)?;
+async fn run(
+    kind: SourceKind,
+    dir: PathBuf,
+    xds: SocketAddr,
+    admin: SocketAddr,
+    mesh: String,
+) -> Result<()> {
     let edge = Edge::new(EdgeConfig::default());
     let store = edge.store().clone();
     let xds_listener = TcpListener::bind(xds)
@@ -138,7 +157,26 @@ async fn run(dir: PathBuf, xds: SocketAddr, admin: SocketAddr, mesh: String) -> 
     let pipeline = pipeline(mesh)?;
     let mut status = pipeline.status();
     let (updates, received) = mpsc::channel(64);
-    let source = tokio::spawn(FileSource::new(&dir).run(updates));
+    let (source, origin) = match kind {
+        SourceKind::Files => {
+            require_dir(&dir)?;
+            (
+                tokio::spawn(FileSource::new(&dir).run(updates)),
+                dir.display().to_string(),
+            )
+        }
+        SourceKind::Kube => {
+            // kube's error renders without its cause; its debug form says why.
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| anyhow::anyhow!("{e:?}"))
+                .context("connecting to Kubernetes (in-cluster config or kubeconfig)")?;
+            (
+                tokio::spawn(KubeSource::new(client).run(updates)),
+                "the Kubernetes API".to_owned(),
+            )
+        }
+    };
     tokio::spawn(pipeline.run(received, store));
 
     status
@@ -146,10 +184,7 @@ async fn run(dir: PathBuf, xds: SocketAddr, admin: SocketAddr, mesh: String) -> 
         .await
         .context("the pipeline stopped before compiling")?;
     let first = status.borrow_and_update().clone();
-    println!(
-        "Trellis is serving {} (leader and edge in one process)",
-        dir.display()
-    );
+    println!("Trellis is serving {origin} (leader and edge in one process)");
     println!("  xDS (ADS, Delta and SotW):  {xds}");
     println!(
         "  admin:                      http://{admin}/metrics  /healthz  /readyz  /debug/streams"
@@ -164,10 +199,7 @@ async fn run(dir: PathBuf, xds: SocketAddr, admin: SocketAddr, mesh: String) -> 
             bootstrap(class, xds)
         );
     }
-    println!(
-        "Edit files under {} to change the mesh; Ctrl-C to stop.",
-        dir.display()
-    );
+    println!("Change {origin} to change the mesh; Ctrl-C to stop.");
 
     let serve = edge.serve(xds_listener, admin_listener, async {
         let _ = tokio::signal::ctrl_c().await;
@@ -176,8 +208,8 @@ async fn run(dir: PathBuf, xds: SocketAddr, admin: SocketAddr, mesh: String) -> 
         result = serve => result.context("edge")?,
         result = source => match result {
             Ok(Ok(())) => {}
-            Ok(Err(error)) => bail!("file source stopped: {error}"),
-            Err(error) => bail!("file source panicked: {error}"),
+            Ok(Err(error)) => bail!("source stopped: {error}"),
+            Err(error) => bail!("source panicked: {error}"),
         },
     }
     Ok(())

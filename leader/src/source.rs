@@ -2,11 +2,13 @@
 //! same catalog.
 //!
 //! * [`files`]: a directory of Kubernetes YAML, watched.
+//! * [`kube`]: the Kubernetes API, through kube-rs watchers.
 //!
 //! A source sends [`SourceUpdate`]s: objects applied or deleted, and the
 //! source's own problems (input it could not read).
 
 pub mod files;
+pub mod kube;
 
 use std::future::Future;
 
