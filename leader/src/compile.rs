@@ -174,9 +174,10 @@ impl Compiler {
             classes.entry(key).or_default().push(pod.name.clone());
         }
         let access = Access::new(catalog);
+        let mut shared = Shared::default();
         for (key, pods) in classes {
             let id = key.id();
-            match self.compile_class(catalog, &access, &key, &id) {
+            match self.compile_class(catalog, &access, &mut shared, &key, &id) {
                 Ok(ClassResources {
                     resources,
                     assignments,
@@ -216,6 +217,7 @@ impl Compiler {
         &mut self,
         catalog: &Catalog,
         access: &Access<'_>,
+        shared: &mut Shared,
         key: &ClassKey,
         id: &str,
     ) -> Result<ClassResources, ClassError> {
@@ -311,7 +313,7 @@ impl Compiler {
                 let variant = format!("{}#{:08x}", service.key, visible_hash(&visible));
                 assignment.key.0 = Scope::Service(variant.into());
             }
-            let resource = assignment.compile(service)?;
+            let resource = shared.get_or_encode(&assignment.key, || assignment.compile(service))?;
             class.reference_encoded(
                 assignment.key.0.clone(),
                 type_url::ENDPOINT,
@@ -319,18 +321,18 @@ impl Compiler {
                 resource,
             )?;
             class.assignments.push(assignment);
-            let secret = secrets::outbound_root(
-                &service.key,
-                &roots,
-                service.identities().into_iter(),
-                trust_domain,
-            );
-            class.reference(
+            let secret_name = names::outbound_root(&service.key);
+            let secret_key = (
                 Scope::Service(service.key.to_string().into()),
                 type_url::SECRET,
-                &secret.name,
-                &secret,
-            )?;
+                secret_name.clone(),
+            );
+            let secret = shared.get_or_encode(&secret_key, || {
+                let backing = service.identities().into_iter();
+                let secret = secrets::outbound_root(&service.key, &roots, backing, trust_domain);
+                Resource::encode(type_url::SECRET, &secret)
+            })?;
+            class.reference_encoded(secret_key.0, type_url::SECRET, &secret_name, secret)?;
         }
         if catalog.mesh.egress {
             class.provide(
@@ -413,22 +415,24 @@ impl Compiler {
             class.need(type_url::CLUSTER, names::METRICS);
         }
 
-        // The identity's own secrets, referenced by every TLS context above.
+        // The identity's own secrets, referenced by every TLS context above;
+        // encoded once however many classes share the identity.
         let identity_scope = Scope::Identity(identity.to_string().into());
-        let service_cert = secrets::service_cert(identity, &cert);
-        class.reference(
-            identity_scope.clone(),
-            type_url::SECRET,
-            &service_cert.name,
-            &service_cert,
-        )?;
-        let inbound_root = secrets::inbound_root(identity, &roots);
-        class.reference(
-            identity_scope,
-            type_url::SECRET,
-            &inbound_root.name,
-            &inbound_root,
-        )?;
+        for (name, secret) in [
+            (
+                names::service_cert(identity),
+                secrets::service_cert(identity, &cert),
+            ),
+            (
+                names::inbound_root(identity),
+                secrets::inbound_root(identity, &roots),
+            ),
+        ] {
+            let key = (identity_scope.clone(), type_url::SECRET, name.clone());
+            let resource =
+                shared.get_or_encode(&key, || Resource::encode(type_url::SECRET, &secret))?;
+            class.reference_encoded(identity_scope.clone(), type_url::SECRET, &name, resource)?;
+        }
         class.finish()
     }
 }
@@ -593,6 +597,28 @@ impl<'a> Access<'a> {
             })
             .flat_map(|t| t.sources.iter().cloned())
             .collect()
+    }
+}
+
+/// Resources outside class scopes (endpoint assignments, secrets) that
+/// several classes reference: encoded once per compile.
+#[derive(Default)]
+struct Shared {
+    encoded: HashMap<ResourceKey, Resource>,
+}
+
+impl Shared {
+    fn get_or_encode(
+        &mut self,
+        key: &ResourceKey,
+        encode: impl FnOnce() -> Result<Resource, EncodeError>,
+    ) -> Result<Resource, EncodeError> {
+        if let Some(resource) = self.encoded.get(key) {
+            return Ok(resource.clone());
+        }
+        let resource = encode()?;
+        self.encoded.insert(key.clone(), resource.clone());
+        Ok(resource)
     }
 }
 

@@ -172,13 +172,16 @@ impl Pipeline {
     /// affected endpoint assignments. `None` when the change turns out to
     /// need a full compile (the identities behind a service changed, or its
     /// ports did).
-    fn compile_endpoints(&mut self) -> Result<Option<SnapshotBuilder>, SnapshotError> {
+    fn compile_endpoints(
+        &mut self,
+        services: &BTreeSet<ServiceKey>,
+    ) -> Result<Option<SnapshotBuilder>, SnapshotError> {
         let (Some(catalog), Some(compiled)) = (self.catalog.as_mut(), self.compiled.as_mut())
         else {
             return Ok(None);
         };
         let mut rebuilt = Vec::new();
-        for key in &self.pending.endpoints_of {
+        for key in services {
             let Some(old) = catalog.services.get(key) else {
                 continue;
             };
@@ -215,10 +218,7 @@ impl Pipeline {
     pub fn compile(&mut self) -> Result<Option<Snapshot>, SnapshotError> {
         let pending = std::mem::take(&mut self.pending);
         if !pending.full {
-            self.pending = pending;
-            let fast = self.compile_endpoints();
-            let pending = std::mem::take(&mut self.pending);
-            match fast? {
+            match self.compile_endpoints(&pending.endpoints_of)? {
                 Some(builder) if !builder.has_changes() => return Ok(None),
                 Some(builder) => {
                     let snapshot = builder.build()?;

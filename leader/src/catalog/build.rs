@@ -116,10 +116,17 @@ pub fn build(objects: &BTreeMap<ObjectRef, Object>, mesh: &str) -> Catalog {
 
     for pod in pods.values_mut() {
         let labels = &pod_labels[&pod.name];
-        let namespace = pod.identity.namespace.clone();
+        let namespace = &pod.identity.namespace;
+        let first = ServiceKey {
+            namespace: namespace.clone(),
+            name: String::new(),
+        };
+        // Only the pod's namespace: services are keyed by (namespace, name).
         pod.services = services
-            .values()
-            .filter(|s| s.key.namespace == namespace && !s.selector.is_empty())
+            .range(first..)
+            .take_while(|(key, _)| &key.namespace == namespace)
+            .map(|(_, s)| s)
+            .filter(|s| !s.selector.is_empty())
             .filter(|s| s.selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
             .map(|s| s.key.clone())
             .collect();
