@@ -660,3 +660,43 @@ fn envoy_validates_every_compiled_class() {
         }
     }
 }
+
+#[test]
+fn the_file_source_tracks_duplicates_and_deleted_files() {
+    let dir = std::env::temp_dir().join(format!("trellis-owners-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let namespace = |label: &str| {
+        format!("apiVersion: v1\nkind: Namespace\nmetadata: {{ name: shared, labels: {{ from: {label} }} }}\n")
+    };
+    std::fs::write(dir.join("a.yaml"), namespace("a")).unwrap();
+    std::fs::write(dir.join("b.yaml"), namespace("b")).unwrap();
+    let label = |update: &trellis_leader::source::SourceUpdate| -> Option<String> {
+        update.changes.iter().find_map(|c| match c {
+            Change::Apply(o) => match o.as_ref() {
+                Object::Namespace(ns) => ns.metadata.labels.as_ref()?.get("from").cloned(),
+                _ => None,
+            },
+            Change::Delete(_) => Some("deleted".to_owned()),
+        })
+    };
+    let mut source = FileSource::new(&dir);
+    let first = source.scan().unwrap();
+    assert_eq!(label(&first).as_deref(), Some("b"), "the last file applies");
+    assert!(first.problems.iter().any(|p| p
+        .reason
+        .contains("defined in several files (a.yaml, b.yaml)")));
+
+    std::fs::remove_file(dir.join("b.yaml")).unwrap();
+    let second = source.scan().unwrap();
+    assert_eq!(
+        label(&second).as_deref(),
+        Some("a"),
+        "a.yaml's copy is what remains"
+    );
+    assert!(second.problems.is_empty());
+
+    std::fs::remove_file(dir.join("a.yaml")).unwrap();
+    assert_eq!(label(&source.scan().unwrap()).as_deref(), Some("deleted"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -27,6 +27,8 @@ use crate::{
 pub struct FileSource {
     root: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+    /// Which files define each object; the last one (in path order) applies.
+    owners: BTreeMap<ObjectRef, BTreeSet<PathBuf>>,
 }
 
 #[derive(Debug, Default)]
@@ -42,6 +44,7 @@ impl FileSource {
         FileSource {
             root: root.into(),
             files: BTreeMap::new(),
+            owners: BTreeMap::new(),
         }
     }
 
@@ -69,10 +72,20 @@ impl FileSource {
                 .to_string();
             match parse(&shown, &bytes) {
                 Ok((objects, problems)) => {
-                    touched.extend(state.objects.keys().cloned());
-                    touched.extend(objects.keys().cloned());
-                    state.objects = objects;
+                    let old = std::mem::replace(&mut state.objects, objects);
                     state.problems = problems;
+                    let new_refs: Vec<ObjectRef> = state.objects.keys().cloned().collect();
+                    for r in old.into_keys() {
+                        disown(&mut self.owners, &r, &path);
+                        touched.insert(r);
+                    }
+                    for r in new_refs {
+                        self.owners
+                            .entry(r.clone())
+                            .or_default()
+                            .insert(path.clone());
+                        touched.insert(r);
+                    }
                 }
                 Err(problem) => {
                     warn!(file = %shown, reason = %problem.reason, "keeping the file's last good objects");
@@ -80,20 +93,35 @@ impl FileSource {
                 }
             }
         }
-        for (_, gone) in self.files.iter().filter(|(path, _)| !seen.contains(*path)) {
-            touched.extend(gone.objects.keys().cloned());
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !seen.contains(*p))
+            .cloned()
+            .collect();
+        for path in gone {
+            if let Some(state) = self.files.remove(&path) {
+                for r in state.objects.into_keys() {
+                    disown(&mut self.owners, &r, &path);
+                    touched.insert(r);
+                }
+            }
         }
-        self.files.retain(|path, _| seen.contains(path));
         // Each touched object is now whatever the last file defining it says,
         // or deleted if no file does.
         let changes = touched
             .into_iter()
-            .map(
-                |r| match self.files.values().rev().find_map(|f| f.objects.get(&r)) {
+            .map(|r| {
+                let object = self
+                    .owners
+                    .get(&r)
+                    .and_then(|owners| owners.last())
+                    .and_then(|path| self.files.get(path)?.objects.get(&r));
+                match object {
                     Some(object) => Change::Apply(Box::new(object.clone())),
                     None => Change::Delete(r),
-                },
-            )
+                }
+            })
             .collect();
         Ok(SourceUpdate {
             changes,
@@ -107,18 +135,16 @@ impl FileSource {
             .values()
             .flat_map(|s| s.problems.iter().cloned())
             .collect();
-        let mut owners: BTreeMap<&ObjectRef, Vec<String>> = BTreeMap::new();
-        for (path, state) in &self.files {
-            for r in state.objects.keys() {
-                let file = path
-                    .strip_prefix(&self.root)
-                    .unwrap_or(path)
-                    .display()
-                    .to_string();
-                owners.entry(r).or_default().push(file);
-            }
-        }
-        for (r, files) in owners.into_iter().filter(|(_, f)| f.len() > 1) {
+        for (r, owners) in self.owners.iter().filter(|(_, o)| o.len() > 1) {
+            let files: Vec<String> = owners
+                .iter()
+                .map(|p| {
+                    p.strip_prefix(&self.root)
+                        .unwrap_or(p)
+                        .display()
+                        .to_string()
+                })
+                .collect();
             problems.push(Problem {
                 object: r.to_string(),
                 reason: format!(
@@ -129,6 +155,15 @@ impl FileSource {
         }
         problems.sort();
         problems
+    }
+}
+
+fn disown(owners: &mut BTreeMap<ObjectRef, BTreeSet<PathBuf>>, r: &ObjectRef, path: &Path) {
+    if let Some(files) = owners.get_mut(r) {
+        files.remove(path);
+        if files.is_empty() {
+            owners.remove(r);
+        }
     }
 }
 
