@@ -170,22 +170,7 @@ fn inserting_the_same_version_changes_nothing() {
 }
 
 fn class_snapshot(base: &Snapshot, class: &str, refs: &[(Scope, &str)]) -> Snapshot {
-    let mut manifest = ClassManifest::default();
-    for (scope, name) in refs {
-        manifest
-            .insert(scope.clone(), type_url::ENDPOINT, name)
-            .unwrap();
-    }
-    let mut builder = base.to_builder();
-    builder
-        .insert(
-            Scope::Class(class.into()),
-            type_url::PROXY_CLASS,
-            class,
-            manifest.to_resource().unwrap(),
-        )
-        .unwrap();
-    builder.build().unwrap()
+    class_snapshot_result(base, class, refs).unwrap()
 }
 
 #[test]
