@@ -9,11 +9,11 @@ use std::{
 
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, info_span, warn, Instrument};
-use trellis_shared::{Epoch, Snapshot, SnapshotBuilder, SnapshotError};
+use trellis_shared::{Epoch, Resource, Snapshot, SnapshotBuilder, SnapshotError};
 
 use crate::{
     catalog::{self, Catalog, Problem, ServiceKey},
-    compile::{ClassSummary, Compiled, Compiler},
+    compile::{ClassSummary, Compiled, Compiler, ResourceKey},
     kinds::{Object, ObjectRef},
     source::{Change, SourceUpdate},
 };
@@ -82,6 +82,34 @@ pub struct Pipeline {
 struct Pending {
     full: bool,
     endpoints_of: BTreeSet<ServiceKey>,
+}
+
+/// Puts into `builder` what is new or changed from `previous` to `next`, and
+/// removes what is gone. Both maps are sorted, so one merge walk compares
+/// each key about once, instead of looking every resource up in the
+/// snapshot.
+fn apply_differences(
+    builder: &mut SnapshotBuilder,
+    previous: &BTreeMap<ResourceKey, Resource>,
+    next: &BTreeMap<ResourceKey, Resource>,
+) -> Result<(), SnapshotError> {
+    let mut old = previous.iter().peekable();
+    for (key, resource) in next {
+        while let Some(((scope, type_url, name), _)) = old.next_if(|(k, _)| *k < key) {
+            builder.remove(scope, type_url, name);
+        }
+        let unchanged = old
+            .next_if(|(k, _)| *k == key)
+            .is_some_and(|(_, r)| r.version() == resource.version());
+        if !unchanged {
+            let (scope, type_url, name) = key;
+            builder.insert(scope.clone(), type_url, name, resource.clone())?;
+        }
+    }
+    for ((scope, type_url, name), _) in old {
+        builder.remove(scope, type_url, name);
+    }
+    Ok(())
 }
 
 /// The service an EndpointSlice or Endpoints object belongs to; `None` for
@@ -242,18 +270,9 @@ impl Pipeline {
         compiled.problems.dedup();
 
         let mut builder = self.snapshot.to_builder();
-        for ((scope, type_url, name), resource) in &compiled.resources {
-            builder.insert(scope.clone(), type_url, name, resource.clone())?;
-        }
-        if let Some(previous) = &self.compiled {
-            for (scope, type_url, name) in previous
-                .resources
-                .keys()
-                .filter(|k| !compiled.resources.contains_key(*k))
-            {
-                builder.remove(scope, type_url, name);
-            }
-        }
+        let empty = BTreeMap::new();
+        let previous = self.compiled.as_ref().map_or(&empty, |c| &c.resources);
+        apply_differences(&mut builder, previous, &compiled.resources)?;
         let changed = builder.has_changes();
         let snapshot = if changed {
             builder.build()?
