@@ -279,23 +279,26 @@ fn step<V: Variant>(
                 protocol: V::PROTOCOL,
                 r#type: type_url::short_name(V::type_url(&request)),
             };
-            let type_name = V::type_url(&request).to_owned();
             let outcome = V::on_request(state, request)?;
+            let type_name = &outcome.update.type_url;
             match &outcome.nonce {
                 NonceCheck::Ack => {
                     shared.metrics.acks.get_or_create(&labels).inc();
+                    // The common case: count it in place, no new report.
+                    shared.report_ack(id, type_name, state);
                 }
                 NonceCheck::Nack(detail) => {
                     shared.metrics.nacks.get_or_create(&labels).inc();
                     warn!(type_url = %type_name, detail = %detail, "client rejected a response");
+                    shared.report(id, state);
                 }
                 NonceCheck::Stale => {
                     shared.metrics.stale_nonces.get_or_create(&labels).inc();
                     debug!(type_url = %type_name, "stale nonce");
+                    shared.report(id, state);
                 }
-                NonceCheck::Absent => {}
+                NonceCheck::Absent => shared.report(id, state),
             }
-            shared.report(id, state);
             let mut updates = if outcome.update.is_noop() {
                 Vec::new()
             } else {
@@ -366,6 +369,29 @@ fn respond<V: Variant>(
 }
 
 impl Shared {
+    /// Records an ACK in the admin report of stream `id` without rebuilding
+    /// it: every response is ACKed, so this runs once per response.
+    fn report_ack(&self, id: u64, type_url: &str, state: &StreamState) {
+        let Some(mut report) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let acked = state.get(type_url);
+        match (
+            report.types.iter_mut().find(|t| t.type_url == type_url),
+            acked,
+        ) {
+            (Some(entry), Some(acked)) => {
+                entry.acks = acked.acks;
+                entry.held = acked.sent().len();
+                entry.last_nack = None;
+            }
+            _ => {
+                drop(report);
+                self.report(id, state);
+            }
+        }
+    }
+
     /// Refreshes the admin report of stream `id` after its state changed.
     fn report(&self, id: u64, state: &StreamState) {
         let Some(mut report) = self.streams.get_mut(&id) else {
