@@ -3,8 +3,10 @@
 //! service, 10 pods each; SMI mode, each identity allowed to call the next
 //! ten).
 //!
-//! * `full_compile_10k`: catalog, compile and snapshot of the whole mesh
-//!   (certificates already issued: they are issued once per identity).
+//! * `full_compile_10k`: the catalog and every class compiled (certificates
+//!   already issued: they are issued once per identity).
+//! * `policy_change_10k`: one TrafficTarget changes; only the classes it
+//!   touches are compiled, then the next snapshot is derived.
 //! * `one_endpoint_change_10k`: one EndpointSlice changes; apply, compile and
 //!   derive the next snapshot.
 
@@ -25,10 +27,11 @@ use k8s_openapi::{
 };
 use trellis_leader::{
     ca::BuiltinCa,
+    catalog,
     compile::Compiler,
     kinds::{
-        IdentityBinding, Object, TCPRoute, TcpRouteSpec, TrafficTarget, TrafficTargetRule,
-        TrafficTargetSpec,
+        IdentityBinding, Object, ObjectRef, TCPRoute, TcpRouteSpec, TrafficTarget,
+        TrafficTargetRule, TrafficTargetSpec,
     },
     pipeline::{Pipeline, PipelineConfig},
     source::{Change, SourceUpdate},
@@ -140,17 +143,6 @@ fn mesh() -> Vec<Object> {
                 }),
             }));
         }
-        // Identities i+1..=i+FAN_OUT may call service i (TCP, any port).
-        let sources = (1..=FAN_OUT)
-            .map(|k| {
-                let s = (i + k) % SERVICES;
-                IdentityBinding {
-                    kind: "ServiceAccount".to_owned(),
-                    name: format!("svc-{s}"),
-                    namespace: ns(s),
-                }
-            })
-            .collect();
         objects.push(Object::TcpRoute(TCPRoute::new(
             &format!("{name}-any"),
             TcpRouteSpec::default(),
@@ -158,26 +150,42 @@ fn mesh() -> Vec<Object> {
         if let Some(Object::TcpRoute(route)) = objects.last_mut() {
             route.metadata.namespace = Some(namespace.clone());
         }
-        let mut target = TrafficTarget::new(
-            &name,
-            TrafficTargetSpec {
-                destination: IdentityBinding {
-                    kind: "ServiceAccount".to_owned(),
-                    name: name.clone(),
-                    namespace: namespace.clone(),
-                },
-                sources,
-                rules: vec![TrafficTargetRule {
-                    kind: "TCPRoute".to_owned(),
-                    name: format!("{name}-any"),
-                    matches: Vec::new(),
-                }],
-            },
-        );
-        target.metadata.namespace = Some(namespace);
-        objects.push(Object::TrafficTarget(target));
+        objects.push(Object::TrafficTarget(target(i, FAN_OUT)));
     }
     objects
+}
+
+/// Identities `i+1..=i+fan_out` may call service `i` (TCP, any port).
+fn target(i: usize, fan_out: usize) -> TrafficTarget {
+    let (name, namespace) = (format!("svc-{i}"), ns(i));
+    let sources = (1..=fan_out)
+        .map(|k| {
+            let s = (i + k) % SERVICES;
+            IdentityBinding {
+                kind: "ServiceAccount".to_owned(),
+                name: format!("svc-{s}"),
+                namespace: ns(s),
+            }
+        })
+        .collect();
+    let mut target = TrafficTarget::new(
+        &name,
+        TrafficTargetSpec {
+            destination: IdentityBinding {
+                kind: "ServiceAccount".to_owned(),
+                name: name.clone(),
+                namespace: namespace.clone(),
+            },
+            sources,
+            rules: vec![TrafficTargetRule {
+                kind: "TCPRoute".to_owned(),
+                name: format!("{name}-any"),
+                matches: Vec::new(),
+            }],
+        },
+    );
+    target.metadata.namespace = Some(namespace);
+    target
 }
 
 fn update(objects: impl IntoIterator<Item = Object>) -> SourceUpdate {
@@ -212,13 +220,30 @@ fn compile(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("leader");
     group.sample_size(10);
-    // Re-applying an unchanged Namespace forces the full path (catalog,
-    // every class, snapshot diff) without changing any resource.
-    let namespace = mesh().into_iter().next().expect("a namespace");
+    // Every class compiled again (a compiler that compiled this mesh once,
+    // so certificates exist), compared with what it holds.
+    let objects: BTreeMap<ObjectRef, Object> =
+        mesh().into_iter().map(|o| (o.object_ref(), o)).collect();
+    let mut compiler = Compiler::new(Box::new(BuiltinCa::generate().unwrap()));
+    compiler.update(None, &catalog::build(&objects, "osm"));
     group.bench_function("full_compile_10k", |b| {
         b.iter(|| {
-            pipeline.apply(update([namespace.clone()]));
-            pipeline.compile().unwrap()
+            let catalog = catalog::build(&objects, "osm");
+            compiler.update(None, &catalog)
+        })
+    });
+    drop(compiler);
+    // One TrafficTarget gains or loses a source: two classes are touched.
+    let mut generation = 0;
+    group.bench_function("policy_change_10k", |b| {
+        b.iter(|| {
+            generation += 1;
+            let target = target(42, FAN_OUT + generation % 2);
+            pipeline.apply(update([Object::TrafficTarget(target)]));
+            pipeline
+                .compile()
+                .unwrap()
+                .expect("the change is published")
         })
     });
     let mut generation = 0;

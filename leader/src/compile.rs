@@ -9,16 +9,22 @@
 
 mod clusters;
 mod envoy;
+mod inputs;
 mod listeners;
 mod names;
 mod routes;
 mod secrets;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use trellis_shared::{type_url, ClassManifest, EncodeError, InvalidClass, Resource, Scope};
+use trellis_shared::{
+    type_url, ClassManifest, EncodeError, InvalidClass, Resource, Scope, Version,
+};
 use xxhash_rust::xxh3::Xxh3;
 
+use self::inputs::{Changed, Input, Reads};
 use crate::{
     ca::{CaError, CertificateIssuer, IssuedCert},
     catalog::{
@@ -70,7 +76,7 @@ pub struct ClassSummary {
     pub pods: Vec<String>,
 }
 
-/// The compiler's output.
+/// The compiler's output, kept up to date from one compile to the next.
 #[derive(Clone, Debug, Default)]
 pub struct Compiled {
     /// Every resource, including each class's `ProxyClass` manifest.
@@ -82,6 +88,116 @@ pub struct Compiled {
     /// Every endpoint assignment, by the service it is compiled from, so an
     /// endpoint change recompiles exactly those.
     pub assignments: BTreeMap<ServiceKey, BTreeMap<ResourceKey, Assignment>>,
+    /// Which classes' resources are held, so shared ones (endpoints,
+    /// secrets) go when the last class holding them does.
+    holders: HashMap<ResourceKey, Held>,
+}
+
+/// How many classes hold a resource, and for an endpoint assignment, whose
+/// endpoints it lists.
+#[derive(Clone, Debug)]
+struct Held {
+    classes: u32,
+    assignment_of: Option<ServiceKey>,
+}
+
+/// Versions from before an update, of the resources it touched.
+#[derive(Default)]
+struct Touched(HashMap<ResourceKey, Option<Version>>);
+
+impl Compiled {
+    /// Adds a class's resources, returning what it now holds.
+    fn hold(
+        &mut self,
+        class: ClassResources,
+        touched: &mut Touched,
+    ) -> Vec<(ResourceKey, Version)> {
+        let mut keys = Vec::with_capacity(class.resources.len());
+        for (key, resource) in class.resources {
+            let version = resource.version();
+            match self.holders.get_mut(&key) {
+                Some(held) => held.classes += 1,
+                None => {
+                    let held = Held {
+                        classes: 1,
+                        assignment_of: None,
+                    };
+                    self.holders.insert(key.clone(), held);
+                }
+            }
+            match self.resources.get_mut(&key) {
+                Some(current) if current.version() == version => {}
+                Some(current) => {
+                    touched
+                        .0
+                        .entry(key.clone())
+                        .or_insert(Some(current.version()));
+                    *current = resource;
+                }
+                None => {
+                    touched.0.entry(key.clone()).or_insert(None);
+                    self.resources.insert(key.clone(), resource);
+                }
+            }
+            keys.push((key, version));
+        }
+        for assignment in class.assignments {
+            if let Some(held) = self.holders.get_mut(&assignment.key) {
+                held.assignment_of = Some(assignment.service.clone());
+            }
+            self.assignments
+                .entry(assignment.service.clone())
+                .or_default()
+                .insert(assignment.key.clone(), assignment);
+        }
+        keys
+    }
+
+    /// Lets go of what a class held.
+    fn release(&mut self, held: &[(ResourceKey, Version)], touched: &mut Touched) {
+        for (key, _) in held {
+            let Some(held) = self.holders.get_mut(key) else {
+                continue;
+            };
+            held.classes -= 1;
+            if held.classes > 0 {
+                continue;
+            }
+            let assignment_of = self.holders.remove(key).and_then(|h| h.assignment_of);
+            let before = self.resources.remove(key).map(|r| r.version());
+            touched.0.entry(key.clone()).or_insert(before);
+            if let Some(service) = assignment_of {
+                if let Some(of) = self.assignments.get_mut(&service) {
+                    of.remove(key);
+                    if of.is_empty() {
+                        self.assignments.remove(&service);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The touched keys whose version really changed, sorted.
+    fn changed(&self, touched: Touched) -> Vec<ResourceKey> {
+        let mut changed: Vec<ResourceKey> = touched
+            .0
+            .into_iter()
+            .filter(|(key, before)| self.resources.get(key).map(Resource::version) != *before)
+            .map(|(key, _)| key)
+            .collect();
+        changed.sort_unstable();
+        changed
+    }
+}
+
+/// What one compile changed.
+#[derive(Clone, Debug, Default)]
+pub struct Update {
+    /// Resources added, changed or removed, sorted; their new state is in
+    /// [`Compiler::output`].
+    pub changed: Vec<ResourceKey>,
+    /// How many classes were compiled; the others' inputs did not change.
+    pub classes_compiled: usize,
 }
 
 /// How one endpoint assignment is compiled: which service, which port, and
@@ -135,35 +251,76 @@ enum ClassError {
     Dangling(&'static str, String),
 }
 
-/// Compiles catalogs, keeping each identity's certificate across compiles.
+/// Compiles catalogs, keeping each identity's certificate and each class's
+/// output across compiles: a class whose inputs did not change is not
+/// compiled again.
 pub struct Compiler {
     issuer: Box<dyn CertificateIssuer>,
     certs: HashMap<Identity, IssuedCert>,
+    output: Compiled,
+    classes: HashMap<ClassKey, Memo>,
+    /// Hash of the roots the kept classes were compiled with.
+    roots: u64,
+}
+
+/// What the compiler remembers of a class.
+struct Memo {
+    /// The catalog inputs it read.
+    reads: Reads,
+    /// Hash of the certificate it was compiled with.
+    cert: u64,
+    /// The resources it holds, or why it could not be compiled.
+    outcome: Result<Vec<(ResourceKey, Version)>, String>,
 }
 
 impl std::fmt::Debug for Compiler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Compiler")
             .field("identities", &self.certs.len())
+            .field("classes", &self.classes.len())
             .finish()
     }
+}
+
+fn hash_text(text: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(text.as_bytes())
 }
 
 impl Compiler {
     /// A compiler issuing certificates with `issuer`.
     pub fn new(issuer: Box<dyn CertificateIssuer>) -> Compiler {
+        let roots = hash_text(issuer.roots_pem());
         Compiler {
             issuer,
             certs: HashMap::new(),
+            output: Compiled::default(),
+            classes: HashMap::new(),
+            roots,
         }
     }
 
-    /// Compiles the whole catalog.
-    pub fn compile(&mut self, catalog: &Catalog) -> Compiled {
-        let mut out = Compiled {
-            problems: catalog.problems.clone(),
-            ..Compiled::default()
+    /// Compiles every class of `catalog` and returns the result.
+    pub fn compile(&mut self, catalog: &Catalog) -> &Compiled {
+        self.update(None, catalog);
+        &self.output
+    }
+
+    /// What the last compile produced.
+    pub fn output(&self) -> &Compiled {
+        &self.output
+    }
+
+    /// Brings the output up to date with `catalog`. With the `previous`
+    /// catalog (the one compiled last), only classes whose inputs differ
+    /// between the two are compiled; without it, every class is.
+    pub fn update(&mut self, previous: Option<&Catalog>, catalog: &Catalog) -> Update {
+        let roots = hash_text(self.issuer.roots_pem());
+        let changed = match previous {
+            Some(previous) if roots == self.roots => Changed::between(previous, catalog),
+            _ => Changed::Everything,
         };
+        self.roots = roots;
+
         let mut classes: BTreeMap<ClassKey, Vec<String>> = BTreeMap::new();
         for pod in catalog.pods.values() {
             let key = ClassKey {
@@ -173,31 +330,109 @@ impl Compiler {
             };
             classes.entry(key).or_default().push(pod.name.clone());
         }
-        let access = Access::new(catalog);
-        let mut shared = Shared::default();
-        for (key, pods) in classes {
-            let id = key.id();
-            match self.compile_class(catalog, &access, &mut shared, &key, &id) {
-                Ok(ClassResources {
-                    resources,
-                    assignments,
-                }) => {
-                    out.resources.extend(resources);
-                    for assignment in assignments {
-                        out.assignments
-                            .entry(assignment.service.clone())
-                            .or_default()
-                            .insert(assignment.key.clone(), assignment);
-                    }
-                    out.classes.insert(id, ClassSummary { key, pods });
-                }
-                Err(error) => out.problems.push(Problem {
-                    object: format!("class {id}"),
-                    reason: error.to_string(),
-                }),
+        let mut touched = Touched::default();
+        let gone: Vec<ClassKey> = (self.classes.keys())
+            .filter(|key| !classes.contains_key(*key))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(Memo {
+                outcome: Ok(keys), ..
+            }) = self.classes.remove(&key)
+            {
+                self.output.release(&keys, &mut touched);
             }
         }
-        out
+
+        let access = Access::new(catalog);
+        let mut shared = Shared::default();
+        let mut classes_compiled = 0;
+        for key in classes.keys() {
+            let cert = self.cert(&key.identity, catalog);
+            let cert_hash = cert.as_ref().map_or(0, |c| hash_text(&c.chain_pem));
+            if let Some(memo) = self.classes.get(key) {
+                if memo.cert == cert_hash && !changed.touches(&memo.reads) {
+                    continue;
+                }
+            }
+            classes_compiled += 1;
+            let mut class = ClassOutput::new(&key.id());
+            let compiled = cert.map_err(ClassError::from).and_then(|cert| {
+                self.compile_class(catalog, &access, &mut shared, key, &cert, &mut class)
+            });
+            let reads = std::mem::take(&mut class.reads);
+            let compiled = compiled.and_then(|()| class.finish());
+            let previous = self.classes.remove(key).map(|memo| memo.outcome);
+            let outcome = match (compiled, previous) {
+                // Recompiled to the same resources: nothing to hold anew.
+                (Ok(class), Some(Ok(held))) if class.same_as(&held) => Ok(held),
+                (compiled, previous) => {
+                    // Holding the new output before releasing the old keeps
+                    // what both have in place instead of removing it and
+                    // adding it back.
+                    let outcome = compiled
+                        .map(|class| self.output.hold(class, &mut touched))
+                        .map_err(|error| error.to_string());
+                    if let Some(Ok(held)) = previous {
+                        self.output.release(&held, &mut touched);
+                    }
+                    outcome
+                }
+            };
+            let memo = Memo {
+                reads: reads.finish(),
+                cert: cert_hash,
+                outcome,
+            };
+            self.classes.insert(key.clone(), memo);
+        }
+
+        self.output.problems = catalog.problems.clone();
+        self.output.classes.clear();
+        for (key, pods) in classes {
+            let id = key.id();
+            match self.classes.get(&key).map(|m| &m.outcome) {
+                Some(Ok(_)) => {
+                    self.output.classes.insert(id, ClassSummary { key, pods });
+                }
+                Some(Err(reason)) => self.output.problems.push(Problem {
+                    object: format!("class {id}"),
+                    reason: reason.clone(),
+                }),
+                None => {}
+            }
+        }
+        Update {
+            changed: self.output.changed(touched),
+            classes_compiled,
+        }
+    }
+
+    /// Re-encodes the endpoint assignments of `service` from its current
+    /// endpoints (its ports and backing identities are unchanged, so no
+    /// class needs compiling), returning the keys that changed.
+    pub fn update_endpoints(
+        &mut self,
+        service: &MeshService,
+    ) -> Result<Vec<ResourceKey>, EncodeError> {
+        let mut changed = Vec::new();
+        let Some(assignments) = self.output.assignments.get(&service.key) else {
+            return Ok(Vec::new());
+        };
+        for assignment in assignments.values() {
+            let resource = assignment.compile(service)?;
+            let before = self.output.resources.get(&assignment.key);
+            if before.map(Resource::version) != Some(resource.version()) {
+                changed.push((assignment.key.clone(), resource));
+            }
+        }
+        Ok(changed
+            .into_iter()
+            .map(|(key, resource)| {
+                self.output.resources.insert(key.clone(), resource);
+                key
+            })
+            .collect())
     }
 
     fn cert(&mut self, identity: &Identity, catalog: &Catalog) -> Result<IssuedCert, CaError> {
@@ -213,24 +448,29 @@ impl Compiler {
         Ok(cert)
     }
 
+    /// Compiles one class into `class`, which also records what the class
+    /// read, even when it fails, so it is retried when those inputs change.
     fn compile_class(
-        &mut self,
+        &self,
         catalog: &Catalog,
         access: &Access<'_>,
         shared: &mut Shared,
         key: &ClassKey,
-        id: &str,
-    ) -> Result<ClassResources, ClassError> {
+        cert: &IssuedCert,
+        class: &mut ClassOutput,
+    ) -> Result<(), ClassError> {
         let identity = &key.identity;
         let trust_domain = &catalog.mesh.trust_domain;
-        let mut class = ClassOutput::new(id);
+        class.reads.add(Input::From(identity));
+        class.reads.add(Input::To(identity));
         let allowed = access.destinations(identity);
 
         // Outbound: one chain per reachable service port.
         let mut chains = Vec::new();
         let mut outbound_hosts: BTreeMap<u16, Vec<_>> = BTreeMap::new();
         let mut upstreams: BTreeMap<String, (&MeshService, &ServicePort)> = BTreeMap::new();
-        for service in access.candidates(allowed.as_ref()) {
+        for service in access.candidates(allowed.as_ref(), &mut class.reads) {
+            class.reads.add(Input::Split(&service.key));
             for port in &service.ports {
                 let targets = backends(catalog, allowed.as_ref(), service, port);
                 if targets.is_empty() {
@@ -287,7 +527,6 @@ impl Compiler {
             let config = routes::route_config(names::outbound_routes(port), hosts);
             class.provide(type_url::ROUTE, &config.name, &config)?;
         }
-        let cert = self.cert(identity, catalog)?;
         let roots = self.issuer.roots_pem().to_owned();
         for (name, (service, port)) in &upstreams {
             let cluster =
@@ -348,6 +587,7 @@ impl Compiler {
         let mut inbound_chains = Vec::new();
         let mut inbound_hosts: BTreeMap<u16, Vec<_>> = BTreeMap::new();
         for service_key in &key.services {
+            class.reads.add(Input::Service(service_key));
             let Some(service) = catalog.services.get(service_key) else {
                 continue;
             };
@@ -421,7 +661,7 @@ impl Compiler {
         for (name, secret) in [
             (
                 names::service_cert(identity),
-                secrets::service_cert(identity, &cert),
+                secrets::service_cert(identity, cert),
             ),
             (
                 names::inbound_root(identity),
@@ -433,7 +673,7 @@ impl Compiler {
                 shared.get_or_encode(&key, || Resource::encode(type_url::SECRET, &secret))?;
             class.reference_encoded(identity_scope.clone(), type_url::SECRET, &name, resource)?;
         }
-        class.finish()
+        Ok(())
     }
 }
 
@@ -544,17 +784,27 @@ impl<'a> Access<'a> {
     /// Services a caller allowed to reach `allowed` may have chains to, in
     /// key order: those backed by an allowed identity, and the split roots
     /// in front of them.
-    fn candidates(&self, allowed: Option<&BTreeSet<Identity>>) -> Vec<&'a MeshService> {
+    fn candidates(
+        &self,
+        allowed: Option<&BTreeSet<Identity>>,
+        reads: &mut Reads,
+    ) -> Vec<&'a MeshService> {
         let Some(allowed) = allowed else {
+            reads.add(Input::Services);
             return self.catalog.services.values().collect();
         };
         let mut found: BTreeMap<&ServiceKey, &MeshService> = BTreeMap::new();
+        for identity in allowed {
+            reads.add(Input::BackedBy(identity));
+        }
         for service in allowed
             .iter()
             .flat_map(|i| self.backed_by.get(i).into_iter().flatten())
         {
             found.insert(&service.key, service);
+            reads.add(Input::RootsOf(&service.key));
             for root in self.roots_of.get(&service.key).into_iter().flatten() {
+                reads.add(Input::Service(root));
                 if let Some(root) = self.catalog.services.get(*root) {
                     found.insert(&root.key, root);
                 }
@@ -628,6 +878,15 @@ struct ClassResources {
     assignments: Vec<Assignment>,
 }
 
+impl ClassResources {
+    /// Whether these are exactly the resources `held`, in the same order.
+    fn same_as(&self, held: &[(ResourceKey, Version)]) -> bool {
+        self.resources.len() == held.len()
+            && (self.resources.iter().zip(held))
+                .all(|((key, resource), (k, v))| key == k && resource.version() == *v)
+    }
+}
+
 /// One class's resources as they are produced, and its references checked.
 struct ClassOutput {
     id: String,
@@ -637,6 +896,7 @@ struct ClassOutput {
     provided: BTreeSet<(&'static str, String)>,
     needed: BTreeSet<(&'static str, String)>,
     assignments: Vec<Assignment>,
+    reads: Reads,
 }
 
 impl ClassOutput {
@@ -649,6 +909,7 @@ impl ClassOutput {
             provided: BTreeSet::new(),
             needed: BTreeSet::new(),
             assignments: Vec::new(),
+            reads: Reads::default(),
         }
     }
 

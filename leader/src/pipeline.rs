@@ -9,7 +9,7 @@ use std::{
 
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, info_span, warn, Instrument};
-use trellis_shared::{Epoch, Resource, Snapshot, SnapshotBuilder, SnapshotError};
+use trellis_shared::{Epoch, Snapshot, SnapshotBuilder, SnapshotError};
 
 use crate::{
     catalog::{self, Catalog, Problem, ServiceKey},
@@ -68,8 +68,10 @@ pub struct Pipeline {
     compiler: Compiler,
     objects: BTreeMap<ObjectRef, Object>,
     source_problems: Vec<Problem>,
-    compiled: Option<Compiled>,
+    /// The catalog compiled last.
     catalog: Option<Catalog>,
+    /// Problems reported last, to log only what appears or goes away.
+    problems: Vec<Problem>,
     /// What changed since the last compile.
     pending: Pending,
     snapshot: Snapshot,
@@ -84,30 +86,20 @@ struct Pending {
     endpoints_of: BTreeSet<ServiceKey>,
 }
 
-/// Puts into `builder` what is new or changed from `previous` to `next`, and
-/// removes what is gone. Both maps are sorted, so one merge walk compares
-/// each key about once, instead of looking every resource up in the
-/// snapshot.
-fn apply_differences(
+/// Puts the `changed` resources of `compiled` into `builder`: their new
+/// state, or their removal.
+fn put(
     builder: &mut SnapshotBuilder,
-    previous: &BTreeMap<ResourceKey, Resource>,
-    next: &BTreeMap<ResourceKey, Resource>,
+    compiled: &Compiled,
+    changed: &[ResourceKey],
 ) -> Result<(), SnapshotError> {
-    let mut old = previous.iter().peekable();
-    for (key, resource) in next {
-        while let Some(((scope, type_url, name), _)) = old.next_if(|(k, _)| *k < key) {
-            builder.remove(scope, type_url, name);
+    for key @ (scope, type_url, name) in changed {
+        match compiled.resources.get(key) {
+            Some(resource) => builder.insert(scope.clone(), type_url, name, resource.clone())?,
+            None => {
+                builder.remove(scope, type_url, name);
+            }
         }
-        let unchanged = old
-            .next_if(|(k, _)| *k == key)
-            .is_some_and(|(_, r)| r.version() == resource.version());
-        if !unchanged {
-            let (scope, type_url, name) = key;
-            builder.insert(scope.clone(), type_url, name, resource.clone())?;
-        }
-    }
-    for ((scope, type_url, name), _) in old {
-        builder.remove(scope, type_url, name);
     }
     Ok(())
 }
@@ -150,8 +142,8 @@ impl Pipeline {
             compiler,
             objects: BTreeMap::new(),
             source_problems: Vec::new(),
-            compiled: None,
             catalog: None,
+            problems: Vec::new(),
             pending: Pending {
                 full: true,
                 ..Pending::default()
@@ -198,14 +190,13 @@ impl Pipeline {
 
     /// Endpoint-only changes: patch the catalog and recompile just the
     /// affected endpoint assignments. `None` when the change turns out to
-    /// need a full compile (the identities behind a service changed, or its
-    /// ports did).
+    /// need a full compile: the identities behind a service changed, or its
+    /// ports, or it is headless (its endpoints are its addresses).
     fn compile_endpoints(
         &mut self,
         services: &BTreeSet<ServiceKey>,
     ) -> Result<Option<SnapshotBuilder>, SnapshotError> {
-        let (Some(catalog), Some(compiled)) = (self.catalog.as_mut(), self.compiled.as_mut())
-        else {
+        let Some(catalog) = self.catalog.as_mut() else {
             return Ok(None);
         };
         let mut rebuilt = Vec::new();
@@ -216,26 +207,20 @@ impl Pipeline {
             let Some(Ok(new)) = catalog::rebuild_service(&self.objects, key, &catalog.pods) else {
                 return Ok(None);
             };
-            if new.ports != old.ports || new.identities() != old.identities() {
+            if new.ports != old.ports
+                || new.identities() != old.identities()
+                || new.cluster_ip.is_none()
+            {
                 return Ok(None);
             }
             rebuilt.push(new);
         }
         let mut builder = self.snapshot.to_builder();
         for service in rebuilt {
-            for assignment in compiled
-                .assignments
-                .get(&service.key)
-                .into_iter()
-                .flat_map(|a| a.values())
-            {
-                let Ok(resource) = assignment.compile(&service) else {
-                    return Ok(None);
-                };
-                let (scope, type_url, name) = &assignment.key;
-                builder.insert(scope.clone(), type_url, name, resource.clone())?;
-                compiled.resources.insert(assignment.key.clone(), resource);
-            }
+            let Ok(changed) = self.compiler.update_endpoints(&service) else {
+                return Ok(None);
+            };
+            put(&mut builder, self.compiler.output(), &changed)?;
             catalog.services.insert(service.key.clone(), service);
         }
         Ok(Some(builder))
@@ -262,39 +247,42 @@ impl Pipeline {
             }
         }
         let catalog = catalog::build(&self.objects, &self.config.mesh);
-        let mut compiled = self.compiler.compile(&catalog);
-        compiled
-            .problems
-            .extend(self.source_problems.iter().cloned());
-        compiled.problems.sort();
-        compiled.problems.dedup();
+        let update = self.compiler.update(self.catalog.as_ref(), &catalog);
+        debug!(
+            classes = update.classes_compiled,
+            resources = update.changed.len(),
+            "compiled the classes whose inputs changed"
+        );
+        let compiled = self.compiler.output();
+        let mut problems = compiled.problems.clone();
+        problems.extend(self.source_problems.iter().cloned());
+        problems.sort();
+        problems.dedup();
 
         let mut builder = self.snapshot.to_builder();
-        let empty = BTreeMap::new();
-        let previous = self.compiled.as_ref().map_or(&empty, |c| &c.resources);
-        apply_differences(&mut builder, previous, &compiled.resources)?;
+        put(&mut builder, compiled, &update.changed)?;
         let changed = builder.has_changes();
         let snapshot = if changed {
             builder.build()?
         } else {
             self.snapshot.clone()
         };
-        self.report(&compiled);
+        self.report(&problems);
         self.status.send_replace(Arc::new(Status {
             epoch: snapshot.epoch(),
             classes: compiled.classes.clone(),
-            problems: compiled.problems.clone(),
+            problems: problems.clone(),
         }));
+        self.problems = problems;
         self.snapshot = snapshot.clone();
-        self.compiled = Some(compiled);
         self.catalog = Some(catalog);
         Ok(changed.then_some(snapshot))
     }
 
     /// Logs problems that appeared and those that went away.
-    fn report(&self, compiled: &Compiled) {
-        let before: BTreeSet<&Problem> = self.compiled.iter().flat_map(|c| &c.problems).collect();
-        let now: BTreeSet<&Problem> = compiled.problems.iter().collect();
+    fn report(&self, problems: &[Problem]) {
+        let before: BTreeSet<&Problem> = self.problems.iter().collect();
+        let now: BTreeSet<&Problem> = problems.iter().collect();
         for problem in now.difference(&before) {
             warn!(object = %problem.object, reason = %problem.reason, "skipped invalid input");
         }
@@ -330,7 +318,7 @@ impl Pipeline {
                 Ok(Some(snapshot)) => {
                     info!(
                         epoch = snapshot.epoch(),
-                        classes = self.compiled.as_ref().map_or(0, |c| c.classes.len()),
+                        classes = self.compiler.output().classes.len(),
                         "published"
                     );
                     sink.publish(snapshot);

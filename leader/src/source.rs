@@ -37,6 +37,17 @@ pub struct SourceUpdate {
     pub problems: Vec<Problem>,
 }
 
+impl SourceUpdate {
+    /// The objects this update applies, by reference (a scan's whole
+    /// result, for example).
+    pub fn applied(&self) -> impl Iterator<Item = &Object> {
+        self.changes.iter().filter_map(|change| match change {
+            Change::Apply(object) => Some(&**object),
+            Change::Delete(_) => None,
+        })
+    }
+}
+
 /// Why a source stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {

@@ -45,12 +45,8 @@ fn load(dir: &Path) -> BTreeMap<ObjectRef, Object> {
     let update = FileSource::new(dir).scan().unwrap();
     assert!(update.problems.is_empty(), "{:?}", update.problems);
     update
-        .changes
-        .into_iter()
-        .filter_map(|c| match c {
-            Change::Apply(o) => Some((o.object_ref(), *o)),
-            Change::Delete(_) => None,
-        })
+        .applied()
+        .map(|o| (o.object_ref(), o.clone()))
         .collect()
 }
 
@@ -66,7 +62,9 @@ fn with(mut objects: BTreeMap<ObjectRef, Object>, yaml: &str) -> BTreeMap<Object
 
 fn compile(objects: &BTreeMap<ObjectRef, Object>) -> Compiled {
     let catalog = catalog::build(objects, "osm");
-    Compiler::new(Box::new(BuiltinCa::generate().unwrap())).compile(&catalog)
+    Compiler::new(Box::new(BuiltinCa::generate().unwrap()))
+        .compile(&catalog)
+        .clone()
 }
 
 /// The id of the one class with this identity (and, if given, this pod).

@@ -25,7 +25,7 @@ use trellis_leader::{
     compile::Compiler,
     kinds::Object,
     pipeline::{Pipeline, PipelineConfig, Status},
-    source::{files::FileSource, kube::KubeSource, Change, Source},
+    source::{files::FileSource, kube::KubeSource, Source},
 };
 use trellis_shared::{type_url, Scope};
 
@@ -114,16 +114,8 @@ async fn serve(recorded: Shared) -> String {
 
 fn example() -> Vec<Object> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bookstore");
-    FileSource::new(dir)
-        .scan()
-        .unwrap()
-        .changes
-        .into_iter()
-        .filter_map(|c| match c {
-            Change::Apply(o) => Some(*o),
-            Change::Delete(_) => None,
-        })
-        .collect()
+    let update = FileSource::new(dir).scan().unwrap();
+    update.applied().cloned().collect()
 }
 
 fn to_json(object: &Object) -> serde_json::Value {

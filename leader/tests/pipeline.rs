@@ -163,12 +163,8 @@ fn example_pipeline() -> (Pipeline, BTreeMap<ObjectRef, Object>, Snapshot) {
     );
     let update = FileSource::new(&example).scan().unwrap();
     let objects = update
-        .changes
-        .iter()
-        .filter_map(|c| match c {
-            Change::Apply(o) => Some((o.object_ref(), (**o).clone())),
-            Change::Delete(_) => None,
-        })
+        .applied()
+        .map(|o| (o.object_ref(), o.clone()))
         .collect();
     pipeline.apply(update);
     let first = pipeline.compile().unwrap().expect("a first snapshot");

@@ -1,7 +1,7 @@
 //! Builds the catalog from the raw objects.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     time::Duration,
 };
@@ -114,19 +114,24 @@ pub fn build(objects: &BTreeMap<ObjectRef, Object>, mesh: &str) -> Catalog {
         }
     }
 
+    // Each service is indexed under the first pair of its selector, so a
+    // pod checks only services one of its labels could select.
+    let mut by_first_pair: HashMap<(&str, &str, &str), Vec<&MeshService>> = HashMap::new();
+    for service in services.values() {
+        if let Some((k, v)) = service.selector.iter().next() {
+            by_first_pair
+                .entry((&service.key.namespace, k, v))
+                .or_default()
+                .push(service);
+        }
+    }
     for pod in pods.values_mut() {
         let labels = &pod_labels[&pod.name];
-        let namespace = &pod.identity.namespace;
-        let first = ServiceKey {
-            namespace: namespace.clone(),
-            name: String::new(),
-        };
-        // Only the pod's namespace: services are keyed by (namespace, name).
-        pod.services = services
-            .range(first..)
-            .take_while(|(key, _)| &key.namespace == namespace)
-            .map(|(_, s)| s)
-            .filter(|s| !s.selector.is_empty())
+        let namespace = pod.identity.namespace.as_str();
+        pod.services = labels
+            .iter()
+            .filter_map(|(k, v)| by_first_pair.get(&(namespace, k.as_str(), v.as_str())))
+            .flatten()
             .filter(|s| s.selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
             .map(|s| s.key.clone())
             .collect();

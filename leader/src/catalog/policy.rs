@@ -30,7 +30,7 @@ pub struct TcpRule {
 }
 
 /// A valid TrafficTarget.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Target {
     /// `<ns>/<name>` of the TrafficTarget.
     pub name: String,

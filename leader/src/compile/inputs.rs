@@ -1,0 +1,195 @@
+//! What a class's compilation read from the catalog, and what changed in the
+//! catalog between two compiles, so that only the classes whose inputs
+//! changed are compiled again.
+//!
+//! Inputs are kept as 64-bit hashes: a collision can only make a class look
+//! touched when it was not (an extra recompile), never the reverse, because
+//! every changed input is marked.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    hash::{Hash, Hasher},
+};
+
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::catalog::{Catalog, Identity, ServiceKey, Target};
+
+/// One part of the catalog a class may read.
+#[derive(Hash)]
+pub(super) enum Input<'a> {
+    /// A service's ports, addresses and endpoints (or its absence).
+    Service(&'a ServiceKey),
+    /// Which services an identity's pods back, and everything about those
+    /// services: a change to any of them changes this input.
+    BackedBy(&'a Identity),
+    /// Which split roots a service is a backend of.
+    RootsOf(&'a ServiceKey),
+    /// The split of a root service (or its absence).
+    Split(&'a ServiceKey),
+    /// The TrafficTargets an identity is a source of.
+    From(&'a Identity),
+    /// The TrafficTargets to an identity.
+    To(&'a Identity),
+    /// Every service and everything about it (permissive mode reaches them
+    /// all).
+    Services,
+}
+
+/// The hash an input is remembered by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) struct InputId(u64);
+
+impl Input<'_> {
+    pub(super) fn id(&self) -> InputId {
+        let mut hasher = Xxh3::new();
+        self.hash(&mut hasher);
+        InputId(hasher.finish())
+    }
+}
+
+/// The inputs one class read, sorted and without repeats.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct Reads(Vec<InputId>);
+
+impl Reads {
+    pub(super) fn add(&mut self, input: Input<'_>) {
+        self.0.push(input.id());
+    }
+
+    pub(super) fn finish(mut self) -> Reads {
+        self.0.sort_unstable();
+        self.0.dedup();
+        self
+    }
+}
+
+/// What differs between two catalogs, as inputs.
+#[derive(Debug)]
+pub(super) enum Changed {
+    /// Mesh-wide settings (or the roots) changed: every class is touched.
+    Everything,
+    /// Only these inputs changed.
+    Inputs(HashSet<InputId>),
+}
+
+impl Changed {
+    /// The inputs that differ from `old` to `new`.
+    pub(super) fn between(old: &Catalog, new: &Catalog) -> Changed {
+        if old.mesh != new.mesh {
+            return Changed::Everything;
+        }
+        let mut changed = HashSet::new();
+        let mut mark = |input: Input<'_>| {
+            changed.insert(input.id());
+        };
+        for (key, old_service, new_service) in differing(&old.services, &new.services) {
+            mark(Input::Service(key));
+            mark(Input::Services);
+            for service in old_service.into_iter().chain(new_service) {
+                for identity in service.identities() {
+                    mark(Input::BackedBy(identity));
+                }
+            }
+        }
+        for (root, old_split, new_split) in differing(&old.splits, &new.splits) {
+            mark(Input::Split(root));
+            for split in old_split.into_iter().chain(new_split) {
+                for (backend, _) in &split.backends {
+                    mark(Input::RootsOf(backend));
+                }
+            }
+        }
+        let old_targets: BTreeSet<&Target> = old.targets.iter().collect();
+        let new_targets: BTreeSet<&Target> = new.targets.iter().collect();
+        for target in old_targets.symmetric_difference(&new_targets) {
+            mark(Input::To(&target.destination));
+            for source in &target.sources {
+                mark(Input::From(source));
+            }
+        }
+        Changed::Inputs(changed)
+    }
+
+    /// Whether a class that read `reads` must be compiled again.
+    pub(super) fn touches(&self, reads: &Reads) -> bool {
+        match self {
+            Changed::Everything => true,
+            Changed::Inputs(changed) => reads.0.iter().any(|input| changed.contains(input)),
+        }
+    }
+}
+
+/// Keys whose values differ between two sorted maps (present in one only,
+/// or unequal), with both values, by one merge walk.
+fn differing<'a, K: Ord, V: PartialEq>(
+    old: &'a BTreeMap<K, V>,
+    new: &'a BTreeMap<K, V>,
+) -> Vec<(&'a K, Option<&'a V>, Option<&'a V>)> {
+    let mut out = Vec::new();
+    let mut old = old.iter().peekable();
+    let mut new = new.iter().peekable();
+    loop {
+        match (old.peek(), new.peek()) {
+            (None, None) => return out,
+            (Some((ok, ov)), Some((nk, nv))) if ok == nk => {
+                if ov != nv {
+                    out.push((*ok, Some(*ov), Some(*nv)));
+                }
+                old.next();
+                new.next();
+            }
+            (Some((ok, ov)), Some((nk, _))) if ok < nk => {
+                out.push((*ok, Some(*ov), None));
+                old.next();
+            }
+            (Some((ok, ov)), None) => {
+                out.push((*ok, Some(*ov), None));
+                old.next();
+            }
+            (_, Some((nk, nv))) => {
+                out.push((*nk, None, Some(*nv)));
+                new.next();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(entries: &[(u8, u8)]) -> BTreeMap<u8, u8> {
+        entries.iter().copied().collect()
+    }
+
+    #[test]
+    fn differing_finds_added_removed_and_changed_keys_only() {
+        let old = map(&[(1, 1), (2, 2), (4, 4), (6, 6)]);
+        let new = map(&[(2, 2), (3, 3), (4, 40), (7, 7)]);
+        let found: Vec<_> = differing(&old, &new)
+            .into_iter()
+            .map(|(k, o, n)| (*k, o.copied(), n.copied()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (1, Some(1), None),
+                (3, None, Some(3)),
+                (4, Some(4), Some(40)),
+                (6, Some(6), None),
+                (7, None, Some(7)),
+            ]
+        );
+    }
+
+    #[test]
+    fn inputs_of_different_kinds_with_the_same_key_differ() {
+        let key = ServiceKey {
+            namespace: "a".into(),
+            name: "b".into(),
+        };
+        assert_ne!(Input::Service(&key).id(), Input::Split(&key).id());
+        assert_ne!(Input::Service(&key).id(), Input::RootsOf(&key).id());
+    }
+}
