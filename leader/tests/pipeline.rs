@@ -289,3 +289,38 @@ fn an_endpoint_change_that_changes_identities_compiles_fully() {
         "the new backing identity is trusted"
     );
 }
+
+/// Versions of every listener, by class and name.
+fn listeners(snapshot: &Snapshot, status: &Status) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for class in status.classes.keys() {
+        for (name, resource) in snapshot.class(class).iter(type_url::LISTENER) {
+            out.insert(format!("{class} {name}"), resource.version().to_string());
+        }
+    }
+    out
+}
+
+fn manifest(yaml: &str) -> Object {
+    Object::from_manifest(serde_saphyr::from_str(yaml).unwrap()).unwrap()
+}
+
+#[test]
+fn a_headless_services_endpoints_are_its_callers_addresses() {
+    let (mut pipeline, mut objects, _) = example_pipeline();
+    let headless = manifest(
+        "apiVersion: v1\nkind: Service\nmetadata: { name: bookwarehouse, namespace: bookwarehouse }\nspec:\n  clusterIP: None\n  selector: { app: bookwarehouse }\n  ports:\n  - { name: http-bookwarehouse, port: 14001, targetPort: 14001, appProtocol: http }\n",
+    );
+    apply(&mut pipeline, &mut objects, headless);
+    // Same pod, new IP: the bookstore's outbound chain must match it.
+    let moved = manifest(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: { name: bookwarehouse-slice, namespace: bookwarehouse, labels: { kubernetes.io/service-name: bookwarehouse } }\naddressType: IPv4\nports: [{ name: http-bookwarehouse, port: 14001 }]\nendpoints:\n- { addresses: [\"10.0.4.99\"], conditions: { ready: true }, targetRef: { kind: Pod, name: bookwarehouse-0, namespace: bookwarehouse } }\n",
+    );
+    let snapshot = apply(&mut pipeline, &mut objects, moved);
+    let (full, full_status) = fully_compiled(&objects);
+    let status = pipeline.status().borrow().clone();
+    assert_eq!(
+        listeners(&snapshot, &status),
+        listeners(&full, &full_status)
+    );
+}
