@@ -24,7 +24,7 @@ const ENVOY_FILES: &[&str] = &[
 ];
 
 /// Trellis's own files.
-const TRELLIS_FILES: &[&str] = &["trellis/v1/class.proto"];
+const TRELLIS_FILES: &[&str] = &["trellis/v1/class.proto", "trellis/v1/replication.proto"];
 
 /// Folders under envoy-types' `proto/` that hold import roots.
 const ENVOY_INCLUDE_ROOTS: &[&str] = &[

@@ -11,6 +11,7 @@ use crate::{
     classify::{NodeClassifier, ProxyClassifier},
     metrics::Metrics,
     store::SnapshotStore,
+    upstream::{self, UpstreamConfig},
     xds::{AdsConfig, AdsServer},
 };
 
@@ -76,6 +77,12 @@ impl Edge {
     /// Where snapshots are published.
     pub fn store(&self) -> &Arc<SnapshotStore> {
         &self.store
+    }
+
+    /// Follows the leader at `config.leader`, publishing its snapshots to
+    /// this edge's store; runs until dropped (spawn it).
+    pub fn follow(&self, config: UpstreamConfig) -> impl Future<Output = ()> + Send + 'static {
+        upstream::follow(config, self.store.clone(), self.metrics.clone())
     }
 
     /// The ADS service.

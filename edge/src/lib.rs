@@ -2,21 +2,23 @@
 //! state of the world, from an in-memory snapshot.
 //!
 //! * [`SnapshotStore`]: the one input seam. Whoever produces snapshots (a
-//!   test, the in-process leader, later the leader's replication stream)
+//!   test, the in-process leader, the leader's replication stream)
 //!   publishes them here; readers never lock.
 //! * [`AdsServer`]: one task per stream; responses assembled from
 //!   pre-encoded bytes and shared across streams of a class.
 //! * [`ProxyClassifier`]: which class a connecting proxy is served.
 //! * [`Admin`]: `/metrics`, `/healthz`, `/readyz`, `/debug/streams`.
+//! * [`UpstreamConfig`]: following the leader's snapshot over Delta xDS.
 //! * [`Edge`]: all of the above wired together and served on two listeners.
 //!
-//! Not here yet: TLS and per-proxy authorization, the upstream client.
+//! Not here yet: TLS and per-proxy authorization.
 
 mod admin;
 mod classify;
 mod edge;
 mod metrics;
 mod store;
+mod upstream;
 mod xds;
 
 pub use crate::{
@@ -25,5 +27,6 @@ pub use crate::{
     edge::{Edge, EdgeConfig, EdgeError},
     metrics::{Metrics, Protocol},
     store::SnapshotStore,
+    upstream::{UpstreamConfig, UpstreamError},
     xds::{AdsConfig, AdsServer, Limits, StreamReport, TypeReport},
 };

@@ -65,6 +65,8 @@ pub struct Metrics {
     pub(crate) snapshot_scopes: Gauge,
     pub(crate) response_cache_hits: Counter,
     pub(crate) response_cache_misses: Counter,
+    pub(crate) upstream_connected: Gauge,
+    pub(crate) upstream_commits: Counter,
 }
 
 impl Metrics {
@@ -117,6 +119,16 @@ impl Metrics {
             "response_cache_misses",
             "Responses encoded afresh",
             self.response_cache_misses.clone(),
+        );
+        edge.register(
+            "upstream_connected",
+            "1 while a stream to the leader is open",
+            self.upstream_connected.clone(),
+        );
+        edge.register(
+            "upstream_commits",
+            "Leader snapshots applied",
+            self.upstream_commits.clone(),
         );
     }
 

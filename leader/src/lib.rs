@@ -8,13 +8,15 @@
 //!   endpoint assignments and secrets.
 //! * [`ca`]: certificate issuance behind a trait; a built-in CA.
 //! * [`pipeline`]: updates → debounce → catalog → compile → snapshot → sink.
+//! * [`publish`]: the Delta xDS server edges replicate the snapshot from.
 //! * [`source`]: where objects come from (a watched manifest directory).
 //!
-//! Not here yet: Raft, the publish server for remote edges, the injector.
+//! Not here yet: Raft, the injector.
 
 pub mod ca;
 pub mod catalog;
 pub mod compile;
 pub mod kinds;
 pub mod pipeline;
+pub mod publish;
 pub mod source;

@@ -10,7 +10,7 @@ mod support;
 use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
-use support::{eventually, Api, Envoy, TestEdge};
+use support::{copy_example, eventually, Api, Envoy, TestEdge};
 use tokio::sync::mpsc;
 use trellis_edge::EdgeConfig;
 use trellis_leader::{
@@ -21,15 +21,6 @@ use trellis_leader::{
     source::{files::FileSource, Change, Source, SourceUpdate},
 };
 use trellis_shared::{type_url, Scope, Snapshot};
-
-fn copy_example(to: &Path) {
-    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bookstore");
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-    }
-}
 
 async fn wait_for_status(
     status: &mut tokio::sync::watch::Receiver<Arc<Status>>,
@@ -84,17 +75,7 @@ async fn envoy_gets_its_class_from_the_in_process_leader_and_follows_edits() -> 
 
     // The whole class warms: listener, clusters, endpoints and secrets.
     let envoy = Envoy::start("bookbuyer-0", &class, edge.xds, Api::Delta).await?;
-    eventually(
-        Duration::from_secs(20),
-        "bookbuyer's listener and clusters to warm",
-        || async {
-            envoy.stat("listener_manager.total_listeners_active").await == 1
-                && envoy.stat("cluster_manager.active_clusters").await == 3
-                && envoy.stat("cluster_manager.warming_clusters").await == 0
-        },
-    )
-    .await
-    .with_context(|| envoy.log())?;
+    envoy.wait_warm(1, 3).await?;
     assert_eq!(envoy.stat("listener_manager.lds.update_rejected").await, 0);
     assert_eq!(envoy.stat("cluster_manager.cds.update_rejected").await, 0);
 

@@ -1,7 +1,8 @@
 //! Trellis's protobuf boundary.
 //!
-//! * [`trellis::v1`]: the project's own resource types (proxy classes), served
-//!   next to Envoy's and compiled from `proto/trellis` with protox.
+//! * [`trellis::v1`]: the project's own resource types (proxy classes, the
+//!   replication commit marker), served next to Envoy's and compiled from
+//!   `proto/trellis` with protox.
 //! * [`descriptors`]: descriptors of every message Trellis encodes (its own
 //!   and the Envoy messages it emits), used to encode them canonically.
 //! * [`pb`]: the Envoy v3 API types, re-exported from `envoy-types`.
@@ -26,6 +27,9 @@ pub mod trellis {
 
 /// Type URL of [`trellis::v1::ProxyClass`].
 pub const PROXY_CLASS_TYPE_URL: &str = "type.googleapis.com/trellis.v1.ProxyClass";
+
+/// Type URL of [`trellis::v1::Commit`].
+pub const COMMIT_TYPE_URL: &str = "type.googleapis.com/trellis.v1.Commit";
 
 static DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
 

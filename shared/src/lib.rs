@@ -6,18 +6,20 @@
 //!   cheap to derive from its parent and to diff against an ancestor.
 //! * [`ClassManifest`], [`ClassView`], [`ClassDelta`]: which resources make
 //!   up a proxy class, and what changed for a class between two snapshots.
+//! * [`replication`]: how snapshots are named on the leader-to-edge stream.
 //!
 //! No I/O happens here and nothing process-wide is touched.
 
 mod canonical;
 mod class;
+pub mod replication;
 mod resource;
 mod snapshot;
 
 pub use crate::{
     canonical::{put_len_delimited, EncodeError},
     class::{ClassDelta, ClassManifest, ClassView, InvalidClass, TypeDelta},
-    resource::{type_url, Resource, Scope, Version},
+    resource::{type_url, InvalidScope, Resource, Scope, Version},
     snapshot::{
         Epoch, ScopeDiff, Snapshot, SnapshotBuilder, SnapshotDiff, SnapshotError, TypeChanges,
     },

@@ -18,6 +18,7 @@ pub mod type_url {
     pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
     /// `envoy.extensions.transport_sockets.tls.v3.Secret` (SDS).
     pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+    pub use trellis_proto::COMMIT_TYPE_URL as COMMIT;
     pub use trellis_proto::PROXY_CLASS_TYPE_URL as PROXY_CLASS;
 
     /// Types whose wildcard subscription means "everything": the xDS protocol
@@ -36,6 +37,7 @@ pub mod type_url {
             ENDPOINT => "eds",
             SECRET => "sds",
             PROXY_CLASS => "class",
+            COMMIT => "commit",
             _ => "other",
         }
     }
@@ -67,6 +69,26 @@ impl fmt::Display for Scope {
             Scope::Service(name) => write!(f, "service:{name}"),
             Scope::Identity(name) => write!(f, "identity:{name}"),
         }
+    }
+}
+
+/// Why text is not a scope.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a scope (class:, service: or identity: followed by an id)")]
+pub struct InvalidScope(String);
+
+impl std::str::FromStr for Scope {
+    type Err = InvalidScope;
+
+    /// Parses what `Display` writes.
+    fn from_str(text: &str) -> Result<Scope, InvalidScope> {
+        let scope = match text.split_once(':') {
+            Some(("class", id)) if !id.is_empty() => Scope::Class(id.into()),
+            Some(("service", id)) if !id.is_empty() => Scope::Service(id.into()),
+            Some(("identity", id)) if !id.is_empty() => Scope::Identity(id.into()),
+            _ => return Err(InvalidScope(text.to_owned())),
+        };
+        Ok(scope)
     }
 }
 

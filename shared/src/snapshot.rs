@@ -142,6 +142,17 @@ impl Snapshot {
             .flat_map(|names| names.iter())
     }
 
+    /// Every resource of one type, in scope order.
+    pub fn resources_of<'a>(
+        &'a self,
+        type_url: &'a str,
+    ) -> impl Iterator<Item = (&'a Scope, &'a Arc<str>, &'a Resource)> + 'a {
+        self.scopes
+            .iter()
+            .filter_map(move |(scope, entry)| Some((scope, entry.types.as_ref()?.get(type_url)?)))
+            .flat_map(|(scope, names)| names.iter().map(move |(name, r)| (scope, name, r)))
+    }
+
     /// Number of live scopes.
     pub fn scope_count(&self) -> usize {
         self.scopes.values().filter(|e| e.types.is_some()).count()

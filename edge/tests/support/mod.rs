@@ -25,7 +25,7 @@ use tokio::{
     sync::oneshot,
     task::JoinHandle,
 };
-use trellis_edge::{Edge, EdgeConfig, SnapshotStore};
+use trellis_edge::{Edge, EdgeConfig, SnapshotStore, UpstreamConfig};
 use trellis_proto::pb::{
     envoy::{
         config::{
@@ -65,6 +65,7 @@ pub struct TestEdge {
     pub ads: trellis_edge::AdsServer,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    follow: Option<JoinHandle<()>>,
 }
 
 impl TestEdge {
@@ -73,7 +74,19 @@ impl TestEdge {
     }
 
     pub async fn start_on(xds: SocketAddr, config: EdgeConfig) -> TestEdge {
-        let edge = Edge::new(config);
+        TestEdge::launch(Edge::new(config), xds).await
+    }
+
+    /// An edge that follows the leader publishing at `leader`.
+    pub async fn following(leader: SocketAddr, name: &str) -> TestEdge {
+        let edge = Edge::new(EdgeConfig::default());
+        let follow = edge.follow(UpstreamConfig::new(format!("http://{leader}"), name));
+        let mut test = TestEdge::launch(edge, "127.0.0.1:0".parse().unwrap()).await;
+        test.follow = Some(tokio::spawn(follow));
+        test
+    }
+
+    async fn launch(edge: Edge, xds: SocketAddr) -> TestEdge {
         let store = edge.store().clone();
         let ads = edge.ads().clone();
         let xds = TcpListener::bind(xds).await.unwrap();
@@ -93,11 +106,15 @@ impl TestEdge {
             ads,
             stop: Some(stop),
             task: Some(task),
+            follow: None,
         }
     }
 
     /// Drains the edge and waits until it stopped serving.
     pub async fn stop(mut self) {
+        if let Some(follow) = self.follow.take() {
+            follow.abort();
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -139,6 +156,9 @@ impl TestEdge {
 
 impl Drop for TestEdge {
     fn drop(&mut self) {
+        if let Some(follow) = self.follow.take() {
+            follow.abort();
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -358,6 +378,16 @@ impl Mesh {
 }
 
 /// A port nothing listens on right now.
+/// Copies the bundled example mesh into `to`, to edit it in a test.
+pub fn copy_example(to: &std::path::Path) {
+    let from = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bookstore");
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -568,6 +598,22 @@ admin:
     }
 
     /// One counter or gauge from Envoy's admin `/stats`.
+    /// Waits until `listeners` listeners are active and `clusters` clusters
+    /// warmed.
+    pub async fn wait_warm(&self, listeners: u64, clusters: u64) -> Result<()> {
+        eventually(
+            Duration::from_secs(20),
+            "listeners and clusters to warm",
+            || async {
+                self.stat("listener_manager.total_listeners_active").await == listeners
+                    && self.stat("cluster_manager.active_clusters").await == clusters
+                    && self.stat("cluster_manager.warming_clusters").await == 0
+            },
+        )
+        .await
+        .with_context(|| self.log())
+    }
+
     pub async fn stat(&self, name: &str) -> u64 {
         let Ok((_, text)) = http_get(
             self.admin,

@@ -1,0 +1,376 @@
+//! The edge's upstream: follows the leader's snapshot over Delta xDS (see
+//! `trellis_shared::replication` for the naming) and publishes it to the
+//! store one commit at a time.
+//!
+//! The edge subscribes to every replicated type with the versions its
+//! current snapshot holds, so a reconnect (to the same leader or a new one)
+//! costs only what changed. What arrives between two commits is applied as
+//! one snapshot; a commit that would not make a valid snapshot is refused
+//! and the edge resynchronises from its last good snapshot. While no leader
+//! is reachable the edge keeps serving what it has and retries with jittered
+//! exponential backoff.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use tracing::{debug, info, info_span, warn, Instrument};
+use trellis_proto::pb::{
+    envoy::{
+        config::core::v3::Node,
+        service::discovery::v3::{
+            aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+            DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+        },
+    },
+    google::rpc,
+};
+use trellis_shared::{
+    replication::{parse_replica_name, replica_name, REPLICATED_TYPES},
+    type_url, Resource, Snapshot, SnapshotBuilder, SnapshotError,
+};
+
+use crate::{metrics::Metrics, store::SnapshotStore};
+
+/// Where and how the edge follows the leader.
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    /// The leader's publish address, for example `http://leader:15129`.
+    pub leader: String,
+    /// This edge's name, sent as the node id (for the leader's logs).
+    pub node_id: String,
+    /// First retry delay after a failure (default 100 ms).
+    pub min_backoff: Duration,
+    /// Longest retry delay (default 5 s).
+    pub max_backoff: Duration,
+}
+
+impl UpstreamConfig {
+    /// Follows `leader` with default backoff.
+    pub fn new(leader: impl Into<String>, node_id: impl Into<String>) -> UpstreamConfig {
+        UpstreamConfig {
+            leader: leader.into(),
+            node_id: node_id.into(),
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why one session with the leader ended.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The leader's address is not a valid URI.
+    #[error("invalid leader address {0:?}")]
+    Address(String),
+    /// The connection failed.
+    #[error("cannot reach the leader: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    /// The stream failed.
+    #[error("stream failed: {0}")]
+    Grpc(#[from] tonic::Status),
+    /// The leader closed the stream.
+    #[error("the leader closed the stream")]
+    Closed,
+    /// A response could not be applied.
+    #[error("{type_url}: {reason}")]
+    Refused {
+        /// The response's type.
+        type_url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A commit would not make a valid snapshot.
+    #[error("commit refused: {0}")]
+    Snapshot(#[from] SnapshotError),
+}
+
+/// Follows the leader until the task is dropped, reconnecting after every
+/// failure.
+pub(crate) async fn follow(
+    config: UpstreamConfig,
+    store: Arc<SnapshotStore>,
+    metrics: Arc<Metrics>,
+) {
+    let mut failures = 0u32;
+    loop {
+        let span = info_span!("upstream", leader = %config.leader);
+        let mut session = Session {
+            config: &config,
+            store: &store,
+            metrics: &metrics,
+            committed: false,
+        };
+        let result = session.run().instrument(span).await;
+        metrics.upstream_connected.set(0);
+        if session.committed {
+            failures = 0;
+        }
+        failures = failures.saturating_add(1);
+        let delay = backoff(&config, failures);
+        match result {
+            Err(error) => {
+                warn!(%error, retry_in = ?delay, "lost the leader; serving the last snapshot")
+            }
+            Ok(()) => info!(retry_in = ?delay, "leader stream ended"),
+        }
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Exponential backoff with jitter (half to all of the step), so edges
+/// restarted together do not reconnect in lockstep.
+fn backoff(config: &UpstreamConfig, failures: u32) -> Duration {
+    let step = config
+        .min_backoff
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(config.max_backoff);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let fraction = (xxhash_rust::xxh3::xxh3_64(&seed.to_le_bytes()) % 1000) as u32;
+    step / 2 + step / 2 * fraction / 1000
+}
+
+struct Session<'a> {
+    config: &'a UpstreamConfig,
+    store: &'a Arc<SnapshotStore>,
+    metrics: &'a Arc<Metrics>,
+    /// Whether this session published at least one commit.
+    committed: bool,
+}
+
+impl Session<'_> {
+    async fn run(&mut self) -> Result<(), UpstreamError> {
+        let endpoint = Endpoint::from_shared(self.config.leader.clone())
+            .map_err(|_| UpstreamError::Address(self.config.leader.clone()))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let channel = endpoint.connect().await?;
+        let mut client = AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+
+        let (requests, outgoing) = mpsc::channel(16);
+        let current = self.store.load();
+        let node = Node {
+            id: self.config.node_id.clone(),
+            ..Node::default()
+        };
+        for (i, type_url) in REPLICATED_TYPES
+            .iter()
+            .chain([&type_url::COMMIT])
+            .enumerate()
+        {
+            let request = DeltaDiscoveryRequest {
+                node: (i == 0).then(|| node.clone()),
+                type_url: (*type_url).to_owned(),
+                resource_names_subscribe: vec!["*".to_owned()],
+                initial_resource_versions: held_versions(&current, type_url),
+                ..DeltaDiscoveryRequest::default()
+            };
+            requests
+                .send(request)
+                .await
+                .map_err(|_| UpstreamError::Closed)?;
+        }
+        let mut responses = client
+            .delta_aggregated_resources(ReceiverStream::new(outgoing))
+            .await?
+            .into_inner();
+        self.metrics.upstream_connected.set(1);
+        info!(epoch = current.epoch(), "following the leader");
+
+        // What arrived since the last commit, on top of the latest snapshot.
+        let mut pending: Option<SnapshotBuilder> = None;
+        let mut received = 0usize;
+        while let Some(response) = responses.message().await? {
+            let result = if response.type_url == type_url::COMMIT {
+                let builder = pending
+                    .take()
+                    .unwrap_or_else(|| self.store.load().to_builder());
+                self.commit(builder, received, &response)
+                    .map(|()| received = 0)
+            } else {
+                let builder = pending.get_or_insert_with(|| self.store.load().to_builder());
+                apply(builder, &response).map(|count| received += count)
+            };
+            let error_detail = result.as_ref().err().map(|error| rpc::Status {
+                code: tonic::Code::InvalidArgument as i32,
+                message: error.to_string(),
+                ..rpc::Status::default()
+            });
+            let ack = DeltaDiscoveryRequest {
+                type_url: response.type_url.clone(),
+                response_nonce: response.nonce.clone(),
+                error_detail,
+                ..DeltaDiscoveryRequest::default()
+            };
+            // A refused response leaves `pending` unusable: resynchronise
+            // from the last good snapshot on a new stream.
+            result?;
+            requests
+                .send(ack)
+                .await
+                .map_err(|_| UpstreamError::Closed)?;
+        }
+        Err(UpstreamError::Closed)
+    }
+
+    /// Publishes what arrived since the last commit as one snapshot.
+    fn commit(
+        &mut self,
+        pending: SnapshotBuilder,
+        received: usize,
+        response: &DeltaDiscoveryResponse,
+    ) -> Result<(), UpstreamError> {
+        let first = !self.store.is_ready();
+        if !pending.has_changes() && !first {
+            debug!(leader_epoch = %response.system_version_info, "commit without changes");
+            return Ok(());
+        }
+        let snapshot = pending.build()?;
+        info!(
+            leader_epoch = %response.system_version_info,
+            epoch = snapshot.epoch(),
+            resources = received,
+            "applied the leader's snapshot"
+        );
+        self.store.publish(snapshot);
+        self.committed = true;
+        self.metrics.upstream_commits.inc();
+        Ok(())
+    }
+}
+
+/// The versions of one type the edge holds, by wire name.
+fn held_versions(snapshot: &Snapshot, type_url: &str) -> HashMap<String, String> {
+    snapshot
+        .resources_of(type_url)
+        .map(|(scope, name, resource)| (replica_name(scope, name), resource.version().to_string()))
+        .collect()
+}
+
+/// Puts one response's resources and removals into `pending`, returning how
+/// many there were. Every resource's version must be the hash of its bytes:
+/// versions mean the same on the leader, the edge and Envoy.
+fn apply(
+    pending: &mut SnapshotBuilder,
+    response: &DeltaDiscoveryResponse,
+) -> Result<usize, UpstreamError> {
+    let refuse = |reason: String| UpstreamError::Refused {
+        type_url: response.type_url.clone(),
+        reason,
+    };
+    if !REPLICATED_TYPES.contains(&response.type_url.as_str()) {
+        return Err(refuse("not a replicated type".to_owned()));
+    }
+    for wire in &response.resources {
+        let (scope, name) = parse_replica_name(&wire.name)
+            .ok_or_else(|| refuse(format!("{:?} is not a scoped name", wire.name)))?;
+        let any = wire
+            .resource
+            .as_ref()
+            .ok_or_else(|| refuse(format!("{} has no body", wire.name)))?;
+        if any.type_url != response.type_url {
+            return Err(refuse(format!("{} is a {}", wire.name, any.type_url)));
+        }
+        let resource = Resource::from_any(prost::Message::encode_to_vec(any).into());
+        if resource.version().to_string() != wire.version {
+            return Err(refuse(format!(
+                "{}: version {} is not the hash of its bytes ({})",
+                wire.name,
+                wire.version,
+                resource.version()
+            )));
+        }
+        pending.insert(scope, &response.type_url, name, resource)?;
+    }
+    for wire in &response.removed_resources {
+        let (scope, name) = parse_replica_name(wire)
+            .ok_or_else(|| refuse(format!("{wire:?} is not a scoped name")))?;
+        pending.remove(&scope, &response.type_url, name);
+    }
+    Ok(response.resources.len() + response.removed_resources.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use trellis_proto::pb::google::protobuf::Any;
+
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let config = UpstreamConfig::new("http://leader", "edge");
+        for failures in 1..20 {
+            let step = (config.min_backoff * (1 << (failures - 1).min(16))).min(config.max_backoff);
+            let delay = backoff(&config, failures);
+            assert!(delay >= step / 2 && delay <= step, "{failures}: {delay:?}");
+        }
+    }
+
+    fn response(
+        type_url: &str,
+        name: &str,
+        any: Option<Any>,
+        version: &str,
+    ) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            type_url: type_url.to_owned(),
+            resources: vec![trellis_proto::pb::envoy::service::discovery::v3::Resource {
+                name: name.to_owned(),
+                version: version.to_owned(),
+                resource: any,
+                ..Default::default()
+            }],
+            ..DeltaDiscoveryResponse::default()
+        }
+    }
+
+    #[test]
+    fn a_response_is_applied_only_if_every_resource_is_sound() {
+        let any = Any {
+            type_url: type_url::CLUSTER.to_owned(),
+            value: Vec::new(),
+        };
+        let version = Resource::from_any(prost::Message::encode_to_vec(&any).into())
+            .version()
+            .to_string();
+        let name = "service:ns/svc ns/svc|80";
+        let mut pending = Snapshot::empty().to_builder();
+        let good = response(type_url::CLUSTER, name, Some(any.clone()), &version);
+        assert_eq!(apply(&mut pending, &good).ok(), Some(1));
+
+        for (what, bad) in [
+            (
+                "unscoped name",
+                response(type_url::CLUSTER, "ns/svc|80", Some(any.clone()), &version),
+            ),
+            ("no body", response(type_url::CLUSTER, name, None, &version)),
+            (
+                "wrong version",
+                response(
+                    type_url::CLUSTER,
+                    name,
+                    Some(any.clone()),
+                    "0000000000000001",
+                ),
+            ),
+            (
+                "body of another type",
+                response(type_url::LISTENER, name, Some(any.clone()), &version),
+            ),
+            (
+                "unknown type",
+                response("type.googleapis.com/x.Y", name, Some(any.clone()), &version),
+            ),
+        ] {
+            let mut pending = Snapshot::empty().to_builder();
+            assert!(apply(&mut pending, &bad).is_err(), "{what} was accepted");
+        }
+    }
+}

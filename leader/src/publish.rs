@@ -1,0 +1,380 @@
+//! The leader's publish server: edges follow the leader's snapshot over
+//! Delta xDS (see `trellis_shared::replication` for the naming).
+//!
+//! One task per edge stream. The edge subscribes to every replicated type
+//! and then to the commit type, with the versions it already holds; the
+//! leader sends what differs, then a commit. From then on every new snapshot
+//! is sent as its differences from the last one sent, then a commit. A slow
+//! edge skips intermediate snapshots: it always catches up to the latest.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    pin::Pin,
+    sync::Arc,
+    time::Duration,
+};
+
+use futures::Stream;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, info_span, warn, Instrument};
+use trellis_edge::SnapshotStore;
+use trellis_proto::{
+    pb::{
+        envoy::service::discovery::v3::{
+            aggregated_discovery_service_server::{
+                AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+            },
+            DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+            Resource as WireResource,
+        },
+        google::protobuf::Any,
+    },
+    trellis::v1::Commit,
+};
+use trellis_shared::{
+    replication::{replica_name, COMMIT_NAME, REPLICATED_TYPES},
+    type_url, Resource, Snapshot,
+};
+
+/// Most resources in one response: an edge's first sync of a large mesh is
+/// split so no message nears gRPC's size limits.
+const CHUNK: usize = 1_000;
+
+/// How long a new edge stream may take to subscribe.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves the leader's snapshot to edges.
+#[derive(Clone, Debug)]
+pub struct Publisher {
+    store: Arc<SnapshotStore>,
+    closing: watch::Sender<bool>,
+}
+
+impl Publisher {
+    /// Publishes what `store` holds (the pipeline's sink).
+    pub fn new(store: Arc<SnapshotStore>) -> Publisher {
+        Publisher {
+            store,
+            closing: watch::channel(false).0,
+        }
+    }
+
+    /// Ends every edge stream with UNAVAILABLE and refuses new ones, so the
+    /// server can shut down and edges look for a leader elsewhere.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Completes once [`close`](Publisher::close) is called: the server's
+    /// shutdown signal.
+    pub async fn closed(&self) {
+        let mut closing = self.closing.subscribe();
+        let _ = closing.wait_for(|closing| *closing).await;
+    }
+
+    /// The gRPC service, to add to a tonic server.
+    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Publisher> {
+        AggregatedDiscoveryServiceServer::new(self)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Publisher {
+    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        Err(Status::unimplemented(
+            "edges replicate with Delta xDS; Envoys connect to an edge",
+        ))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let mut closing = self.closing.subscribe();
+        if *closing.borrow_and_update() {
+            return Err(Status::unavailable("this leader is not publishing"));
+        }
+        let (tx, rx) = mpsc::channel(4);
+        let stream = EdgeStream {
+            closing,
+            store: self.store.clone(),
+            requests: request.into_inner(),
+            tx,
+            nonce: 0,
+        };
+        let span = info_span!("edge_stream", %peer, edge = tracing::field::Empty);
+        tokio::spawn(stream.run().instrument(span));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Why an edge stream ended.
+#[derive(Debug, thiserror::Error)]
+enum StreamEnd {
+    #[error("the edge went away")]
+    Gone,
+    #[error("the edge did not subscribe within {0:?}")]
+    NoSubscription(Duration),
+    #[error("this leader stopped publishing")]
+    Closing,
+    #[error(transparent)]
+    Grpc(#[from] Status),
+}
+
+struct EdgeStream {
+    closing: watch::Receiver<bool>,
+    store: Arc<SnapshotStore>,
+    requests: Streaming<DeltaDiscoveryRequest>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    nonce: u64,
+}
+
+impl EdgeStream {
+    async fn run(mut self) {
+        match self.serve().await {
+            Ok(()) | Err(StreamEnd::Gone) => info!("edge disconnected"),
+            // Edges restart and move; a reset connection is not a fault.
+            Err(StreamEnd::Grpc(status)) => info!(%status, "edge connection lost"),
+            Err(StreamEnd::Closing) => {
+                info!("closing the edge stream");
+                let status = Status::unavailable(StreamEnd::Closing.to_string());
+                let _ = self.tx.send(Err(status)).await;
+            }
+            Err(error) => {
+                warn!(%error, "edge stream ended");
+                let _ = self.tx.send(Err(Status::aborted(error.to_string()))).await;
+            }
+        }
+    }
+
+    async fn serve(&mut self) -> Result<(), StreamEnd> {
+        let known = tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.subscriptions())
+            .await
+            .map_err(|_| StreamEnd::NoSubscription(SUBSCRIBE_TIMEOUT))??;
+        let mut epochs = self.store.subscribe();
+        let mut sent = self.store.load();
+        self.send_initial(&sent, &known).await?;
+        loop {
+            tokio::select! {
+                request = self.requests.message() => match request? {
+                    Some(request) => acknowledge(&request),
+                    None => return Ok(()),
+                },
+                _ = self.closing.changed() => return Err(StreamEnd::Closing),
+                changed = epochs.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    let now = self.store.load();
+                    self.send_changes(&sent, &now).await?;
+                    sent = now;
+                }
+            }
+        }
+    }
+
+    /// Reads subscriptions until the commit type's, returning the versions
+    /// the edge already holds, by type.
+    async fn subscriptions(
+        &mut self,
+    ) -> Result<HashMap<String, HashMap<String, String>>, StreamEnd> {
+        let mut known = HashMap::new();
+        loop {
+            let request = self.requests.message().await?.ok_or(StreamEnd::Gone)?;
+            if let Some(node) = &request.node {
+                tracing::Span::current().record("edge", node.id.as_str());
+            }
+            if request.type_url == type_url::COMMIT {
+                return Ok(known);
+            }
+            if REPLICATED_TYPES.contains(&request.type_url.as_str()) {
+                known.insert(request.type_url, request.initial_resource_versions);
+            } else {
+                warn!(type_url = %request.type_url, "edge subscribed to a type the leader does not replicate");
+            }
+        }
+    }
+
+    /// Everything the edge lacks, and removals of what it holds that the
+    /// snapshot does not.
+    async fn send_initial(
+        &mut self,
+        snapshot: &Snapshot,
+        known: &HashMap<String, HashMap<String, String>>,
+    ) -> Result<(), StreamEnd> {
+        let mut total = 0;
+        for type_url in REPLICATED_TYPES {
+            let Some(held) = known.get(type_url) else {
+                continue;
+            };
+            let mut present = HashSet::new();
+            let mut resources = Vec::new();
+            for (scope, name, resource) in snapshot.resources_of(type_url) {
+                let wire = replica_name(scope, name);
+                let version = resource.version().to_string();
+                if held.get(&wire) != Some(&version) {
+                    resources.push(wire_resource(wire.clone(), resource));
+                }
+                present.insert(wire);
+            }
+            let removed: Vec<String> = (held.keys())
+                .filter(|name| !present.contains(*name))
+                .cloned()
+                .collect();
+            total += resources.len() + removed.len();
+            self.send_type(snapshot, type_url, resources, removed)
+                .await?;
+        }
+        info!(
+            epoch = snapshot.epoch(),
+            resources = total,
+            "edge synchronised"
+        );
+        self.send_commit(snapshot).await
+    }
+
+    /// The differences from `old` to `new`, type by type.
+    async fn send_changes(&mut self, old: &Snapshot, new: &Snapshot) -> Result<(), StreamEnd> {
+        let diff = new.diff_from(old);
+        let mut by_type: BTreeMap<&str, (Vec<WireResource>, Vec<String>)> = BTreeMap::new();
+        for scope_diff in &diff.scopes {
+            for changes in &scope_diff.types {
+                let (resources, removed) = by_type.entry(&changes.type_url).or_default();
+                for name in &changes.changed {
+                    if let Some(resource) = new.get(&scope_diff.scope, &changes.type_url, name) {
+                        resources.push(wire_resource(
+                            replica_name(&scope_diff.scope, name),
+                            resource,
+                        ));
+                    }
+                }
+                removed.extend(
+                    (changes.removed.iter()).map(|name| replica_name(&scope_diff.scope, name)),
+                );
+            }
+        }
+        for type_url in REPLICATED_TYPES {
+            if let Some((resources, removed)) = by_type.remove(type_url) {
+                self.send_type(new, type_url, resources, removed).await?;
+            }
+        }
+        debug!(epoch = new.epoch(), "sent a snapshot's changes");
+        self.send_commit(new).await
+    }
+
+    async fn send_type(
+        &mut self,
+        snapshot: &Snapshot,
+        type_url: &str,
+        mut resources: Vec<WireResource>,
+        removed: Vec<String>,
+    ) -> Result<(), StreamEnd> {
+        if resources.is_empty() && removed.is_empty() {
+            return Ok(());
+        }
+        // Removals ride with the last chunk.
+        let mut chunks = Vec::new();
+        while resources.len() > CHUNK {
+            let rest = resources.split_off(CHUNK);
+            chunks.push(std::mem::replace(&mut resources, rest));
+        }
+        chunks.push(resources);
+        let last = chunks.len() - 1;
+        let mut removed = Some(removed);
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let removed = if i == last {
+                removed.take().unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            self.send(snapshot, type_url, chunk, removed).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_commit(&mut self, snapshot: &Snapshot) -> Result<(), StreamEnd> {
+        let commit = Any {
+            type_url: type_url::COMMIT.to_owned(),
+            value: prost::Message::encode_to_vec(&Commit {
+                epoch: snapshot.epoch(),
+            }),
+        };
+        let resource = WireResource {
+            name: COMMIT_NAME.to_owned(),
+            version: snapshot.epoch().to_string(),
+            resource: Some(commit),
+            ..WireResource::default()
+        };
+        self.send(snapshot, type_url::COMMIT, vec![resource], Vec::new())
+            .await
+    }
+
+    async fn send(
+        &mut self,
+        snapshot: &Snapshot,
+        type_url: &str,
+        resources: Vec<WireResource>,
+        removed_resources: Vec<String>,
+    ) -> Result<(), StreamEnd> {
+        self.nonce += 1;
+        let response = DeltaDiscoveryResponse {
+            system_version_info: snapshot.epoch().to_string(),
+            type_url: type_url.to_owned(),
+            resources,
+            removed_resources,
+            nonce: self.nonce.to_string(),
+            ..DeltaDiscoveryResponse::default()
+        };
+        self.tx
+            .send(Ok(response))
+            .await
+            .map_err(|_| StreamEnd::Gone)
+    }
+}
+
+/// Logs what an edge rejected; the edge reconnects to resynchronise.
+fn acknowledge(request: &DeltaDiscoveryRequest) {
+    if let Some(error) = &request.error_detail {
+        warn!(
+            type_url = %request.type_url,
+            nonce = %request.response_nonce,
+            error = %error.message,
+            "edge rejected a response"
+        );
+    }
+}
+
+/// A resource as sent to edges: our canonical `Any`, decoded into its
+/// fields (re-encoding them gives the same bytes, hence the same version).
+fn wire_resource(name: String, resource: &Resource) -> WireResource {
+    let any = match <Any as prost::Message>::decode(resource.any().clone()) {
+        Ok(any) => Some(any),
+        // Every resource was encoded by `Resource::encode`, so this is a
+        // defect; the edge refuses the commit that lacks it and resyncs.
+        Err(error) => {
+            warn!(%name, %error, "a snapshot resource is not a valid Any; not sent");
+            None
+        }
+    };
+    WireResource {
+        name,
+        version: resource.version().to_string(),
+        resource: any,
+        ..WireResource::default()
+    }
+}

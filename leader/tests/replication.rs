@@ -1,0 +1,358 @@
+//! Leader to edge over Delta xDS: the leader's publish server, an edge
+//! following it, and a real Envoy behind the edge.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "../../edge/tests/support/mod.rs"]
+mod support;
+
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use support::{copy_example, eventually, Api, Envoy, TestEdge};
+use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::Streaming;
+use trellis_edge::SnapshotStore;
+use trellis_leader::{
+    ca::BuiltinCa,
+    compile::Compiler,
+    pipeline::{Pipeline, PipelineConfig, Status},
+    publish::Publisher,
+    source::{files::FileSource, Source},
+};
+use trellis_proto::pb::envoy::service::discovery::v3::{
+    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient, DeltaDiscoveryRequest,
+    DeltaDiscoveryResponse,
+};
+use trellis_shared::{replication::REPLICATED_TYPES, type_url};
+
+/// A leader compiling a copy of the example, publishing on loopback.
+struct TestLeader {
+    dir: PathBuf,
+    store: Arc<SnapshotStore>,
+    status: tokio::sync::watch::Receiver<Arc<Status>>,
+    publish: SocketAddr,
+    server: Option<(Publisher, JoinHandle<()>)>,
+}
+
+impl TestLeader {
+    async fn start(name: &str) -> TestLeader {
+        let dir = std::env::temp_dir().join(format!("trellis-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        copy_example(&dir);
+        let config = PipelineConfig {
+            quiet: Duration::from_millis(50),
+            ..PipelineConfig::default()
+        };
+        let pipeline = Pipeline::new(
+            config,
+            Compiler::new(Box::new(BuiltinCa::generate().unwrap())),
+        );
+        let mut status = pipeline.status();
+        let store = Arc::new(SnapshotStore::new());
+        let (updates, received) = mpsc::channel(16);
+        tokio::spawn(FileSource::new(&dir).run(updates));
+        tokio::spawn(pipeline.run(received, store.clone()));
+        status.wait_for(|s| s.epoch > 0).await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let publish = listener.local_addr().unwrap();
+        let mut leader = TestLeader {
+            dir,
+            store,
+            status,
+            publish,
+            server: None,
+        };
+        leader.serve(listener);
+        leader
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let publisher = Publisher::new(self.store.clone());
+        let service = publisher.clone().into_service();
+        let closed = publisher.clone();
+        let task = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    closed.closed().await;
+                })
+                .await
+                .unwrap();
+        });
+        self.server = Some((publisher, task));
+    }
+
+    /// Stops publishing: edge streams end, the port closes.
+    async fn stop_publishing(&mut self) {
+        if let Some((publisher, task)) = self.server.take() {
+            publisher.close();
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("publish server stopped")
+                .unwrap();
+        }
+    }
+
+    /// Publishes again on the same port.
+    async fn resume_publishing(&mut self) {
+        let listener = TcpListener::bind(self.publish).await.unwrap();
+        self.serve(listener);
+    }
+
+    /// Edits the example's policies and waits until the pipeline compiled it.
+    async fn edit_policies(&mut self, edit: impl Fn(&str) -> String) {
+        let path = self.dir.join("policies.yaml");
+        let before = self.status.borrow().epoch;
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, edit(&text)).unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            self.status.wait_for(|s| s.epoch > before),
+        )
+        .await
+        .expect("the edit compiled")
+        .unwrap();
+    }
+
+    fn class_of(&self, pod: &str) -> String {
+        let status = self.status.borrow();
+        let (id, _) = (status.classes.iter())
+            .find(|(_, c)| c.pods.iter().any(|p| p == pod))
+            .expect("the pod's class");
+        id.clone()
+    }
+}
+
+impl Drop for TestLeader {
+    fn drop(&mut self) {
+        if let Some((publisher, _)) = &self.server {
+            publisher.close();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// How many listener and cluster updates Envoy accepted.
+async fn updates(envoy: &Envoy) -> (u64, u64) {
+    (
+        envoy.stat("listener_manager.lds.update_success").await,
+        envoy.stat("cluster_manager.cds.update_success").await,
+    )
+}
+
+/// Removes bookbuyer from the bookstore's TrafficTarget.
+fn without_bookbuyer(policies: &str) -> String {
+    policies.replace(
+        "- { kind: ServiceAccount, name: bookbuyer, namespace: bookbuyer }",
+        "- { kind: ServiceAccount, name: nobody, namespace: bookbuyer }",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_behind_an_edge_follows_the_leader_across_a_partition() -> Result<()> {
+    let mut leader = TestLeader::start("replication-envoy").await;
+    let edge = TestEdge::following(leader.publish, "edge-a").await;
+    eventually(Duration::from_secs(20), "the edge to be ready", || async {
+        edge.admin("/readyz").await.0 == 200
+    })
+    .await?;
+
+    let class = leader.class_of("bookbuyer/bookbuyer-0");
+    let envoy = Envoy::start("bookbuyer-0", &class, edge.xds, Api::Delta).await?;
+    envoy.wait_warm(1, 3).await?;
+    let settled = updates(&envoy).await;
+
+    // The leader goes away and comes back with nothing changed: the edge
+    // resynchronises by versions and Envoy is sent nothing.
+    leader.stop_publishing().await;
+    eventually(Duration::from_secs(10), "the edge to notice", || async {
+        edge.metric("trellis_edge_upstream_connected").await == 0.0
+    })
+    .await?;
+    assert_eq!(edge.admin("/readyz").await.0, 200, "still serving");
+    leader.resume_publishing().await;
+    eventually(Duration::from_secs(20), "the edge to reconnect", || async {
+        edge.metric("trellis_edge_upstream_connected").await == 1.0
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(updates(&envoy).await, settled, "Envoy was sent an update");
+
+    // A change made while the edge cannot reach the leader arrives once it
+    // can; meanwhile Envoy keeps its configuration.
+    leader.stop_publishing().await;
+    leader.edit_policies(without_bookbuyer).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        envoy.stat("listener_manager.total_listeners_active").await,
+        1
+    );
+    leader.resume_publishing().await;
+    eventually(
+        Duration::from_secs(20),
+        "bookbuyer's listener to go",
+        || async { envoy.stat("listener_manager.listener_removed").await >= 1 },
+    )
+    .await
+    .with_context(|| envoy.log())?;
+    assert_eq!(envoy.stat("listener_manager.lds.update_rejected").await, 0);
+    Ok(())
+}
+
+/// A raw Delta client of the publish server.
+struct EdgeClient {
+    requests: mpsc::Sender<DeltaDiscoveryRequest>,
+    responses: Streaming<DeltaDiscoveryResponse>,
+}
+
+impl EdgeClient {
+    /// Subscribes to every replicated type with `held` versions, then to
+    /// the commit.
+    async fn connect(leader: SocketAddr, held: &HashMap<String, HashMap<String, String>>) -> Self {
+        let (requests, outgoing) = mpsc::channel(16);
+        for type_url in REPLICATED_TYPES.iter().chain([&type_url::COMMIT]) {
+            let request = DeltaDiscoveryRequest {
+                type_url: (*type_url).to_owned(),
+                resource_names_subscribe: vec!["*".to_owned()],
+                initial_resource_versions: held.get(*type_url).cloned().unwrap_or_default(),
+                ..DeltaDiscoveryRequest::default()
+            };
+            requests.send(request).await.unwrap();
+        }
+        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{leader}"))
+            .await
+            .unwrap()
+            .max_decoding_message_size(64 << 20);
+        let responses = client
+            .delta_aggregated_resources(ReceiverStream::new(outgoing))
+            .await
+            .unwrap()
+            .into_inner();
+        EdgeClient {
+            requests,
+            responses,
+        }
+    }
+
+    /// Responses up to and including the next commit, ACKing each.
+    async fn until_commit(&mut self) -> Vec<DeltaDiscoveryResponse> {
+        let mut out = Vec::new();
+        loop {
+            let response = tokio::time::timeout(Duration::from_secs(10), self.responses.message())
+                .await
+                .expect("a response")
+                .unwrap()
+                .expect("the stream stays open");
+            let ack = DeltaDiscoveryRequest {
+                type_url: response.type_url.clone(),
+                response_nonce: response.nonce.clone(),
+                ..DeltaDiscoveryRequest::default()
+            };
+            self.requests.send(ack).await.unwrap();
+            let commit = response.type_url == type_url::COMMIT;
+            out.push(response);
+            if commit {
+                return out;
+            }
+        }
+    }
+}
+
+/// Wire name → version, by type, of what the responses carried.
+fn versions(responses: &[DeltaDiscoveryResponse]) -> HashMap<String, HashMap<String, String>> {
+    let mut held: HashMap<String, HashMap<String, String>> = HashMap::new();
+    for response in responses.iter().filter(|r| r.type_url != type_url::COMMIT) {
+        let of_type = held.entry(response.type_url.clone()).or_default();
+        for resource in &response.resources {
+            of_type.insert(resource.name.clone(), resource.version.clone());
+        }
+        for name in &response.removed_resources {
+            of_type.remove(name);
+        }
+    }
+    held
+}
+
+fn resources_in(responses: &[DeltaDiscoveryResponse]) -> usize {
+    responses
+        .iter()
+        .filter(|r| r.type_url != type_url::COMMIT)
+        .map(|r| r.resources.len() + r.removed_resources.len())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_edge_is_sent_only_what_changed() {
+    let mut leader = TestLeader::start("replication-versions").await;
+    let mut first = EdgeClient::connect(leader.publish, &HashMap::new()).await;
+    let initial = first.until_commit().await;
+    let held = versions(&initial);
+    let total: usize = held.values().map(HashMap::len).sum();
+    let snapshot = leader.store.load();
+    let expected: usize = REPLICATED_TYPES
+        .iter()
+        .map(|t| snapshot.resources_of(t).count())
+        .sum();
+    assert_eq!(total, expected, "the first sync carries the whole snapshot");
+    assert!(
+        held[type_url::PROXY_CLASS].len() >= 6,
+        "every class's manifest"
+    );
+
+    // Same versions: nothing but the commit.
+    let mut again = EdgeClient::connect(leader.publish, &held).await;
+    let resync = again.until_commit().await;
+    assert_eq!(resources_in(&resync), 0, "{resync:?}");
+    assert_eq!(resync.len(), 1);
+
+    // A name the leader no longer has, and a stale version: one removal,
+    // one resource.
+    let mut stale = held.clone();
+    let clusters = stale.get_mut(type_url::CLUSTER).unwrap();
+    clusters.insert("class:gone/gone/00000000 gone".to_owned(), "0".repeat(16));
+    let (some, _) = clusters
+        .iter()
+        .next()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .unwrap();
+    clusters.insert(some.clone(), "0".repeat(16));
+    let mut stale_client = EdgeClient::connect(leader.publish, &stale).await;
+    let repaired = stale_client.until_commit().await;
+    let clusters: Vec<_> = repaired
+        .iter()
+        .filter(|r| r.type_url == type_url::CLUSTER)
+        .collect();
+    assert_eq!(clusters.len(), 1);
+    assert_eq!(
+        clusters[0].removed_resources,
+        ["class:gone/gone/00000000 gone"]
+    );
+    assert_eq!(clusters[0].resources.len(), 1);
+    assert_eq!(clusters[0].resources[0].name, some);
+    assert_eq!(resources_in(&repaired), 2);
+
+    // A policy edit reaches a following edge as only its differences.
+    leader.edit_policies(without_bookbuyer).await;
+    let change = again.until_commit().await;
+    let changed = resources_in(&change);
+    assert!(changed > 0 && changed < total / 2, "{changed} of {total}");
+    let mut after = held.clone();
+    for (type_url, of_type) in versions(&change) {
+        after.entry(type_url).or_default().extend(of_type);
+    }
+    for response in &change {
+        for name in &response.removed_resources {
+            after.get_mut(&response.type_url).unwrap().remove(name);
+        }
+    }
+    let now = leader.store.load();
+    for type_url in REPLICATED_TYPES {
+        assert_eq!(
+            after[type_url].len(),
+            now.resources_of(type_url).count(),
+            "{type_url}"
+        );
+    }
+}
