@@ -9,10 +9,11 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::IpAddr,
+    sync::Arc,
     time::Duration,
 };
 
-pub use self::build::{build, rebuild_service};
+pub use self::build::{build, rebuild_policies, rebuild_service};
 pub use self::policy::{HttpRule, Split, Target, TcpRule};
 use crate::kinds::ObjectRef;
 
@@ -216,18 +217,27 @@ impl fmt::Display for Problem {
 }
 
 /// The normalized mesh.
+///
+/// Workloads (services, pods) sit behind `Arc`s: a change to policies only
+/// gives a catalog sharing them with its predecessor
+/// ([`rebuild_policies`]), and comparing the two skips them at once.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Catalog {
     /// Mesh-wide settings.
     pub mesh: MeshSettings,
+    /// Namespaces in the mesh.
+    pub namespaces: Arc<BTreeSet<String>>,
     /// Services in monitored namespaces.
-    pub services: BTreeMap<ServiceKey, MeshService>,
+    pub services: Arc<BTreeMap<ServiceKey, MeshService>>,
     /// Pods in monitored namespaces.
-    pub pods: BTreeMap<String, MeshPod>,
+    pub pods: Arc<BTreeMap<String, MeshPod>>,
     /// Valid TrafficTargets.
     pub targets: Vec<Target>,
     /// Valid TrafficSplits, by root service.
     pub splits: BTreeMap<ServiceKey, Split>,
     /// Objects skipped, with the reason.
     pub problems: Vec<Problem>,
+    /// The workloads' share of `problems`, kept when only policies are
+    /// rebuilt.
+    workload_problems: Vec<Problem>,
 }

@@ -17,7 +17,10 @@ mod secrets;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use trellis_shared::{
     type_url, ClassManifest, EncodeError, InvalidClass, Resource, Scope, Version,
@@ -28,8 +31,8 @@ use self::inputs::{Changed, Input, Reads};
 use crate::{
     ca::{CaError, CertificateIssuer, IssuedCert},
     catalog::{
-        Catalog, Endpoint, HttpRule, Identity, MeshService, Problem, ServiceKey, ServicePort,
-        Target,
+        Catalog, Endpoint, HttpRule, Identity, MeshPod, MeshService, Problem, ServiceKey,
+        ServicePort, Target,
     },
 };
 
@@ -261,6 +264,36 @@ pub struct Compiler {
     classes: HashMap<ClassKey, Memo>,
     /// Hash of the roots the kept classes were compiled with.
     roots: u64,
+    /// The classes the last catalog's pods formed.
+    grouping: Option<Grouping>,
+}
+
+/// Pods grouped into classes, remembered with the pods they came from.
+struct Grouping {
+    pods: Arc<BTreeMap<String, MeshPod>>,
+    /// Each class's id and pods.
+    classes: BTreeMap<ClassKey, (String, Vec<String>)>,
+}
+
+impl Grouping {
+    fn of(catalog: &Catalog) -> Grouping {
+        let mut classes: BTreeMap<ClassKey, (String, Vec<String>)> = BTreeMap::new();
+        for pod in catalog.pods.values() {
+            let key = ClassKey {
+                identity: pod.identity.clone(),
+                services: pod.services.clone(),
+                metrics: pod.metrics,
+            };
+            let (_, pods) = classes
+                .entry(key)
+                .or_insert_with_key(|key| (key.id(), Vec::new()));
+            pods.push(pod.name.clone());
+        }
+        Grouping {
+            pods: catalog.pods.clone(),
+            classes,
+        }
+    }
 }
 
 /// What the compiler remembers of a class.
@@ -296,6 +329,7 @@ impl Compiler {
             output: Compiled::default(),
             classes: HashMap::new(),
             roots,
+            grouping: None,
         }
     }
 
@@ -321,16 +355,14 @@ impl Compiler {
         };
         self.roots = roots;
 
-        let mut classes: BTreeMap<ClassKey, Vec<String>> = BTreeMap::new();
-        for pod in catalog.pods.values() {
-            let key = ClassKey {
-                identity: pod.identity.clone(),
-                services: pod.services.clone(),
-                metrics: pod.metrics,
-            };
-            classes.entry(key).or_default().push(pod.name.clone());
-        }
+        // The same pods (a policy-only change) make the same classes.
+        let (grouping, regrouped) = match self.grouping.take() {
+            Some(grouping) if Arc::ptr_eq(&grouping.pods, &catalog.pods) => (grouping, false),
+            _ => (Grouping::of(catalog), true),
+        };
+        let classes = &grouping.classes;
         let mut touched = Touched::default();
+        let mut outcomes_changed = false;
         let gone: Vec<ClassKey> = (self.classes.keys())
             .filter(|key| !classes.contains_key(*key))
             .cloned()
@@ -347,7 +379,7 @@ impl Compiler {
         let access = Access::new(catalog);
         let mut shared = Shared::default();
         let mut classes_compiled = 0;
-        for key in classes.keys() {
+        for (key, (id, _)) in classes {
             let cert = self.cert(&key.identity, catalog);
             let cert_hash = cert.as_ref().map_or(0, |c| hash_text(&c.chain_pem));
             if let Some(memo) = self.classes.get(key) {
@@ -356,13 +388,14 @@ impl Compiler {
                 }
             }
             classes_compiled += 1;
-            let mut class = ClassOutput::new(&key.id());
+            let mut class = ClassOutput::new(id);
             let compiled = cert.map_err(ClassError::from).and_then(|cert| {
                 self.compile_class(catalog, &access, &mut shared, key, &cert, &mut class)
             });
             let reads = std::mem::take(&mut class.reads);
             let compiled = compiled.and_then(|()| class.finish());
             let previous = self.classes.remove(key).map(|memo| memo.outcome);
+            outcomes_changed |= previous.as_ref().map(Result::is_ok) != Some(compiled.is_ok());
             let outcome = match (compiled, previous) {
                 // Recompiled to the same resources: nothing to hold anew.
                 (Ok(class), Some(Ok(held))) if class.same_as(&held) => Ok(held),
@@ -388,20 +421,26 @@ impl Compiler {
         }
 
         self.output.problems = catalog.problems.clone();
-        self.output.classes.clear();
-        for (key, pods) in classes {
-            let id = key.id();
-            match self.classes.get(&key).map(|m| &m.outcome) {
-                Some(Ok(_)) => {
-                    self.output.classes.insert(id, ClassSummary { key, pods });
+        if regrouped || outcomes_changed {
+            self.output.classes.clear();
+        }
+        for (key, (id, pods)) in classes {
+            match self.classes.get(key).map(|m| &m.outcome) {
+                Some(Ok(_)) if regrouped || outcomes_changed => {
+                    let summary = ClassSummary {
+                        key: key.clone(),
+                        pods: pods.clone(),
+                    };
+                    self.output.classes.insert(id.clone(), summary);
                 }
                 Some(Err(reason)) => self.output.problems.push(Problem {
                     object: format!("class {id}"),
                     reason: reason.clone(),
                 }),
-                None => {}
+                _ => {}
             }
         }
+        self.grouping = Some(grouping);
         Update {
             changed: self.output.changed(touched),
             classes_compiled,

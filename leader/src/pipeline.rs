@@ -78,13 +78,30 @@ pub struct Pipeline {
     status: watch::Sender<Arc<Status>>,
 }
 
-/// Changes since the last compile: endpoints of some services only, or
-/// anything else (which needs a full compile).
+/// Changes since the last compile, by how much of the catalog they need
+/// rebuilt.
 #[derive(Debug, Default)]
 struct Pending {
-    full: bool,
+    /// Namespaces, services, pods, the MeshConfig or the source's problems
+    /// changed: the whole catalog is rebuilt.
+    workloads: bool,
+    /// SMI or OSM policy objects changed: only the catalog's policies are.
+    policies: bool,
+    /// Services whose endpoints changed.
     endpoints_of: BTreeSet<ServiceKey>,
 }
+
+/// Kinds whose changes leave the catalog's workloads as they are.
+const POLICY_KINDS: &[&str] = &[
+    "TrafficTarget",
+    "HTTPRouteGroup",
+    "TCPRoute",
+    "TrafficSplit",
+    "Egress",
+    "IngressBackend",
+    "Retry",
+    "UpstreamTrafficSetting",
+];
 
 /// Puts the `changed` resources of `compiled` into `builder`: their new
 /// state, or their removal.
@@ -145,7 +162,7 @@ impl Pipeline {
             catalog: None,
             problems: Vec::new(),
             pending: Pending {
-                full: true,
+                workloads: true,
                 ..Pending::default()
             },
             snapshot: Snapshot::empty(),
@@ -167,15 +184,14 @@ impl Pipeline {
             };
             let before = self.objects.get(&r).and_then(endpoints_owner);
             let after = object.as_ref().and_then(endpoints_owner);
-            match (before, after) {
-                (None, None) => self.pending.full = true,
-                (before, after) => self
-                    .pending
-                    .endpoints_of
-                    .extend(before.into_iter().chain(after)),
-            }
-            if r.kind != "EndpointSlice" && r.kind != "Endpoints" {
-                self.pending.full = true;
+            let endpoints = before.is_some() || after.is_some();
+            self.pending
+                .endpoints_of
+                .extend(before.into_iter().chain(after));
+            if POLICY_KINDS.contains(&r.kind) {
+                self.pending.policies = true;
+            } else if !endpoints {
+                self.pending.workloads = true;
             }
             match object {
                 Some(object) => self.objects.insert(r, object),
@@ -183,7 +199,7 @@ impl Pipeline {
             };
         }
         if update.problems != self.source_problems {
-            self.pending.full = true;
+            self.pending.workloads = true;
         }
         self.source_problems = update.problems;
     }
@@ -221,7 +237,7 @@ impl Pipeline {
                 return Ok(None);
             };
             put(&mut builder, self.compiler.output(), &changed)?;
-            catalog.services.insert(service.key.clone(), service);
+            Arc::make_mut(&mut catalog.services).insert(service.key.clone(), service);
         }
         Ok(Some(builder))
     }
@@ -230,7 +246,7 @@ impl Pipeline {
     /// result is what is already served.
     pub fn compile(&mut self) -> Result<Option<Snapshot>, SnapshotError> {
         let pending = std::mem::take(&mut self.pending);
-        if !pending.full {
+        if !pending.workloads && !pending.policies {
             match self.compile_endpoints(&pending.endpoints_of)? {
                 Some(builder) if !builder.has_changes() => return Ok(None),
                 Some(builder) => {
@@ -246,7 +262,12 @@ impl Pipeline {
                 ),
             }
         }
-        let catalog = catalog::build(&self.objects, &self.config.mesh);
+        let catalog = match &self.catalog {
+            Some(previous) if !pending.workloads && pending.endpoints_of.is_empty() => {
+                catalog::rebuild_policies(previous.clone(), &self.objects)
+            }
+            _ => catalog::build(&self.objects, &self.config.mesh),
+        };
         let update = self.compiler.update(self.catalog.as_ref(), &catalog);
         debug!(
             classes = update.classes_compiled,

@@ -3,6 +3,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    sync::Arc,
     time::Duration,
 };
 
@@ -137,16 +138,31 @@ pub fn build(objects: &BTreeMap<ObjectRef, Object>, mesh: &str) -> Catalog {
             .collect();
     }
 
-    let (targets, splits) = policy::build(objects, &in_mesh, &services, &mut problems);
-    problems.sort();
-    Catalog {
+    let namespaces = monitored.iter().map(|ns| (*ns).to_owned()).collect();
+    let workloads = Catalog {
         mesh: settings,
-        services,
-        pods,
-        targets,
-        splits,
-        problems,
-    }
+        namespaces: Arc::new(namespaces),
+        services: Arc::new(services),
+        pods: Arc::new(pods),
+        workload_problems: problems,
+        ..Catalog::default()
+    };
+    rebuild_policies(workloads, objects)
+}
+
+/// `catalog` with its policies (TrafficTargets, TrafficSplits and their
+/// problems) rebuilt from `objects`, and its workloads kept: what a change
+/// to SMI objects alone needs.
+pub fn rebuild_policies(mut catalog: Catalog, objects: &BTreeMap<ObjectRef, Object>) -> Catalog {
+    let namespaces = catalog.namespaces.clone();
+    let in_mesh = |r: &ObjectRef| namespaces.contains(r.namespace.as_str());
+    let mut problems = catalog.workload_problems.clone();
+    let (targets, splits) = policy::build(objects, &in_mesh, &catalog.services, &mut problems);
+    problems.sort();
+    catalog.targets = targets;
+    catalog.splits = splits;
+    catalog.problems = problems;
+    catalog
 }
 
 /// Rebuilds one service from the objects, as [`build`] would: `None` if the

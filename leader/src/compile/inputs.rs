@@ -9,6 +9,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     hash::{Hash, Hasher},
+    sync::Arc,
 };
 
 use xxhash_rust::xxh3::Xxh3;
@@ -83,7 +84,13 @@ impl Changed {
         let mut mark = |input: Input<'_>| {
             changed.insert(input.id());
         };
-        for (key, old_service, new_service) in differing(&old.services, &new.services) {
+        // A policy-only rebuild shares the services: nothing to compare.
+        let services = if Arc::ptr_eq(&old.services, &new.services) {
+            Vec::new()
+        } else {
+            differing(&old.services, &new.services)
+        };
+        for (key, old_service, new_service) in services {
             mark(Input::Service(key));
             mark(Input::Services);
             for service in old_service.into_iter().chain(new_service) {

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{collections::BTreeMap, path::Path};
+use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use super::{Compiler, Update};
 use crate::{
@@ -15,6 +15,13 @@ use crate::{
 };
 
 type Objects = BTreeMap<ObjectRef, Object>;
+
+const POLICY_KINDS: &[&str] = &[
+    "TrafficTarget",
+    "HTTPRouteGroup",
+    "TCPRoute",
+    "TrafficSplit",
+];
 
 fn example() -> Objects {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bookstore");
@@ -50,8 +57,10 @@ impl Incremental {
     /// changes nothing.
     fn edit(&mut self, what: &str, yaml: &str, deletes: &[(&'static str, &str, &str)]) -> Update {
         let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(yaml).unwrap();
+        let mut policies_only = true;
         for doc in docs {
             let object = Object::from_manifest(doc).unwrap();
+            policies_only &= POLICY_KINDS.contains(&object.object_ref().kind);
             self.objects.insert(object.object_ref(), object);
         }
         for (kind, namespace, name) in deletes {
@@ -61,8 +70,16 @@ impl Incremental {
                 name: (*name).to_owned(),
             };
             assert!(self.objects.remove(&r).is_some(), "{what}: no {r}");
+            policies_only &= POLICY_KINDS.contains(kind);
         }
-        let catalog = catalog::build(&self.objects, "osm");
+        let mut catalog = catalog::build(&self.objects, "osm");
+        if policies_only {
+            // What the pipeline does for such edits: keep the workloads.
+            let rebuilt = catalog::rebuild_policies(self.catalog.clone(), &self.objects);
+            assert_eq!(rebuilt, catalog, "{what}: policies rebuilt alone");
+            assert!(Arc::ptr_eq(&rebuilt.services, &self.catalog.services));
+            catalog = rebuilt;
+        }
         let update = self.compiler.update(Some(&self.catalog), &catalog);
         let problems = self.compiler.output().problems.clone();
         let full = self.compiler.update(None, &catalog);
