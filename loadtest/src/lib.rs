@@ -1,0 +1,18 @@
+//! The Trellis load-test harness: simulated Envoys against an ADS server,
+//! and how fast configuration reaches them.
+//!
+//! * [`mesh`]: the generated mesh (Kubernetes YAML for the file source) and
+//!   its endpoint churn.
+//! * [`target`]: Trellis started by the harness (its own process, or the
+//!   harness's), or a server it does not control.
+//! * [`envoy`]: one simulated Envoy, Delta or state of the world.
+//! * [`run`]: connect storm, settle, churn, measure.
+//! * [`report`]: percentiles, resource use, summary, JSON and SVG.
+//! * [`procfs`]: CPU and memory of the processes under test.
+
+pub mod envoy;
+pub mod mesh;
+pub mod procfs;
+pub mod report;
+pub mod run;
+pub mod target;

@@ -1,0 +1,126 @@
+//! `trellis-loadtest`: simulates Envoys against Trellis (or any ADS server)
+//! and reports how fast configuration converges.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use trellis_loadtest::{
+    run::{run, Config},
+    target::TargetSpec,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "trellis-loadtest",
+    version,
+    about = "Simulated Envoys against an ADS server: connect storm, settle, endpoint churn; \
+             convergence percentiles, CPU and memory of the server"
+)]
+struct Cli {
+    /// Simulated Envoys.
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Proxy classes (application services) in the generated mesh.
+    #[arg(long, default_value_t = 100)]
+    classes: usize,
+    /// Streams per HTTP/2 connection (1: one connection per Envoy). A
+    /// process may hold 20,000 open files here: above that, multiplex.
+    #[arg(long, default_value_t = 1)]
+    streams_per_connection: usize,
+    /// Loopback source addresses to spread connections over.
+    #[arg(long, default_value_t = 16)]
+    source_addresses: u8,
+    /// Fraction of clients speaking state of the world (the rest Delta).
+    #[arg(long, default_value_t = 0.0)]
+    sotw_fraction: f64,
+    /// Fraction of responses the clients reject.
+    #[arg(long, default_value_t = 0.0)]
+    nack_fraction: f64,
+    /// Endpoint changes after settling.
+    #[arg(long, default_value_t = 20)]
+    changes: u64,
+    /// Endpoint changes per second.
+    #[arg(long, default_value_t = 2.0)]
+    change_rate: f64,
+    /// Longest wait for connecting, settling and converging, in seconds.
+    #[arg(long, default_value_t = 120)]
+    patience: u64,
+    /// The `trellis` executable to start (`trellis run` on the generated
+    /// mesh, in its own process).
+    #[arg(long, default_value = "target/release/trellis")]
+    trellis: PathBuf,
+    /// Load a server the harness does not start: its ADS address. Measured
+    /// passively (no changes made).
+    #[arg(long)]
+    external: Option<SocketAddr>,
+    /// PIDs of the external server's processes, to measure.
+    #[arg(long, value_delimiter = ',')]
+    pids: Vec<u32>,
+    /// Where to write the generated mesh (default: a temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw the convergence latency distribution (SVG) here.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let target = match cli.external {
+        Some(xds) => TargetSpec::External {
+            xds,
+            pids: cli.pids.clone(),
+        },
+        None => {
+            if !cli.trellis.is_file() {
+                bail!(
+                    "{} not found: build it (cargo build --release -p trellis-leader) or pass --trellis",
+                    cli.trellis.display()
+                );
+            }
+            TargetSpec::Spawn {
+                trellis: cli.trellis.clone(),
+            }
+        }
+    };
+    let dir = cli.dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("trellis-loadtest-{}", std::process::id()))
+    });
+    let config = Config {
+        target,
+        clients: cli.clients,
+        classes: cli.classes,
+        streams_per_connection: cli.streams_per_connection,
+        source_addresses: cli.source_addresses,
+        sotw_fraction: cli.sotw_fraction,
+        nack_fraction: cli.nack_fraction,
+        changes: cli.changes,
+        change_rate: cli.change_rate,
+        patience: Duration::from_secs(cli.patience),
+        dir: dir.clone(),
+        progress: true,
+    };
+    let report = run(&config).await.context("load test")?;
+    print!("{}", report.summary());
+    if let Some(path) = &cli.json {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &cli.svg {
+        report
+            .draw(path)
+            .map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
+    }
+    if cli.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    if !report.converged() {
+        bail!("not every client converged");
+    }
+    Ok(())
+}
