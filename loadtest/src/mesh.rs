@@ -17,6 +17,8 @@ use trellis_leader::{catalog, compile::ClassKey, source::files::FileSource};
 /// Namespace of the churned service.
 pub const CHURN_NAMESPACE: &str = "lt-churn";
 const NAMESPACES: usize = 20;
+/// Applications per manifest file (four documents each).
+const CLASSES_PER_FILE: usize = 200;
 
 /// The generated mesh on disk.
 #[derive(Debug)]
@@ -94,13 +96,22 @@ impl Mesh {
             "apiVersion: v1\nkind: Namespace\nmetadata: {{ name: osm-system }}\n---\n"
         );
         let mut sources = String::new();
+        let mut apps = String::new();
         for c in 0..classes {
+            // The YAML reader takes at most 1,024 documents per file.
+            if c % CLASSES_PER_FILE == 0 && c > 0 {
+                write(
+                    &dir.join(format!("apps-{}.yaml", c / CLASSES_PER_FILE - 1)),
+                    &apps,
+                )?;
+                apps.clear();
+            }
             let namespace = format!("lt-{}", c % NAMESPACES);
             let name = format!("app-{c}");
             let cluster_ip = Ipv4Addr::from(0x0a60_0000u32 + c as u32 + 1);
             let pod_ip = Ipv4Addr::from(0x0a01_0000u32 + c as u32 + 1);
             let _ = write!(
-                text,
+                apps,
                 "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{ name: {name}, namespace: {namespace} }}\n---\n\
                  apiVersion: v1\nkind: Service\nmetadata: {{ name: {name}, namespace: {namespace} }}\nspec:\n  clusterIP: {cluster_ip}\n  selector: {{ app: {name} }}\n  ports: [{{ name: http, port: 8080, targetPort: 8080, appProtocol: http }}]\n---\n\
                  apiVersion: v1\nkind: Pod\nmetadata: {{ name: {name}-0, namespace: {namespace}, labels: {{ app: {name} }} }}\nspec: {{ serviceAccountName: {name}, containers: [{{ name: app, image: app }}] }}\nstatus: {{ podIP: {pod_ip} }}\n---\n\
@@ -120,6 +131,10 @@ impl Mesh {
              apiVersion: access.smi-spec.io/v1alpha3\nkind: TrafficTarget\nmetadata: {{ name: churn, namespace: {CHURN_NAMESPACE} }}\nspec:\n  destination: {{ kind: ServiceAccount, name: churn, namespace: {CHURN_NAMESPACE} }}\n  rules: [{{ kind: HTTPRouteGroup, name: churn, matches: [any] }}]\n  sources:\n{sources}"
         );
         write(&dir.join("mesh.yaml"), &text)?;
+        if !apps.is_empty() {
+            let last = classes.saturating_sub(1) / CLASSES_PER_FILE;
+            write(&dir.join(format!("apps-{last}.yaml")), &apps)?;
+        }
         let mut mesh = Mesh {
             dir: dir.to_owned(),
             classes: Vec::new(),
@@ -187,8 +202,9 @@ mod tests {
     #[test]
     fn a_generated_mesh_compiles_without_problems_into_one_class_per_application() {
         let dir = std::env::temp_dir().join(format!("trellis-lt-mesh-{}", std::process::id()));
-        let mesh = Mesh::generate(&dir, 30).unwrap();
-        assert_eq!(mesh.classes.len(), 30);
+        // More than one file's worth of applications.
+        let mesh = Mesh::generate(&dir, 450).unwrap();
+        assert_eq!(mesh.classes.len(), 450);
         let update = FileSource::new(&dir).scan().unwrap();
         assert!(update.problems.is_empty(), "{:?}", update.problems);
         let objects = update

@@ -117,6 +117,11 @@ pub struct Report {
     pub stream_errors: Vec<(String, usize)>,
     /// Resource use of the measured processes.
     pub processes: Vec<ProcessReport>,
+    /// CPU seconds the harness itself used (its simulated Envoys compete
+    /// with the target for the same cores).
+    pub harness_cpu_seconds: f64,
+    /// From the first connection to the end of the run.
+    pub elapsed_seconds: f64,
     /// The convergence latencies, for the picture (not serialized).
     #[serde(skip)]
     pub latencies: Vec<Duration>,
@@ -170,6 +175,11 @@ impl Report {
                 p.pid, p.idle.rss_kib, p.settled.rss_kib, p.end.peak_rss_kib, p.kib_per_stream, p.churn_cpu_seconds_per_1000_streams
             );
         }
+        let _ = writeln!(
+            out,
+            "harness: {:.1} CPU s in {:.1} s",
+            self.harness_cpu_seconds, self.elapsed_seconds
+        );
         for (error, count) in &self.stream_errors {
             let _ = writeln!(out, "streams ended: {count} × {error}");
         }

@@ -229,6 +229,7 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
     let mesh = Mesh::generate(&config.dir, config.classes)?;
     let target = target::start(&config.target, mesh.dir(), config.patience).await?;
     let idle = usages(&target.pids);
+    let harness_start = procfs::usage(std::process::id()).unwrap_or_default();
 
     let collector = Arc::new(Mutex::new(Collector::new(config.clients)));
     let (events, mut received) = mpsc::unbounded_channel();
@@ -286,6 +287,7 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
         .await;
     }
     let end = usages(&target.pids);
+    let harness_end = procfs::usage(std::process::id()).unwrap_or_default();
     for stream in &streams {
         stream.abort();
     }
@@ -358,6 +360,8 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
         nacks_sent: c.nacks,
         stream_errors: c.ended.iter().map(|(e, n)| (e.clone(), *n)).collect(),
         processes,
+        harness_cpu_seconds: harness_end.cpu_seconds - harness_start.cpu_seconds,
+        elapsed_seconds: started.elapsed().as_secs_f64(),
         latencies: Vec::new(),
     };
     report.convergence = Distribution::of(&mut latencies);

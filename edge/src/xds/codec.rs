@@ -5,11 +5,18 @@
 use std::marker::PhantomData;
 
 use tonic::{
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
     Status,
 };
 
 use super::response::Outbound;
+
+/// Initial size of each stream's encode and decode buffers. tonic's default
+/// (8 KiB each) is most of an idle stream's memory; xDS requests are small,
+/// and both buffers grow for a large message.
+const BUFFER: usize = 1024;
+/// Encoded bytes after which an encoder yields (tonic's default).
+const YIELD_THRESHOLD: usize = 32 * 1024;
 
 /// Requests of type `R` in, [`Outbound`] bodies out.
 #[derive(Debug)]
@@ -47,6 +54,10 @@ impl Encoder for OutboundEncoder {
         item.write(dst);
         Ok(())
     }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(BUFFER, YIELD_THRESHOLD)
+    }
 }
 
 #[derive(Debug)]
@@ -60,5 +71,9 @@ impl<R: prost::Message + Default> Decoder for RequestDecoder<R> {
         R::decode(src)
             .map(Some)
             .map_err(|e| Status::invalid_argument(format!("undecodable request: {e}")))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(BUFFER, YIELD_THRESHOLD)
     }
 }
