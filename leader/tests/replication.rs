@@ -311,13 +311,9 @@ async fn a_reconnecting_edge_is_sent_only_what_changed() {
     // one resource.
     let mut stale = held.clone();
     let clusters = stale.get_mut(type_url::CLUSTER).unwrap();
-    clusters.insert("class:gone/gone/00000000 gone".to_owned(), "0".repeat(16));
-    let (some, _) = clusters
-        .iter()
-        .next()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .unwrap();
+    let some = clusters.keys().min().unwrap().clone();
     clusters.insert(some.clone(), "0".repeat(16));
+    clusters.insert("class:gone/gone/00000000 gone".to_owned(), "0".repeat(16));
     let mut stale_client = EdgeClient::connect(leader.publish, &stale).await;
     let repaired = stale_client.until_commit().await;
     let clusters: Vec<_> = repaired
