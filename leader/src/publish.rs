@@ -281,30 +281,22 @@ impl EdgeStream {
         &mut self,
         snapshot: &Snapshot,
         type_url: &str,
-        mut resources: Vec<WireResource>,
+        resources: Vec<WireResource>,
         removed: Vec<String>,
     ) -> Result<(), StreamEnd> {
         if resources.is_empty() && removed.is_empty() {
             return Ok(());
         }
-        // Removals ride with the last chunk.
-        let mut chunks = Vec::new();
-        while resources.len() > CHUNK {
-            let rest = resources.split_off(CHUNK);
-            chunks.push(std::mem::replace(&mut resources, rest));
+        // Removals ride with the last chunk. Taken from the front of one
+        // iterator, so a large first sync is not copied once per chunk.
+        let mut rest = resources.into_iter().peekable();
+        loop {
+            let chunk: Vec<WireResource> = rest.by_ref().take(CHUNK).collect();
+            if rest.peek().is_none() {
+                return self.send(snapshot, type_url, chunk, removed).await;
+            }
+            self.send(snapshot, type_url, chunk, Vec::new()).await?;
         }
-        chunks.push(resources);
-        let last = chunks.len() - 1;
-        let mut removed = Some(removed);
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            let removed = if i == last {
-                removed.take().unwrap_or_default()
-            } else {
-                Vec::new()
-            };
-            self.send(snapshot, type_url, chunk, removed).await?;
-        }
-        Ok(())
     }
 
     async fn send_commit(&mut self, snapshot: &Snapshot) -> Result<(), StreamEnd> {
