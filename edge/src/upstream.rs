@@ -10,7 +10,7 @@
 //! is reachable the edge keeps serving what it has and retries with jittered
 //! exponential backoff.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, convert::Infallible, sync::Arc, time::Duration};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -102,19 +102,15 @@ pub(crate) async fn follow(
             metrics: &metrics,
             committed: false,
         };
-        let result = session.run().instrument(span).await;
+        let Err(error) = session.run().instrument(span).await;
         metrics.upstream_connected.set(0);
+        // A session that got as far as a commit was healthy: start over.
         if session.committed {
             failures = 0;
         }
         failures = failures.saturating_add(1);
         let delay = backoff(&config, failures);
-        match result {
-            Err(error) => {
-                warn!(%error, retry_in = ?delay, "lost the leader; serving the last snapshot")
-            }
-            Ok(()) => info!(retry_in = ?delay, "leader stream ended"),
-        }
+        warn!(%error, retry_in = ?delay, "lost the leader; serving the last snapshot");
         tokio::time::sleep(delay).await;
     }
 }
@@ -137,12 +133,13 @@ struct Session<'a> {
     config: &'a UpstreamConfig,
     store: &'a Arc<SnapshotStore>,
     metrics: &'a Arc<Metrics>,
-    /// Whether this session published at least one commit.
+    /// Whether this session received at least one sound commit.
     committed: bool,
 }
 
 impl Session<'_> {
-    async fn run(&mut self) -> Result<(), UpstreamError> {
+    /// Follows the leader until the stream fails; it never ends otherwise.
+    async fn run(&mut self) -> Result<Infallible, UpstreamError> {
         let endpoint = Endpoint::from_shared(self.config.leader.clone())
             .map_err(|_| UpstreamError::Address(self.config.leader.clone()))?
             .connect_timeout(Duration::from_secs(5))
@@ -230,6 +227,7 @@ impl Session<'_> {
         let first = !self.store.is_ready();
         if !pending.has_changes() && !first {
             debug!(leader_epoch = %response.system_version_info, "commit without changes");
+            self.committed = true;
             return Ok(());
         }
         let snapshot = pending.build()?;
