@@ -18,7 +18,7 @@ mod secrets;
 mod tests;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{hash_map::Entry, BTreeMap, BTreeSet, HashMap},
     sync::Arc,
 };
 
@@ -259,7 +259,8 @@ enum ClassError {
 /// compiled again.
 pub struct Compiler {
     issuer: Box<dyn CertificateIssuer>,
-    certs: HashMap<Identity, IssuedCert>,
+    /// Each identity's certificate and the hash of its chain.
+    certs: HashMap<Identity, (IssuedCert, u64)>,
     output: Compiled,
     classes: HashMap<ClassKey, Memo>,
     /// Hash of the roots the kept classes were compiled with.
@@ -317,6 +318,28 @@ impl std::fmt::Debug for Compiler {
 
 fn hash_text(text: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(text.as_bytes())
+}
+
+/// `identity`'s certificate from `certs`, issued by `issuer` if it has none
+/// yet, with its chain's hash (kept classes are checked against it).
+fn certificate<'a>(
+    certs: &'a mut HashMap<Identity, (IssuedCert, u64)>,
+    issuer: &dyn CertificateIssuer,
+    identity: &Identity,
+    catalog: &Catalog,
+) -> Result<&'a (IssuedCert, u64), CaError> {
+    match certs.entry(identity.clone()) {
+        Entry::Occupied(kept) => Ok(kept.into_mut()),
+        Entry::Vacant(slot) => {
+            let cert = issuer.issue(
+                identity,
+                &catalog.mesh.trust_domain,
+                catalog.mesh.cert_validity,
+            )?;
+            let hash = hash_text(&cert.chain_pem);
+            Ok(slot.insert((cert, hash)))
+        }
+    }
 }
 
 impl Compiler {
@@ -380,8 +403,13 @@ impl Compiler {
         let mut shared = Shared::default();
         let mut classes_compiled = 0;
         for (key, (id, _)) in classes {
-            let cert = self.cert(&key.identity, catalog);
-            let cert_hash = cert.as_ref().map_or(0, |c| hash_text(&c.chain_pem));
+            let issued = certificate(
+                &mut self.certs,
+                self.issuer.as_ref(),
+                &key.identity,
+                catalog,
+            );
+            let cert_hash = issued.as_ref().map_or(0, |(_, hash)| *hash);
             if let Some(memo) = self.classes.get(key) {
                 if memo.cert == cert_hash && !changed.touches(&memo.reads) {
                     continue;
@@ -389,8 +417,9 @@ impl Compiler {
             }
             classes_compiled += 1;
             let mut class = ClassOutput::new(id);
-            let compiled = cert.map_err(ClassError::from).and_then(|cert| {
-                self.compile_class(catalog, &access, &mut shared, key, &cert, &mut class)
+            let roots = self.issuer.roots_pem();
+            let compiled = issued.map_err(ClassError::from).and_then(|(cert, _)| {
+                compile_class(catalog, &access, &mut shared, key, cert, roots, &mut class)
             });
             let reads = std::mem::take(&mut class.reads);
             let compiled = compiled.and_then(|()| class.finish());
@@ -473,247 +502,228 @@ impl Compiler {
             })
             .collect())
     }
+}
 
-    fn cert(&mut self, identity: &Identity, catalog: &Catalog) -> Result<IssuedCert, CaError> {
-        if let Some(cert) = self.certs.get(identity) {
-            return Ok(cert.clone());
+/// Compiles one class into `class`, which also records what the class read,
+/// even when it fails, so it is retried when those inputs change.
+fn compile_class(
+    catalog: &Catalog,
+    access: &Access<'_>,
+    shared: &mut Shared,
+    key: &ClassKey,
+    cert: &IssuedCert,
+    roots: &str,
+    class: &mut ClassOutput,
+) -> Result<(), ClassError> {
+    let identity = &key.identity;
+    let trust_domain = &catalog.mesh.trust_domain;
+    class.reads.add(Input::From(identity));
+    class.reads.add(Input::To(identity));
+    let allowed = access.destinations(identity);
+
+    // Outbound: one chain per reachable service port.
+    let mut chains = Vec::new();
+    let mut outbound_hosts: BTreeMap<u16, Vec<_>> = BTreeMap::new();
+    let mut upstreams: BTreeMap<String, (&MeshService, &ServicePort)> = BTreeMap::new();
+    for service in access.candidates(allowed.as_ref(), &mut class.reads) {
+        class.reads.add(Input::Split(&service.key));
+        for port in &service.ports {
+            let targets = backends(catalog, allowed.as_ref(), service, port);
+            if targets.is_empty() {
+                continue;
+            }
+            let addresses = match service.cluster_ip {
+                Some(ip) => vec![ip],
+                None => service.endpoints.iter().map(|e| e.ip).collect(),
+            };
+            if addresses.is_empty() {
+                continue;
+            }
+            let backends: Vec<Backend> = targets.iter().map(|(b, _, _)| b.clone()).collect();
+            for (backend, upstream, upstream_port) in targets {
+                upstreams.insert(backend.cluster, (upstream, upstream_port));
+            }
+            let route_config = port
+                .protocol
+                .is_http()
+                .then(|| names::outbound_routes(port.port));
+            if route_config.is_some() {
+                let same_namespace = service.key.namespace == identity.namespace;
+                outbound_hosts
+                    .entry(port.port)
+                    .or_default()
+                    .push(routes::outbound_host(
+                        &service.key,
+                        port.port,
+                        same_namespace,
+                        &backends,
+                    ));
+            }
+            chains.push(listeners::OutboundChain {
+                name: names::outbound_chain(&service.key, port.port, port.protocol),
+                port: port.port,
+                addresses,
+                route_config,
+                backends,
+            });
         }
-        let cert = self.issuer.issue(
-            identity,
-            &catalog.mesh.trust_domain,
-            catalog.mesh.cert_validity,
-        )?;
-        self.certs.insert(identity.clone(), cert.clone());
-        Ok(cert)
+    }
+    if let Some(listener) = listeners::outbound(&chains, catalog.mesh.egress) {
+        class.provide(type_url::LISTENER, &listener.name, &listener)?;
+        for chain in &chains {
+            if let Some(rc) = &chain.route_config {
+                class.need(type_url::ROUTE, rc);
+            }
+            for backend in &chain.backends {
+                class.need(type_url::CLUSTER, &backend.cluster);
+            }
+        }
+    }
+    for (port, hosts) in outbound_hosts {
+        let config = routes::route_config(names::outbound_routes(port), hosts);
+        class.provide(type_url::ROUTE, &config.name, &config)?;
     }
 
-    /// Compiles one class into `class`, which also records what the class
-    /// read, even when it fails, so it is retried when those inputs change.
-    fn compile_class(
-        &self,
-        catalog: &Catalog,
-        access: &Access<'_>,
-        shared: &mut Shared,
-        key: &ClassKey,
-        cert: &IssuedCert,
-        class: &mut ClassOutput,
-    ) -> Result<(), ClassError> {
-        let identity = &key.identity;
-        let trust_domain = &catalog.mesh.trust_domain;
-        class.reads.add(Input::From(identity));
-        class.reads.add(Input::To(identity));
-        let allowed = access.destinations(identity);
-
-        // Outbound: one chain per reachable service port.
-        let mut chains = Vec::new();
-        let mut outbound_hosts: BTreeMap<u16, Vec<_>> = BTreeMap::new();
-        let mut upstreams: BTreeMap<String, (&MeshService, &ServicePort)> = BTreeMap::new();
-        for service in access.candidates(allowed.as_ref(), &mut class.reads) {
-            class.reads.add(Input::Split(&service.key));
-            for port in &service.ports {
-                let targets = backends(catalog, allowed.as_ref(), service, port);
-                if targets.is_empty() {
-                    continue;
-                }
-                let addresses = match service.cluster_ip {
-                    Some(ip) => vec![ip],
-                    None => service.endpoints.iter().map(|e| e.ip).collect(),
-                };
-                if addresses.is_empty() {
-                    continue;
-                }
-                let backends: Vec<Backend> = targets.iter().map(|(b, _, _)| b.clone()).collect();
-                for (backend, upstream, upstream_port) in targets {
-                    upstreams.insert(backend.cluster, (upstream, upstream_port));
-                }
-                let route_config = port
-                    .protocol
-                    .is_http()
-                    .then(|| names::outbound_routes(port.port));
-                if route_config.is_some() {
-                    let same_namespace = service.key.namespace == identity.namespace;
-                    outbound_hosts
-                        .entry(port.port)
-                        .or_default()
-                        .push(routes::outbound_host(
-                            &service.key,
-                            port.port,
-                            same_namespace,
-                            &backends,
-                        ));
-                }
-                chains.push(listeners::OutboundChain {
-                    name: names::outbound_chain(&service.key, port.port, port.protocol),
-                    port: port.port,
-                    addresses,
-                    route_config,
-                    backends,
-                });
-            }
-        }
-        if let Some(listener) = listeners::outbound(&chains, catalog.mesh.egress) {
-            class.provide(type_url::LISTENER, &listener.name, &listener)?;
-            for chain in &chains {
-                if let Some(rc) = &chain.route_config {
-                    class.need(type_url::ROUTE, rc);
-                }
-                for backend in &chain.backends {
-                    class.need(type_url::CLUSTER, &backend.cluster);
-                }
-            }
-        }
-        for (port, hosts) in outbound_hosts {
-            let config = routes::route_config(names::outbound_routes(port), hosts);
-            class.provide(type_url::ROUTE, &config.name, &config)?;
-        }
-        let roots = self.issuer.roots_pem().to_owned();
-        for (name, (service, port)) in &upstreams {
-            let cluster =
-                clusters::upstream(&service.key, port.target_port, port.protocol, identity);
-            class.provide(type_url::CLUSTER, name, &cluster)?;
-            class.need(type_url::ENDPOINT, name);
-            class.need(type_url::SECRET, &names::outbound_root(&service.key));
-            class.need(type_url::SECRET, &names::service_cert(identity));
-            // Endpoints: shared per service unless SMI hides some of them
-            // from this caller, then per (service, visible identities).
-            let mut assignment = Assignment {
-                key: (
-                    Scope::Service(service.key.to_string().into()),
-                    type_url::ENDPOINT,
-                    name.clone(),
-                ),
-                service: service.key.clone(),
-                target_port: port.target_port,
-                visible_to: allowed.clone(),
-            };
-            let visible = assignment.visible(service);
-            if visible.len() != service.endpoints.len() {
-                let variant = format!("{}#{:08x}", service.key, visible_hash(&visible));
-                assignment.key.0 = Scope::Service(variant.into());
-            }
-            let resource = shared.get_or_encode(&assignment.key, || assignment.compile(service))?;
-            class.reference_encoded(
-                assignment.key.0.clone(),
-                type_url::ENDPOINT,
-                name,
-                resource,
-            )?;
-            class.assignments.push(assignment);
-            let secret_name = names::outbound_root(&service.key);
-            let secret_key = (
+    for (name, (service, port)) in &upstreams {
+        let cluster = clusters::upstream(&service.key, port.target_port, port.protocol, identity);
+        class.provide(type_url::CLUSTER, name, &cluster)?;
+        class.need(type_url::ENDPOINT, name);
+        class.need(type_url::SECRET, &names::outbound_root(&service.key));
+        class.need(type_url::SECRET, &names::service_cert(identity));
+        // Endpoints: shared per service unless SMI hides some of them
+        // from this caller, then per (service, visible identities).
+        let mut assignment = Assignment {
+            key: (
                 Scope::Service(service.key.to_string().into()),
-                type_url::SECRET,
-                secret_name.clone(),
-            );
-            let secret = shared.get_or_encode(&secret_key, || {
-                let backing = service.identities().into_iter();
-                let secret = secrets::outbound_root(&service.key, &roots, backing, trust_domain);
-                Resource::encode(type_url::SECRET, &secret)
-            })?;
-            class.reference_encoded(secret_key.0, type_url::SECRET, &secret_name, secret)?;
+                type_url::ENDPOINT,
+                name.clone(),
+            ),
+            service: service.key.clone(),
+            target_port: port.target_port,
+            visible_to: allowed.clone(),
+        };
+        let visible = assignment.visible(service);
+        if visible.len() != service.endpoints.len() {
+            let variant = format!("{}#{:08x}", service.key, visible_hash(&visible));
+            assignment.key.0 = Scope::Service(variant.into());
         }
-        if catalog.mesh.egress {
+        let resource = shared.get_or_encode(&assignment.key, || assignment.compile(service))?;
+        class.reference_encoded(assignment.key.0.clone(), type_url::ENDPOINT, name, resource)?;
+        class.assignments.push(assignment);
+        let secret_name = names::outbound_root(&service.key);
+        let secret_key = (
+            Scope::Service(service.key.to_string().into()),
+            type_url::SECRET,
+            secret_name.clone(),
+        );
+        let secret = shared.get_or_encode(&secret_key, || {
+            let backing = service.identities().into_iter();
+            let secret = secrets::outbound_root(&service.key, roots, backing, trust_domain);
+            Resource::encode(type_url::SECRET, &secret)
+        })?;
+        class.reference_encoded(secret_key.0, type_url::SECRET, &secret_name, secret)?;
+    }
+    if catalog.mesh.egress {
+        class.provide(
+            type_url::CLUSTER,
+            names::PASSTHROUGH,
+            &clusters::passthrough(),
+        )?;
+    }
+
+    // Inbound: one chain per local service target port.
+    let rules = access.inbound_http(identity);
+    let http_callers: BTreeSet<Identity> = rules.values().flatten().cloned().collect();
+    let mut inbound_chains = Vec::new();
+    let mut inbound_hosts: BTreeMap<u16, Vec<_>> = BTreeMap::new();
+    for service_key in &key.services {
+        class.reads.add(Input::Service(service_key));
+        let Some(service) = catalog.services.get(service_key) else {
+            continue;
+        };
+        for port in &service.ports {
+            let local = names::local_cluster(service_key, port.target_port);
             class.provide(
                 type_url::CLUSTER,
-                names::PASSTHROUGH,
-                &clusters::passthrough(),
+                &local,
+                &clusters::local(service_key, port.target_port),
             )?;
-        }
-
-        // Inbound: one chain per local service target port.
-        let rules = access.inbound_http(identity);
-        let http_callers: BTreeSet<Identity> = rules.values().flatten().cloned().collect();
-        let mut inbound_chains = Vec::new();
-        let mut inbound_hosts: BTreeMap<u16, Vec<_>> = BTreeMap::new();
-        for service_key in &key.services {
-            class.reads.add(Input::Service(service_key));
-            let Some(service) = catalog.services.get(service_key) else {
-                continue;
-            };
-            for port in &service.ports {
-                let local = names::local_cluster(service_key, port.target_port);
-                class.provide(
-                    type_url::CLUSTER,
-                    &local,
-                    &clusters::local(service_key, port.target_port),
-                )?;
-                let route_config = port
-                    .protocol
-                    .is_http()
-                    .then(|| names::inbound_routes(port.target_port));
-                if route_config.is_some() {
-                    let smi = (!catalog.mesh.permissive).then_some(&rules);
-                    inbound_hosts
-                        .entry(port.target_port)
-                        .or_default()
-                        .push(routes::inbound_host(
-                            service_key,
-                            port.port,
-                            &local,
-                            smi,
-                            trust_domain,
-                        ));
-                }
-                let allowed_callers = (!catalog.mesh.permissive).then(|| {
-                    if port.protocol.is_http() {
-                        http_callers.clone()
-                    } else {
-                        access.inbound_tcp(identity, port)
-                    }
-                });
-                inbound_chains.push(listeners::InboundChain {
-                    name: names::inbound_chain(service_key, port.target_port, port.protocol),
-                    target_port: port.target_port,
-                    server_name: service_key.fqdn(),
-                    route_config,
-                    local_cluster: local,
-                    allowed: allowed_callers,
-                });
+            let route_config = port
+                .protocol
+                .is_http()
+                .then(|| names::inbound_routes(port.target_port));
+            if route_config.is_some() {
+                let smi = (!catalog.mesh.permissive).then_some(&rules);
+                inbound_hosts
+                    .entry(port.target_port)
+                    .or_default()
+                    .push(routes::inbound_host(
+                        service_key,
+                        port.port,
+                        &local,
+                        smi,
+                        trust_domain,
+                    ));
             }
-        }
-        if let Some(listener) = listeners::inbound(identity, &inbound_chains, trust_domain) {
-            class.provide(type_url::LISTENER, &listener.name, &listener)?;
-            class.need(type_url::SECRET, &names::service_cert(identity));
-            class.need(type_url::SECRET, &names::inbound_root(identity));
-            for chain in &inbound_chains {
-                if let Some(rc) = &chain.route_config {
-                    class.need(type_url::ROUTE, rc);
+            let allowed_callers = (!catalog.mesh.permissive).then(|| {
+                if port.protocol.is_http() {
+                    http_callers.clone()
+                } else {
+                    access.inbound_tcp(identity, port)
                 }
-                class.need(type_url::CLUSTER, &chain.local_cluster);
-            }
+            });
+            inbound_chains.push(listeners::InboundChain {
+                name: names::inbound_chain(service_key, port.target_port, port.protocol),
+                target_port: port.target_port,
+                server_name: service_key.fqdn(),
+                route_config,
+                local_cluster: local,
+                allowed: allowed_callers,
+            });
         }
-        for (port, hosts) in inbound_hosts {
-            let config = routes::route_config(names::inbound_routes(port), hosts);
-            class.provide(type_url::ROUTE, &config.name, &config)?;
-        }
-
-        if key.metrics {
-            let listener = listeners::prometheus();
-            class.provide(type_url::LISTENER, &listener.name, &listener)?;
-            class.provide(type_url::CLUSTER, names::METRICS, &clusters::metrics())?;
-            class.need(type_url::CLUSTER, names::METRICS);
-        }
-
-        // The identity's own secrets, referenced by every TLS context above;
-        // encoded once however many classes share the identity.
-        let identity_scope = Scope::Identity(identity.to_string().into());
-        for (name, secret) in [
-            (
-                names::service_cert(identity),
-                secrets::service_cert(identity, cert),
-            ),
-            (
-                names::inbound_root(identity),
-                secrets::inbound_root(identity, &roots),
-            ),
-        ] {
-            let key = (identity_scope.clone(), type_url::SECRET, name.clone());
-            let resource =
-                shared.get_or_encode(&key, || Resource::encode(type_url::SECRET, &secret))?;
-            class.reference_encoded(identity_scope.clone(), type_url::SECRET, &name, resource)?;
-        }
-        Ok(())
     }
+    if let Some(listener) = listeners::inbound(identity, &inbound_chains, trust_domain) {
+        class.provide(type_url::LISTENER, &listener.name, &listener)?;
+        class.need(type_url::SECRET, &names::service_cert(identity));
+        class.need(type_url::SECRET, &names::inbound_root(identity));
+        for chain in &inbound_chains {
+            if let Some(rc) = &chain.route_config {
+                class.need(type_url::ROUTE, rc);
+            }
+            class.need(type_url::CLUSTER, &chain.local_cluster);
+        }
+    }
+    for (port, hosts) in inbound_hosts {
+        let config = routes::route_config(names::inbound_routes(port), hosts);
+        class.provide(type_url::ROUTE, &config.name, &config)?;
+    }
+
+    if key.metrics {
+        let listener = listeners::prometheus();
+        class.provide(type_url::LISTENER, &listener.name, &listener)?;
+        class.provide(type_url::CLUSTER, names::METRICS, &clusters::metrics())?;
+        class.need(type_url::CLUSTER, names::METRICS);
+    }
+
+    // The identity's own secrets, referenced by every TLS context above;
+    // encoded once however many classes share the identity.
+    let identity_scope = Scope::Identity(identity.to_string().into());
+    for (name, secret) in [
+        (
+            names::service_cert(identity),
+            secrets::service_cert(identity, cert),
+        ),
+        (
+            names::inbound_root(identity),
+            secrets::inbound_root(identity, roots),
+        ),
+    ] {
+        let key = (identity_scope.clone(), type_url::SECRET, name.clone());
+        let resource =
+            shared.get_or_encode(&key, || Resource::encode(type_url::SECRET, &secret))?;
+        class.reference_encoded(identity_scope.clone(), type_url::SECRET, &name, resource)?;
+    }
+    Ok(())
 }
 
 fn visible_hash(endpoints: &[&crate::catalog::Endpoint]) -> u32 {
