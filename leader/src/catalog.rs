@@ -17,6 +17,19 @@ pub use self::build::{build, rebuild_policies, rebuild_service};
 pub use self::policy::{HttpRule, Split, Target, TcpRule};
 use crate::kinds::ObjectRef;
 
+/// Kinds that only [`rebuild_policies`] reads: a change to them leaves the
+/// catalog's workloads as they are.
+pub const POLICY_KINDS: &[&str] = &[
+    "TrafficTarget",
+    "HTTPRouteGroup",
+    "TCPRoute",
+    "TrafficSplit",
+    "Egress",
+    "IngressBackend",
+    "Retry",
+    "UpstreamTrafficSetting",
+];
+
 /// The default trust domain.
 pub const TRUST_DOMAIN: &str = "cluster.local";
 /// The namespace label that puts a namespace in the mesh.

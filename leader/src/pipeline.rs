@@ -91,18 +91,6 @@ struct Pending {
     endpoints_of: BTreeSet<ServiceKey>,
 }
 
-/// Kinds whose changes leave the catalog's workloads as they are.
-const POLICY_KINDS: &[&str] = &[
-    "TrafficTarget",
-    "HTTPRouteGroup",
-    "TCPRoute",
-    "TrafficSplit",
-    "Egress",
-    "IngressBackend",
-    "Retry",
-    "UpstreamTrafficSetting",
-];
-
 /// Puts the `changed` resources of `compiled` into `builder`: their new
 /// state, or their removal.
 fn put(
@@ -188,7 +176,7 @@ impl Pipeline {
             self.pending
                 .endpoints_of
                 .extend(before.into_iter().chain(after));
-            if POLICY_KINDS.contains(&r.kind) {
+            if catalog::POLICY_KINDS.contains(&r.kind) {
                 self.pending.policies = true;
             } else if !endpoints {
                 self.pending.workloads = true;

@@ -16,13 +16,6 @@ use crate::{
 
 type Objects = BTreeMap<ObjectRef, Object>;
 
-const POLICY_KINDS: &[&str] = &[
-    "TrafficTarget",
-    "HTTPRouteGroup",
-    "TCPRoute",
-    "TrafficSplit",
-];
-
 fn example() -> Objects {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bookstore");
     let update = FileSource::new(&dir).scan().unwrap();
@@ -60,7 +53,7 @@ impl Incremental {
         let mut policies_only = true;
         for doc in docs {
             let object = Object::from_manifest(doc).unwrap();
-            policies_only &= POLICY_KINDS.contains(&object.object_ref().kind);
+            policies_only &= catalog::POLICY_KINDS.contains(&object.object_ref().kind);
             self.objects.insert(object.object_ref(), object);
         }
         for (kind, namespace, name) in deletes {
@@ -70,7 +63,7 @@ impl Incremental {
                 name: (*name).to_owned(),
             };
             assert!(self.objects.remove(&r).is_some(), "{what}: no {r}");
-            policies_only &= POLICY_KINDS.contains(kind);
+            policies_only &= catalog::POLICY_KINDS.contains(kind);
         }
         let mut catalog = catalog::build(&self.objects, "osm");
         if policies_only {
