@@ -12,7 +12,7 @@
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use k8s_openapi::{
@@ -201,7 +201,7 @@ fn update(objects: impl IntoIterator<Item = Object>) -> SourceUpdate {
 fn compile(c: &mut Criterion) {
     let mut pipeline = Pipeline::new(
         PipelineConfig::default(),
-        Compiler::new(Box::new(BuiltinCa::generate().unwrap())),
+        Compiler::new(Arc::new(BuiltinCa::generate().unwrap())),
     );
     pipeline.apply(update(mesh()));
     // Issues every identity's certificate once; compiles below reuse them.
@@ -224,7 +224,7 @@ fn compile(c: &mut Criterion) {
     // so certificates exist), compared with what it holds.
     let objects: BTreeMap<ObjectRef, Object> =
         mesh().into_iter().map(|o| (o.object_ref(), o)).collect();
-    let mut compiler = Compiler::new(Box::new(BuiltinCa::generate().unwrap()));
+    let mut compiler = Compiler::new(Arc::new(BuiltinCa::generate().unwrap()));
     compiler.update(None, &catalog::build(&objects, "osm"));
     group.bench_function("full_compile_10k", |b| {
         b.iter(|| {

@@ -1,19 +1,96 @@
-//! Certificate issuance behind one trait, so an external issuer (Vault,
+//! Certificates: what the compiler and the bootstrap generator ask for, and
+//! the one trait an issuer implements, so an external issuer (Vault,
 //! cert-manager) can stand in for the built-in CA.
 //!
-//! The built-in CA here is generated in memory at start (ECDSA P-256, rcgen)
-//! and issues one leaf per identity: CN and DNS SAN `<sa>.<ns>.<trust-domain>`,
-//! URI SAN `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`. Persistence, operator
-//! roots, renewal and root rotation build on this seam.
+//! The seam for an external issuer is [`CertificateIssuer`]: it signs a
+//! [`LeafRequest`], names the roots proxies must trust, and names the root it
+//! signs with now. The compiler asks for one leaf per identity, renews it at
+//! two thirds of its life (with jitter) and reissues every leaf whose signer
+//! is no longer the current one; the issuer never has to track who holds
+//! what. Root rotation is the issuer's business, announced through
+//! [`CertificateIssuer::advance`].
 
-use std::time::{Duration, SystemTime};
+mod authority;
+mod root;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
 };
 
+pub use authority::{BuiltinCa, RotationPhase, CA_CERT, CA_KEY, NEXT_CA_CERT, NEXT_CA_KEY};
+pub use root::RootCa;
+
 use crate::catalog::Identity;
+
+/// What a leaf certificate must say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeafRequest {
+    /// Subject common name.
+    pub common_name: String,
+    /// DNS subject alternative names.
+    pub dns_names: Vec<String>,
+    /// URI subject alternative names (SPIFFE ids).
+    pub uris: Vec<String>,
+    /// IP address subject alternative names (servers reached by address).
+    pub ip_addresses: Vec<IpAddr>,
+    /// How long it is valid from now.
+    pub validity: Duration,
+}
+
+impl LeafRequest {
+    /// An identity's service certificate: CN and DNS SAN
+    /// `<sa>.<ns>.<trust-domain>`, URI SAN
+    /// `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
+    pub fn identity(identity: &Identity, trust_domain: &str, validity: Duration) -> LeafRequest {
+        let principal = identity.principal(trust_domain);
+        LeafRequest {
+            common_name: principal.clone(),
+            dns_names: vec![principal],
+            uris: vec![identity.spiffe(trust_domain)],
+            ip_addresses: Vec::new(),
+            validity,
+        }
+    }
+
+    /// A proxy's bootstrap (xDS client) certificate: CN
+    /// `<proxy-uuid>.sidecar.<sa>.<ns>.<trust-domain>` as OSM named it, and
+    /// the identity's SPIFFE id.
+    pub fn proxy(
+        proxy_uuid: &str,
+        identity: &Identity,
+        trust_domain: &str,
+        validity: Duration,
+    ) -> LeafRequest {
+        let name = format!("{proxy_uuid}.sidecar.{}", identity.principal(trust_domain));
+        LeafRequest {
+            common_name: name.clone(),
+            dns_names: vec![name],
+            uris: vec![identity.spiffe(trust_domain)],
+            ip_addresses: Vec::new(),
+            validity,
+        }
+    }
+
+    /// A server certificate (an edge's xDS port) for the names and
+    /// addresses proxies dial.
+    pub fn server(
+        common_name: &str,
+        dns_names: Vec<String>,
+        ip_addresses: Vec<IpAddr>,
+        validity: Duration,
+    ) -> LeafRequest {
+        LeafRequest {
+            common_name: common_name.to_owned(),
+            dns_names,
+            uris: Vec::new(),
+            ip_addresses,
+            validity,
+        }
+    }
+}
 
 /// A leaf certificate and its key, PEM encoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,11 +99,21 @@ pub struct IssuedCert {
     pub chain_pem: String,
     /// The leaf's private key (PKCS#8).
     pub key_pem: String,
+    /// When it was issued. The certificate itself is valid from a few
+    /// minutes earlier, for clocks running behind.
+    pub issued_at: SystemTime,
     /// When the leaf expires.
     pub not_after: SystemTime,
+    /// Which root signed it ([`CertificateIssuer::signer`] at the time).
+    pub signer: SignerId,
 }
 
-/// Why a certificate could not be issued.
+/// Names a signing root; a leaf whose signer is not the issuer's current one
+/// is reissued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SignerId(pub u64);
+
+/// Why a certificate authority could not be loaded or could not issue.
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
     /// rcgen refused the parameters or failed to sign.
@@ -38,109 +125,99 @@ pub enum CaError {
         #[source]
         source: rcgen::Error,
     },
+    /// A CA file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A root certificate is not a PEM X.509 certificate.
+    #[error("{what}: not a PEM X.509 certificate: {reason}")]
+    BadCertificate {
+        /// Which certificate.
+        what: String,
+        /// The parser's reason.
+        reason: String,
+    },
+    /// A root key is not a PEM private key rcgen can sign with.
+    #[error(
+        "{what}: not a usable PEM private key (PKCS#8 ECDSA P-256/P-384, Ed25519 or RSA): {source}"
+    )]
+    BadKey {
+        /// Which key.
+        what: String,
+        /// rcgen's reason.
+        #[source]
+        source: rcgen::Error,
+    },
+    /// The key is not the one the certificate was issued for.
+    #[error("{what}: the private key does not match the certificate's public key")]
+    KeyMismatch {
+        /// Which root.
+        what: String,
+    },
+    /// The certificate may not sign others.
+    #[error("{what}: not a CA certificate (basic constraints CA:TRUE missing)")]
+    NotCa {
+        /// Which root.
+        what: String,
+    },
+    /// The root's validity window does not include now.
+    #[error("{what}: not valid now (valid from {not_before} until {not_after})")]
+    OutsideValidity {
+        /// Which root.
+        what: String,
+        /// Start of its validity, RFC 3339.
+        not_before: String,
+        /// End of its validity, RFC 3339.
+        not_after: String,
+    },
+    /// Only one of a certificate and its key is present.
+    #[error("{present} exists but {missing} does not: provide both or neither")]
+    HalfPair {
+        /// The file found.
+        present: PathBuf,
+        /// The file missing.
+        missing: PathBuf,
+    },
 }
 
-/// Issues leaf certificates for identities.
+/// Issues leaf certificates.
 pub trait CertificateIssuer: Send + Sync {
-    /// A certificate for `identity`, valid for `validity` from now.
-    fn issue(
-        &self,
-        identity: &Identity,
-        trust_domain: &str,
-        validity: Duration,
-    ) -> Result<IssuedCert, CaError>;
-    /// The roots proxies must trust, PEM encoded.
-    fn roots_pem(&self) -> &str;
-}
-
-/// A CA generated in memory.
-pub struct BuiltinCa {
-    root_params: CertificateParams,
-    root_key: KeyPair,
-    root_pem: String,
-}
-
-impl std::fmt::Debug for BuiltinCa {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BuiltinCa").finish_non_exhaustive()
+    /// Signs a leaf for `request` with the current signing root.
+    fn issue(&self, request: &LeafRequest) -> Result<IssuedCert, CaError>;
+    /// The roots proxies must trust now, PEM encoded; during a root
+    /// rotation, old and new.
+    fn trust_bundle(&self) -> Arc<str>;
+    /// The root signing new leaves now.
+    fn signer(&self) -> SignerId;
+    /// Moves any schedule of the issuer's own (root rotation) forward to
+    /// `now`. `leaves_current` says whether every leaf in use was signed by
+    /// [`CertificateIssuer::signer`], so an old root is let go only after
+    /// nothing signed by it is left. Returns whether the trust bundle or the
+    /// signer changed.
+    fn advance(&self, now: SystemTime, leaves_current: bool) -> Result<bool, CaError> {
+        let _ = (now, leaves_current);
+        Ok(false)
     }
 }
 
-fn sign_error(subject: &str) -> impl FnOnce(rcgen::Error) -> CaError + '_ {
-    move |source| CaError::Sign {
-        subject: subject.to_owned(),
-        source,
-    }
+/// When to renew a leaf: at two thirds of its life, moved by up to a
+/// twelfth of its life either way, so identities issued together do not all
+/// renew together.
+pub fn renewal_time(cert: &IssuedCert) -> SystemTime {
+    let life = cert
+        .not_after
+        .duration_since(cert.issued_at)
+        .unwrap_or_default();
+    let spread = life / 6;
+    let jitter = spread.mul_f64(fastrand::f64());
+    cert.issued_at + life * 7 / 12 + jitter
 }
 
-impl BuiltinCa {
-    /// A new root: ECDSA P-256, valid ten years.
-    pub fn generate() -> Result<BuiltinCa, CaError> {
-        let subject = "Trellis root";
-        let key = KeyPair::generate().map_err(sign_error(subject))?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, subject);
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "Trellis");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::hours(1);
-        params.not_after = now + time::Duration::days(3650);
-        let cert = params.self_signed(&key).map_err(sign_error(subject))?;
-        Ok(BuiltinCa {
-            root_pem: cert.pem(),
-            root_params: params,
-            root_key: key,
-        })
-    }
-}
-
-impl CertificateIssuer for BuiltinCa {
-    fn issue(
-        &self,
-        identity: &Identity,
-        trust_domain: &str,
-        validity: Duration,
-    ) -> Result<IssuedCert, CaError> {
-        let principal = identity.principal(trust_domain);
-        let fail = || sign_error(&principal);
-        let mut params = CertificateParams::new(vec![principal.clone()]).map_err(fail())?;
-        let spiffe = identity.spiffe(trust_domain);
-        let uri = spiffe.as_str().try_into().map_err(fail())?;
-        params.subject_alt_names.push(SanType::URI(uri));
-        params
-            .distinguished_name
-            .push(DnType::CommonName, principal.as_str());
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let now = SystemTime::now();
-        let not_after = now + validity;
-        // A little slack before now absorbs clock skew between nodes.
-        params.not_before = time::OffsetDateTime::from(now) - time::Duration::minutes(5);
-        params.not_after = time::OffsetDateTime::from(not_after);
-        let key = KeyPair::generate().map_err(fail())?;
-        let issuer = Issuer::from_params(&self.root_params, &self.root_key);
-        let cert = params.signed_by(&key, &issuer).map_err(fail())?;
-        Ok(IssuedCert {
-            chain_pem: format!("{}{}", cert.pem(), self.root_pem),
-            key_pem: key.serialize_pem(),
-            not_after,
-        })
-    }
-
-    fn roots_pem(&self) -> &str {
-        &self.root_pem
-    }
-}
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;

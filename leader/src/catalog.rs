@@ -45,6 +45,14 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// The ServiceAccount `name` in `namespace`.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Identity {
+        Identity {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
     /// OSM's principal and certificate name: `<sa>.<ns>.<trust-domain>`.
     pub fn principal(&self, trust_domain: &str) -> String {
         format!("{}.{}.{trust_domain}", self.name, self.namespace)

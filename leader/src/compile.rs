@@ -20,6 +20,7 @@ mod tests;
 use std::{
     collections::{hash_map::Entry, BTreeMap, BTreeSet, HashMap},
     sync::Arc,
+    time::SystemTime,
 };
 
 use trellis_shared::{
@@ -29,7 +30,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use self::inputs::{Changed, Input, Reads};
 use crate::{
-    ca::{CaError, CertificateIssuer, IssuedCert},
+    ca::{self, CaError, CertificateIssuer, IssuedCert, LeafRequest},
     catalog::{
         Catalog, Endpoint, HttpRule, Identity, MeshPod, MeshService, Problem, ServiceKey,
         ServicePort, Target,
@@ -258,9 +259,9 @@ enum ClassError {
 /// output across compiles: a class whose inputs did not change is not
 /// compiled again.
 pub struct Compiler {
-    issuer: Box<dyn CertificateIssuer>,
-    /// Each identity's certificate and the hash of its chain.
-    certs: HashMap<Identity, (IssuedCert, u64)>,
+    issuer: Arc<dyn CertificateIssuer>,
+    /// Each identity's certificate.
+    certs: HashMap<Identity, HeldCert>,
     output: Compiled,
     classes: HashMap<ClassKey, Memo>,
     /// Hash of the roots the kept classes were compiled with.
@@ -320,32 +321,43 @@ fn hash_text(text: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(text.as_bytes())
 }
 
+/// An identity's certificate, the hash of its chain (kept classes are
+/// checked against it) and when to renew it.
+struct HeldCert {
+    cert: IssuedCert,
+    hash: u64,
+    renew_at: SystemTime,
+}
+
 /// `identity`'s certificate from `certs`, issued by `issuer` if it has none
-/// yet, with its chain's hash (kept classes are checked against it).
+/// yet.
 fn certificate<'a>(
-    certs: &'a mut HashMap<Identity, (IssuedCert, u64)>,
+    certs: &'a mut HashMap<Identity, HeldCert>,
     issuer: &dyn CertificateIssuer,
     identity: &Identity,
     catalog: &Catalog,
-) -> Result<&'a (IssuedCert, u64), CaError> {
+) -> Result<&'a HeldCert, CaError> {
     match certs.entry(identity.clone()) {
         Entry::Occupied(kept) => Ok(kept.into_mut()),
         Entry::Vacant(slot) => {
-            let cert = issuer.issue(
+            let cert = issuer.issue(&LeafRequest::identity(
                 identity,
                 &catalog.mesh.trust_domain,
                 catalog.mesh.cert_validity,
-            )?;
-            let hash = hash_text(&cert.chain_pem);
-            Ok(slot.insert((cert, hash)))
+            ))?;
+            Ok(slot.insert(HeldCert {
+                hash: hash_text(&cert.chain_pem),
+                renew_at: ca::renewal_time(&cert),
+                cert,
+            }))
         }
     }
 }
 
 impl Compiler {
     /// A compiler issuing certificates with `issuer`.
-    pub fn new(issuer: Box<dyn CertificateIssuer>) -> Compiler {
-        let roots = hash_text(issuer.roots_pem());
+    pub fn new(issuer: Arc<dyn CertificateIssuer>) -> Compiler {
+        let roots = hash_text(&issuer.trust_bundle());
         Compiler {
             issuer,
             certs: HashMap::new(),
@@ -371,7 +383,8 @@ impl Compiler {
     /// catalog (the one compiled last), only classes whose inputs differ
     /// between the two are compiled; without it, every class is.
     pub fn update(&mut self, previous: Option<&Catalog>, catalog: &Catalog) -> Update {
-        let roots = hash_text(self.issuer.roots_pem());
+        let bundle = self.issuer.trust_bundle();
+        let roots = hash_text(&bundle);
         let changed = match previous {
             Some(previous) if roots == self.roots => Changed::between(previous, catalog),
             _ => Changed::Everything,
@@ -409,7 +422,7 @@ impl Compiler {
                 &key.identity,
                 catalog,
             );
-            let cert_hash = issued.as_ref().map_or(0, |(_, hash)| *hash);
+            let cert_hash = issued.as_ref().map_or(0, |held| held.hash);
             if let Some(memo) = self.classes.get(key) {
                 if memo.cert == cert_hash && !changed.touches(&memo.reads) {
                     continue;
@@ -417,9 +430,16 @@ impl Compiler {
             }
             classes_compiled += 1;
             let mut class = ClassOutput::new(id);
-            let roots = self.issuer.roots_pem();
-            let compiled = issued.map_err(ClassError::from).and_then(|(cert, _)| {
-                compile_class(catalog, &access, &mut shared, key, cert, roots, &mut class)
+            let compiled = issued.map_err(ClassError::from).and_then(|held| {
+                compile_class(
+                    catalog,
+                    &access,
+                    &mut shared,
+                    key,
+                    &held.cert,
+                    &bundle,
+                    &mut class,
+                )
             });
             let reads = std::mem::take(&mut class.reads);
             let compiled = compiled.and_then(|()| class.finish());
@@ -449,6 +469,11 @@ impl Compiler {
             self.classes.insert(key.clone(), memo);
         }
 
+        // Certificates of identities no class has any more are not renewed.
+        let identities: BTreeSet<&Identity> = classes.keys().map(|key| &key.identity).collect();
+        self.certs
+            .retain(|identity, _| identities.contains(identity));
+
         self.output.problems = catalog.problems.clone();
         if regrouped || outcomes_changed {
             self.output.classes.clear();
@@ -474,6 +499,42 @@ impl Compiler {
             changed: self.output.changed(touched),
             classes_compiled,
         }
+    }
+
+    /// The issuer certificates come from.
+    pub fn issuer(&self) -> &Arc<dyn CertificateIssuer> {
+        &self.issuer
+    }
+
+    /// When the next certificate is due for renewal.
+    pub fn next_renewal(&self) -> Option<SystemTime> {
+        self.certs.values().map(|held| held.renew_at).min()
+    }
+
+    /// Whether every certificate held was signed by the issuer's current
+    /// signer.
+    pub fn leaves_current(&self) -> bool {
+        let signer = self.issuer.signer();
+        self.certs.values().all(|held| held.cert.signer == signer)
+    }
+
+    /// Drops up to `limit` certificates that are due at `now` or were signed
+    /// by a root that no longer signs, so the next [`Compiler::update`]
+    /// issues them again (and recompiles the classes holding them).
+    /// Returns how many were dropped; a bounded batch keeps one update from
+    /// stalling behind thousands of signatures.
+    pub fn renew_due(&mut self, now: SystemTime, limit: usize) -> usize {
+        let signer = self.issuer.signer();
+        let mut due: Vec<(SystemTime, Identity)> = (self.certs.iter())
+            .filter(|(_, held)| held.renew_at <= now || held.cert.signer != signer)
+            .map(|(identity, held)| (held.renew_at, identity.clone()))
+            .collect();
+        due.sort_unstable();
+        due.truncate(limit);
+        for (_, identity) in &due {
+            self.certs.remove(identity);
+        }
+        due.len()
     }
 
     /// Re-encodes the endpoint assignments of `service` from its current

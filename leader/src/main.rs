@@ -141,7 +141,7 @@ fn pipeline(mesh: String) -> Result<Pipeline> {
         mesh,
         ..PipelineConfig::default()
     };
-    Ok(Pipeline::new(config, Compiler::new(Box::new(ca))))
+    Ok(Pipeline::new(config, Compiler::new(Arc::new(ca))))
 }
 
 fn require_dir(dir: &Path) -> Result<()> {

@@ -4,11 +4,11 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn};
 use trellis_shared::{Epoch, Snapshot, SnapshotBuilder, SnapshotError};
 
 use crate::{
@@ -39,6 +39,12 @@ pub struct PipelineConfig {
     pub quiet: Duration,
     /// ...but never wait longer than this after the first update (default 1 s).
     pub max_delay: Duration,
+    /// How often certificates are checked for renewal and the CA for a
+    /// rotation step (default 1 s).
+    pub certificate_tick: Duration,
+    /// At most this many certificates are signed per compile (default 500),
+    /// so a mass renewal is spread over several snapshots.
+    pub renewal_batch: usize,
 }
 
 impl Default for PipelineConfig {
@@ -47,6 +53,8 @@ impl Default for PipelineConfig {
             mesh: "osm".to_owned(),
             quiet: Duration::from_millis(100),
             max_delay: Duration::from_secs(1),
+            certificate_tick: Duration::from_secs(1),
+            renewal_batch: 500,
         }
     }
 }
@@ -89,6 +97,9 @@ struct Pending {
     policies: bool,
     /// Services whose endpoints changed.
     endpoints_of: BTreeSet<ServiceKey>,
+    /// Certificates are due or the CA's roots changed: the catalog stays,
+    /// the classes holding those certificates (or all, for roots) compile.
+    certificates: bool,
 }
 
 /// Puts the `changed` resources of `compiled` into `builder`: their new
@@ -234,7 +245,7 @@ impl Pipeline {
     /// result is what is already served.
     pub fn compile(&mut self) -> Result<Option<Snapshot>, SnapshotError> {
         let pending = std::mem::take(&mut self.pending);
-        if !pending.workloads && !pending.policies {
+        if !pending.workloads && !pending.policies && !pending.certificates {
             match self.compile_endpoints(&pending.endpoints_of)? {
                 Some(builder) if !builder.has_changes() => return Ok(None),
                 Some(builder) => {
@@ -252,7 +263,11 @@ impl Pipeline {
         }
         let catalog = match &self.catalog {
             Some(previous) if !pending.workloads && pending.endpoints_of.is_empty() => {
-                catalog::rebuild_policies(previous.clone(), &self.objects)
+                if pending.policies {
+                    catalog::rebuild_policies(previous.clone(), &self.objects)
+                } else {
+                    previous.clone()
+                }
             }
             _ => catalog::build(&self.objects, &self.config.mesh),
         };
@@ -288,6 +303,49 @@ impl Pipeline {
         Ok(changed.then_some(snapshot))
     }
 
+    /// Renews the certificates due at `now` (a batch of them) and moves
+    /// the CA's own schedule (root rotation) forward; returns whether a
+    /// compile is needed.
+    pub fn certificates_due(&mut self, now: SystemTime) -> bool {
+        let leaves_current = self.compiler.leaves_current();
+        let advanced = match self.compiler.issuer().advance(now, leaves_current) {
+            Ok(advanced) => advanced,
+            Err(error) => {
+                warn!(%error, "the CA could not take its next rotation step; retrying");
+                false
+            }
+        };
+        let renewed = self.compiler.renew_due(now, self.config.renewal_batch);
+        if renewed > 0 {
+            info!(renewed, "renewing certificates");
+        }
+        let due = advanced || renewed > 0;
+        self.pending.certificates |= due;
+        due
+    }
+
+    /// Compiles what is pending and hands a changed snapshot to `sink`.
+    fn compile_and_publish(&mut self, sink: &dyn SnapshotSink) {
+        let span = info_span!("compile", objects = self.objects.len());
+        let result = span.in_scope(|| self.compile());
+        match result {
+            Ok(None) => debug!("compiled; nothing changed"),
+            Ok(Some(snapshot)) => {
+                info!(
+                    epoch = snapshot.epoch(),
+                    classes = self.compiler.output().classes.len(),
+                    "published"
+                );
+                sink.publish(snapshot);
+            }
+            // The compiler checks every class before emitting it, so this
+            // is a defect; the last good snapshot keeps being served.
+            Err(error) => {
+                warn!(%error, "compiled snapshot is inconsistent; keeping the last one")
+            }
+        }
+    }
+
     /// Logs problems that appeared and those that went away.
     fn report(&self, problems: &[Problem]) {
         let before: BTreeSet<&Problem> = self.problems.iter().collect();
@@ -302,13 +360,30 @@ impl Pipeline {
 
     /// Compiles and publishes after every burst of updates: once no update
     /// arrived for the quiet window, or at the latest `max_delay` after the
-    /// burst began. Returns when the source closes.
+    /// burst began. Between bursts, renews certificates as they fall due.
+    /// Returns when the source closes.
     pub async fn run(
         mut self,
         mut updates: mpsc::Receiver<SourceUpdate>,
         sink: Arc<dyn SnapshotSink>,
     ) {
-        while let Some(first) = updates.recv().await {
+        let mut tick = tokio::time::interval(self.config.certificate_tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let first = tokio::select! {
+                update = updates.recv() => match update {
+                    Some(update) => update,
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    // Only after the first compile: there is nothing to renew
+                    // before it.
+                    if self.catalog.is_some() && self.certificates_due(SystemTime::now()) {
+                        self.compile_and_publish(sink.as_ref());
+                    }
+                    continue;
+                }
+            };
             self.apply(first);
             let deadline = tokio::time::Instant::now() + self.config.max_delay;
             let mut open = true;
@@ -320,24 +395,7 @@ impl Pipeline {
                     Err(_) => break,
                 }
             }
-            let span = info_span!("compile", objects = self.objects.len());
-            let result = async { self.compile() }.instrument(span).await;
-            match result {
-                Ok(None) => debug!("compiled; nothing changed"),
-                Ok(Some(snapshot)) => {
-                    info!(
-                        epoch = snapshot.epoch(),
-                        classes = self.compiler.output().classes.len(),
-                        "published"
-                    );
-                    sink.publish(snapshot);
-                }
-                // The compiler checks every class before emitting it, so this
-                // is a defect; the last good snapshot keeps being served.
-                Err(error) => {
-                    warn!(%error, "compiled snapshot is inconsistent; keeping the last one")
-                }
-            }
+            self.compile_and_publish(sink.as_ref());
             if !open {
                 break;
             }

@@ -6,7 +6,7 @@
 #[path = "../../edge/tests/support/mod.rs"]
 mod support;
 
-use std::{collections::BTreeMap, path::Path};
+use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use prost::Message;
 use prost_reflect::{DynamicMessage, SerializeOptions};
@@ -62,7 +62,7 @@ fn with(mut objects: BTreeMap<ObjectRef, Object>, yaml: &str) -> BTreeMap<Object
 
 fn compile(objects: &BTreeMap<ObjectRef, Object>) -> Compiled {
     let catalog = catalog::build(objects, "osm");
-    Compiler::new(Box::new(BuiltinCa::generate().unwrap()))
+    Compiler::new(Arc::new(BuiltinCa::generate().unwrap()))
         .compile(&catalog)
         .clone()
 }

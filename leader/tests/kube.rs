@@ -194,7 +194,7 @@ async fn kube_source_lists_watches_and_relists_after_410_gone() {
             quiet: Duration::from_millis(50),
             ..PipelineConfig::default()
         },
-        Compiler::new(Box::new(BuiltinCa::generate().unwrap())),
+        Compiler::new(Arc::new(BuiltinCa::generate().unwrap())),
     );
     let mut status = pipeline.status();
     let store = Arc::new(trellis_edge::SnapshotStore::new());

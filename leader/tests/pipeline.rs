@@ -14,7 +14,7 @@ use support::{copy_example, eventually, Api, Envoy, TestEdge};
 use tokio::sync::mpsc;
 use trellis_edge::EdgeConfig;
 use trellis_leader::{
-    ca::BuiltinCa,
+    ca::{BuiltinCa, CertificateIssuer, RootCa},
     compile::Compiler,
     kinds::{Object, ObjectRef},
     pipeline::{Pipeline, PipelineConfig, Status},
@@ -51,7 +51,7 @@ async fn envoy_gets_its_class_from_the_in_process_leader_and_follows_edits() -> 
         quiet: Duration::from_millis(50),
         ..PipelineConfig::default()
     };
-    let pipeline = Pipeline::new(config, Compiler::new(Box::new(BuiltinCa::generate()?)));
+    let pipeline = Pipeline::new(config, Compiler::new(Arc::new(BuiltinCa::generate()?)));
     let mut status = pipeline.status();
     let (updates, received) = mpsc::channel(16);
     tokio::spawn(FileSource::new(&dir).run(updates));
@@ -125,7 +125,7 @@ fn compiling_unchanged_input_publishes_nothing() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bookstore");
     let mut pipeline = Pipeline::new(
         PipelineConfig::default(),
-        Compiler::new(Box::new(BuiltinCa::generate().unwrap())),
+        Compiler::new(Arc::new(BuiltinCa::generate().unwrap())),
     );
     pipeline.apply(FileSource::new(&example).scan().unwrap());
     let first = pipeline.compile().unwrap().expect("a first snapshot");
@@ -140,7 +140,7 @@ fn example_pipeline() -> (Pipeline, BTreeMap<ObjectRef, Object>, Snapshot) {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bookstore");
     let mut pipeline = Pipeline::new(
         PipelineConfig::default(),
-        Compiler::new(Box::new(BuiltinCa::generate().unwrap())),
+        Compiler::new(Arc::new(BuiltinCa::generate().unwrap())),
     );
     let update = FileSource::new(&example).scan().unwrap();
     let objects = update
@@ -186,7 +186,7 @@ fn apply(
 fn fully_compiled(objects: &BTreeMap<ObjectRef, Object>) -> (Snapshot, Arc<Status>) {
     let mut fresh = Pipeline::new(
         PipelineConfig::default(),
-        Compiler::new(Box::new(BuiltinCa::generate().unwrap())),
+        Compiler::new(Arc::new(BuiltinCa::generate().unwrap())),
     );
     fresh.apply(SourceUpdate {
         changes: objects
@@ -304,4 +304,156 @@ fn a_headless_services_endpoints_are_its_callers_addresses() {
         listeners(&snapshot, &status),
         listeners(&full, &full_status)
     );
+}
+
+/// Every resource that differs between two snapshots, as (type, name).
+fn changes(old: &Snapshot, new: &Snapshot) -> Vec<(String, String)> {
+    let mut changed = Vec::new();
+    for scope in new.diff_from(old).scopes {
+        for types in scope.types {
+            for name in types.changed.iter().chain(&types.removed) {
+                changed.push((
+                    type_url::short_name(&types.type_url).to_owned(),
+                    name.to_string(),
+                ));
+            }
+        }
+    }
+    changed.sort();
+    changed
+}
+
+/// The PEM text a secret of `snapshot` carries (certificate chain or
+/// trusted CA).
+fn secret_pem(snapshot: &Snapshot, identity: &str, name: &str) -> String {
+    use prost::Message;
+    use trellis_proto::pb::envoy::extensions::transport_sockets::tls::v3::{secret, Secret};
+    use trellis_proto::pb::google::protobuf::Any;
+    let resource = snapshot
+        .get(&Scope::Identity(identity.into()), type_url::SECRET, name)
+        .unwrap_or_else(|| panic!("no secret {name}"));
+    let any = Any::decode(resource.any().clone()).unwrap();
+    let secret = Secret::decode(any.value.as_slice()).unwrap();
+    let source = match secret.r#type.unwrap() {
+        secret::Type::TlsCertificate(cert) => cert.certificate_chain.unwrap(),
+        secret::Type::ValidationContext(context) => context.trusted_ca.unwrap(),
+        other => panic!("unexpected secret {other:?}"),
+    };
+    match source.specifier.unwrap() {
+        trellis_proto::pb::envoy::config::core::v3::data_source::Specifier::InlineString(pem) => {
+            pem
+        }
+        other => panic!("not inline: {other:?}"),
+    }
+}
+
+#[test]
+fn renewal_reissues_only_due_certificates_in_batches() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bookstore");
+    let config = PipelineConfig {
+        renewal_batch: 2,
+        ..PipelineConfig::default()
+    };
+    let mut pipeline = Pipeline::new(
+        config,
+        Compiler::new(Arc::new(BuiltinCa::generate().unwrap())),
+    );
+    pipeline.apply(FileSource::new(&example).scan().unwrap());
+    let first = pipeline.compile().unwrap().expect("a first snapshot");
+    let now = std::time::SystemTime::now();
+    assert!(
+        !pipeline.certificates_due(now + Duration::from_secs(3600)),
+        "nothing is due an hour into 24"
+    );
+    assert!(pipeline.compile().unwrap().is_none());
+
+    // A day later every certificate is due; each compile signs one batch.
+    let day = now + Duration::from_secs(24 * 3600);
+    let mut last = first;
+    for _ in 0..2 {
+        assert!(pipeline.certificates_due(day));
+        let next = pipeline
+            .compile()
+            .unwrap()
+            .expect("renewed certificates are published");
+        let renewed = changes(&last, &next);
+        assert_eq!(renewed.len(), 2, "one batch: {renewed:?}");
+        assert!(
+            renewed
+                .iter()
+                .all(|(t, name)| t == "sds" && name.starts_with("service-cert:")),
+            "only the renewed certificates change: {renewed:?}"
+        );
+        last = next;
+    }
+}
+
+#[test]
+fn root_rotation_trusts_then_signs_then_forgets() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bookstore");
+    let hour = Duration::from_secs(3600);
+    let ca = Arc::new(BuiltinCa::generate().unwrap().with_overlap(hour));
+    let mut pipeline = Pipeline::new(PipelineConfig::default(), Compiler::new(ca.clone()));
+    pipeline.apply(FileSource::new(&example).scan().unwrap());
+    let first = pipeline.compile().unwrap().expect("a first snapshot");
+    let old_root = ca.trust_bundle().to_string();
+    let (buyer, cert, roots) = (
+        "bookbuyer/bookbuyer",
+        "service-cert:bookbuyer/bookbuyer",
+        "root-cert-for-mtls-inbound:bookbuyer/bookbuyer",
+    );
+    assert_eq!(secret_pem(&first, buyer, roots), old_root);
+
+    let next = RootCa::generate(24 * hour).unwrap();
+    let new_root = next.cert_pem().to_owned();
+    ca.rotate_to(next);
+    let t0 = std::time::SystemTime::now();
+    assert!(pipeline.certificates_due(t0));
+    let trusting = pipeline.compile().unwrap().expect("both roots published");
+    assert!(
+        changes(&first, &trusting)
+            .iter()
+            .all(|(_, name)| name.starts_with("root-cert-for-mtls-")),
+        "only the trusted roots change first"
+    );
+    assert_eq!(
+        secret_pem(&trusting, buyer, roots),
+        format!("{old_root}{new_root}")
+    );
+    assert!(
+        secret_pem(&trusting, buyer, cert).ends_with(&old_root),
+        "the old root still signs"
+    );
+
+    assert!(
+        !pipeline.certificates_due(t0 + hour / 2),
+        "the overlap holds"
+    );
+    assert!(pipeline.certificates_due(t0 + hour));
+    let reissued = pipeline.compile().unwrap().expect("new leaves published");
+    let changed = changes(&trusting, &reissued);
+    assert!(
+        changed
+            .iter()
+            .all(|(_, name)| name.starts_with("service-cert:")),
+        "{changed:?}"
+    );
+    assert!(secret_pem(&reissued, buyer, cert).ends_with(&new_root));
+    assert_eq!(
+        secret_pem(&reissued, buyer, roots),
+        format!("{old_root}{new_root}")
+    );
+
+    // Every leaf is the new root's: the overlap starts, then the old root goes.
+    assert!(!pipeline.certificates_due(t0 + hour + Duration::from_secs(1)));
+    assert!(!pipeline.certificates_due(t0 + 2 * hour));
+    assert!(pipeline.certificates_due(t0 + 2 * hour + Duration::from_secs(1)));
+    let done = pipeline
+        .compile()
+        .unwrap()
+        .expect("the new root alone published");
+    assert!(changes(&reissued, &done)
+        .iter()
+        .all(|(_, name)| name.starts_with("root-cert-for-mtls-")));
+    assert_eq!(secret_pem(&done, buyer, roots), new_root);
 }

@@ -47,7 +47,7 @@ impl TestLeader {
         };
         let pipeline = Pipeline::new(
             config,
-            Compiler::new(Box::new(BuiltinCa::generate().unwrap())),
+            Compiler::new(Arc::new(BuiltinCa::generate().unwrap())),
         );
         let mut status = pipeline.status();
         let store = Arc::new(SnapshotStore::new());

@@ -185,7 +185,7 @@ async fn in_process(dir: &Path, ready_within: Duration) -> Result<Target, Target
             quiet: Duration::from_millis(20),
             ..PipelineConfig::default()
         },
-        Compiler::new(Box::new(ca)),
+        Compiler::new(std::sync::Arc::new(ca)),
     );
     let (updates, received) = mpsc::channel(64);
     let source = FileSource::new(dir);

@@ -36,7 +36,7 @@ impl Incremental {
     fn new() -> Incremental {
         let objects = example();
         let catalog = catalog::build(&objects, "osm");
-        let mut compiler = Compiler::new(Box::new(BuiltinCa::generate().unwrap()));
+        let mut compiler = Compiler::new(Arc::new(BuiltinCa::generate().unwrap()));
         compiler.update(None, &catalog);
         Incremental {
             compiler,
