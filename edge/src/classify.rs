@@ -1,14 +1,18 @@
-//! Which class a proxy belongs to: the one seam between a stream and the
-//! configuration it is served.
+//! Which class a proxy belongs to, and whether it may have it: the one seam
+//! between a stream and the configuration it is served.
 //!
-//! For now the class comes from the node itself; the certificate-based
-//! identity check replaces [`NodeClassifier`] without touching the server.
+//! A proxy names its class in its node (metadata `trellis.class`, else the
+//! node cluster). Over mTLS its client certificate must back the claim: the
+//! node id is the certificate's common name, and the class belongs to the
+//! certificate's ServiceAccount (class ids begin `<ns>/<sa>/`). Since a
+//! class's resources include only its own identity's secrets, a proxy never
+//! receives another identity's keys.
 
-use prost_types_value::kind_string;
 use trellis_proto::pb::envoy::config::core::v3::Node;
 
-/// Node metadata key naming a proxy's class.
-pub const CLASS_METADATA_KEY: &str = "trellis.class";
+use crate::tls::{PeerError, PeerIdentity};
+
+pub use trellis_shared::CLASS_METADATA_KEY;
 
 /// Why a proxy could not be given a class.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -21,33 +25,85 @@ pub enum ClassifyError {
         /// The node's id.
         node_id: String,
     },
+    /// The node id is not the one its certificate was issued to.
+    #[error("node {node_id:?} presents the certificate of {certified:?}")]
+    IdentityMismatch {
+        /// The node's id.
+        node_id: String,
+        /// The certificate's common name.
+        certified: String,
+    },
+    /// The class belongs to another ServiceAccount.
+    #[error("class {class:?} is not a class of {identity}, whose certificate the proxy holds")]
+    ForeignClass {
+        /// The class asked for.
+        class: String,
+        /// The certificate's `<ns>/<sa>`.
+        identity: String,
+    },
+    /// The client certificate names no proxy.
+    #[error(transparent)]
+    Peer(PeerError),
+}
+
+impl ClassifyError {
+    /// Bounded label for the `refused` metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ClassifyError::NoClass { .. } => "no_class",
+            ClassifyError::IdentityMismatch { .. } => "identity_mismatch",
+            ClassifyError::ForeignClass { .. } => "foreign_class",
+            ClassifyError::Peer(_) => "bad_client_certificate",
+        }
+    }
 }
 
 /// Maps a connecting proxy to its class.
 pub trait ProxyClassifier: Send + Sync + 'static {
-    /// The class whose configuration this node is served.
-    fn classify(&self, node: &Node) -> Result<String, ClassifyError>;
+    /// The class whose configuration this node is served; `peer` is who its
+    /// verified client certificate says it is (`None` over plaintext).
+    fn classify(&self, node: &Node, peer: Option<&PeerIdentity>) -> Result<String, ClassifyError>;
 }
 
 /// Takes the class from node metadata `trellis.class`, else from the node's
-/// cluster (Envoy's `--service-cluster`).
+/// cluster (Envoy's `--service-cluster`), and checks it against the peer's
+/// certificate.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NodeClassifier;
 
 impl ProxyClassifier for NodeClassifier {
-    fn classify(&self, node: &Node) -> Result<String, ClassifyError> {
+    fn classify(&self, node: &Node, peer: Option<&PeerIdentity>) -> Result<String, ClassifyError> {
         let from_metadata = node
             .metadata
             .as_ref()
             .and_then(|m| m.fields.get(CLASS_METADATA_KEY))
-            .and_then(kind_string);
-        match from_metadata {
-            Some(class) if !class.is_empty() => Ok(class.to_owned()),
-            _ if !node.cluster.is_empty() => Ok(node.cluster.clone()),
-            _ => Err(ClassifyError::NoClass {
+            .and_then(prost_types_value::kind_string);
+        let class = match from_metadata {
+            Some(class) if !class.is_empty() => class.to_owned(),
+            _ if !node.cluster.is_empty() => node.cluster.clone(),
+            _ => {
+                return Err(ClassifyError::NoClass {
+                    node_id: node.id.clone(),
+                })
+            }
+        };
+        let Some(peer) = peer else {
+            return Ok(class);
+        };
+        if node.id != peer.common_name {
+            return Err(ClassifyError::IdentityMismatch {
                 node_id: node.id.clone(),
-            }),
+                certified: peer.common_name.clone(),
+            });
         }
+        let identity = peer.identity();
+        let owned = class
+            .strip_prefix(identity.as_str())
+            .is_some_and(|rest| rest.starts_with('/'));
+        if !owned {
+            return Err(ClassifyError::ForeignClass { class, identity });
+        }
+        Ok(class)
     }
 }
 
@@ -59,5 +115,58 @@ mod prost_types_value {
             Kind::StringValue(s) => Some(s),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, cluster: &str) -> Node {
+        Node {
+            id: id.to_owned(),
+            cluster: cluster.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    fn buyer() -> PeerIdentity {
+        PeerIdentity {
+            common_name: "u1.sidecar.bookbuyer.bookbuyer.cluster.local".to_owned(),
+            namespace: "bookbuyer".to_owned(),
+            service_account: "bookbuyer".to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_certified_proxy_gets_only_its_own_identitys_classes() {
+        let id = "u1.sidecar.bookbuyer.bookbuyer.cluster.local";
+        let classify = |node: Node| NodeClassifier.classify(&node, Some(&buyer()));
+        assert_eq!(
+            classify(node(id, "bookbuyer/bookbuyer/0a1b2c3d")),
+            Ok("bookbuyer/bookbuyer/0a1b2c3d".to_owned())
+        );
+        assert_eq!(
+            classify(node(id, "bookstore/bookstore/0a1b2c3d")).map_err(|e| e.reason()),
+            Err("foreign_class")
+        );
+        // A prefix of another name is not the same ServiceAccount.
+        assert_eq!(
+            classify(node(id, "bookbuyer/bookbuyer-admin/0a1b2c3d")).map_err(|e| e.reason()),
+            Err("foreign_class")
+        );
+        assert_eq!(
+            classify(node(
+                "u2.sidecar.bookbuyer.bookbuyer.cluster.local",
+                "bookbuyer/bookbuyer/0a1b2c3d"
+            ))
+            .map_err(|e| e.reason()),
+            Err("identity_mismatch")
+        );
+        // Plaintext (development only): the node's word is taken.
+        assert_eq!(
+            NodeClassifier.classify(&node("any", "bookstore/bookstore/0a1b2c3d"), None),
+            Ok("bookstore/bookstore/0a1b2c3d".to_owned())
+        );
     }
 }

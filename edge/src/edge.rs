@@ -2,8 +2,13 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use tokio::net::TcpListener;
+use futures::Stream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpListener,
+};
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::Connected;
 use tracing::info;
 
 use crate::{
@@ -11,6 +16,7 @@ use crate::{
     classify::{NodeClassifier, ProxyClassifier},
     metrics::Metrics,
     store::SnapshotStore,
+    tls::EdgeTls,
     upstream::{self, UpstreamConfig},
     xds::{AdsConfig, AdsServer},
 };
@@ -90,16 +96,46 @@ impl Edge {
         &self.ads
     }
 
-    /// Serves ADS on `xds` and the admin endpoint on `admin` until `shutdown`
-    /// completes; then drains: ends every stream, sends GOAWAY, and returns
-    /// once connections are closed.
+    /// Serves ADS in plaintext on `xds` and the admin endpoint on `admin`
+    /// until `shutdown` completes; then drains: ends every stream, sends
+    /// GOAWAY, and returns once connections are closed. Plaintext trusts
+    /// whatever class a node claims: for local development only.
     pub async fn serve(
         self,
         xds: TcpListener,
         admin: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), EdgeError> {
-        info!(xds = ?xds.local_addr().ok(), admin = ?admin.local_addr().ok(), "edge serving");
+        info!(xds = ?xds.local_addr().ok(), admin = ?admin.local_addr().ok(), "edge serving plaintext xDS");
+        self.serve_incoming(TcpListenerStream::new(xds), admin, shutdown)
+            .await
+    }
+
+    /// Serves ADS over mTLS on `xds`: every proxy presents a client
+    /// certificate from the mesh roots, and is served only a class of the
+    /// identity it names. Otherwise as [`Edge::serve`].
+    pub async fn serve_tls(
+        self,
+        tls: EdgeTls,
+        xds: TcpListener,
+        admin: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), EdgeError> {
+        info!(xds = ?xds.local_addr().ok(), admin = ?admin.local_addr().ok(), "edge serving mTLS xDS");
+        let incoming = tls.incoming(xds, self.metrics.clone());
+        self.serve_incoming(incoming, admin, shutdown).await
+    }
+
+    async fn serve_incoming<IO, IE>(
+        self,
+        incoming: impl Stream<Item = Result<IO, IE>>,
+        admin: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), EdgeError>
+    where
+        IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+        IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let admin_task = tokio::spawn(
             Arc::new(Admin::new(
                 self.store.clone(),
@@ -119,7 +155,7 @@ impl Edge {
             .http2_keepalive_interval(Some(self.config.keepalive))
             .tcp_nodelay(true)
             .add_service(self.ads)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(xds), shutdown)
+            .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
         admin_task.abort();
         Ok(result?)

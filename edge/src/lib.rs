@@ -9,15 +9,16 @@
 //! * [`ProxyClassifier`]: which class a connecting proxy is served.
 //! * [`Admin`]: `/metrics`, `/healthz`, `/readyz`, `/debug/streams`.
 //! * [`UpstreamConfig`]: following the leader's snapshot over Delta xDS.
+//! * [`EdgeTls`]: mTLS on the xDS port; [`PeerIdentity`] is who a client
+//!   certificate says the proxy is, which the classifier checks.
 //! * [`Edge`]: all of the above wired together and served on two listeners.
-//!
-//! Not here yet: TLS and per-proxy authorization.
 
 mod admin;
 mod classify;
 mod edge;
 mod metrics;
 mod store;
+mod tls;
 mod upstream;
 mod xds;
 
@@ -27,6 +28,10 @@ pub use crate::{
     edge::{Edge, EdgeConfig, EdgeError},
     metrics::{Metrics, Protocol},
     store::SnapshotStore,
+    tls::{
+        EdgeTls, PeerError, PeerIdentity, TlsCredentials, TlsError, TLS_CERT, TLS_CLIENT_ROOTS,
+        TLS_KEY,
+    },
     upstream::{UpstreamConfig, UpstreamError},
     xds::{AdsConfig, AdsServer, Limits, StreamReport, TypeReport},
 };

@@ -94,7 +94,7 @@ impl Refusal {
     pub(crate) fn reason(&self) -> &'static str {
         match self {
             Refusal::MissingNode => "missing_node",
-            Refusal::NoClass(_) => "no_class",
+            Refusal::NoClass(error) => error.reason(),
             Refusal::MissingTypeUrl => "missing_type_url",
             Refusal::NameTooLong => "name_too_long",
             Refusal::TooManyNames => "too_many_names",
@@ -138,6 +138,8 @@ pub(crate) trait Variant: Send + Sync + 'static {
 
     fn node(request: &Self::Request) -> Option<&Node>;
     fn type_url(request: &Self::Request) -> &str;
+    /// The names a request subscribes to (all it lists, for SotW).
+    fn subscribed(request: &Self::Request) -> &[String];
     fn on_request(
         state: &mut StreamState,
         request: Self::Request,

@@ -6,13 +6,17 @@
 //! * [`catalog`]: the normalized mesh, with invalid objects reported.
 //! * [`compile`]: proxy classes and their listeners, routes, clusters,
 //!   endpoint assignments and secrets.
-//! * [`ca`]: certificate issuance behind a trait; a built-in CA.
+//! * [`ca`]: certificate issuance behind a trait; a built-in CA with
+//!   renewal and root rotation.
+//! * [`bootstrap`]: a proxy's bootstrap certificate and Envoy bootstrap; an
+//!   edge's serving certificate.
 //! * [`pipeline`]: updates → debounce → catalog → compile → snapshot → sink.
 //! * [`publish`]: the Delta xDS server edges replicate the snapshot from.
 //! * [`source`]: where objects come from (a watched manifest directory).
 //!
 //! Not here yet: Raft, the injector.
 
+pub mod bootstrap;
 pub mod ca;
 pub mod catalog;
 pub mod compile;

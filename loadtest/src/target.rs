@@ -132,6 +132,8 @@ async fn spawn(trellis: &Path, dir: &Path, ready_within: Duration) -> Result<Tar
         .arg("--dir")
         .arg(dir)
         .args(["--xds", &xds.to_string(), "--admin", &admin.to_string()])
+        // The simulated proxies speak plaintext xDS until they carry certificates.
+        .arg("--plaintext")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

@@ -7,14 +7,19 @@
 //! * [`ClassManifest`], [`ClassView`], [`ClassDelta`]: which resources make
 //!   up a proxy class, and what changed for a class between two snapshots.
 //! * [`replication`]: how snapshots are named on the leader-to-edge stream.
+//! * [`bootstrap`]: Envoy bootstrap files pointing a proxy at its edge.
 //!
 //! No I/O happens here and nothing process-wide is touched.
 
+pub mod bootstrap;
 mod canonical;
 mod class;
 pub mod replication;
 mod resource;
 mod snapshot;
+
+/// Node metadata key naming a proxy's class.
+pub const CLASS_METADATA_KEY: &str = "trellis.class";
 
 pub use crate::{
     canonical::{put_len_delimited, EncodeError},

@@ -40,6 +40,10 @@ impl super::Variant for Delta {
         &request.type_url
     }
 
+    fn subscribed(request: &Self::Request) -> &[String] {
+        &request.resource_names_subscribe
+    }
+
     fn on_request(
         state: &mut StreamState,
         request: Self::Request,

@@ -36,9 +36,10 @@ use super::{
     AdsConfig, Refusal, Variant,
 };
 use crate::{
-    classify::ProxyClassifier,
+    classify::{ClassifyError, ProxyClassifier},
     metrics::{Metrics, Protocol, ProtocolLabels, TypeLabels},
     store::SnapshotStore,
+    tls::{PeerError, PeerIdentity},
 };
 
 const SOTW_PATH: &str =
@@ -157,12 +158,13 @@ impl AdsServer {
 
     fn open<V: Variant>(
         &self,
+        peer: Option<Result<PeerIdentity, PeerError>>,
         inbound: Streaming<V::Request>,
     ) -> ReceiverStream<Result<Outbound, Status>> {
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let shared = self.shared.clone();
         tokio::spawn(async move {
-            if let Err(refusal) = drive::<V>(&shared, inbound, &tx).await {
+            if let Err(refusal) = drive::<V>(&shared, peer, inbound, &tx).await {
                 warn!(reason = %refusal, protocol = ?V::PROTOCOL, "refusing xDS stream");
                 shared.metrics.refuse(refusal.reason());
                 // The client may be gone already; nothing else to tell it.
@@ -181,6 +183,7 @@ pub(super) enum Event<R> {
 
 async fn drive<V: Variant>(
     shared: &Arc<Shared>,
+    peer: Option<Result<PeerIdentity, PeerError>>,
     mut inbound: Streaming<V::Request>,
     out: &mpsc::Sender<Result<Outbound, Status>>,
 ) -> Result<(), Refusal> {
@@ -192,9 +195,12 @@ async fn drive<V: Variant>(
             Ok(Ok(None)) | Ok(Err(_)) => return Ok(()),
         };
     let node = V::node(&first).ok_or(Refusal::MissingNode)?.clone();
+    let peer = peer
+        .transpose()
+        .map_err(|error| Refusal::NoClass(ClassifyError::Peer(error)))?;
     let class = shared
         .classifier
-        .classify(&node)
+        .classify(&node, peer.as_ref())
         .map_err(Refusal::NoClass)?;
     let id = shared.next_stream.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("xds_stream", stream = id, proxy = %node.id, class = %class, protocol = ?V::PROTOCOL);
@@ -279,6 +285,7 @@ fn step<V: Variant>(
                 protocol: V::PROTOCOL,
                 r#type: type_url::short_name(V::type_url(&request)),
             };
+            refuse_foreign_names::<V>(shared, state, &request);
             let outcome = V::on_request(state, request)?;
             let type_name = &outcome.update.type_url;
             match &outcome.nonce {
@@ -317,6 +324,22 @@ fn step<V: Variant>(
             let mut updates = state.advance(latest, &delta);
             state.rewarm_endpoints(&mut updates);
             Ok((make_before_break(updates), before))
+        }
+    }
+}
+
+/// Counts and logs newly subscribed names the proxy's class does not have:
+/// they are answered as not existing, whether they belong to another class
+/// or to nobody, but a proxy asking for them is worth an operator's look.
+fn refuse_foreign_names<V: Variant>(shared: &Shared, state: &StreamState, request: &V::Request) {
+    let type_name = V::type_url(request);
+    let known = state.get(type_name).map(|types| &types.names);
+    let view = state.snapshot.class(&state.class);
+    for name in V::subscribed(request) {
+        let fresh = known.is_none_or(|names| !names.contains(name.as_str()));
+        if fresh && name != "*" && view.get(type_name, name).is_none() {
+            shared.metrics.refuse("resource_not_in_class");
+            warn!(type_url = %type_name, resource = %name, "proxy asked for a resource outside its class; answered as absent");
         }
     }
 }
@@ -515,8 +538,13 @@ impl<V: Variant> StreamingService<V::Request> for Method<V> {
     type Future = std::future::Ready<Result<Response<Self::ResponseStream>, Status>>;
 
     fn call(&mut self, request: Request<Streaming<V::Request>>) -> Self::Future {
+        // Over TLS, the verified client certificate says who the proxy is.
+        let peer = request.peer_certs().map(|certs| match certs.first() {
+            Some(cert) => PeerIdentity::from_der(cert),
+            None => Err(PeerError::Unreadable("no certificate".to_owned())),
+        });
         std::future::ready(Ok(Response::new(
-            self.server.open::<V>(request.into_inner()),
+            self.server.open::<V>(peer, request.into_inner()),
         )))
     }
 }

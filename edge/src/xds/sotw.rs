@@ -41,6 +41,10 @@ impl super::Variant for Sotw {
         &request.type_url
     }
 
+    fn subscribed(request: &Self::Request) -> &[String] {
+        &request.resource_names
+    }
+
     fn on_request(
         state: &mut StreamState,
         request: Self::Request,

@@ -25,7 +25,7 @@ use tokio::{
     sync::oneshot,
     task::JoinHandle,
 };
-use trellis_edge::{Edge, EdgeConfig, SnapshotStore, UpstreamConfig};
+use trellis_edge::{Edge, EdgeConfig, EdgeTls, SnapshotStore, UpstreamConfig};
 use trellis_proto::pb::{
     envoy::{
         config::{
@@ -52,7 +52,10 @@ use trellis_proto::pb::{
     },
     google::protobuf::{Any, Duration as PbDuration},
 };
-use trellis_shared::{type_url, ClassManifest, Resource, Scope, Snapshot};
+use trellis_shared::{
+    bootstrap::{AdsApi, EnvoyBootstrap},
+    type_url, ClassManifest, Resource, Scope, Snapshot,
+};
 
 pub const CLASS: &str = "test";
 pub const SERVICE: &str = "default/upstream";
@@ -74,19 +77,24 @@ impl TestEdge {
     }
 
     pub async fn start_on(xds: SocketAddr, config: EdgeConfig) -> TestEdge {
-        TestEdge::launch(Edge::new(config), xds).await
+        TestEdge::launch(Edge::new(config), xds, None).await
+    }
+
+    /// An edge serving mTLS xDS with `tls`.
+    pub async fn start_tls(config: EdgeConfig, tls: EdgeTls) -> TestEdge {
+        TestEdge::launch(Edge::new(config), "127.0.0.1:0".parse().unwrap(), Some(tls)).await
     }
 
     /// An edge that follows the leader publishing at `leader`.
     pub async fn following(leader: SocketAddr, name: &str) -> TestEdge {
         let edge = Edge::new(EdgeConfig::default());
         let follow = edge.follow(UpstreamConfig::new(format!("http://{leader}"), name));
-        let mut test = TestEdge::launch(edge, "127.0.0.1:0".parse().unwrap()).await;
+        let mut test = TestEdge::launch(edge, "127.0.0.1:0".parse().unwrap(), None).await;
         test.follow = Some(tokio::spawn(follow));
         test
     }
 
-    async fn launch(edge: Edge, xds: SocketAddr) -> TestEdge {
+    async fn launch(edge: Edge, xds: SocketAddr, tls: Option<EdgeTls>) -> TestEdge {
         let store = edge.store().clone();
         let ads = edge.ads().clone();
         let xds = TcpListener::bind(xds).await.unwrap();
@@ -97,7 +105,10 @@ impl TestEdge {
             let shutdown = async {
                 let _ = stopped.await;
             };
-            edge.serve(xds, admin, shutdown).await.unwrap();
+            match tls {
+                Some(tls) => edge.serve_tls(tls, xds, admin, shutdown).await.unwrap(),
+                None => edge.serve(xds, admin, shutdown).await.unwrap(),
+            }
         });
         TestEdge {
             xds: xds_addr,
@@ -510,51 +521,36 @@ pub enum Api {
 }
 
 impl Envoy {
-    /// Starts Envoy as node `node` of class `class` against the xDS server
-    /// at `xds`, and waits for its admin endpoint.
+    /// Starts Envoy as node `node` of class `class` against the plaintext
+    /// xDS server at `xds`, and waits for its admin endpoint.
     pub async fn start(node: &str, class: &str, xds: SocketAddr, api: Api) -> Result<Envoy> {
+        Envoy::start_with(EnvoyBootstrap {
+            node_id: node.to_owned(),
+            class: class.to_owned(),
+            xds_host: xds.ip().to_string(),
+            xds_port: xds.port(),
+            api: match api {
+                Api::Delta => AdsApi::Delta,
+                Api::Sotw => AdsApi::Sotw,
+            },
+            tls: None,
+            admin_port: 0,
+        })
+        .await
+    }
+
+    /// Starts Envoy with `bootstrap` (its admin port replaced by a free
+    /// one), and waits for its admin endpoint.
+    pub async fn start_with(mut bootstrap: EnvoyBootstrap) -> Result<Envoy> {
+        bootstrap.admin_port = 0;
         let dir = std::env::temp_dir().join(format!(
             "trellis-envoy-{}-{}",
             std::process::id(),
-            node.replace('/', "_")
+            bootstrap.node_id.replace('/', "_")
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let api_type = match api {
-            Api::Delta => "DELTA_GRPC",
-            Api::Sotw => "GRPC",
-        };
-        let bootstrap = format!(
-            r#"
-node: {{ id: "{node}", cluster: "{class}" }}
-dynamic_resources:
-  ads_config:
-    api_type: {api_type}
-    transport_api_version: V3
-    set_node_on_first_message_only: true
-    grpc_services: [{{ envoy_grpc: {{ cluster_name: xds }} }}]
-  cds_config: {{ ads: {{}}, resource_api_version: V3 }}
-  lds_config: {{ ads: {{}}, resource_api_version: V3 }}
-static_resources:
-  clusters:
-  - name: xds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{ http2_protocol_options: {{}} }}
-    load_assignment:
-      cluster_name: xds
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }} }}
-admin:
-  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
-"#,
-            ip = xds.ip(),
-            port = xds.port(),
-        );
+        let bootstrap = bootstrap.to_json();
         let config = dir.join("bootstrap.yaml");
         std::fs::write(&config, bootstrap)?;
         let admin_path = dir.join("admin.txt");

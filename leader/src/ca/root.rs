@@ -130,7 +130,7 @@ impl RootCa {
     }
 
     /// The key, PEM encoded (PKCS#8), for persisting the root.
-    pub(super) fn key_pem(&self) -> &str {
+    pub fn key_pem(&self) -> &str {
         &self.key_pem
     }
 

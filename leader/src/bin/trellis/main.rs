@@ -8,18 +8,24 @@
 //! * `trellis edge`: follows a leader and serves Envoys, until Ctrl-C.
 //! * `trellis check`: compile a manifest directory once; print its classes
 //!   and every object skipped, with the reason.
+//! * `trellis bootstrap`: a pod's bootstrap certificate and Envoy bootstrap.
+//! * `trellis edge-cert`: an edge's serving certificate, for `--tls-dir`.
+//! * `trellis rotate-ca`: start a root rotation of a CA directory.
 
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use futures::FutureExt;
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
-use trellis_edge::{Edge, EdgeConfig, SnapshotStore, UpstreamConfig};
+use tracing::warn;
+use trellis_edge::{Edge, EdgeConfig, EdgeTls, SnapshotStore, TlsCredentials, UpstreamConfig};
 use trellis_leader::{
     ca::BuiltinCa,
     compile::Compiler,
@@ -27,6 +33,10 @@ use trellis_leader::{
     publish::Publisher,
     source::{files::FileSource, kube::KubeSource, Source, SourceError},
 };
+
+mod credentials;
+
+use credentials::EDGE_SERVER_NAME;
 
 #[derive(Parser)]
 #[command(
@@ -51,6 +61,11 @@ struct Inputs {
     /// Mesh name, the value of the namespaces' openservicemesh.io/monitored-by label.
     #[arg(long, default_value = "osm")]
     mesh: String,
+    /// The CA's directory: ca.crt and ca.key (yours, or generated there on
+    /// first start). Without it the CA lives in memory and proxies
+    /// bootstrapped before a restart are no longer trusted.
+    #[arg(long)]
+    ca_dir: Option<PathBuf>,
 }
 
 /// Where an edge serves Envoys.
@@ -62,6 +77,10 @@ struct Serving {
     /// Address of the edge's admin endpoint (/metrics, /healthz, /readyz).
     #[arg(long, default_value = "127.0.0.1:9091")]
     admin: SocketAddr,
+    /// Serve xDS without TLS, trusting any class a node claims. For local
+    /// development only.
+    #[arg(long)]
+    plaintext: bool,
 }
 
 #[derive(Subcommand)]
@@ -91,8 +110,64 @@ enum Command {
         /// This edge's name, in the leader's logs (default: the host name).
         #[arg(long)]
         name: Option<String>,
+        /// Directory of the edge's TLS material: tls.crt, tls.key and the
+        /// mesh roots ca.crt (`trellis edge-cert` writes it; re-read when it
+        /// changes). Required unless --plaintext.
+        #[arg(long, required_unless_present = "plaintext")]
+        tls_dir: Option<PathBuf>,
         #[command(flatten)]
         serving: Serving,
+    },
+    /// Issue a pod's bootstrap certificate and write its Envoy bootstrap
+    /// (mTLS to the edge).
+    Bootstrap {
+        /// The CA's directory (as the leader's --ca-dir).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Directory of Kubernetes YAML the pod is in.
+        #[arg(long, default_value = "examples/bookstore")]
+        dir: PathBuf,
+        /// Mesh name.
+        #[arg(long, default_value = "osm")]
+        mesh: String,
+        /// The pod, `<namespace>/<name>`.
+        #[arg(long)]
+        pod: String,
+        /// The edge's xDS address, `host:port`.
+        #[arg(long, default_value = "127.0.0.1:15128")]
+        xds: String,
+        /// The name on the edge's certificate.
+        #[arg(long, default_value = EDGE_SERVER_NAME)]
+        server_name: String,
+        /// Where to write the bootstrap (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Issue an edge's serving certificate into a directory for
+    /// `trellis edge --tls-dir`.
+    EdgeCert {
+        /// The CA's directory (as the leader's --ca-dir).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Where to write tls.crt, tls.key and ca.crt.
+        #[arg(long)]
+        out: PathBuf,
+        /// The name proxies expect (their bootstrap's server name).
+        #[arg(long, default_value = EDGE_SERVER_NAME)]
+        server_name: String,
+        /// More DNS names on the certificate.
+        #[arg(long)]
+        dns: Vec<String>,
+        /// IP addresses on the certificate.
+        #[arg(long)]
+        ip: Vec<std::net::IpAddr>,
+    },
+    /// Start a root rotation: write the next root into the CA directory; a
+    /// running leader trusts it, then signs with it, then drops the old one.
+    RotateCa {
+        /// The CA's directory (as the leader's --ca-dir).
+        #[arg(long)]
+        ca_dir: PathBuf,
     },
     /// Compile a directory of manifests once; print classes and problems.
     /// Exits 1 if any object was skipped.
@@ -129,19 +204,43 @@ async fn main() -> Result<()> {
         Command::Edge {
             leader,
             name,
+            tls_dir,
             serving,
-        } => edge(leader, name, serving).await,
+        } => edge(leader, name, tls_dir, serving).await,
         Command::Check { dir, mesh } => check(dir, mesh),
+        Command::Bootstrap {
+            ca_dir,
+            dir,
+            mesh,
+            pod,
+            xds,
+            server_name,
+            out,
+        } => credentials::bootstrap(
+            &ca_dir,
+            &dir,
+            &mesh,
+            &pod,
+            &credentials::edge_address(&xds, &server_name)?,
+            out.as_deref(),
+        ),
+        Command::EdgeCert {
+            ca_dir,
+            out,
+            server_name,
+            dns,
+            ip,
+        } => credentials::edge_cert(&ca_dir, &out, &server_name, dns, ip),
+        Command::RotateCa { ca_dir } => credentials::rotate_ca(&ca_dir),
     }
 }
 
-fn pipeline(mesh: String) -> Result<Pipeline> {
-    let ca = BuiltinCa::generate().context("generating the built-in CA")?;
+fn pipeline(mesh: &str, ca: Arc<BuiltinCa>) -> Pipeline {
     let config = PipelineConfig {
-        mesh,
+        mesh: mesh.to_owned(),
         ..PipelineConfig::default()
     };
-    Ok(Pipeline::new(config, Compiler::new(Arc::new(ca))))
+    Pipeline::new(config, Compiler::new(ca))
 }
 
 fn require_dir(dir: &Path) -> Result<()> {
@@ -157,7 +256,7 @@ fn require_dir(dir: &Path) -> Result<()> {
 fn check(dir: PathBuf, mesh: String) -> Result<()> {
     require_dir(&dir)?;
     let mut source = FileSource::new(&dir);
-    let mut pipeline = pipeline(mesh)?;
+    let mut pipeline = pipeline(&mesh, credentials::open_ca(None)?);
     pipeline.apply(source.scan()?);
     pipeline.compile()?;
     let status = pipeline.status().borrow().clone();
@@ -180,17 +279,20 @@ fn print_classes(status: &Status) {
     }
 }
 
-/// A running leader pipeline: its source task and what it published first.
+/// A running leader pipeline: its source task, its CA and what it
+/// published first.
 struct Leader {
     source: JoinHandle<Result<(), SourceError>>,
     origin: String,
+    ca: Arc<BuiltinCa>,
     first: Arc<Status>,
 }
 
 /// Starts the source and the pipeline publishing into `store`, and waits
 /// for the first compile.
 async fn start_leader(inputs: Inputs, store: Arc<SnapshotStore>) -> Result<Leader> {
-    let pipeline = pipeline(inputs.mesh)?;
+    let ca = credentials::open_ca(inputs.ca_dir.as_deref())?;
+    let pipeline = pipeline(&inputs.mesh, ca.clone());
     let mut status = pipeline.status();
     let (updates, received) = mpsc::channel(64);
     let (source, origin) = match inputs.source {
@@ -222,6 +324,7 @@ async fn start_leader(inputs: Inputs, store: Arc<SnapshotStore>) -> Result<Leade
     Ok(Leader {
         source,
         origin,
+        ca,
         first,
     })
 }
@@ -262,20 +365,36 @@ async fn run(inputs: Inputs, serving: Serving) -> Result<()> {
         "  admin:                      http://{admin}/metrics  /healthz  /readyz  /debug/streams"
     );
     print_problems(&leader.first);
-    if let Some(class) = leader.first.classes.keys().next() {
-        println!(
-            "Point an Envoy at it as a proxy of class {class}:\n  envoy --config-yaml \"$(cat <<'YAML'\n{}YAML\n)\"",
-            bootstrap(class, xds)
-        );
-    }
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let serve = if serving.plaintext {
+        warn!("PLAINTEXT xDS: any client may claim any class and read its keys; development only");
+        println!("  WARNING: plaintext xDS (--plaintext): for local development only");
+        edge.serve(xds_listener, admin_listener, shutdown).boxed()
+    } else {
+        let credentials = credentials::in_process_edge(leader.ca.as_ref(), xds)?;
+        let tls = EdgeTls::new(&credentials).context("the edge's TLS material")?;
+        tokio::spawn(credentials::follow_roots(
+            leader.ca.clone(),
+            tls.clone(),
+            credentials,
+        ));
+        if let Some((class, summary)) = leader.first.classes.iter().next() {
+            let path = credentials::write_demo_bootstrap(leader.ca.as_ref(), class, summary, xds)?;
+            println!(
+                "A proxy of class {class} (pod {}) starts with:\n  envoy -c {}",
+                summary.pods.join(", "),
+                path.display()
+            );
+        }
+        edge.serve_tls(tls, xds_listener, admin_listener, shutdown)
+            .boxed()
+    };
     println!(
         "Change {} to change the mesh; Ctrl-C to stop.",
         leader.origin
     );
-
-    let serve = edge.serve(xds_listener, admin_listener, async {
-        let _ = tokio::signal::ctrl_c().await;
-    });
     tokio::select! {
         result = serve => result.context("edge")?,
         result = source_stopped(leader.source) => result?,
@@ -309,7 +428,12 @@ async fn leader(inputs: Inputs, publish: SocketAddr) -> Result<()> {
     Ok(())
 }
 
-async fn edge(leader: String, name: Option<String>, serving: Serving) -> Result<()> {
+async fn edge(
+    leader: String,
+    name: Option<String>,
+    tls_dir: Option<PathBuf>,
+    serving: Serving,
+) -> Result<()> {
     let name = name
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("edge-{}", std::process::id()));
@@ -323,38 +447,29 @@ async fn edge(leader: String, name: Option<String>, serving: Serving) -> Result<
         "  admin:                      http://{}/metrics  /healthz  /readyz (ready once the leader's snapshot arrived)",
         serving.admin
     );
-    let result = edge
-        .serve(xds_listener, admin_listener, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await;
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let result = match tls_dir {
+        Some(dir) if !serving.plaintext => {
+            let credentials = TlsCredentials::from_dir(&dir)
+                .with_context(|| format!("reading the edge's TLS material in {}", dir.display()))?;
+            let tls = EdgeTls::new(&credentials)
+                .with_context(|| format!("the edge's TLS material in {}", dir.display()))?;
+            tokio::spawn(
+                tls.clone()
+                    .follow_dir(dir, Duration::from_secs(10), credentials),
+            );
+            edge.serve_tls(tls, xds_listener, admin_listener, shutdown)
+                .await
+        }
+        _ => {
+            warn!(
+                "PLAINTEXT xDS: any client may claim any class and read its keys; development only"
+            );
+            edge.serve(xds_listener, admin_listener, shutdown).await
+        }
+    };
     follow.abort();
     result.context("edge")
-}
-
-/// A minimal Envoy bootstrap for a proxy of `class` (plaintext xDS; the mTLS
-/// bootstrap comes with the certificates work).
-fn bootstrap(class: &str, xds: SocketAddr) -> String {
-    format!(
-        r#"node: {{ id: "demo-proxy", cluster: "{class}" }}
-dynamic_resources:
-  ads_config: {{ api_type: DELTA_GRPC, transport_api_version: V3, grpc_services: [{{ envoy_grpc: {{ cluster_name: xds }} }}] }}
-  cds_config: {{ ads: {{}}, resource_api_version: V3 }}
-  lds_config: {{ ads: {{}}, resource_api_version: V3 }}
-static_resources:
-  clusters:
-  - name: xds
-    type: STATIC
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{ http2_protocol_options: {{}} }}
-    load_assignment:
-      cluster_name: xds
-      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {ip}, port_value: {port} }} }} }} }}] }}]
-admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 15000 }} }} }}
-"#,
-        ip = xds.ip(),
-        port = xds.port()
-    )
 }

@@ -1,0 +1,133 @@
+//! Credentials for the xDS channel: a proxy's bootstrap certificate and
+//! Envoy bootstrap, and an edge's serving certificate. What the injector
+//! puts in a pod's bootstrap Secret comes from here.
+
+use std::{net::IpAddr, time::Duration};
+
+use trellis_edge::TlsCredentials;
+use trellis_shared::bootstrap::{AdsApi, BootstrapTls, EnvoyBootstrap};
+
+use crate::{
+    ca::{CaError, CertificateIssuer, LeafRequest},
+    catalog::Identity,
+};
+
+/// How long a bootstrap certificate is valid: the life of a pod, as OSM
+/// did; the edge checks it at every connection.
+pub const BOOTSTRAP_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Where a proxy finds its edge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EdgeAddress {
+    /// Host: an address or a DNS name (the edge Service's).
+    pub host: String,
+    /// xDS port.
+    pub port: u16,
+    /// The name on the edge's certificate.
+    pub server_name: String,
+}
+
+/// One proxy to bootstrap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Proxy {
+    /// Its UUID (the pod label the injector adds).
+    pub uuid: String,
+    /// Its ServiceAccount.
+    pub identity: Identity,
+    /// The class the leader compiled for its pod.
+    pub class: String,
+}
+
+/// A fresh proxy UUID (version 4 layout).
+pub fn new_proxy_uuid() -> String {
+    let bits = fastrand::u128(..);
+    let hex = format!(
+        "{:032x}",
+        (bits & !(0xf << 76) & !(0x3 << 62)) | (0x4 << 76) | (0x2 << 62)
+    );
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+/// Issues `proxy`'s bootstrap certificate and writes its Envoy bootstrap:
+/// node id = the certificate's name, mTLS to `edge`.
+pub fn proxy_bootstrap(
+    issuer: &dyn CertificateIssuer,
+    proxy: &Proxy,
+    trust_domain: &str,
+    edge: &EdgeAddress,
+    api: AdsApi,
+) -> Result<EnvoyBootstrap, CaError> {
+    let request = LeafRequest::proxy(
+        &proxy.uuid,
+        &proxy.identity,
+        trust_domain,
+        BOOTSTRAP_VALIDITY,
+    );
+    let node_id = request.common_name.clone();
+    let cert = issuer.issue(&request)?;
+    Ok(EnvoyBootstrap {
+        node_id,
+        class: proxy.class.clone(),
+        xds_host: edge.host.clone(),
+        xds_port: edge.port,
+        api,
+        tls: Some(BootstrapTls {
+            chain_pem: cert.chain_pem,
+            key_pem: cert.key_pem,
+            roots_pem: issuer.trust_bundle().to_string(),
+            server_name: edge.server_name.clone(),
+        }),
+        admin_port: 15000,
+    })
+}
+
+/// An edge's serving certificate for `server_name` (and the other names
+/// and addresses proxies dial), with the roots client certificates must
+/// chain to.
+pub fn edge_credentials(
+    issuer: &dyn CertificateIssuer,
+    server_name: &str,
+    mut dns_names: Vec<String>,
+    ip_addresses: Vec<IpAddr>,
+    validity: Duration,
+) -> Result<TlsCredentials, CaError> {
+    if !dns_names.iter().any(|name| name == server_name) {
+        dns_names.insert(0, server_name.to_owned());
+    }
+    let cert = issuer.issue(&LeafRequest::server(
+        server_name,
+        dns_names,
+        ip_addresses,
+        validity,
+    ))?;
+    Ok(TlsCredentials {
+        chain_pem: cert.chain_pem,
+        key_pem: cert.key_pem,
+        client_roots_pem: issuer.trust_bundle().to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::new_proxy_uuid;
+
+    #[test]
+    fn proxy_uuids_are_version_4_and_distinct() {
+        let (a, b) = (new_proxy_uuid(), new_proxy_uuid());
+        assert_ne!(a, b);
+        let groups: Vec<&str> = a.split('-').collect();
+        assert_eq!(
+            groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12]
+        );
+        assert!(groups[2].starts_with('4'), "{a}");
+        assert!(matches!(&groups[3][..1], "8" | "9" | "a" | "b"), "{a}");
+    }
+}

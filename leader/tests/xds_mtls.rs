@@ -1,0 +1,267 @@
+//! Authenticated, authorized xDS: proxies reach the edge over mTLS with
+//! Trellis-issued bootstrap certificates, and get only their own identity's
+//! configuration and secrets.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "../../edge/tests/support/mod.rs"]
+mod support;
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Result;
+use support::{copy_example, eventually, Envoy, TestEdge};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity as TlsIdentity};
+use trellis_edge::{EdgeConfig, EdgeTls};
+use trellis_leader::{
+    bootstrap::{edge_credentials, new_proxy_uuid, proxy_bootstrap, EdgeAddress, Proxy},
+    ca::{BuiltinCa, CertificateIssuer, LeafRequest},
+    catalog::{Identity, TRUST_DOMAIN},
+    compile::Compiler,
+    pipeline::{Pipeline, PipelineConfig, Status},
+    source::{files::FileSource, Source},
+};
+use trellis_proto::pb::envoy::{
+    config::core::v3::Node,
+    service::discovery::v3::{
+        aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+    },
+};
+use trellis_shared::{bootstrap::AdsApi, type_url};
+
+const SERVER_NAME: &str = "trellis-edge";
+
+/// The bookstore example compiled by an in-process leader, served by an
+/// mTLS edge.
+struct Mesh {
+    ca: Arc<BuiltinCa>,
+    edge: TestEdge,
+    status: Arc<Status>,
+}
+
+impl Mesh {
+    async fn start(name: &str) -> Mesh {
+        let dir = std::env::temp_dir().join(format!("trellis-mtls-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        copy_example(&dir);
+        let ca = Arc::new(BuiltinCa::generate().unwrap());
+        let credentials = edge_credentials(
+            ca.as_ref(),
+            SERVER_NAME,
+            Vec::new(),
+            vec!["127.0.0.1".parse().unwrap()],
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        let tls = EdgeTls::new(&credentials).unwrap();
+        let edge = TestEdge::start_tls(EdgeConfig::default(), tls).await;
+        let pipeline = Pipeline::new(PipelineConfig::default(), Compiler::new(ca.clone()));
+        let mut status = pipeline.status();
+        let (updates, received) = mpsc::channel(16);
+        tokio::spawn(FileSource::new(&dir).run(updates));
+        tokio::spawn(pipeline.run(received, edge.store.clone()));
+        let status = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let now = status.borrow_and_update().clone();
+                if now.epoch > 0 {
+                    return now;
+                }
+                status.changed().await.unwrap();
+            }
+        })
+        .await
+        .expect("a first compile");
+        Mesh { ca, edge, status }
+    }
+
+    /// The class of `pod` and its identity.
+    fn class_of(&self, pod: &str) -> (String, Identity) {
+        let (id, class) = (self.status.classes.iter())
+            .find(|(_, c)| c.pods.iter().any(|p| p == pod))
+            .unwrap_or_else(|| panic!("no class holds {pod}"));
+        (id.clone(), class.key.identity.clone())
+    }
+
+    fn edge_address(&self) -> EdgeAddress {
+        EdgeAddress {
+            host: "127.0.0.1".to_owned(),
+            port: self.edge.xds.port(),
+            server_name: SERVER_NAME.to_owned(),
+        }
+    }
+
+    /// A TLS channel to the edge presenting `client` (chain, key), if any.
+    async fn channel(&self, client: Option<(&str, &str)>) -> Result<Channel> {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(self.ca.trust_bundle().as_bytes()))
+            .domain_name(SERVER_NAME);
+        if let Some((chain, key)) = client {
+            tls = tls.identity(TlsIdentity::from_pem(chain, key));
+        }
+        Ok(Channel::from_shared(format!("https://{}", self.edge.xds))?
+            .tls_config(tls)?
+            .connect()
+            .await?)
+    }
+}
+
+/// Opens a Delta stream on `channel` as `node` of `class` and asks for the
+/// secrets `names`; returns the first response or the stream's error.
+async fn ask_secrets(
+    channel: Channel,
+    node: &str,
+    class: &str,
+    names: &[&str],
+) -> Result<DeltaDiscoveryResponse, tonic::Status> {
+    let request = DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: node.to_owned(),
+            cluster: class.to_owned(),
+            ..Default::default()
+        }),
+        type_url: type_url::SECRET.to_owned(),
+        resource_names_subscribe: names.iter().map(|n| n.to_string()).collect(),
+        ..Default::default()
+    };
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(request).await.unwrap();
+    let mut responses = AggregatedDiscoveryServiceClient::new(channel)
+        .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), responses.next())
+        .await
+        .map_err(|_| tonic::Status::deadline_exceeded("no response"))?;
+    drop(tx);
+    first.unwrap_or_else(|| Err(tonic::Status::cancelled("stream ended")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_with_a_bootstrap_certificate_is_served_its_class_over_mtls() -> Result<()> {
+    let mesh = Mesh::start("envoy").await;
+    let (class, identity) = mesh.class_of("bookbuyer/bookbuyer-0");
+    let proxy = Proxy {
+        uuid: new_proxy_uuid(),
+        identity: identity.clone(),
+        class: class.clone(),
+    };
+    let bootstrap = proxy_bootstrap(
+        mesh.ca.as_ref(),
+        &proxy,
+        TRUST_DOMAIN,
+        &mesh.edge_address(),
+        AdsApi::Delta,
+    )?;
+    let envoy = Envoy::start_with(bootstrap.clone()).await?;
+    envoy.wait_warm(1, 3).await?;
+    assert!(
+        envoy.stat("cluster.xds.ssl.handshake").await >= 1,
+        "xDS went over TLS"
+    );
+    assert_eq!(envoy.stat("cluster_manager.cds.update_rejected").await, 0);
+    let streams = mesh.edge.streams().await;
+    assert!(
+        streams.to_string().contains(&bootstrap.node_id),
+        "the edge knows the proxy by its certificate's name: {streams}"
+    );
+
+    // The same certificate claiming bookstore's class gets nothing.
+    let (store_class, _) = mesh.class_of("bookstore/bookstore-v1-0");
+    let mut intruder = bootstrap;
+    intruder.class = store_class;
+    let intruder = Envoy::start_with(intruder).await?;
+    eventually(
+        Duration::from_secs(10),
+        "the foreign class to be refused",
+        || async {
+            mesh.edge
+                .metric("trellis_edge_refused_total{reason=\"foreign_class\"}")
+                .await
+                >= 1.0
+        },
+    )
+    .await?;
+    assert_eq!(
+        intruder.stat("cluster_manager.active_clusters").await,
+        1,
+        "only its static xds cluster"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_proxies_with_a_mesh_certificate_of_their_own_identity_are_served() -> Result<()> {
+    let mesh = Mesh::start("authz").await;
+    let (class, identity) = mesh.class_of("bookbuyer/bookbuyer-0");
+    let uuid = new_proxy_uuid();
+    let request = LeafRequest::proxy(&uuid, &identity, TRUST_DOMAIN, Duration::from_secs(3600));
+    let node = request.common_name.clone();
+    let cert = mesh.ca.issue(&request)?;
+    let own = "service-cert:bookbuyer/bookbuyer";
+    let foreign = "service-cert:bookstore/bookstore";
+
+    // Without a client certificate, or with one from another CA, no stream.
+    let no_cert = mesh.channel(None).await;
+    if let Ok(channel) = no_cert {
+        let refused = ask_secrets(channel, &node, &class, &[own]).await;
+        assert!(refused.is_err(), "served without a client certificate");
+    }
+    let other_ca = BuiltinCa::generate()?;
+    let stranger = other_ca.issue(&request)?;
+    if let Ok(channel) = mesh
+        .channel(Some((&stranger.chain_pem, &stranger.key_pem)))
+        .await
+    {
+        let refused = ask_secrets(channel, &node, &class, &[own]).await;
+        assert!(refused.is_err(), "served a certificate of another CA");
+    }
+    eventually(
+        Duration::from_secs(5),
+        "both handshakes refused",
+        || async {
+            mesh.edge
+                .metric("trellis_edge_refused_total{reason=\"tls_handshake\"}")
+                .await
+                >= 2.0
+        },
+    )
+    .await?;
+
+    // Its own secret is served; another identity's is answered as absent.
+    let channel = mesh.channel(Some((&cert.chain_pem, &cert.key_pem))).await?;
+    let response = ask_secrets(channel.clone(), &node, &class, &[own, foreign]).await?;
+    let sent: Vec<&str> = response.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(sent, [own]);
+    assert_eq!(response.removed_resources, [foreign]);
+    assert_eq!(
+        mesh.edge
+            .metric("trellis_edge_refused_total{reason=\"resource_not_in_class\"}")
+            .await,
+        1.0
+    );
+
+    // A node id other than the certificate's is refused.
+    let other = format!(
+        "{}.sidecar.bookbuyer.bookbuyer.{TRUST_DOMAIN}",
+        new_proxy_uuid()
+    );
+    let status = ask_secrets(channel.clone(), &other, &class, &[own])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
+    let (store_class, _) = mesh.class_of("bookstore/bookstore-v1-0");
+    let status = ask_secrets(channel, &node, &store_class, &[foreign])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
+    assert_eq!(
+        mesh.edge
+            .metric("trellis_edge_refused_total{reason=\"identity_mismatch\"}")
+            .await,
+        1.0
+    );
+    Ok(())
+}
