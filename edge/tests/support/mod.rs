@@ -82,7 +82,12 @@ impl TestEdge {
 
     /// An edge serving mTLS xDS with `tls`.
     pub async fn start_tls(config: EdgeConfig, tls: EdgeTls) -> TestEdge {
-        TestEdge::launch(Edge::new(config), "127.0.0.1:0".parse().unwrap(), Some(tls)).await
+        TestEdge::start_tls_on("127.0.0.1:0".parse().unwrap(), config, tls).await
+    }
+
+    /// An edge serving mTLS xDS with `tls` on `xds`.
+    pub async fn start_tls_on(xds: SocketAddr, config: EdgeConfig, tls: EdgeTls) -> TestEdge {
+        TestEdge::launch(Edge::new(config), xds, Some(tls)).await
     }
 
     /// An edge that follows the leader publishing at `leader`.

@@ -24,6 +24,9 @@ use crate::kinds::{MeshConfig, Object, ObjectRef};
 /// The MeshConfig Trellis reads.
 const MESH_CONFIG_NAME: &str = "osm-mesh-config";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The shortest leaf validity MeshConfig may ask for: renewal runs at two
+/// thirds of it, and a renewal tick is a second.
+const MIN_CERT_VALIDITY: Duration = Duration::from_secs(10);
 
 /// Builds the catalog of mesh `mesh` (the value of the namespaces'
 /// `openservicemesh.io/monitored-by` label) from every object the sources
@@ -234,10 +237,10 @@ fn mesh_settings(
     let validity = &config.spec.certificate.service_cert_validity_duration;
     if !validity.is_empty() {
         match parse_go_duration(validity) {
-            Some(d) if d >= Duration::from_secs(60) => settings.cert_validity = d,
+            Some(d) if d >= MIN_CERT_VALIDITY => settings.cert_validity = d,
             _ => problems.push(Problem::new(
                 r,
-                format!("serviceCertValidityDuration {validity:?} is not a duration of at least 1m; using 24h"),
+                format!("serviceCertValidityDuration {validity:?} is not a duration of at least 10s; using 24h"),
             )),
         }
     }
