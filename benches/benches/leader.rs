@@ -9,6 +9,10 @@
 //!   touches are compiled, then the next snapshot is derived.
 //! * `one_endpoint_change_10k`: one EndpointSlice changes; apply, compile and
 //!   derive the next snapshot.
+//! * `renewal_batch_of_500_10k`: one renewal tick: 500 certificates signed,
+//!   their classes compiled, the next snapshot derived.
+//! * `ca/issue_10k_identities`: a leaf (fresh ECDSA P-256 key) for each of
+//!   10,000 identities.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
@@ -26,7 +30,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use trellis_leader::{
-    ca::BuiltinCa,
+    ca::{BuiltinCa, CertificateIssuer, LeafRequest},
     catalog,
     compile::Compiler,
     kinds::{
@@ -257,8 +261,46 @@ fn compile(c: &mut Criterion) {
                 .expect("the change is published")
         })
     });
+    // Renewal: every certificate is due; one tick signs a batch (500) and
+    // compiles the classes holding them. This is the longest the pipeline
+    // is kept from a source update by renewal.
+    let far = std::time::SystemTime::now() + std::time::Duration::from_secs(30 * 24 * 3600);
+    group.bench_function("renewal_batch_of_500_10k", |b| {
+        b.iter(|| {
+            assert!(pipeline.certificates_due(far));
+            pipeline
+                .compile()
+                .unwrap()
+                .expect("renewed certificates are published")
+        })
+    });
     group.finish();
 }
 
-criterion_group!(benches, compile);
+/// Signing: one leaf per identity of the 10k mesh, from a fresh key each.
+fn issue(c: &mut Criterion) {
+    let ca = BuiltinCa::generate().unwrap();
+    let requests: Vec<LeafRequest> = (0..SERVICES)
+        .map(|i| {
+            let identity = catalog::Identity::new(ns(i), format!("sa-{i}"));
+            LeafRequest::identity(
+                &identity,
+                catalog::TRUST_DOMAIN,
+                std::time::Duration::from_secs(86400),
+            )
+        })
+        .collect();
+    let mut group = c.benchmark_group("ca");
+    group.sample_size(10);
+    group.bench_function("issue_10k_identities", |b| {
+        b.iter(|| {
+            for request in &requests {
+                ca.issue(request).unwrap();
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, compile, issue);
 criterion_main!(benches);
