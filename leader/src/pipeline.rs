@@ -84,6 +84,10 @@ pub struct Pipeline {
     pending: Pending,
     snapshot: Snapshot,
     status: watch::Sender<Arc<Status>>,
+    /// Where [`Pipeline::run`] publishes; each snapshot reaches it before
+    /// the status announces it, so whoever sees the status finds the
+    /// snapshot served.
+    sink: Option<Arc<dyn SnapshotSink>>,
 }
 
 /// Changes since the last compile, by how much of the catalog they need
@@ -166,6 +170,7 @@ impl Pipeline {
             },
             snapshot: Snapshot::empty(),
             status: watch::channel(Arc::new(Status::default())).0,
+            sink: None,
         }
     }
 
@@ -241,8 +246,9 @@ impl Pipeline {
         Ok(Some(builder))
     }
 
-    /// Compiles the objects held now into the next snapshot; `None` when the
-    /// result is what is already served.
+    /// Compiles the objects held now into the next snapshot, hands it to
+    /// the sink (under [`Pipeline::run`]) and then announces it in the
+    /// status; `None` when the result is what is already served.
     pub fn compile(&mut self) -> Result<Option<Snapshot>, SnapshotError> {
         let pending = std::mem::take(&mut self.pending);
         if !pending.workloads && !pending.policies && !pending.certificates {
@@ -251,6 +257,7 @@ impl Pipeline {
                 Some(builder) => {
                     let snapshot = builder.build()?;
                     self.snapshot = snapshot.clone();
+                    self.publish(&snapshot);
                     self.status
                         .send_modify(|s| Arc::make_mut(s).epoch = snapshot.epoch());
                     return Ok(Some(snapshot));
@@ -292,6 +299,9 @@ impl Pipeline {
             self.snapshot.clone()
         };
         self.report(&problems);
+        if changed {
+            self.publish(&snapshot);
+        }
         self.status.send_replace(Arc::new(Status {
             epoch: snapshot.epoch(),
             classes: compiled.classes.clone(),
@@ -324,8 +334,9 @@ impl Pipeline {
         due
     }
 
-    /// Compiles what is pending and hands a changed snapshot to `sink`.
-    fn compile_and_publish(&mut self, sink: &dyn SnapshotSink) {
+    /// Compiles what is pending (a changed snapshot goes to the sink) and
+    /// logs the outcome.
+    fn compile_pending(&mut self) {
         let span = info_span!("compile", objects = self.objects.len());
         let result = span.in_scope(|| self.compile());
         match result {
@@ -336,13 +347,18 @@ impl Pipeline {
                     classes = self.compiler.output().classes.len(),
                     "published"
                 );
-                sink.publish(snapshot);
             }
             // The compiler checks every class before emitting it, so this
             // is a defect; the last good snapshot keeps being served.
             Err(error) => {
                 warn!(%error, "compiled snapshot is inconsistent; keeping the last one")
             }
+        }
+    }
+
+    fn publish(&self, snapshot: &Snapshot) {
+        if let Some(sink) = &self.sink {
+            sink.publish(snapshot.clone());
         }
     }
 
@@ -367,6 +383,7 @@ impl Pipeline {
         mut updates: mpsc::Receiver<SourceUpdate>,
         sink: Arc<dyn SnapshotSink>,
     ) {
+        self.sink = Some(sink);
         let mut tick = tokio::time::interval(self.config.certificate_tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -379,7 +396,7 @@ impl Pipeline {
                     // Only after the first compile: there is nothing to renew
                     // before it.
                     if self.catalog.is_some() && self.certificates_due(SystemTime::now()) {
-                        self.compile_and_publish(sink.as_ref());
+                        self.compile_pending();
                     }
                     continue;
                 }
@@ -395,7 +412,7 @@ impl Pipeline {
                     Err(_) => break,
                 }
             }
-            self.compile_and_publish(sink.as_ref());
+            self.compile_pending();
             if !open {
                 break;
             }

@@ -57,6 +57,9 @@ struct Cli {
     /// PIDs of the external server's processes, to measure.
     #[arg(long, value_delimiter = ',')]
     pids: Vec<u32>,
+    /// Speak mTLS with certificates from Trellis's CA (one per connection).
+    #[arg(long)]
+    mtls: bool,
     /// Where to write the generated mesh (default: a temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -104,6 +107,7 @@ async fn main() -> Result<()> {
         patience: Duration::from_secs(cli.patience),
         dir: dir.clone(),
         progress: true,
+        mtls: cli.mtls,
     };
     let report = run(&config).await.context("load test")?;
     print!("{}", report.summary());

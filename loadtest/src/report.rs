@@ -72,6 +72,8 @@ pub struct Settings {
     pub change_rate: f64,
     /// What was loaded.
     pub target: String,
+    /// Whether clients spoke mTLS.
+    pub mtls: bool,
 }
 
 /// Resource use of one measured process.
@@ -147,8 +149,10 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{} simulated Envoys ({} Delta, {} SotW) in {} classes over {} connections ({} streams each), NACK fraction {}; target {}",
-            s.clients, s.delta_clients, s.sotw_clients, s.classes, s.connections, s.streams_per_connection, s.nack_fraction, s.target
+            "{} simulated Envoys ({} Delta, {} SotW) in {} classes over {} {} connections ({} streams each), NACK fraction {}; target {}",
+            s.clients, s.delta_clients, s.sotw_clients, s.classes, s.connections,
+            if s.mtls { "mTLS" } else { "plaintext" },
+            s.streams_per_connection, s.nack_fraction, s.target
         );
         let _ = writeln!(
             out,

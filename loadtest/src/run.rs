@@ -9,14 +9,18 @@ use std::{
 };
 
 use tokio::sync::{mpsc, Semaphore};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use trellis_leader::{
+    ca::LeafRequest,
+    catalog::{self, TRUST_DOMAIN},
+};
 
 use crate::{
     envoy::{self, Api, Event, Identity},
     mesh::{Mesh, MeshError},
     procfs::{self, Usage},
     report::{api_of, Distribution, ProcessReport, Report, Settings},
-    target::{self, TargetError, TargetSpec},
+    target::{self, ClientTls, TargetError, TargetSpec, EDGE_SERVER_NAME},
 };
 
 /// How to load the target.
@@ -47,6 +51,9 @@ pub struct Config {
     pub dir: PathBuf,
     /// Print a progress line every second.
     pub progress: bool,
+    /// Speak mTLS, each connection with a bootstrap certificate of its own
+    /// (all streams of a connection are then one proxy of one class).
+    pub mtls: bool,
 }
 
 /// Why a run could not be made.
@@ -58,6 +65,9 @@ pub enum RunError {
     /// The target could not be started.
     #[error(transparent)]
     Target(#[from] TargetError),
+    /// Client certificates could not be issued.
+    #[error("issuing client certificates: {0}")]
+    Credentials(String),
     /// A connection could not be opened.
     #[error("connecting to {target}: {reason}")]
     Connect {
@@ -180,15 +190,69 @@ async fn wait_for(
     }
 }
 
-/// Opens `count` connections to the target, at most 64 at once.
+/// Who one connection is under mTLS: a proxy of one class, named by its
+/// certificate.
+struct Credentials {
+    node: String,
+    class: String,
+    tls: ClientTlsConfig,
+}
+
+/// A bootstrap certificate for each of `count` connections, classes dealt
+/// out in turn.
+fn credentials(
+    tls: &ClientTls,
+    classes: &[String],
+    count: usize,
+) -> Result<Vec<Credentials>, RunError> {
+    let roots = Certificate::from_pem(tls.issuer.trust_bundle().as_bytes());
+    (0..count)
+        .map(|i| {
+            let class = classes[i % classes.len().max(1)].clone();
+            let mut parts = class.splitn(3, '/');
+            let (Some(namespace), Some(account)) = (parts.next(), parts.next()) else {
+                return Err(RunError::Credentials(format!(
+                    "class {class:?} names no identity"
+                )));
+            };
+            let identity = catalog::Identity::new(namespace, account);
+            let request = LeafRequest::proxy(
+                &format!("loadtest-{i}"),
+                &identity,
+                TRUST_DOMAIN,
+                Duration::from_secs(24 * 3600),
+            );
+            let cert = tls
+                .issuer
+                .issue(&request)
+                .map_err(|e| RunError::Credentials(e.to_string()))?;
+            Ok(Credentials {
+                node: request.common_name,
+                class,
+                tls: ClientTlsConfig::new()
+                    .ca_certificate(roots.clone())
+                    .identity(tonic::transport::Identity::from_pem(
+                        cert.chain_pem,
+                        cert.key_pem,
+                    ))
+                    .domain_name(EDGE_SERVER_NAME),
+            })
+        })
+        .collect()
+}
+
+/// Opens `count` connections to the target, at most 64 at once; over mTLS
+/// when `credentials` are given (one per connection).
 async fn connect(
     xds: std::net::SocketAddr,
     count: usize,
     sources: u8,
+    credentials: &[Credentials],
 ) -> Result<Vec<Channel>, RunError> {
     let gate = Arc::new(Semaphore::new(64));
     let mut pending = Vec::with_capacity(count);
     for i in 0..count {
+        let tls = credentials.get(i).map(|c| c.tls.clone());
         let gate = gate.clone();
         let source = IpAddr::V4(Ipv4Addr::new(
             127,
@@ -198,8 +262,13 @@ async fn connect(
         ));
         pending.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await;
-            Endpoint::from_shared(format!("http://{xds}"))
-                .map_err(|e| e.to_string())?
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let mut endpoint =
+                Endpoint::from_shared(format!("{scheme}://{xds}")).map_err(|e| e.to_string())?;
+            if let Some(tls) = tls {
+                endpoint = endpoint.tls_config(tls).map_err(|e| e.to_string())?;
+            }
+            endpoint
                 .local_address(Some(source))
                 .tcp_nodelay(true)
                 .connect_timeout(Duration::from_secs(10))
@@ -227,7 +296,7 @@ async fn connect(
 /// Runs the whole test.
 pub async fn run(config: &Config) -> Result<Report, RunError> {
     let mesh = Mesh::generate(&config.dir, config.classes)?;
-    let target = target::start(&config.target, mesh.dir(), config.patience).await?;
+    let target = target::start(&config.target, mesh.dir(), config.patience, config.mtls).await?;
     let idle = usages(&target.pids);
     let harness_start = procfs::usage(std::process::id()).unwrap_or_default();
 
@@ -244,13 +313,30 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
     let connections = config.clients.div_ceil(per_connection);
     let started = Instant::now();
     collector.lock().unwrap_or_else(|p| p.into_inner()).start = started;
-    let channels = connect(target.xds, connections, config.source_addresses).await?;
+    let credentials = match &target.tls {
+        Some(tls) => credentials(tls, &mesh.classes, connections)?,
+        None => Vec::new(),
+    };
+    let channels = connect(
+        target.xds,
+        connections,
+        config.source_addresses,
+        &credentials,
+    )
+    .await?;
     let mut streams = Vec::with_capacity(config.clients);
     for index in 0..config.clients {
+        let (node, class) = match credentials.get(index / per_connection) {
+            Some(c) => (c.node.clone(), c.class.clone()),
+            None => (
+                format!("loadtest-envoy-{index}"),
+                mesh.classes[index % mesh.classes.len().max(1)].clone(),
+            ),
+        };
         let me = Identity {
             index,
-            node: format!("loadtest-envoy-{index}"),
-            class: mesh.classes[index % mesh.classes.len().max(1)].clone(),
+            node,
+            class,
             api: api_of(index, config.sotw_fraction),
             nack_fraction: config.nack_fraction,
         };
@@ -349,6 +435,7 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
             changes: if target.controlled { config.changes } else { 0 },
             change_rate: config.change_rate,
             target: target_name,
+            mtls: target.tls.is_some(),
         },
         connect_all_ms: connect_all.as_secs_f64() * 1000.0,
         connected: Collector::count(&c.connected),

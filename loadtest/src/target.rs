@@ -13,9 +13,10 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::mpsc,
 };
-use trellis_edge::{Edge, EdgeConfig};
+use trellis_edge::{Edge, EdgeConfig, EdgeTls};
 use trellis_leader::{
-    ca::BuiltinCa,
+    bootstrap::edge_credentials,
+    ca::{BuiltinCa, CertificateIssuer},
     compile::Compiler,
     pipeline::{Pipeline, PipelineConfig},
     source::{files::FileSource, Source},
@@ -63,6 +64,22 @@ pub enum TargetError {
     /// The in-process leader could not start.
     #[error("in-process leader: {0}")]
     Leader(String),
+    /// The CA for mTLS clients could not be set up.
+    #[error("CA: {0}")]
+    Ca(String),
+    /// mTLS was asked of a server the harness does not start.
+    #[error("--mtls needs a target the harness starts (its CA issues the clients' certificates)")]
+    MtlsExternal,
+}
+
+/// The name on the edge's certificate (`trellis run`'s default).
+pub const EDGE_SERVER_NAME: &str = "trellis-edge";
+
+/// What simulated Envoys need to speak mTLS to the target.
+#[derive(Clone)]
+pub struct ClientTls {
+    /// Issues each connection's bootstrap certificate.
+    pub issuer: std::sync::Arc<dyn CertificateIssuer>,
 }
 
 /// A started target.
@@ -74,6 +91,8 @@ pub struct Target {
     /// Whether the harness changes the mesh it serves (not for external
     /// servers).
     pub controlled: bool,
+    /// Set when the target serves mTLS xDS.
+    pub tls: Option<ClientTls>,
     child: Option<Child>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -104,36 +123,60 @@ async fn free_address() -> std::io::Result<SocketAddr> {
 }
 
 /// Starts (or names) the target, serving the manifests in `dir`, and waits
-/// until it is ready.
+/// until it is ready; with `mtls`, it serves mTLS xDS from a CA the harness
+/// holds too.
 pub async fn start(
     spec: &TargetSpec,
     dir: &Path,
     ready_within: Duration,
+    mtls: bool,
 ) -> Result<Target, TargetError> {
     match spec {
+        TargetSpec::External { .. } if mtls => Err(TargetError::MtlsExternal),
         TargetSpec::External { xds, pids } => Ok(Target {
             xds: *xds,
             pids: pids.clone(),
             controlled: false,
+            tls: None,
             child: None,
             tasks: Vec::new(),
         }),
-        TargetSpec::Spawn { trellis } => spawn(trellis, dir, ready_within).await,
-        TargetSpec::InProcess => in_process(dir, ready_within).await,
+        TargetSpec::Spawn { trellis } => spawn(trellis, dir, ready_within, mtls).await,
+        TargetSpec::InProcess => in_process(dir, ready_within, mtls).await,
     }
 }
 
-async fn spawn(trellis: &Path, dir: &Path, ready_within: Duration) -> Result<Target, TargetError> {
+async fn spawn(
+    trellis: &Path,
+    dir: &Path,
+    ready_within: Duration,
+    mtls: bool,
+) -> Result<Target, TargetError> {
     let (xds, admin) = (free_address().await?, free_address().await?);
     let log_path = dir.with_extension("trellis.log");
     let log = std::fs::File::create(&log_path)?;
-    let child = Command::new(trellis)
-        .arg("run")
-        .arg("--dir")
-        .arg(dir)
-        .args(["--xds", &xds.to_string(), "--admin", &admin.to_string()])
-        // The simulated proxies speak plaintext xDS until they carry certificates.
-        .arg("--plaintext")
+    let mut command = Command::new(trellis);
+    command.arg("run").arg("--dir").arg(dir).args([
+        "--xds",
+        &xds.to_string(),
+        "--admin",
+        &admin.to_string(),
+    ]);
+    // The harness opens (or creates) the CA first, so the clients'
+    // certificates and Trellis's come from the same root.
+    let tls = if mtls {
+        let ca_dir = dir.with_extension("ca");
+        let _ = std::fs::remove_dir_all(&ca_dir);
+        let ca = BuiltinCa::open(&ca_dir).map_err(|e| TargetError::Ca(e.to_string()))?;
+        command.arg("--ca-dir").arg(&ca_dir);
+        Some(ClientTls {
+            issuer: std::sync::Arc::new(ca),
+        })
+    } else {
+        command.arg("--plaintext");
+        None
+    };
+    let child = command
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -147,6 +190,7 @@ async fn spawn(trellis: &Path, dir: &Path, ready_within: Duration) -> Result<Tar
         xds,
         pids: vec![child.id()],
         controlled: true,
+        tls,
         child: Some(child),
         tasks: Vec::new(),
     };
@@ -174,20 +218,21 @@ async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-async fn in_process(dir: &Path, ready_within: Duration) -> Result<Target, TargetError> {
+async fn in_process(dir: &Path, ready_within: Duration, mtls: bool) -> Result<Target, TargetError> {
     let config = EdgeConfig {
         max_concurrent_streams: 10_000,
         ..EdgeConfig::default()
     };
     let edge = Edge::new(config);
     let store = edge.store().clone();
-    let ca = BuiltinCa::generate().map_err(|e| TargetError::Leader(e.to_string()))?;
+    let ca =
+        std::sync::Arc::new(BuiltinCa::generate().map_err(|e| TargetError::Leader(e.to_string()))?);
     let pipeline = Pipeline::new(
         PipelineConfig {
             quiet: Duration::from_millis(20),
             ..PipelineConfig::default()
         },
-        Compiler::new(std::sync::Arc::new(ca)),
+        Compiler::new(ca.clone()),
     );
     let (updates, received) = mpsc::channel(64);
     let source = FileSource::new(dir);
@@ -200,10 +245,31 @@ async fn in_process(dir: &Path, ready_within: Duration) -> Result<Target, Target
     let xds_listener = TcpListener::bind("127.0.0.1:0").await?;
     let admin_listener = TcpListener::bind("127.0.0.1:0").await?;
     let xds = xds_listener.local_addr()?;
+    let tls = if mtls {
+        let credentials = edge_credentials(
+            ca.as_ref(),
+            EDGE_SERVER_NAME,
+            Vec::new(),
+            vec![xds.ip()],
+            Duration::from_secs(24 * 3600),
+        )
+        .map_err(|e| TargetError::Ca(e.to_string()))?;
+        Some(EdgeTls::new(&credentials).map_err(|e| TargetError::Ca(e.to_string()))?)
+    } else {
+        None
+    };
+    let client_tls = tls.is_some().then(|| ClientTls { issuer: ca.clone() });
     tasks.push(tokio::spawn(async move {
-        let _ = edge
-            .serve(xds_listener, admin_listener, std::future::pending())
-            .await;
+        let _ = match tls {
+            Some(tls) => {
+                edge.serve_tls(tls, xds_listener, admin_listener, std::future::pending())
+                    .await
+            }
+            None => {
+                edge.serve(xds_listener, admin_listener, std::future::pending())
+                    .await
+            }
+        };
     }));
     let deadline = Instant::now() + ready_within;
     while !store.is_ready() {
@@ -219,6 +285,7 @@ async fn in_process(dir: &Path, ready_within: Duration) -> Result<Target, Target
         xds,
         pids: vec![std::process::id()],
         controlled: true,
+        tls: client_tls,
         child: None,
         tasks,
     })

@@ -1,6 +1,6 @@
 //! A short load test in the suite: a few hundred simulated Envoys, Delta and
 //! state of the world, some multiplexed, some NACKing, against Trellis in
-//! the harness's process; every one must converge on every change.
+//! the harness's process over mTLS; every one must converge on every change.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -28,6 +28,7 @@ async fn a_few_hundred_envoys_all_converge_on_every_change() {
         patience: Duration::from_secs(60),
         dir: dir.clone(),
         progress: false,
+        mtls: true,
     };
     let report = run(&config).await.unwrap();
     println!("{}", report.summary());
@@ -45,6 +46,7 @@ async fn a_few_hundred_envoys_all_converge_on_every_change() {
         (report.settings.sotw_clients, report.settings.connections),
         (90, 30)
     );
+    assert!(report.settings.mtls, "the clients spoke mTLS");
     assert!(
         report.convergence.p50_ms > 0.0 && report.convergence.p99_ms <= report.convergence.max_ms
     );
