@@ -24,11 +24,16 @@ use trellis_proto::pb::{
             cluster::v3::Cluster,
             core::v3::Node,
             endpoint::v3::ClusterLoadAssignment,
-            listener::v3::Listener,
+            listener::v3::{filter, FilterChain, Listener},
             route::v3::{route, route_action, RouteConfiguration},
         },
         extensions::{
-            filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy},
+            filters::network::{
+                http_connection_manager::v3::{
+                    http_connection_manager::ForwardClientCertDetails, HttpConnectionManager,
+                },
+                tcp_proxy::v3::{tcp_proxy, TcpProxy},
+            },
             transport_sockets::tls::v3::Secret,
         },
     },
@@ -335,6 +340,50 @@ fn inbound_routes_carry_rbac_for_the_allowed_callers_only() {
     );
 }
 
+/// The HTTP connection manager among a chain's filters.
+fn connection_manager(chain: &FilterChain) -> HttpConnectionManager {
+    let filter = chain
+        .filters
+        .iter()
+        .find(|f| f.name == "envoy.filters.network.http_connection_manager")
+        .expect("an HTTP connection manager");
+    let Some(filter::ConfigType::TypedConfig(config)) = &filter.config_type else {
+        panic!("untyped filter")
+    };
+    HttpConnectionManager::decode(config.value.as_slice()).unwrap()
+}
+
+#[test]
+fn inbound_http_tells_the_application_the_callers_certificate_uri() {
+    let compiled = compile(&example());
+    let store = class_of(&compiled, "bookstore/bookstore-v1-0");
+    let all = listeners(&compiled, &store);
+    for chain in &all["inbound-listener"].filter_chains {
+        let manager = connection_manager(chain);
+        assert_eq!(
+            manager.forward_client_cert_details(),
+            ForwardClientCertDetails::SanitizeSet,
+            "{}",
+            chain.name
+        );
+        let details = manager.set_current_client_cert_details.unwrap();
+        assert!(
+            details.uri && !details.cert && !details.chain,
+            "{}",
+            chain.name
+        );
+    }
+    // Outbound, whatever XFCC the application sends is dropped.
+    for chain in &all["outbound-listener"].filter_chains {
+        let manager = connection_manager(chain);
+        assert_eq!(
+            manager.forward_client_cert_details(),
+            ForwardClientCertDetails::Sanitize
+        );
+        assert_eq!(manager.set_current_client_cert_details, None);
+    }
+}
+
 #[test]
 fn tcp_services_use_tcp_proxy_and_l4_rbac() {
     let compiled = compile(&example());
@@ -345,10 +394,7 @@ fn tcp_services_use_tcp_proxy_and_l4_rbac() {
         .iter()
         .find(|c| c.name == "outbound_bookwarehouse/mysql_3306_tcp")
         .expect("a TCP chain to mysql");
-    let Some(trellis_proto::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(
-        config,
-    )) = &chain.filters[0].config_type
-    else {
+    let Some(filter::ConfigType::TypedConfig(config)) = &chain.filters[0].config_type else {
         panic!("untyped filter")
     };
     let proxy = TcpProxy::decode(config.value.as_slice()).unwrap();

@@ -23,8 +23,10 @@ use trellis_proto::pb::{
                 listener::{original_dst::v3::OriginalDst, tls_inspector::v3::TlsInspector},
                 network::{
                     http_connection_manager::v3::{
-                        http_connection_manager, http_filter, HttpConnectionManager, HttpFilter,
-                        Rds,
+                        http_connection_manager::{
+                            self, ForwardClientCertDetails, SetCurrentClientCertDetails,
+                        },
+                        http_filter, HttpConnectionManager, HttpFilter, Rds,
                     },
                     rbac::v3::Rbac as NetworkRbac,
                     tcp_proxy::v3::{tcp_proxy, TcpProxy},
@@ -67,9 +69,14 @@ fn network_filter(name: &str, type_url: &str, config: &impl prost::Message) -> F
     }
 }
 
-fn hcm(stat_prefix: &str, route_config: &str, rbac: bool) -> Filter {
+/// One chain's HTTP connection manager. Inbound, it enforces each route's
+/// RBAC policy and tells the application who called: the caller's SPIFFE
+/// URI, from its client certificate, in `x-forwarded-client-cert`,
+/// replacing whatever the caller sent. Outbound, an XFCC header from the
+/// application is dropped (Envoy's default, `SANITIZE`).
+fn hcm(stat_prefix: &str, route_config: &str, inbound: bool) -> Filter {
     let mut http_filters = Vec::new();
-    if rbac {
+    if inbound {
         // Empty rules here; each route carries its own policy (RBACPerRoute).
         http_filters.push(HttpFilter {
             name: names::HTTP_RBAC.to_owned(),
@@ -88,7 +95,7 @@ fn hcm(stat_prefix: &str, route_config: &str, rbac: bool) -> Filter {
         ))),
         ..Default::default()
     });
-    let manager = HttpConnectionManager {
+    let mut manager = HttpConnectionManager {
         stat_prefix: stat_prefix.to_owned(),
         route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
             config_source: Some(ads()),
@@ -97,6 +104,13 @@ fn hcm(stat_prefix: &str, route_config: &str, rbac: bool) -> Filter {
         http_filters,
         ..Default::default()
     };
+    if inbound {
+        manager.forward_client_cert_details = ForwardClientCertDetails::SanitizeSet as i32;
+        manager.set_current_client_cert_details = Some(SetCurrentClientCertDetails {
+            uri: true,
+            ..Default::default()
+        });
+    }
     network_filter(names::HCM, types::HCM, &manager)
 }
 
