@@ -67,6 +67,7 @@ pub struct Metrics {
     pub(crate) response_cache_misses: Counter,
     pub(crate) upstream_connected: Gauge,
     pub(crate) upstream_commits: Counter,
+    pub(crate) upstream_syncs: Counter,
 }
 
 impl Metrics {
@@ -129,6 +130,14 @@ impl Metrics {
             "upstream_commits",
             "Leader snapshots applied",
             self.upstream_commits.clone(),
+        );
+        // Counts commits that changed nothing too: after a leader change it
+        // says the edge is in step with the new leader, which a commit count
+        // of applied snapshots cannot when the new leader has nothing new.
+        edge.register(
+            "upstream_syncs",
+            "Leader commits received and found sound, changed or not",
+            self.upstream_syncs.clone(),
         );
     }
 

@@ -228,6 +228,7 @@ impl Session<'_> {
         if !pending.has_changes() && !first {
             debug!(leader_epoch = %response.system_version_info, "commit without changes");
             self.committed = true;
+            self.metrics.upstream_syncs.inc();
             return Ok(());
         }
         let snapshot = pending.build()?;
@@ -240,6 +241,7 @@ impl Session<'_> {
         self.store.publish(snapshot);
         self.committed = true;
         self.metrics.upstream_commits.inc();
+        self.metrics.upstream_syncs.inc();
         Ok(())
     }
 }

@@ -5,12 +5,17 @@
 //! the HTTP connection managers and the secrets of the TLS contexts it was
 //! sent, ACKs what it accepts and NACKs a chosen fraction. It reports when
 //! it holds a complete configuration, and every generation of the churned
-//! service's endpoints it applies.
+//! service's endpoints and of the policy split it applies.
+//!
+//! When its stream ends it reconnects, to the next of the edges it was given,
+//! keeping what it holds as Envoy does: a Delta stream declares it in
+//! `initial_resource_versions`, a state-of-the-world stream in `version_info`
+//! and its resource names.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
-    time::Instant,
+    time::Duration,
 };
 
 use prost::Message;
@@ -19,6 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use trellis_proto::pb::{
     envoy::{
+        config::route::v3::{route, route_action, RouteConfiguration},
         config::{
             cluster::v3::{cluster::ClusterDiscoveryType, cluster::DiscoveryType, Cluster},
             core::v3::{Node, TransportSocket},
@@ -43,7 +49,10 @@ use trellis_proto::pb::{
 };
 use trellis_shared::type_url;
 
-use crate::mesh::generation_of;
+use crate::{
+    clock,
+    mesh::{generation_of, policy_generation_of_weight, POLICY_BACKEND_CLUSTER},
+};
 
 /// Which ADS variant a simulated Envoy speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -71,27 +80,49 @@ pub struct Identity {
     pub nack_fraction: f64,
 }
 
-/// What a simulated Envoy reports; `client` is its index, `at` when.
-#[derive(Debug)]
+/// What a change made by the harness alters, and so where a simulated
+/// Envoy reads its generation from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeKind {
+    /// The churned service's endpoint address (its assignment, one scope).
+    Endpoint,
+    /// The policy split's weights (every class's outbound routes).
+    Policy,
+}
+
+/// What a simulated Envoy reports; `client` is its index, `at` when (by
+/// [`clock::now`]).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 #[allow(missing_docs)]
 pub enum Event {
-    /// The stream is open.
-    Connected { client: usize, at: Instant },
+    /// A stream is open (the first, or one after a reconnect).
+    Connected { client: usize, at: Duration },
     /// Every subscribed resource arrived at least once.
-    Complete { client: usize, at: Instant },
-    /// Received this generation of the churned service's endpoints and
-    /// answered it (ACK, or NACK for the rejected fraction).
+    Complete { client: usize, at: Duration },
+    /// Received this generation of a change and answered it (ACK, or NACK
+    /// for the rejected fraction).
     Generation {
         client: usize,
+        kind: ChangeKind,
         generation: u64,
-        at: Instant,
+        at: Duration,
     },
-    /// Bytes of a response received.
-    Bytes { bytes: u64 },
+    /// A response arrived: its size, and a key per resource in it (the
+    /// hash of its type, name and bytes: equal keys are the same version).
+    Response {
+        bytes: u64,
+        resources: Vec<u64>,
+        at: Duration,
+    },
     /// A response was rejected.
     Nacked,
-    /// The stream ended, and why.
-    Ended { client: usize, error: String },
+    /// A stream ended, and why; the client reconnects.
+    Ended {
+        client: usize,
+        error: String,
+        at: Duration,
+    },
 }
 
 /// What one stream holds and still waits for, per type.
@@ -99,8 +130,8 @@ pub enum Event {
 struct Held {
     clusters: BTreeMap<String, Cluster>,
     listeners: BTreeMap<String, Listener>,
-    /// Names received, per type.
-    received: BTreeMap<&'static str, BTreeSet<String>>,
+    /// Names received and their versions, per type.
+    received: BTreeMap<&'static str, BTreeMap<String, String>>,
     complete: bool,
 }
 
@@ -133,7 +164,7 @@ impl Held {
                     let received = self.received.get(t);
                     self.wanted(t)
                         .iter()
-                        .all(|n| received.is_some_and(|r| r.contains(n)))
+                        .all(|n| received.is_some_and(|r| r.contains_key(n)))
                 })
     }
 }
@@ -231,13 +262,51 @@ fn generation(assignment: &ClusterLoadAssignment) -> Option<u64> {
         .max()
 }
 
-/// One stream's client side.
+/// The policy generation in a route configuration: the weight the split
+/// gives its first backend, if the route holds the split.
+fn policy_generation(routes: &RouteConfiguration) -> Option<u64> {
+    routes
+        .virtual_hosts
+        .iter()
+        .flat_map(|h| &h.routes)
+        .filter_map(|r| match &r.action {
+            Some(route::Action::Route(action)) => action.cluster_specifier.as_ref(),
+            _ => None,
+        })
+        .filter_map(|specifier| match specifier {
+            route_action::ClusterSpecifier::WeightedClusters(w) => Some(&w.clusters),
+            _ => None,
+        })
+        .flatten()
+        .filter(|c| c.name == POLICY_BACKEND_CLUSTER)
+        .filter_map(|c| c.weight.as_ref())
+        .filter_map(|w| policy_generation_of_weight(w.value))
+        .max()
+}
+
+fn report_applied(
+    events: &mpsc::UnboundedSender<Event>,
+    client: usize,
+    kind: ChangeKind,
+    generation: u64,
+) {
+    let _ = events.send(Event::Generation {
+        client,
+        kind,
+        generation,
+        at: clock::now(),
+    });
+}
+
+/// One client's side of its streams: what it holds survives a reconnect.
 struct Stream {
     me: Identity,
     events: mpsc::UnboundedSender<Event>,
     held: Held,
     /// Subscribed names of EDS, RDS and SDS.
     subscribed: BTreeMap<&'static str, BTreeSet<String>>,
+    /// State of the world: the last accepted version of each type.
+    sotw_versions: BTreeMap<&'static str, String>,
     responses: u64,
 }
 
@@ -262,6 +331,7 @@ impl Stream {
             events,
             held: Held::default(),
             subscribed: BTreeMap::new(),
+            sotw_versions: BTreeMap::new(),
             responses: 0,
         }
     }
@@ -299,7 +369,7 @@ impl Stream {
     fn receive(
         &mut self,
         type_url: &'static str,
-        resources: Vec<(String, Any)>,
+        resources: Vec<(String, String, Any)>,
         removed: &[String],
         accepted: bool,
     ) {
@@ -309,8 +379,8 @@ impl Stream {
             self.held.clusters.remove(name);
             self.held.listeners.remove(name);
         }
-        for (name, any) in resources {
-            received.insert(name.clone());
+        for (name, version, any) in resources {
+            received.insert(name.clone(), version);
             match type_url {
                 type_url::CLUSTER | type_url::LISTENER if !accepted => {}
                 type_url::CLUSTER => {
@@ -329,16 +399,57 @@ impl Stream {
                         .as_ref()
                         .and_then(generation);
                     if let Some(generation) = applied {
-                        let _ = self.events.send(Event::Generation {
-                            client: self.me.index,
+                        report_applied(
+                            &self.events,
+                            self.me.index,
+                            ChangeKind::Endpoint,
                             generation,
-                            at: Instant::now(),
-                        });
+                        );
+                    }
+                }
+                type_url::ROUTE => {
+                    let applied = RouteConfiguration::decode(any.value.as_slice())
+                        .ok()
+                        .as_ref()
+                        .and_then(policy_generation);
+                    if let Some(generation) = applied {
+                        report_applied(&self.events, self.me.index, ChangeKind::Policy, generation);
                     }
                 }
                 _ => {}
             }
         }
+    }
+
+    /// What to ask for when a stream opens: per type, the names subscribed
+    /// (none for the wildcard types) and the versions held of them.
+    fn opening(&self) -> Vec<(&'static str, Vec<String>, HashMap<String, String>)> {
+        let held = |t: &'static str| -> HashMap<String, String> {
+            self.held
+                .received
+                .get(t)
+                .map(|r| r.iter().map(|(n, v)| (n.clone(), v.clone())).collect())
+                .unwrap_or_default()
+        };
+        let mut opening = vec![
+            (type_url::CLUSTER, Vec::new(), held(type_url::CLUSTER)),
+            (type_url::LISTENER, Vec::new(), held(type_url::LISTENER)),
+        ];
+        for type_url in FOLLOWED {
+            let names: Vec<String> = self
+                .subscribed
+                .get(type_url)
+                .map(|s| s.iter().cloned().collect())
+                .unwrap_or_default();
+            if !names.is_empty() {
+                let versions = held(type_url)
+                    .into_iter()
+                    .filter(|(n, _)| names.contains(n))
+                    .collect();
+                opening.push((type_url, names, versions));
+            }
+        }
+        opening
     }
 
     /// Reports completeness the first time everything wanted arrived.
@@ -347,7 +458,7 @@ impl Stream {
             self.held.complete = true;
             let _ = self.events.send(Event::Complete {
                 client: self.me.index,
-                at: Instant::now(),
+                at: clock::now(),
             });
         }
     }
@@ -379,40 +490,61 @@ fn nack_detail() -> rpc::Status {
     }
 }
 
-/// Runs one stream on `channel`, in `me`'s protocol, until it ends.
-pub async fn run(channel: Channel, me: Identity, events: mpsc::UnboundedSender<Event>) {
+/// Runs client `me` until aborted: a stream on the first of `channels`,
+/// and after it ends (the edge gone, say) a new one on the next, after a
+/// short jittered pause, holding on to what it was sent.
+pub async fn run(channels: Vec<Channel>, me: Identity, events: mpsc::UnboundedSender<Event>) {
     let index = me.index;
     let api = me.api;
-    let stream = Stream::new(me, events.clone());
-    let result = match api {
-        Api::Delta => delta(channel, stream).await,
-        Api::Sotw => sotw(channel, stream).await,
-    };
-    let error = result.err().unwrap_or_else(|| "closed".to_owned());
-    let _ = events.send(Event::Ended {
-        client: index,
-        error,
-    });
+    let mut stream = Stream::new(me, events.clone());
+    for attempt in 0usize.. {
+        let Some(channel) = channels.get(attempt % channels.len().max(1)).cloned() else {
+            return;
+        };
+        let result = match api {
+            Api::Delta => delta(channel, &mut stream).await,
+            Api::Sotw => sotw(channel, &mut stream).await,
+        };
+        let error = result.err().unwrap_or_else(|| "closed".to_owned());
+        let _ = events.send(Event::Ended {
+            client: index,
+            error,
+            at: clock::now(),
+        });
+        tokio::time::sleep(reconnect_pause(index, attempt)).await;
+    }
 }
 
-/// The request side of a stream.
+/// Envoy waits a jittered backoff before reconnecting; the harness keeps it
+/// short (50 to 150 ms, times the attempts in a row up to 8) so an edge's
+/// loss shows the server's recovery, not the client's patience.
+fn reconnect_pause(index: usize, attempt: usize) -> Duration {
+    let key = (index as u64) << 20 | attempt as u64;
+    let jitter = xxhash_rust::xxh3::xxh3_64(&key.to_le_bytes()) % 100;
+    Duration::from_millis((50 + jitter) * (attempt as u64 % 8 + 1))
+}
+
+/// The request side of a stream: a channel gRPC sends from.
 struct Requests<R>(mpsc::Sender<R>);
 
 impl<R> Requests<R> {
-    /// A request channel and the stream gRPC sends from, with Envoy's first
-    /// requests (clusters, then listeners; the node in the first) queued.
+    /// A request channel and the stream gRPC sends from, with the opening
+    /// requests (clusters, then listeners, then what is subscribed; the node
+    /// in the first) queued.
     async fn open(
         stream: &Stream,
-        first: impl Fn(&'static str, Option<Node>) -> R,
+        first: impl Fn(&'static str, Vec<String>, HashMap<String, String>, Option<Node>) -> R,
     ) -> Result<(Requests<R>, ReceiverStream<R>), String> {
         let (tx, rx) = mpsc::channel(16);
         let requests = Requests(tx);
-        for (i, type_url) in [type_url::CLUSTER, type_url::LISTENER]
-            .into_iter()
-            .enumerate()
-        {
+        for (i, (type_url, names, versions)) in stream.opening().into_iter().enumerate() {
             requests
-                .send(first(type_url, (i == 0).then(|| stream.node())))
+                .send(first(
+                    type_url,
+                    names,
+                    versions,
+                    (i == 0).then(|| stream.node()),
+                ))
                 .await?;
         }
         Ok((requests, ReceiverStream::new(rx)))
@@ -426,28 +558,53 @@ impl<R> Requests<R> {
     }
 }
 
+/// The key of one resource version: equal for the same bytes under the same
+/// type and name, whoever receives them.
+fn version_key(type_url: &str, name: &str, any: &Any) -> u64 {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(type_url.as_bytes());
+    hasher.update(&[0]);
+    hasher.update(name.as_bytes());
+    hasher.update(&[0]);
+    hasher.update(&any.value);
+    hasher.digest()
+}
+
 impl Stream {
     fn connected(&self) {
         let _ = self.events.send(Event::Connected {
             client: self.me.index,
-            at: Instant::now(),
+            at: clock::now(),
         });
     }
 
-    /// Counts a response's bytes; its type if it is one Envoy follows.
-    fn arrived(&self, bytes: usize, type_url: &str) -> Option<&'static str> {
-        let _ = self.events.send(Event::Bytes {
+    /// Reports a response; its type if it is one Envoy follows.
+    fn arrived<'a>(
+        &self,
+        bytes: usize,
+        type_url: &str,
+        resources: impl Iterator<Item = (&'a str, &'a Any)>,
+    ) -> Option<&'static str> {
+        let _ = self.events.send(Event::Response {
             bytes: bytes as u64,
+            resources: resources
+                .map(|(name, any)| version_key(type_url, name, any))
+                .collect(),
+            at: clock::now(),
         });
         static_type(type_url)
     }
 }
 
-async fn delta(channel: Channel, mut stream: Stream) -> Result<(), String> {
-    let (requests, outgoing) = Requests::open(&stream, |type_url, node| DeltaDiscoveryRequest {
-        node,
-        type_url: type_url.to_owned(),
-        ..DeltaDiscoveryRequest::default()
+async fn delta(channel: Channel, stream: &mut Stream) -> Result<(), String> {
+    let (requests, outgoing) = Requests::open(stream, |type_url, names, versions, node| {
+        DeltaDiscoveryRequest {
+            node,
+            type_url: type_url.to_owned(),
+            resource_names_subscribe: names,
+            initial_resource_versions: versions,
+            ..DeltaDiscoveryRequest::default()
+        }
     })
     .await?;
     let mut client =
@@ -459,14 +616,19 @@ async fn delta(channel: Channel, mut stream: Stream) -> Result<(), String> {
         .into_inner();
     stream.connected();
     while let Some(response) = responses.message().await.map_err(|s| s.to_string())? {
-        let Some(type_url) = stream.arrived(response.encoded_len(), &response.type_url) else {
+        let listed = response
+            .resources
+            .iter()
+            .filter_map(|r| Some((r.name.as_str(), r.resource.as_ref()?)));
+        let Some(type_url) = stream.arrived(response.encoded_len(), &response.type_url, listed)
+        else {
             continue;
         };
         let nack = stream.nack();
         let resources = response
             .resources
             .into_iter()
-            .filter_map(|r| Some((r.name, r.resource?)))
+            .filter_map(|r| Some((r.name, r.version, r.resource?)))
             .collect();
         stream.receive(type_url, resources, &response.removed_resources, !nack);
         requests
@@ -492,13 +654,17 @@ async fn delta(channel: Channel, mut stream: Stream) -> Result<(), String> {
     Ok(())
 }
 
-async fn sotw(channel: Channel, mut stream: Stream) -> Result<(), String> {
-    let (requests, outgoing) = Requests::open(&stream, |type_url, node| DiscoveryRequest {
-        node,
-        type_url: type_url.to_owned(),
-        ..DiscoveryRequest::default()
-    })
-    .await?;
+async fn sotw(channel: Channel, stream: &mut Stream) -> Result<(), String> {
+    let versions = stream.sotw_versions.clone();
+    let (requests, outgoing) =
+        Requests::open(stream, |type_url, names, _, node| DiscoveryRequest {
+            node,
+            type_url: type_url.to_owned(),
+            version_info: versions.get(type_url).cloned().unwrap_or_default(),
+            resource_names: names,
+            ..DiscoveryRequest::default()
+        })
+        .await?;
     let mut client =
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
     let mut responses = client
@@ -507,19 +673,19 @@ async fn sotw(channel: Channel, mut stream: Stream) -> Result<(), String> {
         .map_err(|s| s.to_string())?
         .into_inner();
     stream.connected();
-    // The last accepted version of each type, sent back with every request.
-    let mut versions: BTreeMap<&'static str, String> = BTreeMap::new();
     while let Some(response) = responses.message().await.map_err(|s| s.to_string())? {
-        let Some(type_url) = stream.arrived(response.encoded_len(), &response.type_url) else {
+        let bytes = response.encoded_len();
+        let named: Vec<(String, Any)> = response
+            .resources
+            .into_iter()
+            .map(|any| (resource_name(&response.type_url, &any), any))
+            .collect();
+        let listed = named.iter().map(|(n, any)| (n.as_str(), any));
+        let Some(type_url) = stream.arrived(bytes, &response.type_url, listed) else {
             continue;
         };
         let nack = stream.nack();
         {
-            let mut named = Vec::new();
-            for any in response.resources {
-                let name = resource_name(type_url, &any);
-                named.push((name, any));
-            }
             // Listener and cluster responses list everything: what is not
             // listed is gone. Other types carry only what changed.
             let listed: BTreeSet<&String> = named.iter().map(|(n, _)| n).collect();
@@ -528,20 +694,29 @@ async fn sotw(channel: Channel, mut stream: Stream) -> Result<(), String> {
                 .received
                 .get(type_url)
                 .into_iter()
-                .flatten()
+                .flat_map(|r| r.keys())
                 .filter(|n| type_url::supports_wildcard(type_url) && !listed.contains(n))
                 .cloned()
                 .collect();
+            let version = &response.version_info;
+            let named = named
+                .into_iter()
+                .map(|(n, any)| (n, version.clone(), any))
+                .collect();
             stream.receive(type_url, named, &removed, !nack);
             if !nack {
-                versions.insert(type_url, response.version_info.clone());
+                stream
+                    .sotw_versions
+                    .insert(type_url, response.version_info.clone());
             }
         }
+        let version_info =
+            |stream: &Stream, t: &str| stream.sotw_versions.get(t).cloned().unwrap_or_default();
         let names = stream.subscribed.get(type_url).cloned().unwrap_or_default();
         requests
             .send(DiscoveryRequest {
                 type_url: type_url.to_owned(),
-                version_info: versions.get(type_url).cloned().unwrap_or_default(),
+                version_info: version_info(stream, type_url),
                 response_nonce: response.nonce,
                 resource_names: names.into_iter().collect(),
                 error_detail: nack.then(nack_detail),
@@ -553,7 +728,7 @@ async fn sotw(channel: Channel, mut stream: Stream) -> Result<(), String> {
             requests
                 .send(DiscoveryRequest {
                     type_url: type_url.to_owned(),
-                    version_info: versions.get(type_url).cloned().unwrap_or_default(),
+                    version_info: version_info(stream, type_url),
                     resource_names: names.into_iter().collect(),
                     ..DiscoveryRequest::default()
                 })

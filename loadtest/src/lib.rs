@@ -5,14 +5,23 @@
 //!   its endpoint churn.
 //! * [`target`]: Trellis started by the harness (its own process, or the
 //!   harness's), or a server it does not control.
-//! * [`envoy`]: one simulated Envoy, Delta or state of the world.
-//! * [`run`]: connect storm, settle, churn, measure.
+//! * [`envoy`]: one simulated Envoy, Delta or state of the world, that
+//!   reconnects elsewhere when its stream ends.
+//! * [`clients`]: a share of the simulated Envoys started in one process.
+//! * [`worker`]: shares in several processes, reporting to the one that
+//!   measures.
+//! * [`run`]: connect storm, settle, the scenario (steady, churn, policy,
+//!   edge kill, leader failover), measure.
+//! * [`clock`]: the time every process of a run reads.
 //! * [`report`]: percentiles, resource use, summary, JSON and SVG.
 //! * [`procfs`]: CPU and memory of the processes under test.
 
+pub mod clients;
+pub mod clock;
 pub mod envoy;
 pub mod mesh;
 pub mod procfs;
 pub mod report;
 pub mod run;
 pub mod target;
+pub mod worker;

@@ -6,18 +6,38 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use trellis_loadtest::{
-    run::{run, Config},
+    run::{run, Config, Scenario},
     target::TargetSpec,
+    worker,
 };
 
 #[derive(Parser)]
 #[command(
     name = "trellis-loadtest",
     version,
-    about = "Simulated Envoys against an ADS server: connect storm, settle, endpoint churn; \
-             convergence percentiles, CPU and memory of the server"
+    args_conflicts_with_subcommands = true,
+    about = "Simulated Envoys against an ADS server: connect storm, settle, then a scenario \
+             (steady, endpoint churn, policy change, an edge killed, the leader replaced); \
+             convergence percentiles, what was re-sent, CPU and memory of the server"
 )]
 struct Cli {
+    #[command(subcommand)]
+    internal: Option<Internal>,
+    /// What to do once every client holds a complete configuration.
+    #[arg(long, value_enum, default_value = "churn")]
+    scenario: Scenario,
+    /// Separate `trellis edge` processes behind one `trellis leader` (0: one
+    /// `trellis run` process). edge-kill needs 2, leader-failover 1.
+    #[arg(long, default_value_t = 0)]
+    edges: usize,
+    /// Harness processes to spread the clients over (each may hold 20,000
+    /// open files).
+    #[arg(long, default_value_t = 1)]
+    processes: usize,
+    /// Seconds the steady scenario (and a passive run) holds, and that
+    /// re-sent resources are counted after a disruption.
+    #[arg(long, default_value_t = 5)]
+    hold: u64,
     /// Simulated Envoys.
     #[arg(long, default_value_t = 1000)]
     clients: usize,
@@ -28,19 +48,20 @@ struct Cli {
     /// process may hold 20,000 open files here: above that, multiplex.
     #[arg(long, default_value_t = 1)]
     streams_per_connection: usize,
-    /// Loopback source addresses to spread connections over.
+    /// Loopback source addresses each harness process spreads its
+    /// connections over (127.<process>.x.y).
     #[arg(long, default_value_t = 16)]
-    source_addresses: u8,
+    source_addresses: u16,
     /// Fraction of clients speaking state of the world (the rest Delta).
     #[arg(long, default_value_t = 0.0)]
     sotw_fraction: f64,
     /// Fraction of responses the clients reject.
     #[arg(long, default_value_t = 0.0)]
     nack_fraction: f64,
-    /// Endpoint changes after settling.
+    /// Changes after settling (endpoint or policy, by scenario).
     #[arg(long, default_value_t = 20)]
     changes: u64,
-    /// Endpoint changes per second.
+    /// Changes per second.
     #[arg(long, default_value_t = 2.0)]
     change_rate: f64,
     /// Longest wait for connecting, settling and converging, in seconds.
@@ -51,7 +72,8 @@ struct Cli {
     #[arg(long, default_value = "target/release/trellis")]
     trellis: PathBuf,
     /// Load a server the harness does not start: its ADS address. Measured
-    /// passively (no changes made).
+    /// passively: no changes made; it holds for --hold seconds and reports
+    /// the spread of every resource version sent meanwhile.
     #[arg(long)]
     external: Option<SocketAddr>,
     /// PIDs of the external server's processes, to measure.
@@ -71,9 +93,22 @@ struct Cli {
     svg: Option<PathBuf>,
 }
 
+#[derive(clap::Subcommand)]
+enum Internal {
+    /// A worker process of a several-process run (started by the harness).
+    #[command(hide = true)]
+    Worker,
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Some(Internal::Worker) = cli.internal {
+        worker::serve(tokio::io::stdin(), tokio::io::stdout())
+            .await
+            .context("load-test worker")?;
+        return Ok(());
+    }
     let target = match cli.external {
         Some(xds) => TargetSpec::External {
             xds,
@@ -88,6 +123,7 @@ async fn main() -> Result<()> {
             }
             TargetSpec::Spawn {
                 trellis: cli.trellis.clone(),
+                edges: cli.edges,
             }
         }
     };
@@ -96,6 +132,10 @@ async fn main() -> Result<()> {
     });
     let config = Config {
         target,
+        scenario: cli.scenario,
+        hold: Duration::from_secs(cli.hold),
+        processes: cli.processes,
+        harness: std::env::current_exe().ok(),
         clients: cli.clients,
         classes: cli.classes,
         streams_per_connection: cli.streams_per_connection,

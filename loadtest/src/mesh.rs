@@ -5,6 +5,11 @@
 //! SMI mode; every application may call the `churn` service, whose
 //! endpoint address encodes a generation number (`10.250.<hi>.<lo>`), so a
 //! simulated Envoy knows which change it applied from the assignment alone.
+//!
+//! Every application may also call the `policy` service, split between two
+//! backends. The policy change rewrites the split: the first backend's
+//! weight is the generation plus one, so the change reaches every class's
+//! outbound routes and each client reads the generation from them.
 
 use std::{
     fmt::Write as _,
@@ -16,6 +21,11 @@ use trellis_leader::{catalog, compile::ClassKey, source::files::FileSource};
 
 /// Namespace of the churned service.
 pub const CHURN_NAMESPACE: &str = "lt-churn";
+/// Namespace of the split service the policy change rewrites.
+pub const POLICY_NAMESPACE: &str = "lt-policy";
+/// The cluster of the split's first backend, whose weight carries the
+/// policy generation.
+pub const POLICY_BACKEND_CLUSTER: &str = "lt-policy/policy-a|8080";
 const NAMESPACES: usize = 20;
 /// Applications per manifest file (four documents each).
 const CLASSES_PER_FILE: usize = 200;
@@ -44,6 +54,17 @@ pub fn generation_of(address: IpAddr) -> Option<u64> {
         },
         IpAddr::V6(_) => None,
     }
+}
+
+/// The weight of the split's first backend in generation `generation`
+/// (a zero weight would drop the backend).
+pub fn policy_weight(generation: u64) -> u32 {
+    u32::try_from(generation % u64::from(u32::MAX)).unwrap_or(0) + 1
+}
+
+/// The policy generation a first-backend weight stands for.
+pub fn policy_generation_of_weight(weight: u32) -> Option<u64> {
+    weight.checked_sub(1).map(u64::from)
 }
 
 /// Why the mesh could not be written or read back.
@@ -84,7 +105,7 @@ impl Mesh {
         let mut text = String::new();
         let namespaces = (0..NAMESPACES.min(classes.max(1)))
             .map(|n| format!("lt-{n}"))
-            .chain([CHURN_NAMESPACE.to_owned()]);
+            .chain([CHURN_NAMESPACE.to_owned(), POLICY_NAMESPACE.to_owned()]);
         for namespace in namespaces {
             let _ = write!(
                 text,
@@ -130,6 +151,8 @@ impl Mesh {
              apiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\nmetadata: {{ name: churn, namespace: {CHURN_NAMESPACE} }}\nspec:\n  matches: [{{ name: any, pathRegex: \".*\" }}]\n---\n\
              apiVersion: access.smi-spec.io/v1alpha3\nkind: TrafficTarget\nmetadata: {{ name: churn, namespace: {CHURN_NAMESPACE} }}\nspec:\n  destination: {{ kind: ServiceAccount, name: churn, namespace: {CHURN_NAMESPACE} }}\n  rules: [{{ kind: HTTPRouteGroup, name: churn, matches: [any] }}]\n  sources:\n{sources}"
         );
+        text.push_str("\n---\n");
+        text.push_str(&policy_service(&sources));
         write(&dir.join("mesh.yaml"), &text)?;
         if !apps.is_empty() {
             let last = classes.saturating_sub(1) / CLASSES_PER_FILE;
@@ -140,6 +163,7 @@ impl Mesh {
             classes: Vec::new(),
         };
         mesh.set_generation(0)?;
+        mesh.set_policy_generation(0)?;
         mesh.classes = mesh.class_ids()?;
         Ok(mesh)
     }
@@ -155,7 +179,9 @@ impl Mesh {
         let mut ids: Vec<String> = catalog
             .pods
             .values()
-            .filter(|p| p.identity.namespace != CHURN_NAMESPACE)
+            .filter(|p| {
+                ![CHURN_NAMESPACE, POLICY_NAMESPACE].contains(&p.identity.namespace.as_str())
+            })
             .map(|pod| {
                 ClassKey {
                     identity: pod.identity.clone(),
@@ -180,10 +206,50 @@ impl Mesh {
         write(&self.dir.join("churn-endpoints.yaml"), &text)
     }
 
+    /// Rewrites the policy split to generation `generation`'s weights.
+    pub fn set_policy_generation(&self, generation: u64) -> Result<(), MeshError> {
+        let weight = policy_weight(generation);
+        let text = format!(
+            "apiVersion: split.smi-spec.io/v1alpha2\nkind: TrafficSplit\nmetadata: {{ name: policy, namespace: {POLICY_NAMESPACE} }}\nspec:\n  service: policy\n  backends:\n  - {{ service: policy-a, weight: {weight} }}\n  - {{ service: policy-b, weight: 1 }}\n"
+        );
+        write(&self.dir.join("policy-split.yaml"), &text)
+    }
+
     /// Where the manifests are.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// The split service and its two backends (pods of one ServiceAccount),
+/// callable by every application (`sources`, TrafficTarget source lines).
+fn policy_service(sources: &str) -> String {
+    let ns = POLICY_NAMESPACE;
+    let mut text = format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{ name: policy, namespace: {ns} }}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{ name: policy, namespace: {ns} }}\nspec:\n  clusterIP: 10.97.0.2\n  selector: {{ app: policy }}\n  ports: [{{ name: http, port: 8080, targetPort: 8080, appProtocol: http }}]\n---\n"
+    );
+    for (n, backend) in ["a", "b"].into_iter().enumerate() {
+        let cluster_ip = Ipv4Addr::new(10, 97, 0, 3 + n as u8);
+        let pod_ip = Ipv4Addr::new(10, 251, 0, 1 + n as u8);
+        let _ = write!(
+            text,
+            "apiVersion: v1\nkind: Service\nmetadata: {{ name: policy-{backend}, namespace: {ns} }}\nspec:\n  clusterIP: {cluster_ip}\n  selector: {{ app: policy, backend: {backend} }}\n  ports: [{{ name: http, port: 8080, targetPort: 8080, appProtocol: http }}]\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{ name: policy-{backend}-0, namespace: {ns}, labels: {{ app: policy, backend: {backend} }} }}\nspec: {{ serviceAccountName: policy, containers: [{{ name: app, image: app }}] }}\nstatus: {{ podIP: {pod_ip} }}\n---\n"
+        );
+        for service in [format!("policy-{backend}"), "policy".to_owned()] {
+            let _ = write!(
+                text,
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{ name: slice-{service}-{backend}, namespace: {ns}, labels: {{ kubernetes.io/service-name: {service} }} }}\naddressType: IPv4\nports: [{{ name: http, port: 8080 }}]\nendpoints:\n- {{ addresses: [\"{pod_ip}\"], conditions: {{ ready: true }}, targetRef: {{ kind: Pod, name: policy-{backend}-0, namespace: {ns} }} }}\n---\n"
+            );
+        }
+    }
+    let _ = write!(
+        text,
+        "apiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\nmetadata: {{ name: policy, namespace: {ns} }}\nspec:\n  matches: [{{ name: any, pathRegex: \".*\" }}]\n---\n\
+         apiVersion: access.smi-spec.io/v1alpha3\nkind: TrafficTarget\nmetadata: {{ name: policy, namespace: {ns} }}\nspec:\n  destination: {{ kind: ServiceAccount, name: policy, namespace: {ns} }}\n  rules: [{{ kind: HTTPRouteGroup, name: policy, matches: [any] }}]\n  sources:\n{sources}"
+    );
+    text
 }
 
 #[cfg(test)]

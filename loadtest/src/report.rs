@@ -7,7 +7,7 @@ use std::{fmt::Write as _, path::Path, time::Duration};
 use plotters::prelude::*;
 use serde::Serialize;
 
-use crate::{envoy::Api, procfs::Usage};
+use crate::{envoy::Api, procfs::Usage, run::Scenario};
 
 /// Percentiles of a set of durations, in milliseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -52,6 +52,8 @@ impl Distribution {
 /// The settings a run used.
 #[derive(Clone, Debug, Serialize)]
 pub struct Settings {
+    /// What the run did after settling.
+    pub scenario: Scenario,
     /// Simulated Envoys.
     pub clients: usize,
     /// Proxy classes they are spread over.
@@ -60,6 +62,8 @@ pub struct Settings {
     pub streams_per_connection: usize,
     /// Connections opened.
     pub connections: usize,
+    /// Harness processes the clients ran in.
+    pub harness_processes: usize,
     /// Clients per protocol.
     pub delta_clients: usize,
     /// Clients speaking state of the world.
@@ -79,18 +83,49 @@ pub struct Settings {
 /// Resource use of one measured process.
 #[derive(Clone, Debug, Serialize)]
 pub struct ProcessReport {
+    /// What the process is (`leader`, `edge-0`, ...).
+    pub role: String,
     /// PID.
     pub pid: u32,
     /// Before any client connected.
     pub idle: Usage,
     /// Once every client held a complete configuration.
     pub settled: Usage,
-    /// At the end.
-    pub end: Usage,
-    /// (settled − idle resident memory) / clients, in KiB.
-    pub kib_per_stream: f64,
-    /// CPU seconds from settled to end (the churn), per 1,000 streams.
-    pub churn_cpu_seconds_per_1000_streams: f64,
+    /// At the end (absent if the process was killed or replaced).
+    pub end: Option<Usage>,
+    /// Client streams it served after settling (an edge's share).
+    pub streams: usize,
+    /// (settled − idle resident memory) / streams, in KiB.
+    pub kib_per_stream: Option<f64>,
+    /// CPU seconds from settled to end (disruption and changes), per 1,000
+    /// streams.
+    pub cpu_seconds_after_settling_per_1000_streams: Option<f64>,
+}
+
+/// What a disruption (an edge killed, the leader replaced) cost.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DisruptionReport {
+    /// Whether it recovered within the patience: every affected client
+    /// streaming again, or every edge synced with the new leader.
+    pub recovered: bool,
+    /// Clients whose edge was killed.
+    pub clients_affected: usize,
+    /// How many of them streamed again from another edge.
+    pub reconnected: usize,
+    /// From the kill to each affected client's new stream.
+    pub reconnect: Distribution,
+    /// Per edge: from the leader's kill to the edge's first sync with the
+    /// new leader (absent if it never synced).
+    pub edges_following_ms: Vec<Option<f64>>,
+    /// Resources all clients received from the disruption until the hold
+    /// after recovery: what was re-sent.
+    pub resources_resent: u64,
+    /// Bytes of those responses.
+    pub bytes_resent: u64,
+    /// Streams that ended in the run so far.
+    pub streams_ended: usize,
+    /// Seconds from the disruption over which re-sent resources were counted.
+    pub seconds_counted: f64,
 }
 
 /// Everything a run measured.
@@ -111,8 +146,16 @@ pub struct Report {
     pub change_to_all: Distribution,
     /// Changes every client applied.
     pub changes_converged: u64,
+    /// Per resource version first sent after settling: from the first
+    /// client receiving it to the last (what a passive run reports of a
+    /// server it does not change).
+    pub spread: Distribution,
+    /// The scenario's disruption, if it had one.
+    pub disruption: Option<DisruptionReport>,
     /// Bytes of discovery responses received by all clients.
     pub bytes_received: u64,
+    /// Resources those responses carried.
+    pub resources_received: u64,
     /// Responses the clients rejected.
     pub nacks_sent: u64,
     /// Streams that ended, by reason.
@@ -130,10 +173,11 @@ pub struct Report {
 }
 
 impl Report {
-    /// Whether every client held a complete configuration and applied every
-    /// change.
+    /// Whether every client held a complete configuration, the target
+    /// recovered from any disruption, and every client applied every change.
     pub fn converged(&self) -> bool {
         self.first_config.count == self.settings.clients
+            && self.disruption.as_ref().is_none_or(|d| d.recovered)
             && self.changes_converged == self.settings.changes
     }
 
@@ -149,10 +193,10 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{} simulated Envoys ({} Delta, {} SotW) in {} classes over {} {} connections ({} streams each), NACK fraction {}; target {}",
-            s.clients, s.delta_clients, s.sotw_clients, s.classes, s.connections,
+            "{:?}: {} simulated Envoys ({} Delta, {} SotW) in {} classes over {} {} connections ({} streams each) from {} harness process(es), NACK fraction {}; target {}",
+            s.scenario, s.clients, s.delta_clients, s.sotw_clients, s.classes, s.connections,
             if s.mtls { "mTLS" } else { "plaintext" },
-            s.streams_per_connection, s.nack_fraction, s.target
+            s.streams_per_connection, s.harness_processes, s.nack_fraction, s.target
         );
         let _ = writeln!(
             out,
@@ -160,24 +204,72 @@ impl Report {
             self.connected, s.clients, self.connect_all_ms
         );
         let _ = writeln!(out, "first complete config: {}", d(&self.first_config));
-        let _ = writeln!(
-            out,
-            "endpoint churn: {} changes at {}/s, {} applied by every client",
-            s.changes, s.change_rate, self.changes_converged
-        );
-        let _ = writeln!(out, "  change to each client: {}", d(&self.convergence));
-        let _ = writeln!(out, "  change to all clients: {}", d(&self.change_to_all));
-        let _ = writeln!(
-            out,
-            "bytes received: {}; responses rejected: {}",
-            self.bytes_received, self.nacks_sent
-        );
-        for p in &self.processes {
+        if let Some(r) = &self.disruption {
+            let _ = writeln!(out, "disruption: recovered {}", r.recovered);
+            if r.clients_affected > 0 {
+                let _ = writeln!(
+                    out,
+                    "  {} of {} clients of the killed edge streaming again: {}",
+                    r.reconnected,
+                    r.clients_affected,
+                    d(&r.reconnect)
+                );
+            }
+            for (edge, following) in r.edges_following_ms.iter().enumerate() {
+                let _ = match following {
+                    Some(ms) => writeln!(
+                        out,
+                        "  edge-{edge} synced with the new leader after {ms:.1} ms"
+                    ),
+                    None => writeln!(out, "  edge-{edge} never synced with the new leader"),
+                };
+            }
             let _ = writeln!(
                 out,
-                "pid {}: RSS idle {} KiB, settled {} KiB, peak {} KiB; {:.1} KiB per stream; churn CPU {:.3} s per 1,000 streams",
-                p.pid, p.idle.rss_kib, p.settled.rss_kib, p.end.peak_rss_kib, p.kib_per_stream, p.churn_cpu_seconds_per_1000_streams
+                "  re-sent in the {:.1} s after it: {} resources, {} bytes",
+                r.seconds_counted, r.resources_resent, r.bytes_resent
             );
+        }
+        if s.changes > 0 {
+            let _ = writeln!(
+                out,
+                "changes: {} at {}/s, {} applied by every client",
+                s.changes, s.change_rate, self.changes_converged
+            );
+            let _ = writeln!(out, "  change to each client: {}", d(&self.convergence));
+            let _ = writeln!(out, "  change to all clients: {}", d(&self.change_to_all));
+        }
+        if self.spread.count > 0 {
+            let _ = writeln!(
+                out,
+                "spread, first to last client, of each version sent after settling: {}",
+                d(&self.spread)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "received: {} bytes, {} resources; responses rejected: {}",
+            self.bytes_received, self.resources_received, self.nacks_sent
+        );
+        for p in &self.processes {
+            let _ = write!(
+                out,
+                "{} (pid {}): RSS idle {} KiB, settled {} KiB",
+                p.role, p.pid, p.idle.rss_kib, p.settled.rss_kib
+            );
+            match p.end {
+                Some(end) => {
+                    let _ = write!(out, ", peak {} KiB", end.peak_rss_kib);
+                }
+                None => out.push_str(", gone by the end"),
+            }
+            if let Some(kib) = p.kib_per_stream {
+                let _ = write!(out, "; {kib:.1} KiB per stream ({} streams)", p.streams);
+            }
+            if let Some(cpu) = p.cpu_seconds_after_settling_per_1000_streams {
+                let _ = write!(out, "; CPU after settling {cpu:.3} s per 1,000 streams");
+            }
+            out.push('\n');
         }
         let _ = writeln!(
             out,
@@ -198,8 +290,8 @@ impl Report {
         let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
         let caption = format!(
-            "Endpoint change to simulated Envoy: {} changes × {} clients",
-            self.settings.changes, self.settings.clients
+            "{:?}: change to simulated Envoy, {} changes × {} clients",
+            self.settings.scenario, self.settings.changes, self.settings.clients
         );
         let mut chart = ChartBuilder::on(&root)
             .caption(caption, ("sans-serif", 18))

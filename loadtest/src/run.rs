@@ -1,50 +1,90 @@
-//! One load-test run: connect storm, settle, endpoint churn, report.
+//! One load-test run: connect storm, settle, then the scenario's disruption
+//! and changes, and the report.
 
 use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use tokio::sync::{mpsc, Semaphore};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
-use trellis_leader::{
-    ca::LeafRequest,
-    catalog::{self, TRUST_DOMAIN},
-};
+use serde::Serialize;
+use tokio::{sync::mpsc, task::JoinHandle};
+use trellis_leader::ca::CertificateIssuer;
 
 use crate::{
-    envoy::{self, Api, Event, Identity},
+    clients::{self, first_edge, ClientsError, Share},
+    clock,
+    envoy::{Api, ChangeKind, Event},
     mesh::{Mesh, MeshError},
     procfs::{self, Usage},
-    report::{api_of, Distribution, ProcessReport, Report, Settings},
-    target::{self, ClientTls, TargetError, TargetSpec, EDGE_SERVER_NAME},
+    report::{api_of, DisruptionReport, Distribution, ProcessReport, Report, Settings},
+    target::{self, Process, Target, TargetError, TargetSpec},
+    worker::{self, Assignment, WorkerError},
 };
+
+/// What a run does once every client holds a complete configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// Nothing more: how fast a cold edge takes every client at once.
+    ConnectStorm,
+    /// Nothing changes for the hold time: what idle streams cost.
+    Steady,
+    /// One service's endpoint moves at the change rate (one scope changes).
+    Churn,
+    /// A TrafficSplit's weights change at the change rate (every class's
+    /// routes change).
+    Policy,
+    /// Edge 0 is killed; its clients reconnect to the other edges; then
+    /// endpoint churn.
+    EdgeKill,
+    /// The leader is killed and a new one started; the edges follow it;
+    /// then endpoint churn.
+    LeaderFailover,
+}
+
+impl Scenario {
+    fn change(self) -> Option<ChangeKind> {
+        match self {
+            Scenario::ConnectStorm | Scenario::Steady => None,
+            Scenario::Policy => Some(ChangeKind::Policy),
+            Scenario::Churn | Scenario::EdgeKill | Scenario::LeaderFailover => {
+                Some(ChangeKind::Endpoint)
+            }
+        }
+    }
+}
 
 /// How to load the target.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// What to load.
     pub target: TargetSpec,
+    /// What to do after settling.
+    pub scenario: Scenario,
     /// Simulated Envoys.
     pub clients: usize,
     /// Proxy classes (application services) of the generated mesh.
     pub classes: usize,
     /// Streams per HTTP/2 connection (1: one connection per Envoy).
     pub streams_per_connection: usize,
-    /// Loopback source addresses connections are spread over
-    /// (127.0.1.1, 127.0.1.2, ...), each with its own ephemeral ports.
-    pub source_addresses: u8,
+    /// Loopback source addresses each harness process spreads its
+    /// connections over, each with its own ephemeral ports.
+    pub source_addresses: u16,
     /// Fraction of clients speaking state of the world.
     pub sotw_fraction: f64,
     /// Fraction of responses clients reject.
     pub nack_fraction: f64,
-    /// Endpoint changes to make after settling.
+    /// Changes to make after settling (churn and policy scenarios, and after
+    /// a disruption).
     pub changes: u64,
     /// Changes per second.
     pub change_rate: f64,
+    /// How long the steady scenario holds, and how long after a disruption
+    /// the harness keeps counting what is re-sent.
+    pub hold: Duration,
     /// Longest wait for connecting, settling, and each change's convergence.
     pub patience: Duration,
     /// Where the generated mesh is written.
@@ -54,6 +94,11 @@ pub struct Config {
     /// Speak mTLS, each connection with a bootstrap certificate of its own
     /// (all streams of a connection are then one proxy of one class).
     pub mtls: bool,
+    /// Harness processes the clients are spread over (1: this one). More
+    /// than one needs `harness`.
+    pub processes: usize,
+    /// The `trellis-loadtest` executable workers are started from.
+    pub harness: Option<PathBuf>,
 }
 
 /// Why a run could not be made.
@@ -62,65 +107,95 @@ pub enum RunError {
     /// The mesh could not be generated or changed.
     #[error(transparent)]
     Mesh(#[from] MeshError),
-    /// The target could not be started.
+    /// The target could not be started or disturbed.
     #[error(transparent)]
     Target(#[from] TargetError),
-    /// Client certificates could not be issued.
-    #[error("issuing client certificates: {0}")]
-    Credentials(String),
-    /// A connection could not be opened.
-    #[error("connecting to {target}: {reason}")]
-    Connect {
-        /// The target.
-        target: String,
-        /// Why.
-        reason: String,
-    },
+    /// Clients could not be started here.
+    #[error(transparent)]
+    Clients(#[from] ClientsError),
+    /// Clients could not be started in workers.
+    #[error(transparent)]
+    Workers(#[from] WorkerError),
+    /// The settings do not make a run.
+    #[error("{0}")]
+    Settings(String),
+}
+
+/// When the resources of one version first and last arrived, and at how
+/// many clients.
+#[derive(Clone, Copy, Debug)]
+struct Arrivals {
+    first: Duration,
+    last: Duration,
+    count: u32,
 }
 
 /// What the clients reported, as it arrives.
 #[derive(Debug)]
 struct Collector {
-    start: Instant,
-    connected: Vec<Option<Instant>>,
-    complete: Vec<Option<Instant>>,
+    kind: Option<ChangeKind>,
+    /// Streams each client opened (more than one after reconnecting).
+    streams: Vec<u32>,
+    connected: Vec<Option<Duration>>,
+    last_connected: Vec<Option<Duration>>,
+    complete: Vec<Option<Duration>>,
     generation: Vec<u64>,
     /// When each change (generation 1, 2, ...) was made.
-    changes: Vec<Instant>,
+    changes: Vec<Duration>,
     /// Per change: when each client applied it.
-    applied: Vec<Vec<Instant>>,
+    applied: Vec<Vec<Duration>>,
     bytes: u64,
+    resources: u64,
     nacks: u64,
     ended: BTreeMap<String, usize>,
+    /// Per resource version (its key): when it arrived.
+    versions: HashMap<u64, Arrivals>,
 }
 
 impl Collector {
-    fn new(clients: usize) -> Collector {
+    fn new(clients: usize, kind: Option<ChangeKind>) -> Collector {
         Collector {
-            start: Instant::now(),
+            kind,
+            streams: vec![0; clients],
             connected: vec![None; clients],
+            last_connected: vec![None; clients],
             complete: vec![None; clients],
             generation: vec![0; clients],
             changes: Vec::new(),
             applied: Vec::new(),
             bytes: 0,
+            resources: 0,
             nacks: 0,
             ended: BTreeMap::new(),
+            versions: HashMap::new(),
         }
     }
 
     fn record(&mut self, event: Event) {
         match event {
-            Event::Connected { client, at } => self.connected[client] = Some(at),
-            Event::Complete { client, at } => self.complete[client] = Some(at),
+            Event::Connected { client, at } => {
+                if let Some(streams) = self.streams.get_mut(client) {
+                    *streams += 1;
+                    self.connected[client].get_or_insert(at);
+                    self.last_connected[client] = Some(at);
+                }
+            }
+            Event::Complete { client, at } => {
+                if let Some(slot) = self.complete.get_mut(client) {
+                    *slot = Some(at);
+                }
+            }
             // A client that skipped a generation (coalesced by the server)
             // applied it with the later one.
             Event::Generation {
                 client,
+                kind,
                 generation,
                 at,
-            } => {
-                let before = self.generation[client];
+            } if Some(kind) == self.kind => {
+                let Some(before) = self.generation.get(client).copied() else {
+                    return;
+                };
                 if generation > before {
                     for g in before + 1..=generation {
                         if let Some(applied) = self.applied.get_mut(g as usize - 1) {
@@ -130,13 +205,31 @@ impl Collector {
                     self.generation[client] = generation;
                 }
             }
-            Event::Bytes { bytes } => self.bytes += bytes,
+            Event::Generation { .. } => {}
+            Event::Response {
+                bytes,
+                resources,
+                at,
+            } => {
+                self.bytes += bytes;
+                self.resources += resources.len() as u64;
+                for key in resources {
+                    let arrivals = self.versions.entry(key).or_insert(Arrivals {
+                        first: at,
+                        last: at,
+                        count: 0,
+                    });
+                    arrivals.first = arrivals.first.min(at);
+                    arrivals.last = arrivals.last.max(at);
+                    arrivals.count += 1;
+                }
+            }
             Event::Nacked => self.nacks += 1,
             Event::Ended { error, .. } => *self.ended.entry(error).or_default() += 1,
         }
     }
 
-    fn count(slots: &[Option<Instant>]) -> usize {
+    fn count(slots: &[Option<Duration>]) -> usize {
         slots.iter().filter(|s| s.is_some()).count()
     }
 
@@ -145,33 +238,42 @@ impl Collector {
     }
 }
 
-fn usages(pids: &[u32]) -> Vec<Usage> {
-    pids.iter()
-        .map(|pid| procfs::usage(*pid).unwrap_or_default())
+type Shared = Arc<Mutex<Collector>>;
+
+fn lock(collector: &Shared) -> std::sync::MutexGuard<'_, Collector> {
+    collector.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn usages(processes: &[Process]) -> Vec<Option<Usage>> {
+    processes
+        .iter()
+        .map(|p| procfs::usage(p.pid).ok())
         .collect()
 }
 
 /// Waits until `done` holds on the collector, printing progress, or until
 /// `patience` runs out.
 async fn wait_for(
-    collector: &Mutex<Collector>,
+    collector: &Shared,
     config: &Config,
     what: &str,
     done: impl Fn(&Collector) -> bool,
 ) -> bool {
-    let deadline = Instant::now() + config.patience;
-    let mut next_progress = Instant::now();
+    let start = clock::now();
+    let deadline = start + config.patience;
+    let mut next_progress = start;
     loop {
         {
-            let c = collector.lock().unwrap_or_else(|p| p.into_inner());
+            let c = lock(collector);
             if done(&c) {
                 return true;
             }
-            if config.progress && Instant::now() >= next_progress {
+            let now = clock::now();
+            if config.progress && now >= next_progress {
                 let last = c.changes.len() as u64;
                 eprintln!(
                     "[{:>7.1}s] {what}: connected {}/{} complete {}/{} change {}/{} applied by {}",
-                    c.start.elapsed().as_secs_f64(),
+                    now.saturating_sub(start).as_secs_f64(),
                     Collector::count(&c.connected),
                     config.clients,
                     Collector::count(&c.complete),
@@ -180,259 +282,385 @@ async fn wait_for(
                     config.changes,
                     c.converged(last),
                 );
-                next_progress += Duration::from_secs(1);
+                next_progress = now + Duration::from_secs(1);
             }
         }
-        if Instant::now() > deadline {
+        if clock::now() > deadline {
             return false;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
-/// Who one connection is under mTLS: a proxy of one class, named by its
-/// certificate.
-struct Credentials {
-    node: String,
-    class: String,
-    tls: ClientTlsConfig,
+/// Splits the clients into one share per process, on connection
+/// boundaries, each process with its own block of source addresses.
+fn shares(config: &Config, classes: &[String], edges: &[SocketAddr]) -> Vec<Share> {
+    let per_connection = config.streams_per_connection.max(1);
+    let connections = config.clients.div_ceil(per_connection);
+    let processes = config.processes.clamp(1, connections.max(1));
+    let mut shares = Vec::with_capacity(processes);
+    let mut first_connection = 0;
+    for p in 0..processes {
+        let these = connections / processes + usize::from(p < connections % processes);
+        let first = first_connection * per_connection;
+        let end = ((first_connection + these) * per_connection).min(config.clients);
+        shares.push(Share {
+            first,
+            count: end - first,
+            streams_per_connection: per_connection,
+            source_block: 1 + p as u8,
+            source_addresses: config.source_addresses,
+            sotw_fraction: config.sotw_fraction,
+            nack_fraction: config.nack_fraction,
+            classes: classes.to_vec(),
+            edges: edges.to_vec(),
+        });
+        first_connection += these;
+    }
+    shares
 }
 
-/// A bootstrap certificate for each of `count` connections, classes dealt
-/// out in turn.
-fn credentials(
-    tls: &ClientTls,
-    classes: &[String],
-    count: usize,
-) -> Result<Vec<Credentials>, RunError> {
-    let roots = Certificate::from_pem(tls.issuer.trust_bundle().as_bytes());
-    (0..count)
-        .map(|i| {
-            let class = classes[i % classes.len().max(1)].clone();
-            let mut parts = class.splitn(3, '/');
-            let (Some(namespace), Some(account)) = (parts.next(), parts.next()) else {
-                return Err(RunError::Credentials(format!(
-                    "class {class:?} names no identity"
-                )));
-            };
-            let identity = catalog::Identity::new(namespace, account);
-            let request = LeafRequest::proxy(
-                &format!("loadtest-{i}"),
-                &identity,
-                TRUST_DOMAIN,
-                Duration::from_secs(24 * 3600),
-            );
-            let cert = tls
-                .issuer
-                .issue(&request)
-                .map_err(|e| RunError::Credentials(e.to_string()))?;
-            Ok(Credentials {
-                node: request.common_name,
-                class,
-                tls: ClientTlsConfig::new()
-                    .ca_certificate(roots.clone())
-                    .identity(tonic::transport::Identity::from_pem(
-                        cert.chain_pem,
-                        cert.key_pem,
-                    ))
-                    .domain_name(EDGE_SERVER_NAME),
-            })
-        })
-        .collect()
+/// The simulated Envoys, wherever they run.
+enum Clients {
+    Here(Vec<JoinHandle<()>>),
+    Workers(worker::Workers),
 }
 
-/// Opens `count` connections to the target, at most 64 at once; over mTLS
-/// when `credentials` are given (one per connection).
-async fn connect(
-    xds: std::net::SocketAddr,
-    count: usize,
-    sources: u8,
-    credentials: &[Credentials],
-) -> Result<Vec<Channel>, RunError> {
-    let gate = Arc::new(Semaphore::new(64));
-    let mut pending = Vec::with_capacity(count);
-    for i in 0..count {
-        let tls = credentials.get(i).map(|c| c.tls.clone());
-        let gate = gate.clone();
-        let source = IpAddr::V4(Ipv4Addr::new(
-            127,
-            0,
-            1,
-            1 + (i % usize::from(sources.max(1))) as u8,
-        ));
-        pending.push(tokio::spawn(async move {
-            let _permit = gate.acquire_owned().await;
-            let scheme = if tls.is_some() { "https" } else { "http" };
-            let mut endpoint =
-                Endpoint::from_shared(format!("{scheme}://{xds}")).map_err(|e| e.to_string())?;
-            if let Some(tls) = tls {
-                endpoint = endpoint.tls_config(tls).map_err(|e| e.to_string())?;
+impl Drop for Clients {
+    fn drop(&mut self) {
+        if let Clients::Here(tasks) = self {
+            for task in tasks {
+                task.abort();
             }
-            endpoint
-                .local_address(Some(source))
-                .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(10))
-                .http2_adaptive_window(true)
-                .connect()
+        }
+    }
+}
+
+async fn start_clients(
+    config: &Config,
+    shares: Vec<Share>,
+    target: &Target,
+    events: mpsc::UnboundedSender<Event>,
+) -> Result<Clients, RunError> {
+    if config.processes <= 1 {
+        let issuer = target
+            .tls
+            .as_ref()
+            .map(|tls| tls.issuer.as_ref() as &dyn CertificateIssuer);
+        let mut tasks = Vec::new();
+        for share in &shares {
+            tasks.extend(clients::start(share, issuer, events.clone()).await?);
+        }
+        return Ok(Clients::Here(tasks));
+    }
+    let Some(harness) = &config.harness else {
+        return Err(RunError::Settings(
+            "several processes need the trellis-loadtest executable to start workers from".into(),
+        ));
+    };
+    let ca_dir = match &target.tls {
+        Some(tls) => Some(tls.ca_dir.clone().ok_or_else(|| {
+            RunError::Settings(
+                "mTLS clients in worker processes need a CA on disk (a spawned target)".into(),
+            )
+        })?),
+        None => None,
+    };
+    let assignments = shares
+        .into_iter()
+        .map(|share| Assignment {
+            share,
+            ca_dir: ca_dir.clone(),
+        })
+        .collect();
+    Ok(Clients::Workers(
+        worker::spawn(harness, assignments, events).await?,
+    ))
+}
+
+/// Makes the scenario's disruption and measures the recovery: for an edge
+/// killed, until each of its clients streams again from another edge; for
+/// a leader replaced, until every edge has synced with the new one. What
+/// clients receive from the disruption until `hold` after recovery counts
+/// as re-sent.
+async fn disrupt(
+    config: &Config,
+    target: &mut Target,
+    collector: &Shared,
+) -> Result<Option<DisruptionReport>, RunError> {
+    let (resources_before, bytes_before) = {
+        let c = lock(collector);
+        (c.resources, c.bytes)
+    };
+    let mut report = DisruptionReport::default();
+    let at = match config.scenario {
+        Scenario::EdgeKill => {
+            let edges = target.xds.len();
+            if edges < 2 {
+                return Err(RunError::Settings(
+                    "edge-kill needs two edges or more (--edges 2)".into(),
+                ));
+            }
+            let affected: Vec<usize> = (0..config.clients)
+                .filter(|i| first_edge(*i, config.streams_per_connection, edges) == 0)
+                .collect();
+            let at = clock::now();
+            target.kill_edge(0)?;
+            let recovered = wait_for(collector, config, "reconnecting", |c| {
+                affected
+                    .iter()
+                    .all(|i| c.last_connected[*i].is_some_and(|t| t > at))
+            })
+            .await;
+            let c = lock(collector);
+            let mut reconnect: Vec<Duration> = affected
+                .iter()
+                .filter_map(|i| c.last_connected[*i])
+                .filter(|t| *t > at)
+                .map(|t| t.saturating_sub(at))
+                .collect();
+            report.clients_affected = affected.len();
+            report.reconnected = reconnect.len();
+            report.reconnect = Distribution::of(&mut reconnect);
+            report.recovered = recovered;
+            at
+        }
+        Scenario::LeaderFailover => {
+            let before = syncs(&target.admins).await;
+            let at = clock::now();
+            target.replace_leader()?;
+            let deadline = at + config.patience;
+            let mut following = vec![None; before.len()];
+            while following.iter().any(Option::is_none) && clock::now() < deadline {
+                for (slot, (admin, before)) in
+                    following.iter_mut().zip(target.admins.iter().zip(&before))
+                {
+                    if slot.is_none()
+                        && target::metric(*admin, "trellis_edge_upstream_syncs_total")
+                            .await
+                            .is_some_and(|now| now > *before)
+                    {
+                        *slot = Some(clock::now().saturating_sub(at));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            report.edges_following_ms = following
+                .iter()
+                .map(|f| f.map(|d| d.as_secs_f64() * 1000.0))
+                .collect();
+            report.recovered = following.iter().all(Option::is_some);
+            at
+        }
+        _ => return Ok(None),
+    };
+    tokio::time::sleep(config.hold).await;
+    let c = lock(collector);
+    report.resources_resent = c.resources - resources_before;
+    report.bytes_resent = c.bytes - bytes_before;
+    report.streams_ended = c.ended.values().sum();
+    report.seconds_counted = clock::now().saturating_sub(at).as_secs_f64();
+    Ok(Some(report))
+}
+
+/// How many of the `clients` streams a process of `role` served: an edge
+/// its share, a leader none, a combined or external server all.
+fn streams_served(role: &str, clients: usize, per_connection: usize, edges: usize) -> usize {
+    match role
+        .strip_prefix("edge-")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        Some(edge) => (0..clients)
+            .filter(|c| first_edge(*c, per_connection, edges) == edge)
+            .count(),
+        None if role == "leader" => 0,
+        None => clients,
+    }
+}
+
+/// Each edge's count of leader commits it synced with.
+async fn syncs(admins: &[SocketAddr]) -> Vec<f64> {
+    let mut counts = Vec::with_capacity(admins.len());
+    for admin in admins {
+        counts.push(
+            target::metric(*admin, "trellis_edge_upstream_syncs_total")
                 .await
-                .map_err(|e| format!("{e:?}"))
-        }));
+                .unwrap_or(0.0),
+        );
     }
-    let mut channels = Vec::with_capacity(count);
-    for task in pending {
-        let channel = task
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r)
-            .map_err(|reason| RunError::Connect {
-                target: xds.to_string(),
-                reason,
-            })?;
-        channels.push(channel);
+    counts
+}
+
+/// Makes the scenario's changes at the change rate, then waits for every
+/// client to apply the last.
+async fn change(
+    config: &Config,
+    mesh: &Mesh,
+    kind: ChangeKind,
+    collector: &Shared,
+) -> Result<(), RunError> {
+    let interval = Duration::from_secs_f64(1.0 / config.change_rate.max(0.001));
+    for generation in 1..=config.changes {
+        {
+            let mut c = lock(collector);
+            c.changes.push(clock::now());
+            c.applied.push(Vec::with_capacity(config.clients));
+        }
+        match kind {
+            ChangeKind::Endpoint => mesh.set_generation(generation)?,
+            ChangeKind::Policy => mesh.set_policy_generation(generation)?,
+        }
+        tokio::time::sleep(interval).await;
     }
-    Ok(channels)
+    wait_for(collector, config, "converging", |c| {
+        c.converged(config.changes) == config.clients
+    })
+    .await;
+    Ok(())
 }
 
 /// Runs the whole test.
 pub async fn run(config: &Config) -> Result<Report, RunError> {
     let mesh = Mesh::generate(&config.dir, config.classes)?;
-    let target = target::start(&config.target, mesh.dir(), config.patience, config.mtls).await?;
-    let idle = usages(&target.pids);
+    let mut target =
+        target::start(&config.target, mesh.dir(), config.patience, config.mtls).await?;
+    // The processes as they started: one killed or replaced later reads as
+    // gone at the end.
+    let measured = target.processes.clone();
+    let idle = usages(&measured);
     let harness_start = procfs::usage(std::process::id()).unwrap_or_default();
+    let changing = target
+        .controlled
+        .then(|| config.scenario.change())
+        .flatten();
 
-    let collector = Arc::new(Mutex::new(Collector::new(config.clients)));
+    let collector = Arc::new(Mutex::new(Collector::new(config.clients, changing)));
     let (events, mut received) = mpsc::unbounded_channel();
     let sink = collector.clone();
     let collecting = tokio::spawn(async move {
         while let Some(event) = received.recv().await {
-            sink.lock().unwrap_or_else(|p| p.into_inner()).record(event);
+            lock(&sink).record(event);
         }
     });
 
-    let per_connection = config.streams_per_connection.max(1);
-    let connections = config.clients.div_ceil(per_connection);
-    let started = Instant::now();
-    collector.lock().unwrap_or_else(|p| p.into_inner()).start = started;
-    let credentials = match &target.tls {
-        Some(tls) => credentials(tls, &mesh.classes, connections)?,
-        None => Vec::new(),
+    let started = clock::now();
+    let shares = shares(config, &mesh.classes, &target.xds);
+    let clients = start_clients(config, shares, &target, events).await?;
+    let worker_pids = match &clients {
+        Clients::Workers(workers) => workers.pids(),
+        Clients::Here(_) => Vec::new(),
     };
-    let channels = connect(
-        target.xds,
-        connections,
-        config.source_addresses,
-        &credentials,
-    )
-    .await?;
-    let mut streams = Vec::with_capacity(config.clients);
-    for index in 0..config.clients {
-        let (node, class) = match credentials.get(index / per_connection) {
-            Some(c) => (c.node.clone(), c.class.clone()),
-            None => (
-                format!("loadtest-envoy-{index}"),
-                mesh.classes[index % mesh.classes.len().max(1)].clone(),
-            ),
-        };
-        let me = Identity {
-            index,
-            node,
-            class,
-            api: api_of(index, config.sotw_fraction),
-            nack_fraction: config.nack_fraction,
-        };
-        let channel = channels[index / per_connection].clone();
-        let events = events.clone();
-        streams.push(tokio::spawn(envoy::run(channel, me, events)));
-    }
-    let clients = config.clients;
+    let count = config.clients;
     wait_for(&collector, config, "connecting", |c| {
-        Collector::count(&c.connected) == clients
+        Collector::count(&c.connected) == count
     })
     .await;
-    let connect_all = started.elapsed();
+    let connect_all = clock::now().saturating_sub(started);
     wait_for(&collector, config, "settling", |c| {
-        Collector::count(&c.complete) == clients
+        Collector::count(&c.complete) == count
     })
     .await;
-    let settled = usages(&target.pids);
+    let settled_at = clock::now();
+    let settled = usages(&measured);
 
-    if target.controlled {
-        let interval = Duration::from_secs_f64(1.0 / config.change_rate.max(0.001));
-        for generation in 1..=config.changes {
-            {
-                let mut c = collector.lock().unwrap_or_else(|p| p.into_inner());
-                c.changes.push(Instant::now());
-                c.applied.push(Vec::with_capacity(clients));
-            }
-            mesh.set_generation(generation)?;
-            tokio::time::sleep(interval).await;
+    let disruption = if target.controlled {
+        disrupt(config, &mut target, &collector).await?
+    } else {
+        None
+    };
+    match changing {
+        Some(kind) => change(config, &mesh, kind, &collector).await?,
+        None if config.scenario == Scenario::Steady || !target.controlled => {
+            tokio::time::sleep(config.hold).await
         }
-        wait_for(&collector, config, "converging", |c| {
-            c.converged(config.changes) == clients
-        })
-        .await;
+        None => {}
     }
-    let end = usages(&target.pids);
+    let end = usages(&measured);
     let harness_end = procfs::usage(std::process::id()).unwrap_or_default();
-    for stream in &streams {
-        stream.abort();
-    }
+    let workers_cpu: f64 = worker_pids
+        .iter()
+        .map(|pid| procfs::usage(*pid).unwrap_or_default().cpu_seconds)
+        .sum();
+    drop(clients);
     collecting.abort();
 
-    let c = collector.lock().unwrap_or_else(|p| p.into_inner());
+    let c = lock(&collector);
     let mut first_config: Vec<Duration> = c
         .complete
         .iter()
         .flatten()
-        .map(|at| at.duration_since(started))
+        .map(|at| at.saturating_sub(started))
         .collect();
     let mut latencies = Vec::new();
     let mut to_all = Vec::new();
     let mut changes_converged = 0;
     for (made, applied) in c.changes.iter().zip(&c.applied) {
-        latencies.extend(applied.iter().map(|at| at.duration_since(*made)));
-        if applied.len() == clients {
+        latencies.extend(applied.iter().map(|at| at.saturating_sub(*made)));
+        if applied.len() == count {
             changes_converged += 1;
             if let Some(last) = applied.iter().max() {
-                to_all.push(last.duration_since(*made));
+                to_all.push(last.saturating_sub(*made));
             }
         }
     }
-    let processes = target
-        .pids
+    // The spread of each version first sent after settling, among the
+    // clients that received it.
+    let mut spread: Vec<Duration> = c
+        .versions
+        .values()
+        .filter(|a| a.first >= settled_at && a.count > 1)
+        .map(|a| a.last.saturating_sub(a.first))
+        .collect();
+    let per_connection = config.streams_per_connection.max(1);
+    let edges = target.xds.len();
+    let processes = measured
         .iter()
         .zip(idle.iter().zip(settled.iter().zip(&end)))
-        .map(|(pid, (idle, (settled, end)))| ProcessReport {
-            pid: *pid,
-            idle: *idle,
-            settled: *settled,
-            end: *end,
-            kib_per_stream: settled.rss_kib.saturating_sub(idle.rss_kib) as f64
-                / clients.max(1) as f64,
-            churn_cpu_seconds_per_1000_streams: (end.cpu_seconds - settled.cpu_seconds) * 1000.0
-                / clients.max(1) as f64,
+        .map(|(process, (idle, (settled, end)))| {
+            let (idle, settled) = (idle.unwrap_or_default(), settled.unwrap_or_default());
+            let streams = streams_served(&process.role, count, per_connection, edges);
+            let per_1000 = |value: f64| (streams > 0).then(|| value * 1000.0 / streams as f64);
+            ProcessReport {
+                role: process.role.clone(),
+                pid: process.pid,
+                idle,
+                settled,
+                end: *end,
+                streams,
+                kib_per_stream: (streams > 0)
+                    .then(|| settled.rss_kib.saturating_sub(idle.rss_kib) as f64 / streams as f64),
+                cpu_seconds_after_settling_per_1000_streams: end
+                    .and_then(|end| per_1000(end.cpu_seconds - settled.cpu_seconds)),
+            }
         })
         .collect();
-    let sotw_clients = (0..clients)
+    let sotw_clients = (0..count)
         .filter(|i| api_of(*i, config.sotw_fraction) == Api::Sotw)
         .count();
     let target_name = match &config.target {
-        TargetSpec::Spawn { trellis } => {
-            format!("{} run (pid {:?})", trellis.display(), target.pids)
+        TargetSpec::Spawn { trellis, edges: 0 } => format!("{} run", trellis.display()),
+        TargetSpec::Spawn { trellis, edges } => {
+            format!("{} leader and {edges} edges", trellis.display())
         }
         TargetSpec::InProcess => "Trellis in the harness's process".to_owned(),
         TargetSpec::External { xds, .. } => format!("external {xds}"),
     };
     let mut report = Report {
         settings: Settings {
-            clients,
+            scenario: config.scenario,
+            clients: count,
             classes: mesh.classes.len(),
             streams_per_connection: per_connection,
-            connections,
-            delta_clients: clients - sotw_clients,
+            connections: count.div_ceil(per_connection),
+            harness_processes: config.processes.max(1),
+            delta_clients: count - sotw_clients,
             sotw_clients,
             nack_fraction: config.nack_fraction,
-            changes: if target.controlled { config.changes } else { 0 },
+            changes: if changing.is_some() {
+                config.changes
+            } else {
+                0
+            },
             change_rate: config.change_rate,
             target: target_name,
             mtls: target.tls.is_some(),
@@ -443,12 +671,15 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
         convergence: Distribution::default(),
         change_to_all: Distribution::of(&mut to_all),
         changes_converged,
+        spread: Distribution::of(&mut spread),
+        disruption,
         bytes_received: c.bytes,
+        resources_received: c.resources,
         nacks_sent: c.nacks,
         stream_errors: c.ended.iter().map(|(e, n)| (e.clone(), *n)).collect(),
         processes,
-        harness_cpu_seconds: harness_end.cpu_seconds - harness_start.cpu_seconds,
-        elapsed_seconds: started.elapsed().as_secs_f64(),
+        harness_cpu_seconds: harness_end.cpu_seconds - harness_start.cpu_seconds + workers_cpu,
+        elapsed_seconds: clock::now().saturating_sub(started).as_secs_f64(),
         latencies: Vec::new(),
     };
     report.convergence = Distribution::of(&mut latencies);

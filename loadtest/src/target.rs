@@ -4,7 +4,8 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -25,11 +26,15 @@ use trellis_leader::{
 /// What to load.
 #[derive(Clone, Debug)]
 pub enum TargetSpec {
-    /// `trellis run` started by the harness as a child process on the
-    /// generated mesh; its PID is measured.
+    /// Trellis started by the harness as child processes on the generated
+    /// mesh: `trellis run` (leader and edge in one process) when `edges` is
+    /// 0, else `trellis leader` and `edges` processes of `trellis edge`
+    /// following it. Their PIDs are measured.
     Spawn {
         /// The `trellis` executable.
         trellis: PathBuf,
+        /// Separate edge processes (0: one `trellis run`).
+        edges: usize,
     },
     /// Leader and edge inside the harness's own process (for tests; CPU and
     /// memory then include the simulated Envoys).
@@ -43,10 +48,10 @@ pub enum TargetSpec {
     },
 }
 
-/// Why the target could not be started.
+/// Why the target could not be started or disturbed.
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
-    /// The child process could not be started.
+    /// A child process could not be started.
     #[error("starting {trellis}: {source}")]
     Spawn {
         /// The executable.
@@ -70,6 +75,9 @@ pub enum TargetError {
     /// mTLS was asked of a server the harness does not start.
     #[error("--mtls needs a target the harness starts (its CA issues the clients' certificates)")]
     MtlsExternal,
+    /// The scenario needs processes the target does not have.
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 /// The name on the edge's certificate (`trellis run`'s default).
@@ -79,21 +87,71 @@ pub const EDGE_SERVER_NAME: &str = "trellis-edge";
 #[derive(Clone)]
 pub struct ClientTls {
     /// Issues each connection's bootstrap certificate.
-    pub issuer: std::sync::Arc<dyn CertificateIssuer>,
+    pub issuer: Arc<dyn CertificateIssuer>,
+    /// The CA's directory, where harness worker processes open it (absent
+    /// for a CA that lives only in the harness's memory).
+    pub ca_dir: Option<PathBuf>,
+}
+
+/// One measured process of the target.
+#[derive(Clone, Debug)]
+pub struct Process {
+    /// `leader`, `edge-<n>`, `trellis run`, `in-process` or `external`.
+    pub role: String,
+    /// Its PID.
+    pub pid: u32,
+}
+
+/// A child process and how to start it again.
+struct Child {
+    role: String,
+    command: Command,
+    process: std::process::Child,
+    log: PathBuf,
+}
+
+impl Child {
+    fn start(role: &str, mut command: Command, log: PathBuf) -> Result<Child, TargetError> {
+        let file = std::fs::File::create(&log)?;
+        let process = command
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .map_err(|source| TargetError::Spawn {
+                trellis: PathBuf::from(command.get_program()),
+                source,
+            })?;
+        Ok(Child {
+            role: role.to_owned(),
+            command,
+            process,
+            log,
+        })
+    }
+
+    /// SIGKILL, as a crashed or evicted pod: no goodbye to its peers.
+    fn kill(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
 }
 
 /// A started target.
 pub struct Target {
-    /// Where simulated Envoys connect.
-    pub xds: SocketAddr,
+    /// Where simulated Envoys connect: one address per edge.
+    pub xds: Vec<SocketAddr>,
+    /// Each edge's admin endpoint (empty for external servers).
+    pub admins: Vec<SocketAddr>,
     /// Processes whose CPU and memory are reported.
-    pub pids: Vec<u32>,
+    pub processes: Vec<Process>,
     /// Whether the harness changes the mesh it serves (not for external
     /// servers).
     pub controlled: bool,
     /// Set when the target serves mTLS xDS.
     pub tls: Option<ClientTls>,
-    child: Option<Child>,
+    children: Vec<Child>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -101,20 +159,57 @@ impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Target")
             .field("xds", &self.xds)
-            .field("pids", &self.pids)
+            .field("processes", &self.processes)
             .finish_non_exhaustive()
     }
 }
 
 impl Drop for Target {
     fn drop(&mut self) {
-        if let Some(child) = &mut self.child {
-            let _ = child.kill();
-            let _ = child.wait();
+        for child in &mut self.children {
+            child.kill();
         }
         for task in &self.tasks {
             task.abort();
         }
+    }
+}
+
+impl Target {
+    /// Kills edge `index` with SIGKILL; its clients must find another.
+    pub fn kill_edge(&mut self, index: usize) -> Result<(), TargetError> {
+        let role = format!("edge-{index}");
+        let child =
+            self.children
+                .iter_mut()
+                .find(|c| c.role == role)
+                .ok_or(TargetError::Unsupported(
+                    "killing an edge needs separate edge processes (--edges 2 or more)",
+                ))?;
+        child.kill();
+        Ok(())
+    }
+
+    /// Kills the leader with SIGKILL and starts a new one on the same
+    /// inputs, CA and publish address, as a replacement pod would.
+    pub fn replace_leader(&mut self) -> Result<(), TargetError> {
+        let child = self
+            .children
+            .iter_mut()
+            .find(|c| c.role == "leader")
+            .ok_or(TargetError::Unsupported(
+                "replacing the leader needs separate leader and edge processes (--edges 1 or more)",
+            ))?;
+        child.kill();
+        let mut command = Command::new(child.command.get_program());
+        command.args(child.command.get_args());
+        let log = child.log.with_extension("2.log");
+        *child = Child::start("leader", command, log)?;
+        let pid = child.process.id();
+        if let Some(process) = self.processes.iter_mut().find(|p| p.role == "leader") {
+            process.pid = pid;
+        }
+        Ok(())
     }
 }
 
@@ -134,88 +229,204 @@ pub async fn start(
     match spec {
         TargetSpec::External { .. } if mtls => Err(TargetError::MtlsExternal),
         TargetSpec::External { xds, pids } => Ok(Target {
-            xds: *xds,
-            pids: pids.clone(),
+            xds: vec![*xds],
+            admins: Vec::new(),
+            processes: pids
+                .iter()
+                .map(|pid| Process {
+                    role: "external".to_owned(),
+                    pid: *pid,
+                })
+                .collect(),
             controlled: false,
             tls: None,
-            child: None,
+            children: Vec::new(),
             tasks: Vec::new(),
         }),
-        TargetSpec::Spawn { trellis } => spawn(trellis, dir, ready_within, mtls).await,
+        TargetSpec::Spawn { trellis, edges } => {
+            spawn(trellis, *edges, dir, ready_within, mtls).await
+        }
         TargetSpec::InProcess => in_process(dir, ready_within, mtls).await,
     }
 }
 
+/// Opens (or creates) the CA beside `dir` before Trellis starts, so the
+/// clients' certificates and Trellis's come from the same root.
+fn harness_ca(dir: &Path) -> Result<(PathBuf, ClientTls), TargetError> {
+    let ca_dir = dir.with_extension("ca");
+    let _ = std::fs::remove_dir_all(&ca_dir);
+    let ca = BuiltinCa::open(&ca_dir).map_err(|e| TargetError::Ca(e.to_string()))?;
+    let tls = ClientTls {
+        issuer: Arc::new(ca),
+        ca_dir: Some(ca_dir.clone()),
+    };
+    Ok((ca_dir, tls))
+}
+
 async fn spawn(
     trellis: &Path,
+    edges: usize,
     dir: &Path,
     ready_within: Duration,
     mtls: bool,
 ) -> Result<Target, TargetError> {
-    let (xds, admin) = (free_address().await?, free_address().await?);
-    let log_path = dir.with_extension("trellis.log");
-    let log = std::fs::File::create(&log_path)?;
-    let mut command = Command::new(trellis);
-    command.arg("run").arg("--dir").arg(dir).args([
-        "--xds",
-        &xds.to_string(),
-        "--admin",
-        &admin.to_string(),
-    ]);
-    // The harness opens (or creates) the CA first, so the clients'
-    // certificates and Trellis's come from the same root.
-    let tls = if mtls {
-        let ca_dir = dir.with_extension("ca");
-        let _ = std::fs::remove_dir_all(&ca_dir);
-        let ca = BuiltinCa::open(&ca_dir).map_err(|e| TargetError::Ca(e.to_string()))?;
-        command.arg("--ca-dir").arg(&ca_dir);
-        Some(ClientTls {
-            issuer: std::sync::Arc::new(ca),
-        })
-    } else {
-        command.arg("--plaintext");
-        None
+    let (ca_dir, tls) = match mtls {
+        true => {
+            let (ca_dir, tls) = harness_ca(dir)?;
+            (Some(ca_dir), Some(tls))
+        }
+        false => (None, None),
     };
-    let child = command
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
+    let log = |role: &str| dir.with_extension(format!("{role}.log"));
+    let mut children = Vec::new();
+    let mut xds = Vec::new();
+    let mut admins = Vec::new();
+    if edges == 0 {
+        let (address, admin) = (free_address().await?, free_address().await?);
+        let mut command = Command::new(trellis);
+        command.arg("run").arg("--dir").arg(dir).args([
+            "--xds",
+            &address.to_string(),
+            "--admin",
+            &admin.to_string(),
+        ]);
+        match &ca_dir {
+            Some(ca_dir) => command.arg("--ca-dir").arg(ca_dir),
+            None => command.arg("--plaintext"),
+        };
+        children.push(Child::start("trellis run", command, log("trellis"))?);
+        xds.push(address);
+        admins.push(admin);
+    } else {
+        let publish = free_address().await?;
+        let mut command = Command::new(trellis);
+        command
+            .arg("leader")
+            .arg("--dir")
+            .arg(dir)
+            .args(["--publish", &publish.to_string()]);
+        if let Some(ca_dir) = &ca_dir {
+            command.arg("--ca-dir").arg(ca_dir);
+        }
+        children.push(Child::start("leader", command, log("leader"))?);
+        let tls_dir = match &ca_dir {
+            Some(ca_dir) => Some(edge_cert(trellis, ca_dir, dir).await?),
+            None => None,
+        };
+        for index in 0..edges {
+            let (address, admin) = (free_address().await?, free_address().await?);
+            let role = format!("edge-{index}");
+            let mut command = Command::new(trellis);
+            command.arg("edge").args([
+                "--leader",
+                &format!("http://{publish}"),
+                "--name",
+                &role,
+                "--xds",
+                &address.to_string(),
+                "--admin",
+                &admin.to_string(),
+            ]);
+            match &tls_dir {
+                Some(tls_dir) => command.arg("--tls-dir").arg(tls_dir),
+                None => command.arg("--plaintext"),
+            };
+            children.push(Child::start(&role, command, log(&role))?);
+            xds.push(address);
+            admins.push(admin);
+        }
+    }
+    let processes = children
+        .iter()
+        .map(|c| Process {
+            role: c.role.clone(),
+            pid: c.process.id(),
+        })
+        .collect();
+    let target = Target {
+        xds,
+        admins: admins.clone(),
+        processes,
+        controlled: true,
+        tls,
+        children,
+        tasks: Vec::new(),
+    };
+    let deadline = Instant::now() + ready_within;
+    for admin in admins {
+        while http_status(admin, "/readyz").await != Some(200) {
+            if Instant::now() > deadline {
+                return Err(TargetError::NotReady(
+                    ready_within,
+                    log("*").display().to_string(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(target)
+}
+
+/// Issues the edges' serving certificate with `trellis edge-cert`, as an
+/// operator would.
+async fn edge_cert(trellis: &Path, ca_dir: &Path, dir: &Path) -> Result<PathBuf, TargetError> {
+    let out = dir.with_extension("edge-tls");
+    let output = tokio::process::Command::new(trellis)
+        .arg("edge-cert")
+        .arg("--ca-dir")
+        .arg(ca_dir)
+        .arg("--out")
+        .arg(&out)
+        .args(["--ip", "127.0.0.1"])
+        .output()
+        .await
         .map_err(|source| TargetError::Spawn {
             trellis: trellis.to_owned(),
             source,
         })?;
-    let target = Target {
-        xds,
-        pids: vec![child.id()],
-        controlled: true,
-        tls,
-        child: Some(child),
-        tasks: Vec::new(),
-    };
-    let deadline = Instant::now() + ready_within;
-    while Instant::now() < deadline {
-        if http_status(admin, "/readyz").await == Some(200) {
-            return Ok(target);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    if !output.status.success() {
+        return Err(TargetError::Ca(format!(
+            "trellis edge-cert: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
     }
-    Err(TargetError::NotReady(
-        ready_within,
-        log_path.display().to_string(),
-    ))
+    Ok(out)
+}
+
+/// The value of metric `name` (a counter or gauge without labels) on the
+/// admin endpoint at `admin`.
+pub async fn metric(admin: SocketAddr, name: &str) -> Option<f64> {
+    let text = http_body(admin, "/metrics").await?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// The whole response to `GET path` on `addr`, if it answers.
+async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    String::from_utf8(response).ok()
 }
 
 /// The status code of `GET path` on `addr`, if it answers.
 async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    let mut stream = TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut head = [0u8; 32];
-    let n = stream.read(&mut head).await.ok()?;
-    let line = std::str::from_utf8(&head[..n]).ok()?;
-    line.split_whitespace().nth(1)?.parse().ok()
+    http_get(addr, path)
+        .await?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The body of a 200 answer to `GET path` on `addr`.
+async fn http_body(addr: SocketAddr, path: &str) -> Option<String> {
+    let response = http_get(addr, path).await?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
 }
 
 async fn in_process(dir: &Path, ready_within: Duration, mtls: bool) -> Result<Target, TargetError> {
@@ -225,8 +436,7 @@ async fn in_process(dir: &Path, ready_within: Duration, mtls: bool) -> Result<Ta
     };
     let edge = Edge::new(config);
     let store = edge.store().clone();
-    let ca =
-        std::sync::Arc::new(BuiltinCa::generate().map_err(|e| TargetError::Leader(e.to_string()))?);
+    let ca = Arc::new(BuiltinCa::generate().map_err(|e| TargetError::Leader(e.to_string()))?);
     let pipeline = Pipeline::new(
         PipelineConfig {
             quiet: Duration::from_millis(20),
@@ -245,6 +455,7 @@ async fn in_process(dir: &Path, ready_within: Duration, mtls: bool) -> Result<Ta
     let xds_listener = TcpListener::bind("127.0.0.1:0").await?;
     let admin_listener = TcpListener::bind("127.0.0.1:0").await?;
     let xds = xds_listener.local_addr()?;
+    let admin = admin_listener.local_addr()?;
     let tls = if mtls {
         let credentials = edge_credentials(
             ca.as_ref(),
@@ -258,7 +469,10 @@ async fn in_process(dir: &Path, ready_within: Duration, mtls: bool) -> Result<Ta
     } else {
         None
     };
-    let client_tls = tls.is_some().then(|| ClientTls { issuer: ca.clone() });
+    let client_tls = tls.is_some().then(|| ClientTls {
+        issuer: ca.clone(),
+        ca_dir: None,
+    });
     tasks.push(tokio::spawn(async move {
         let _ = match tls {
             Some(tls) => {
@@ -282,11 +496,15 @@ async fn in_process(dir: &Path, ready_within: Duration, mtls: bool) -> Result<Ta
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(Target {
-        xds,
-        pids: vec![std::process::id()],
+        xds: vec![xds],
+        admins: vec![admin],
+        processes: vec![Process {
+            role: "in-process".to_owned(),
+            pid: std::process::id(),
+        }],
         controlled: true,
         tls: client_tls,
-        child: None,
+        children: Vec::new(),
         tasks,
     })
 }

@@ -1,22 +1,24 @@
-//! A short load test in the suite: a few hundred simulated Envoys, Delta and
-//! state of the world, some multiplexed, some NACKing, against Trellis in
-//! the harness's process over mTLS; every one must converge on every change.
+//! Short load tests in the suite: a few hundred simulated Envoys, Delta and
+//! state of the world, some multiplexed, some NACKing, against Trellis;
+//! every one must converge on every change, in every scenario.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use trellis_loadtest::{
-    run::{run, Config},
-    target::TargetSpec,
+    mesh::Mesh,
+    report::Report,
+    run::{run, Config, Scenario},
+    target::{self, TargetSpec},
 };
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_few_hundred_envoys_all_converge_on_every_change() {
-    let dir = std::env::temp_dir().join(format!("trellis-loadtest-smoke-{}", std::process::id()));
+fn config(name: &str, target: TargetSpec, scenario: Scenario) -> Config {
+    let dir = std::env::temp_dir().join(format!("trellis-loadtest-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let config = Config {
-        target: TargetSpec::InProcess,
+    Config {
+        target,
+        scenario,
         clients: 300,
         classes: 30,
         streams_per_connection: 10,
@@ -25,23 +27,56 @@ async fn a_few_hundred_envoys_all_converge_on_every_change() {
         nack_fraction: 0.02,
         changes: 5,
         change_rate: 4.0,
+        hold: Duration::from_millis(500),
         patience: Duration::from_secs(60),
-        dir: dir.clone(),
+        dir,
         progress: false,
         mtls: true,
-    };
-    let report = run(&config).await.unwrap();
+        processes: 1,
+        harness: None,
+    }
+}
+
+/// The `trellis` executable of this build (`cargo test --workspace` builds
+/// it with the leader's tests).
+fn trellis() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("trellis");
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `cargo build -p trellis-leader --bin trellis`",
+        path.display()
+    );
+    path
+}
+
+fn assert_every_client_converged(report: &Report, config: &Config) {
     println!("{}", report.summary());
-    assert_eq!(report.connected, 300);
+    assert_eq!(report.connected, config.clients);
     assert_eq!(
-        report.first_config.count, 300,
+        report.first_config.count, config.clients,
         "every client held a complete config"
     );
     assert_eq!(
-        report.changes_converged, 5,
+        report.changes_converged, config.changes,
         "every change reached every client"
     );
-    assert_eq!(report.convergence.count, 300 * 5);
+    assert_eq!(
+        report.convergence.count,
+        config.clients * config.changes as usize
+    );
+    assert!(report.converged());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_few_hundred_envoys_all_converge_on_every_endpoint_change() {
+    let config = config("churn", TargetSpec::InProcess, Scenario::Churn);
+    let report = run(&config).await.unwrap();
+    assert_every_client_converged(&report, &config);
     assert_eq!(
         (report.settings.sotw_clients, report.settings.connections),
         (90, 30)
@@ -57,14 +92,158 @@ async fn a_few_hundred_envoys_all_converge_on_every_change() {
         "{:?}",
         report.stream_errors
     );
-    assert!(report.processes[0].end.peak_rss_kib > 0);
+    assert!(report.processes[0].end.unwrap().peak_rss_kib > 0);
+    // Each change is one new assignment, received by every client.
+    assert_eq!(report.spread.count, config.changes as usize);
 
-    let svg = dir.with_extension("svg");
+    let svg = config.dir.with_extension("svg");
     report.draw(&svg).unwrap();
     let picture = std::fs::read_to_string(&svg).unwrap();
     assert!(picture.starts_with("<svg") && picture.contains("polyline"));
     let json = serde_json::to_value(&report).unwrap();
     assert_eq!(json["convergence"]["count"], 1500);
+    assert_eq!(json["settings"]["scenario"], "churn");
     std::fs::remove_file(svg).unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&config.dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_change_reaches_every_class_and_every_envoy() {
+    let config = Config {
+        changes: 3,
+        ..config("policy", TargetSpec::InProcess, Scenario::Policy)
+    };
+    let report = run(&config).await.unwrap();
+    assert_every_client_converged(&report, &config);
+    // Every class's route configuration changed, to the same bytes (every
+    // application calls the same services from outside their namespace):
+    // one new version per change, received by every client.
+    assert_eq!(report.spread.count, config.changes as usize);
+    std::fs::remove_dir_all(&config.dir).unwrap();
+}
+
+/// Two harness processes, a leader and two edges: edge 0 is killed, its
+/// Delta clients reconnect to edge 1 declaring what they hold and are sent
+/// nothing, and then every change still reaches every client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_killed_edge_reconnect_elsewhere_and_are_sent_nothing_they_hold() {
+    let spawn = TargetSpec::Spawn {
+        trellis: trellis(),
+        edges: 2,
+    };
+    let config = Config {
+        clients: 200,
+        sotw_fraction: 0.0,
+        nack_fraction: 0.0,
+        changes: 3,
+        processes: 2,
+        harness: Some(PathBuf::from(env!("CARGO_BIN_EXE_trellis-loadtest"))),
+        ..config("edge-kill", spawn, Scenario::EdgeKill)
+    };
+    let report = run(&config).await.unwrap();
+    assert_every_client_converged(&report, &config);
+    assert_eq!(report.settings.harness_processes, 2);
+    let disruption = report.disruption.as_ref().unwrap();
+    assert_eq!(disruption.clients_affected, 100, "half were on edge 0");
+    assert_eq!(disruption.reconnected, 100);
+    assert_eq!(disruption.streams_ended, 100, "edge 1's streams went on");
+    assert_eq!(
+        disruption.resources_resent, 0,
+        "a reconnecting Delta client is sent only what it lacks"
+    );
+    let roles: Vec<(&str, usize, bool)> = report
+        .processes
+        .iter()
+        .map(|p| (p.role.as_str(), p.streams, p.end.is_some()))
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            ("leader", 0, true),
+            ("edge-0", 100, false),
+            ("edge-1", 100, true)
+        ]
+    );
+    std::fs::remove_dir_all(&config.dir).unwrap();
+}
+
+/// The leader is killed and replaced; the edge syncs with the new one and
+/// a change made afterwards reaches every Envoy. The same inputs compile to
+/// the same versions, so the only resource re-sent is each Envoy's own
+/// certificate: a replacement leader issues new leaves, because issued
+/// leaves are not yet kept across leaders (the Raft issue replicates them,
+/// and then nothing at all is re-sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_leader_is_followed_without_resending_anything() {
+    let spawn = TargetSpec::Spawn {
+        trellis: trellis(),
+        edges: 1,
+    };
+    let config = Config {
+        clients: 100,
+        sotw_fraction: 0.0,
+        nack_fraction: 0.0,
+        changes: 2,
+        ..config("failover", spawn, Scenario::LeaderFailover)
+    };
+    let report = run(&config).await.unwrap();
+    assert_every_client_converged(&report, &config);
+    let disruption = report.disruption.as_ref().unwrap();
+    assert!(disruption.recovered);
+    assert!(disruption.edges_following_ms.iter().all(Option::is_some));
+    assert_eq!(disruption.streams_ended, 0, "the edge kept every stream");
+    assert_eq!(
+        disruption.resources_resent, 100,
+        "each Envoy is sent its new certificate and nothing else"
+    );
+    std::fs::remove_dir_all(&config.dir).unwrap();
+}
+
+/// A server the harness does not control: it only connects and watches,
+/// and reports how far apart clients received each new version (here the
+/// server's mesh is changed behind the harness's back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passive_run_measures_the_spread_of_versions_it_did_not_cause() {
+    let served_dir =
+        std::env::temp_dir().join(format!("trellis-loadtest-served-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&served_dir);
+    let mesh = Mesh::generate(&served_dir, 10).unwrap();
+    let served = target::start(
+        &TargetSpec::InProcess,
+        mesh.dir(),
+        Duration::from_secs(30),
+        false,
+    )
+    .await
+    .unwrap();
+    let external = TargetSpec::External {
+        xds: served.xds[0],
+        pids: vec![std::process::id()],
+    };
+    let config = Config {
+        clients: 50,
+        classes: 10,
+        mtls: false,
+        nack_fraction: 0.0,
+        hold: Duration::from_secs(3),
+        ..config("passive", external, Scenario::Churn)
+    };
+    let changer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        mesh.set_generation(1).unwrap();
+        mesh
+    });
+    let report = run(&config).await.unwrap();
+    println!("{}", report.summary());
+    let _mesh = changer.await.unwrap();
+    assert_eq!(report.connected, 50);
+    assert_eq!(
+        report.settings.changes, 0,
+        "nothing was changed by the harness"
+    );
+    assert!(report.converged());
+    assert_eq!(report.spread.count, 1, "one new assignment, sent to all 50");
+    assert!(report.spread.max_ms >= report.spread.p50_ms);
+    std::fs::remove_dir_all(&config.dir).unwrap();
+    std::fs::remove_dir_all(&served_dir).unwrap();
 }
