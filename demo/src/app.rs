@@ -226,3 +226,8 @@ pub fn attempt_line<T: Serialize>(attempt: Result<T, AppError>) -> String {
 pub fn parse_attempt<T: for<'de> Deserialize<'de>>(line: &str) -> Option<Result<T, String>> {
     serde_json::from_str(line).ok()
 }
+
+/// Whether a line `trellis-demo get` printed is a 200 reply.
+pub fn succeeded(line: &str) -> bool {
+    parse_attempt::<Reply>(line).is_some_and(|attempt| attempt.is_ok_and(|r| r.status == 200))
+}

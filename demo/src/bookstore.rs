@@ -168,7 +168,7 @@ impl Bookstore {
         let mut pods = BTreeMap::new();
         for (name, host) in &layout.pods {
             let (namespace, short) = name.split_once('/').unwrap_or(("", name));
-            let mut pod = net.pod(short, *host, &config.binaries)?;
+            let pod = net.pod(short, *host, &config.binaries)?;
             pod.set_hosts(&layout.hosts(namespace))?;
             pod.intercept()?;
             pod.start_envoy(&control.bootstrap(name)?)?;

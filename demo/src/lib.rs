@@ -26,5 +26,5 @@ pub use crate::{
     bookstore::{Bookstore, BookstoreConfig, ServiceAddress},
     control::ControlPlane,
     error::DemoError,
-    pods::{require_pod_support, Binaries, Lines, Net, Pod, PROXY_UID},
+    pods::{require_pod_support, Binaries, Lines, Net, Pod, Process, PROXY_UID},
 };

@@ -154,7 +154,7 @@ impl Net {
         ip(&["netns", "add", &netns])?;
         let pod = Pod {
             ip: self.pod_address(host),
-            children: Vec::new(),
+            processes: Mutex::default(),
             dir: std::env::temp_dir().join(format!("trellis-pod-{netns}")),
             binaries: binaries.clone(),
             netns,
@@ -202,13 +202,35 @@ impl Lines {
     }
 }
 
+/// A process running in a pod, killed when dropped.
+#[derive(Debug)]
+pub struct Process {
+    child: Child,
+    lines: Lines,
+}
+
+impl Process {
+    /// What it printed on standard output so far.
+    pub fn lines(&self) -> &Lines {
+        &self.lines
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// One pod: a network namespace, its processes, and a directory for its
 /// sidecar's bootstrap and log. Everything goes when dropped.
 #[derive(Debug)]
 pub struct Pod {
     netns: String,
     ip: Ipv4Addr,
-    children: Vec<Child>,
+    /// The sidecar and the application: they live as long as the pod.
+    processes: Mutex<Vec<Process>>,
     dir: PathBuf,
     binaries: Binaries,
 }
@@ -263,30 +285,21 @@ impl Pod {
     }
 
     /// Starts `argv` in the pod as root (so not exempt from interception);
-    /// its output lines are collected.
-    pub fn spawn(&mut self, argv: &[&str]) -> Result<Lines, DemoError> {
-        let mut child = self
+    /// its output lines are collected. It runs until the result is dropped.
+    pub fn spawn(&self, argv: &[&str]) -> Result<Process, DemoError> {
+        let child = self
             .command(argv)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .map_err(io(format!("starting {argv:?} in {}", self.netns)))?;
-        let lines = Lines::default();
-        if let Some(stdout) = child.stdout.take() {
-            let sink = lines.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    sink.push(line);
-                }
-            });
-        }
-        self.children.push(child);
-        Ok(lines)
+        Ok(collecting(child))
     }
 
-    /// Starts the demo application in the pod: `trellis-demo <args>`.
-    pub fn start_app(&mut self, args: &[&str]) -> Result<Lines, DemoError> {
+    /// Starts `trellis-demo <args>` in the pod, running until the result is
+    /// dropped.
+    pub fn spawn_app(&self, args: &[&str]) -> Result<Process, DemoError> {
         let app = self.binaries.app.to_string_lossy().into_owned();
         let argv: Vec<&str> = std::iter::once(app.as_str())
             .chain(args.iter().copied())
@@ -294,9 +307,23 @@ impl Pod {
         self.spawn(&argv)
     }
 
+    /// Starts `trellis-demo <args>` as the pod's application, running as
+    /// long as the pod.
+    pub fn start_app(&self, args: &[&str]) -> Result<(), DemoError> {
+        let app = self.spawn_app(args)?;
+        self.keep(app);
+        Ok(())
+    }
+
+    fn keep(&self, process: Process) {
+        (self.processes.lock())
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(process);
+    }
+
     /// Starts the sidecar: a real Envoy as the proxy UID with `bootstrap`
     /// (admin on 127.0.0.1:15000 in the pod).
-    pub fn start_envoy(&mut self, bootstrap: &EnvoyBootstrap) -> Result<(), DemoError> {
+    pub fn start_envoy(&self, bootstrap: &EnvoyBootstrap) -> Result<(), DemoError> {
         let envoy = proxy_readable(&self.binaries.envoy)?;
         let config = self.dir.join("bootstrap.json");
         let failed = |what: &str| io(format!("{what} for the sidecar of {}", self.netns));
@@ -327,7 +354,7 @@ impl Pod {
             .stderr(log)
             .spawn()
             .map_err(failed("starting envoy"))?;
-        self.children.push(child);
+        self.keep(collecting(child));
         Ok(())
     }
 
@@ -415,6 +442,18 @@ impl Pod {
             .unwrap_or(0)
     }
 
+    /// The sidecar's statistics that moved (connections, requests, TLS,
+    /// RBAC, filter chains not found, xDS updates), for a failure's report.
+    pub async fn busy_stats(&self) -> String {
+        let stats = self.get("http://127.0.0.1:15000/stats").await;
+        let text = stats.map(|r| r.body).unwrap_or_default();
+        let kinds = ["cx_", "rq_", "ssl.", "rbac", "no_filter_chain", "update_"];
+        (text.lines())
+            .filter(|l| !l.ends_with(": 0") && kinds.iter().any(|k| l.contains(k)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Waits until the sidecar has its first configuration (its admin
     /// `/ready` answers 200).
     pub async fn wait_envoy_ready(&self, timeout: Duration) -> Result<(), DemoError> {
@@ -433,6 +472,20 @@ impl Pod {
     }
 }
 
+/// `child` with its standard output (if piped) collected line by line.
+fn collecting(mut child: Child) -> Process {
+    let lines = Lines::default();
+    if let Some(stdout) = child.stdout.take() {
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.push(line);
+            }
+        });
+    }
+    Process { child, lines }
+}
+
 /// The one attempt of a single request; its failure is an error.
 fn only<T>(attempts: Vec<Result<T, String>>, request: String) -> Result<T, DemoError> {
     match attempts.into_iter().next() {
@@ -447,10 +500,9 @@ fn only<T>(attempts: Vec<Result<T, String>>, request: String) -> Result<T, DemoE
 
 impl Drop for Pod {
     fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        (self.processes.get_mut())
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         let _ = ip(&["netns", "del", &self.netns]);
         let _ = std::fs::remove_dir_all(self.etc());
         // A failing test's sidecar logs stay for reading.

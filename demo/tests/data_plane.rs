@@ -9,8 +9,6 @@
 #[path = "../../edge/tests/support/mod.rs"]
 mod support;
 
-mod pods;
-
 use std::{
     collections::BTreeSet,
     net::{IpAddr, SocketAddr},
@@ -18,33 +16,27 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
-use pods::{Net, Pod};
+use anyhow::{bail, Result};
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime},
     ClientConfig, DigitallySignedStruct, SignatureScheme,
 };
-use support::{eventually, TestEdge};
+use support::{envoy_binary, eventually};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    sync::mpsc,
 };
-use trellis_edge::{EdgeConfig, EdgeTls};
+use trellis_demo::{app, Binaries, ControlPlane, Net, Pod};
 use trellis_leader::{
-    bootstrap::{edge_credentials, new_proxy_uuid, proxy_bootstrap, EdgeAddress, Proxy},
     ca::{BuiltinCa, CertificateIssuer, IssuedCert, LeafRequest, RootCa, RotationPhase},
     catalog::{Identity, TRUST_DOMAIN},
-    compile::Compiler,
-    pipeline::{Pipeline, PipelineConfig, Status},
-    source::{files::FileSource, Source},
+    pipeline::PipelineConfig,
 };
-use trellis_shared::bootstrap::AdsApi;
 
-const SERVER_NAME: &str = "trellis-edge";
-/// What the client calls the service (its virtual host's domain).
-const HOST: &str = "server.demo:8080";
+/// What the client calls the service: a name its hosts file resolves to the
+/// cluster IP, and a domain of the service's virtual host.
+const URL: &str = "http://server.demo:8080/";
 /// The service's FQDN: the SNI its inbound filter chain matches.
 const SERVICE_SNI: &str = "server.demo.svc.cluster.local";
 
@@ -119,25 +111,10 @@ spec:
   rules: [{{ kind: HTTPRouteGroup, name: server-routes, matches: [everything] }}]
   sources: [{{ kind: ServiceAccount, name: client, namespace: demo }}]
 "#,
-        client_ip = client.ip,
-        server_ip = server.ip,
+        client_ip = client.ip(),
+        server_ip = server.ip(),
     )
 }
-
-/// GETs the service every 50 ms from inside the pod, printing `ok` or
-/// `fail <why>` per request.
-const LOAD: &str = r#"
-import sys, time, urllib.request
-request = urllib.request.Request(sys.argv[1], headers={"Host": sys.argv[2]})
-while True:
-    try:
-        with urllib.request.urlopen(request, timeout=3) as r:
-            r.read()
-            print("ok", r.status, flush=True)
-    except Exception as e:
-        print("fail", repr(e), flush=True)
-    time.sleep(0.05)
-"#;
 
 /// Accepts any server certificate: these probes test the server's check of
 /// the client, not the other way round.
@@ -209,9 +186,8 @@ async fn probe_inbound(server: SocketAddr, client: Option<&IssuedCert>) -> Resul
 
 /// The serial numbers of the leaf certificates a pod's Envoy holds: its
 /// bootstrap certificate (xDS) and its service certificate.
-fn leaf_serials(pod: &Pod) -> BTreeSet<String> {
-    contexts(pod)
-        .iter()
+async fn leaf_serials(pod: &Pod) -> BTreeSet<String> {
+    (contexts(pod).await.iter())
         .filter_map(|c| c["cert_chain"][0]["serial_number"].as_str())
         .map(str::to_owned)
         .collect()
@@ -219,9 +195,8 @@ fn leaf_serials(pod: &Pod) -> BTreeSet<String> {
 
 /// The roots a pod's Envoy trusts for mesh traffic (every TLS context
 /// but the bootstrap certificate's, whose name says `.sidecar.`).
-fn mesh_trust(pod: &Pod) -> BTreeSet<String> {
-    contexts(pod)
-        .iter()
+async fn mesh_trust(pod: &Pod) -> BTreeSet<String> {
+    (contexts(pod).await.iter())
         .filter(|c| !c["cert_chain"].to_string().contains(".sidecar."))
         .flat_map(|c| c["ca_cert"].as_array().cloned().unwrap_or_default())
         .filter_map(|ca| ca["serial_number"].as_str().map(str::to_owned))
@@ -229,8 +204,12 @@ fn mesh_trust(pod: &Pod) -> BTreeSet<String> {
 }
 
 /// The TLS contexts of a pod's Envoy, from its admin `/certs`.
-fn contexts(pod: &Pod) -> Vec<serde_json::Value> {
-    let text = pod.get("http://127.0.0.1:15000/certs").unwrap_or_default();
+async fn contexts(pod: &Pod) -> Vec<serde_json::Value> {
+    let text = pod
+        .get("http://127.0.0.1:15000/certs")
+        .await
+        .map(|r| r.body)
+        .unwrap_or_default();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
     json["certificates"].as_array().cloned().unwrap_or_default()
 }
@@ -246,53 +225,23 @@ fn serial_of(pem: &str) -> String {
         .collect()
 }
 
-/// A pod's Envoy statistics that moved, for a failure's report.
-fn busy_stats(pod: &Pod) -> String {
-    let text = pod.get("http://127.0.0.1:15000/stats").unwrap_or_default();
-    text.lines()
-        .filter(|l| {
-            !l.ends_with(": 0")
-                && (l.contains("cx")
-                    || l.contains("rq")
-                    || l.contains("ssl")
-                    || l.contains("rbac")
-                    || l.contains("no_filter_chain")
-                    || l.contains("update"))
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-async fn wait_for_first_compile(
-    mut status: tokio::sync::watch::Receiver<Arc<Status>>,
-) -> Arc<Status> {
-    tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            let now = status.borrow_and_update().clone();
-            if now.epoch > 0 {
-                return now;
-            }
-            status.changed().await.unwrap();
-        }
-    })
-    .await
-    .expect("a first compile")
-}
-
-fn class_of(status: &Status, pod: &str) -> Result<(String, Identity)> {
-    let (id, class) = (status.classes.iter())
-        .find(|(_, c)| c.pods.iter().any(|p| p == pod))
-        .with_context(|| format!("no class holds {pod}: {:?}", status.problems))?;
-    Ok((id.clone(), class.key.identity.clone()))
+/// Whether one GET of the service from `client` got 200.
+async fn served(client: &Pod) -> bool {
+    client.get(URL).await.is_ok_and(|r| r.status == 200)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoys_talk_mtls_across_renewal_and_root_rotation() -> Result<()> {
     let subnet = 20 + (std::process::id() % 200) as u8;
     let net = Net::create(subnet)?;
-    let mut server = net.pod("server", 3)?;
-    let mut client = net.pod("client", 2)?;
+    let binaries = Binaries {
+        envoy: envoy_binary(),
+        app: env!("CARGO_BIN_EXE_trellis-demo").into(),
+    };
+    let server = net.pod("server", 3, &binaries)?;
+    let client = net.pod("client", 2, &binaries)?;
     let service_ip = IpAddr::V4(net.cluster_ip(10));
+    client.set_hosts(&[(service_ip, vec!["server.demo".to_owned()])])?;
     let dir = std::env::temp_dir().join(format!("trellis-data-plane-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -303,83 +252,44 @@ async fn envoys_talk_mtls_across_renewal_and_root_rotation() -> Result<()> {
 
     let overlap = Duration::from_secs(3);
     let ca = Arc::new(BuiltinCa::generate()?.with_overlap(overlap));
-    let credentials = edge_credentials(
-        ca.as_ref(),
-        SERVER_NAME,
-        Vec::new(),
-        vec![IpAddr::V4(net.host())],
-        Duration::from_secs(3600),
-    )?;
-    let edge = TestEdge::start_tls_on(
-        SocketAddr::new(IpAddr::V4(net.host()), 0),
-        EdgeConfig::default(),
-        EdgeTls::new(&credentials)?,
-    )
-    .await;
     let config = PipelineConfig {
         quiet: Duration::from_millis(50),
         certificate_tick: Duration::from_millis(200),
         ..PipelineConfig::default()
     };
-    let pipeline = Pipeline::new(config, Compiler::new(ca.clone()));
-    let (updates, received) = mpsc::channel(16);
-    tokio::spawn(FileSource::new(&dir).run(updates));
-    let status = pipeline.status();
-    tokio::spawn(pipeline.run(received, edge.store.clone()));
-    let status = wait_for_first_compile(status).await;
-    let edge_address = EdgeAddress {
-        host: net.host().to_string(),
-        port: edge.xds.port(),
-        server_name: SERVER_NAME.to_owned(),
-    };
-    for pod in [&mut server, &mut client] {
-        let name = if pod.ns.ends_with("server") {
-            "demo/server-0"
-        } else {
-            "demo/client-0"
-        };
-        let (class, identity) = class_of(&status, name)?;
-        let proxy = Proxy {
-            uuid: new_proxy_uuid(),
-            identity,
-            class,
-        };
-        let bootstrap = proxy_bootstrap(
-            ca.as_ref(),
-            &proxy,
-            TRUST_DOMAIN,
-            &edge_address,
-            AdsApi::Delta,
-        )?;
+    let control = ControlPlane::start(&dir, IpAddr::V4(net.host()), ca.clone(), config).await?;
+    for (pod, name) in [(&server, "demo/server-0"), (&client, "demo/client-0")] {
         pod.intercept()?;
-        pod.start_envoy(&bootstrap)?;
+        pod.start_envoy(&control.bootstrap(name)?)?;
     }
-    server.spawn(&["python3", "-m", "http.server", "8080", "--bind", "0.0.0.0"])?;
+    server.start_app(&["serve", "--pod", "demo/server-0", "--http", "8080"])?;
 
-    let url = format!("http://{service_ip}:8080/");
-    eventually(
+    if let Err(error) = eventually(
         Duration::from_secs(30),
         "a first request through both sidecars",
-        || async { client.get_as(&url, Some(HOST)).is_ok() },
+        || served(&client),
     )
     .await
-    .with_context(|| {
-        format!(
-            "client: {:?}\nclient envoy:\n{}\nserver envoy:\n{}",
-            client.get_as(&url, Some(HOST)).err(),
-            busy_stats(&client),
-            busy_stats(&server)
-        )
-    })?;
+    {
+        bail!(
+            "{error}\nclient: {:?}\nclient envoy:\n{}\nserver envoy:\n{}",
+            client.get(URL).await.err(),
+            client.busy_stats().await,
+            server.busy_stats().await
+        );
+    }
     assert!(
-        server.envoy_stat("listener.0.0.0.0_15003.ssl.handshake") >= 1,
+        server
+            .envoy_stat("listener.0.0.0.0_15003.ssl.handshake")
+            .await
+            >= 1,
         "the server's sidecar took the request over TLS"
     );
-    let load = client.spawn(&["python3", "-u", "-c", LOAD, &url, HOST])?;
+    let load = client.spawn_app(&["get", URL, "--count", "0", "--interval-ms", "50"])?;
 
     // Outside the mesh: no certificate, or another CA's, is refused by the
     // inbound listener; a mesh certificate of an allowed identity is served.
-    let inbound = SocketAddr::new(IpAddr::V4(server.ip), 8080);
+    let inbound = SocketAddr::new(IpAddr::V4(server.ip()), 8080);
     let request = LeafRequest::identity(
         &Identity::new("demo", "client"),
         TRUST_DOMAIN,
@@ -402,13 +312,13 @@ async fn envoys_talk_mtls_across_renewal_and_root_rotation() -> Result<()> {
     );
 
     // Renewal: both sidecars get new leaves (12 s validity) while requests go on.
-    let before = (leaf_serials(&client), leaf_serials(&server));
+    let before = (leaf_serials(&client).await, leaf_serials(&server).await);
     assert!(!before.0.is_empty() && !before.1.is_empty());
     eventually(
         Duration::from_secs(30),
         "both sidecars to renew their certificates",
         || async {
-            let now = (leaf_serials(&client), leaf_serials(&server));
+            let now = (leaf_serials(&client).await, leaf_serials(&server).await);
             // The bootstrap certificate stays; the service certificate is new.
             !now.0.is_subset(&before.0) && !now.1.is_subset(&before.1)
         },
@@ -419,16 +329,20 @@ async fn envoys_talk_mtls_across_renewal_and_root_rotation() -> Result<()> {
     let old_root = serial_of(&ca.trust_bundle());
     let next = RootCa::generate(Duration::from_secs(3600))?;
     let new_root = serial_of(next.cert_pem());
-    assert_eq!(mesh_trust(&client), BTreeSet::from([old_root.clone()]));
+    assert_eq!(
+        mesh_trust(&client).await,
+        BTreeSet::from([old_root.clone()])
+    );
     let old_member = ca.issue(&request)?;
     ca.rotate_to(next);
+    let trusted_by_both = |roots: BTreeSet<String>| {
+        let (client, server) = (&client, &server);
+        async move { mesh_trust(client).await == roots && mesh_trust(server).await == roots }
+    };
     eventually(
         Duration::from_secs(20),
         "both sidecars to trust both roots",
-        || async {
-            let both = BTreeSet::from([old_root.clone(), new_root.clone()]);
-            mesh_trust(&client) == both && mesh_trust(&server) == both
-        },
+        || trusted_by_both(BTreeSet::from([old_root.clone(), new_root.clone()])),
     )
     .await?;
     eventually(
@@ -440,10 +354,7 @@ async fn envoys_talk_mtls_across_renewal_and_root_rotation() -> Result<()> {
     eventually(
         Duration::from_secs(10),
         "both sidecars to trust the new root alone",
-        || async {
-            let new = BTreeSet::from([new_root.clone()]);
-            mesh_trust(&client) == new && mesh_trust(&server) == new
-        },
+        || trusted_by_both(BTreeSet::from([new_root.clone()])),
     )
     .await?;
     // The server now refuses a leaf of the old root and serves one of the new.
@@ -456,16 +367,23 @@ async fn envoys_talk_mtls_across_renewal_and_root_rotation() -> Result<()> {
         "a new-root client is served: {line}"
     );
     // Requests keep flowing on the new root alone.
-    let ok_before = load.count("ok");
+    let served_so_far = || {
+        load.lines()
+            .snapshot()
+            .iter()
+            .filter(|l| app::succeeded(l))
+            .count()
+    };
+    let before = served_so_far();
     eventually(
         Duration::from_secs(10),
         "requests after the rotation",
-        || async { load.count("ok") > ok_before + 20 },
+        || async { served_so_far() > before + 20 },
     )
     .await?;
 
-    let lines = load.snapshot();
-    let failures: Vec<&String> = lines.iter().filter(|l| l.starts_with("fail")).collect();
+    let lines = load.lines().snapshot();
+    let failures: Vec<&String> = lines.iter().filter(|l| !app::succeeded(l)).collect();
     assert!(
         failures.is_empty(),
         "{} of {} requests failed: {:?}",
@@ -474,6 +392,8 @@ async fn envoys_talk_mtls_across_renewal_and_root_rotation() -> Result<()> {
         &failures[..failures.len().min(5)]
     );
     assert!(lines.len() > 100, "only {} requests made", lines.len());
-    drop(edge);
+    drop(load);
+    drop(control);
+    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
