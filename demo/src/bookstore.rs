@@ -67,9 +67,10 @@ pub struct ServiceAddress {
 /// The bookstore mesh, up; torn down when dropped.
 #[derive(Debug)]
 pub struct Bookstore {
-    // Dropped in this order: pods, then their bridge, then Trellis.
+    // Dropped in this order: pods, then their bridge (held only to be
+    // deleted then), then Trellis.
     pods: BTreeMap<String, Pod>,
-    net: Net,
+    _net: Net,
     control: ControlPlane,
     services: Vec<ServiceAddress>,
     dir: PathBuf,
@@ -87,9 +88,9 @@ struct Layout {
 impl Layout {
     fn of(catalog: &Catalog, net: &Net) -> Result<Layout, DemoError> {
         let room = usize::from(u8::MAX - FIRST_POD);
-        let too_many = catalog.pods.len().max(catalog.services.len());
-        if too_many > room {
-            return Err(DemoError::TooLarge(too_many));
+        let needed = catalog.pods.len().max(catalog.services.len());
+        if needed > room {
+            return Err(DemoError::TooLarge { needed, room });
         }
         let mut layout = Layout {
             pods: BTreeMap::new(),
@@ -161,10 +162,36 @@ impl Bookstore {
 
         let dir = std::env::temp_dir().join(format!("trellis-bookstore-{}", config.subnet));
         let _ = std::fs::remove_dir_all(&dir);
-        copy_adapted(&config.example, &dir, &layout.addresses)?;
-        let control =
-            ControlPlane::start(&dir, IpAddr::V4(net.host()), config.ca, config.pipeline).await?;
+        // What was stood up before a failure goes as it drops; the copy
+        // goes here.
+        match Bookstore::start(&config, &catalog, &layout, &net, &dir).await {
+            Ok((pods, control)) => Ok(Bookstore {
+                pods,
+                _net: net,
+                control,
+                services: layout.services,
+                dir,
+            }),
+            Err(error) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(error)
+            }
+        }
+    }
 
+    /// Copies the adapted example to `dir`, starts Trellis on it, then the
+    /// pods, and waits for their sidecars.
+    async fn start(
+        config: &BookstoreConfig,
+        catalog: &Catalog,
+        layout: &Layout,
+        net: &Net,
+        dir: &Path,
+    ) -> Result<(BTreeMap<String, Pod>, ControlPlane), DemoError> {
+        copy_adapted(&config.example, dir, &layout.addresses)?;
+        let host = IpAddr::V4(net.host());
+        let control =
+            ControlPlane::start(dir, host, config.ca.clone(), config.pipeline.clone()).await?;
         let mut pods = BTreeMap::new();
         for (name, host) in &layout.pods {
             let (namespace, short) = name.split_once('/').unwrap_or(("", name));
@@ -172,7 +199,7 @@ impl Bookstore {
             pod.set_hosts(&layout.hosts(namespace))?;
             pod.intercept()?;
             pod.start_envoy(&control.bootstrap(name)?)?;
-            if let Some(args) = app_args(&catalog, name) {
+            if let Some(args) = app_args(catalog, name) {
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 pod.start_app(&args)?;
             }
@@ -181,13 +208,7 @@ impl Bookstore {
         for pod in pods.values() {
             pod.wait_envoy_ready(READY_TIMEOUT).await?;
         }
-        Ok(Bookstore {
-            pods,
-            net,
-            control,
-            services: layout.services,
-            dir,
-        })
+        Ok((pods, control))
     }
 
     /// The pod `<ns>/<name>`.
@@ -203,11 +224,6 @@ impl Bookstore {
     /// The services with a cluster IP.
     pub fn services(&self) -> &[ServiceAddress] {
         &self.services
-    }
-
-    /// The host's address on the pods' bridge.
-    pub fn host(&self) -> Ipv4Addr {
-        self.net.host()
     }
 
     /// Trellis, serving the pods.

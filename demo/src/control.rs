@@ -122,16 +122,6 @@ impl ControlPlane {
         self.status.borrow().clone()
     }
 
-    /// Follows what the pipeline publishes.
-    pub fn watch(&self) -> watch::Receiver<Arc<Status>> {
-        self.status.clone()
-    }
-
-    /// The CA certificates come from.
-    pub fn ca(&self) -> &Arc<BuiltinCa> {
-        &self.ca
-    }
-
     /// Where Envoys reach the edge.
     pub fn edge(&self) -> &EdgeAddress {
         &self.edge

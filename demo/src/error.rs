@@ -47,8 +47,13 @@ pub enum DemoError {
         reason: String,
     },
     /// The example holds more pods or services than one /24 has room for.
-    #[error("the mesh has {0} pods or services; at most 240 fit")]
-    TooLarge(usize),
+    #[error("the mesh needs {needed} pod or service addresses; the bridge has {room}")]
+    TooLarge {
+        /// Addresses needed.
+        needed: usize,
+        /// Addresses there are.
+        room: usize,
+    },
     /// No compiled class holds the pod, so it cannot be bootstrapped.
     #[error("no class holds pod {0} (is its namespace in the mesh, and the pod ready?)")]
     NoClass(String),

@@ -143,7 +143,9 @@ async fn up(example: PathBuf, subnet: u8, envoy: Option<PathBuf>) -> Result<()> 
 }
 
 fn print_guide(bookstore: &Bookstore) -> Result<()> {
-    println!("\nPods (each with its application and an Envoy sidecar as UID 1500):");
+    println!(
+        "\nPods (each with an Envoy sidecar as UID 1500, and a server if it backs a service):"
+    );
     for (name, pod) in bookstore.pods() {
         println!("  {name:32} {:14} netns {}", pod.ip(), pod.netns());
     }
