@@ -278,10 +278,18 @@ impl Pod {
     /// Installs the sidecar's interception, with the script the init
     /// container runs.
     pub fn intercept(&self) -> Result<(), DemoError> {
-        run(self
+        let installed = run(self
             .command(&["sh", "-c", IPTABLES_SH])
-            .env("PROXY_UID", PROXY_UID.to_string()))?;
-        Ok(())
+            .env("PROXY_UID", PROXY_UID.to_string()));
+        match installed {
+            Ok(_) => Ok(()),
+            // Named by the script, not by its whole text.
+            Err(DemoError::Command { stderr, .. }) => Err(DemoError::Command {
+                command: format!("deploy/sidecar/iptables.sh in {}", self.netns),
+                stderr,
+            }),
+            Err(other) => Err(other),
+        }
     }
 
     /// Starts `argv` in the pod as root (so not exempt from interception);
