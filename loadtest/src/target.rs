@@ -270,13 +270,10 @@ async fn spawn(
     ready_within: Duration,
     mtls: bool,
 ) -> Result<Target, TargetError> {
-    let (ca_dir, tls) = match mtls {
-        true => {
-            let (ca_dir, tls) = harness_ca(dir)?;
-            (Some(ca_dir), Some(tls))
-        }
-        false => (None, None),
-    };
+    // The CA is kept on disk even for plaintext xDS: a replaced leader then
+    // signs with the same root, as a real one would.
+    let (ca_dir, tls) = harness_ca(dir)?;
+    let tls = mtls.then_some(tls);
     let log = |role: &str| dir.with_extension(format!("{role}.log"));
     let mut children = Vec::new();
     let mut xds = Vec::new();
@@ -290,10 +287,10 @@ async fn spawn(
             "--admin",
             &admin.to_string(),
         ]);
-        match &ca_dir {
-            Some(ca_dir) => command.arg("--ca-dir").arg(ca_dir),
-            None => command.arg("--plaintext"),
-        };
+        command.arg("--ca-dir").arg(&ca_dir);
+        if !mtls {
+            command.arg("--plaintext");
+        }
         children.push(Child::start("trellis run", command, log("trellis"))?);
         xds.push(address);
         admins.push(admin);
@@ -304,14 +301,13 @@ async fn spawn(
             .arg("leader")
             .arg("--dir")
             .arg(dir)
-            .args(["--publish", &publish.to_string()]);
-        if let Some(ca_dir) = &ca_dir {
-            command.arg("--ca-dir").arg(ca_dir);
-        }
+            .args(["--publish", &publish.to_string()])
+            .arg("--ca-dir")
+            .arg(&ca_dir);
         children.push(Child::start("leader", command, log("leader"))?);
-        let tls_dir = match &ca_dir {
-            Some(ca_dir) => Some(edge_cert(trellis, ca_dir, dir).await?),
-            None => None,
+        let tls_dir = match mtls {
+            true => Some(edge_cert(trellis, &ca_dir, dir).await?),
+            false => None,
         };
         for index in 0..edges {
             let (address, admin) = (free_address().await?, free_address().await?);
