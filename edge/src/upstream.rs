@@ -9,6 +9,11 @@
 //! and the edge resynchronises from its last good snapshot. While no leader
 //! is reachable the edge keeps serving what it has and retries with jittered
 //! exponential backoff.
+//!
+//! The edge is given every replica of the leader group. A replica that does
+//! not lead refuses the stream, naming the leader's address when it knows
+//! it, and the edge goes there at once; otherwise it tries the next replica.
+//! So it follows leader changes by itself.
 
 use std::{collections::HashMap, convert::Infallible, sync::Arc, time::Duration};
 
@@ -27,7 +32,7 @@ use trellis_proto::pb::{
     google::rpc,
 };
 use trellis_shared::{
-    replication::{parse_replica_name, replica_name, REPLICATED_TYPES},
+    replication::{parse_replica_name, replica_name, LEADER_HINT, REPLICATED_TYPES},
     type_url, Resource, Snapshot, SnapshotBuilder, SnapshotError,
 };
 
@@ -36,8 +41,9 @@ use crate::{metrics::Metrics, store::SnapshotStore};
 /// Where and how the edge follows the leader.
 #[derive(Clone, Debug)]
 pub struct UpstreamConfig {
-    /// The leader's publish address, for example `http://leader:15129`.
-    pub leader: String,
+    /// The publish addresses of the leader group's replicas (one for a
+    /// single leader), for example `http://leader-0.leader:15129`.
+    pub leaders: Vec<String>,
     /// This edge's name, sent as the node id (for the leader's logs).
     pub node_id: String,
     /// First retry delay after a failure (default 100 ms).
@@ -47,10 +53,13 @@ pub struct UpstreamConfig {
 }
 
 impl UpstreamConfig {
-    /// Follows `leader` with default backoff.
-    pub fn new(leader: impl Into<String>, node_id: impl Into<String>) -> UpstreamConfig {
+    /// Follows whichever of `leaders` leads, with default backoff.
+    pub fn new(
+        leaders: impl IntoIterator<Item = impl Into<String>>,
+        node_id: impl Into<String>,
+    ) -> UpstreamConfig {
         UpstreamConfig {
-            leader: leader.into(),
+            leaders: leaders.into_iter().map(Into::into).collect(),
             node_id: node_id.into(),
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
@@ -93,10 +102,30 @@ pub(crate) async fn follow(
     store: Arc<SnapshotStore>,
     metrics: Arc<Metrics>,
 ) {
-    let mut failures = 0u32;
+    // Failed attempts in a row; the backoff grows per round over every
+    // replica, so an election (replicas refusing, or naming a leader that
+    // is gone) is retried quickly, and only a group that stays unreachable
+    // is retried slowly.
+    let mut failures = 0usize;
+    let mut next = 0usize;
+    let mut redirected: Option<String> = None;
+    let mut failed_this_round: Vec<String> = Vec::new();
+    let replicas = config.leaders.len().max(1);
     loop {
-        let span = info_span!("upstream", leader = %config.leader);
+        let leader = match redirected.take() {
+            Some(leader) => leader,
+            None => match config.leaders.get(next % replicas) {
+                Some(leader) => leader.clone(),
+                None => {
+                    warn!("no leader address configured; serving the last snapshot");
+                    std::future::pending::<()>().await;
+                    continue;
+                }
+            },
+        };
+        let span = info_span!("upstream", %leader);
         let mut session = Session {
+            leader: &leader,
             config: &config,
             store: &store,
             metrics: &metrics,
@@ -107,12 +136,37 @@ pub(crate) async fn follow(
         // A session that got as far as a commit was healthy: start over.
         if session.committed {
             failures = 0;
+            failed_this_round.clear();
         }
-        failures = failures.saturating_add(1);
-        let delay = backoff(&config, failures);
+        if let Some(hint) = leader_hint(&error, &leader) {
+            // A replica may still name a leader that just went away.
+            if hint != leader && !failed_this_round.contains(&hint) {
+                info!(%leader, %hint, "not the leader; going to the one it names");
+                redirected = Some(hint);
+                continue;
+            }
+        }
+        failed_this_round.push(leader);
+        next += 1;
+        failures += 1;
+        let rounds = u32::try_from(failures / replicas).unwrap_or(u32::MAX);
+        if failures.is_multiple_of(replicas) {
+            failed_this_round.clear();
+        }
+        let delay = backoff(&config, rounds + 1);
         warn!(%error, retry_in = ?delay, "lost the leader; serving the last snapshot");
         tokio::time::sleep(delay).await;
     }
+}
+
+/// The leader a refusing replica named, as a URI with `tried`'s scheme.
+fn leader_hint(error: &UpstreamError, tried: &str) -> Option<String> {
+    let UpstreamError::Grpc(status) = error else {
+        return None;
+    };
+    let hint = status.metadata().get(LEADER_HINT)?.to_str().ok()?;
+    let scheme = tried.split_once("://").map_or("http", |(scheme, _)| scheme);
+    Some(format!("{scheme}://{hint}"))
 }
 
 /// Exponential backoff with jitter (half to all of the step), so edges
@@ -130,6 +184,7 @@ fn backoff(config: &UpstreamConfig, failures: u32) -> Duration {
 }
 
 struct Session<'a> {
+    leader: &'a str,
     config: &'a UpstreamConfig,
     store: &'a Arc<SnapshotStore>,
     metrics: &'a Arc<Metrics>,
@@ -140,8 +195,8 @@ struct Session<'a> {
 impl Session<'_> {
     /// Follows the leader until the stream fails; it never ends otherwise.
     async fn run(&mut self) -> Result<Infallible, UpstreamError> {
-        let endpoint = Endpoint::from_shared(self.config.leader.clone())
-            .map_err(|_| UpstreamError::Address(self.config.leader.clone()))?
+        let endpoint = Endpoint::from_shared(self.leader.to_owned())
+            .map_err(|_| UpstreamError::Address(self.leader.to_owned()))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -305,12 +360,29 @@ mod tests {
 
     #[test]
     fn backoff_grows_to_its_cap_with_jitter() {
-        let config = UpstreamConfig::new("http://leader", "edge");
+        let config = UpstreamConfig::new(["http://leader"], "edge");
         for failures in 1..20 {
             let step = (config.min_backoff * (1 << (failures - 1).min(16))).min(config.max_backoff);
             let delay = backoff(&config, failures);
             assert!(delay >= step / 2 && delay <= step, "{failures}: {delay:?}");
         }
+    }
+
+    #[test]
+    fn a_refusing_replica_names_the_leader_with_the_scheme_the_edge_used() {
+        let mut status = tonic::Status::unavailable("not the leader");
+        status.metadata_mut().insert(
+            LEADER_HINT,
+            tonic::metadata::MetadataValue::from_static("10.0.0.2:15129"),
+        );
+        let error = UpstreamError::Grpc(status);
+        assert_eq!(
+            leader_hint(&error, "https://10.0.0.1:15129").as_deref(),
+            Some("https://10.0.0.2:15129")
+        );
+        let unnamed = UpstreamError::Grpc(tonic::Status::unavailable("no leader yet"));
+        assert_eq!(leader_hint(&unnamed, "http://10.0.0.1:15129"), None);
+        assert_eq!(leader_hint(&UpstreamError::Closed, "http://x"), None);
     }
 
     fn response(

@@ -12,6 +12,7 @@
 //!   edge's serving certificate.
 //! * [`pipeline`]: updates → debounce → catalog → compile → snapshot → sink.
 //! * [`publish`]: the Delta xDS server edges replicate the snapshot from.
+//! * [`raft`]: the leader group: what replicas agree on, and how.
 //! * [`source`]: where objects come from (a watched manifest directory).
 //!
 //! Not here yet: Raft, the injector.
@@ -23,4 +24,5 @@ pub mod compile;
 pub mod kinds;
 pub mod pipeline;
 pub mod publish;
+pub mod raft;
 pub mod source;

@@ -34,7 +34,7 @@ use trellis_proto::{
     trellis::v1::Commit,
 };
 use trellis_shared::{
-    replication::{replica_name, COMMIT_NAME, REPLICATED_TYPES},
+    replication::{replica_name, COMMIT_NAME, LEADER_HINT, REPLICATED_TYPES},
     type_url, Resource, Snapshot,
 };
 
@@ -83,6 +83,77 @@ impl Publisher {
 }
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// A leader-group replica's publish port: the current term's [`Publisher`]
+/// while this replica leads and has compiled, and otherwise a refusal with
+/// `UNAVAILABLE` naming the leader (when known), so an edge can go there.
+#[derive(Clone, Debug, Default)]
+pub struct Gate {
+    serving: Arc<arc_swap::ArcSwapOption<Publisher>>,
+    leader: Arc<arc_swap::ArcSwapOption<String>>,
+}
+
+impl Gate {
+    /// Serves `publisher` from now on.
+    pub fn open(&self, publisher: Publisher) {
+        self.serving.store(Some(Arc::new(publisher)));
+    }
+
+    /// Stops serving: every edge stream of the term ends with UNAVAILABLE
+    /// and new ones are refused.
+    pub fn close(&self) {
+        if let Some(publisher) = self.serving.swap(None) {
+            publisher.close();
+        }
+    }
+
+    /// Names the leader's publish address in refusals (`None`: unknown).
+    pub fn set_leader(&self, publish: Option<String>) {
+        self.leader.store(publish.map(Arc::new));
+    }
+
+    /// The gRPC service, to add to a tonic server.
+    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Gate> {
+        AggregatedDiscoveryServiceServer::new(self)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    fn refusal(&self) -> Status {
+        let mut status = Status::unavailable("this replica does not lead the group");
+        if let Some(leader) = self.leader.load_full() {
+            if let Ok(value) = leader.parse() {
+                status.metadata_mut().insert(LEADER_HINT, value);
+            }
+        }
+        status
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Gate {
+    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        Err(Status::unimplemented(
+            "edges replicate with Delta xDS; Envoys connect to an edge",
+        ))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        match self.serving.load_full() {
+            Some(publisher) => publisher.delta_aggregated_resources(request).await,
+            None => Err(self.refusal()),
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for Publisher {

@@ -3,6 +3,7 @@
 //! * [`trellis::v1`]: the project's own resource types (proxy classes, the
 //!   replication commit marker), served next to Envoy's and compiled from
 //!   `proto/trellis` with protox.
+//! * [`trellis::raft::v1`]: the leader group's RPCs between replicas.
 //! * [`descriptors`]: descriptors of every message Trellis encodes (its own
 //!   and the Envoy messages it emits), used to encode them canonically.
 //! * [`pb`]: the Envoy v3 API types, re-exported from `envoy-types`.
@@ -22,6 +23,15 @@ pub mod trellis {
     #[allow(missing_docs, unreachable_pub)]
     pub mod v1 {
         include!(concat!(env!("OUT_DIR"), "/trellis.v1.rs"));
+    }
+
+    /// Messages between the replicas of a leader group.
+    pub mod raft {
+        /// Version 1 of the leader group's RPCs.
+        #[allow(missing_docs, unreachable_pub, clippy::all)]
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/trellis.raft.v1.rs"));
+        }
     }
 }
 

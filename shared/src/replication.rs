@@ -19,6 +19,10 @@ pub const REPLICATED_TYPES: [&str; 6] = [
     type_url::PROXY_CLASS,
 ];
 
+/// gRPC metadata a leader-group replica that does not lead adds when it
+/// refuses an edge: the leader's publish address, `host:port`.
+pub const LEADER_HINT: &str = "trellis-leader";
+
 /// The one commit resource's name.
 pub const COMMIT_NAME: &str = "commit";
 

@@ -93,7 +93,7 @@ impl TestEdge {
     /// An edge that follows the leader publishing at `leader`.
     pub async fn following(leader: SocketAddr, name: &str) -> TestEdge {
         let edge = Edge::new(EdgeConfig::default());
-        let follow = edge.follow(UpstreamConfig::new(format!("http://{leader}"), name));
+        let follow = edge.follow(UpstreamConfig::new([format!("http://{leader}")], name));
         let mut test = TestEdge::launch(edge, "127.0.0.1:0".parse().unwrap(), None).await;
         test.follow = Some(tokio::spawn(follow));
         test

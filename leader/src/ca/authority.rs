@@ -178,6 +178,16 @@ impl BuiltinCa {
         Ok(BuiltinCa::with_root(RootCa::generate(ROOT_VALIDITY)?))
     }
 
+    /// The root signing new leaves now (the next one while a rotation
+    /// reissues leaves).
+    pub fn signing_root(&self) -> Arc<RootCa> {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        match &state.rotation {
+            Some(rotation) if rotation.phase == RotationPhase::Reissuing => rotation.next.clone(),
+            _ => state.current.clone(),
+        }
+    }
+
     /// A CA signing with `root`, held in memory.
     pub fn with_root(root: RootCa) -> BuiltinCa {
         BuiltinCa {

@@ -4,15 +4,19 @@
 //!   from a manifest directory (default `examples/bookstore`) or, with
 //!   `--source kube`, from the Kubernetes API.
 //! * `trellis leader`: sources, compiler and the publish server edges
-//!   replicate from (Delta xDS), until Ctrl-C.
+//!   replicate from (Delta xDS), until Ctrl-C; with `--peer`, one replica
+//!   of a Raft leader group, compiling only while it leads.
 //! * `trellis edge`: follows a leader and serves Envoys, until Ctrl-C.
 //! * `trellis check`: compile a manifest directory once; print its classes
 //!   and every object skipped, with the reason.
 //! * `trellis bootstrap`: a pod's bootstrap certificate and Envoy bootstrap.
 //! * `trellis edge-cert`: an edge's serving certificate, for `--tls-dir`.
+//! * `trellis peer-cert`: a leader replica's certificate, for
+//!   `--peer-tls-dir`.
 //! * `trellis rotate-ca`: start a root rotation of a CA directory.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -30,7 +34,13 @@ use trellis_leader::{
     ca::BuiltinCa,
     compile::Compiler,
     pipeline::{Pipeline, PipelineConfig, Status},
-    publish::Publisher,
+    publish::{Gate, Publisher},
+    raft::{
+        group::{GroupConfig, LeaderGroup},
+        leading::{lead, Leading, SourceStarter},
+        network::PEER_SERVER_NAME,
+        NodeId, Replica,
+    },
     source::{files::FileSource, kube::KubeSource, Source, SourceError},
 };
 
@@ -68,6 +78,34 @@ struct Inputs {
     ca_dir: Option<PathBuf>,
 }
 
+/// A leader group replica's place in its group.
+#[derive(clap::Args)]
+struct GroupArgs {
+    /// Every replica of the leader group, this one included, as
+    /// `ID=RAFT_ADDRESS,PUBLISH_ADDRESS` (ids from 1; addresses as the
+    /// others reach them). Repeat once per replica; every replica gets the
+    /// same list. Without it the leader runs alone, without Raft.
+    #[arg(long = "peer", value_name = "ID=RAFT,PUBLISH")]
+    peers: Vec<String>,
+    /// This replica's id: one of the --peer ids.
+    #[arg(long, requires = "peers")]
+    node_id: Option<u64>,
+    /// The group's name: replicas of another group are refused.
+    #[arg(long, default_value = "trellis")]
+    cluster: String,
+    /// Where this replica keeps its Raft log and state.
+    #[arg(long, requires = "peers")]
+    data_dir: Option<PathBuf>,
+    /// Directory of this replica's peer TLS material (tls.crt, tls.key,
+    /// ca.crt; `trellis peer-cert` writes it). Required with --peer unless
+    /// --plaintext-peers.
+    #[arg(long)]
+    peer_tls_dir: Option<PathBuf>,
+    /// Raft between replicas without TLS. For local development only.
+    #[arg(long)]
+    plaintext_peers: bool,
+}
+
 /// Where an edge serves Envoys.
 #[derive(clap::Args)]
 struct Serving {
@@ -92,21 +130,25 @@ enum Command {
         #[command(flatten)]
         serving: Serving,
     },
-    /// Run a leader: read and compile the mesh, publish it to edges.
+    /// Run a leader: read and compile the mesh, publish it to edges. With
+    /// --peer, one replica of a Raft leader group.
     Leader {
         #[command(flatten)]
         inputs: Inputs,
         /// Address edges replicate from (Delta xDS).
         #[arg(long, default_value = "127.0.0.1:15129")]
         publish: SocketAddr,
+        #[command(flatten)]
+        group: GroupArgs,
     },
     /// Run an edge: follow a leader, serve Envoys. Not ready until the
     /// leader's first snapshot arrived; serves the last one while the leader
     /// is unreachable.
     Edge {
-        /// The leader's publish address.
-        #[arg(long, default_value = "http://127.0.0.1:15129")]
-        leader: String,
+        /// The leader's publish address; for a leader group, every
+        /// replica's, comma-separated (the edge finds the one leading).
+        #[arg(long, default_value = "http://127.0.0.1:15129", value_delimiter = ',')]
+        leader: Vec<String>,
         /// This edge's name, in the leader's logs (default: the host name).
         #[arg(long)]
         name: Option<String>,
@@ -162,6 +204,22 @@ enum Command {
         #[arg(long)]
         ip: Vec<std::net::IpAddr>,
     },
+    /// Issue a leader replica's peer certificate into a directory for
+    /// `trellis leader --peer-tls-dir`.
+    PeerCert {
+        /// The CA's directory.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Where to write tls.crt, tls.key and ca.crt.
+        #[arg(long)]
+        out: PathBuf,
+        /// DNS names on the certificate.
+        #[arg(long)]
+        dns: Vec<String>,
+        /// IP addresses on the certificate.
+        #[arg(long)]
+        ip: Vec<std::net::IpAddr>,
+    },
     /// Start a root rotation: write the next root into the CA directory; a
     /// running leader trusts it, then signs with it, then drops the old one.
     RotateCa {
@@ -200,7 +258,14 @@ async fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Run { inputs, serving } => run(inputs, serving).await,
-        Command::Leader { inputs, publish } => leader(inputs, publish).await,
+        Command::Leader {
+            inputs,
+            publish,
+            group,
+        } if !group.peers.is_empty() => leader_group(inputs, publish, group).await,
+        Command::Leader {
+            inputs, publish, ..
+        } => leader(inputs, publish).await,
         Command::Edge {
             leader,
             name,
@@ -231,6 +296,12 @@ async fn main() -> Result<()> {
             dns,
             ip,
         } => credentials::edge_cert(&ca_dir, &out, &server_name, dns, ip),
+        Command::PeerCert {
+            ca_dir,
+            out,
+            dns,
+            ip,
+        } => credentials::edge_cert(&ca_dir, &out, PEER_SERVER_NAME, dns, ip),
         Command::RotateCa { ca_dir } => credentials::rotate_ca(&ca_dir),
     }
 }
@@ -428,8 +499,108 @@ async fn leader(inputs: Inputs, publish: SocketAddr) -> Result<()> {
     Ok(())
 }
 
+/// `ID=RAFT,PUBLISH` as a group member.
+fn parse_peer(text: &str) -> Result<(NodeId, Replica)> {
+    let parse = || {
+        let (id, addresses) = text.split_once('=')?;
+        let (raft, publish) = addresses.split_once(',')?;
+        let id: NodeId = id.trim().parse().ok().filter(|id| *id > 0)?;
+        Some((
+            id,
+            Replica {
+                raft: raft.trim().to_owned(),
+                publish: publish.trim().to_owned(),
+            },
+        ))
+    };
+    parse().with_context(|| {
+        format!("--peer {text:?}: expected ID=RAFT_ADDRESS,PUBLISH_ADDRESS with an id from 1")
+    })
+}
+
+/// One replica of a Raft leader group: Raft always, the compile pipeline and
+/// publishing to edges only while it leads.
+async fn leader_group(inputs: Inputs, publish: SocketAddr, group: GroupArgs) -> Result<()> {
+    let mut peers = BTreeMap::new();
+    for text in &group.peers {
+        let (id, replica) = parse_peer(text)?;
+        if peers.insert(id, replica).is_some() {
+            bail!("--peer: replica id {id} is listed twice");
+        }
+    }
+    let id = group.node_id.context("--node-id is required with --peer")?;
+    let data_dir = group
+        .data_dir
+        .context("--data-dir is required with --peer")?;
+    let tls = match (&group.peer_tls_dir, group.plaintext_peers) {
+        (Some(dir), false) => Some(
+            TlsCredentials::from_dir(dir)
+                .with_context(|| format!("reading the peer TLS material in {}", dir.display()))?,
+        ),
+        (None, true) => {
+            warn!("PLAINTEXT Raft between leader replicas; development only");
+            None
+        }
+        (Some(_), true) => bail!("--peer-tls-dir and --plaintext-peers exclude each other"),
+        (None, false) => {
+            bail!("--peer needs --peer-tls-dir (or --plaintext-peers for development)")
+        }
+    };
+    let source: SourceStarter = match inputs.source {
+        SourceKind::Files => {
+            require_dir(&inputs.dir)?;
+            let dir = inputs.dir.clone();
+            Arc::new(move |updates| tokio::spawn(FileSource::new(&dir).run(updates)))
+        }
+        SourceKind::Kube => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| anyhow::anyhow!("{e:?}"))
+                .context("connecting to Kubernetes (in-cluster config or kubeconfig)")?;
+            Arc::new(move |updates| tokio::spawn(KubeSource::new(client.clone()).run(updates)))
+        }
+    };
+    let mut config = GroupConfig::new(id, &group.cluster, peers, &data_dir);
+    config.tls = tls;
+    let replica = Arc::new(
+        LeaderGroup::start(config)
+            .await
+            .context("starting this leader replica")?,
+    );
+    let gate = Gate::default();
+    let listener = bind("publish", publish).await?;
+    println!(
+        "Trellis leader replica {id} of group {:?}; edges follow the group at http://{publish}",
+        group.cluster
+    );
+    let serve = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(gate.clone().into_service())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = tokio::signal::ctrl_c().await;
+        });
+    let leading = Leading {
+        source,
+        pipeline: PipelineConfig {
+            mesh: inputs.mesh.clone(),
+            ..PipelineConfig::default()
+        },
+        ca_dir: inputs.ca_dir.clone(),
+        gate: gate.clone(),
+    };
+    let result = tokio::select! {
+        error = lead(replica.clone(), leading) => Err(error).context("this replica stops"),
+        result = serve => result.context("publish server"),
+    };
+    gate.close();
+    if let Ok(replica) = Arc::try_unwrap(replica) {
+        replica.shutdown().await;
+    }
+    result
+}
+
 async fn edge(
-    leader: String,
+    leader: Vec<String>,
     name: Option<String>,
     tls_dir: Option<PathBuf>,
     serving: Serving,
@@ -441,7 +612,7 @@ async fn edge(
     let xds_listener = bind("xDS", serving.xds).await?;
     let admin_listener = bind("admin", serving.admin).await?;
     let follow = tokio::spawn(edge.follow(UpstreamConfig::new(&leader, &name)));
-    println!("Trellis edge {name} following {leader}");
+    println!("Trellis edge {name} following {}", leader.join(", "));
     println!("  xDS (ADS, Delta and SotW):  {}", serving.xds);
     println!(
         "  admin:                      http://{}/metrics  /healthz  /readyz (ready once the leader's snapshot arrived)",

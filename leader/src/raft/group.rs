@@ -1,0 +1,380 @@
+//! One replica of the leader group: its store, its Raft node, the server
+//! the other replicas reach it on, and who leads.
+//!
+//! Membership comes from configuration: every replica is started with the
+//! same peer list (a static list, or the StatefulSet's stable names), and
+//! the replica with the lowest id initializes a group that has never run.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use openraft::{Raft, RaftMetrics, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tracing::{info, warn};
+use trellis_edge::TlsCredentials;
+
+use super::{
+    network::{Network, Refusals, PEER_SERVER_NAME},
+    service::RaftService,
+    state::{Applied, Command, MeshState},
+    store::{self, StoreError},
+    NodeId, Replica, TypeConfig,
+};
+
+/// How one replica joins its group.
+#[derive(Clone, Debug)]
+pub struct GroupConfig {
+    /// This replica's id: one of `peers`.
+    pub id: NodeId,
+    /// The group's name; replicas of another group are refused.
+    pub cluster: String,
+    /// Every replica of the group, this one included.
+    pub peers: BTreeMap<NodeId, Replica>,
+    /// Where the Raft log and state live.
+    pub data_dir: PathBuf,
+    /// Certificate, key and roots for mTLS between replicas; `None` runs
+    /// the group's traffic in plaintext (development only).
+    pub tls: Option<TlsCredentials>,
+    /// Leader heartbeat (default 150 ms).
+    pub heartbeat: Duration,
+    /// A follower hearing nothing for a random time in this range calls an
+    /// election (default 600 ms to 1.2 s).
+    pub election_timeout: (Duration, Duration),
+}
+
+impl GroupConfig {
+    /// A replica `id` of group `cluster` with `peers`, keeping its data in
+    /// `data_dir`, with the default timing and no TLS.
+    pub fn new(
+        id: NodeId,
+        cluster: &str,
+        peers: BTreeMap<NodeId, Replica>,
+        data_dir: &Path,
+    ) -> GroupConfig {
+        GroupConfig {
+            id,
+            cluster: cluster.to_owned(),
+            peers,
+            data_dir: data_dir.to_owned(),
+            tls: None,
+            heartbeat: Duration::from_millis(150),
+            election_timeout: (Duration::from_millis(600), Duration::from_millis(1200)),
+        }
+    }
+}
+
+/// Why a replica could not start, or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    /// This replica's id is not in the peer list.
+    #[error("replica id {id} is not among the peers {peers:?} (--node-id must be one of --peers)")]
+    UnknownSelf {
+        /// This replica's id.
+        id: NodeId,
+        /// The ids configured.
+        peers: Vec<NodeId>,
+    },
+    /// The data directory holds another group's or another replica's data.
+    #[error("{dir}: holds the data of leader group {found_cluster:?} replica {found_id}, not group {cluster:?} replica {id}; point --data-dir at this replica's own directory")]
+    ForeignData {
+        /// The data directory.
+        dir: PathBuf,
+        /// The group found there.
+        found_cluster: String,
+        /// The replica id found there.
+        found_id: NodeId,
+        /// The group asked for.
+        cluster: String,
+        /// The replica asked for.
+        id: NodeId,
+    },
+    /// The data directory's identity file could not be read or written.
+    #[error("{}: {reason}", path.display())]
+    IdentityFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The log or state could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The Raft address could not be bound.
+    #[error("binding the Raft address {address}: {source}")]
+    Bind {
+        /// The address.
+        address: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer TLS material was refused.
+    #[error("peer TLS: {0}")]
+    Tls(String),
+    /// openraft refused the configuration or stopped.
+    #[error("Raft: {0}")]
+    Raft(String),
+    /// A peer refused this replica: it is configured for another group, or
+    /// under an id the group does not know.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Written in the data directory on first start: whose data it is.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct Owner {
+    cluster: String,
+    id: NodeId,
+}
+
+const OWNER_FILE: &str = "replica.json";
+
+/// Claims `dir` for this replica, or refuses it if another's data is there.
+fn claim(dir: &Path, cluster: &str, id: NodeId) -> Result<(), GroupError> {
+    let path = dir.join(OWNER_FILE);
+    let fail = |reason: String| GroupError::IdentityFile {
+        path: path.clone(),
+        reason,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+    let me = Owner {
+        cluster: cluster.to_owned(),
+        id,
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let found: Owner = serde_json::from_slice(&bytes).map_err(|e| {
+                fail(format!(
+                    "unreadable ({e}); is this a Trellis data directory?"
+                ))
+            })?;
+            if found != me {
+                return Err(GroupError::ForeignData {
+                    dir: dir.to_owned(),
+                    found_cluster: found.cluster,
+                    found_id: found.id,
+                    cluster: me.cluster,
+                    id,
+                });
+            }
+            Ok(())
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let text = serde_json::to_vec(&me).map_err(|e| fail(e.to_string()))?;
+            std::fs::write(&path, text).map_err(|e| fail(e.to_string()))
+        }
+        Err(error) => Err(fail(error.to_string())),
+    }
+}
+
+/// A running replica.
+pub struct LeaderGroup {
+    id: NodeId,
+    raft: Raft<TypeConfig>,
+    state: watch::Receiver<Arc<MeshState>>,
+    refused: watch::Receiver<Option<String>>,
+    server: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for LeaderGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaderGroup")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The leader `metrics` name, with its addresses.
+pub fn leader_of(metrics: &RaftMetrics<NodeId, Replica>) -> Option<(NodeId, Replica)> {
+    let id = metrics.current_leader?;
+    let node = metrics.membership_config.membership().get_node(&id)?;
+    Some((id, node.clone()))
+}
+
+impl LeaderGroup {
+    /// Opens the replica's store, starts its Raft node and its server, and
+    /// initializes the group if it never ran and this replica has the
+    /// lowest id.
+    pub async fn start(config: GroupConfig) -> Result<LeaderGroup, GroupError> {
+        let Some(me) = config.peers.get(&config.id).cloned() else {
+            return Err(GroupError::UnknownSelf {
+                id: config.id,
+                peers: config.peers.keys().copied().collect(),
+            });
+        };
+        claim(&config.data_dir, &config.cluster, config.id)?;
+        let (log, machine) = store::open(&config.data_dir)?;
+        let state = machine.subscribe();
+        let raft_config = openraft::Config {
+            cluster_name: config.cluster.clone(),
+            heartbeat_interval: millis(config.heartbeat),
+            election_timeout_min: millis(config.election_timeout.0),
+            election_timeout_max: millis(config.election_timeout.1),
+            // The state is small: compact often, keep a short tail for
+            // followers that lag a little.
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(500),
+            max_in_snapshot_log_to_keep: 100,
+            ..openraft::Config::default()
+        }
+        .validate()
+        .map_err(|e| GroupError::Raft(e.to_string()))?;
+        let (stop, refused) = watch::channel(None);
+        let refusals = Arc::new(Refusals::new(config.peers.len(), stop));
+        let (client_tls, server_tls) = match &config.tls {
+            Some(tls) => {
+                let (client, server) = tls_configs(tls);
+                (Some(client), Some(server))
+            }
+            None => (None, None),
+        };
+        let network = Network {
+            id: config.id,
+            cluster: config.cluster.clone(),
+            tls: client_tls,
+            refusals: refusals.clone(),
+        };
+        let raft = Raft::new(config.id, Arc::new(raft_config), network, log, machine)
+            .await
+            .map_err(|e| GroupError::Raft(e.to_string()))?;
+
+        let listener = TcpListener::bind(&me.raft)
+            .await
+            .map_err(|source| GroupError::Bind {
+                address: me.raft.clone(),
+                source,
+            })?;
+        let mut server = tonic::transport::Server::builder().tcp_nodelay(true);
+        if let Some(tls) = server_tls {
+            server = server
+                .tls_config(tls)
+                .map_err(|e| GroupError::Tls(e.to_string()))?;
+        }
+        let service = RaftService::new(
+            raft.clone(),
+            &config.cluster,
+            config.peers.clone(),
+            refusals,
+        );
+        let router = server.add_service(service.into_server());
+        let server = tokio::spawn(async move {
+            if let Err(error) = router
+                .serve_with_incoming(TcpListenerStream::new(listener))
+                .await
+            {
+                warn!(%error, "the Raft server stopped");
+            }
+        });
+
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|e| GroupError::Raft(e.to_string()))?;
+        let lowest = config.peers.keys().next() == Some(&config.id);
+        if !initialized && lowest {
+            info!(
+                peers = config.peers.len(),
+                "initializing a new leader group"
+            );
+            if let Err(error) = raft.initialize(config.peers.clone()).await {
+                // Another start already initialized it: nothing to do.
+                warn!(%error, "initializing the group");
+            }
+        }
+        info!(id = config.id, cluster = %config.cluster, %me, "replica started");
+        Ok(LeaderGroup {
+            id: config.id,
+            raft,
+            state,
+            refused,
+            server,
+        })
+    }
+
+    /// This replica's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The Raft node.
+    pub fn raft(&self) -> &Raft<TypeConfig> {
+        &self.raft
+    }
+
+    /// Raft's view of the group, as it changes.
+    pub fn metrics(&self) -> watch::Receiver<RaftMetrics<NodeId, Replica>> {
+        self.raft.metrics()
+    }
+
+    /// The replicated state as applied here, as it changes.
+    pub fn state(&self) -> watch::Receiver<Arc<MeshState>> {
+        self.state.clone()
+    }
+
+    /// Proposes `command` (on the leader) and waits until it is committed
+    /// and applied.
+    pub async fn propose(&self, command: Command) -> Result<Applied, GroupError> {
+        self.raft
+            .client_write(command)
+            .await
+            .map(|response| response.data)
+            .map_err(|e| GroupError::Raft(e.to_string()))
+    }
+
+    /// Completes when this replica must stop: a peer refused it, or Raft
+    /// stopped (its storage failed).
+    pub async fn failed(&self) -> GroupError {
+        let mut refused = self.refused.clone();
+        let mut metrics = self.raft.metrics();
+        loop {
+            if let Some(reason) = refused.borrow_and_update().clone() {
+                return GroupError::Refused(reason);
+            }
+            if let Err(fatal) = &metrics.borrow_and_update().running_state {
+                return GroupError::Raft(format!("stopped: {fatal}"));
+            }
+            tokio::select! {
+                changed = refused.changed() => if changed.is_err() {
+                    return GroupError::Raft("stopped".to_owned());
+                },
+                changed = metrics.changed() => if changed.is_err() {
+                    return GroupError::Raft("stopped".to_owned());
+                },
+            }
+        }
+    }
+
+    /// Stops Raft and the server.
+    pub async fn shutdown(self) {
+        if let Err(error) = self.raft.shutdown().await {
+            warn!(%error, "stopping Raft");
+        }
+        self.server.abort();
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// tonic's client and server TLS from one replica's material: each side
+/// presents its certificate and requires the other's, chained to the
+/// same roots.
+fn tls_configs(tls: &TlsCredentials) -> (ClientTlsConfig, ServerTlsConfig) {
+    let identity = Identity::from_pem(&tls.chain_pem, &tls.key_pem);
+    let roots = Certificate::from_pem(&tls.client_roots_pem);
+    let client = ClientTlsConfig::new()
+        .ca_certificate(roots.clone())
+        .identity(identity.clone())
+        .domain_name(PEER_SERVER_NAME);
+    let server = ServerTlsConfig::new()
+        .identity(identity)
+        .client_ca_root(roots);
+    (client, server)
+}

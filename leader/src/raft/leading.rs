@@ -1,0 +1,272 @@
+//! What a replica does while it leads: runs the source, compiles, issues
+//! certificates through the replicated state, and publishes to edges; and
+//! stops all of it the moment it no longer leads.
+//!
+//! A term begins once this replica is the Raft leader and has applied
+//! everything committed before it (so it holds every leaf already issued).
+//! The CA comes from the replicated state; the group's first leader puts it
+//! there (the operator's, from the CA directory, or a generated one). Each
+//! snapshot is published to edges only after the leaves issued for it and
+//! the group's epoch are committed: a leader that dies right after
+//! publishing leaves a successor that compiles the same certificates, hence
+//! the same versions, and edges and Envoys are sent nothing.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+use tracing::{info, info_span, warn, Instrument};
+use trellis_edge::SnapshotStore;
+use trellis_shared::Snapshot;
+
+use super::{
+    group::{leader_of, GroupError, LeaderGroup},
+    state::{Applied, CaMaterial, Command, Leaf, MeshState},
+    NodeId,
+};
+use crate::{
+    ca::{BuiltinCa, CaError, CertificateIssuer, IssuedCert, LeafRequest, RootCa, SignerId},
+    compile::Compiler,
+    pipeline::{Pipeline, PipelineConfig, SnapshotSink},
+    publish::{Gate, Publisher},
+    source::{SourceError, SourceUpdate},
+};
+
+/// Starts a fresh source feeding `updates` (one per term).
+pub type SourceStarter =
+    Arc<dyn Fn(mpsc::Sender<SourceUpdate>) -> JoinHandle<Result<(), SourceError>> + Send + Sync>;
+
+/// What a replica needs to lead.
+#[derive(Clone)]
+pub struct Leading {
+    /// Starts the source.
+    pub source: SourceStarter,
+    /// The pipeline's settings.
+    pub pipeline: PipelineConfig,
+    /// The operator's CA directory, used by the group's first leader only.
+    pub ca_dir: Option<PathBuf>,
+    /// The publish port edges connect to.
+    pub gate: Gate,
+}
+
+/// A leaf is reused by a new leader until the earliest point its renewal
+/// could have been scheduled (seven twelfths of its life).
+fn fresh(cert: &IssuedCert, validity: Duration, now: SystemTime) -> bool {
+    let life = cert
+        .not_after
+        .duration_since(cert.issued_at)
+        .unwrap_or_default();
+    // Equal validity, up to the minute a leaf may be cut short by its root.
+    let same_validity = life.abs_diff(validity) < Duration::from_secs(60);
+    same_validity && now < cert.issued_at + life * 7 / 12
+}
+
+/// The built-in CA signing only what the group does not hold yet: a leaf
+/// already committed for the same name, by the current root and still
+/// fresh, is handed out again; new ones are kept until the sink commits
+/// them.
+struct ReplicatedIssuer {
+    ca: BuiltinCa,
+    committed: watch::Receiver<Arc<MeshState>>,
+    issued: Mutex<Vec<Leaf>>,
+}
+
+impl CertificateIssuer for ReplicatedIssuer {
+    fn issue(&self, request: &LeafRequest) -> Result<IssuedCert, CaError> {
+        let held = self
+            .committed
+            .borrow()
+            .leaves
+            .get(&request.common_name)
+            .map(Leaf::cert);
+        if let Some(cert) = held {
+            if cert.signer == self.ca.signer() && fresh(&cert, request.validity, SystemTime::now())
+            {
+                return Ok(cert);
+            }
+        }
+        let cert = self.ca.issue(request)?;
+        self.issued
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Leaf::new(&request.common_name, &cert));
+        Ok(cert)
+    }
+
+    fn trust_bundle(&self) -> Arc<str> {
+        self.ca.trust_bundle()
+    }
+
+    fn signer(&self) -> SignerId {
+        self.ca.signer()
+    }
+}
+
+/// Hands snapshots to the term's publishing task, in order.
+struct Handoff(mpsc::UnboundedSender<Snapshot>);
+
+impl SnapshotSink for Handoff {
+    fn publish(&self, snapshot: Snapshot) {
+        let _ = self.0.send(snapshot);
+    }
+}
+
+/// Leads whenever this replica is elected, until it must stop (a peer
+/// refused it, or its storage failed).
+pub async fn lead(group: Arc<LeaderGroup>, leading: Leading) -> GroupError {
+    let mut metrics = group.metrics();
+    loop {
+        let (leader, term) = {
+            let m = metrics.borrow_and_update();
+            (leader_of(&m), m.current_term)
+        };
+        leading
+            .gate
+            .set_leader(leader.as_ref().map(|(_, r)| r.publish.clone()));
+        if leader.as_ref().map(|(id, _)| *id) == Some(group.id()) {
+            let span = info_span!("term", term, replica = group.id());
+            let result = tokio::select! {
+                result = run_term(&group, &leading).instrument(span) => result,
+                () = lost(&mut metrics, group.id(), term) => Ok(()),
+                error = group.failed() => Err(error),
+            };
+            leading.gate.close();
+            match result {
+                Ok(()) => info!(term, "no longer leading"),
+                Err(GroupError::Raft(reason)) => {
+                    // Proposals fail when leadership moves mid-term.
+                    warn!(term, %reason, "leading stopped");
+                }
+                Err(error) => return error,
+            }
+            continue;
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() {
+                return GroupError::Raft("stopped".to_owned());
+            },
+            error = group.failed() => return error,
+        }
+    }
+}
+
+/// Completes when `id` stops leading, or a new term begins.
+async fn lost(
+    metrics: &mut watch::Receiver<openraft::RaftMetrics<NodeId, super::Replica>>,
+    id: NodeId,
+    term: u64,
+) {
+    loop {
+        {
+            let m = metrics.borrow_and_update();
+            if m.current_leader != Some(id) || m.current_term != term {
+                return;
+            }
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The CA the group signs with: the replicated one, or, for the group's
+/// first leader, the operator's (or a generated one) put in the state.
+async fn group_ca(group: &LeaderGroup, ca_dir: Option<&PathBuf>) -> Result<RootCa, GroupError> {
+    let held = group.state().borrow().ca.clone();
+    let material = match held {
+        Some(material) => material,
+        None => {
+            let ca = match ca_dir {
+                Some(dir) => BuiltinCa::open(dir),
+                None => BuiltinCa::generate(),
+            }
+            .map_err(|e| GroupError::Raft(format!("the group's CA: {e}")))?;
+            let root = ca.signing_root();
+            let material = CaMaterial {
+                cert_pem: root.cert_pem().to_owned(),
+                key_pem: root.key_pem().to_owned(),
+            };
+            if group.propose(Command::SetCa(material.clone())).await? == Applied::CaAlreadySet {
+                warn!("another CA was set meanwhile; signing with the group's");
+            }
+            group.state().borrow().ca.clone().unwrap_or(material)
+        }
+    };
+    RootCa::from_pem(
+        &material.cert_pem,
+        &material.key_pem,
+        "the group's CA",
+        SystemTime::now(),
+    )
+    .map_err(|e| GroupError::Raft(format!("the group's CA: {e}")))
+}
+
+/// One term: until the pipeline or the source stops, or a proposal fails.
+async fn run_term(group: &LeaderGroup, leading: &Leading) -> Result<(), GroupError> {
+    // Everything committed before this term is applied here after this.
+    group
+        .raft()
+        .ensure_linearizable()
+        .await
+        .map_err(|e| GroupError::Raft(e.to_string()))?;
+    let root = group_ca(group, leading.ca_dir.as_ref()).await?;
+    let issuer = Arc::new(ReplicatedIssuer {
+        ca: BuiltinCa::with_root(root),
+        committed: group.state(),
+        issued: Mutex::new(Vec::new()),
+    });
+    let base_epoch = group.state().borrow().epoch;
+    info!(epoch = base_epoch, "leading: compiling the mesh");
+
+    let (updates, received) = mpsc::channel(64);
+    let source = (leading.source)(updates);
+    let (handoff, mut snapshots) = mpsc::unbounded_channel();
+    let pipeline = Pipeline::new(
+        leading.pipeline.clone(),
+        Compiler::new(issuer.clone() as Arc<dyn CertificateIssuer>),
+    );
+    let pipeline = tokio::spawn(pipeline.run(received, Arc::new(Handoff(handoff))));
+    let _stop = AbortOnDrop(vec![source.abort_handle(), pipeline.abort_handle()]);
+
+    let store = Arc::new(SnapshotStore::new());
+    let mut published = 0u64;
+    while let Some(mut snapshot) = snapshots.recv().await {
+        // Only the latest matters if several are waiting.
+        while let Ok(later) = snapshots.try_recv() {
+            snapshot = later;
+        }
+        let issued = std::mem::take(&mut *issuer.issued.lock().unwrap_or_else(|e| e.into_inner()));
+        published += 1;
+        let epoch = base_epoch + published;
+        group
+            .propose(Command::Published {
+                epoch,
+                issued: issued.clone(),
+            })
+            .await?;
+        store.publish(snapshot);
+        if published == 1 {
+            // Edges are let in only once there is a whole snapshot to serve.
+            leading.gate.open(Publisher::new(store.clone()));
+            info!(epoch, leaves = issued.len(), "publishing to edges");
+        }
+    }
+    Ok(())
+}
+
+/// Aborts the term's tasks when the term ends, however it ends.
+struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
