@@ -1,0 +1,652 @@
+//! The Raft leader group end to end: three `trellis leader` replicas, two
+//! `trellis edge` processes following the group, and a real Envoy behind
+//! one edge. Killing the Raft leader elects another that publishes the same
+//! versions, so Envoy sees no update; a later change reaches it; a replica
+//! restarted on its data catches up from the log and can lead in turn.
+//! Misconfigured replicas stop with a clear error and harm no one.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "../../edge/tests/support/mod.rs"]
+mod support;
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use support::{copy_example, eventually, free_port, http_get, metric_value, Api, Envoy};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use trellis_edge::TlsCredentials;
+use trellis_leader::{
+    ca::BuiltinCa,
+    raft::{
+        group::{GroupConfig, GroupError, LeaderGroup},
+        network::PEER_SERVER_NAME,
+        Replica,
+    },
+};
+use trellis_proto::trellis::raft::v1::{raft_client::RaftClient, LeaderReply, LeaderRequest};
+
+const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
+
+/// A child process, killed (SIGKILL) when dropped.
+struct Process {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    fn spawn(args: &[&str], log: PathBuf) -> Process {
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(TRELLIS)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Process { child, log }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit by itself; its status and log.
+    async fn exited(&mut self, within: Duration) -> Result<(std::process::ExitStatus, String)> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok((status, self.log()));
+            }
+            if Instant::now() > deadline {
+                bail!("still running after {within:?}:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The test's directory: a copy of the example, the CA, each replica's
+/// peer certificate and data.
+struct Group {
+    dir: PathBuf,
+    ids: Vec<u64>,
+    raft: BTreeMap<u64, SocketAddr>,
+    publish: BTreeMap<u64, SocketAddr>,
+    replicas: BTreeMap<u64, Process>,
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn trellis(args: &[&str]) -> String {
+    let output = Command::new(TRELLIS).args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "trellis {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+impl Group {
+    fn prepare(name: &str, size: u64) -> Group {
+        let dir = std::env::temp_dir().join(format!("trellis-ha-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        copy_example(&dir.join("mesh"));
+        BuiltinCa::open(&dir.join("ca")).unwrap();
+        let ids: Vec<u64> = (1..=size).collect();
+        for id in &ids {
+            trellis(&[
+                "peer-cert",
+                "--ca-dir",
+                &dir.join("ca").to_string_lossy(),
+                "--out",
+                &dir.join(format!("peer-{id}")).to_string_lossy(),
+                "--ip",
+                "127.0.0.1",
+            ]);
+        }
+        let raft = ids.iter().map(|id| (*id, addr(free_port()))).collect();
+        let publish = ids.iter().map(|id| (*id, addr(free_port()))).collect();
+        Group {
+            dir,
+            ids,
+            raft,
+            publish,
+            replicas: BTreeMap::new(),
+        }
+    }
+
+    fn peer_args(&self) -> Vec<String> {
+        self.ids
+            .iter()
+            .flat_map(|id| {
+                [
+                    "--peer".to_owned(),
+                    format!("{id}={},{}", self.raft[id], self.publish[id]),
+                ]
+            })
+            .collect()
+    }
+
+    fn start(&mut self, id: u64) {
+        self.start_as(id, "trellis", &self.dir.join(format!("data-{id}")));
+    }
+
+    fn start_as(&mut self, id: u64, cluster: &str, data: &Path) {
+        let process = self.spawn(id, cluster, data, &format!("leader-{id}"));
+        self.replicas.insert(id, process);
+    }
+
+    fn spawn(&self, id: u64, cluster: &str, data: &Path, name: &str) -> Process {
+        let mut args: Vec<String> = [
+            "leader",
+            "--dir",
+            &self.dir.join("mesh").to_string_lossy(),
+            "--ca-dir",
+            &self.dir.join("ca").to_string_lossy(),
+            "--publish",
+            &self.publish[&id].to_string(),
+            "--node-id",
+            &id.to_string(),
+            "--cluster",
+            cluster,
+            "--data-dir",
+            &data.to_string_lossy(),
+            "--peer-tls-dir",
+            &self.dir.join(format!("peer-{id}")).to_string_lossy(),
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        args.extend(self.peer_args());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let log = self.dir.join(format!("{name}.log"));
+        Process::spawn(&args, log)
+    }
+
+    fn publish_list(&self) -> String {
+        self.ids
+            .iter()
+            .map(|id| format!("http://{}", self.publish[id]))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Asks replica `id` who leads.
+    async fn ask(&self, id: u64) -> Result<LeaderReply> {
+        let tls = TlsCredentials::from_dir(&self.dir.join("peer-1"))?;
+        let config = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&tls.client_roots_pem))
+            .identity(Identity::from_pem(&tls.chain_pem, &tls.key_pem))
+            .domain_name(PEER_SERVER_NAME);
+        let channel = Endpoint::from_shared(format!("https://{}", self.raft[&id]))?
+            .tls_config(config)?
+            .connect_timeout(Duration::from_secs(1))
+            .connect()
+            .await?;
+        let reply = RaftClient::new(channel).leader(LeaderRequest {}).await?;
+        Ok(reply.into_inner())
+    }
+
+    /// The leader every running replica agrees on.
+    async fn agreed_leader(&self, within: Duration) -> Result<LeaderReply> {
+        self.agreed_leader_besides(0, within).await
+    }
+
+    /// The leader every running replica agrees on, other than `gone`.
+    async fn agreed_leader_besides(&self, gone: u64, within: Duration) -> Result<LeaderReply> {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut replies = Vec::new();
+            for id in self.replicas.keys() {
+                if let Ok(reply) = self.ask(*id).await {
+                    replies.push(reply);
+                }
+            }
+            let first = replies.first().cloned();
+            if let Some(first) = first {
+                if first.leader != 0
+                    && first.leader != gone
+                    && replies.len() == self.replicas.len()
+                    && replies
+                        .iter()
+                        .all(|r| r.leader == first.leader && r.term == first.term)
+                {
+                    return Ok(first);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no agreed leader within {within:?}: {replies:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.replicas.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `trellis edge` following the group (plaintext xDS: this test is about
+/// the leaders).
+struct EdgeProcess {
+    process: Process,
+    xds: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl EdgeProcess {
+    fn start(group: &Group, name: &str) -> EdgeProcess {
+        let (xds, admin) = (addr(free_port()), addr(free_port()));
+        let process = Process::spawn(
+            &[
+                "edge",
+                "--leader",
+                &group.publish_list(),
+                "--name",
+                name,
+                "--plaintext",
+                "--xds",
+                &xds.to_string(),
+                "--admin",
+                &admin.to_string(),
+            ],
+            group.dir.join(format!("{name}.log")),
+        );
+        EdgeProcess {
+            process,
+            xds,
+            admin,
+        }
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        match http_get(self.admin, "/metrics", None).await {
+            Ok((200, text)) => metric_value(&text, name),
+            _ => -1.0,
+        }
+    }
+
+    async fn ready(&self) -> Result<()> {
+        eventually(Duration::from_secs(60), "the edge to be ready", || async {
+            matches!(http_get(self.admin, "/readyz", None).await, Ok((200, _)))
+        })
+        .await
+        .with_context(|| self.process.log())
+    }
+}
+
+/// How many listener, cluster and secret updates Envoy accepted (Envoy
+/// writes the secret's `:` as `_` in stat names).
+async fn updates(envoy: &Envoy) -> (u64, u64, u64) {
+    (
+        envoy.stat("listener_manager.lds.update_success").await,
+        envoy.stat("cluster_manager.cds.update_success").await,
+        envoy
+            .stat("sds.service-cert_bookbuyer/bookbuyer.update_success")
+            .await,
+    )
+}
+
+fn class_of(mesh: &Path, pod: &str) -> String {
+    let out = trellis(&["check", "--dir", &mesh.to_string_lossy()]);
+    out.lines()
+        .find(|l| l.contains(pod))
+        .and_then(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no class for {pod} in:\n{out}"))
+}
+
+/// Waits until every edge synced with the group since `before` (its
+/// `upstream_syncs_total` moved).
+async fn edges_follow(edges: &[EdgeProcess], before: &[f64], within: Duration) -> Result<()> {
+    for (edge, before) in edges.iter().zip(before) {
+        eventually(within, "the edge to sync with the new leader", || async {
+            edge.metric("trellis_edge_upstream_syncs_total").await > *before
+                && edge.metric("trellis_edge_upstream_connected").await == 1.0
+        })
+        .await
+        .with_context(|| edge.process.log())?;
+    }
+    Ok(())
+}
+
+async fn syncs(edges: &[EdgeProcess]) -> Vec<f64> {
+    let mut out = Vec::new();
+    for edge in edges {
+        out.push(edge.metric("trellis_edge_upstream_syncs_total").await);
+    }
+    out
+}
+
+async fn commits(edges: &[EdgeProcess]) -> Vec<f64> {
+    let mut out = Vec::new();
+    for edge in edges {
+        out.push(edge.metric("trellis_edge_upstream_commits_total").await);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_raft_leader_is_replaced_without_envoy_seeing_a_change() -> Result<()> {
+    let mut group = Group::prepare("failover", 3);
+    for id in group.ids.clone() {
+        group.start(id);
+    }
+    let first = group.agreed_leader(Duration::from_secs(30)).await?;
+    let edges = [
+        EdgeProcess::start(&group, "edge-a"),
+        EdgeProcess::start(&group, "edge-b"),
+    ];
+    for edge in &edges {
+        edge.ready().await?;
+    }
+    let mesh = group.dir.join("mesh");
+    let class = class_of(&mesh, "bookbuyer/bookbuyer");
+    let envoy = Envoy::start("bookbuyer-ha", &class, edges[0].xds, Api::Delta).await?;
+    eventually(
+        Duration::from_secs(30),
+        "Envoy to take its class",
+        || async {
+            let (lds, cds, sds) = updates(&envoy).await;
+            lds >= 1
+                && cds >= 1
+                && sds >= 1
+                && envoy.stat("cluster_manager.warming_clusters").await == 0
+                && envoy.stat("listener_manager.total_listeners_warming").await == 0
+        },
+    )
+    .await
+    .with_context(|| envoy.log())?;
+    let settled = updates(&envoy).await;
+    let (syncs_before, commits_before) = (syncs(&edges).await, commits(&edges).await);
+
+    // Kill the Raft leader: another is elected, publishes, both edges follow.
+    let killed = first.leader;
+    let started = Instant::now();
+    group.replicas.get_mut(&killed).unwrap().kill();
+    group.replicas.remove(&killed);
+    let second = group
+        .agreed_leader_besides(killed, Duration::from_secs(20))
+        .await?;
+    let elected = started.elapsed();
+    edges_follow(&edges, &syncs_before, Duration::from_secs(20)).await?;
+    println!(
+        "failover: replica {killed} killed; replica {} leading in term {} after {elected:?}; both edges following after {:?}",
+        second.leader,
+        second.term,
+        started.elapsed()
+    );
+    // The same inputs and the same certificates give the same versions:
+    // nothing to apply at the edges, nothing sent to Envoy.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        commits(&edges).await,
+        commits_before,
+        "the edges applied nothing"
+    );
+    assert_eq!(updates(&envoy).await, settled, "Envoy saw no update");
+
+    // A change made after the failover reaches Envoy.
+    let policies = mesh.join("policies.yaml");
+    let text = std::fs::read_to_string(&policies)?;
+    std::fs::write(
+        &policies,
+        text.replace(
+            "- { kind: ServiceAccount, name: bookbuyer, namespace: bookbuyer }",
+            "- { kind: ServiceAccount, name: nobody, namespace: bookbuyer }",
+        ),
+    )?;
+    eventually(
+        Duration::from_secs(20),
+        "the change to reach Envoy",
+        || async { updates(&envoy).await.0 > settled.0 },
+    )
+    .await
+    .with_context(|| envoy.log())?;
+    let changed = updates(&envoy).await;
+
+    // The killed replica restarts on its data and catches up from the log.
+    group.start(killed);
+    let caught_up = group.agreed_leader(Duration::from_secs(20)).await?;
+    assert_eq!(caught_up.leader, second.leader);
+    eventually(
+        Duration::from_secs(20),
+        "the restarted replica to catch up",
+        || async {
+            let leader = group
+                .ask(second.leader)
+                .await
+                .map(|r| r.applied)
+                .unwrap_or(0);
+            let restarted = group.ask(killed).await.map(|r| r.applied).unwrap_or(0);
+            restarted > 0 && restarted == leader
+        },
+    )
+    .await
+    .with_context(|| group.replicas[&killed].log())?;
+
+    // Now the second leader goes too; the two left elect one of themselves
+    // (perhaps the restarted one), which again publishes the same versions.
+    let syncs_before = syncs(&edges).await;
+    group.replicas.get_mut(&second.leader).unwrap().kill();
+    group.replicas.remove(&second.leader);
+    group
+        .agreed_leader_besides(second.leader, Duration::from_secs(20))
+        .await?;
+    edges_follow(&edges, &syncs_before, Duration::from_secs(20)).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(updates(&envoy).await, changed, "Envoy saw no update");
+    Ok(())
+}
+
+/// Drops loopback packets to some ports while it lives (iptables, as
+/// root): a partition between edges and the leader group.
+struct Blocked(Vec<u16>);
+
+impl Blocked {
+    fn ports(ports: Vec<u16>) -> Result<Blocked> {
+        for port in &ports {
+            iptables("-I", *port)?;
+        }
+        Ok(Blocked(ports))
+    }
+}
+
+/// Adds (`-I`) or deletes (`-D`) the rules dropping both directions of
+/// the traffic of `port`.
+fn iptables(action: &str, port: u16) -> Result<()> {
+    for direction in ["--dport", "--sport"] {
+        let status = Command::new("iptables")
+            .args([action, "INPUT", "-i", "lo", "-p", "tcp", direction])
+            .arg(port.to_string())
+            .args(["-j", "DROP"])
+            .status()
+            .context("running iptables (scripts/test installs it; the test needs root)")?;
+        if !status.success() {
+            bail!("iptables {action} INPUT ... {direction} {port} failed: {status}");
+        }
+    }
+    Ok(())
+}
+
+impl Drop for Blocked {
+    fn drop(&mut self) {
+        for port in &self.0 {
+            let _ = iptables("-D", *port);
+        }
+    }
+}
+
+/// An edge cut off from every replica keeps serving Envoy its last
+/// configuration; a change made meanwhile arrives once the partition heals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_edge_keeps_serving_and_converges_when_it_heals() -> Result<()> {
+    let mut group = Group::prepare("partition", 3);
+    for id in group.ids.clone() {
+        group.start(id);
+    }
+    group.agreed_leader(Duration::from_secs(30)).await?;
+    let edge = EdgeProcess::start(&group, "edge-p");
+    edge.ready().await?;
+    let mesh = group.dir.join("mesh");
+    let class = class_of(&mesh, "bookbuyer/bookbuyer");
+    let envoy = Envoy::start("bookbuyer-partition", &class, edge.xds, Api::Delta).await?;
+    eventually(
+        Duration::from_secs(30),
+        "Envoy to take its class",
+        || async {
+            envoy.stat("listener_manager.total_listeners_active").await == 1
+                && envoy.stat("cluster_manager.warming_clusters").await == 0
+        },
+    )
+    .await
+    .with_context(|| envoy.log())?;
+    let before = updates(&envoy).await;
+
+    let ports = group.publish.values().map(SocketAddr::port).collect();
+    let blocked = Blocked::ports(ports)?;
+    let policies = mesh.join("policies.yaml");
+    let text = std::fs::read_to_string(&policies)?;
+    std::fs::write(
+        &policies,
+        text.replace(
+            "- { kind: ServiceAccount, name: bookbuyer, namespace: bookbuyer }",
+            "- { kind: ServiceAccount, name: nobody, namespace: bookbuyer }",
+        ),
+    )?;
+    // Cut off, the edge stays ready and Envoy keeps what it had.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(matches!(
+        http_get(edge.admin, "/readyz", None).await,
+        Ok((200, _))
+    ));
+    assert_eq!(updates(&envoy).await, before, "nothing reached Envoy");
+    assert_eq!(
+        envoy.stat("listener_manager.total_listeners_active").await,
+        1
+    );
+
+    drop(blocked);
+    eventually(
+        Duration::from_secs(60),
+        "the change to reach Envoy",
+        || async { updates(&envoy).await.0 > before.0 },
+    )
+    .await
+    .with_context(|| edge.process.log())?;
+    Ok(())
+}
+
+fn replica(raft: SocketAddr, publish: SocketAddr) -> Replica {
+    Replica {
+        raft: raft.to_string(),
+        publish: publish.to_string(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misconfigured_replicas_stop_with_a_clear_error_and_the_group_carries_on() -> Result<()> {
+    let mut group = Group::prepare("misconfigured", 3);
+    for id in group.ids.clone() {
+        group.start(id);
+    }
+    let leader = group.agreed_leader(Duration::from_secs(30)).await?;
+
+    // A replica of another group in a member's place (its id, addresses and
+    // certificate, fresh data): the leader's replication reaches it, it
+    // refuses, sees it never joined a group, and stops saying why.
+    let follower = *group.ids.iter().find(|id| **id != leader.leader).unwrap();
+    group.replicas.get_mut(&follower).unwrap().kill();
+    group.replicas.remove(&follower);
+    let stray_data = group.dir.join("stray-data");
+    let mut stray = group.spawn(follower, "another-group", &stray_data, "stray");
+    let (status, log) = stray.exited(Duration::from_secs(30)).await?;
+    assert!(!status.success());
+    assert!(
+        log.contains("\"another-group\"") && log.contains("check --cluster"),
+        "{log}"
+    );
+
+    // A replica whose id is not among the peers stops at once.
+    let mut args: Vec<String> = [
+        "leader",
+        "--dir",
+        &group.dir.join("mesh").to_string_lossy(),
+        "--node-id",
+        "7",
+        "--data-dir",
+        &group.dir.join("data-7").to_string_lossy(),
+        "--plaintext-peers",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    args.extend(group.peer_args());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut unknown = Process::spawn(&args, group.dir.join("unknown.log"));
+    let (status, log) = unknown.exited(Duration::from_secs(10)).await?;
+    assert!(!status.success());
+    assert!(log.contains("replica id 7 is not among the peers"), "{log}");
+
+    // The member restarted on another replica's data directory is refused.
+    let other = group.dir.join(format!("data-{}", leader.leader));
+    let mut borrowed = group.spawn(follower, "trellis", &other, "borrowed");
+    let (status, log) = borrowed.exited(Duration::from_secs(10)).await?;
+    assert!(!status.success());
+    assert!(log.contains("holds the data of leader group"), "{log}");
+
+    // A corrupted log stops that replica at start-up with the file named.
+    let corrupt = group.dir.join("data-corrupt");
+    std::fs::create_dir_all(&corrupt)?;
+    std::fs::write(
+        corrupt.join("replica.json"),
+        format!(r#"{{"cluster":"trellis","id":{follower}}}"#),
+    )?;
+    std::fs::write(corrupt.join("raft.redb"), b"not a database, just bytes")?;
+    let mut corrupted = group.spawn(follower, "trellis", &corrupt, "corrupted");
+    let (status, log) = corrupted.exited(Duration::from_secs(10)).await?;
+    assert!(!status.success());
+    assert!(log.contains("raft.redb"), "{log}");
+
+    // Through all of it the other two kept their leader.
+    group.replicas.retain(|id, _| *id != follower);
+    let still = group.agreed_leader(Duration::from_secs(10)).await?;
+    assert_eq!(still.leader, leader.leader);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_replica_not_among_its_peers_refuses_to_start() {
+    let peers = BTreeMap::from([(1, replica(addr(1), addr(2)))]);
+    let dir = std::env::temp_dir().join(format!("trellis-ha-self-{}", std::process::id()));
+    let error = LeaderGroup::start(GroupConfig::new(2, "trellis", peers, &dir))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, GroupError::UnknownSelf { id: 2, .. }),
+        "{error}"
+    );
+}
