@@ -30,6 +30,10 @@ struct Cli {
     /// `trellis run` process). edge-kill needs 2, leader-failover 1.
     #[arg(long, default_value_t = 0)]
     edges: usize,
+    /// Leader processes behind separate edges: more than one forms a Raft
+    /// group (leader-failover then kills the Raft leader).
+    #[arg(long, default_value_t = 1)]
+    leaders: usize,
     /// Harness processes to spread the clients over (each may hold 20,000
     /// open files).
     #[arg(long, default_value_t = 1)]
@@ -124,6 +128,7 @@ async fn main() -> Result<()> {
             TargetSpec::Spawn {
                 trellis: cli.trellis.clone(),
                 edges: cli.edges,
+                leaders: cli.leaders,
             }
         }
     };

@@ -428,7 +428,7 @@ async fn disrupt(
         Scenario::LeaderFailover => {
             let before = syncs(&target.admins).await;
             let at = clock::now();
-            target.replace_leader()?;
+            target.replace_leader().await?;
             let deadline = at + config.patience;
             let mut following = vec![None; before.len()];
             while following.iter().any(Option::is_none) && clock::now() < deadline {
@@ -638,10 +638,18 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
         .filter(|i| api_of(*i, config.sotw_fraction) == Api::Sotw)
         .count();
     let target_name = match &config.target {
-        TargetSpec::Spawn { trellis, edges: 0 } => format!("{} run", trellis.display()),
-        TargetSpec::Spawn { trellis, edges } => {
-            format!("{} leader and {edges} edges", trellis.display())
-        }
+        TargetSpec::Spawn {
+            trellis, edges: 0, ..
+        } => format!("{} run", trellis.display()),
+        TargetSpec::Spawn {
+            trellis,
+            edges,
+            leaders,
+        } => format!(
+            "{} leader ×{} and {edges} edges",
+            trellis.display(),
+            leaders.max(&1)
+        ),
         TargetSpec::InProcess => "Trellis in the harness's process".to_owned(),
         TargetSpec::External { xds, .. } => format!("external {xds}"),
     };

@@ -22,19 +22,24 @@ use trellis_leader::{
     pipeline::{Pipeline, PipelineConfig},
     source::{files::FileSource, Source},
 };
+use trellis_proto::trellis::raft::v1::{raft_client::RaftClient, LeaderRequest};
 
 /// What to load.
 #[derive(Clone, Debug)]
 pub enum TargetSpec {
     /// Trellis started by the harness as child processes on the generated
     /// mesh: `trellis run` (leader and edge in one process) when `edges` is
-    /// 0, else `trellis leader` and `edges` processes of `trellis edge`
-    /// following it. Their PIDs are measured.
+    /// 0, else `leaders` processes of `trellis leader` (a Raft group when
+    /// more than one) and `edges` processes of `trellis edge` following it.
+    /// Their PIDs are measured.
     Spawn {
         /// The `trellis` executable.
         trellis: PathBuf,
         /// Separate edge processes (0: one `trellis run`).
         edges: usize,
+        /// Leader processes behind separate edges (more than one: a Raft
+        /// group, plaintext between replicas).
+        leaders: usize,
     },
     /// Leader and edge inside the harness's own process (for tests; CPU and
     /// memory then include the simulated Envoys).
@@ -153,6 +158,8 @@ pub struct Target {
     pub tls: Option<ClientTls>,
     children: Vec<Child>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// A Raft group's replicas: role and Raft address.
+    replicas: Vec<(String, SocketAddr)>,
 }
 
 impl std::fmt::Debug for Target {
@@ -190,9 +197,19 @@ impl Target {
         Ok(())
     }
 
-    /// Kills the leader with SIGKILL and starts a new one on the same
-    /// inputs, CA and publish address, as a replacement pod would.
-    pub fn replace_leader(&mut self) -> Result<(), TargetError> {
+    /// Kills the leader with SIGKILL. A single leader is started again on
+    /// the same inputs, CA and publish address, as a replacement pod would
+    /// be; in a Raft group the Raft leader is killed and stays down, so
+    /// the others must elect one of themselves.
+    pub async fn replace_leader(&mut self) -> Result<(), TargetError> {
+        if !self.replicas.is_empty() {
+            let role = self.raft_leader().await?;
+            if let Some(child) = self.children.iter_mut().find(|c| c.role == role) {
+                child.kill();
+            }
+            self.replicas.retain(|(r, _)| *r != role);
+            return Ok(());
+        }
         let child = self
             .children
             .iter_mut()
@@ -210,6 +227,24 @@ impl Target {
             process.pid = pid;
         }
         Ok(())
+    }
+
+    /// The role of the group's Raft leader, as a replica says.
+    async fn raft_leader(&self) -> Result<String, TargetError> {
+        for (_, raft) in &self.replicas {
+            let Ok(mut client) = RaftClient::connect(format!("http://{raft}")).await else {
+                continue;
+            };
+            if let Ok(reply) = client.leader(LeaderRequest {}).await {
+                let leader = reply.into_inner().leader;
+                if leader != 0 {
+                    return Ok(format!("leader-{leader}"));
+                }
+            }
+        }
+        Err(TargetError::Unsupported(
+            "no replica of the group names a leader",
+        ))
     }
 }
 
@@ -242,10 +277,13 @@ pub async fn start(
             tls: None,
             children: Vec::new(),
             tasks: Vec::new(),
+            replicas: Vec::new(),
         }),
-        TargetSpec::Spawn { trellis, edges } => {
-            spawn(trellis, *edges, dir, ready_within, mtls).await
-        }
+        TargetSpec::Spawn {
+            trellis,
+            edges,
+            leaders,
+        } => spawn(trellis, (*edges, *leaders), dir, ready_within, mtls).await,
         TargetSpec::InProcess => in_process(dir, ready_within, mtls).await,
     }
 }
@@ -265,7 +303,7 @@ fn harness_ca(dir: &Path) -> Result<(PathBuf, ClientTls), TargetError> {
 
 async fn spawn(
     trellis: &Path,
-    edges: usize,
+    (edges, leaders): (usize, usize),
     dir: &Path,
     ready_within: Duration,
     mtls: bool,
@@ -278,6 +316,7 @@ async fn spawn(
     let mut children = Vec::new();
     let mut xds = Vec::new();
     let mut admins = Vec::new();
+    let mut replicas = Vec::new();
     if edges == 0 {
         let (address, admin) = (free_address().await?, free_address().await?);
         let mut command = Command::new(trellis);
@@ -295,16 +334,43 @@ async fn spawn(
         xds.push(address);
         admins.push(admin);
     } else {
-        let publish = free_address().await?;
-        let mut command = Command::new(trellis);
-        command
-            .arg("leader")
-            .arg("--dir")
-            .arg(dir)
-            .args(["--publish", &publish.to_string()])
-            .arg("--ca-dir")
-            .arg(&ca_dir);
-        children.push(Child::start("leader", command, log("leader"))?);
+        let mut peers = Vec::new();
+        let mut publish = Vec::new();
+        for id in 1..=leaders.max(1) {
+            let (raft, address) = (free_address().await?, free_address().await?);
+            peers.push(format!("{id}={raft},{address}"));
+            publish.push(format!("http://{address}"));
+            replicas.push((format!("leader-{id}"), raft));
+        }
+        for (index, (role, _)) in replicas.iter().enumerate() {
+            let mut command = Command::new(trellis);
+            command
+                .arg("leader")
+                .arg("--dir")
+                .arg(dir)
+                .arg("--ca-dir")
+                .arg(&ca_dir)
+                .arg("--publish")
+                .arg(publish[index].trim_start_matches("http://"));
+            if leaders > 1 {
+                command
+                    .args(["--node-id", &(index + 1).to_string()])
+                    .arg("--data-dir")
+                    .arg(dir.with_extension(format!("{role}.data")))
+                    .arg("--plaintext-peers");
+                for peer in &peers {
+                    command.args(["--peer", peer]);
+                }
+            }
+            children.push(Child::start(role, command, log(role))?);
+        }
+        if leaders <= 1 {
+            replicas.clear();
+            if let Some(child) = children.last_mut() {
+                child.role = "leader".to_owned();
+            }
+        }
+        let publish = publish.join(",");
         let tls_dir = match mtls {
             true => Some(edge_cert(trellis, &ca_dir, dir).await?),
             false => None,
@@ -315,7 +381,7 @@ async fn spawn(
             let mut command = Command::new(trellis);
             command.arg("edge").args([
                 "--leader",
-                &format!("http://{publish}"),
+                &publish,
                 "--name",
                 &role,
                 "--xds",
@@ -347,6 +413,7 @@ async fn spawn(
         tls,
         children,
         tasks: Vec::new(),
+        replicas,
     };
     let deadline = Instant::now() + ready_within;
     for admin in admins {
@@ -502,5 +569,6 @@ async fn in_process(dir: &Path, ready_within: Duration, mtls: bool) -> Result<Ta
         tls: client_tls,
         children: Vec::new(),
         tasks,
+        replicas: Vec::new(),
     })
 }

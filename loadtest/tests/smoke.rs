@@ -130,6 +130,7 @@ async fn clients_of_a_killed_edge_reconnect_elsewhere_and_are_sent_nothing_they_
     let spawn = TargetSpec::Spawn {
         trellis: trellis(),
         edges: 2,
+        leaders: 1,
     };
     let config = Config {
         clients: 200,
@@ -178,6 +179,7 @@ async fn a_replaced_leader_is_followed_without_resending_anything() {
     let spawn = TargetSpec::Spawn {
         trellis: trellis(),
         edges: 1,
+        leaders: 1,
     };
     let config = Config {
         clients: 100,
@@ -195,6 +197,41 @@ async fn a_replaced_leader_is_followed_without_resending_anything() {
     assert_eq!(
         disruption.resources_resent, 100,
         "each Envoy is sent its new certificate and nothing else"
+    );
+    std::fs::remove_dir_all(&config.dir).unwrap();
+}
+
+/// A Raft group of three leaders behind one edge: the Raft leader is
+/// killed, the edge syncs with the one elected, and because the group
+/// replicated the issued leaves the new leader compiles the same versions:
+/// nothing at all is re-sent, to Delta or state-of-the-world clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_raft_leader_is_followed_and_nothing_is_resent() {
+    let spawn = TargetSpec::Spawn {
+        trellis: trellis(),
+        edges: 1,
+        leaders: 3,
+    };
+    let config = Config {
+        clients: 100,
+        nack_fraction: 0.0,
+        changes: 2,
+        hold: Duration::from_secs(1),
+        ..config("raft-failover", spawn, Scenario::LeaderFailover)
+    };
+    let report = run(&config).await.unwrap();
+    assert_every_client_converged(&report, &config);
+    let disruption = report.disruption.as_ref().unwrap();
+    assert!(disruption.recovered);
+    assert_eq!(disruption.streams_ended, 0, "the edge kept every stream");
+    assert_eq!(disruption.resources_resent, 0, "nothing was re-sent");
+    assert_eq!(
+        report
+            .processes
+            .iter()
+            .filter(|p| p.role.starts_with("leader-"))
+            .count(),
+        3
     );
     std::fs::remove_dir_all(&config.dir).unwrap();
 }
