@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     sync::atomic::{AtomicU64, Ordering},
 };
 
@@ -415,4 +415,136 @@ async fn a_full_disk_fails_the_append_with_a_storage_error() {
     assert_eq!(logs.last_log_id, Some(log_id(1, index - 1)));
     let entries = log.try_get_log_entries(1..index).await.unwrap();
     assert_eq!(entries.len() as u64, index - 1);
+}
+
+/// No peers to reach: the test group is one replica.
+struct Alone;
+
+fn unreachable() -> openraft::error::Unreachable {
+    openraft::error::Unreachable::new(&io::Error::other("a group of one"))
+}
+
+impl openraft::RaftNetwork<TypeConfig> for Alone {
+    async fn append_entries(
+        &mut self,
+        _: openraft::raft::AppendEntriesRequest<TypeConfig>,
+        _: openraft::network::RPCOption,
+    ) -> Result<
+        openraft::raft::AppendEntriesResponse<NodeId>,
+        openraft::error::RPCError<NodeId, Replica, openraft::error::RaftError<NodeId>>,
+    > {
+        Err(unreachable().into())
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        _: openraft::raft::InstallSnapshotRequest<TypeConfig>,
+        _: openraft::network::RPCOption,
+    ) -> Result<
+        openraft::raft::InstallSnapshotResponse<NodeId>,
+        openraft::error::RPCError<
+            NodeId,
+            Replica,
+            openraft::error::RaftError<NodeId, openraft::error::InstallSnapshotError>,
+        >,
+    > {
+        Err(unreachable().into())
+    }
+
+    async fn vote(
+        &mut self,
+        _: openraft::raft::VoteRequest<NodeId>,
+        _: openraft::network::RPCOption,
+    ) -> Result<
+        openraft::raft::VoteResponse<NodeId>,
+        openraft::error::RPCError<NodeId, Replica, openraft::error::RaftError<NodeId>>,
+    > {
+        Err(unreachable().into())
+    }
+}
+
+impl openraft::RaftNetworkFactory<TypeConfig> for Alone {
+    type Network = Alone;
+
+    async fn new_client(&mut self, _: NodeId, _: &Replica) -> Alone {
+        Alone
+    }
+}
+
+/// A one-replica group on the store in `dir`, leading, and its state.
+async fn lead(dir: &Path) -> (openraft::Raft<TypeConfig>, watch::Receiver<Arc<MeshState>>) {
+    let config = openraft::Config {
+        heartbeat_interval: 50,
+        election_timeout_min: 150,
+        election_timeout_max: 300,
+        // Snapshots only when asked; then purge everything they cover.
+        snapshot_policy: openraft::SnapshotPolicy::Never,
+        max_in_snapshot_log_to_keep: 0,
+        ..Default::default()
+    };
+    // A replica that was shut down lets go of the file once its tasks end.
+    let mut tries = 0;
+    let (log, sm) = loop {
+        match open(dir) {
+            Err(StoreError::InUse { .. }) if tries < 100 => tries += 1,
+            opened => break opened.unwrap(),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let state = sm.subscribe();
+    let raft = openraft::Raft::new(1, Arc::new(config.validate().unwrap()), Alone, log, sm)
+        .await
+        .unwrap();
+    if !raft.is_initialized().await.unwrap() {
+        raft.initialize(BTreeMap::from([(1, Replica::default())]))
+            .await
+            .unwrap();
+    }
+    raft.wait(Some(std::time::Duration::from_secs(10)))
+        .state(openraft::ServerState::Leader, "leading")
+        .await
+        .unwrap();
+    (raft, state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_after_compaction_has_its_state_back() {
+    let dir = Scratch::new("raft");
+    let expected = {
+        let (raft, state) = lead(dir.path()).await;
+        raft.client_write(Command::SetCa(ca())).await.unwrap();
+        let snapshot_at = raft
+            .client_write(Command::Published {
+                epoch: 1,
+                issued: vec![leaf("a", 0), leaf("b", 0)],
+            })
+            .await
+            .unwrap()
+            .log_id;
+        raft.trigger().snapshot().await.unwrap();
+        let wait = raft.wait(Some(std::time::Duration::from_secs(10)));
+        wait.snapshot(snapshot_at, "snapshot").await.unwrap();
+        wait.purged(Some(snapshot_at), "compacted").await.unwrap();
+        // Only in the log, after the snapshot.
+        let written = raft
+            .client_write(Command::Published {
+                epoch: 2,
+                issued: vec![leaf("c", 0)],
+            })
+            .await
+            .unwrap();
+        assert_eq!(written.data, Applied::Done);
+        let expected = MeshState::clone(&state.borrow());
+        raft.shutdown().await.unwrap();
+        expected
+    };
+    assert_eq!((expected.epoch, expected.leaves.len()), (2, 3));
+    assert!(expected.ca.is_some());
+
+    let (raft, state) = lead(dir.path()).await;
+    assert_eq!(**state.borrow(), expected);
+    let metrics = raft.metrics().borrow().clone();
+    assert!(metrics.snapshot.is_some());
+    assert_eq!(metrics.purged, metrics.snapshot);
+    raft.shutdown().await.unwrap();
 }
