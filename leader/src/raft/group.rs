@@ -42,10 +42,10 @@ pub struct GroupConfig {
     /// Certificate, key and roots for mTLS between replicas; `None` runs
     /// the group's traffic in plaintext (development only).
     pub tls: Option<TlsCredentials>,
-    /// Leader heartbeat (default 150 ms).
+    /// Leader heartbeat (default 100 ms).
     pub heartbeat: Duration,
     /// A follower hearing nothing for a random time in this range calls an
-    /// election (default 600 ms to 1.2 s).
+    /// election (default 400 to 800 ms).
     pub election_timeout: (Duration, Duration),
 }
 
@@ -64,8 +64,8 @@ impl GroupConfig {
             peers,
             data_dir: data_dir.to_owned(),
             tls: None,
-            heartbeat: Duration::from_millis(150),
-            election_timeout: (Duration::from_millis(600), Duration::from_millis(1200)),
+            heartbeat: Duration::from_millis(100),
+            election_timeout: (Duration::from_millis(400), Duration::from_millis(800)),
         }
     }
 }
