@@ -12,6 +12,7 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
+use trellis_shared::replication::REPLICATED_TYPES;
 
 use crate::{metrics::Metrics, store::SnapshotStore, xds::AdsServer};
 
@@ -93,6 +94,15 @@ impl Admin {
         self.metrics
             .snapshot_scopes
             .set(i64::try_from(snapshot.scope_count()).unwrap_or(i64::MAX));
+        let resources: usize = (REPLICATED_TYPES.iter())
+            .map(|t| snapshot.resources_of(t).count())
+            .sum();
+        self.metrics
+            .snapshot_resources
+            .set(i64::try_from(resources).unwrap_or(i64::MAX));
+        self.metrics
+            .snapshot_classes
+            .set(i64::try_from(snapshot.class_names().count()).unwrap_or(i64::MAX));
         let mut body = String::new();
         match prometheus_client::encoding::text::encode(&mut body, &self.registry) {
             Ok(()) => response(

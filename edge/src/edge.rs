@@ -85,10 +85,15 @@ impl Edge {
         &self.store
     }
 
-    /// Follows the leader at `config.leader`, publishing its snapshots to
+    /// Follows the leader group at `config.leaders`, publishing its snapshots to
     /// this edge's store; runs until dropped (spawn it).
     pub fn follow(&self, config: UpstreamConfig) -> impl Future<Output = ()> + Send + 'static {
-        upstream::follow(config, self.store.clone(), self.metrics.clone())
+        upstream::follow(
+            config,
+            self.store.clone(),
+            self.metrics.clone(),
+            self.ads.demand().clone(),
+        )
     }
 
     /// The ADS service.

@@ -8,13 +8,16 @@
 //!   pre-encoded bytes and shared across streams of a class.
 //! * [`ProxyClassifier`]: which class a connecting proxy is served.
 //! * [`Admin`]: `/metrics`, `/healthz`, `/readyz`, `/debug/streams`.
-//! * [`UpstreamConfig`]: following the leader's snapshot over Delta xDS.
+//! * [`UpstreamConfig`]: following the leader's snapshot over Delta xDS,
+//!   all of it or (sharded) only the classes [`ClassDemand`] says the
+//!   connected proxies need.
 //! * [`EdgeTls`]: mTLS on the xDS port; [`PeerIdentity`] is who a client
 //!   certificate says the proxy is, which the classifier checks.
 //! * [`Edge`]: all of the above wired together and served on two listeners.
 
 mod admin;
 mod classify;
+mod demand;
 mod edge;
 mod metrics;
 mod store;
@@ -25,6 +28,7 @@ mod xds;
 pub use crate::{
     admin::Admin,
     classify::{ClassifyError, NodeClassifier, ProxyClassifier, CLASS_METADATA_KEY},
+    demand::ClassDemand,
     edge::{Edge, EdgeConfig, EdgeError},
     metrics::{Metrics, Protocol},
     store::SnapshotStore,

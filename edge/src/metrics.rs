@@ -63,6 +63,8 @@ pub struct Metrics {
     pub(crate) refused: Family<ReasonLabels, Counter>,
     pub(crate) snapshot_epoch: Gauge,
     pub(crate) snapshot_scopes: Gauge,
+    pub(crate) snapshot_resources: Gauge,
+    pub(crate) snapshot_classes: Gauge,
     pub(crate) response_cache_hits: Counter,
     pub(crate) response_cache_misses: Counter,
     pub(crate) upstream_connected: Gauge,
@@ -110,6 +112,16 @@ impl Metrics {
             "snapshot_scopes",
             "Scopes in the snapshot being served",
             self.snapshot_scopes.clone(),
+        );
+        edge.register(
+            "snapshot_resources",
+            "Resources in the snapshot being served",
+            self.snapshot_resources.clone(),
+        );
+        edge.register(
+            "snapshot_classes",
+            "Proxy classes in the snapshot being served",
+            self.snapshot_classes.clone(),
         );
         edge.register(
             "response_cache_hits",

@@ -14,6 +14,12 @@
 //! not lead refuses the stream, naming the leader's address when it knows
 //! it, and the edge goes there at once; otherwise it tries the next replica.
 //! So it follows leader changes by itself.
+//!
+//! A sharded edge subscribes to proxy classes by name instead of to
+//! everything: the classes its connected proxies need ([`ClassDemand`]),
+//! changed as the first proxy of a class arrives and the last one leaves.
+//! The leader answers a class with everything it references, of every type,
+//! so each commit is a consistent snapshot of just those classes.
 
 use std::{collections::HashMap, convert::Infallible, sync::Arc, time::Duration};
 
@@ -33,10 +39,10 @@ use trellis_proto::pb::{
 };
 use trellis_shared::{
     replication::{parse_replica_name, replica_name, LEADER_HINT, REPLICATED_TYPES},
-    type_url, Resource, Snapshot, SnapshotBuilder, SnapshotError,
+    type_url, Resource, Scope, Snapshot, SnapshotBuilder, SnapshotError,
 };
 
-use crate::{metrics::Metrics, store::SnapshotStore};
+use crate::{demand::ClassDemand, metrics::Metrics, store::SnapshotStore};
 
 /// Where and how the edge follows the leader.
 #[derive(Clone, Debug)]
@@ -50,6 +56,9 @@ pub struct UpstreamConfig {
     pub min_backoff: Duration,
     /// Longest retry delay (default 5 s).
     pub max_backoff: Duration,
+    /// Hold only the classes of the connected proxies (default: the whole
+    /// snapshot).
+    pub sharded: bool,
 }
 
 impl UpstreamConfig {
@@ -63,6 +72,7 @@ impl UpstreamConfig {
             node_id: node_id.into(),
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
+            sharded: false,
         }
     }
 }
@@ -101,11 +111,12 @@ pub(crate) async fn follow(
     config: UpstreamConfig,
     store: Arc<SnapshotStore>,
     metrics: Arc<Metrics>,
+    demand: Arc<ClassDemand>,
 ) {
-    // Failed attempts in a row; the backoff grows per round over every
-    // replica, so an election (replicas refusing, or naming a leader that
-    // is gone) is retried quickly, and only a group that stays unreachable
-    // is retried slowly.
+    // Attempts in a row that reached no replica; the backoff grows per
+    // round over every replica, so an election (replicas refusing, or
+    // naming a leader that is gone) is retried quickly, and only a group
+    // that stays unreachable is retried slowly.
     let mut failures = 0usize;
     let mut next = 0usize;
     let mut redirected: Option<String> = None;
@@ -129,6 +140,7 @@ pub(crate) async fn follow(
             config: &config,
             store: &store,
             metrics: &metrics,
+            demand: &demand,
             committed: false,
         };
         let Err(error) = session.run().instrument(span).await;
@@ -146,17 +158,32 @@ pub(crate) async fn follow(
                 continue;
             }
         }
-        failed_this_round.push(leader);
         next += 1;
+        // A replica that answers but does not lead is a group electing:
+        // try the next one soon, without growing the backoff.
+        if is_refusal(&error) {
+            failures = 0;
+            tokio::time::sleep(backoff(&config, 1)).await;
+            continue;
+        }
+        // Remembered for a round: a replica may still name this one.
+        failed_this_round.push(leader);
+        if failed_this_round.len() > replicas {
+            failed_this_round.remove(0);
+        }
+        // The backoff grows only with whole rounds in which no replica
+        // answered.
         failures += 1;
         let rounds = u32::try_from(failures / replicas).unwrap_or(u32::MAX);
-        if failures.is_multiple_of(replicas) {
-            failed_this_round.clear();
-        }
         let delay = backoff(&config, rounds + 1);
         warn!(%error, retry_in = ?delay, "lost the leader; serving the last snapshot");
         tokio::time::sleep(delay).await;
     }
+}
+
+/// Whether a replica refused the stream because it does not lead.
+fn is_refusal(error: &UpstreamError) -> bool {
+    matches!(error, UpstreamError::Grpc(status) if status.code() == tonic::Code::Unavailable)
 }
 
 /// The leader a refusing replica named, as a URI with `tried`'s scheme.
@@ -188,6 +215,7 @@ struct Session<'a> {
     config: &'a UpstreamConfig,
     store: &'a Arc<SnapshotStore>,
     metrics: &'a Arc<Metrics>,
+    demand: &'a Arc<ClassDemand>,
     /// Whether this session received at least one sound commit.
     committed: bool,
 }
@@ -212,15 +240,23 @@ impl Session<'_> {
             id: self.config.node_id.clone(),
             ..Node::default()
         };
+        let mut demand = self.demand.watch();
+        let mut subscribed = (*demand.borrow_and_update()).as_ref().clone();
         for (i, type_url) in REPLICATED_TYPES
             .iter()
             .chain([&type_url::COMMIT])
             .enumerate()
         {
+            // Sharded, only the class type names anything: the classes.
+            let names = match (self.config.sharded, *type_url) {
+                (false, _) => vec!["*".to_owned()],
+                (true, type_url::PROXY_CLASS) => subscribed.iter().map(class_name).collect(),
+                (true, _) => Vec::new(),
+            };
             let request = DeltaDiscoveryRequest {
                 node: (i == 0).then(|| node.clone()),
                 type_url: (*type_url).to_owned(),
-                resource_names_subscribe: vec!["*".to_owned()],
+                resource_names_subscribe: names,
                 initial_resource_versions: held_versions(&current, type_url),
                 ..DeltaDiscoveryRequest::default()
             };
@@ -239,7 +275,29 @@ impl Session<'_> {
         // What arrived since the last commit, on top of the latest snapshot.
         let mut pending: Option<SnapshotBuilder> = None;
         let mut received = 0usize;
-        while let Some(response) = responses.message().await? {
+        loop {
+            let response = tokio::select! {
+                response = responses.message() => match response? {
+                    Some(response) => response,
+                    None => break,
+                },
+                changed = demand.changed(), if self.config.sharded => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let wanted = (*demand.borrow_and_update()).as_ref().clone();
+                    let request = DeltaDiscoveryRequest {
+                        type_url: type_url::PROXY_CLASS.to_owned(),
+                        resource_names_subscribe: wanted.difference(&subscribed).map(class_name).collect(),
+                        resource_names_unsubscribe: subscribed.difference(&wanted).map(class_name).collect(),
+                        ..DeltaDiscoveryRequest::default()
+                    };
+                    debug!(classes = wanted.len(), "the classes this edge needs changed");
+                    subscribed = wanted;
+                    requests.send(request).await.map_err(|_| UpstreamError::Closed)?;
+                    continue;
+                }
+            };
             let result = if response.type_url == type_url::COMMIT {
                 let builder = pending
                     .take()
@@ -299,6 +357,12 @@ impl Session<'_> {
         self.metrics.upstream_syncs.inc();
         Ok(())
     }
+}
+
+/// The wire name of class `class`'s manifest: what a sharded edge
+/// subscribes to.
+fn class_name(class: &Arc<str>) -> String {
+    replica_name(&Scope::Class(class.clone()), class)
 }
 
 /// The versions of one type the edge holds, by wire name.

@@ -6,9 +6,16 @@
 //! leader sends what differs, then a commit. From then on every new snapshot
 //! is sent as its differences from the last one sent, then a commit. A slow
 //! edge skips intermediate snapshots: it always catches up to the latest.
+//!
+//! A sharded edge names proxy classes instead (in its class-type
+//! subscription, changed as its proxies come and go). It is sent each named
+//! class with everything the class references, of every type, and the
+//! removal of what no named class references any more; what it holds is
+//! tracked per stream, so a resource entering its view is sent even when it
+//! did not change in the snapshot.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     pin::Pin,
     sync::Arc,
     time::Duration,
@@ -34,8 +41,8 @@ use trellis_proto::{
     trellis::v1::Commit,
 };
 use trellis_shared::{
-    replication::{replica_name, COMMIT_NAME, LEADER_HINT, REPLICATED_TYPES},
-    type_url, Resource, Snapshot,
+    replication::{parse_replica_name, replica_name, COMMIT_NAME, LEADER_HINT, REPLICATED_TYPES},
+    type_url, Resource, Scope, Snapshot,
 };
 
 /// Most resources in one response: an edge's first sync of a large mesh is
@@ -187,6 +194,8 @@ impl AggregatedDiscoveryService for Publisher {
             requests: request.into_inner(),
             tx,
             nonce: 0,
+            classes: None,
+            held: HashMap::new(),
         };
         let span = info_span!("edge_stream", %peer, edge = tracing::field::Empty);
         tokio::spawn(stream.run().instrument(span));
@@ -213,6 +222,48 @@ struct EdgeStream {
     requests: Streaming<DeltaDiscoveryRequest>,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     nonce: u64,
+    /// The classes a sharded edge named; `None` for a full replica.
+    classes: Option<BTreeSet<String>>,
+    /// A sharded edge: what it holds, by type and wire name, with versions.
+    held: HashMap<(&'static str, String), String>,
+}
+
+/// The class named by a class-type wire name (`<class scope> <class>`).
+fn named_class(wire: &str) -> Option<String> {
+    match parse_replica_name(wire)? {
+        (Scope::Class(class), name) if *class == *name => Some(name.to_owned()),
+        _ => None,
+    }
+}
+
+/// Everything `classes` see in `snapshot`: their manifests and every
+/// resource they reference, by type and wire name.
+fn view<'a>(
+    snapshot: &'a Snapshot,
+    classes: &BTreeSet<String>,
+) -> HashMap<(&'static str, String), &'a Resource> {
+    let mut seen = HashMap::new();
+    for class in classes {
+        let Some(manifest) = snapshot.manifest(class) else {
+            continue;
+        };
+        let scope = Scope::Class(Arc::from(class.as_str()));
+        if let Some(resource) = snapshot.get(&scope, type_url::PROXY_CLASS, class) {
+            seen.insert(
+                (type_url::PROXY_CLASS, replica_name(&scope, class)),
+                resource,
+            );
+        }
+        for (scope, type_url, name) in manifest.refs() {
+            let Some(type_url) = REPLICATED_TYPES.iter().find(|t| **t == &**type_url) else {
+                continue;
+            };
+            if let Some(resource) = snapshot.get(scope, type_url, name) {
+                seen.insert((*type_url, replica_name(scope, name)), resource);
+            }
+        }
+    }
+    seen
 }
 
 impl EdgeStream {
@@ -239,11 +290,27 @@ impl EdgeStream {
             .map_err(|_| StreamEnd::NoSubscription(SUBSCRIBE_TIMEOUT))??;
         let mut epochs = self.store.subscribe();
         let mut sent = self.store.load();
-        self.send_initial(&sent, &known).await?;
+        if self.classes.is_some() {
+            self.held = known
+                .into_iter()
+                .filter_map(|(t, versions)| {
+                    Some((REPLICATED_TYPES.iter().find(|r| **r == t)?, versions))
+                })
+                .flat_map(|(t, versions)| versions.into_iter().map(move |(n, v)| ((*t, n), v)))
+                .collect();
+            self.reconcile(&sent).await?;
+        } else {
+            self.send_initial(&sent, &known).await?;
+        }
         loop {
             tokio::select! {
                 request = self.requests.message() => match request? {
-                    Some(request) => acknowledge(&request),
+                    Some(request) => {
+                        acknowledge(&request);
+                        if self.resubscribe(&request) {
+                            self.reconcile(&sent).await?;
+                        }
+                    }
                     None => return Ok(()),
                 },
                 _ = self.closing.changed() => return Err(StreamEnd::Closing),
@@ -252,7 +319,11 @@ impl EdgeStream {
                         return Ok(());
                     }
                     let now = self.store.load();
-                    self.send_changes(&sent, &now).await?;
+                    if self.classes.is_some() {
+                        self.reconcile(&now).await?;
+                    } else {
+                        self.send_changes(&sent, &now).await?;
+                    }
                     sent = now;
                 }
             }
@@ -274,11 +345,82 @@ impl EdgeStream {
                 return Ok(known);
             }
             if REPLICATED_TYPES.contains(&request.type_url.as_str()) {
+                if request.type_url == type_url::PROXY_CLASS
+                    && !request.resource_names_subscribe.iter().any(|n| n == "*")
+                {
+                    let classes = request.resource_names_subscribe.iter();
+                    self.classes = Some(classes.filter_map(|n| named_class(n)).collect());
+                }
                 known.insert(request.type_url, request.initial_resource_versions);
             } else {
                 warn!(type_url = %request.type_url, "edge subscribed to a type the leader does not replicate");
             }
         }
+    }
+
+    /// A sharded edge's change of classes; whether it changed anything.
+    fn resubscribe(&mut self, request: &DeltaDiscoveryRequest) -> bool {
+        let Some(classes) = self.classes.as_mut() else {
+            return false;
+        };
+        if request.type_url != type_url::PROXY_CLASS {
+            return false;
+        }
+        let before = classes.len();
+        let added = request
+            .resource_names_subscribe
+            .iter()
+            .filter_map(|n| named_class(n));
+        let removed: Vec<String> = (request.resource_names_unsubscribe.iter())
+            .filter_map(|n| named_class(n))
+            .collect();
+        classes.extend(added);
+        classes.retain(|c| !removed.contains(c));
+        info!(classes = classes.len(), "the edge's classes changed");
+        classes.len() != before || !removed.is_empty()
+    }
+
+    /// A sharded edge: sends what its classes see that it does not hold
+    /// (or holds in another version), removes what they no longer see, and
+    /// commits.
+    async fn reconcile(&mut self, snapshot: &Snapshot) -> Result<(), StreamEnd> {
+        let Some(classes) = &self.classes else {
+            return Ok(());
+        };
+        let seen = view(snapshot, classes);
+        let mut total = 0;
+        for type_url in REPLICATED_TYPES {
+            let resources: Vec<WireResource> = seen
+                .iter()
+                .filter(|((t, wire), resource)| {
+                    *t == type_url
+                        && self.held.get(&(*t, wire.clone())).map(String::as_str)
+                            != Some(resource.version().to_string().as_str())
+                })
+                .map(|((_, wire), resource)| wire_resource(wire.clone(), resource))
+                .collect();
+            let removed: Vec<String> = (self.held.keys())
+                .filter(|(t, wire)| *t == type_url && !seen.contains_key(&(*t, wire.clone())))
+                .map(|(_, wire)| wire.clone())
+                .collect();
+            for resource in &resources {
+                self.held
+                    .insert((type_url, resource.name.clone()), resource.version.clone());
+            }
+            for wire in &removed {
+                self.held.remove(&(type_url, wire.clone()));
+            }
+            total += resources.len() + removed.len();
+            self.send_type(snapshot, type_url, resources, removed)
+                .await?;
+        }
+        debug!(
+            epoch = snapshot.epoch(),
+            resources = total,
+            held = self.held.len(),
+            "sharded edge reconciled"
+        );
+        self.send_commit(snapshot).await
     }
 
     /// Everything the edge lacks, and removals of what it holds that the

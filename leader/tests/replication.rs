@@ -13,7 +13,7 @@ use support::{copy_example, eventually, Api, Envoy, TestEdge};
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::Streaming;
-use trellis_edge::SnapshotStore;
+use trellis_edge::{SnapshotStore, UpstreamConfig};
 use trellis_leader::{
     ca::BuiltinCa,
     compile::Compiler,
@@ -198,6 +198,79 @@ async fn envoy_behind_an_edge_follows_the_leader_across_a_partition() -> Result<
     .await
     .with_context(|| envoy.log())?;
     assert_eq!(envoy.stat("listener_manager.lds.update_rejected").await, 0);
+    Ok(())
+}
+
+/// A sharded edge holds the classes of the Envoys connected to it and what
+/// they reference, not the mesh; it lets a class go with its last Envoy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sharded_edge_holds_only_its_proxies_classes() -> Result<()> {
+    let leader = TestLeader::start("replication-sharded").await;
+    let full = TestEdge::following(leader.publish, "edge-full").await;
+    let mut config = UpstreamConfig::new([format!("http://{}", leader.publish)], "edge-sharded");
+    config.sharded = true;
+    let sharded = TestEdge::following_with(config).await;
+    for edge in [&full, &sharded] {
+        eventually(Duration::from_secs(20), "the edge to be ready", || async {
+            edge.admin("/readyz").await.0 == 200
+        })
+        .await?;
+    }
+    let classes = leader.status.borrow().classes.len() as f64;
+    let everything = full.metric("trellis_edge_snapshot_resources").await;
+    assert_eq!(full.metric("trellis_edge_snapshot_classes").await, classes);
+    assert_eq!(sharded.metric("trellis_edge_snapshot_classes").await, 0.0);
+    assert_eq!(sharded.metric("trellis_edge_snapshot_resources").await, 0.0);
+
+    // Two Envoys of two classes: each gets its whole class from the
+    // sharded edge, which now holds those two classes and nothing more.
+    let buyer = Envoy::start(
+        "bookbuyer-0",
+        &leader.class_of("bookbuyer/bookbuyer-0"),
+        sharded.xds,
+        Api::Delta,
+    )
+    .await?;
+    let thief = Envoy::start(
+        "bookthief-0",
+        &leader.class_of("bookthief/bookthief-0"),
+        sharded.xds,
+        Api::Sotw,
+    )
+    .await?;
+    buyer.wait_warm(1, 3).await.with_context(|| buyer.log())?;
+    eventually(
+        Duration::from_secs(20),
+        "bookthief's class to warm",
+        || async {
+            thief.stat("cluster_manager.cds.update_success").await >= 1
+                && thief.stat("cluster_manager.warming_clusters").await == 0
+        },
+    )
+    .await
+    .with_context(|| thief.log())?;
+    eventually(Duration::from_secs(10), "two classes held", || async {
+        sharded.metric("trellis_edge_snapshot_classes").await == 2.0
+    })
+    .await?;
+    let two = sharded.metric("trellis_edge_snapshot_resources").await;
+    assert!(two > 0.0 && two < everything, "{two} of {everything}");
+    let bookbuyer_class = leader.class_of("bookbuyer/bookbuyer-0");
+    let snapshot = sharded.store.load();
+    let held: Vec<&str> = snapshot.class_names().map(|c| &**c).collect();
+    assert!(held.contains(&bookbuyer_class.as_str()), "{held:?}");
+
+    // The last bookthief goes: its class (and what only it referenced)
+    // goes too; bookbuyer's Envoy is not disturbed.
+    let before = updates(&buyer).await;
+    drop(thief);
+    eventually(Duration::from_secs(20), "one class held", || async {
+        sharded.metric("trellis_edge_snapshot_classes").await == 1.0
+    })
+    .await?;
+    assert!(sharded.metric("trellis_edge_snapshot_resources").await < two);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(updates(&buyer).await, before, "bookbuyer saw no update");
     Ok(())
 }
 

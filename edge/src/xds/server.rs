@@ -37,6 +37,7 @@ use super::{
 };
 use crate::{
     classify::{ClassifyError, ProxyClassifier},
+    demand::ClassDemand,
     metrics::{Metrics, Protocol, ProtocolLabels, TypeLabels},
     store::SnapshotStore,
     tls::{PeerError, PeerIdentity},
@@ -72,6 +73,8 @@ pub(super) struct Shared {
     responses: ResponseCache,
     deltas: DeltaCache,
     streams: DashMap<u64, StreamReport>,
+    /// The classes of the open streams (what a sharded edge subscribes to).
+    demand: Arc<ClassDemand>,
     next_stream: AtomicU64,
     /// Flipped once when the edge drains: every stream ends with UNAVAILABLE
     /// so its proxy reconnects elsewhere.
@@ -126,10 +129,16 @@ impl AdsServer {
                 responses: ResponseCache::default(),
                 deltas: DeltaCache::default(),
                 streams: DashMap::new(),
+                demand: Arc::new(ClassDemand::default()),
                 next_stream: AtomicU64::new(1),
                 draining: watch::channel(false).0,
             }),
         }
+    }
+
+    /// The classes the open streams need.
+    pub fn demand(&self) -> &Arc<ClassDemand> {
+        &self.shared.demand
     }
 
     #[cfg(test)]
@@ -437,6 +446,7 @@ impl Shared {
 struct Registration {
     shared: Arc<Shared>,
     id: u64,
+    class: Arc<str>,
     protocol: Protocol,
 }
 
@@ -463,9 +473,12 @@ impl Registration {
                 types: Vec::new(),
             },
         );
+        let class: Arc<str> = Arc::from(class);
+        shared.demand.acquire(&class);
         Registration {
             shared: shared.clone(),
             id,
+            class,
             protocol,
         }
     }
@@ -473,6 +486,7 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        self.shared.demand.release(&self.class);
         self.shared
             .metrics
             .streams

@@ -92,8 +92,13 @@ impl TestEdge {
 
     /// An edge that follows the leader publishing at `leader`.
     pub async fn following(leader: SocketAddr, name: &str) -> TestEdge {
+        TestEdge::following_with(UpstreamConfig::new([format!("http://{leader}")], name)).await
+    }
+
+    /// An edge that follows a leader as `config` says.
+    pub async fn following_with(config: UpstreamConfig) -> TestEdge {
         let edge = Edge::new(EdgeConfig::default());
-        let follow = edge.follow(UpstreamConfig::new([format!("http://{leader}")], name));
+        let follow = edge.follow(config);
         let mut test = TestEdge::launch(edge, "127.0.0.1:0".parse().unwrap(), None).await;
         test.follow = Some(tokio::spawn(follow));
         test

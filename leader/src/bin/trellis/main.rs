@@ -152,6 +152,10 @@ enum Command {
         /// This edge's name, in the leader's logs (default: the host name).
         #[arg(long)]
         name: Option<String>,
+        /// Hold only the classes of the proxies connected here (and what
+        /// they reference), not the whole mesh.
+        #[arg(long)]
+        sharded: bool,
         /// Directory of the edge's TLS material: tls.crt, tls.key and the
         /// mesh roots ca.crt (`trellis edge-cert` writes it; re-read when it
         /// changes). Required unless --plaintext.
@@ -269,9 +273,10 @@ async fn main() -> Result<()> {
         Command::Edge {
             leader,
             name,
+            sharded,
             tls_dir,
             serving,
-        } => edge(leader, name, tls_dir, serving).await,
+        } => edge(leader, name, sharded, tls_dir, serving).await,
         Command::Check { dir, mesh } => check(dir, mesh),
         Command::Bootstrap {
             ca_dir,
@@ -602,6 +607,7 @@ async fn leader_group(inputs: Inputs, publish: SocketAddr, group: GroupArgs) -> 
 async fn edge(
     leader: Vec<String>,
     name: Option<String>,
+    sharded: bool,
     tls_dir: Option<PathBuf>,
     serving: Serving,
 ) -> Result<()> {
@@ -611,8 +617,18 @@ async fn edge(
     let edge = Edge::new(EdgeConfig::default());
     let xds_listener = bind("xDS", serving.xds).await?;
     let admin_listener = bind("admin", serving.admin).await?;
-    let follow = tokio::spawn(edge.follow(UpstreamConfig::new(&leader, &name)));
-    println!("Trellis edge {name} following {}", leader.join(", "));
+    let mut upstream = UpstreamConfig::new(&leader, &name);
+    upstream.sharded = sharded;
+    let follow = tokio::spawn(edge.follow(upstream));
+    println!(
+        "Trellis edge {name} following {}{}",
+        leader.join(", "),
+        if sharded {
+            " (sharded: only its proxies' classes)"
+        } else {
+            ""
+        }
+    );
     println!("  xDS (ADS, Delta and SotW):  {}", serving.xds);
     println!(
         "  admin:                      http://{}/metrics  /healthz  /readyz (ready once the leader's snapshot arrived)",
