@@ -7,8 +7,18 @@
 //! certificate's ServiceAccount (class ids begin `<ns>/<sa>/`). Since a
 //! class's resources include only its own identity's secrets, a proxy never
 //! receives another identity's keys.
+//!
+//! When the leader bound the certificate's proxy UUID to a class (a
+//! `trellis.v1.ProxyBinding`, from the pod's `osm-proxy-uuid` label), that
+//! class is the proxy's: a node that claims none is served it, and a node
+//! that claims another is refused.
 
-use trellis_proto::pb::envoy::config::core::v3::Node;
+use prost::Message;
+use trellis_proto::{
+    pb::{envoy::config::core::v3::Node, google::protobuf::Any},
+    trellis::v1::ProxyBinding,
+};
+use trellis_shared::{type_url, Scope, Snapshot};
 
 use crate::tls::{PeerError, PeerIdentity};
 
@@ -33,6 +43,16 @@ pub enum ClassifyError {
         /// The certificate's common name.
         certified: String,
     },
+    /// The node claims another class than the one its proxy is bound to.
+    #[error("node {node_id:?} claims class {claimed:?} but its proxy is bound to {bound:?}")]
+    NotBound {
+        /// The node's id.
+        node_id: String,
+        /// The class it claims.
+        claimed: String,
+        /// The class the leader bound its UUID to.
+        bound: String,
+    },
     /// The class belongs to another ServiceAccount.
     #[error("class {class:?} is not a class of {identity}, whose certificate the proxy holds")]
     ForeignClass {
@@ -52,6 +72,7 @@ impl ClassifyError {
         match self {
             ClassifyError::NoClass { .. } => "no_class",
             ClassifyError::IdentityMismatch { .. } => "identity_mismatch",
+            ClassifyError::NotBound { .. } => "not_bound",
             ClassifyError::ForeignClass { .. } => "foreign_class",
             ClassifyError::Peer(_) => "bad_client_certificate",
         }
@@ -61,8 +82,24 @@ impl ClassifyError {
 /// Maps a connecting proxy to its class.
 pub trait ProxyClassifier: Send + Sync + 'static {
     /// The class whose configuration this node is served; `peer` is who its
-    /// verified client certificate says it is (`None` over plaintext).
-    fn classify(&self, node: &Node, peer: Option<&PeerIdentity>) -> Result<String, ClassifyError>;
+    /// verified client certificate says it is (`None` over plaintext), and
+    /// `bound` the class the leader bound its proxy UUID to, if any.
+    fn classify(
+        &self,
+        node: &Node,
+        peer: Option<&PeerIdentity>,
+        bound: Option<&str>,
+    ) -> Result<String, ClassifyError>;
+}
+
+/// The class `snapshot` binds `peer`'s proxy UUID to, if it holds one.
+pub(crate) fn bound_class(snapshot: &Snapshot, peer: &PeerIdentity) -> Option<String> {
+    let uuid = peer.proxy_uuid()?;
+    let scope = Scope::Identity(peer.identity().into());
+    let resource = snapshot.get(&scope, type_url::PROXY_BINDING, uuid)?;
+    let any = Any::decode(resource.any().clone()).ok()?;
+    let binding = ProxyBinding::decode(any.value.as_slice()).ok()?;
+    Some(binding.class)
 }
 
 /// Takes the class from node metadata `trellis.class`, else from the node's
@@ -72,23 +109,27 @@ pub trait ProxyClassifier: Send + Sync + 'static {
 pub struct NodeClassifier;
 
 impl ProxyClassifier for NodeClassifier {
-    fn classify(&self, node: &Node, peer: Option<&PeerIdentity>) -> Result<String, ClassifyError> {
+    fn classify(
+        &self,
+        node: &Node,
+        peer: Option<&PeerIdentity>,
+        bound: Option<&str>,
+    ) -> Result<String, ClassifyError> {
         let from_metadata = node
             .metadata
             .as_ref()
             .and_then(|m| m.fields.get(CLASS_METADATA_KEY))
             .and_then(prost_types_value::kind_string);
-        let class = match from_metadata {
-            Some(class) if !class.is_empty() => class.to_owned(),
-            _ if !node.cluster.is_empty() => node.cluster.clone(),
-            _ => {
-                return Err(ClassifyError::NoClass {
-                    node_id: node.id.clone(),
-                })
-            }
+        let claimed = match from_metadata {
+            Some(class) if !class.is_empty() => Some(class.to_owned()),
+            _ if !node.cluster.is_empty() => Some(node.cluster.clone()),
+            _ => None,
+        };
+        let no_class = || ClassifyError::NoClass {
+            node_id: node.id.clone(),
         };
         let Some(peer) = peer else {
-            return Ok(class);
+            return claimed.ok_or_else(no_class);
         };
         if node.id != peer.common_name {
             return Err(ClassifyError::IdentityMismatch {
@@ -96,6 +137,18 @@ impl ProxyClassifier for NodeClassifier {
                 certified: peer.common_name.clone(),
             });
         }
+        let class = match (claimed, bound) {
+            (Some(claimed), Some(bound)) if claimed != bound => {
+                return Err(ClassifyError::NotBound {
+                    node_id: node.id.clone(),
+                    claimed,
+                    bound: bound.to_owned(),
+                })
+            }
+            (_, Some(bound)) => bound.to_owned(),
+            (Some(claimed), None) => claimed,
+            (None, None) => return Err(no_class()),
+        };
         let identity = peer.identity();
         let owned = class
             .strip_prefix(identity.as_str())
@@ -141,7 +194,7 @@ mod tests {
     #[test]
     fn a_certified_proxy_gets_only_its_own_identitys_classes() {
         let id = "u1.sidecar.bookbuyer.bookbuyer.cluster.local";
-        let classify = |node: Node| NodeClassifier.classify(&node, Some(&buyer()));
+        let classify = |node: Node| NodeClassifier.classify(&node, Some(&buyer()), None);
         assert_eq!(
             classify(node(id, "bookbuyer/bookbuyer/0a1b2c3d")),
             Ok("bookbuyer/bookbuyer/0a1b2c3d".to_owned())
@@ -165,8 +218,36 @@ mod tests {
         );
         // Plaintext (development only): the node's word is taken.
         assert_eq!(
-            NodeClassifier.classify(&node("any", "bookstore/bookstore/0a1b2c3d"), None),
+            NodeClassifier.classify(&node("any", "bookstore/bookstore/0a1b2c3d"), None, None),
             Ok("bookstore/bookstore/0a1b2c3d".to_owned())
         );
+    }
+
+    #[test]
+    fn a_bound_proxy_is_served_its_binding_and_refused_any_other_claim() {
+        let id = "u1.sidecar.bookbuyer.bookbuyer.cluster.local";
+        let bound = Some("bookbuyer/bookbuyer/0a1b2c3d");
+        let classify = |node: Node| NodeClassifier.classify(&node, Some(&buyer()), bound);
+        assert_eq!(
+            classify(node(id, "")),
+            Ok("bookbuyer/bookbuyer/0a1b2c3d".to_owned()),
+            "a node claiming nothing is served its binding"
+        );
+        assert_eq!(
+            classify(node(id, "bookbuyer/bookbuyer/0a1b2c3d")),
+            Ok("bookbuyer/bookbuyer/0a1b2c3d".to_owned())
+        );
+        assert_eq!(
+            classify(node(id, "bookbuyer/bookbuyer/ffffffff")).map_err(|e| e.reason()),
+            Err("not_bound"),
+            "another class of the same identity is refused"
+        );
+        assert_eq!(
+            NodeClassifier
+                .classify(&node(id, ""), Some(&buyer()), None)
+                .map_err(|e| e.reason()),
+            Err("no_class")
+        );
+        assert_eq!(buyer().proxy_uuid(), Some("u1"));
     }
 }

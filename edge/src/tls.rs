@@ -288,6 +288,13 @@ impl PeerIdentity {
     pub fn identity(&self) -> String {
         format!("{}/{}", self.namespace, self.service_account)
     }
+
+    /// The proxy's UUID, when the common name is a sidecar's
+    /// (`<uuid>.sidecar.<sa>.<ns>.<trust-domain>`).
+    pub fn proxy_uuid(&self) -> Option<&str> {
+        let (uuid, rest) = self.common_name.split_once('.')?;
+        (!uuid.is_empty() && rest.starts_with("sidecar.")).then_some(uuid)
+    }
 }
 
 /// (namespace, ServiceAccount) of `spiffe://<td>/ns/<ns>/sa/<sa>`.

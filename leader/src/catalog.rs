@@ -187,7 +187,12 @@ pub struct MeshPod {
     pub services: BTreeSet<ServiceKey>,
     /// Annotated `prometheus.io/scrape=true`.
     pub metrics: bool,
+    /// The proxy UUID the injector labelled it with ([`PROXY_UUID_LABEL`]).
+    pub proxy_uuid: Option<String>,
 }
+
+/// The pod label the sidecar injector sets to its proxy's UUID (OSM's key).
+pub const PROXY_UUID_LABEL: &str = "osm-proxy-uuid";
 
 /// Mesh-wide settings from the MeshConfig.
 #[derive(Clone, Debug, PartialEq, Eq)]

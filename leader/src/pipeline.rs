@@ -9,7 +9,8 @@ use std::{
 
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, info_span, warn};
-use trellis_shared::{Epoch, Snapshot, SnapshotBuilder, SnapshotError};
+use trellis_proto::trellis::v1::ProxyBinding;
+use trellis_shared::{type_url, Epoch, Resource, Scope, Snapshot, SnapshotBuilder, SnapshotError};
 
 use crate::{
     catalog::{self, Catalog, Problem, ServiceKey},
@@ -91,6 +92,8 @@ pub struct Pipeline {
     pending: Pending,
     snapshot: Snapshot,
     status: watch::Sender<Arc<Status>>,
+    /// The proxy bindings in the snapshot, to remove those that go.
+    bindings: BTreeSet<ResourceKey>,
     /// Where [`Pipeline::run`] publishes; each snapshot reaches it before
     /// the status announces it, so whoever sees the status finds the
     /// snapshot served.
@@ -129,6 +132,51 @@ fn put(
         }
     }
     Ok(())
+}
+
+/// Puts a `trellis.v1.ProxyBinding` for every pod of a class that carries
+/// a proxy UUID, in its identity's scope, and removes those of `before`
+/// that are gone; returns the keys now bound. Equal bindings are no change.
+fn bind(
+    builder: &mut SnapshotBuilder,
+    catalog: &Catalog,
+    compiled: &Compiled,
+    before: &BTreeSet<ResourceKey>,
+) -> Result<BTreeSet<ResourceKey>, SnapshotError> {
+    let class_of: BTreeMap<&str, &str> = (compiled.classes.iter())
+        .flat_map(|(id, class)| {
+            class
+                .pods
+                .iter()
+                .map(move |pod| (pod.as_str(), id.as_str()))
+        })
+        .collect();
+    let mut bound = BTreeSet::new();
+    for pod in catalog.pods.values() {
+        let (Some(uuid), Some(class)) = (&pod.proxy_uuid, class_of.get(pod.name.as_str())) else {
+            continue;
+        };
+        let binding = ProxyBinding {
+            class: (*class).to_owned(),
+            pod: pod.name.clone(),
+        };
+        let resource = match Resource::encode(type_url::PROXY_BINDING, &binding) {
+            Ok(resource) => resource,
+            // The type is in the descriptor pool, so this is a defect; the
+            // proxy then keeps being classified by what its node claims.
+            Err(error) => {
+                warn!(pod = %pod.name, %error, "could not encode a proxy binding");
+                continue;
+            }
+        };
+        let scope = Scope::Identity(pod.identity.to_string().into());
+        builder.insert(scope.clone(), type_url::PROXY_BINDING, uuid, resource)?;
+        bound.insert((scope, type_url::PROXY_BINDING, uuid.clone()));
+    }
+    for (scope, type_url, name) in before.difference(&bound) {
+        builder.remove(scope, type_url, name);
+    }
+    Ok(bound)
 }
 
 /// The service an EndpointSlice or Endpoints object belongs to; `None` for
@@ -176,6 +224,7 @@ impl Pipeline {
                 ..Pending::default()
             },
             snapshot: Snapshot::empty(),
+            bindings: BTreeSet::new(),
             status: watch::channel(Arc::new(Status::default())).0,
             sink: None,
         }
@@ -299,6 +348,7 @@ impl Pipeline {
 
         let mut builder = self.snapshot.to_builder();
         put(&mut builder, compiled, &update.changed)?;
+        self.bindings = bind(&mut builder, &catalog, compiled, &self.bindings)?;
         let changed = builder.has_changes();
         let snapshot = if changed {
             builder.build()?

@@ -9,7 +9,8 @@
 //!
 //! A sharded edge names proxy classes instead (in its class-type
 //! subscription, changed as its proxies come and go). It is sent each named
-//! class with everything the class references, of every type, and the
+//! class with everything the class references, of every type (and the
+//! proxy bindings of its identity), and the
 //! removal of what no named class references any more; what it holds is
 //! tracked per stream, so a resource entering its view is sent even when it
 //! did not change in the snapshot.
@@ -253,6 +254,17 @@ fn view<'a>(
                 (type_url::PROXY_CLASS, replica_name(&scope, class)),
                 resource,
             );
+        }
+        // The bindings of the class's identity, so a sharded edge checks a
+        // proxy's claim as a full one does.
+        if let Some((identity, _)) = class.rsplit_once('/') {
+            let scope = Scope::Identity(Arc::from(identity));
+            for (name, resource) in snapshot.scope_resources(&scope, type_url::PROXY_BINDING) {
+                seen.insert(
+                    (type_url::PROXY_BINDING, replica_name(&scope, name)),
+                    resource,
+                );
+            }
         }
         for (scope, type_url, name) in manifest.refs() {
             let Some(type_url) = REPLICATED_TYPES.iter().find(|t| **t == &**type_url) else {

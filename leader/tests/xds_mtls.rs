@@ -44,9 +44,15 @@ struct Mesh {
 
 impl Mesh {
     async fn start(name: &str) -> Mesh {
+        Mesh::start_with(name, |_| {}).await
+    }
+
+    /// Starts on a copy of the example changed by `edit` first.
+    async fn start_with(name: &str, edit: impl FnOnce(&std::path::Path)) -> Mesh {
         let dir = std::env::temp_dir().join(format!("trellis-mtls-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         copy_example(&dir);
+        edit(&dir);
         let ca = Arc::new(BuiltinCa::generate().unwrap());
         let credentials = edge_credentials(
             ca.as_ref(),
@@ -188,6 +194,73 @@ async fn envoy_with_a_bootstrap_certificate_is_served_its_class_over_mtls() -> R
         intruder.stat("cluster_manager.active_clusters").await,
         1,
         "only its static xds cluster"
+    );
+    Ok(())
+}
+
+/// A pod labelled with its proxy's UUID is bound to its class: its Envoy is
+/// served that class, and a node with that certificate claiming another
+/// class of the same identity (which the certificate alone would allow) is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_bound_to_its_pods_class_is_served_it_and_nothing_else() -> Result<()> {
+    let uuid = new_proxy_uuid();
+    let label = format!("labels: {{ app: bookbuyer, osm-proxy-uuid: {uuid} }}");
+    let mesh = Mesh::start_with("binding", |dir| {
+        let path = dir.join("bookbuyer.yaml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            text.replacen("labels: { app: bookbuyer }", &label, 1),
+        )
+        .unwrap();
+    })
+    .await;
+    let (class, identity) = mesh.class_of("bookbuyer/bookbuyer-0");
+    let proxy = Proxy {
+        uuid: uuid.clone(),
+        identity,
+        class: class.clone(),
+    };
+    let bootstrap = proxy_bootstrap(
+        mesh.ca.as_ref(),
+        &proxy,
+        TRUST_DOMAIN,
+        &mesh.edge_address(),
+        AdsApi::Delta,
+    )?;
+    let envoy = Envoy::start_with(bootstrap).await?;
+    envoy.wait_warm(1, 3).await?;
+    let streams = mesh.edge.streams().await;
+    assert!(
+        streams.to_string().contains(&class),
+        "served its pod's class: {streams}"
+    );
+
+    let request = LeafRequest::proxy(
+        &uuid,
+        &proxy.identity,
+        TRUST_DOMAIN,
+        Duration::from_secs(3600),
+    );
+    let cert = mesh.ca.issue(&request)?;
+    let channel = mesh.channel(Some((&cert.chain_pem, &cert.key_pem))).await?;
+    let other = format!("{}/ffffffff", class.rsplit_once('/').unwrap().0);
+    let refused = ask_secrets(
+        channel,
+        &request.common_name,
+        &other,
+        &["service-cert:bookbuyer/bookbuyer"],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    assert!(refused.message().contains("bound to"), "{refused}");
+    assert_eq!(
+        mesh.edge
+            .metric("trellis_edge_refused_total{reason=\"not_bound\"}")
+            .await,
+        1.0
     );
     Ok(())
 }

@@ -38,6 +38,9 @@ pub mod trellis {
 /// Type URL of [`trellis::v1::ProxyClass`].
 pub const PROXY_CLASS_TYPE_URL: &str = "type.googleapis.com/trellis.v1.ProxyClass";
 
+/// Type URL of [`trellis::v1::ProxyBinding`].
+pub const PROXY_BINDING_TYPE_URL: &str = "type.googleapis.com/trellis.v1.ProxyBinding";
+
 /// Type URL of [`trellis::v1::Commit`].
 pub const COMMIT_TYPE_URL: &str = "type.googleapis.com/trellis.v1.Commit";
 

@@ -10,13 +10,14 @@
 use crate::resource::{type_url, Scope};
 
 /// The types an edge replicates, in the order the leader sends them.
-pub const REPLICATED_TYPES: [&str; 6] = [
+pub const REPLICATED_TYPES: [&str; 7] = [
     type_url::SECRET,
     type_url::CLUSTER,
     type_url::ENDPOINT,
     type_url::LISTENER,
     type_url::ROUTE,
     type_url::PROXY_CLASS,
+    type_url::PROXY_BINDING,
 ];
 
 /// gRPC metadata a leader-group replica that does not lead adds when it

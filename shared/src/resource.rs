@@ -19,6 +19,7 @@ pub mod type_url {
     /// `envoy.extensions.transport_sockets.tls.v3.Secret` (SDS).
     pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
     pub use trellis_proto::COMMIT_TYPE_URL as COMMIT;
+    pub use trellis_proto::PROXY_BINDING_TYPE_URL as PROXY_BINDING;
     pub use trellis_proto::PROXY_CLASS_TYPE_URL as PROXY_CLASS;
 
     /// Types whose wildcard subscription means "everything": the xDS protocol
@@ -37,6 +38,7 @@ pub mod type_url {
             ENDPOINT => "eds",
             SECRET => "sds",
             PROXY_CLASS => "class",
+            PROXY_BINDING => "binding",
             COMMIT => "commit",
             _ => "other",
         }

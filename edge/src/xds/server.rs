@@ -36,7 +36,7 @@ use super::{
     AdsConfig, Refusal, Variant,
 };
 use crate::{
-    classify::{ClassifyError, ProxyClassifier},
+    classify::{bound_class, ClassifyError, ProxyClassifier},
     demand::ClassDemand,
     metrics::{Metrics, Protocol, ProtocolLabels, TypeLabels},
     store::SnapshotStore,
@@ -207,9 +207,12 @@ async fn drive<V: Variant>(
     let peer = peer
         .transpose()
         .map_err(|error| Refusal::NoClass(ClassifyError::Peer(error)))?;
+    let bound = peer
+        .as_ref()
+        .and_then(|peer| bound_class(&shared.store.load(), peer));
     let class = shared
         .classifier
-        .classify(&node, peer.as_ref())
+        .classify(&node, peer.as_ref(), bound.as_deref())
         .map_err(Refusal::NoClass)?;
     let id = shared.next_stream.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("xds_stream", stream = id, proxy = %node.id, class = %class, protocol = ?V::PROTOCOL);

@@ -303,6 +303,10 @@ fn mesh_pod(r: &ObjectRef, pod: &Pod) -> (MeshPod, BTreeMap<String, String>) {
         ip,
         services: BTreeSet::new(),
         metrics,
+        proxy_uuid: labels
+            .get(super::PROXY_UUID_LABEL)
+            .filter(|uuid| !uuid.is_empty())
+            .cloned(),
     };
     (mesh_pod, labels)
 }
