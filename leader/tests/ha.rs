@@ -561,6 +561,81 @@ async fn a_partitioned_edge_keeps_serving_and_converges_when_it_heals() -> Resul
     Ok(())
 }
 
+/// A small tmpfs mounted while it lives (as root).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Result<Tmpfs> {
+        std::fs::create_dir_all(dir)?;
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .context("mounting a tmpfs (the test needs root)")?;
+        if !status.success() {
+            bail!("mount tmpfs on {}: {status}", dir.display());
+        }
+        Ok(Tmpfs(dir.to_owned()))
+    }
+
+    /// Fills what is left of it.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut file = std::fs::File::create(self.0.join("ballast")).unwrap();
+        let block = vec![0u8; 64 << 10];
+        while file.write_all(&block).is_ok() {}
+        let _ = file.sync_all();
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A replica whose disk fills cannot write the log the leader sends it; it
+/// stops saying so, and the other two carry on and keep publishing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_disk_fills_stops_and_the_group_carries_on() -> Result<()> {
+    let mut group = Group::prepare("full-disk", 3);
+    let small = Tmpfs::mount(&group.dir.join("data-3"), "4m")?;
+    for id in group.ids.clone() {
+        group.start(id);
+    }
+    group.agreed_leader(Duration::from_secs(30)).await?;
+    small.fill();
+    // Every compile the leader publishes is a log entry to replicate.
+    let policies = group.dir.join("mesh").join("policies.yaml");
+    let text = std::fs::read_to_string(&policies)?;
+    let mut exited = None;
+    for round in 0..40 {
+        let edited = if round % 2 == 0 {
+            text.replace(
+                "name: bookbuyer, namespace: bookbuyer }",
+                "name: nobody, namespace: bookbuyer }",
+            )
+        } else {
+            text.clone()
+        };
+        std::fs::write(&policies, edited)?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let replica = group.replicas.get_mut(&3).unwrap();
+        if let Some(status) = replica.child.try_wait()? {
+            exited = Some((status, replica.log()));
+            break;
+        }
+    }
+    let (status, log) = exited.context("replica 3 kept running on a full disk")?;
+    assert!(!status.success());
+    assert!(log.contains("No space left on device"), "{log}");
+    assert!(log.contains("Raft stopped"), "{log}");
+    group.replicas.remove(&3);
+    let leader = group.agreed_leader(Duration::from_secs(20)).await?;
+    assert_ne!(leader.leader, 3);
+    Ok(())
+}
+
 fn replica(raft: SocketAddr, publish: SocketAddr) -> Replica {
     Replica {
         raft: raft.to_string(),

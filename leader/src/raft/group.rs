@@ -121,6 +121,9 @@ pub enum GroupError {
     /// openraft refused the configuration or stopped.
     #[error("Raft: {0}")]
     Raft(String),
+    /// Raft stopped for good (its storage failed, or it was shut down).
+    #[error("Raft stopped: {0}")]
+    Stopped(String),
     /// A peer refused this replica: it is configured for another group, or
     /// under an id the group does not know.
     #[error("{0}")]
@@ -337,14 +340,14 @@ impl LeaderGroup {
                 return GroupError::Refused(reason);
             }
             if let Err(fatal) = &metrics.borrow_and_update().running_state {
-                return GroupError::Raft(format!("stopped: {fatal}"));
+                return GroupError::Stopped(fatal.to_string());
             }
             tokio::select! {
                 changed = refused.changed() => if changed.is_err() {
-                    return GroupError::Raft("stopped".to_owned());
+                    return GroupError::Stopped("the replica is shutting down".to_owned());
                 },
                 changed = metrics.changed() => if changed.is_err() {
-                    return GroupError::Raft("stopped".to_owned());
+                    return GroupError::Stopped("the replica is shutting down".to_owned());
                 },
             }
         }

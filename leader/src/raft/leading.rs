@@ -132,13 +132,19 @@ pub async fn lead(group: Arc<LeaderGroup>, leading: Leading) -> GroupError {
         if leader.as_ref().map(|(id, _)| *id) == Some(group.id()) {
             let span = info_span!("term", term, replica = group.id());
             let result = tokio::select! {
-                result = run_term(&group, &leading).instrument(span) => result,
-                () = lost(&mut metrics, group.id(), term) => Ok(()),
+                result = run_term(&group, &leading).instrument(span) => result.map(|()| true),
+                () = lost(&mut metrics, group.id(), term) => Ok(false),
                 error = group.failed() => Err(error),
             };
             leading.gate.close();
             match result {
-                Ok(()) => info!(term, "no longer leading"),
+                Ok(false) => info!(term, "no longer leading"),
+                // The source or the pipeline stopped by itself: lead again,
+                // but not in a tight loop if it keeps failing.
+                Ok(true) => {
+                    warn!(term, "the source stopped; starting it again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
                 Err(GroupError::Raft(reason)) => {
                     // Proposals fail when leadership moves mid-term.
                     warn!(term, %reason, "leading stopped");
@@ -149,7 +155,7 @@ pub async fn lead(group: Arc<LeaderGroup>, leading: Leading) -> GroupError {
         }
         tokio::select! {
             changed = metrics.changed() => if changed.is_err() {
-                return GroupError::Raft("stopped".to_owned());
+                return GroupError::Stopped("the replica is shutting down".to_owned());
             },
             error = group.failed() => return error,
         }
