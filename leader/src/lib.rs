@@ -14,13 +14,13 @@
 //! * [`publish`]: the Delta xDS server edges replicate the snapshot from.
 //! * [`raft`]: the leader group: what replicas agree on, and how.
 //! * [`source`]: where objects come from (a watched manifest directory).
-//!
-//! Not here yet: Raft, the injector.
+//! * [`inject`]: the sidecar injector, a mutating admission webhook.
 
 pub mod bootstrap;
 pub mod ca;
 pub mod catalog;
 pub mod compile;
+pub mod inject;
 pub mod kinds;
 pub mod pipeline;
 pub mod publish;

@@ -1,0 +1,254 @@
+//! The webhook's HTTPS face: reviews on [`WEBHOOK_PATH`], `/healthz` for
+//! the kubelet, a serving certificate issued by the mesh CA (renewed while
+//! serving), and the CA bundle the API server verifies it with.
+
+use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use kube::{
+    api::{Api, Patch, PatchParams},
+    Client,
+};
+use rustls::ServerConfig;
+use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::Injector;
+use crate::ca::{CaError, CertificateIssuer, LeafRequest};
+
+/// Where the API server posts reviews (OSM's path).
+pub const WEBHOOK_PATH: &str = "/mutate-pod-creation";
+/// How long the serving certificate is valid; it is renewed at a third of
+/// that, so a restart is never needed for it.
+const CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Reviews are small; the API server's own request limit is 3 MiB.
+const MAX_BODY: usize = 4 << 20;
+/// A client that does not finish its handshake or headers in this long is
+/// dropped.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the webhook could not get its serving certificate or CA bundle in
+/// place.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    /// The CA did not issue the serving certificate.
+    #[error("issuing the webhook's serving certificate: {0}")]
+    Certificate(#[from] CaError),
+    /// The issued certificate or key did not load.
+    #[error("the webhook's serving certificate: {0}")]
+    Pem(String),
+    /// rustls refused the certificate.
+    #[error("the webhook's TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The API server refused the CA bundle update.
+    #[error("setting caBundle on MutatingWebhookConfiguration {name}: {source}")]
+    CaBundle {
+        /// The configuration's name.
+        name: String,
+        /// What the API said.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// The webhook's TLS configuration, replaceable while serving.
+pub struct WebhookTls {
+    config: ArcSwap<ServerConfig>,
+    dns_names: Vec<String>,
+}
+
+impl std::fmt::Debug for WebhookTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookTls")
+            .field("dns_names", &self.dns_names)
+            .finish_non_exhaustive()
+    }
+}
+
+fn server_config(
+    issuer: &dyn CertificateIssuer,
+    dns_names: &[String],
+) -> Result<ServerConfig, WebhookError> {
+    let common_name = dns_names.first().cloned().unwrap_or_default();
+    let cert = issuer.issue(&LeafRequest::server(
+        &common_name,
+        dns_names.to_vec(),
+        Vec::new(),
+        CERT_VALIDITY,
+    ))?;
+    let chain = CertificateDer::pem_slice_iter(cert.chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| WebhookError::Pem(e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())
+        .map_err(|e| WebhookError::Pem(e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+impl WebhookTls {
+    /// A serving certificate from `issuer` for `dns_names` (the webhook
+    /// Service's names; the first is the common name).
+    pub fn issue(
+        issuer: &dyn CertificateIssuer,
+        dns_names: Vec<String>,
+    ) -> Result<WebhookTls, WebhookError> {
+        let config = server_config(issuer, &dns_names)?;
+        Ok(WebhookTls {
+            config: ArcSwap::from_pointee(config),
+            dns_names,
+        })
+    }
+
+    /// Issues a fresh certificate at every third of its validity, for new
+    /// connections. Runs until dropped.
+    pub async fn renew(self: Arc<Self>, issuer: Arc<dyn CertificateIssuer>) {
+        loop {
+            tokio::time::sleep(CERT_VALIDITY / 3).await;
+            match server_config(issuer.as_ref(), &self.dns_names) {
+                Ok(config) => {
+                    self.config.store(Arc::new(config));
+                    info!("renewed the webhook's serving certificate");
+                }
+                Err(error) => {
+                    warn!(%error, "renewing the webhook's serving certificate failed; the current one stays")
+                }
+            }
+        }
+    }
+}
+
+/// Sets `caBundle` of every webhook of MutatingWebhookConfiguration `name`
+/// to `bundle` (the mesh roots, which sign the serving certificate), so the
+/// API server trusts the webhook without the operator copying it there.
+pub async fn publish_ca_bundle(
+    client: Client,
+    name: &str,
+    bundle: &str,
+) -> Result<(), WebhookError> {
+    let api = Api::<MutatingWebhookConfiguration>::all(client);
+    let failed = |source| WebhookError::CaBundle {
+        name: name.to_owned(),
+        source,
+    };
+    let current = api.get(name).await.map_err(failed)?;
+    let encoded = k8s_openapi::ByteString(bundle.as_bytes().to_vec());
+    // A strategic merge patch merges webhooks by name and leaves the rest.
+    let webhooks: Vec<_> = (current.webhooks.iter().flatten())
+        .map(|w| json!({ "name": w.name, "clientConfig": { "caBundle": encoded } }))
+        .collect();
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Strategic(json!({ "webhooks": webhooks })),
+    )
+    .await
+    .map_err(failed)?;
+    info!(
+        configuration = name,
+        webhooks = webhooks.len(),
+        "set the webhook's CA bundle"
+    );
+    Ok(())
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+async fn handle(injector: &Injector, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::POST, WEBHOOK_PATH) => {
+            let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
+                Ok(body) => body.to_bytes(),
+                Err(error) => {
+                    return text(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("reading the review: {error}\n"),
+                    )
+                }
+            };
+            match injector.review(&body).await {
+                Ok(review) => {
+                    let mut response = Response::new(Full::new(Bytes::from(review.to_string())));
+                    response.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        header::HeaderValue::from_static("application/json"),
+                    );
+                    response
+                }
+                Err(error) => {
+                    warn!(%error, "not a review");
+                    text(StatusCode::BAD_REQUEST, format!("{error}\n"))
+                }
+            }
+        }
+        (_, WEBHOOK_PATH) => text(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Serves reviews over TLS on `listener` until `shutdown` resolves.
+/// Handshakes and requests run off the accept loop, one task per
+/// connection.
+pub async fn serve(
+    injector: Arc<Injector>,
+    tls: Arc<WebhookTls>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    warn!(%error, "webhook accept failed");
+                    continue;
+                }
+            },
+        };
+        let acceptor = TlsAcceptor::from(tls.config.load_full());
+        let injector = injector.clone();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(CLIENT_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => return debug!(%error, %peer, "webhook handshake failed"),
+                Err(_) => return debug!(%peer, "webhook handshake timed out"),
+            };
+            let service = service_fn(move |request| {
+                let injector = injector.clone();
+                async move { Ok::<_, Infallible>(handle(&injector, request).await) }
+            });
+            if let Err(error) = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(CLIENT_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(%error, %peer, "webhook connection ended");
+            }
+        });
+    }
+}
