@@ -14,6 +14,7 @@
 //! * `trellis peer-cert`: a leader replica's certificate, for
 //!   `--peer-tls-dir`.
 //! * `trellis rotate-ca`: start a root rotation of a CA directory.
+//! * `trellis inject`: the sidecar injector webhook, until Ctrl-C.
 
 use std::{
     collections::BTreeMap,
@@ -45,6 +46,7 @@ use trellis_leader::{
 };
 
 mod credentials;
+mod inject;
 
 use credentials::EDGE_SERVER_NAME;
 
@@ -90,6 +92,10 @@ struct GroupArgs {
     /// This replica's id: one of the --peer ids.
     #[arg(long, requires = "peers")]
     node_id: Option<u64>,
+    /// Take the id from the host name, a StatefulSet pod's name: replica
+    /// `<name>-<k>` is id k+1.
+    #[arg(long, requires = "peers", conflicts_with = "node_id")]
+    node_id_from_hostname: bool,
     /// The group's name: replicas of another group are refused.
     #[arg(long, default_value = "trellis")]
     cluster: String,
@@ -231,6 +237,9 @@ enum Command {
         #[arg(long)]
         ca_dir: PathBuf,
     },
+    /// Run the sidecar injector: a mutating admission webhook (HTTPS) adding
+    /// the Envoy sidecar to pods created in the mesh's namespaces.
+    Inject(inject::InjectArgs),
     /// Compile a directory of manifests once; print classes and problems.
     /// Exits 1 if any object was skipped.
     Check {
@@ -308,6 +317,7 @@ async fn main() -> Result<()> {
             ip,
         } => credentials::edge_cert(&ca_dir, &out, PEER_SERVER_NAME, dns, ip),
         Command::RotateCa { ca_dir } => credentials::rotate_ca(&ca_dir),
+        Command::Inject(args) => inject::run(args).await,
     }
 }
 
@@ -523,6 +533,18 @@ fn parse_peer(text: &str) -> Result<(NodeId, Replica)> {
     })
 }
 
+/// A StatefulSet pod's replica id: `<name>-<ordinal>` is ordinal + 1, as
+/// ids start from 1.
+fn ordinal_id(hostname: &str) -> Result<NodeId> {
+    hostname
+        .rsplit_once('-')
+        .and_then(|(_, ordinal)| ordinal.parse::<NodeId>().ok())
+        .and_then(|ordinal| ordinal.checked_add(1))
+        .with_context(|| {
+            format!("--node-id-from-hostname: host name {hostname:?} does not end in -<ordinal>")
+        })
+}
+
 /// One replica of a Raft leader group: Raft always, the compile pipeline and
 /// publishing to edges only while it leads.
 async fn leader_group(inputs: Inputs, publish: SocketAddr, group: GroupArgs) -> Result<()> {
@@ -533,7 +555,13 @@ async fn leader_group(inputs: Inputs, publish: SocketAddr, group: GroupArgs) -> 
             bail!("--peer: replica id {id} is listed twice");
         }
     }
-    let id = group.node_id.context("--node-id is required with --peer")?;
+    let id = match group.node_id {
+        Some(id) => id,
+        None if group.node_id_from_hostname => {
+            ordinal_id(&std::env::var("HOSTNAME").unwrap_or_default())?
+        }
+        None => bail!("--node-id (or --node-id-from-hostname) is required with --peer"),
+    };
     let data_dir = group
         .data_dir
         .context("--data-dir is required with --peer")?;
