@@ -654,17 +654,10 @@ fn recorded_cluster(webhook: Value) -> Api {
 
 /// A `trellis inject` process, killed when dropped.
 struct Injector {
-    child: Child,
+    _child: Killed,
     log: PathBuf,
     address: SocketAddr,
     roots: PathBuf,
-}
-
-impl Drop for Injector {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Injector {
@@ -713,7 +706,7 @@ impl Injector {
             .spawn()
             .unwrap();
         let injector = Injector {
-            child,
+            _child: Killed(child),
             log,
             address,
             roots: ca.join("ca.crt"),
@@ -1060,4 +1053,132 @@ async fn the_injector_answers_what_is_not_a_review_with_the_reason_and_keeps_ser
     let (status, _) = injector.call("GET", "/healthz", b"").await.unwrap();
     assert_eq!(status, 200, "{}", injector.log());
     assert!(api.lock().unwrap().secrets.is_empty());
+}
+
+/// A child process, killed when dropped (also when a test fails).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An HTTP/1.1 GET over plain TCP: status and body.
+async fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// An application answering every request with its path.
+async fn application(port: u16) -> tokio::task::JoinHandle<()> {
+    let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = service_fn(|request: Request<hyper::body::Incoming>| async move {
+                    let path = request
+                        .uri()
+                        .path_and_query()
+                        .map(|p| p.to_string())
+                        .unwrap_or_default();
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(path))))
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
+async fn until<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewritten_probes_reach_the_application_through_the_sidecars_envoy() {
+    let dir = scratch("probes");
+    let webhook = json!({ "metadata": { "name": "trellis-sidecar-injector" } });
+    let api = Arc::new(Mutex::new(recorded_cluster(webhook)));
+    let injector = Injector::start(&dir, serve_api(api.clone()).await).await;
+    let review =
+        std::fs::read(fixtures().join("inject/probes-and-exclusions.review.json")).unwrap();
+    let (status, _) = injector
+        .call("POST", "/mutate-pod-creation", &review)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let secret = api.lock().unwrap().secrets.pop().unwrap();
+    let data: ByteString =
+        serde_json::from_value(secret["data"]["bootstrap.json"].clone()).unwrap();
+    let mut bootstrap: Value = serde_json::from_slice(&data.0).unwrap();
+    // No edge here: the probe listeners alone, up at once instead of after
+    // the first configuration.
+    bootstrap
+        .as_object_mut()
+        .unwrap()
+        .remove("dynamic_resources");
+    bootstrap["static_resources"]["clusters"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|c| c["name"] != "xds");
+    bootstrap["admin"]["address"]["socket_address"]["port_value"] = json!(0);
+    let path = dir.join("bootstrap.json");
+    std::fs::write(&path, bootstrap.to_string()).unwrap();
+
+    let app = application(14001).await;
+    let _metrics = application(9102).await;
+    let envoy =
+        trellis_shared::bootstrap::envoy_binary(std::env::var_os("ENVOY_BIN").map(PathBuf::from));
+    let log = std::fs::File::create(dir.join("envoy.log")).unwrap();
+    let _envoy = Killed(
+        Command::new(envoy)
+            .args(["--disable-hot-restart", "--log-level", "warning", "-c"])
+            .arg(&path)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+
+    // HTTP probes: each container's path, forwarded to its port and path.
+    let live = until("the liveness listener", async || {
+        get(15901, "/osm-liveness-probe/bookstore").await
+    })
+    .await;
+    assert_eq!(live, (200, "/liveness".to_owned()));
+    assert_eq!(
+        get(15902, "/osm-readiness-probe/metrics").await,
+        Some((200, "/metrics".to_owned()))
+    );
+    assert_eq!(
+        get(15901, "/osm-liveness-probe/nobody").await.map(|r| r.0),
+        Some(404)
+    );
+    // The TCP startup probe: 200 while the port accepts, 503 once it does not.
+    until("a healthy TCP check", async || {
+        (get(15904, "/osm-healthcheck/14001").await?.0 == 200).then_some(())
+    })
+    .await;
+    app.abort();
+    until("an unhealthy TCP check", async || {
+        (get(15904, "/osm-healthcheck/14001").await?.0 == 503).then_some(())
+    })
+    .await;
 }
