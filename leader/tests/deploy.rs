@@ -470,6 +470,35 @@ fn the_overlays_wire_leaders_edges_and_the_webhook_together() {
             );
         }
 
+        // Trellis's images are the Dockerfile's stages (it is not built
+        // here: no container engine); the sidecar's is Envoy's.
+        let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+        let mut images: Vec<String> = (objects.iter())
+            .filter(|o| matches!(o["kind"].as_str(), Some("Deployment" | "StatefulSet")))
+            .map(|o| {
+                o["spec"]["template"]["spec"]["containers"][0]["image"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        images.extend(
+            flag(&injector_args, "init-image")
+                .iter()
+                .map(|i| i.to_string()),
+        );
+        for image in images {
+            let stage = image.split(':').next().unwrap();
+            assert!(
+                dockerfile.contains(&format!(" AS {stage}\n")),
+                "{image} is no Dockerfile stage"
+            );
+        }
+        assert_eq!(
+            flag(&injector_args, "envoy-image"),
+            ["envoyproxy/envoy:v1.40.0"]
+        );
+
         // Every container's arguments are flags `trellis` takes.
         for workload in objects
             .iter()
