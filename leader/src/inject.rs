@@ -26,7 +26,7 @@
 //! Not done: the Secret is not owned by the pod (a pod has no UID at
 //! admission), so Secrets of deleted pods stay until removed by label.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use k8s_openapi::{
     api::core::v1::{Namespace, Pod, Secret},
@@ -69,6 +69,8 @@ use review::Verdict;
 const MESH_CONFIG_NAME: &str = "osm-mesh-config";
 /// Marks the Secrets the injector creates.
 const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "trellis-injector");
+/// How long one review may take.
+const REVIEW_TIMEOUT: Duration = Duration::from_secs(8);
 /// The pod a bootstrap Secret was made for (its name, or its generateName).
 const POD_ANNOTATION: &str = "trellis.dev/pod";
 
@@ -154,7 +156,15 @@ impl Injector {
     pub async fn review(&self, body: &[u8]) -> Result<Value, ReviewError> {
         let request = review::parse(body)?;
         let mut warnings = Vec::new();
-        let verdict = self.verdict(&request, &mut warnings).await;
+        // Answer before the API server gives up on the webhook (it waits
+        // timeoutSeconds, 10 in deploy/), rather than be cut off.
+        let verdict = tokio::time::timeout(REVIEW_TIMEOUT, self.verdict(&request, &mut warnings))
+            .await
+            .unwrap_or_else(|_| {
+                Verdict::Deny(format!(
+                    "the injector could not decide within {REVIEW_TIMEOUT:?} (is the API server slow?)"
+                ))
+            });
         let pod = format!(
             "{}/{}",
             request.namespace,

@@ -954,9 +954,10 @@ async fn the_injector_answers_the_fixture_reviews_and_envoy_accepts_the_bootstra
         let data: ByteString =
             serde_json::from_value(secret["data"]["bootstrap.json"].clone()).unwrap();
         let bootstrap: Value = serde_json::from_slice(&data.0).unwrap();
+        // No ServiceAccount: `default`, as Kubernetes would give it.
         let sa = request["object"]["spec"]["serviceAccountName"]
             .as_str()
-            .unwrap();
+            .unwrap_or("default");
         let node = format!("{uuid}.sidecar.{sa}.{namespace}.cluster.local");
         assert_eq!(bootstrap["node"]["id"], node.as_str());
         let xds = &bootstrap["static_resources"]["clusters"][0];
