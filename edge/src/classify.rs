@@ -2,7 +2,7 @@
 //! between a stream and the configuration it is served.
 //!
 //! A proxy names its class in its node (metadata `trellis.class`, else the
-//! node cluster). Over mTLS its client certificate must back the claim: the
+//! node cluster when it holds a class id). Over mTLS its client certificate must back the claim: the
 //! node id is the certificate's common name, and the class belongs to the
 //! certificate's ServiceAccount (class ids begin `<ns>/<sa>/`). Since a
 //! class's resources include only its own identity's secrets, a proxy never
@@ -120,9 +120,12 @@ impl ProxyClassifier for NodeClassifier {
             .as_ref()
             .and_then(|m| m.fields.get(CLASS_METADATA_KEY))
             .and_then(prost_types_value::kind_string);
+        // Envoy requires a node cluster, so a bound proxy's bootstrap (the
+        // injector's) carries OSM's `<sa>.<ns>` there: only a class id
+        // (`<ns>/<sa>/<hash>`) in it is a claim.
         let claimed = match from_metadata {
             Some(class) if !class.is_empty() => Some(class.to_owned()),
-            _ if !node.cluster.is_empty() => Some(node.cluster.clone()),
+            _ if node.cluster.contains('/') => Some(node.cluster.clone()),
             _ => None,
         };
         let no_class = || ClassifyError::NoClass {
@@ -243,8 +246,13 @@ mod tests {
             "another class of the same identity is refused"
         );
         assert_eq!(
+            classify(node(id, "bookbuyer.bookbuyer")),
+            Ok("bookbuyer/bookbuyer/0a1b2c3d".to_owned()),
+            "a node cluster that is no class id is no claim"
+        );
+        assert_eq!(
             NodeClassifier
-                .classify(&node(id, ""), Some(&buyer()), None)
+                .classify(&node(id, "bookbuyer.bookbuyer"), Some(&buyer()), None)
                 .map_err(|e| e.reason()),
             Err("no_class")
         );

@@ -247,10 +247,17 @@ impl LeaderGroup {
             .await
             .map_err(|e| GroupError::Raft(e.to_string()))?;
 
-        let listener = TcpListener::bind(&me.raft)
+        // Every interface, on the port of this replica's own address: in
+        // Kubernetes that address is the pod's DNS name, which may not
+        // resolve yet when the pod starts.
+        let bind = match me.raft.rsplit_once(':') {
+            Some((_, port)) => format!("0.0.0.0:{port}"),
+            None => me.raft.clone(),
+        };
+        let listener = TcpListener::bind(&bind)
             .await
             .map_err(|source| GroupError::Bind {
-                address: me.raft.clone(),
+                address: bind.clone(),
                 source,
             })?;
         let mut server = tonic::transport::Server::builder().tcp_nodelay(true);

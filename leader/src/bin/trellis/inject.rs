@@ -86,7 +86,7 @@ pub(crate) async fn run(args: InjectArgs) -> Result<()> {
     );
     tokio::spawn(tls.clone().renew(ca));
     serve(injector, tls, listener, async {
-        let _ = tokio::signal::ctrl_c().await;
+        crate::stop_signal().await;
     })
     .await;
     Ok(())

@@ -452,7 +452,7 @@ async fn run(inputs: Inputs, serving: Serving) -> Result<()> {
     );
     print_problems(&leader.first);
     let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+        stop_signal().await;
     };
     let serve = if serving.plaintext {
         warn!("PLAINTEXT xDS: any client may claim any class and read its keys; development only");
@@ -498,7 +498,7 @@ async fn leader(inputs: Inputs, publish: SocketAddr) -> Result<()> {
     let publisher = Publisher::new(store);
     let closer = publisher.clone();
     tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
+        stop_signal().await;
         closer.close();
     });
     let serve = tonic::transport::Server::builder()
@@ -512,6 +512,23 @@ async fn leader(inputs: Inputs, publish: SocketAddr) -> Result<()> {
         result = source_stopped(leader.source) => result?,
     }
     Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM (how Kubernetes stops a pod), so every
+/// tier drains the same way under both.
+pub(crate) async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// `ID=RAFT,PUBLISH` as a group member.
@@ -610,7 +627,7 @@ async fn leader_group(inputs: Inputs, publish: SocketAddr, group: GroupArgs) -> 
         .tcp_nodelay(true)
         .add_service(gate.clone().into_service())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            let _ = tokio::signal::ctrl_c().await;
+            stop_signal().await;
         });
     let leading = Leading {
         source,
@@ -663,7 +680,7 @@ async fn edge(
         serving.admin
     );
     let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+        stop_signal().await;
     };
     let result = match tls_dir {
         Some(dir) if !serving.plaintext => {
