@@ -2,7 +2,7 @@
 //! between a stream and the configuration it is served.
 //!
 //! A proxy names its class in its node (metadata `trellis.class`, else the
-//! node cluster when it holds a class id). Over mTLS its client certificate must back the claim: the
+//! node cluster). Over mTLS its client certificate must back the claim: the
 //! node id is the certificate's common name, and the class belongs to the
 //! certificate's ServiceAccount (class ids begin `<ns>/<sa>/`). Since a
 //! class's resources include only its own identity's secrets, a proxy never
@@ -121,11 +121,12 @@ impl ProxyClassifier for NodeClassifier {
             .and_then(|m| m.fields.get(CLASS_METADATA_KEY))
             .and_then(prost_types_value::kind_string);
         // Envoy requires a node cluster, so a bound proxy's bootstrap (the
-        // injector's) carries OSM's `<sa>.<ns>` there: only a class id
-        // (`<ns>/<sa>/<hash>`) in it is a claim.
+        // injector's) carries OSM's `<sa>.<ns>` there: for a bound proxy
+        // only a class id (`<ns>/<sa>/<hash>`) in it is a claim.
+        let cluster_claims = bound.is_none() || node.cluster.contains('/');
         let claimed = match from_metadata {
             Some(class) if !class.is_empty() => Some(class.to_owned()),
-            _ if node.cluster.contains('/') => Some(node.cluster.clone()),
+            _ if !node.cluster.is_empty() && cluster_claims => Some(node.cluster.clone()),
             _ => None,
         };
         let no_class = || ClassifyError::NoClass {
@@ -254,7 +255,8 @@ mod tests {
             NodeClassifier
                 .classify(&node(id, "bookbuyer.bookbuyer"), Some(&buyer()), None)
                 .map_err(|e| e.reason()),
-            Err("no_class")
+            Err("foreign_class"),
+            "unbound, the cluster is the claim"
         );
         assert_eq!(buyer().proxy_uuid(), Some("u1"));
     }
