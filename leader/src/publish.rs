@@ -92,6 +92,11 @@ impl Publisher {
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// Edges replicate with Delta xDS only.
+fn sotw_refused() -> Status {
+    Status::unimplemented("edges replicate with Delta xDS; Envoys connect to an edge")
+}
+
 /// A leader-group replica's publish port: the current term's [`Publisher`]
 /// while this replica leads and has compiled, and otherwise a refusal with
 /// `UNAVAILABLE` naming the leader (when known), so an edge can go there.
@@ -147,9 +152,7 @@ impl AggregatedDiscoveryService for Gate {
         &self,
         _request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented(
-            "edges replicate with Delta xDS; Envoys connect to an edge",
-        ))
+        Err(sotw_refused())
     }
 
     async fn delta_aggregated_resources(
@@ -172,9 +175,7 @@ impl AggregatedDiscoveryService for Publisher {
         &self,
         _request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented(
-            "edges replicate with Delta xDS; Envoys connect to an edge",
-        ))
+        Err(sotw_refused())
     }
 
     async fn delta_aggregated_resources(

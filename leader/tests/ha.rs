@@ -311,6 +311,21 @@ async fn updates(envoy: &Envoy) -> (u64, u64, u64) {
     )
 }
 
+/// Takes bookbuyer out of the bookstore's TrafficTarget: a change to
+/// bookbuyer's class.
+fn remove_bookbuyer_from_policies(mesh: &Path) -> Result<()> {
+    let policies = mesh.join("policies.yaml");
+    let text = std::fs::read_to_string(&policies)?;
+    std::fs::write(
+        &policies,
+        text.replace(
+            "- { kind: ServiceAccount, name: bookbuyer, namespace: bookbuyer }",
+            "- { kind: ServiceAccount, name: nobody, namespace: bookbuyer }",
+        ),
+    )?;
+    Ok(())
+}
+
 fn class_of(mesh: &Path, pod: &str) -> String {
     let out = trellis(&["check", "--dir", &mesh.to_string_lossy()]);
     out.lines()
@@ -411,15 +426,7 @@ async fn a_killed_raft_leader_is_replaced_without_envoy_seeing_a_change() -> Res
     assert_eq!(updates(&envoy).await, settled, "Envoy saw no update");
 
     // A change made after the failover reaches Envoy.
-    let policies = mesh.join("policies.yaml");
-    let text = std::fs::read_to_string(&policies)?;
-    std::fs::write(
-        &policies,
-        text.replace(
-            "- { kind: ServiceAccount, name: bookbuyer, namespace: bookbuyer }",
-            "- { kind: ServiceAccount, name: nobody, namespace: bookbuyer }",
-        ),
-    )?;
+    remove_bookbuyer_from_policies(&mesh)?;
     eventually(
         Duration::from_secs(20),
         "the change to reach Envoy",
@@ -529,15 +536,7 @@ async fn a_partitioned_edge_keeps_serving_and_converges_when_it_heals() -> Resul
 
     let ports = group.publish.values().map(SocketAddr::port).collect();
     let blocked = Blocked::ports(ports)?;
-    let policies = mesh.join("policies.yaml");
-    let text = std::fs::read_to_string(&policies)?;
-    std::fs::write(
-        &policies,
-        text.replace(
-            "- { kind: ServiceAccount, name: bookbuyer, namespace: bookbuyer }",
-            "- { kind: ServiceAccount, name: nobody, namespace: bookbuyer }",
-        ),
-    )?;
+    remove_bookbuyer_from_policies(&mesh)?;
     // Cut off, the edge stays ready and Envoy keeps what it had.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(matches!(
