@@ -1,313 +1,495 @@
-//! The Kubernetes source against an API server that serves recorded
-//! list/watch responses over real HTTP: the bookstore as a cluster would list
-//! it, a watch that expires (410 Gone) so the watcher re-lists, a DELETED
-//! event, and a custom resource that does not fit its schema.
+//! The Kubernetes source against a real API server (etcd and kube-apiserver
+//! from `testing/kube/`): the bookstore applied with kubectl compiles to the
+//! same classes and resources as the file source makes of the same
+//! manifests; edits, deletes and a bad custom resource are followed; a
+//! restarted API server whose watches expired (410 Gone after an etcd
+//! compaction) is re-listed; and every MeshConfig field Trellis reads
+//! survives the CRD's schema.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::{
-    collections::HashMap,
-    convert::Infallible,
-    path::Path,
-    sync::{Arc, Mutex},
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
-use bytes::Bytes;
-use futures::StreamExt;
-use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
-use hyper::{body::Frame, server::conn::http1, service::service_fn, Request, Response};
-use hyper_util::rt::TokioIo;
-use kube::api::ApiResource;
-use tokio::{net::TcpListener, sync::mpsc};
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    api::{Api, Patch, PatchParams},
+    Client,
+};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+use trellis_edge::SnapshotStore;
 use trellis_leader::{
     ca::BuiltinCa,
     compile::Compiler,
-    kinds::Object,
+    kinds::{MeshConfig, Object, ObjectRef},
     pipeline::{Pipeline, PipelineConfig, Status},
-    source::{files::FileSource, kube::KubeSource, Source},
+    source::{
+        files::FileSource,
+        kube::{watched, KubeSource},
+        Change, Source, SourceUpdate,
+    },
 };
-use trellis_shared::{type_url, Scope};
+use trellis_shared::{type_url, Scope, Snapshot};
+use trellis_test_cluster::{Cluster, Options};
 
-fn path_of(resource: &ApiResource) -> String {
-    if resource.group.is_empty() {
-        format!("/api/{}/{}", resource.version, resource.plural)
-    } else {
-        format!(
-            "/apis/{}/{}/{}",
-            resource.group, resource.version, resource.plural
-        )
-    }
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// What the fake API server answers, per resource path.
-#[derive(Default)]
-struct Recorded {
-    lists: HashMap<String, Vec<serde_json::Value>>,
-    /// Watch responses, served once each in order; then watches stay open.
-    watches: HashMap<String, Vec<Vec<serde_json::Value>>>,
-    list_calls: HashMap<String, usize>,
+fn bookstore() -> PathBuf {
+    root().join("examples/bookstore")
 }
 
-type Shared = Arc<Mutex<Recorded>>;
-
-fn handle(
-    recorded: &Shared,
-    request: &Request<hyper::body::Incoming>,
-) -> Response<BoxBody<Bytes, Infallible>> {
-    let path = request.uri().path().to_owned();
-    let watching = request
-        .uri()
-        .query()
-        .is_some_and(|q| q.contains("watch=true") || q.contains("watch=1"));
-    let mut recorded = recorded.lock().unwrap();
-    if !watching {
-        *recorded.list_calls.entry(path.clone()).or_default() += 1;
-        let items = recorded.lists.get(&path).cloned().unwrap_or_default();
-        let list = serde_json::json!({
-            "kind": "List", "apiVersion": "v1",
-            "metadata": { "resourceVersion": "100" },
-            "items": items,
-        });
-        return Response::new(BodyExt::boxed(Full::new(Bytes::from(list.to_string()))));
-    }
-    let events = recorded
-        .watches
-        .get_mut(&path)
-        .filter(|w| !w.is_empty())
-        .map(|w| w.remove(0));
-    let lines: Vec<Result<Frame<Bytes>, Infallible>> = events
-        .unwrap_or_default()
-        .into_iter()
-        .map(|e| Ok(Frame::data(Bytes::from(format!("{e}\n")))))
-        .collect();
-    // Watches end after a while, as a real API server's do (timeoutSeconds),
-    // and the watcher opens the next one.
-    let end = futures::stream::once(tokio::time::sleep(Duration::from_millis(300)))
-        .filter_map(|()| async { None::<Result<Frame<Bytes>, Infallible>> });
-    let body = BodyExt::boxed(StreamBody::new(futures::stream::iter(lines).chain(end)));
-    Response::new(body)
+/// The deployment's CRDs, applied and established.
+fn install_crds(cluster: &Cluster) {
+    cluster.kubectl_ok([
+        "apply",
+        "--server-side",
+        "-f",
+        root().join("deploy/base/crds").to_str().unwrap(),
+    ]);
+    cluster.kubectl_ok([
+        "wait",
+        "--for=condition=established",
+        "--timeout=60s",
+        "crd",
+        "--all",
+    ]);
 }
 
-async fn serve(recorded: Shared) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let recorded = recorded.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |request| {
-                    let response = handle(&recorded, &request);
-                    async move { Ok::<_, Infallible>(response) }
-                });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+/// The bookstore as a cluster would hold it: applied with kubectl, each
+/// namespace's `default` ServiceAccount and each Pod's status written as the
+/// controller-manager and the kubelet would.
+async fn apply_bookstore(cluster: &Cluster, client: &Client) {
+    install_crds(cluster);
+    cluster.kubectl_ok([
+        "apply",
+        "-f",
+        bookstore().join("namespaces.yaml").to_str().unwrap(),
+    ]);
+    let objects = FileSource::new(bookstore()).scan().unwrap();
+    for object in objects.applied() {
+        if let Object::Namespace(ns) = object {
+            let name = ns.metadata.name.as_deref().unwrap();
+            cluster.default_service_account(client, name).await;
         }
-    });
-    url
-}
-
-fn example() -> Vec<Object> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bookstore");
-    let update = FileSource::new(dir).scan().unwrap();
-    update.applied().cloned().collect()
-}
-
-fn to_json(object: &Object) -> serde_json::Value {
-    match object {
-        Object::Namespace(o) => serde_json::to_value(o),
-        Object::Service(o) => serde_json::to_value(o),
-        Object::Endpoints(o) => serde_json::to_value(o),
-        Object::EndpointSlice(o) => serde_json::to_value(o),
-        Object::Pod(o) => serde_json::to_value(o),
-        Object::ServiceAccount(o) => serde_json::to_value(o),
-        Object::TrafficTarget(o) => serde_json::to_value(o),
-        Object::HttpRouteGroup(o) => serde_json::to_value(o),
-        Object::TcpRoute(o) => serde_json::to_value(o),
-        Object::TrafficSplit(o) => serde_json::to_value(o),
-        Object::MeshConfig(o) => serde_json::to_value(o),
-        Object::Egress(o) => serde_json::to_value(o),
-        Object::IngressBackend(o) => serde_json::to_value(o),
-        Object::Retry(o) => serde_json::to_value(o),
-        Object::UpstreamTrafficSetting(o) => serde_json::to_value(o),
     }
-    .unwrap()
+    cluster.kubectl_ok(["apply", "-f", bookstore().to_str().unwrap()]);
+    for object in objects.applied() {
+        if let Object::Pod(pod) = object {
+            set_pod_ip(client, pod).await;
+        }
+    }
 }
 
-async fn wait_for(
-    status: &mut tokio::sync::watch::Receiver<Arc<Status>>,
-    what: &str,
-    done: impl Fn(&Status) -> bool,
-) {
-    tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            if done(&status.borrow_and_update()) {
-                return;
-            }
-            status.changed().await.unwrap();
-        }
-    })
+/// The status a kubelet would write: running, with the manifest's IP.
+async fn set_pod_ip(client: &Client, pod: &Pod) {
+    let ip = pod.status.as_ref().unwrap().pod_ip.clone().unwrap();
+    let api: Api<Pod> = Api::namespaced(client.clone(), pod.metadata.namespace.as_deref().unwrap());
+    let status = json!({ "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] } });
+    api.patch_status(
+        pod.metadata.name.as_deref().unwrap(),
+        &PatchParams::default(),
+        &Patch::Merge(&status),
+    )
     .await
-    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+    .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kube_source_lists_watches_and_relists_after_410_gone() {
-    let paths: HashMap<String, String> = trellis_leader::source::kube::watched()
-        .iter()
-        .map(|r| (r.kind.clone(), path_of(r)))
-        .collect();
-    let mut recorded = Recorded::default();
-    let mut moved_slice = None;
-    for object in example() {
-        let kind = object.object_ref().kind;
-        let mut json = to_json(&object);
-        json["metadata"]["resourceVersion"] = "100".into();
-        if object.object_ref().name == "bookstore-v1-slice" {
-            moved_slice = Some(json.clone());
-        }
-        recorded
-            .lists
-            .entry(paths[kind].clone())
-            .or_default()
-            .push(json);
-    }
-    // A custom resource the API server accepted but that does not fit the
-    // TrafficSplit schema: reported, the rest of the mesh compiles.
-    let splits = &paths["TrafficSplit"];
-    recorded.lists.get_mut(splits).unwrap().push(serde_json::json!({
-        "apiVersion": "split.smi-spec.io/v1alpha2", "kind": "TrafficSplit",
-        "metadata": { "name": "garbled", "namespace": "bookstore", "resourceVersion": "100" },
-        "spec": { "service": "bookstore", "backends": [{ "service": "bookstore-v1", "weight": "heavy" }] }
-    }));
+/// A pipeline fed by `source`, and where it publishes.
+struct Compiled {
+    status: watch::Receiver<Arc<Status>>,
+    store: Arc<SnapshotStore>,
+}
 
-    let recorded = Arc::new(Mutex::new(recorded));
-    let url = serve(recorded.clone()).await;
-    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+fn compile(source: impl Source + Send + 'static, ca: &Arc<BuiltinCa>) -> Compiled {
     let pipeline = Pipeline::new(
         PipelineConfig {
             quiet: Duration::from_millis(50),
             ..PipelineConfig::default()
         },
-        Compiler::new(Arc::new(BuiltinCa::generate().unwrap())),
+        Compiler::new(ca.clone()),
     );
-    let mut status = pipeline.status();
-    let store = Arc::new(trellis_edge::SnapshotStore::new());
+    let status = pipeline.status();
+    let store = Arc::new(SnapshotStore::new());
     let (updates, received) = mpsc::channel(16);
-    tokio::spawn(KubeSource::new(client).run(updates));
+    tokio::spawn(source.run(updates));
     tokio::spawn(pipeline.run(received, store.clone()));
+    Compiled { status, store }
+}
 
-    wait_for(&mut status, "the bookstore's six classes", |s| {
-        s.classes.len() == 6
-    })
-    .await;
-    let problems: Vec<String> = status
-        .borrow()
-        .problems
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    assert!(
-        problems
-            .iter()
-            .any(|p| p.starts_with("TrafficSplit bookstore/garbled")),
-        "{problems:?}"
-    );
-
-    // bookstore-v1 moves; the EndpointSlice watch then expires, and the
-    // re-list brings the new address.
-    let mut moved = moved_slice.unwrap();
-    moved["endpoints"][0]["addresses"][0] = "10.0.3.11".into();
-    {
-        let mut recorded = recorded.lock().unwrap();
-        let slices = paths["EndpointSlice"].clone();
-        let list = recorded.lists.get_mut(&slices).unwrap();
-        // mysql's slice is gone from the re-list: its endpoints must go.
-        list.retain(|s| {
-            s["metadata"]["name"] != "bookstore-v1-slice" && s["metadata"]["name"] != "mysql-slice"
-        });
-        list.push(moved);
-        let gone = serde_json::json!({ "type": "ERROR", "object": {
-            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": "too old resource version: 100 (200)", "reason": "Expired", "code": 410 } });
-        recorded.watches.insert(slices, vec![vec![gone]]);
-    }
-    let slices = paths["EndpointSlice"].clone();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let snapshot = store.load();
-            let address = snapshot
-                .get(
-                    &Scope::Service("bookstore/bookstore-v1".into()),
-                    type_url::ENDPOINT,
-                    "bookstore/bookstore-v1|14001",
-                )
-                .map(|r| String::from_utf8_lossy(r.any()).contains("10.0.3.11"));
-            if address == Some(true) {
-                return;
+impl Compiled {
+    async fn until(&mut self, what: &str, done: impl Fn(&Status, &Snapshot) -> bool) {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let status = self.status.borrow_and_update().clone();
+                if done(&status, &self.store.load()) {
+                    return;
+                }
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(200), self.status.changed()).await;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| {
-        panic!(
-            "the re-list after 410 never arrived; list calls: {:?}",
-            recorded.lock().unwrap().list_calls.get(&slices)
-        )
-    });
-    assert!(
-        recorded.lock().unwrap().list_calls[&slices] >= 2,
-        "the watcher re-listed"
-    );
-    let snapshot = store.load();
-    // With its slice gone, mysql has no endpoint, so (SMI) nobody reaches
-    // it: its assignment is gone, or at least empty.
-    let mysql = snapshot.get(
-        &Scope::Service("bookwarehouse/mysql".into()),
-        type_url::ENDPOINT,
-        "bookwarehouse/mysql|3306",
-    );
-    assert!(
-        mysql.is_none_or(|r| !String::from_utf8_lossy(r.any()).contains("10.0.5.10")),
-        "a slice missing from the re-list is deleted"
-    );
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "timed out waiting for {what}; problems: {:?}",
+                self.status.borrow().problems
+            )
+        });
+    }
+}
 
-    {
-        let mut recorded = recorded.lock().unwrap();
-        // Then the bookstore TrafficTarget is deleted, seen on its watch.
-        let targets = paths["TrafficTarget"].clone();
-        let position = recorded.lists[&targets]
-            .iter()
-            .position(|t| t["metadata"]["name"] == "bookstore")
-            .unwrap();
-        let mut target = recorded.lists.get_mut(&targets).unwrap().remove(position);
-        target["metadata"]["resourceVersion"] = "201".into();
-        recorded.watches.insert(
-            targets,
-            vec![vec![
-                serde_json::json!({ "type": "DELETED", "object": target }),
-            ]],
+/// What a snapshot serves, without the certificates (each compiler issues
+/// its own leaves): per class its pods, and every listener, route, cluster
+/// and endpoint assignment by scope, name and version.
+fn served(
+    status: &Status,
+    snapshot: &Snapshot,
+) -> (BTreeMap<String, Vec<String>>, BTreeSet<String>) {
+    let classes = (status.classes.iter())
+        .map(|(id, class)| (id.clone(), class.pods.clone()))
+        .collect();
+    let resources = [
+        type_url::LISTENER,
+        type_url::ROUTE,
+        type_url::CLUSTER,
+        type_url::ENDPOINT,
+    ]
+    .into_iter()
+    .flat_map(|t| {
+        snapshot
+            .resources_of(t)
+            .map(move |(scope, name, r)| format!("{t} {scope:?} {name} {:?}", r.version()))
+    })
+    .collect();
+    (classes, resources)
+}
+
+fn endpoint_of(snapshot: &Snapshot, service: &str, name: &str) -> Option<String> {
+    snapshot
+        .get(&Scope::Service(service.into()), type_url::ENDPOINT, name)
+        .map(|r| String::from_utf8_lossy(r.any()).into_owned())
+}
+
+fn buyer_listeners(status: &Status, snapshot: &Snapshot) -> usize {
+    let Some((class, _)) = status.class_of("bookbuyer/bookbuyer-0") else {
+        return usize::MAX;
+    };
+    snapshot.class(class).iter(type_url::LISTENER).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kube_source_compiles_what_the_file_source_does_and_follows_edits() {
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    apply_bookstore(cluster, &client).await;
+
+    // The source's first update holds the whole cluster: every kind listed
+    // once, not the few whose lists answered first.
+    let first = first_update(KubeSource::new(client.clone())).await;
+    let listed: BTreeSet<ObjectRef> = first.applied().map(Object::object_ref).collect();
+    for object in FileSource::new(bookstore()).scan().unwrap().applied() {
+        assert!(
+            listed.contains(&object.object_ref()),
+            "the first update lacks {}",
+            object.object_ref()
         );
     }
-    // The DELETED TrafficTarget leaves bookbuyer without an outbound listener.
-    let buyer = status
-        .borrow()
-        .classes
-        .iter()
-        .find(|(_, c)| c.pods.contains(&"bookbuyer/bookbuyer-0".to_owned()))
-        .map(|(id, _)| id.clone())
-        .expect("bookbuyer's class");
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while store.load().class(&buyer).iter(type_url::LISTENER).count() > 0 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let ca = Arc::new(BuiltinCa::generate().unwrap());
+    let mut files = compile(FileSource::new(bookstore()), &ca);
+    let mut kube = compile(KubeSource::new(client.clone()), &ca);
+    files
+        .until("the file source's six classes", |s, _| s.classes.len() == 6)
+        .await;
+    let expected = served(&files.status.borrow(), &files.store.load());
+    kube.until(
+        "the same classes and resources from the API server",
+        |s, snapshot| served(s, snapshot) == expected,
+    )
+    .await;
+    assert!(
+        kube.status.borrow().problems.is_empty(),
+        "{:?}",
+        kube.status.borrow().problems
+    );
+
+    // An edit: bookstore-v1 moves.
+    cluster.kubectl_ok([
+        "patch",
+        "endpointslice",
+        "-n",
+        "bookstore",
+        "bookstore-v1-slice",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/endpoints/0/addresses/0","value":"10.0.3.11"}]"#,
+    ]);
+    kube.until("bookstore-v1's new address", |_, snapshot| {
+        endpoint_of(
+            snapshot,
+            "bookstore/bookstore-v1",
+            "bookstore/bookstore-v1|14001",
+        )
+        .is_some_and(|e| e.contains("10.0.3.11"))
+    })
+    .await;
+
+    // A custom resource the API server accepts but the mesh cannot use (an
+    // RE2 regex that does not parse) is reported; the rest keeps compiling.
+    let bad = json!({
+        "apiVersion": "specs.smi-spec.io/v1alpha4", "kind": "HTTPRouteGroup",
+        "metadata": { "name": "unbalanced", "namespace": "bookstore" },
+        "spec": { "matches": [{ "name": "all", "pathRegex": "/books(" }] }
+    });
+    apply_json(cluster, &bad);
+    kube.until("the bad HTTPRouteGroup reported", |s, _| {
+        s.problems.iter().any(|p| {
+            p.to_string()
+                .starts_with("HTTPRouteGroup bookstore/unbalanced")
+        })
+    })
+    .await;
+    assert_eq!(kube.status.borrow().classes.len(), 6);
+    // Deleted, its problem goes with it.
+    cluster.kubectl_ok(["delete", "httproutegroup", "-n", "bookstore", "unbalanced"]);
+    kube.until("the problem gone with its object", |s, _| {
+        s.problems.is_empty()
+    })
+    .await;
+
+    // A delete: without its TrafficTarget, bookbuyer has no outbound listener.
+    cluster.kubectl_ok(["delete", "traffictarget", "-n", "bookstore", "bookstore"]);
+    kube.until("bookbuyer without an outbound listener", |s, snapshot| {
+        buyer_listeners(s, snapshot) == 0
+    })
+    .await;
+}
+
+/// The first update `source` sends.
+async fn first_update(source: KubeSource) -> SourceUpdate {
+    let (updates, mut received) = mpsc::channel(16);
+    let running = tokio::spawn(source.run(updates));
+    let first = tokio::time::timeout(Duration::from_secs(60), received.recv())
+        .await
+        .expect("no first update within 60 s")
+        .expect("the source ended");
+    running.abort();
+    first
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinds_the_api_server_does_not_serve_are_reported_and_read_once_served() {
+    // A cluster without Trellis's CRDs: the source still starts, with a
+    // problem per custom kind, and reads them once their CRDs exist.
+    let cluster = Cluster::start(Options::default());
+    let client = cluster.client().await;
+    cluster.namespace(&client, "plain", &[]).await;
+    let first = first_update(KubeSource::new(client.clone())).await;
+    assert!(
+        first
+            .applied()
+            .any(|o| o.object_ref().to_string() == "Namespace plain"),
+        "{:?}",
+        first.changes.len()
+    );
+    let unserved: BTreeSet<String> = (first.problems.iter())
+        .filter(|p| p.reason.contains("does not serve this kind"))
+        .map(|p| p.object.clone())
+        .collect();
+    let custom: BTreeSet<String> = watched()
+        .into_iter()
+        .filter(|r| r.group.ends_with("smi-spec.io") || r.group.ends_with("openservicemesh.io"))
+        .map(|r| format!("{} (every object)", r.kind))
+        .collect();
+    assert_eq!(unserved, custom);
+
+    let (updates, mut received) = mpsc::channel(16);
+    let running = tokio::spawn(KubeSource::new(client.clone()).run(updates));
+    install_crds(&cluster);
+    cluster.kubectl_ok([
+        "apply",
+        "-f",
+        bookstore().join("namespaces.yaml").to_str().unwrap(),
+    ]);
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let update = received.recv().await.expect("the source ended");
+            let read = update
+                .applied()
+                .any(|o| o.object_ref().to_string() == "MeshConfig osm-system/osm-mesh-config");
+            if read && update.problems.is_empty() {
+                return;
+            }
         }
     })
     .await
-    .expect("bookbuyer loses its outbound listener when its TrafficTarget is deleted");
+    .expect("the MeshConfig read, and no kind unserved, once the CRDs exist");
+    running.abort();
+}
+
+fn apply_json(cluster: &Cluster, object: &Value) {
+    let dir = std::env::temp_dir().join(format!("trellis-kube-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!(
+        "{}-{}.json",
+        object["kind"].as_str().unwrap(),
+        object["metadata"]["name"].as_str().unwrap()
+    ));
+    std::fs::write(&path, object.to_string()).unwrap();
+    cluster.kubectl_ok(["apply", "-f", path.to_str().unwrap()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_api_server_whose_watches_expired_is_listed_again() {
+    // Watches served from etcd itself: after a compaction, a watch from an
+    // older resource version is answered 410 Gone.
+    let cluster = Cluster::start(Options::default().without_watch_cache());
+    let client = cluster.client().await;
+    apply_bookstore(&cluster, &client).await;
+    let ca = Arc::new(BuiltinCa::generate().unwrap());
+    let mut kube = compile(KubeSource::new(client.clone()), &ca);
+    kube.until("the bookstore's six classes", |s, _| s.classes.len() == 6)
+        .await;
+    let list: Value = serde_json::from_str(&cluster.kubectl_ok([
+        "get",
+        "--raw",
+        "/apis/discovery.k8s.io/v1/endpointslices",
+    ]))
+    .unwrap();
+    let before = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // The API server goes away; while it is down another one (same etcd)
+    // moves bookstore-v1 and deletes mysql's slice, and etcd is compacted.
+    cluster.stop_apiserver();
+    let replica = cluster.replica();
+    replica.kubectl_ok([
+        "patch",
+        "endpointslice",
+        "-n",
+        "bookstore",
+        "bookstore-v1-slice",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/endpoints/0/addresses/0","value":"10.0.3.12"}]"#,
+    ]);
+    replica.kubectl_ok([
+        "delete",
+        "endpointslice",
+        "-n",
+        "bookwarehouse",
+        "mysql-slice",
+    ]);
+    cluster.compact_etcd();
+    // A watch resuming from before the outage is now refused: the source can
+    // only learn of the delete by listing again.
+    let expired = replica.kubectl_ok([
+        "get",
+        "--raw",
+        &format!(
+            "/apis/discovery.k8s.io/v1/endpointslices?watch=1&timeoutSeconds=1&resourceVersion={}",
+            before
+        ),
+    ]);
+    assert!(expired.contains("\"code\":410"), "{expired}");
+    drop(replica);
+    cluster.start_apiserver();
+
+    kube.until(
+        "the move and the delete made during the outage",
+        |_, snapshot| {
+            let moved = endpoint_of(
+                snapshot,
+                "bookstore/bookstore-v1",
+                "bookstore/bookstore-v1|14001",
+            )
+            .is_some_and(|e| e.contains("10.0.3.12"));
+            let mysql = endpoint_of(snapshot, "bookwarehouse/mysql", "bookwarehouse/mysql|3306");
+            moved && mysql.is_none_or(|e| !e.contains("10.0.5.10"))
+        },
+    )
+    .await;
+}
+
+/// Every leaf of `value` that holds nothing: null, false, 0, "" or empty.
+fn unset_fields(value: &Value, path: String, unset: &mut Vec<String>) {
+    match value {
+        Value::Object(fields) if !fields.is_empty() => {
+            for (k, v) in fields {
+                unset_fields(v, format!("{path}.{k}"), unset);
+            }
+        }
+        Value::Array(items) if !items.is_empty() => {
+            for (i, v) in items.iter().enumerate() {
+                unset_fields(v, format!("{path}[{i}]"), unset);
+            }
+        }
+        Value::Null | Value::Bool(false) | Value::Object(_) | Value::Array(_) => unset.push(path),
+        Value::String(s) if s.is_empty() => unset.push(path),
+        Value::Number(n) if n.as_f64() == Some(0.0) => unset.push(path),
+        _ => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_mesh_config_field_trellis_reads_survives_the_crd_schema() {
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    install_crds(cluster);
+    cluster.namespace(&client, "meshconfig-fields", &[]).await;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/kube/meshconfig-every-field.yaml");
+    let from_file: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let Object::MeshConfig(written) = Object::from_manifest(from_file).unwrap() else {
+        panic!("the fixture is not a MeshConfig")
+    };
+    // The fixture sets every field of what Trellis reads, so a field the
+    // schema prunes cannot go unnoticed.
+    let mut unset = Vec::new();
+    unset_fields(
+        &serde_json::to_value(&written.spec).unwrap(),
+        "spec".into(),
+        &mut unset,
+    );
+    assert_eq!(
+        unset,
+        Vec::<String>::new(),
+        "fields the fixture leaves unset"
+    );
+
+    cluster.kubectl_ok(["apply", "-f", path.to_str().unwrap()]);
+    let (updates, mut received) = mpsc::channel(16);
+    let source = tokio::spawn(KubeSource::new(client.clone()).run(updates));
+    let read: MeshConfig = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let update = received.recv().await.expect("the source ended");
+            for change in update.changes {
+                if let Change::Apply(object) = change {
+                    if let Object::MeshConfig(config) = *object {
+                        if config.metadata.namespace.as_deref() == Some("meshconfig-fields") {
+                            return config;
+                        }
+                    }
+                }
+            }
+        }
+    })
+    .await
+    .expect("the kube source never delivered the MeshConfig");
+    source.abort();
+    assert_eq!(
+        serde_json::to_value(&read.spec).unwrap(),
+        serde_json::to_value(&written.spec).unwrap(),
+        "the API server pruned or changed fields"
+    );
 }

@@ -7,6 +7,12 @@
 //! whole list. The watchers re-list on their own when a watch expires (410
 //! Gone); after each re-list, objects that were not listed again are
 //! deleted.
+//!
+//! The first update waits until every kind has been listed once, so the
+//! first compile (and a new Raft leader's first publish) sees the whole
+//! cluster, never the few kinds whose lists happened to answer first. A
+//! kind the API server does not serve (its CRD is not installed) counts as
+//! listed and empty, reported as a problem until it is served.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -119,15 +125,30 @@ fn convert(resource: &ApiResource, object: DynamicObject) -> Result<Object, Prob
     })
 }
 
-/// The source's view: what each kind holds, and its bad objects.
-#[derive(Default)]
+/// The source's view: what each kind holds, its bad objects, and the kinds
+/// not listed yet.
 struct Held {
     objects: BTreeMap<String, BTreeSet<ObjectRef>>,
     relisted: BTreeMap<String, BTreeSet<ObjectRef>>,
     problems: BTreeMap<String, Problem>,
+    unlisted: BTreeSet<String>,
 }
 
 impl Held {
+    fn new(kinds: impl IntoIterator<Item = String>) -> Held {
+        Held {
+            objects: BTreeMap::new(),
+            relisted: BTreeMap::new(),
+            problems: BTreeMap::new(),
+            unlisted: kinds.into_iter().collect(),
+        }
+    }
+
+    /// Whether every kind has been listed once (or is not served).
+    fn synced(&self) -> bool {
+        self.unlisted.is_empty()
+    }
+
     fn step(&mut self, step: Step, changes: &mut Vec<Change>) {
         match step {
             Step::Apply(Ok(object)) => {
@@ -156,12 +177,30 @@ impl Held {
                 self.relisted.insert(kind, BTreeSet::new());
             }
             Step::RelistDone(kind) => {
+                self.unlisted.remove(&kind);
+                self.problems.remove(&unserved(&kind));
                 let seen = self.relisted.remove(&kind).unwrap_or_default();
                 let held = self.objects.entry(kind.clone()).or_default();
                 let gone: Vec<ObjectRef> = held.difference(&seen).cloned().collect();
                 debug!(%kind, listed = seen.len(), gone = gone.len(), "re-listed");
                 *held = seen;
                 changes.extend(gone.into_iter().map(Change::Delete));
+            }
+            Step::Failed(kind, watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                if status.code == 404 =>
+            {
+                let object = unserved(&kind);
+                if !self.problems.contains_key(&object) {
+                    warn!(%kind, "the API server does not serve this kind; retrying with backoff");
+                }
+                self.unlisted.remove(&kind);
+                self.problems.insert(
+                    object.clone(),
+                    Problem {
+                        object,
+                        reason: "the API server does not serve this kind (is its CRD installed?); none are read until it does".to_owned(),
+                    },
+                );
             }
             Step::Failed(kind, error) => {
                 warn!(%kind, %error, "watch failed; retrying with backoff")
@@ -172,22 +211,30 @@ impl Held {
 
 impl Source for KubeSource {
     async fn run(self, updates: mpsc::Sender<SourceUpdate>) -> Result<(), SourceError> {
-        let mut events = futures::stream::select_all(watched().into_iter().map(|r| self.watch(r)));
-        let mut held = Held::default();
+        let kinds = watched();
+        let mut held = Held::new(kinds.iter().map(|r| r.kind.clone()));
+        let mut events = futures::stream::select_all(kinds.into_iter().map(|r| self.watch(r)));
         info!("watching the Kubernetes API");
+        let mut changes = Vec::new();
+        // What the last update said; None before the first.
+        let mut reported: Option<Vec<Problem>> = None;
         while let Some(step) = events.next().await {
-            let mut changes = Vec::new();
             held.step(step, &mut changes);
             // Batch whatever else is already there.
             while let Some(Some(step)) = events.next().now_or_never() {
                 held.step(step, &mut changes);
             }
-            if changes.is_empty() {
+            if !held.synced() {
                 continue;
             }
+            let problems: Vec<Problem> = held.problems.values().cloned().collect();
+            if changes.is_empty() && reported.as_ref() == Some(&problems) {
+                continue;
+            }
+            reported = Some(problems.clone());
             let update = SourceUpdate {
-                changes,
-                problems: held.problems.values().cloned().collect(),
+                changes: std::mem::take(&mut changes),
+                problems,
             };
             if updates.send(update).await.is_err() {
                 return Ok(());
@@ -195,4 +242,9 @@ impl Source for KubeSource {
         }
         Ok(())
     }
+}
+
+/// The problem key of a kind the API server does not serve.
+fn unserved(kind: &str) -> String {
+    format!("{kind} (every object)")
 }
