@@ -31,7 +31,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -1215,10 +1215,7 @@ async fn rewritten_probes_reach_the_application_through_the_sidecars_envoy() {
 
 /// Tests that register the shipped webhook, or create or dry-run pods in
 /// mesh namespaces (which that webhook intercepts), take turns.
-fn exclusive() -> std::sync::MutexGuard<'static, ()> {
-    static TURN: Mutex<()> = Mutex::new(());
-    TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The rendered overlay's namespace, ServiceAccounts and RBAC, for real.
 fn install_rbac(cluster: &Cluster) {
@@ -1243,7 +1240,7 @@ fn install_rbac(cluster: &Cluster) {
 
 #[test]
 fn the_api_server_accepts_every_crd_and_a_server_side_dry_run_of_every_object() {
-    let _turn = exclusive();
+    let _turn = TURN.blocking_lock();
     let cluster = Cluster::shared();
     let dir = scratch("dry-run");
     let files = write_overlays(&dir);
@@ -1479,7 +1476,7 @@ async fn the_api_server_sends_mesh_pods_to_the_injector_and_refuses_them_while_i
         api::{Api, PostParams},
         ResourceExt,
     };
-    let _turn = exclusive();
+    let _turn = TURN.lock().await;
     let cluster = Cluster::shared();
     let dir = scratch("called");
     fixture_cluster(cluster).await;

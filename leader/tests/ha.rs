@@ -3,7 +3,8 @@
 //! one edge. Killing the Raft leader elects another that publishes the same
 //! versions, so Envoy sees no update; a later change reaches it; a replica
 //! restarted on its data catches up from the log and can lead in turn.
-//! Misconfigured replicas stop with a clear error and harm no one.
+//! Misconfigured replicas stop with a clear error and harm no one. A group
+//! reading the test suite's API server fails over the same way.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -31,6 +32,7 @@ use trellis_leader::{
     },
 };
 use trellis_proto::trellis::raft::v1::{raft_client::RaftClient, LeaderReply, LeaderRequest};
+use trellis_test_cluster::Cluster;
 
 const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
 
@@ -42,9 +44,15 @@ struct Process {
 
 impl Process {
     fn spawn(args: &[&str], log: PathBuf) -> Process {
+        Process::spawn_with(args, &[], log)
+    }
+
+    /// [`Process::spawn`] with `env` set.
+    fn spawn_with(args: &[&str], env: &[(&str, &Path)], log: PathBuf) -> Process {
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(TRELLIS)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v.as_os_str())))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
@@ -88,6 +96,9 @@ impl Drop for Process {
 /// peer certificate and data.
 struct Group {
     dir: PathBuf,
+    /// With a kubeconfig, the replicas read that API server instead of the
+    /// mesh directory.
+    kubeconfig: Option<PathBuf>,
     ids: Vec<u64>,
     raft: BTreeMap<u64, SocketAddr>,
     publish: BTreeMap<u64, SocketAddr>,
@@ -130,6 +141,7 @@ impl Group {
         let publish = ids.iter().map(|id| (*id, addr(free_port()))).collect();
         Group {
             dir,
+            kubeconfig: None,
             ids,
             raft,
             publish,
@@ -159,10 +171,17 @@ impl Group {
     }
 
     fn spawn(&self, id: u64, cluster: &str, data: &Path, name: &str) -> Process {
+        let source = match &self.kubeconfig {
+            Some(_) => ["--source".to_owned(), "kube".to_owned()],
+            None => [
+                "--dir".to_owned(),
+                self.dir.join("mesh").to_string_lossy().into_owned(),
+            ],
+        };
         let mut args: Vec<String> = [
             "leader",
-            "--dir",
-            &self.dir.join("mesh").to_string_lossy(),
+            &source[0],
+            &source[1],
             "--ca-dir",
             &self.dir.join("ca").to_string_lossy(),
             "--publish",
@@ -181,7 +200,10 @@ impl Group {
         args.extend(self.peer_args());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = self.dir.join(format!("{name}.log"));
-        Process::spawn(&args, log)
+        match &self.kubeconfig {
+            Some(kubeconfig) => Process::spawn_with(&args, &[("KUBECONFIG", kubeconfig)], log),
+            None => Process::spawn(&args, log),
+        }
     }
 
     fn publish_list(&self) -> String {
@@ -510,6 +532,72 @@ impl Drop for Blocked {
 
 /// An edge cut off from every replica keeps serving Envoy its last
 /// configuration; a change made meanwhile arrives once the partition heals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_reading_the_api_server_fails_over_without_envoy_seeing_a_change() -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let example = root.join("examples/bookstore");
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    cluster.install_crds(&root.join("deploy/base/crds"));
+    cluster.apply_running(&client, &example).await;
+
+    let mut group = Group::prepare("kube", 3);
+    group.kubeconfig = Some(cluster.kubeconfig().to_owned());
+    for id in group.ids.clone() {
+        group.start(id);
+    }
+    let first = group.agreed_leader(Duration::from_secs(30)).await?;
+    let edges = [EdgeProcess::start(&group, "edge-kube")];
+    edges[0].ready().await?;
+    // The class the file source gives bookbuyer's pod is the one the group
+    // serves from the API server: both sources compile the same classes.
+    let class = class_of(&example, "bookbuyer/bookbuyer");
+    let envoy = Envoy::start("bookbuyer-kube", &class, edges[0].xds, Api::Delta).await?;
+    eventually(
+        Duration::from_secs(30),
+        "Envoy to take its class",
+        || async {
+            let (lds, cds, sds) = updates(&envoy).await;
+            lds >= 1
+                && cds >= 1
+                && sds >= 1
+                && envoy.stat("cluster_manager.warming_clusters").await == 0
+                && envoy.stat("listener_manager.total_listeners_warming").await == 0
+        },
+    )
+    .await
+    .with_context(|| envoy.log())?;
+    let settled = updates(&envoy).await;
+    let (syncs_before, commits_before) = (syncs(&edges).await, commits(&edges).await);
+
+    // The new leader lists the whole cluster before it compiles, so it
+    // publishes the same versions: nothing applied, nothing sent to Envoy.
+    group.replicas.get_mut(&first.leader).unwrap().kill();
+    group.replicas.remove(&first.leader);
+    group
+        .agreed_leader_besides(first.leader, Duration::from_secs(20))
+        .await?;
+    edges_follow(&edges, &syncs_before, Duration::from_secs(30)).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        commits(&edges).await,
+        commits_before,
+        "the edge applied nothing"
+    );
+    assert_eq!(updates(&envoy).await, settled, "Envoy saw no update");
+
+    // A change made through the API server reaches Envoy.
+    cluster.kubectl_ok(["delete", "traffictarget", "-n", "bookstore", "bookstore"]);
+    eventually(
+        Duration::from_secs(20),
+        "the change to reach Envoy",
+        || async { updates(&envoy).await.0 > settled.0 },
+    )
+    .await
+    .with_context(|| envoy.log())?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_edge_keeps_serving_and_converges_when_it_heals() -> Result<()> {
     let mut group = Group::prepare("partition", 3);

@@ -15,11 +15,7 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::core::v1::Pod;
-use kube::{
-    api::{Api, Patch, PatchParams},
-    Client,
-};
+use kube::Client;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 use trellis_edge::SnapshotStore;
@@ -47,58 +43,13 @@ fn bookstore() -> PathBuf {
 
 /// The deployment's CRDs, applied and established.
 fn install_crds(cluster: &Cluster) {
-    cluster.kubectl_ok([
-        "apply",
-        "--server-side",
-        "-f",
-        root().join("deploy/base/crds").to_str().unwrap(),
-    ]);
-    cluster.kubectl_ok([
-        "wait",
-        "--for=condition=established",
-        "--timeout=60s",
-        "crd",
-        "--all",
-    ]);
+    cluster.install_crds(&root().join("deploy/base/crds"));
 }
 
-/// The bookstore as a cluster would hold it: applied with kubectl, each
-/// namespace's `default` ServiceAccount and each Pod's status written as the
-/// controller-manager and the kubelet would.
+/// The bookstore as a running cluster would hold it.
 async fn apply_bookstore(cluster: &Cluster, client: &Client) {
     install_crds(cluster);
-    cluster.kubectl_ok([
-        "apply",
-        "-f",
-        bookstore().join("namespaces.yaml").to_str().unwrap(),
-    ]);
-    let objects = FileSource::new(bookstore()).scan().unwrap();
-    for object in objects.applied() {
-        if let Object::Namespace(ns) = object {
-            let name = ns.metadata.name.as_deref().unwrap();
-            cluster.default_service_account(client, name).await;
-        }
-    }
-    cluster.kubectl_ok(["apply", "-f", bookstore().to_str().unwrap()]);
-    for object in objects.applied() {
-        if let Object::Pod(pod) = object {
-            set_pod_ip(client, pod).await;
-        }
-    }
-}
-
-/// The status a kubelet would write: running, with the manifest's IP.
-async fn set_pod_ip(client: &Client, pod: &Pod) {
-    let ip = pod.status.as_ref().unwrap().pod_ip.clone().unwrap();
-    let api: Api<Pod> = Api::namespaced(client.clone(), pod.metadata.namespace.as_deref().unwrap());
-    let status = json!({ "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] } });
-    api.patch_status(
-        pod.metadata.name.as_deref().unwrap(),
-        &PatchParams::default(),
-        &Patch::Merge(&status),
-    )
-    .await
-    .unwrap();
+    cluster.apply_running(client, &bookstore()).await;
 }
 
 /// A pipeline fed by `source`, and where it publishes.
@@ -107,7 +58,7 @@ struct Compiled {
     store: Arc<SnapshotStore>,
 }
 
-fn compile(source: impl Source + Send + 'static, ca: &Arc<BuiltinCa>) -> Compiled {
+fn compile(source: impl Source + 'static, ca: &Arc<BuiltinCa>) -> Compiled {
     let pipeline = Pipeline::new(
         PipelineConfig {
             quiet: Duration::from_millis(50),
@@ -318,10 +269,12 @@ async fn kinds_the_api_server_does_not_serve_are_reported_and_read_once_served()
         "-f",
         bookstore().join("namespaces.yaml").to_str().unwrap(),
     ]);
-    tokio::time::timeout(Duration::from_secs(60), async {
+    // The watchers retry an unserved kind with backoff (up to 30 s apart).
+    tokio::time::timeout(Duration::from_secs(90), async {
+        let mut read = false;
         loop {
             let update = received.recv().await.expect("the source ended");
-            let read = update
+            read |= update
                 .applied()
                 .any(|o| o.object_ref().to_string() == "MeshConfig osm-system/osm-mesh-config");
             if read && update.problems.is_empty() {
@@ -332,6 +285,85 @@ async fn kinds_the_api_server_does_not_serve_are_reported_and_read_once_served()
     .await
     .expect("the MeshConfig read, and no kind unserved, once the CRDs exist");
     running.abort();
+}
+
+const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
+
+/// The classes a `trellis run` or `trellis check` printed: id and pods.
+fn printed_classes(out: &str) -> Vec<String> {
+    out.lines()
+        .skip_while(|l| *l != "classes:")
+        .skip(1)
+        .take_while(|l| l.starts_with("  ") && !l.trim_start().starts_with("skipped"))
+        .map(|l| l.trim().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trellis_run_with_the_kube_source_serves_the_classes_of_the_manifests() {
+    use std::io::{BufRead, BufReader};
+    let cluster = Cluster::start(Options::default());
+    let client = cluster.client().await;
+    apply_bookstore(&cluster, &client).await;
+
+    let check = std::process::Command::new(TRELLIS)
+        .args(["check", "--dir"])
+        .arg(bookstore())
+        .output()
+        .unwrap();
+    let expected = printed_classes(&String::from_utf8_lossy(&check.stdout));
+    assert_eq!(
+        expected.len(),
+        6,
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string()
+    };
+    let mut run = std::process::Command::new(TRELLIS)
+        .args([
+            "run",
+            "--source",
+            "kube",
+            "--xds",
+            &port(),
+            "--admin",
+            &port(),
+        ])
+        .env("KUBECONFIG", cluster.kubeconfig())
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Its first compile is printed once it serves.
+    let stdout = run.stdout.take().unwrap();
+    let printed = tokio::task::spawn_blocking(move || {
+        let mut out = String::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            out.push_str(&line);
+            out.push('\n');
+            if line.starts_with("Change ") {
+                break;
+            }
+        }
+        out
+    });
+    let printed = tokio::time::timeout(Duration::from_secs(60), printed)
+        .await
+        .expect("trellis run printed nothing within 60 s")
+        .unwrap();
+    let _ = run.kill();
+    let _ = run.wait();
+    assert!(printed.contains("serving the Kubernetes API"), "{printed}");
+    assert_eq!(printed_classes(&printed), expected, "{printed}");
 }
 
 fn apply_json(cluster: &Cluster, object: &Value) {

@@ -28,10 +28,10 @@ use std::{
 
 use k8s_openapi::api::{
     authentication::v1::{TokenRequest, TokenRequestSpec},
-    core::v1::{Namespace, ServiceAccount},
+    core::v1::{Namespace, Pod, ServiceAccount},
 };
 use kube::{
-    api::{Api, ObjectMeta, PostParams},
+    api::{Api, ObjectMeta, Patch, PatchParams, PostParams},
     config::{KubeConfigOptions, Kubeconfig},
     Client, Config,
 };
@@ -176,7 +176,62 @@ impl Cluster {
         kubectl_ok(&self.kubeconfig, args)
     }
 
-    /// Creates `name` with `labels` and `annotations` (if missing) and its
+    /// Applies the CRDs of `path` (a file or a directory) and waits until
+    /// they are established.
+    pub fn install_crds(&self, path: &Path) {
+        self.kubectl_ok([
+            "apply".as_ref(),
+            "--server-side".as_ref(),
+            "-f".as_ref(),
+            path.as_os_str(),
+        ]);
+        self.kubectl_ok([
+            "wait",
+            "--for=condition=established",
+            "--timeout=60s",
+            "crd",
+            "--all",
+        ]);
+    }
+
+    /// Applies the manifests of `path` (a file or a directory) as a running
+    /// cluster would hold them: their Namespaces first, each with its
+    /// `default` ServiceAccount (the controller-manager's), then every
+    /// object with kubectl, then each Pod's `status.podIP` as its kubelet
+    /// would report it, running.
+    pub async fn apply_running(&self, client: &Client, path: &Path) {
+        let objects = manifests(path);
+        let namespaces: Vec<&serde_json::Value> = objects
+            .iter()
+            .filter(|o| o["kind"] == "Namespace")
+            .collect();
+        for namespace in &namespaces {
+            let name = namespace["metadata"]["name"].as_str().unwrap_or_default();
+            let labels: Vec<(&str, &str)> = (namespace["metadata"]["labels"].as_object())
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, v)| Some((k.as_str(), v.as_str()?)))
+                .collect();
+            self.namespace(client, name, &labels).await;
+        }
+        self.kubectl_ok(["apply".as_ref(), "-f".as_ref(), path.as_os_str()]);
+        for pod in objects.iter().filter(|o| o["kind"] == "Pod") {
+            let Some(ip) = pod["status"]["podIP"].as_str() else {
+                continue;
+            };
+            let namespace = pod["metadata"]["namespace"].as_str().unwrap_or("default");
+            let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+            let status = serde_json::json!({
+                "status": { "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }] }
+            });
+            Api::<Pod>::namespaced(client.clone(), namespace)
+                .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+                .await
+                .unwrap_or_else(|e| panic!("the status of pod {namespace}/{name}: {e}"));
+        }
+    }
+
+    /// Creates namespace `name` with `labels` (if missing) and its
     /// `default` ServiceAccount, as the controller-manager would.
     pub async fn namespace(&self, client: &Client, name: &str, labels: &[(&str, &str)]) {
         let namespace = Namespace {
@@ -477,6 +532,32 @@ fn write_credentials(dir: &Path) -> String {
         &format!("{ADMIN_TOKEN},trellis-test-admin,trellis-test-admin,\"system:masters\"\n"),
     );
     ca_cert.pem()
+}
+
+/// Every object of the YAML file `path`, or of the `.yaml`/`.yml` files of
+/// directory `path`, in name order.
+fn manifests(path: &Path) -> Vec<serde_json::Value> {
+    let files = if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .unwrap_or_else(|e| panic!("reading {path:?}: {e}"))
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+            .collect();
+        files.sort();
+        files
+    } else {
+        vec![path.to_owned()]
+    };
+    files
+        .iter()
+        .flat_map(|file| {
+            let text =
+                std::fs::read_to_string(file).unwrap_or_else(|e| panic!("reading {file:?}: {e}"));
+            serde_saphyr::from_multiple::<serde_json::Value>(&text)
+                .unwrap_or_else(|e| panic!("parsing {file:?}: {e}"))
+        })
+        .filter(|o| !o.is_null())
+        .collect()
 }
 
 fn made<T>(result: Result<T, rcgen::Error>, what: &str) -> T {
