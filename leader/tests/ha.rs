@@ -333,6 +333,26 @@ async fn updates(envoy: &Envoy) -> (u64, u64, u64) {
     )
 }
 
+/// Waits until Envoy took its class (listeners, clusters and its secret,
+/// nothing warming); its update counters then.
+async fn settled_on_its_class(envoy: &Envoy) -> Result<(u64, u64, u64)> {
+    eventually(
+        Duration::from_secs(30),
+        "Envoy to take its class",
+        || async {
+            let (lds, cds, sds) = updates(envoy).await;
+            lds >= 1
+                && cds >= 1
+                && sds >= 1
+                && envoy.stat("cluster_manager.warming_clusters").await == 0
+                && envoy.stat("listener_manager.total_listeners_warming").await == 0
+        },
+    )
+    .await
+    .with_context(|| envoy.log())?;
+    Ok(updates(envoy).await)
+}
+
 /// Takes bookbuyer out of the bookstore's TrafficTarget: a change to
 /// bookbuyer's class.
 fn remove_bookbuyer_from_policies(mesh: &Path) -> Result<()> {
@@ -404,21 +424,7 @@ async fn a_killed_raft_leader_is_replaced_without_envoy_seeing_a_change() -> Res
     let mesh = group.dir.join("mesh");
     let class = class_of(&mesh, "bookbuyer/bookbuyer");
     let envoy = Envoy::start("bookbuyer-ha", &class, edges[0].xds, Api::Delta).await?;
-    eventually(
-        Duration::from_secs(30),
-        "Envoy to take its class",
-        || async {
-            let (lds, cds, sds) = updates(&envoy).await;
-            lds >= 1
-                && cds >= 1
-                && sds >= 1
-                && envoy.stat("cluster_manager.warming_clusters").await == 0
-                && envoy.stat("listener_manager.total_listeners_warming").await == 0
-        },
-    )
-    .await
-    .with_context(|| envoy.log())?;
-    let settled = updates(&envoy).await;
+    let settled = settled_on_its_class(&envoy).await?;
     let (syncs_before, commits_before) = (syncs(&edges).await, commits(&edges).await);
 
     // Kill the Raft leader: another is elected, publishes, both edges follow.
@@ -553,21 +559,7 @@ async fn a_group_reading_the_api_server_fails_over_without_envoy_seeing_a_change
     // serves from the API server: both sources compile the same classes.
     let class = class_of(&example, "bookbuyer/bookbuyer");
     let envoy = Envoy::start("bookbuyer-kube", &class, edges[0].xds, Api::Delta).await?;
-    eventually(
-        Duration::from_secs(30),
-        "Envoy to take its class",
-        || async {
-            let (lds, cds, sds) = updates(&envoy).await;
-            lds >= 1
-                && cds >= 1
-                && sds >= 1
-                && envoy.stat("cluster_manager.warming_clusters").await == 0
-                && envoy.stat("listener_manager.total_listeners_warming").await == 0
-        },
-    )
-    .await
-    .with_context(|| envoy.log())?;
-    let settled = updates(&envoy).await;
+    let settled = settled_on_its_class(&envoy).await?;
     let (syncs_before, commits_before) = (syncs(&edges).await, commits(&edges).await);
 
     // The new leader lists the whole cluster before it compiles, so it

@@ -3,8 +3,8 @@
 //! same classes and resources as the file source makes of the same
 //! manifests; edits, deletes and a bad custom resource are followed; a
 //! restarted API server whose watches expired (410 Gone after an etcd
-//! compaction) is re-listed; and every MeshConfig field Trellis reads
-//! survives the CRD's schema.
+//! compaction) is re-listed; and every field Trellis reads of MeshConfig
+//! and the SMI kinds survives the CRDs' schemas.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -22,12 +22,12 @@ use trellis_edge::SnapshotStore;
 use trellis_leader::{
     ca::BuiltinCa,
     compile::Compiler,
-    kinds::{MeshConfig, Object, ObjectRef},
+    kinds::{Object, ObjectRef},
     pipeline::{Pipeline, PipelineConfig, Status},
     source::{
         files::FileSource,
         kube::{watched, KubeSource},
-        Change, Source, SourceUpdate,
+        Source, SourceUpdate,
     },
 };
 use trellis_shared::{type_url, Scope, Snapshot};
@@ -122,6 +122,23 @@ fn served(
     (classes, resources)
 }
 
+/// kubectl's arguments that move bookstore-v1's endpoint to `address`.
+fn move_bookstore_v1(address: &str) -> [String; 8] {
+    let patch =
+        format!(r#"[{{"op":"replace","path":"/endpoints/0/addresses/0","value":"{address}"}}]"#);
+    [
+        "patch",
+        "endpointslice",
+        "-n",
+        "bookstore",
+        "bookstore-v1-slice",
+        "--type=json",
+        "-p",
+        &patch,
+    ]
+    .map(str::to_owned)
+}
+
 fn endpoint_of(snapshot: &Snapshot, service: &str, name: &str) -> Option<String> {
     snapshot
         .get(&Scope::Service(service.into()), type_url::ENDPOINT, name)
@@ -172,16 +189,7 @@ async fn the_kube_source_compiles_what_the_file_source_does_and_follows_edits() 
     );
 
     // An edit: bookstore-v1 moves.
-    cluster.kubectl_ok([
-        "patch",
-        "endpointslice",
-        "-n",
-        "bookstore",
-        "bookstore-v1-slice",
-        "--type=json",
-        "-p",
-        r#"[{"op":"replace","path":"/endpoints/0/addresses/0","value":"10.0.3.11"}]"#,
-    ]);
+    cluster.kubectl_ok(move_bookstore_v1("10.0.3.11"));
     kube.until("bookstore-v1's new address", |_, snapshot| {
         endpoint_of(
             snapshot,
@@ -404,16 +412,7 @@ async fn a_restarted_api_server_whose_watches_expired_is_listed_again() {
     // moves bookstore-v1 and deletes mysql's slice, and etcd is compacted.
     cluster.stop_apiserver();
     let replica = cluster.replica();
-    replica.kubectl_ok([
-        "patch",
-        "endpointslice",
-        "-n",
-        "bookstore",
-        "bookstore-v1-slice",
-        "--type=json",
-        "-p",
-        r#"[{"op":"replace","path":"/endpoints/0/addresses/0","value":"10.0.3.12"}]"#,
-    ]);
+    replica.kubectl_ok(move_bookstore_v1("10.0.3.12"));
     replica.kubectl_ok([
         "delete",
         "endpointslice",
@@ -472,56 +471,70 @@ fn unset_fields(value: &Value, path: String, unset: &mut Vec<String>) {
     }
 }
 
+/// An object's spec as Trellis reads it.
+fn spec(object: &Object) -> Value {
+    let value = match object {
+        Object::MeshConfig(o) => serde_json::to_value(o),
+        Object::TrafficTarget(o) => serde_json::to_value(o),
+        Object::HttpRouteGroup(o) => serde_json::to_value(o),
+        Object::TcpRoute(o) => serde_json::to_value(o),
+        Object::TrafficSplit(o) => serde_json::to_value(o),
+        other => panic!("{} is not in the fixture", other.object_ref()),
+    };
+    value.unwrap()["spec"].clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_mesh_config_field_trellis_reads_survives_the_crd_schema() {
+async fn every_field_trellis_reads_survives_the_crd_schemas() {
     let cluster = Cluster::shared();
     let client = cluster.client().await;
     install_crds(cluster);
-    cluster.namespace(&client, "meshconfig-fields", &[]).await;
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/kube/meshconfig-every-field.yaml");
-    let from_file: Value =
-        serde_saphyr::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let Object::MeshConfig(written) = Object::from_manifest(from_file).unwrap() else {
-        panic!("the fixture is not a MeshConfig")
-    };
-    // The fixture sets every field of what Trellis reads, so a field the
+    cluster.namespace(&client, "every-field", &[]).await;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kube/every-field.yaml");
+    let documents: Vec<Value> =
+        serde_saphyr::from_multiple(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let written: BTreeMap<ObjectRef, Value> = documents
+        .into_iter()
+        .map(|d| {
+            let object = Object::from_manifest(d).unwrap();
+            (object.object_ref(), spec(&object))
+        })
+        .collect();
+    assert_eq!(written.len(), 5);
+    // The fixture sets every field of what Trellis reads, so a field a
     // schema prunes cannot go unnoticed.
-    let mut unset = Vec::new();
-    unset_fields(
-        &serde_json::to_value(&written.spec).unwrap(),
-        "spec".into(),
-        &mut unset,
-    );
-    assert_eq!(
-        unset,
-        Vec::<String>::new(),
-        "fields the fixture leaves unset"
-    );
+    for (r, spec) in &written {
+        let mut unset = Vec::new();
+        unset_fields(spec, format!("{r} spec"), &mut unset);
+        assert_eq!(
+            unset,
+            Vec::<String>::new(),
+            "fields the fixture leaves unset"
+        );
+    }
 
     cluster.kubectl_ok(["apply", "-f", path.to_str().unwrap()]);
     let (updates, mut received) = mpsc::channel(16);
     let source = tokio::spawn(KubeSource::new(client.clone()).run(updates));
-    let read: MeshConfig = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
+    let read: BTreeMap<ObjectRef, Value> = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut read = BTreeMap::new();
+        while read.len() < written.len() {
             let update = received.recv().await.expect("the source ended");
-            for change in update.changes {
-                if let Change::Apply(object) = change {
-                    if let Object::MeshConfig(config) = *object {
-                        if config.metadata.namespace.as_deref() == Some("meshconfig-fields") {
-                            return config;
-                        }
-                    }
+            for object in update.applied() {
+                if written.contains_key(&object.object_ref()) {
+                    read.insert(object.object_ref(), spec(object));
                 }
             }
         }
+        read
     })
     .await
-    .expect("the kube source never delivered the MeshConfig");
+    .expect("the kube source never delivered the fixture's objects");
     source.abort();
-    assert_eq!(
-        serde_json::to_value(&read.spec).unwrap(),
-        serde_json::to_value(&written.spec).unwrap(),
-        "the API server pruned or changed fields"
-    );
+    for (r, spec) in &written {
+        assert_eq!(
+            &read[r], spec,
+            "the API server pruned or changed fields of {r}"
+        );
+    }
 }

@@ -185,6 +185,11 @@ impl Cluster {
             "-f".as_ref(),
             path.as_os_str(),
         ]);
+        self.crds_established();
+    }
+
+    /// Waits until every CRD of the cluster is established (serving).
+    pub fn crds_established(&self) {
         self.kubectl_ok([
             "wait",
             "--for=condition=established",
