@@ -265,6 +265,25 @@ impl Group {
     }
 }
 
+impl Group {
+    /// Kills replica `leader` (SIGKILL); waits until the others agree on
+    /// another and every edge has synced with it.
+    async fn replace_leader(
+        &mut self,
+        leader: u64,
+        edges: &[EdgeProcess],
+        within: Duration,
+    ) -> Result<LeaderReply> {
+        let before = syncs(edges).await;
+        if let Some(mut replica) = self.replicas.remove(&leader) {
+            replica.kill();
+        }
+        let next = self.agreed_leader_besides(leader, within).await?;
+        edges_follow(edges, &before, within).await?;
+        Ok(next)
+    }
+}
+
 impl Drop for Group {
     fn drop(&mut self) {
         self.replicas.clear();
@@ -486,13 +505,9 @@ async fn a_killed_raft_leader_is_replaced_without_envoy_seeing_a_change() -> Res
 
     // Now the second leader goes too; the two left elect one of themselves
     // (perhaps the restarted one), which again publishes the same versions.
-    let syncs_before = syncs(&edges).await;
-    group.replicas.get_mut(&second.leader).unwrap().kill();
-    group.replicas.remove(&second.leader);
     group
-        .agreed_leader_besides(second.leader, Duration::from_secs(20))
+        .replace_leader(second.leader, &edges, Duration::from_secs(20))
         .await?;
-    edges_follow(&edges, &syncs_before, Duration::from_secs(20)).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(updates(&envoy).await, changed, "Envoy saw no update");
     Ok(())
@@ -560,16 +575,13 @@ async fn a_group_reading_the_api_server_fails_over_without_envoy_seeing_a_change
     let class = class_of(&example, "bookbuyer/bookbuyer");
     let envoy = Envoy::start("bookbuyer-kube", &class, edges[0].xds, Api::Delta).await?;
     let settled = settled_on_its_class(&envoy).await?;
-    let (syncs_before, commits_before) = (syncs(&edges).await, commits(&edges).await);
+    let commits_before = commits(&edges).await;
 
     // The new leader lists the whole cluster before it compiles, so it
     // publishes the same versions: nothing applied, nothing sent to Envoy.
-    group.replicas.get_mut(&first.leader).unwrap().kill();
-    group.replicas.remove(&first.leader);
     group
-        .agreed_leader_besides(first.leader, Duration::from_secs(20))
+        .replace_leader(first.leader, &edges, Duration::from_secs(30))
         .await?;
-    edges_follow(&edges, &syncs_before, Duration::from_secs(30)).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         commits(&edges).await,
