@@ -372,6 +372,23 @@ async fn settled_on_its_class(envoy: &Envoy) -> Result<(u64, u64, u64)> {
     Ok(updates(envoy).await)
 }
 
+/// A second on, the edges have applied nothing since `commits_before` and
+/// Envoy's update counters are still `settled`.
+async fn nothing_reached_envoy(
+    edges: &[EdgeProcess],
+    commits_before: &[f64],
+    envoy: &Envoy,
+    settled: (u64, u64, u64),
+) {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        commits(edges).await,
+        commits_before,
+        "the edges applied nothing"
+    );
+    assert_eq!(updates(envoy).await, settled, "Envoy saw no update");
+}
+
 /// Takes bookbuyer out of the bookstore's TrafficTarget: a change to
 /// bookbuyer's class.
 fn remove_bookbuyer_from_policies(mesh: &Path) -> Result<()> {
@@ -464,13 +481,7 @@ async fn a_killed_raft_leader_is_replaced_without_envoy_seeing_a_change() -> Res
     );
     // The same inputs and the same certificates give the same versions:
     // nothing to apply at the edges, nothing sent to Envoy.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(
-        commits(&edges).await,
-        commits_before,
-        "the edges applied nothing"
-    );
-    assert_eq!(updates(&envoy).await, settled, "Envoy saw no update");
+    nothing_reached_envoy(&edges, &commits_before, &envoy, settled).await;
 
     // A change made after the failover reaches Envoy.
     remove_bookbuyer_from_policies(&mesh)?;
@@ -582,13 +593,7 @@ async fn a_group_reading_the_api_server_fails_over_without_envoy_seeing_a_change
     group
         .replace_leader(first.leader, &edges, Duration::from_secs(30))
         .await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(
-        commits(&edges).await,
-        commits_before,
-        "the edge applied nothing"
-    );
-    assert_eq!(updates(&envoy).await, settled, "Envoy saw no update");
+    nothing_reached_envoy(&edges, &commits_before, &envoy, settled).await;
 
     // A change made through the API server reaches Envoy.
     cluster.kubectl_ok(["delete", "traffictarget", "-n", "bookstore", "bookstore"]);
