@@ -223,6 +223,28 @@ async fn the_kube_source_compiles_what_the_file_source_does_and_follows_edits() 
     })
     .await;
 
+    // A resource the API server accepts but that does not decode (a weight
+    // beyond 32 bits) is reported; deleted, its problem goes too.
+    let huge = json!({
+        "apiVersion": "split.smi-spec.io/v1alpha2", "kind": "TrafficSplit",
+        "metadata": { "name": "huge-weight", "namespace": "bookstore" },
+        "spec": { "service": "bookstore", "backends": [{ "service": "bookstore-v1", "weight": 5_000_000_000_u64 }] }
+    });
+    apply_json(cluster, &huge);
+    kube.until("the undecodable TrafficSplit reported", |s, _| {
+        s.problems.iter().any(|p| {
+            p.to_string()
+                .starts_with("TrafficSplit bookstore/huge-weight")
+        })
+    })
+    .await;
+    assert_eq!(kube.status.borrow().classes.len(), 6);
+    cluster.kubectl_ok(["delete", "trafficsplit", "-n", "bookstore", "huge-weight"]);
+    kube.until("the problem gone with its object", |s, _| {
+        s.problems.is_empty()
+    })
+    .await;
+
     // A delete: without its TrafficTarget, bookbuyer has no outbound listener.
     cluster.kubectl_ok(["delete", "traffictarget", "-n", "bookstore", "bookstore"]);
     kube.until("bookbuyer without an outbound listener", |s, snapshot| {

@@ -72,6 +72,8 @@ pub fn watched() -> Vec<ApiResource> {
 enum Step {
     Apply(Result<Box<Object>, Problem>),
     Delete(ObjectRef),
+    /// A deleted object that did not decode: its problem goes.
+    Forget(String),
     RelistStart(String),
     RelistDone(String),
     Failed(String, watcher::Error),
@@ -94,7 +96,8 @@ impl KubeSource {
                 }
                 Ok(watcher::Event::Delete(o)) => match convert(&resource, o) {
                     Ok(object) => Step::Delete(object.object_ref()),
-                    Err(problem) => Step::Apply(Err(problem)),
+                    // A bad object that is gone takes its problem with it.
+                    Err(problem) => Step::Forget(problem.object),
                 },
                 Ok(watcher::Event::Init) => Step::RelistStart(kind.clone()),
                 Ok(watcher::Event::InitDone) => Step::RelistDone(kind.clone()),
@@ -107,12 +110,20 @@ impl KubeSource {
 /// A listed or watched object as a typed one. List items carry no
 /// apiVersion/kind, so they are taken from the API resource.
 fn convert(resource: &ApiResource, object: DynamicObject) -> Result<Object, Problem> {
-    let name = format!(
-        "{} {}/{}",
-        resource.kind,
-        object.metadata.namespace.clone().unwrap_or_default(),
-        object.metadata.name.clone().unwrap_or_default()
-    );
+    // Named as `ObjectRef` displays, so the problem is found again by the
+    // object's reference once it is fixed or deleted.
+    let name = match object.metadata.namespace.as_deref() {
+        Some(namespace) if !namespace.is_empty() => format!(
+            "{} {namespace}/{}",
+            resource.kind,
+            object.metadata.name.as_deref().unwrap_or_default()
+        ),
+        _ => format!(
+            "{} {}",
+            resource.kind,
+            object.metadata.name.as_deref().unwrap_or_default()
+        ),
+    };
     let mut value = serde_json::to_value(&object).map_err(|e| Problem {
         object: name.clone(),
         reason: e.to_string(),
@@ -131,6 +142,9 @@ struct Held {
     objects: BTreeMap<String, BTreeSet<ObjectRef>>,
     relisted: BTreeMap<String, BTreeSet<ObjectRef>>,
     problems: BTreeMap<String, Problem>,
+    /// During a kind's re-list, its objects that did not decode, so the
+    /// problems of those gone meanwhile go too.
+    relisted_bad: BTreeMap<String, BTreeSet<String>>,
     unlisted: BTreeSet<String>,
 }
 
@@ -140,6 +154,7 @@ impl Held {
             objects: BTreeMap::new(),
             relisted: BTreeMap::new(),
             problems: BTreeMap::new(),
+            relisted_bad: BTreeMap::new(),
             unlisted: kinds.into_iter().collect(),
         }
     }
@@ -165,20 +180,33 @@ impl Held {
             }
             Step::Apply(Err(problem)) => {
                 warn!(object = %problem.object, reason = %problem.reason, "skipping an object the API served");
+                let kind = problem.object.split(' ').next().unwrap_or_default();
+                if let Some(seen) = self.relisted_bad.get_mut(kind) {
+                    seen.insert(problem.object.clone());
+                }
                 self.problems.insert(problem.object.clone(), problem);
             }
+            Step::Forget(object) => {
+                self.problems.remove(&object);
+            }
             Step::Delete(r) => {
+                self.problems.remove(&r.to_string());
                 if let Some(held) = self.objects.get_mut(r.kind) {
                     held.remove(&r);
                 }
                 changes.push(Change::Delete(r));
             }
             Step::RelistStart(kind) => {
-                self.relisted.insert(kind, BTreeSet::new());
+                self.relisted.insert(kind.clone(), BTreeSet::new());
+                self.relisted_bad.insert(kind, BTreeSet::new());
             }
             Step::RelistDone(kind) => {
                 self.unlisted.remove(&kind);
                 self.problems.remove(&unserved(&kind));
+                let bad = self.relisted_bad.remove(&kind).unwrap_or_default();
+                let prefix = format!("{kind} ");
+                self.problems
+                    .retain(|object, _| !object.starts_with(&prefix) || bad.contains(object));
                 let seen = self.relisted.remove(&kind).unwrap_or_default();
                 let held = self.objects.entry(kind.clone()).or_default();
                 let gone: Vec<ObjectRef> = held.difference(&seen).cloned().collect();
@@ -247,4 +275,82 @@ impl Source for KubeSource {
 /// The problem key of a kind the API server does not serve.
 fn unserved(kind: &str) -> String {
     format!("{kind} (every object)")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn bad(object: &str) -> Step {
+        Step::Apply(Err(Problem {
+            object: object.to_owned(),
+            reason: "does not decode".to_owned(),
+        }))
+    }
+
+    fn problems(held: &Held) -> Vec<&str> {
+        held.problems.keys().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn a_relist_drops_the_problems_of_bad_objects_it_no_longer_lists() {
+        let kind = || "TrafficSplit".to_owned();
+        let mut held = Held::new([kind()]);
+        let mut changes = Vec::new();
+        for step in [
+            Step::RelistStart(kind()),
+            bad("TrafficSplit a/one"),
+            bad("TrafficSplit a/two"),
+            Step::RelistDone(kind()),
+        ] {
+            held.step(step, &mut changes);
+        }
+        assert!(held.synced());
+        assert_eq!(
+            problems(&held),
+            ["TrafficSplit a/one", "TrafficSplit a/two"]
+        );
+
+        // The watch expired; `one` was deleted meanwhile.
+        for step in [
+            Step::RelistStart(kind()),
+            bad("TrafficSplit a/two"),
+            Step::RelistDone(kind()),
+        ] {
+            held.step(step, &mut changes);
+        }
+        assert_eq!(problems(&held), ["TrafficSplit a/two"]);
+
+        // Deleted while watched.
+        held.step(Step::Forget("TrafficSplit a/two".to_owned()), &mut changes);
+        assert!(held.problems.is_empty());
+        assert!(changes.is_empty(), "bad objects never reach the catalog");
+    }
+
+    #[test]
+    fn the_source_is_synced_once_every_kind_is_listed_or_unserved() {
+        let mut held = Held::new(["Service".to_owned(), "TrafficSplit".to_owned()]);
+        let mut changes = Vec::new();
+        held.step(Step::RelistStart("Service".to_owned()), &mut changes);
+        held.step(Step::RelistDone("Service".to_owned()), &mut changes);
+        assert!(!held.synced());
+        let not_found = kube::Error::Api(Box::new(kube::core::Status {
+            code: 404,
+            ..kube::core::Status::default()
+        }));
+        held.step(
+            Step::Failed(
+                "TrafficSplit".to_owned(),
+                watcher::Error::InitialListFailed(not_found),
+            ),
+            &mut changes,
+        );
+        assert!(held.synced());
+        assert_eq!(problems(&held), ["TrafficSplit (every object)"]);
+        held.step(Step::RelistStart("TrafficSplit".to_owned()), &mut changes);
+        held.step(Step::RelistDone("TrafficSplit".to_owned()), &mut changes);
+        assert!(held.problems.is_empty());
+    }
 }

@@ -263,7 +263,10 @@ enum SourceKind {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // Logs go to stderr, so stdout carries only what a command prints (its
+    // classes, addresses and commands), which scripts and tests read.
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,trellis=info".into()),
