@@ -561,6 +561,33 @@ spec:
 }
 
 #[test]
+fn policy_kinds_not_implemented_yet_are_reported_on_each_object() {
+    let policies = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deploy/policies.yaml"),
+    )
+    .unwrap();
+    let compiled = compile(&with(example(), &policies));
+    let mut reported: Vec<String> = (compiled.problems.iter())
+        .filter(|p| {
+            p.reason
+                .contains("not implemented by this version of Trellis")
+        })
+        .map(|p| p.object.split(' ').next().unwrap().to_owned())
+        .collect();
+    reported.sort();
+    assert_eq!(
+        reported,
+        [
+            "Egress",
+            "IngressBackend",
+            "Retry",
+            "UpstreamTrafficSetting"
+        ]
+    );
+    assert_eq!(compiled.classes.len(), 6, "the rest compiles");
+}
+
+#[test]
 fn a_reference_to_a_missing_route_group_is_reported() {
     assert_rejected(
         r#"

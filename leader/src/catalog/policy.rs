@@ -80,6 +80,18 @@ pub(super) fn build(
             }
             Object::TrafficTarget(t) => targets.push((r, t)),
             Object::TrafficSplit(s) => splits.push((r, s)),
+            // Read, kept and watched, but not compiled yet: said on each
+            // object rather than ignored, so nobody believes it applies.
+            Object::Egress(_)
+            | Object::IngressBackend(_)
+            | Object::Retry(_)
+            | Object::UpstreamTrafficSetting(_) => problems.push(Problem::new(
+                r,
+                format!(
+                    "{} is not implemented by this version of Trellis; the object has no effect",
+                    r.kind
+                ),
+            )),
             _ => {}
         }
     }
