@@ -147,6 +147,10 @@ pub struct Endpoint {
     pub ip: IpAddr,
     /// The identity of the pod behind it, if known.
     pub identity: Option<Identity>,
+    /// The pod's DNS label under a headless service (a StatefulSet member's
+    /// `<hostname>.<svc>.<ns>.svc`): the endpoint's `hostname`, else its
+    /// pod's name.
+    pub hostname: Option<String>,
 }
 
 /// A service in the mesh.

@@ -9,6 +9,7 @@
 
 mod clusters;
 mod envoy;
+mod headless;
 mod inputs;
 mod listeners;
 mod names;
@@ -586,9 +587,21 @@ fn compile_class(
     let mut chains = Vec::new();
     let mut outbound_hosts: BTreeMap<u16, Vec<_>> = BTreeMap::new();
     let mut upstreams: BTreeMap<String, (&MeshService, &ServicePort)> = BTreeMap::new();
+    let mut members = Vec::new();
+    let mut member_addresses = BTreeSet::new();
     for service in access.candidates(allowed.as_ref(), &mut class.reads) {
         class.reads.add(Input::Split(&service.key));
         for port in &service.ports {
+            // A headless service is its members, each reached on its own.
+            if service.cluster_ip.is_none() && !catalog.splits.contains_key(&service.key) {
+                for member in
+                    headless::members(service, port, allowed.as_ref(), &mut member_addresses)
+                {
+                    chains.push(member.chain());
+                    members.push(member);
+                }
+                continue;
+            }
             let targets = backends(catalog, allowed.as_ref(), service, port);
             if targets.is_empty() {
                 continue;
@@ -645,12 +658,27 @@ fn compile_class(
         class.provide(type_url::ROUTE, &config.name, &config)?;
     }
 
+    for member in &members {
+        class.provide(
+            type_url::CLUSTER,
+            &member.cluster,
+            &member.cluster(identity),
+        )?;
+        if let Some(routes) = member.routes() {
+            class.provide(type_url::ROUTE, &routes.name, &routes)?;
+        }
+        let scope = Scope::Service(member.service.key.to_string().into());
+        let key = (scope.clone(), type_url::ENDPOINT, member.cluster.clone());
+        let assignment = shared.get_or_encode(&key, || {
+            Resource::encode(type_url::ENDPOINT, &member.assignment())
+        })?;
+        class.reference_encoded(scope, type_url::ENDPOINT, &member.cluster, assignment)?;
+        outbound_secrets(shared, class, member.service, identity, roots, trust_domain)?;
+    }
     for (name, (service, port)) in &upstreams {
         let cluster = clusters::upstream(&service.key, port.target_port, port.protocol, identity);
         class.provide(type_url::CLUSTER, name, &cluster)?;
         class.need(type_url::ENDPOINT, name);
-        class.need(type_url::SECRET, &names::outbound_root(&service.key));
-        class.need(type_url::SECRET, &names::service_cert(identity));
         // Endpoints: shared per service unless SMI hides some of them
         // from this caller, then per (service, visible identities).
         let mut assignment = Assignment {
@@ -671,18 +699,7 @@ fn compile_class(
         let resource = shared.get_or_encode(&assignment.key, || assignment.compile(service))?;
         class.reference_encoded(assignment.key.0.clone(), type_url::ENDPOINT, name, resource)?;
         class.assignments.push(assignment);
-        let secret_name = names::outbound_root(&service.key);
-        let secret_key = (
-            Scope::Service(service.key.to_string().into()),
-            type_url::SECRET,
-            secret_name.clone(),
-        );
-        let secret = shared.get_or_encode(&secret_key, || {
-            let backing = service.identities().into_iter();
-            let secret = secrets::outbound_root(&service.key, roots, backing, trust_domain);
-            Resource::encode(type_url::SECRET, &secret)
-        })?;
-        class.reference_encoded(secret_key.0, type_url::SECRET, &secret_name, secret)?;
+        outbound_secrets(shared, class, service, identity, roots, trust_domain)?;
     }
     if catalog.mesh.egress {
         class.provide(
@@ -721,6 +738,7 @@ fn compile_class(
                     .push(routes::inbound_host(
                         service_key,
                         port.port,
+                        &headless::member_names(service),
                         &local,
                         smi,
                         trust_domain,
@@ -784,6 +802,34 @@ fn compile_class(
             shared.get_or_encode(&key, || Resource::encode(type_url::SECRET, &secret))?;
         class.reference_encoded(identity_scope.clone(), type_url::SECRET, &name, resource)?;
     }
+    Ok(())
+}
+
+/// What a cluster to `service` presents and trusts: the caller's
+/// certificate and the roots for the identities backing the service
+/// (encoded once per service).
+fn outbound_secrets(
+    shared: &mut Shared,
+    class: &mut ClassOutput,
+    service: &MeshService,
+    identity: &Identity,
+    roots: &str,
+    trust_domain: &str,
+) -> Result<(), ClassError> {
+    class.need(type_url::SECRET, &names::outbound_root(&service.key));
+    class.need(type_url::SECRET, &names::service_cert(identity));
+    let secret_name = names::outbound_root(&service.key);
+    let secret_key = (
+        Scope::Service(service.key.to_string().into()),
+        type_url::SECRET,
+        secret_name.clone(),
+    );
+    let secret = shared.get_or_encode(&secret_key, || {
+        let backing = service.identities().into_iter();
+        let secret = secrets::outbound_root(&service.key, roots, backing, trust_domain);
+        Resource::encode(type_url::SECRET, &secret)
+    })?;
+    class.reference_encoded(secret_key.0, type_url::SECRET, &secret_name, secret)?;
     Ok(())
 }
 

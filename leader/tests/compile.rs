@@ -461,6 +461,142 @@ spec:
   traffic: { enablePermissiveTrafficPolicyMode: true }
 "#;
 
+/// A three-member StatefulSet behind a headless service, HTTP and TCP, and
+/// a second headless service selecting the same pods on the TCP port (the
+/// pods are added by [`statefulset`]).
+const STATEFULSET: &str = r#"
+apiVersion: v1
+kind: ServiceAccount
+metadata: { name: cache, namespace: bookwarehouse }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: cache, namespace: bookwarehouse }
+spec:
+  clusterIP: None
+  selector: { app: cache }
+  ports:
+  - { name: http, port: 8080, targetPort: 8080, appProtocol: http }
+  - { name: tcp-redis, port: 6379, targetPort: 6379 }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: cache-peers, namespace: bookwarehouse }
+spec:
+  clusterIP: None
+  selector: { app: cache }
+  ports: [{ name: tcp-redis, port: 6379, targetPort: 6379 }]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: { name: cache-slice, namespace: bookwarehouse, labels: { kubernetes.io/service-name: cache } }
+addressType: IPv4
+ports: [{ name: http, port: 8080, protocol: TCP }, { name: tcp-redis, port: 6379, protocol: TCP }]
+ENDPOINTS
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: { name: cache-peers-slice, namespace: bookwarehouse, labels: { kubernetes.io/service-name: cache-peers } }
+addressType: IPv4
+ports: [{ name: tcp-redis, port: 6379, protocol: TCP }]
+ENDPOINTS
+"#;
+
+/// The members, in both headless services' EndpointSlices.
+const CACHE_ENDPOINTS: &str = r#"endpoints:
+- { addresses: ["10.0.6.10"], hostname: cache-0, conditions: { ready: true }, targetRef: { kind: Pod, name: cache-0, namespace: bookwarehouse } }
+- { addresses: ["10.0.6.11"], hostname: cache-1, conditions: { ready: true }, targetRef: { kind: Pod, name: cache-1, namespace: bookwarehouse } }
+- { addresses: ["10.0.6.12"], hostname: cache-2, conditions: { ready: true }, targetRef: { kind: Pod, name: cache-2, namespace: bookwarehouse } }"#;
+
+fn statefulset() -> BTreeMap<ObjectRef, Object> {
+    let mut manifests = STATEFULSET.replace("ENDPOINTS", CACHE_ENDPOINTS);
+    for n in 0..3 {
+        manifests.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\n\
+             metadata: {{ name: cache-{n}, namespace: bookwarehouse, labels: {{ app: cache }} }}\n\
+             spec: {{ serviceAccountName: cache, containers: [{{ name: cache, image: cache }}] }}\n\
+             status: {{ podIP: 10.0.6.1{n} }}\n"
+        ));
+    }
+    with(with(example(), PERMISSIVE), &manifests)
+}
+
+#[test]
+fn each_member_of_a_headless_service_has_its_own_chain_and_cluster() {
+    let compiled = compile(&statefulset());
+    assert!(compiled.problems.is_empty(), "{:?}", compiled.problems);
+    let buyer = class_of(&compiled, "bookbuyer/bookbuyer-0");
+    let outbound = &listeners(&compiled, &buyer)["outbound-listener"];
+    let clusters = resources(&compiled, &buyer, type_url::CLUSTER);
+    let endpoints = resources(&compiled, &buyer, type_url::ENDPOINT);
+    for (n, ip) in ["10.0.6.10", "10.0.6.11", "10.0.6.12"].iter().enumerate() {
+        for (port, protocol) in [(8080, "http"), (6379, "tcp")] {
+            let name = format!("outbound_bookwarehouse/cache-{n}.cache_{port}_{protocol}");
+            let chain = (outbound.filter_chains.iter())
+                .find(|c| c.name == name)
+                .unwrap_or_else(|| panic!("no chain {name} in {:?}", chain_names(outbound)));
+            let matched = chain.filter_chain_match.as_ref().unwrap();
+            assert_eq!(matched.destination_port.unwrap().value, port);
+            assert_eq!(matched.prefix_ranges.len(), 1, "{name}");
+            assert_eq!(matched.prefix_ranges[0].address_prefix, *ip);
+            assert_eq!(matched.prefix_ranges[0].prefix_len.unwrap().value, 32);
+            // Its cluster holds that member alone.
+            let cluster = format!("bookwarehouse/cache-{n}.cache|{port}");
+            assert!(clusters.contains_key(&cluster), "no cluster {cluster}");
+            let assignment: ClusterLoadAssignment = decode(endpoints[&cluster]);
+            let lb: Vec<String> = (assignment.endpoints.iter())
+                .flat_map(|l| &l.lb_endpoints)
+                .map(|e| format!("{e:?}"))
+                .collect();
+            assert_eq!(lb.len(), 1, "{cluster}: {lb:?}");
+            assert!(lb[0].contains(ip), "{cluster}: {lb:?}");
+        }
+        // HTTP to a member goes to that member whatever the Host header.
+        let routes = route_config(
+            &compiled,
+            &buyer,
+            &format!("rds-outbound.8080|bookwarehouse/cache-{n}.cache"),
+        );
+        assert_eq!(routes.virtual_hosts.len(), 1);
+        assert_eq!(routes.virtual_hosts[0].domains, ["*"]);
+        assert!(format!("{:?}", routes.virtual_hosts[0].routes)
+            .contains(&format!("bookwarehouse/cache-{n}.cache|8080")));
+    }
+    // The members answer to their per-pod names, in every short form.
+    let cache = class_of(&compiled, "bookwarehouse/cache-1");
+    let inbound = route_config(&compiled, &cache, "rds-inbound.8080");
+    let domains = &inbound.virtual_hosts[0].domains;
+    for name in [
+        "cache-1.cache",
+        "cache-1.cache.bookwarehouse",
+        "cache-2.cache.bookwarehouse.svc.cluster.local:8080",
+        "cache.bookwarehouse.svc.cluster.local",
+    ] {
+        assert!(
+            domains.iter().any(|d| d == name),
+            "{name} not in {domains:?}"
+        );
+    }
+    // No chain for the service as a whole, and the second headless service
+    // on the same pods adds no chain with the same match (Envoy would
+    // reject the listener; OSM issues 5108, 5231).
+    let names = chain_names(outbound);
+    assert!(!names
+        .iter()
+        .any(|n| n.starts_with("outbound_bookwarehouse/cache_")));
+    assert!(
+        !names.iter().any(|n| n.contains("cache-peers")),
+        "{names:?}"
+    );
+    let mut matches = BTreeMap::new();
+    for chain in &outbound.filter_chains {
+        let key = format!("{:?}", chain.filter_chain_match);
+        if let Some(other) = matches.insert(key, chain.name.clone()) {
+            panic!("{other} and {} match the same traffic", chain.name);
+        }
+    }
+}
+
 #[test]
 fn permissive_mode_reaches_every_service_and_allows_any_authenticated_caller() {
     let compiled = compile(&with(example(), PERMISSIVE));
@@ -691,6 +827,7 @@ fn envoy_validates_every_compiled_class() {
     for (objects, mode) in [
         (example(), "smi"),
         (with(example(), PERMISSIVE), "permissive"),
+        (statefulset(), "statefulset"),
     ] {
         let compiled = compile(&objects);
         for id in compiled.classes.keys() {

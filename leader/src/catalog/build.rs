@@ -353,17 +353,27 @@ fn slice_endpoints(
                 ))
             });
             let identity = identity_of(namespace, target, pods);
+            let hostname = endpoint.hostname.clone().or_else(|| pod_name(target));
             for address in &endpoint.addresses {
                 if let Ok(ip) = address.parse() {
                     found.insert(Endpoint {
                         ip,
                         identity: identity.clone(),
+                        hostname: hostname.clone(),
                     });
                 }
             }
         }
     }
     (found.into_iter().collect(), port_names)
+}
+
+/// The name of the pod an endpoint's targetRef names.
+fn pod_name(target: Option<(&str, &str, Option<&str>)>) -> Option<String> {
+    match target {
+        Some(("Pod", name, _)) => Some(name.to_owned()),
+        _ => None,
+    }
 }
 
 fn legacy_endpoints(
@@ -391,6 +401,7 @@ fn legacy_endpoints(
                 found.insert(Endpoint {
                     ip,
                     identity: identity_of(namespace, target, pods),
+                    hostname: address.hostname.clone().or_else(|| pod_name(target)),
                 });
             }
         }

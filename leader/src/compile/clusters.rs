@@ -140,6 +140,11 @@ pub(crate) fn passthrough() -> Cluster {
     }
 }
 
+/// Cluster `name`'s one endpoint, `ip:port`.
+pub(crate) fn single(name: &str, ip: &str, port: u16) -> ClusterLoadAssignment {
+    static_assignment(name, ip, port)
+}
+
 /// The endpoints of `<ns>/<svc>|<targetPort>` a caller may reach; an empty
 /// assignment when there are none.
 pub(crate) fn assignment(

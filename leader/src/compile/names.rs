@@ -3,7 +3,7 @@
 //! (`<ns>/<svc>|<targetPort>`): the edge relies on it to re-send endpoints
 //! after a cluster update.
 
-use crate::catalog::{AppProtocol, Identity, ServiceKey};
+use crate::catalog::{AppProtocol, Endpoint, Identity, ServiceKey};
 
 pub(crate) const PASSTHROUGH: &str = "passthrough-outbound";
 pub(crate) const METRICS: &str = "envoy-metrics-cluster";
@@ -38,6 +38,35 @@ pub(crate) fn inbound_chain(
     protocol: AppProtocol,
 ) -> String {
     format!("inbound_{service}_{target_port}_{}", protocol.as_str())
+}
+
+/// A headless service's member: `<hostname>.<svc>`, the hostname being
+/// its IP with `-` for `.` and `:` when it has none.
+pub(crate) fn member(service: &ServiceKey, endpoint: &Endpoint) -> String {
+    let hostname = match &endpoint.hostname {
+        Some(hostname) => hostname.clone(),
+        None => endpoint.ip.to_string().replace(['.', ':'], "-"),
+    };
+    format!("{hostname}.{}", service.name)
+}
+
+/// `<ns>/<hostname>.<svc>|<targetPort>`, as OSM named a member's cluster.
+pub(crate) fn member_cluster(namespace: &str, member: &str, target_port: u16) -> String {
+    format!("{namespace}/{member}|{target_port}")
+}
+
+pub(crate) fn outbound_member_chain(
+    namespace: &str,
+    member: &str,
+    port: u16,
+    protocol: AppProtocol,
+) -> String {
+    format!("outbound_{namespace}/{member}_{port}_{}", protocol.as_str())
+}
+
+/// `rds-outbound.<port>|<ns>/<hostname>.<svc>`: one member's routes.
+pub(crate) fn member_routes(port: u16, namespace: &str, member: &str) -> String {
+    format!("rds-outbound.{port}|{namespace}/{member}")
 }
 
 pub(crate) fn outbound_routes(port: u16) -> String {

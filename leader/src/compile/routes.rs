@@ -71,11 +71,36 @@ pub(crate) fn outbound_host(
             ..Default::default()
         }),
     };
+    outbound_route(
+        format!("outbound_virtual-host|{}", service.fqdn()),
+        domains(service, port, same_namespace),
+        format!("outbound_{service}_{port}"),
+        specifier,
+    )
+}
+
+/// A virtual host for any host name: every path to `cluster`, which the
+/// destination address chose (a headless service's member, `fqdn`).
+pub(crate) fn destination_host(fqdn: &str, cluster: &str) -> VirtualHost {
+    outbound_route(
+        format!("outbound_virtual-host|{fqdn}"),
+        vec!["*".to_owned()],
+        format!("outbound_{fqdn}"),
+        route_action::ClusterSpecifier::Cluster(cluster.to_owned()),
+    )
+}
+
+fn outbound_route(
+    name: String,
+    domains: Vec<String>,
+    route_name: String,
+    specifier: route_action::ClusterSpecifier,
+) -> VirtualHost {
     VirtualHost {
-        name: format!("outbound_virtual-host|{}", service.fqdn()),
-        domains: domains(service, port, same_namespace),
+        name,
+        domains,
         routes: vec![Route {
-            name: format!("outbound_{service}_{port}"),
+            name: route_name,
             r#match: Some(catch_all()),
             action: Some(route::Action::Route(RouteAction {
                 cluster_specifier: Some(specifier),
@@ -156,9 +181,12 @@ fn local_action(cluster: &str) -> Option<route::Action> {
 /// authenticated peer may use. SMI: one route per allowed match and method,
 /// each with an RBAC policy naming its callers; no matching route → 404,
 /// a matching route but a caller not named → 403.
+/// `members` are a headless service's (`<hostname>.<svc>`): their per-pod
+/// names are host names of the service too.
 pub(crate) fn inbound_host(
     service: &ServiceKey,
     port: u16,
+    members: &[String],
     local_cluster: &str,
     rules: Option<&BTreeMap<HttpRule, BTreeSet<Identity>>>,
     trust_domain: &str,
@@ -233,9 +261,17 @@ pub(crate) fn inbound_host(
             })
             .collect(),
     };
+    let mut domains = domains(service, port, true);
+    for member in members {
+        let member = ServiceKey {
+            namespace: service.namespace.clone(),
+            name: member.clone(),
+        };
+        domains.extend(self::domains(&member, port, true));
+    }
     VirtualHost {
         name: format!("inbound_virtual-host|{}", service.fqdn()),
-        domains: domains(service, port, true),
+        domains,
         routes,
         ..Default::default()
     }
