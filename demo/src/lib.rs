@@ -11,6 +11,7 @@
 //! * [`bookstore`]: the example stood up as pods, adapted to their
 //!   addresses.
 //! * [`app`]: the pods' applications and clients.
+//! * [`manifests`]: YAML for the tests' small meshes.
 //!
 //! Needs root, `ip netns` and iptables. Not a Kubernetes: no kubelet, no
 //! DNS server (names come from each pod's hosts file), no injector (the
@@ -20,6 +21,7 @@ pub mod app;
 pub mod bookstore;
 pub mod control;
 mod error;
+pub mod manifests;
 pub mod pods;
 
 pub use crate::{

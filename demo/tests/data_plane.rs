@@ -27,7 +27,7 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
-use trellis_demo::{app, Binaries, ControlPlane, Net, Pod};
+use trellis_demo::{app, manifests, Binaries, ControlPlane, Net, Pod};
 use trellis_leader::{
     ca::{BuiltinCa, CertificateIssuer, IssuedCert, LeafRequest, RootCa, RotationPhase},
     catalog::{Identity, TRUST_DOMAIN},
@@ -42,42 +42,12 @@ const SERVICE_SNI: &str = "server.demo.svc.cluster.local";
 
 /// A client pod allowed by SMI to call a server pod's HTTP service.
 fn manifests(client: &Pod, server: &Pod, service_ip: IpAddr, validity: &str) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Namespace
-metadata: {{ name: osm-system }}
----
-apiVersion: v1
-kind: Namespace
-metadata: {{ name: demo, labels: {{ openservicemesh.io/monitored-by: osm }} }}
----
-apiVersion: config.openservicemesh.io/v1alpha2
-kind: MeshConfig
-metadata: {{ name: osm-mesh-config, namespace: osm-system }}
-spec:
-  traffic: {{ enablePermissiveTrafficPolicyMode: false }}
-  certificate: {{ serviceCertValidityDuration: {validity} }}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {{ name: client, namespace: demo }}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {{ name: server, namespace: demo }}
----
-apiVersion: v1
-kind: Pod
-metadata: {{ name: client-0, namespace: demo, labels: {{ app: client }} }}
-spec: {{ serviceAccountName: client, containers: [{{ name: app, image: client }}] }}
-status: {{ podIP: {client_ip} }}
----
-apiVersion: v1
-kind: Pod
-metadata: {{ name: server-0, namespace: demo, labels: {{ app: server }} }}
-spec: {{ serviceAccountName: server, containers: [{{ name: app, image: server }}] }}
-status: {{ podIP: {server_ip} }}
----
+    let spec = format!(
+        "{{ traffic: {{ enablePermissiveTrafficPolicyMode: false }}, \
+         certificate: {{ serviceCertValidityDuration: {validity} }} }}"
+    );
+    let service = format!(
+        r#"---
 apiVersion: v1
 kind: Service
 metadata: {{ name: server, namespace: demo }}
@@ -95,25 +65,19 @@ endpoints:
 - addresses: ["{server_ip}"]
   conditions: {{ ready: true }}
   targetRef: {{ kind: Pod, name: server-0, namespace: demo }}
----
-apiVersion: specs.smi-spec.io/v1alpha4
-kind: HTTPRouteGroup
-metadata: {{ name: server-routes, namespace: demo }}
-spec:
-  matches:
-  - {{ name: everything, pathRegex: ".*" }}
----
-apiVersion: access.smi-spec.io/v1alpha3
-kind: TrafficTarget
-metadata: {{ name: server, namespace: demo }}
-spec:
-  destination: {{ kind: ServiceAccount, name: server, namespace: demo }}
-  rules: [{{ kind: HTTPRouteGroup, name: server-routes, matches: [everything] }}]
-  sources: [{{ kind: ServiceAccount, name: client, namespace: demo }}]
 "#,
-        client_ip = client.ip(),
         server_ip = server.ip(),
-    )
+    );
+    [
+        manifests::mesh("demo", &spec),
+        manifests::service_account("demo", "client"),
+        manifests::service_account("demo", "server"),
+        manifests::pod("demo", "client-0", "client", "client", client.ip()),
+        manifests::pod("demo", "server-0", "server", "server", server.ip()),
+        service,
+        manifests::allow_http("demo", "client", "server"),
+    ]
+    .concat()
 }
 
 /// Accepts any server certificate: these probes test the server's check of

@@ -13,38 +13,20 @@ use std::{net::IpAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{bail, Result};
 use support::{envoy_binary, eventually};
-use trellis_demo::{Binaries, ControlPlane, Net, Pod};
+use trellis_demo::{manifests, Binaries, ControlPlane, Net, Pod};
 use trellis_leader::{ca::BuiltinCa, pipeline::PipelineConfig};
 
 /// A meshed client pod and nothing else, with global egress `egress`.
 fn manifests(client: &Pod, egress: bool) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Namespace
-metadata: {{ name: osm-system }}
----
-apiVersion: v1
-kind: Namespace
-metadata: {{ name: demo, labels: {{ openservicemesh.io/monitored-by: osm }} }}
----
-apiVersion: config.openservicemesh.io/v1alpha2
-kind: MeshConfig
-metadata: {{ name: osm-mesh-config, namespace: osm-system }}
-spec:
-  traffic: {{ enablePermissiveTrafficPolicyMode: false, enableEgress: {egress} }}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {{ name: client, namespace: demo }}
----
-apiVersion: v1
-kind: Pod
-metadata: {{ name: client-0, namespace: demo, labels: {{ app: client }} }}
-spec: {{ serviceAccountName: client, containers: [{{ name: app, image: client }}] }}
-status: {{ podIP: {client_ip} }}
-"#,
-        client_ip = client.ip(),
-    )
+    let spec = format!(
+        "{{ traffic: {{ enablePermissiveTrafficPolicyMode: false, enableEgress: {egress} }} }}"
+    );
+    [
+        manifests::mesh("demo", &spec),
+        manifests::service_account("demo", "client"),
+        manifests::pod("demo", "client-0", "client", "client", client.ip()),
+    ]
+    .concat()
 }
 
 fn write(dir: &Path, client: &Pod, egress: bool) -> Result<()> {
