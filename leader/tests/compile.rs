@@ -724,6 +724,27 @@ fn policy_kinds_not_implemented_yet_are_reported_on_each_object() {
 }
 
 #[test]
+fn a_certificate_validity_out_of_range_is_reported_not_a_panic() {
+    for validity in [
+        "99999999999999999999999999999999h",
+        "87601h",
+        "5s",
+        "1.5.2h",
+        "24x",
+    ] {
+        assert_rejected(
+            &format!(
+                "apiVersion: config.openservicemesh.io/v1alpha2\nkind: MeshConfig\n\
+                 metadata: {{ name: osm-mesh-config, namespace: osm-system }}\n\
+                 spec: {{ certificate: {{ serviceCertValidityDuration: \"{validity}\" }} }}\n"
+            ),
+            "MeshConfig osm-system/osm-mesh-config",
+            "is not a duration from 10s to 87600h",
+        );
+    }
+}
+
+#[test]
 fn a_reference_to_a_missing_route_group_is_reported() {
     assert_rejected(
         r#"

@@ -27,6 +27,9 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The shortest leaf validity MeshConfig may ask for: renewal runs at two
 /// thirds of it, and a renewal tick is a second.
 const MIN_CERT_VALIDITY: Duration = Duration::from_secs(10);
+/// The longest: ten years, far past any root's life, and far from the
+/// dates a certificate can hold.
+const MAX_CERT_VALIDITY: Duration = Duration::from_secs(87_600 * 3600);
 
 /// Builds the catalog of mesh `mesh` (the value of the namespaces'
 /// `openservicemesh.io/monitored-by` label) from every object the sources
@@ -237,10 +240,12 @@ fn mesh_settings(
     let validity = &config.spec.certificate.service_cert_validity_duration;
     if !validity.is_empty() {
         match parse_go_duration(validity) {
-            Some(d) if d >= MIN_CERT_VALIDITY => settings.cert_validity = d,
+            Some(d) if (MIN_CERT_VALIDITY..=MAX_CERT_VALIDITY).contains(&d) => {
+                settings.cert_validity = d
+            }
             _ => problems.push(Problem::new(
                 r,
-                format!("serviceCertValidityDuration {validity:?} is not a duration of at least 10s; using 24h"),
+                format!("serviceCertValidityDuration {validity:?} is not a duration from 10s to 87600h; using 24h"),
             )),
         }
     }
@@ -273,7 +278,8 @@ pub(crate) fn parse_go_duration(text: &str) -> Option<Duration> {
         total += value * seconds;
         rest = &rest[unit..];
     }
-    Some(Duration::from_secs_f64(total))
+    // Too large (or not finite) is not a duration, not a panic.
+    Duration::try_from_secs_f64(total).ok()
 }
 
 fn mesh_pod(r: &ObjectRef, pod: &Pod) -> (MeshPod, BTreeMap<String, String>) {
