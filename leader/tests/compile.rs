@@ -891,6 +891,49 @@ fn envoy_validates_every_compiled_class() {
 }
 
 #[test]
+fn unreadable_files_and_directory_loops_do_not_end_the_file_source() {
+    let dir = std::env::temp_dir().join(format!("trellis-unreadable-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(
+        dir.join("sub/a.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: { name: shared }\n",
+    )
+    .unwrap();
+    // A link back to the root, and a manifest whose target is gone.
+    std::os::unix::fs::symlink(&dir, dir.join("sub/loop")).unwrap();
+    std::os::unix::fs::symlink(dir.join("nowhere.yaml"), dir.join("gone.yaml")).unwrap();
+    let (done, scanned) = std::sync::mpsc::channel();
+    let root = dir.clone();
+    std::thread::spawn(move || {
+        let mut source = FileSource::new(&root);
+        let _ = done.send((source.scan(), source.scan()));
+    });
+    let (first, second) = scanned
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the scan never ended");
+    let first = first.expect("a scan despite an unreadable file");
+    assert_eq!(
+        first
+            .applied()
+            .map(|o| o.object_ref().to_string())
+            .collect::<Vec<_>>(),
+        ["Namespace shared"],
+        "each file read once, through no loop"
+    );
+    assert_eq!(first.problems.len(), 1, "{:?}", first.problems);
+    assert_eq!(first.problems[0].object, "gone.yaml");
+    assert!(first.problems[0].reason.starts_with("cannot be read"));
+    let second = second.unwrap();
+    assert!(
+        second.changes.is_empty(),
+        "nothing changed: {:?}",
+        second.changes.len()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn the_file_source_tracks_duplicates_and_deleted_files() {
     let dir = std::env::temp_dir().join(format!("trellis-owners-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

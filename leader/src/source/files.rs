@@ -53,23 +53,41 @@ impl FileSource {
     pub fn scan(&mut self) -> Result<SourceUpdate, SourceError> {
         let mut touched: BTreeSet<ObjectRef> = BTreeSet::new();
         let mut seen = BTreeSet::new();
-        for path in manifest_files(&self.root)? {
-            let bytes = std::fs::read(&path).map_err(|source| SourceError::Read {
-                path: path.display().to_string(),
-                source,
-            })?;
-            let hash = xxhash_rust::xxh3::xxh3_64(&bytes);
-            seen.insert(path.clone());
-            let state = self.files.entry(path.clone()).or_default();
-            if state.hash == hash && hash != 0 {
-                continue;
-            }
-            state.hash = hash;
+        let listing = manifest_files(&self.root)?;
+        // Files under a directory that could not be listed keep their
+        // objects: unreadable is not deleted.
+        seen.extend(
+            (self.files.keys())
+                .filter(|f| listing.unreadable.iter().any(|(dir, _)| f.starts_with(dir)))
+                .cloned(),
+        );
+        for path in listing.files {
             let shown = path
                 .strip_prefix(&self.root)
                 .unwrap_or(&path)
                 .display()
                 .to_string();
+            seen.insert(path.clone());
+            let state = self.files.entry(path.clone()).or_default();
+            let bytes = match std::fs::read(&path) {
+                Ok(bytes) => bytes,
+                Err(error) => {
+                    // Gone since it was listed, or unreadable: its last good
+                    // objects stay until a rescan no longer lists it.
+                    warn!(file = %shown, %error, "keeping the file's last good objects");
+                    state.hash = 0;
+                    state.problems = vec![Problem {
+                        object: shown,
+                        reason: format!("cannot be read: {error}"),
+                    }];
+                    continue;
+                }
+            };
+            let hash = xxhash_rust::xxh3::xxh3_64(&bytes);
+            if state.hash == hash && hash != 0 {
+                continue;
+            }
+            state.hash = hash;
             match parse(&shown, &bytes) {
                 Ok((objects, problems)) => {
                     let old = std::mem::replace(&mut state.objects, objects);
@@ -125,16 +143,28 @@ impl FileSource {
             .collect();
         Ok(SourceUpdate {
             changes,
-            problems: self.problems(),
+            problems: self.problems(&listing.unreadable),
         })
     }
 
-    fn problems(&self) -> Vec<Problem> {
+    fn problems(&self, unreadable: &[(PathBuf, std::io::Error)]) -> Vec<Problem> {
         let mut problems: Vec<Problem> = self
             .files
             .values()
             .flat_map(|s| s.problems.iter().cloned())
             .collect();
+        problems.extend(unreadable.iter().map(|(dir, error)| {
+            Problem {
+                object: dir
+                    .strip_prefix(&self.root)
+                    .unwrap_or(dir)
+                    .display()
+                    .to_string(),
+                reason: format!(
+                    "cannot list this directory ({error}); its files keep their objects"
+                ),
+            }
+        }));
         for (r, owners) in self.owners.iter().filter(|(_, o)| o.len() > 1) {
             let files: Vec<String> = owners
                 .iter()
@@ -209,14 +239,41 @@ impl Source for FileSource {
     }
 }
 
-fn manifest_files(root: &Path) -> Result<Vec<PathBuf>, SourceError> {
-    let mut files = Vec::new();
+/// The manifest files below a root, and the directories below it that
+/// could not be listed.
+struct Listing {
+    files: Vec<PathBuf>,
+    unreadable: Vec<(PathBuf, std::io::Error)>,
+}
+
+/// Lists the manifests below `root`, following symbolic links (a
+/// ConfigMap volume is made of them) but visiting each directory once, so
+/// a link to an ancestor cannot loop. Only an unreadable root is an error.
+fn manifest_files(root: &Path) -> Result<Listing, SourceError> {
+    let mut listing = Listing {
+        files: Vec::new(),
+        unreadable: Vec::new(),
+    };
+    let mut visited = BTreeSet::new();
     let mut dirs = vec![root.to_path_buf()];
     while let Some(dir) = dirs.pop() {
-        let entries = std::fs::read_dir(&dir).map_err(|source| SourceError::Read {
-            path: dir.display().to_string(),
-            source,
-        })?;
+        let canonical = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
+        if !visited.insert(canonical) {
+            continue;
+        }
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(source) if dir == root => {
+                return Err(SourceError::Read {
+                    path: dir.display().to_string(),
+                    source,
+                })
+            }
+            Err(error) => {
+                listing.unreadable.push((dir, error));
+                continue;
+            }
+        };
         for entry in entries.flatten() {
             let path = entry.path();
             let name = entry.file_name();
@@ -229,12 +286,12 @@ fn manifest_files(root: &Path) -> Result<Vec<PathBuf>, SourceError> {
                 path.extension().and_then(|e| e.to_str()),
                 Some("yaml" | "yml" | "json")
             ) {
-                files.push(path);
+                listing.files.push(path);
             }
         }
     }
-    files.sort();
-    Ok(files)
+    listing.files.sort();
+    Ok(listing)
 }
 
 /// Parses one file. `Err` when the file as a whole is unreadable YAML; else
