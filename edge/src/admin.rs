@@ -2,19 +2,22 @@
 //! (ready once a first complete snapshot arrived) and `/debug/streams`
 //! (JSON: each stream's class and per-type ACK/NACK state).
 
-use std::{convert::Infallible, sync::Arc};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 use trellis_shared::replication::REPLICATED_TYPES;
 
 use crate::{metrics::Metrics, store::SnapshotStore, xds::AdsServer};
+
+/// How long the accept loop pauses after a failed accept.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// What the admin endpoint reads.
 pub struct Admin {
@@ -43,13 +46,18 @@ impl Admin {
         }
     }
 
-    /// Serves HTTP/1 on `listener` until the task is dropped.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    /// Serves HTTP/1 on `listener` until the task is dropped; a connection
+    /// that has not sent a request's headers within `header_timeout` is
+    /// closed.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, header_timeout: Duration) {
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(error) => {
+                    // Out of file descriptors, say: retrying at once would
+                    // spin; a pause lets connections close.
                     warn!(%error, "admin accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
             };
@@ -60,6 +68,8 @@ impl Admin {
                     async move { Ok::<_, Infallible>(admin.handle(&request)) }
                 });
                 if let Err(error) = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout)
                     .serve_connection(TokioIo::new(stream), service)
                     .await
                 {

@@ -32,6 +32,9 @@ pub struct EdgeConfig {
     /// HTTP/2 keepalive ping interval (default 30 s), so dead peers are
     /// noticed and their streams freed.
     pub keepalive: Duration,
+    /// How long an admin connection may take to send a request's headers
+    /// (default 10 s), so idle or slow clients cannot hold connections.
+    pub admin_header_timeout: Duration,
 }
 
 impl Default for EdgeConfig {
@@ -40,6 +43,7 @@ impl Default for EdgeConfig {
             ads: AdsConfig::default(),
             max_concurrent_streams: 1024,
             keepalive: Duration::from_secs(30),
+            admin_header_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -147,7 +151,7 @@ impl Edge {
                 self.metrics.clone(),
                 self.ads.clone(),
             ))
-            .serve(admin),
+            .serve(admin, self.config.admin_header_timeout),
         );
         let ads = self.ads.clone();
         let shutdown = async move {

@@ -9,7 +9,10 @@ mod support;
 use std::time::Duration;
 
 use support::{eventually, Mesh, TestEdge, CLASS};
-use tokio::sync::mpsc;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::mpsc,
+};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{transport::Channel, Code, Status, Streaming};
 use trellis_edge::{AdsConfig, EdgeConfig};
@@ -271,6 +274,27 @@ async fn unknown_types_garbage_names_and_unsent_nonces_leave_other_streams_alone
         Code::InvalidArgument
     );
     still_served(&edge, &mut healthy, 2).await;
+}
+
+#[tokio::test]
+async fn an_admin_connection_that_never_finishes_its_headers_is_closed() {
+    let edge = TestEdge::start(EdgeConfig {
+        admin_header_timeout: Duration::from_millis(300),
+        ..EdgeConfig::default()
+    })
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(edge.admin).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the admin endpoint kept the connection open"
+    );
+    assert_eq!(edge.admin("/healthz").await.0, 200, "and keeps serving");
 }
 
 #[tokio::test]

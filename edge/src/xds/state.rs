@@ -44,6 +44,23 @@ pub(crate) struct TypeState {
 /// client already holds its current version.
 pub(crate) type Candidates = BTreeMap<Arc<str>, bool>;
 
+/// How much of a NACK's detail is kept and logged: Envoy's messages fit
+/// easily, and a client's 4 MiB one costs no more than this per stream.
+pub(crate) const MAX_NACK_DETAIL: usize = 1024;
+
+/// `detail`, cut at [`MAX_NACK_DETAIL`] bytes (on a character boundary)
+/// with the cut said.
+fn bounded(detail: &str) -> String {
+    if detail.len() <= MAX_NACK_DETAIL {
+        return detail.to_owned();
+    }
+    let mut end = MAX_NACK_DETAIL;
+    while !detail.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes in all)", &detail[..end], detail.len())
+}
+
 /// What one response of one type must carry.
 #[derive(Debug, Clone)]
 pub(crate) struct TypeUpdate {
@@ -293,9 +310,10 @@ impl StreamState {
         }
         match error {
             Some(detail) => {
+                let detail = bounded(detail);
                 state.nacks += 1;
-                state.last_nack = Some(detail.to_owned());
-                NonceCheck::Nack(detail.to_owned())
+                state.last_nack = Some(detail.clone());
+                NonceCheck::Nack(detail)
             }
             None => {
                 state.acks += 1;

@@ -450,6 +450,31 @@ fn unsubscribing_clears_sent_state() {
 }
 
 #[test]
+fn a_huge_nack_detail_is_kept_and_reported_only_in_part() {
+    let mut h = Harness::<Delta>::new(&[(type_url::CLUSTER, "a", 1)]);
+    let cds = h.request(delta(type_url::CLUSTER, &[], &[], "")).unwrap();
+    let detail = "é".repeat(2 * 1024 * 1024);
+    h.request(nack(
+        delta(type_url::CLUSTER, &[], &[], &cds[0].0.to_string()),
+        &detail,
+    ))
+    .unwrap();
+    let kept = h
+        .state
+        .get(type_url::CLUSTER)
+        .unwrap()
+        .last_nack
+        .clone()
+        .unwrap();
+    assert!(
+        kept.len() <= super::state::MAX_NACK_DETAIL + 64,
+        "{} bytes kept",
+        kept.len()
+    );
+    assert!(kept.ends_with(&format!("({} bytes in all)", detail.len())));
+}
+
+#[test]
 fn ack_and_nack_are_tracked_per_type_and_rejected_bytes_never_repushed() {
     let mut h = Harness::<Delta>::new(&[(type_url::CLUSTER, "a", 1), (type_url::LISTENER, "l", 1)]);
     let cds = h.request(delta(type_url::CLUSTER, &[], &[], "")).unwrap();
