@@ -3,6 +3,7 @@
 //! rest keeps compiling.
 
 mod build;
+mod egress;
 mod policy;
 
 use std::{
@@ -14,6 +15,7 @@ use std::{
 };
 
 pub use self::build::{build, rebuild_policies, rebuild_service};
+pub use self::egress::{EgressProtocol, EgressRule};
 pub use self::policy::{HttpRule, Split, Target, TcpRule};
 use crate::kinds::ObjectRef;
 
@@ -205,6 +207,8 @@ pub struct MeshSettings {
     pub permissive: bool,
     /// Traffic to destinations outside the mesh passes through.
     pub egress: bool,
+    /// Egress policies apply (`featureFlags.enableEgressPolicy`).
+    pub egress_policy: bool,
     /// Leaf certificate validity.
     pub cert_validity: Duration,
     /// Trust domain of identities.
@@ -216,6 +220,7 @@ impl Default for MeshSettings {
         MeshSettings {
             permissive: false,
             egress: false,
+            egress_policy: true,
             cert_validity: Duration::from_secs(24 * 3600),
             trust_domain: TRUST_DOMAIN.to_owned(),
         }
@@ -265,6 +270,8 @@ pub struct Catalog {
     pub targets: Vec<Target>,
     /// Valid TrafficSplits, by root service.
     pub splits: BTreeMap<ServiceKey, Split>,
+    /// Valid Egress policies' rules, by source identity.
+    pub egress: BTreeMap<Identity, Vec<EgressRule>>,
     /// Objects skipped, with the reason.
     pub problems: Vec<Problem>,
     /// The workloads' share of `problems`, kept when only policies are

@@ -8,6 +8,7 @@
 //! are checked against what the class provides before it is emitted.
 
 mod clusters;
+mod egress;
 mod envoy;
 mod headless;
 mod inputs;
@@ -606,11 +607,14 @@ fn compile_class(
             if targets.is_empty() {
                 continue;
             }
-            let addresses = match service.cluster_ip {
+            let ranges: Vec<_> = match service.cluster_ip {
                 Some(ip) => vec![ip],
                 None => service.endpoints.iter().map(|e| e.ip).collect(),
-            };
-            if addresses.is_empty() {
+            }
+            .into_iter()
+            .map(listeners::host_range)
+            .collect();
+            if ranges.is_empty() {
                 continue;
             }
             let backends: Vec<Backend> = targets.iter().map(|(b, _, _)| b.clone()).collect();
@@ -636,11 +640,23 @@ fn compile_class(
             chains.push(listeners::OutboundChain {
                 name: names::outbound_chain(&service.key, port.port, port.protocol),
                 port: port.port,
-                addresses,
+                ranges,
                 route_config,
                 backends,
             });
         }
+    }
+    // What the identity's Egress policies let out of the mesh.
+    class.reads.add(Input::Egress(identity));
+    let egress = (catalog.egress.get(identity))
+        .map(|rules| egress::compile(rules))
+        .unwrap_or_default();
+    chains.extend(egress.chains);
+    for routes in &egress.routes {
+        class.provide(type_url::ROUTE, &routes.name, routes)?;
+    }
+    for cluster in &egress.clusters {
+        class.provide(type_url::CLUSTER, &cluster.name, cluster)?;
     }
     if let Some(listener) = listeners::outbound(&chains, catalog.mesh.egress) {
         class.provide(type_url::LISTENER, &listener.name, &listener)?;
@@ -701,7 +717,7 @@ fn compile_class(
         class.assignments.push(assignment);
         outbound_secrets(shared, class, service, identity, roots, trust_domain)?;
     }
-    if catalog.mesh.egress {
+    if catalog.mesh.egress || egress.original_destination {
         class.provide(
             type_url::CLUSTER,
             names::PASSTHROUGH,

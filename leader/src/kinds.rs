@@ -204,7 +204,30 @@ pub struct MeshConfigSpec {
     pub feature_flags: serde_json::Value,
 }
 
-/// policy.openservicemesh.io/v1alpha1 Egress (read and kept; not compiled yet).
+/// A port an Egress allows, with its protocol.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct EgressPort {
+    /// Destination port.
+    pub number: u16,
+    /// `http`, `https`, `tcp` or `tcp-server-first`.
+    pub protocol: String,
+}
+
+/// A reference to a route object (an Egress's HTTPRouteGroup).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteReference {
+    /// `specs.smi-spec.io`.
+    #[serde(default)]
+    pub api_group: String,
+    /// `HTTPRouteGroup`.
+    pub kind: String,
+    /// Its name, in the referring object's namespace.
+    pub name: String,
+}
+
+/// policy.openservicemesh.io/v1alpha1 Egress: what some ServiceAccounts may
+/// reach outside the mesh.
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[kube(
     group = "policy.openservicemesh.io",
@@ -213,7 +236,24 @@ pub struct MeshConfigSpec {
     namespaced,
     schema = "disabled"
 )]
-pub struct EgressSpec(pub serde_json::Value);
+#[serde(rename_all = "camelCase")]
+pub struct EgressSpec {
+    /// The ServiceAccounts allowed.
+    #[serde(default)]
+    pub sources: Vec<IdentityBinding>,
+    /// Host names (HTTP by Host header, HTTPS by SNI).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Addresses or CIDRs (TCP).
+    #[serde(default)]
+    pub ip_addresses: Vec<String>,
+    /// Ports and protocols.
+    #[serde(default)]
+    pub ports: Vec<EgressPort>,
+    /// HTTPRouteGroups restricting HTTP requests; none means any request.
+    #[serde(default)]
+    pub matches: Vec<RouteReference>,
+}
 
 /// policy.openservicemesh.io/v1alpha1 IngressBackend (read and kept; not compiled yet).
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq)]

@@ -21,7 +21,7 @@ use trellis_proto::pb::{
     envoy::{
         config::{
             bootstrap::v3::{bootstrap, Bootstrap},
-            cluster::v3::Cluster,
+            cluster::v3::{cluster, Cluster},
             core::v3::Node,
             endpoint::v3::ClusterLoadAssignment,
             listener::v3::{filter, FilterChain, Listener},
@@ -597,6 +597,136 @@ fn each_member_of_a_headless_service_has_its_own_chain_and_cluster() {
     }
 }
 
+/// bookbuyer may reach httpbin.org over HTTP (GET /get only) and a TCP
+/// range on 5432; its HTTPS port is not implemented yet.
+const EGRESS: &str = r#"
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: { name: httpbin-get, namespace: bookbuyer }
+spec:
+  matches: [{ name: get, pathRegex: /get, methods: [GET] }]
+---
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: Egress
+metadata: { name: httpbin, namespace: bookbuyer }
+spec:
+  sources: [{ kind: ServiceAccount, name: bookbuyer, namespace: bookbuyer }]
+  hosts: [httpbin.org]
+  ports: [{ number: 80, protocol: http }, { number: 443, protocol: https }]
+  matches: [{ apiGroup: specs.smi-spec.io/v1alpha4, kind: HTTPRouteGroup, name: httpbin-get }]
+---
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: Egress
+metadata: { name: database, namespace: bookbuyer }
+spec:
+  sources: [{ kind: ServiceAccount, name: bookbuyer, namespace: bookbuyer }]
+  ipAddresses: [192.0.2.0/24, 198.51.100.7]
+  ports: [{ number: 5432, protocol: tcp-server-first }]
+"#;
+
+#[test]
+fn egress_policies_let_their_sources_out_exactly_as_named() {
+    let compiled = compile(&with(example(), EGRESS));
+    let buyer = class_of(&compiled, "bookbuyer/bookbuyer-0");
+    let outbound = &listeners(&compiled, &buyer)["outbound-listener"];
+    let chain = |name: &str| {
+        (outbound.filter_chains.iter())
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no {name} in {:?}", chain_names(outbound)))
+            .filter_chain_match
+            .clone()
+            .unwrap()
+    };
+    // HTTP: any address on port 80, routed by host to a DNS-resolved cluster.
+    let http = chain("egress-http.80");
+    assert_eq!(http.destination_port.unwrap().value, 80);
+    assert!(http.prefix_ranges.is_empty());
+    let routes = route_config(&compiled, &buyer, "rds-egress.80");
+    assert_eq!(routes.virtual_hosts.len(), 1);
+    assert_eq!(
+        routes.virtual_hosts[0].domains,
+        ["httpbin.org", "httpbin.org:80"]
+    );
+    assert_eq!(routes.virtual_hosts[0].routes.len(), 1, "GET /get only");
+    let cluster: Cluster =
+        decode(resources(&compiled, &buyer, type_url::CLUSTER)["httpbin.org:80"]);
+    assert_eq!(
+        cluster.cluster_discovery_type,
+        Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::StrictDns as i32
+        ))
+    );
+    // TCP: the named ranges on 5432, to the original destination.
+    let tcp = chain("egress-tcp.5432");
+    let ranges: Vec<(String, u32)> = (tcp.prefix_ranges.iter())
+        .map(|r| (r.address_prefix.clone(), r.prefix_len.unwrap().value))
+        .collect();
+    assert_eq!(
+        ranges,
+        [
+            ("192.0.2.0".to_owned(), 24),
+            ("198.51.100.7".to_owned(), 32)
+        ]
+    );
+    assert!(resources(&compiled, &buyer, type_url::CLUSTER).contains_key("passthrough-outbound"));
+    // HTTPS is said not to apply; nothing else is let out.
+    let problems = problems_for(&compiled, "Egress bookbuyer/httpbin");
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].reason.contains("port 443: https egress"));
+    assert_eq!(outbound.default_filter_chain, None);
+    // A proxy no Egress names gets none of it.
+    let thief = class_of(&compiled, "bookthief/bookthief-0");
+    assert!(listeners(&compiled, &thief)
+        .values()
+        .flat_map(chain_names)
+        .all(|n| !n.starts_with("egress-")));
+}
+
+#[test]
+fn egress_policies_yield_to_global_egress_and_to_their_feature_flag() {
+    for (spec, reported) in [
+        ("{ traffic: { enableEgress: true } }", false),
+        ("{ featureFlags: { enableEgressPolicy: false } }", true),
+    ] {
+        let mesh_config = format!(
+            "apiVersion: config.openservicemesh.io/v1alpha2\nkind: MeshConfig\n\
+             metadata: {{ name: osm-mesh-config, namespace: osm-system }}\nspec: {spec}\n"
+        );
+        let compiled = compile(&with(with(example(), EGRESS), &mesh_config));
+        let buyer = class_of(&compiled, "bookbuyer/bookbuyer-0");
+        assert!(
+            listeners(&compiled, &buyer)
+                .values()
+                .flat_map(chain_names)
+                .all(|n| !n.starts_with("egress-")),
+            "{spec}"
+        );
+        let flagged = problems_for(&compiled, "Egress bookbuyer/database")
+            .iter()
+            .any(|p| p.reason.contains("enableEgressPolicy is off"));
+        assert_eq!(flagged, reported, "{spec}");
+    }
+}
+
+#[test]
+fn an_egress_that_cannot_apply_is_reported() {
+    for (spec, reason) in [
+        ("{ sources: [{ kind: ServiceAccount, name: bookbuyer }], ipAddresses: [10.0.0.0/33], ports: [{ number: 22, protocol: tcp }] }", "is not an address or CIDR"),
+        ("{ sources: [{ kind: ServiceAccount, name: bookbuyer }], ports: [{ number: 80, protocol: http }] }", "http egress needs hosts"),
+        ("{ sources: [{ kind: Group, name: buyers }], hosts: [a.example], ports: [{ number: 80, protocol: http }] }", "is not a ServiceAccount"),
+        ("{ sources: [{ kind: ServiceAccount, name: bookbuyer }], hosts: [a.example], ports: [{ number: 80, protocol: http }], matches: [{ kind: HTTPRouteGroup, name: nowhere }] }", "HTTPRouteGroup nowhere is missing"),
+    ] {
+        assert_rejected(
+            &format!(
+                "apiVersion: policy.openservicemesh.io/v1alpha1\nkind: Egress\n\
+                 metadata: {{ name: bad, namespace: bookbuyer }}\nspec: {spec}\n"
+            ),
+            "Egress bookbuyer/bad",
+            reason,
+        );
+    }
+}
+
 #[test]
 fn permissive_mode_reaches_every_service_and_allows_any_authenticated_caller() {
     let compiled = compile(&with(example(), PERMISSIVE));
@@ -698,6 +828,7 @@ spec:
 
 #[test]
 fn policy_kinds_not_implemented_yet_are_reported_on_each_object() {
+    // Egress is implemented; the fixture's applies.
     let policies = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deploy/policies.yaml"),
     )
@@ -713,12 +844,7 @@ fn policy_kinds_not_implemented_yet_are_reported_on_each_object() {
     reported.sort();
     assert_eq!(
         reported,
-        [
-            "Egress",
-            "IngressBackend",
-            "Retry",
-            "UpstreamTrafficSetting"
-        ]
+        ["IngressBackend", "Retry", "UpstreamTrafficSetting"]
     );
     assert_eq!(compiled.classes.len(), 6, "the rest compiles");
 }
@@ -849,6 +975,7 @@ fn envoy_validates_every_compiled_class() {
         (example(), "smi"),
         (with(example(), PERMISSIVE), "permissive"),
         (statefulset(), "statefulset"),
+        (with(example(), EGRESS), "egress"),
     ] {
         let compiled = compile(&objects);
         for id in compiled.classes.keys() {

@@ -163,10 +163,17 @@ pub fn rebuild_policies(mut catalog: Catalog, objects: &BTreeMap<ObjectRef, Obje
     let namespaces = catalog.namespaces.clone();
     let in_mesh = |r: &ObjectRef| namespaces.contains(r.namespace.as_str());
     let mut problems = catalog.workload_problems.clone();
-    let (targets, splits) = policy::build(objects, &in_mesh, &catalog.services, &mut problems);
+    let policies = policy::build(
+        objects,
+        &in_mesh,
+        &catalog.services,
+        &catalog.mesh,
+        &mut problems,
+    );
     problems.sort();
-    catalog.targets = targets;
-    catalog.splits = splits;
+    catalog.targets = policies.targets;
+    catalog.splits = policies.splits;
+    catalog.egress = policies.egress;
     catalog.problems = problems;
     catalog
 }
@@ -237,6 +244,10 @@ fn mesh_settings(
     }
     settings.permissive = config.spec.traffic.enable_permissive_traffic_policy_mode;
     settings.egress = config.spec.traffic.enable_egress;
+    // OSM v1.2's default: on.
+    settings.egress_policy = (config.spec.feature_flags.get("enableEgressPolicy"))
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(true);
     let validity = &config.spec.certificate.service_cert_validity_duration;
     if !validity.is_empty() {
         match parse_go_duration(validity) {

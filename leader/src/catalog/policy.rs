@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{Identity, MeshService, Problem, ServiceKey};
+use super::{egress, EgressRule, Identity, MeshService, MeshSettings, Problem, ServiceKey};
 use crate::kinds::{
     HTTPRouteGroup, HttpMatch, IdentityBinding, Object, ObjectRef, TCPRoute, TrafficSplit,
     TrafficTarget,
@@ -55,18 +55,28 @@ pub struct Split {
     pub backends: Vec<(ServiceKey, u32)>,
 }
 
-type Groups<'a> = BTreeMap<(String, String), &'a HTTPRouteGroup>;
+/// Valid HTTPRouteGroups by namespace and name.
+pub(super) type Groups<'a> = BTreeMap<(String, String), &'a HTTPRouteGroup>;
+
+/// The valid policies of the mesh.
+pub(super) struct Policies {
+    pub(super) targets: Vec<Target>,
+    pub(super) splits: BTreeMap<ServiceKey, Split>,
+    pub(super) egress: BTreeMap<Identity, Vec<EgressRule>>,
+}
 
 pub(super) fn build(
     objects: &BTreeMap<ObjectRef, Object>,
     in_mesh: &dyn Fn(&ObjectRef) -> bool,
     services: &BTreeMap<ServiceKey, MeshService>,
+    settings: &MeshSettings,
     problems: &mut Vec<Problem>,
-) -> (Vec<Target>, BTreeMap<ServiceKey, Split>) {
+) -> Policies {
     let mut groups: Groups<'_> = BTreeMap::new();
     let mut tcp_routes = BTreeMap::new();
     let mut targets = Vec::new();
     let mut splits = Vec::new();
+    let mut egresses = Vec::new();
     for (r, object) in objects.iter().filter(|(r, _)| in_mesh(r)) {
         match object {
             Object::HttpRouteGroup(group) => match invalid_regex(&group.spec.matches) {
@@ -80,18 +90,18 @@ pub(super) fn build(
             }
             Object::TrafficTarget(t) => targets.push((r, t)),
             Object::TrafficSplit(s) => splits.push((r, s)),
+            Object::Egress(e) => egresses.push((r, e)),
             // Read, kept and watched, but not compiled yet: said on each
             // object rather than ignored, so nobody believes it applies.
-            Object::Egress(_)
-            | Object::IngressBackend(_)
-            | Object::Retry(_)
-            | Object::UpstreamTrafficSetting(_) => problems.push(Problem::new(
-                r,
-                format!(
+            Object::IngressBackend(_) | Object::Retry(_) | Object::UpstreamTrafficSetting(_) => {
+                problems.push(Problem::new(
+                    r,
+                    format!(
                     "{} is not implemented by this version of Trellis; the object has no effect",
                     r.kind
                 ),
-            )),
+                ))
+            }
             _ => {}
         }
     }
@@ -129,7 +139,12 @@ pub(super) fn build(
             Err(reason) => problems.push(Problem::new(r, reason)),
         }
     }
-    (targets, by_root)
+    let egress = egress::build(&egresses, &groups, settings, problems);
+    Policies {
+        targets,
+        splits: by_root,
+        egress,
+    }
 }
 
 fn invalid_regex(matches: &[HttpMatch]) -> Option<String> {
@@ -148,7 +163,10 @@ fn invalid_regex(matches: &[HttpMatch]) -> Option<String> {
     None
 }
 
-fn identity(binding: &IdentityBinding, default_namespace: &str) -> Result<Identity, String> {
+pub(super) fn identity(
+    binding: &IdentityBinding,
+    default_namespace: &str,
+) -> Result<Identity, String> {
     if binding.kind != "ServiceAccount" {
         return Err(format!(
             "{} {} is not a ServiceAccount",
@@ -213,23 +231,7 @@ fn target(
                         })
                         .collect::<Result<_, _>>()?
                 };
-                http.extend(chosen.into_iter().map(|m| {
-                    HttpRule {
-                        name: format!("{}/{}", rule.name, m.name),
-                        path_regex: if m.path_regex.is_empty() {
-                            ".*".to_owned()
-                        } else {
-                            m.path_regex.clone()
-                        },
-                        methods: m
-                            .methods
-                            .iter()
-                            .filter(|m| m.as_str() != "*")
-                            .cloned()
-                            .collect(),
-                        headers: m.headers.clone(),
-                    }
-                }));
+                http.extend(http_rules(&rule.name, chosen.into_iter()));
             }
             "TCPRoute" => {
                 let route = tcp_routes
@@ -253,6 +255,28 @@ fn target(
         http: http.into_iter().collect(),
         tcp: tcp.into_iter().collect(),
     })
+}
+
+/// The rules allowing `matches` of HTTPRouteGroup `group`.
+pub(super) fn http_rules<'m>(
+    group: &str,
+    matches: impl Iterator<Item = &'m HttpMatch>,
+) -> Vec<HttpRule> {
+    matches
+        .map(|m| HttpRule {
+            name: format!("{group}/{}", m.name),
+            path_regex: if m.path_regex.is_empty() {
+                ".*".to_owned()
+            } else {
+                m.path_regex.clone()
+            },
+            methods: (m.methods.iter())
+                .filter(|m| m.as_str() != "*")
+                .cloned()
+                .collect(),
+            headers: m.headers.clone(),
+        })
+        .collect()
 }
 
 fn split(

@@ -140,6 +140,20 @@ pub(crate) fn passthrough() -> Cluster {
     }
 }
 
+/// `name`: `host:port`, resolved by DNS (IPv4), round robin over what it
+/// resolves to; plain TCP, as the application sent it.
+pub(crate) fn dns(name: &str, host: &str, port: u16) -> Cluster {
+    Cluster {
+        name: name.to_owned(),
+        connect_timeout: Some(seconds(CONNECT_TIMEOUT_SECONDS)),
+        cluster_discovery_type: discovery(cluster::DiscoveryType::StrictDns),
+        dns_lookup_family: cluster::DnsLookupFamily::V4Only as i32,
+        lb_policy: cluster::LbPolicy::RoundRobin as i32,
+        load_assignment: Some(static_assignment(name, host, port)),
+        ..Default::default()
+    }
+}
+
 /// Cluster `name`'s one endpoint, `ip:port`.
 pub(crate) fn single(name: &str, ip: &str, port: u16) -> ClusterLoadAssignment {
     static_assignment(name, ip, port)

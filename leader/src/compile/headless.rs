@@ -20,7 +20,11 @@ use trellis_proto::pb::envoy::config::{
     cluster::v3::Cluster, endpoint::v3::ClusterLoadAssignment, route::v3::RouteConfiguration,
 };
 
-use super::{clusters, listeners::OutboundChain, names, routes, Backend};
+use super::{
+    clusters,
+    listeners::{self, OutboundChain},
+    names, routes, Backend,
+};
 use crate::catalog::{Endpoint, Identity, MeshService, ServicePort};
 
 /// One member of a headless service on one port, as a caller reaches it.
@@ -102,7 +106,7 @@ impl Member<'_> {
                 self.port.protocol,
             ),
             port: self.port.port,
-            addresses: vec![self.ip],
+            ranges: vec![listeners::host_range(self.ip)],
             route_config: self.routes_name(),
             backends: self.backends(),
         }

@@ -35,6 +35,8 @@ pub(super) enum Input<'a> {
     /// Every service and everything about it (permissive mode reaches them
     /// all).
     Services,
+    /// The Egress rules of an identity.
+    Egress(&'a Identity),
 }
 
 /// The hash an input is remembered by.
@@ -114,6 +116,9 @@ impl Changed {
             for source in &target.sources {
                 mark(Input::From(source));
             }
+        }
+        for (identity, _, _) in differing(&old.egress, &new.egress) {
+            mark(Input::Egress(identity));
         }
         Changed::Inputs(changed)
     }

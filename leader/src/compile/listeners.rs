@@ -141,19 +141,25 @@ pub(crate) fn tcp_proxy(stat_prefix: &str, backends: &[Backend]) -> Filter {
 pub(crate) struct OutboundChain {
     pub(crate) name: String,
     pub(crate) port: u16,
-    pub(crate) addresses: Vec<std::net::IpAddr>,
+    /// Destination ranges, (address, prefix length); none matches any.
+    pub(crate) ranges: Vec<(std::net::IpAddr, u8)>,
     /// `Some(route config)` for HTTP/gRPC, `None` for TCP.
     pub(crate) route_config: Option<String>,
     pub(crate) backends: Vec<Backend>,
 }
 
-fn cidr(ip: &std::net::IpAddr) -> CidrRange {
+fn cidr((ip, prefix): &(std::net::IpAddr, u8)) -> CidrRange {
     CidrRange {
         address_prefix: ip.to_string(),
         prefix_len: Some(UInt32Value {
-            value: if ip.is_ipv4() { 32 } else { 128 },
+            value: (*prefix).into(),
         }),
     }
+}
+
+/// An address as a range of its own.
+pub(crate) fn host_range(ip: std::net::IpAddr) -> (std::net::IpAddr, u8) {
+    (ip, if ip.is_ipv4() { 32 } else { 128 })
 }
 
 /// `outbound-listener`; `None` when it would have no chains.
@@ -169,7 +175,7 @@ pub(crate) fn outbound(chains: &[OutboundChain], egress: bool) -> Option<Listene
                 destination_port: Some(UInt32Value {
                     value: c.port.into(),
                 }),
-                prefix_ranges: c.addresses.iter().map(cidr).collect(),
+                prefix_ranges: c.ranges.iter().map(cidr).collect(),
                 ..Default::default()
             }),
             filters: vec![match &c.route_config {

@@ -69,6 +69,23 @@ pub(crate) fn member_routes(port: u16, namespace: &str, member: &str) -> String 
     format!("rds-outbound.{port}|{namespace}/{member}")
 }
 
+/// `<host>:<port>`: an Egress host's DNS-resolved cluster, as OSM named it.
+pub(crate) fn egress_cluster(host: &str, port: u16) -> String {
+    format!("{host}:{port}")
+}
+
+pub(crate) fn egress_http_chain(port: u16) -> String {
+    format!("egress-http.{port}")
+}
+
+pub(crate) fn egress_tcp_chain(port: u16) -> String {
+    format!("egress-tcp.{port}")
+}
+
+pub(crate) fn egress_routes(port: u16) -> String {
+    format!("rds-egress.{port}")
+}
+
 pub(crate) fn outbound_routes(port: u16) -> String {
     format!("rds-outbound.{port}")
 }

@@ -202,61 +202,16 @@ pub(crate) fn inbound_host(
         Some(rules) => rules
             .iter()
             .flat_map(|(rule, callers)| {
-                let methods: Vec<Option<&String>> = if rule.methods.is_empty() {
-                    vec![None]
-                } else {
-                    rule.methods.iter().map(Some).collect()
-                };
-                methods.into_iter().map(move |method| {
-                    let mut headers: Vec<HeaderMatcher> = rule
-                        .headers
-                        .iter()
-                        .map(|(name, value)| HeaderMatcher {
-                            name: if name.eq_ignore_ascii_case("host") {
-                                ":authority".to_owned()
-                            } else {
-                                name.to_ascii_lowercase()
-                            },
-                            header_match_specifier: Some(
-                                header_matcher::HeaderMatchSpecifier::StringMatch(regex_string(
-                                    value,
-                                )),
-                            ),
-                            ..Default::default()
-                        })
-                        .collect();
-                    if let Some(method) = method {
-                        headers.push(HeaderMatcher {
-                            name: ":method".to_owned(),
-                            header_match_specifier: Some(
-                                header_matcher::HeaderMatchSpecifier::StringMatch(exact(method)),
-                            ),
-                            ..Default::default()
-                        });
-                    }
-                    let name = match method {
-                        Some(m) => format!("{}|{m}", rule.name),
-                        None => rule.name.clone(),
-                    };
-                    Route {
-                        r#match: Some(RouteMatch {
-                            // Envoy matches the whole path against safe_regex:
-                            // the SMI regex is anchored as OSM anchored it.
-                            path_specifier: Some(route_match::PathSpecifier::SafeRegex(regex(
-                                &rule.path_regex,
-                            ))),
-                            headers,
-                            ..Default::default()
-                        }),
-                        action: local_action(local_cluster),
-                        typed_per_filter_config: rbac_per_route(
-                            &name,
-                            &Callers::Only(callers),
-                            trust_domain,
-                        ),
-                        name,
-                        ..Default::default()
-                    }
+                rule_matches(rule).map(move |(name, matched)| Route {
+                    r#match: Some(matched),
+                    action: local_action(local_cluster),
+                    typed_per_filter_config: rbac_per_route(
+                        &name,
+                        &Callers::Only(callers),
+                        trust_domain,
+                    ),
+                    name,
+                    ..Default::default()
                 })
             })
             .collect(),
@@ -272,6 +227,92 @@ pub(crate) fn inbound_host(
     VirtualHost {
         name: format!("inbound_virtual-host|{}", service.fqdn()),
         domains,
+        routes,
+        ..Default::default()
+    }
+}
+
+/// The route matches of one HTTP rule, one per method (or one for any),
+/// each with its route name.
+fn rule_matches(rule: &HttpRule) -> impl Iterator<Item = (String, RouteMatch)> + '_ {
+    let methods: Vec<Option<&String>> = if rule.methods.is_empty() {
+        vec![None]
+    } else {
+        rule.methods.iter().map(Some).collect()
+    };
+    methods.into_iter().map(move |method| {
+        let mut headers: Vec<HeaderMatcher> = rule
+            .headers
+            .iter()
+            .map(|(name, value)| HeaderMatcher {
+                name: if name.eq_ignore_ascii_case("host") {
+                    ":authority".to_owned()
+                } else {
+                    name.to_ascii_lowercase()
+                },
+                header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(
+                    regex_string(value),
+                )),
+                ..Default::default()
+            })
+            .collect();
+        if let Some(method) = method {
+            headers.push(HeaderMatcher {
+                name: ":method".to_owned(),
+                header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(
+                    exact(method),
+                )),
+                ..Default::default()
+            });
+        }
+        let name = match method {
+            Some(m) => format!("{}|{m}", rule.name),
+            None => rule.name.clone(),
+        };
+        let matched = RouteMatch {
+            // Envoy matches the whole path against safe_regex: the SMI regex
+            // is anchored as OSM anchored it.
+            path_specifier: Some(route_match::PathSpecifier::SafeRegex(regex(
+                &rule.path_regex,
+            ))),
+            headers,
+            ..Default::default()
+        };
+        (name, matched)
+    })
+}
+
+/// An egress virtual host: `host` (and `host:port`) to `cluster`, for the
+/// requests `rules` allow (any request when there are none).
+pub(crate) fn egress_host(host: &str, port: u16, cluster: &str, rules: &[HttpRule]) -> VirtualHost {
+    let to_cluster = || {
+        Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_owned())),
+            timeout: Some(seconds(0)),
+            ..Default::default()
+        }))
+    };
+    let routes = if rules.is_empty() {
+        vec![Route {
+            name: format!("egress_{host}:{port}"),
+            r#match: Some(catch_all()),
+            action: to_cluster(),
+            ..Default::default()
+        }]
+    } else {
+        (rules.iter())
+            .flat_map(rule_matches)
+            .map(|(name, matched)| Route {
+                name,
+                r#match: Some(matched),
+                action: to_cluster(),
+                ..Default::default()
+            })
+            .collect()
+    };
+    VirtualHost {
+        name: format!("egress_virtual-host|{host}:{port}"),
+        domains: vec![host.to_owned(), format!("{host}:{port}")],
         routes,
         ..Default::default()
     }

@@ -263,6 +263,22 @@ spec:
 ",
         &[],
     );
+    let egress = "
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: Egress
+metadata: { name: out, namespace: bookbuyer }
+spec:
+  sources: [{ kind: ServiceAccount, name: bookbuyer, namespace: bookbuyer }]
+  hosts: [books.example]
+  ports: [{ number: 80, protocol: http }]
+";
+    mesh.edit("an Egress added", egress, &[]);
+    mesh.edit(
+        "an Egress's hosts",
+        &egress.replace("books.example", "other.example"),
+        &[],
+    );
+    mesh.edit("an Egress deleted", "", &[("Egress", "bookbuyer", "out")]);
     mesh.edit("permissive mode", PERMISSIVE, &[]);
     mesh.edit(
         "a service added in permissive mode",

@@ -1,0 +1,186 @@
+//! Egress policies (OSM-SEMANTICS, "Egress"): with global egress off, what
+//! each ServiceAccount may reach outside the mesh: HTTP by host name
+//! (optionally restricted by HTTPRouteGroups), TCP by address range; each
+//! on the ports it names. HTTPS by SNI is not implemented yet and is
+//! reported on the object.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use super::{
+    policy::{http_rules, identity, Groups},
+    HttpRule, Identity, MeshSettings, Problem,
+};
+use crate::kinds::{Egress, ObjectRef};
+
+/// How an allowed egress port is carried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EgressProtocol {
+    /// HTTP, routed by Host header to the named hosts.
+    Http,
+    /// TCP to the named address ranges; the client speaks first.
+    Tcp,
+    /// TCP to the named address ranges; the server speaks first.
+    TcpServerFirst,
+}
+
+/// One port of one Egress, for its sources.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EgressRule {
+    /// `<ns>/<name>` of the Egress.
+    pub name: String,
+    /// Destination port.
+    pub port: u16,
+    /// How it is carried.
+    pub protocol: EgressProtocol,
+    /// HTTP: the host names allowed.
+    pub hosts: Vec<String>,
+    /// TCP: the address ranges allowed, as (address, prefix length).
+    pub ranges: Vec<(IpAddr, u8)>,
+    /// HTTP: the requests allowed; empty means any.
+    pub http: Vec<HttpRule>,
+}
+
+/// The egress rules of every source identity. Objects that do not apply
+/// are reported in `problems`, with the reason.
+pub(super) fn build(
+    egresses: &[(&ObjectRef, &Egress)],
+    groups: &Groups<'_>,
+    settings: &MeshSettings,
+    problems: &mut Vec<Problem>,
+) -> BTreeMap<Identity, Vec<EgressRule>> {
+    let mut rules: BTreeMap<Identity, BTreeSet<EgressRule>> = BTreeMap::new();
+    // With global egress on, everything passes: the policies are not
+    // needed (OSM applies them only with it off).
+    if settings.egress {
+        return BTreeMap::new();
+    }
+    for (r, egress) in egresses {
+        if !settings.egress_policy {
+            problems.push(Problem::new(
+                r,
+                "featureFlags.enableEgressPolicy is off in the MeshConfig; the object has no effect",
+            ));
+            continue;
+        }
+        match egress_rules(r, egress, groups, problems) {
+            Ok((sources, found)) => {
+                for source in sources {
+                    rules
+                        .entry(source)
+                        .or_default()
+                        .extend(found.iter().cloned());
+                }
+            }
+            Err(reason) => problems.push(Problem::new(r, reason)),
+        }
+    }
+    rules
+        .into_iter()
+        .map(|(identity, rules)| (identity, rules.into_iter().collect()))
+        .collect()
+}
+
+/// One Egress's sources and rules; `Err` when the object as a whole is
+/// invalid. A port that cannot apply is reported and left out.
+fn egress_rules(
+    r: &ObjectRef,
+    egress: &Egress,
+    groups: &Groups<'_>,
+    problems: &mut Vec<Problem>,
+) -> Result<(Vec<Identity>, Vec<EgressRule>), String> {
+    let spec = &egress.spec;
+    let sources = (spec.sources.iter())
+        .map(|s| identity(s, &r.namespace))
+        .collect::<Result<Vec<_>, _>>()?;
+    if sources.is_empty() {
+        return Err("no sources".to_owned());
+    }
+    let ranges = (spec.ip_addresses.iter())
+        .map(|text| {
+            range(text).ok_or_else(|| format!("ipAddresses: {text:?} is not an address or CIDR"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut http = Vec::new();
+    for reference in &spec.matches {
+        if reference.kind != "HTTPRouteGroup" {
+            return Err(format!(
+                "matches: {} {} is not an HTTPRouteGroup",
+                reference.kind, reference.name
+            ));
+        }
+        let group = groups
+            .get(&(r.namespace.clone(), reference.name.clone()))
+            .ok_or_else(|| format!("HTTPRouteGroup {} is missing or invalid", reference.name))?;
+        http.extend(http_rules(&reference.name, group.spec.matches.iter()));
+    }
+    let mut rules = Vec::new();
+    for port in &spec.ports {
+        let protocol = match port.protocol.as_str() {
+            "http" => EgressProtocol::Http,
+            "tcp" => EgressProtocol::Tcp,
+            "tcp-server-first" => EgressProtocol::TcpServerFirst,
+            "https" => {
+                problems.push(Problem::new(
+                    r,
+                    format!(
+                        "port {}: https egress (by SNI) is not implemented by this version of Trellis; the port has no effect",
+                        port.number
+                    ),
+                ));
+                continue;
+            }
+            other => {
+                return Err(format!(
+                    "port {}: protocol {other:?} is not http, https, tcp or tcp-server-first",
+                    port.number
+                ))
+            }
+        };
+        if port.number == 0 {
+            return Err("port 0 is not a port".to_owned());
+        }
+        let (hosts, ranges) = match protocol {
+            EgressProtocol::Http if spec.hosts.is_empty() => {
+                return Err(format!("port {}: http egress needs hosts", port.number))
+            }
+            EgressProtocol::Http => (spec.hosts.clone(), Vec::new()),
+            _ if ranges.is_empty() => {
+                return Err(format!(
+                    "port {}: tcp egress needs ipAddresses",
+                    port.number
+                ))
+            }
+            _ => (Vec::new(), ranges.clone()),
+        };
+        rules.push(EgressRule {
+            name: format!("{}/{}", r.namespace, r.name),
+            port: port.number,
+            protocol,
+            hosts,
+            ranges,
+            http: if protocol == EgressProtocol::Http {
+                http.clone()
+            } else {
+                Vec::new()
+            },
+        });
+    }
+    Ok((sources, rules))
+}
+
+/// `10.0.0.0/8`, or one address as its own range.
+fn range(text: &str) -> Option<(IpAddr, u8)> {
+    let (address, prefix) = match text.split_once('/') {
+        Some((address, prefix)) => (
+            address.parse::<IpAddr>().ok()?,
+            Some(prefix.parse::<u8>().ok()?),
+        ),
+        None => (text.parse::<IpAddr>().ok()?, None),
+    };
+    let longest = if address.is_ipv4() { 32 } else { 128 };
+    let prefix = prefix.unwrap_or(longest);
+    (prefix <= longest).then_some((address, prefix))
+}
