@@ -94,7 +94,13 @@ pub fn require_pod_support() -> Result<(), DemoError> {
             "network namespaces and iptables need root".to_owned(),
         ));
     }
-    let probe = format!("trellis-probe-{}", std::process::id());
+    // Unique per call: tests of one process create their nets at once.
+    static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let probe = format!(
+        "trellis-probe-{}-{}",
+        std::process::id(),
+        PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     let unsupported = |what: &str, error: DemoError| {
         DemoError::Unsupported(format!("{what} unavailable: {error}"))
     };
@@ -259,7 +265,8 @@ impl Pod {
 
     /// Makes `names` resolve to their addresses inside the pod, as cluster
     /// DNS would: `ip netns exec` mounts `/etc/netns/<netns>/hosts` over
-    /// `/etc/hosts`.
+    /// `/etc/hosts`. Any other name fails: the pod's resolver is its own
+    /// loopback, where nothing answers, never the machine's.
     pub fn set_hosts(&self, names: &[(IpAddr, Vec<String>)]) -> Result<(), DemoError> {
         let dir = self.etc();
         std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
@@ -267,8 +274,14 @@ impl Pod {
         for (address, names) in names {
             hosts.push_str(&format!("{address} {}\n", names.join(" ")));
         }
-        let path = dir.join("hosts");
-        std::fs::write(&path, hosts).map_err(io(format!("writing {}", path.display())))
+        for (file, text) in [
+            ("hosts", hosts.as_str()),
+            ("resolv.conf", "nameserver 127.0.0.1\n"),
+        ] {
+            let path = dir.join(file);
+            std::fs::write(&path, text).map_err(io(format!("writing {}", path.display())))?;
+        }
+        Ok(())
     }
 
     fn etc(&self) -> PathBuf {

@@ -1,8 +1,13 @@
-//! Global egress with a real Envoy in a network namespace: with MeshConfig
-//! `traffic.enableEgress`, a meshed pod reaches a server outside the mesh
-//! (another namespace of this test, no sidecar) through its sidecar's
-//! passthrough; turned off, the same request is refused; turned on again,
-//! it passes, all without restarting anything.
+//! Egress with a real Envoy in a network namespace and a server outside the
+//! mesh (another namespace of this test, no sidecar):
+//! * global: with MeshConfig `traffic.enableEgress`, the meshed pod reaches
+//!   the server through its sidecar's passthrough; turned off, the same
+//!   request is refused; turned on again, it passes;
+//! * policies: with it off, Egress objects let the pod reach exactly the
+//!   host (HTTP) and the address and port (TCP, server first) they name.
+//!
+//! Changes apply without restarting anything. Host names resolve from the
+//! pods' own hosts files; no DNS query leaves the test's namespaces.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -111,5 +116,123 @@ async fn global_egress_passes_unknown_destinations_through_only_while_enabled() 
         served(&client, &url)
     })
     .await?;
+    Ok(())
+}
+
+/// Global egress off; Egress policies let the client reach `books.outside`
+/// over HTTP on 8080 and, with `tcp`, the outside pod over TCP on 9000.
+fn policies(client: &Pod, outside: &Pod, tcp: bool) -> String {
+    let mut yaml = [
+        manifests::mesh(
+            "demo",
+            "{ traffic: { enablePermissiveTrafficPolicyMode: false, enableEgress: false } }",
+        ),
+        manifests::service_account("demo", "client"),
+        manifests::pod("demo", "client-0", "client", "client", client.ip()),
+    ]
+    .concat();
+    yaml.push_str(
+        "---\napiVersion: policy.openservicemesh.io/v1alpha1\nkind: Egress\n\
+         metadata: { name: books, namespace: demo }\n\
+         spec:\n  sources: [{ kind: ServiceAccount, name: client, namespace: demo }]\n  \
+         hosts: [books.outside]\n  ports: [{ number: 8080, protocol: http }]\n",
+    );
+    if tcp {
+        yaml.push_str(&format!(
+            "---\napiVersion: policy.openservicemesh.io/v1alpha1\nkind: Egress\n\
+             metadata: {{ name: database, namespace: demo }}\n\
+             spec:\n  sources: [{{ kind: ServiceAccount, name: client, namespace: demo }}]\n  \
+             ipAddresses: [{}/32]\n  ports: [{{ number: 9000, protocol: tcp-server-first }}]\n",
+            outside.ip()
+        ));
+    }
+    yaml
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_policies_let_a_pod_out_exactly_as_they_name() -> Result<()> {
+    let subnet = 26 + (std::process::id() % 200) as u8;
+    let net = Net::create(subnet)?;
+    let binaries = Binaries {
+        envoy: envoy_binary(),
+        app: env!("CARGO_BIN_EXE_trellis-demo").into(),
+    };
+    let outside = net.pod("outside", 4, &binaries)?;
+    outside.start_app(&[
+        "serve",
+        "--pod",
+        "outside/server",
+        "--http",
+        "8080",
+        "--tcp",
+        "9000",
+        "--tcp",
+        "9001",
+    ])?;
+    let client = net.pod("client", 2, &binaries)?;
+    // Two names for the one outside server; the policy allows one.
+    let outside_ip = IpAddr::V4(outside.ip());
+    client.set_hosts(&[(
+        outside_ip,
+        vec!["books.outside".to_owned(), "other.outside".to_owned()],
+    )])?;
+
+    let dir = std::env::temp_dir().join(format!("trellis-egress-policy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("mesh.yaml"), policies(&client, &outside, true))?;
+    let config = PipelineConfig {
+        quiet: Duration::from_millis(50),
+        ..PipelineConfig::default()
+    };
+    let ca = Arc::new(BuiltinCa::generate()?);
+    let control = ControlPlane::start(&dir, IpAddr::V4(net.host()), ca, config).await?;
+    client.intercept()?;
+    client.start_envoy(&control.bootstrap("demo/client-0")?)?;
+
+    // HTTP to the allowed host.
+    let allowed = "http://books.outside:8080/";
+    if let Err(error) = eventually(Duration::from_secs(30), "the allowed host", || {
+        served(&client, allowed)
+    })
+    .await
+    {
+        bail!(
+            "{error}\nclient: {:?}\nclient envoy:\n{}",
+            client.get(allowed).await,
+            client.busy_stats().await
+        );
+    }
+    assert_eq!(
+        client.get(allowed).await?.answer().unwrap().pod,
+        "outside/server"
+    );
+    // Through its DNS-resolved cluster (Envoy writes its `:` as `_`).
+    assert!(
+        client
+            .envoy_stat("cluster.books.outside_8080.upstream_rq_completed")
+            .await
+            >= 1
+    );
+    // The same server under a name the policy does not allow: no route.
+    let other = client.get("http://other.outside:8080/").await;
+    assert!(other.as_ref().is_ok_and(|r| r.status == 404), "{other:?}");
+    // TCP (server first) to the allowed address and port, and not another.
+    let address = format!("{}:9000", outside.ip());
+    let tcp = client.tcp(&address, "ping").await?;
+    assert_eq!(
+        (tcp.greeting.as_str(), tcp.echo.as_str()),
+        ("outside/server", "ping")
+    );
+    let refused = client.tcp(&format!("{}:9001", outside.ip()), "ping").await;
+    assert!(refused.is_err(), "{refused:?}");
+
+    // The TCP policy deleted: refused too, without restarting anything.
+    std::fs::write(dir.join("mesh.yaml"), policies(&client, &outside, false))?;
+    eventually(Duration::from_secs(30), "TCP refused", || async {
+        client.tcp(&address, "ping").await.is_err()
+    })
+    .await?;
+    assert!(served(&client, allowed).await, "HTTP still allowed");
     Ok(())
 }
