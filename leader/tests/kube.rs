@@ -3,8 +3,8 @@
 //! same classes and resources as the file source makes of the same
 //! manifests; edits, deletes and a bad custom resource are followed; a
 //! restarted API server whose watches expired (410 Gone after an etcd
-//! compaction) is re-listed; and every field Trellis reads of MeshConfig
-//! and the SMI kinds survives the CRDs' schemas.
+//! compaction) is re-listed; and every field Trellis reads of MeshConfig,
+//! the SMI kinds and Egress survives the CRDs' schemas.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -501,6 +501,7 @@ fn spec(object: &Object) -> Value {
         Object::HttpRouteGroup(o) => serde_json::to_value(o),
         Object::TcpRoute(o) => serde_json::to_value(o),
         Object::TrafficSplit(o) => serde_json::to_value(o),
+        Object::Egress(o) => serde_json::to_value(o),
         other => panic!("{} is not in the fixture", other.object_ref()),
     };
     value.unwrap()["spec"].clone()
@@ -522,7 +523,7 @@ async fn every_field_trellis_reads_survives_the_crd_schemas() {
             (object.object_ref(), spec(&object))
         })
         .collect();
-    assert_eq!(written.len(), 5);
+    assert_eq!(written.len(), 6);
     // The fixture sets every field of what Trellis reads, so a field a
     // schema prunes cannot go unnoticed.
     for (r, spec) in &written {
