@@ -4,7 +4,8 @@
 //!   the server through its sidecar's passthrough; turned off, the same
 //!   request is refused; turned on again, it passes;
 //! * policies: with it off, Egress objects let the pod reach exactly the
-//!   host (HTTP) and the address and port (TCP, server first) they name.
+//!   host (HTTP), the server name (HTTPS, by SNI) and the address and port
+//!   (TCP, server first) they name.
 //!
 //! Changes apply without restarting anything. Host names resolve from the
 //! pods' own hosts files; no DNS query leaves the test's namespaces.
@@ -120,7 +121,8 @@ async fn global_egress_passes_unknown_destinations_through_only_while_enabled() 
 }
 
 /// Global egress off; Egress policies let the client reach `books.outside`
-/// over HTTP on 8080 and, with `tcp`, the outside pod over TCP on 9000.
+/// over HTTP on 8080 and HTTPS on 8443 and, with `tcp`, the outside pod over
+/// TCP on 9000.
 fn policies(client: &Pod, outside: &Pod, tcp: bool) -> String {
     let mut yaml = [
         manifests::mesh(
@@ -135,7 +137,8 @@ fn policies(client: &Pod, outside: &Pod, tcp: bool) -> String {
         "---\napiVersion: policy.openservicemesh.io/v1alpha1\nkind: Egress\n\
          metadata: { name: books, namespace: demo }\n\
          spec:\n  sources: [{ kind: ServiceAccount, name: client, namespace: demo }]\n  \
-         hosts: [books.outside]\n  ports: [{ number: 8080, protocol: http }]\n",
+         hosts: [books.outside]\n  \
+         ports: [{ number: 8080, protocol: http }, { number: 8443, protocol: https }]\n",
     );
     if tcp {
         yaml.push_str(&format!(
@@ -169,6 +172,50 @@ async fn egress_policies_let_a_pod_out_exactly_as_they_name() -> Result<()> {
         "--tcp",
         "9001",
     ])?;
+    // A TLS server for books.outside on 8443 (openssl, with a certificate
+    // of its own: the client does not check it, the sidecar reads its SNI).
+    let dir = std::env::temp_dir().join(format!("trellis-egress-policy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=books.outside",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()?;
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let _tls = outside.spawn(&[
+        "openssl",
+        "s_server",
+        "-quiet",
+        "-www",
+        "-accept",
+        "8443",
+        "-cert",
+        cert.to_str().unwrap(),
+        "-key",
+        key.to_str().unwrap(),
+    ])?;
     let client = net.pod("client", 2, &binaries)?;
     // Two names for the one outside server; the policy allows one.
     let outside_ip = IpAddr::V4(outside.ip());
@@ -177,9 +224,6 @@ async fn egress_policies_let_a_pod_out_exactly_as_they_name() -> Result<()> {
         vec!["books.outside".to_owned(), "other.outside".to_owned()],
     )])?;
 
-    let dir = std::env::temp_dir().join(format!("trellis-egress-policy-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("mesh.yaml"), policies(&client, &outside, true))?;
     let config = PipelineConfig {
         quiet: Duration::from_millis(50),
@@ -217,6 +261,29 @@ async fn egress_policies_let_a_pod_out_exactly_as_they_name() -> Result<()> {
     // The same server under a name the policy does not allow: no route.
     let other = client.get("http://other.outside:8080/").await;
     assert!(other.as_ref().is_ok_and(|r| r.status == 404), "{other:?}");
+    // HTTPS by server name: the allowed one passes, another is refused.
+    let https = |name: &str| {
+        client
+            .exec(&[
+                "curl",
+                "-sk",
+                "--max-time",
+                "5",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("https://{name}:8443/"),
+            ])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let secure = https("books.outside");
+    assert_eq!(secure.as_deref().ok(), Some("200"), "{secure:?}");
+    assert!(
+        https("other.outside").is_err(),
+        "another server name passed"
+    );
+    assert!(client.envoy_stat("tls_inspector.sni_found").await >= 1);
     // TCP (server first) to the allowed address and port, and not another.
     let address = format!("{}:9000", outside.ip());
     let tcp = client.tcp(&address, "ping").await?;

@@ -641,6 +641,7 @@ fn compile_class(
                 name: names::outbound_chain(&service.key, port.port, port.protocol),
                 port: port.port,
                 ranges,
+                server_names: Vec::new(),
                 route_config,
                 backends,
             });

@@ -597,8 +597,8 @@ fn each_member_of_a_headless_service_has_its_own_chain_and_cluster() {
     }
 }
 
-/// bookbuyer may reach httpbin.org over HTTP (GET /get only) and a TCP
-/// range on 5432; its HTTPS port is not implemented yet.
+/// bookbuyer may reach httpbin.org over HTTP (GET /get only) and HTTPS,
+/// and a TCP range on 5432 (a server-first protocol).
 const EGRESS: &str = r#"
 apiVersion: specs.smi-spec.io/v1alpha4
 kind: HTTPRouteGroup
@@ -612,7 +612,7 @@ metadata: { name: httpbin, namespace: bookbuyer }
 spec:
   sources: [{ kind: ServiceAccount, name: bookbuyer, namespace: bookbuyer }]
   hosts: [httpbin.org]
-  ports: [{ number: 80, protocol: http }, { number: 443, protocol: https }]
+  ports: [{ number: 80, protocol: http }, { number: 443, protocol: https }, { number: 8443, protocol: https }]
   matches: [{ apiGroup: specs.smi-spec.io/v1alpha4, kind: HTTPRouteGroup, name: httpbin-get }]
 ---
 apiVersion: policy.openservicemesh.io/v1alpha1
@@ -669,10 +669,32 @@ fn egress_policies_let_their_sources_out_exactly_as_named() {
         ]
     );
     assert!(resources(&compiled, &buyer, type_url::CLUSTER).contains_key("passthrough-outbound"));
-    // HTTPS is said not to apply; nothing else is let out.
-    let problems = problems_for(&compiled, "Egress bookbuyer/httpbin");
-    assert_eq!(problems.len(), 1, "{problems:?}");
-    assert!(problems[0].reason.contains("port 443: https egress"));
+    // HTTPS: the host as TLS server name on 443, to the original
+    // destination; SNI is read on 443 alone, so nothing waits for the
+    // client on the server-first port.
+    let https = chain("egress-https.443");
+    assert_eq!(https.server_names, ["httpbin.org"]);
+    assert_eq!(https.transport_protocol, "tls");
+    let filters: Vec<&str> = (outbound.listener_filters.iter())
+        .map(|f| f.name.as_str())
+        .collect();
+    assert_eq!(
+        filters,
+        [
+            "envoy.filters.listener.original_dst",
+            "envoy.filters.listener.tls_inspector"
+        ]
+    );
+    let disabled = format!("{:?}", outbound.listener_filters[1].filter_disabled);
+    for port in ["start: 443, end: 444", "start: 8443, end: 8444"] {
+        assert!(
+            disabled.contains("NotMatch") && disabled.contains(port),
+            "{disabled}"
+        );
+    }
+    assert_eq!(chain("egress-https.8443").server_names, ["httpbin.org"]);
+    // Nothing else is let out, and nothing is reported.
+    assert!(problems_for(&compiled, "Egress bookbuyer/httpbin").is_empty());
     assert_eq!(outbound.default_filter_chain, None);
     // A proxy no Egress names gets none of it.
     let thief = class_of(&compiled, "bookthief/bookthief-0");

@@ -1,8 +1,7 @@
 //! Egress policies (OSM-SEMANTICS, "Egress"): with global egress off, what
 //! each ServiceAccount may reach outside the mesh: HTTP by host name
-//! (optionally restricted by HTTPRouteGroups), TCP by address range; each
-//! on the ports it names. HTTPS by SNI is not implemented yet and is
-//! reported on the object.
+//! (optionally restricted by HTTPRouteGroups), HTTPS by server name (SNI),
+//! TCP by address range; each on the ports it names.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -20,6 +19,8 @@ use crate::kinds::{Egress, ObjectRef};
 pub enum EgressProtocol {
     /// HTTP, routed by Host header to the named hosts.
     Http,
+    /// TLS to the named hosts, by server name (SNI).
+    Https,
     /// TCP to the named address ranges; the client speaks first.
     Tcp,
     /// TCP to the named address ranges; the server speaks first.
@@ -35,7 +36,7 @@ pub struct EgressRule {
     pub port: u16,
     /// How it is carried.
     pub protocol: EgressProtocol,
-    /// HTTP: the host names allowed.
+    /// HTTP and HTTPS: the host names allowed.
     pub hosts: Vec<String>,
     /// TCP: the address ranges allowed, as (address, prefix length).
     pub ranges: Vec<(IpAddr, u8)>,
@@ -65,7 +66,7 @@ pub(super) fn build(
             ));
             continue;
         }
-        match egress_rules(r, egress, groups, problems) {
+        match egress_rules(r, egress, groups) {
             Ok((sources, found)) => {
                 for source in sources {
                     rules
@@ -83,13 +84,11 @@ pub(super) fn build(
         .collect()
 }
 
-/// One Egress's sources and rules; `Err` when the object as a whole is
-/// invalid. A port that cannot apply is reported and left out.
+/// One Egress's sources and rules; `Err` when it is invalid.
 fn egress_rules(
     r: &ObjectRef,
     egress: &Egress,
     groups: &Groups<'_>,
-    problems: &mut Vec<Problem>,
 ) -> Result<(Vec<Identity>, Vec<EgressRule>), String> {
     let spec = &egress.spec;
     let sources = (spec.sources.iter())
@@ -122,16 +121,7 @@ fn egress_rules(
             "http" => EgressProtocol::Http,
             "tcp" => EgressProtocol::Tcp,
             "tcp-server-first" => EgressProtocol::TcpServerFirst,
-            "https" => {
-                problems.push(Problem::new(
-                    r,
-                    format!(
-                        "port {}: https egress (by SNI) is not implemented by this version of Trellis; the port has no effect",
-                        port.number
-                    ),
-                ));
-                continue;
-            }
+            "https" => EgressProtocol::Https,
             other => {
                 return Err(format!(
                     "port {}: protocol {other:?} is not http, https, tcp or tcp-server-first",
@@ -143,10 +133,13 @@ fn egress_rules(
             return Err("port 0 is not a port".to_owned());
         }
         let (hosts, ranges) = match protocol {
-            EgressProtocol::Http if spec.hosts.is_empty() => {
-                return Err(format!("port {}: http egress needs hosts", port.number))
+            EgressProtocol::Http | EgressProtocol::Https if spec.hosts.is_empty() => {
+                return Err(format!(
+                    "port {}: {} egress needs hosts",
+                    port.number, port.protocol
+                ))
             }
-            EgressProtocol::Http => (spec.hosts.clone(), Vec::new()),
+            EgressProtocol::Http | EgressProtocol::Https => (spec.hosts.clone(), Vec::new()),
             _ if ranges.is_empty() => {
                 return Err(format!(
                     "port {}: tcp egress needs ipAddresses",

@@ -7,6 +7,10 @@
 //!   wins), routes `rds-egress.<P>` with a virtual host per allowed host,
 //!   each to a DNS-resolved cluster `<host>:<P>`: the destination is the
 //!   name the policy allows, whatever address the client dialled.
+//! * HTTPS on port P: chain `egress-https.<P>` matching the allowed host
+//!   names as TLS server names (SNI), to the original destination; the
+//!   TLS inspector that reads SNI runs on those ports only. (OSM named this
+//!   chain `egress-tcp.<P>` too; one name for one chain is clearer.)
 //! * TCP (and server-first TCP) on port P: chain `egress-tcp.<P>` matching
 //!   the allowed address ranges, to the original destination. No listener
 //!   filter reads the client's bytes, so a server that speaks first is not
@@ -37,6 +41,7 @@ pub(crate) fn compile(rules: &[EgressRule]) -> Egress {
     // Per HTTP port, per host: the requests allowed (`None`: any).
     let mut http: BTreeMap<u16, BTreeMap<&str, Option<Vec<HttpRule>>>> = BTreeMap::new();
     let mut tcp: BTreeMap<u16, Vec<_>> = BTreeMap::new();
+    let mut https: BTreeMap<u16, Vec<String>> = BTreeMap::new();
     for rule in rules {
         match rule.protocol {
             EgressProtocol::Http => {
@@ -52,6 +57,12 @@ pub(crate) fn compile(rules: &[EgressRule]) -> Egress {
                         (None, _) => {}
                     }
                 }
+            }
+            EgressProtocol::Https => {
+                https
+                    .entry(rule.port)
+                    .or_default()
+                    .extend(rule.hosts.iter().cloned());
             }
             EgressProtocol::Tcp | EgressProtocol::TcpServerFirst => {
                 tcp.entry(rule.port)
@@ -81,8 +92,25 @@ pub(crate) fn compile(rules: &[EgressRule]) -> Egress {
             name: names::egress_http_chain(port),
             port,
             ranges: Vec::new(),
+            server_names: Vec::new(),
             route_config: Some(route_config),
             backends,
+        });
+    }
+    for (port, mut hosts) in https {
+        hosts.sort();
+        hosts.dedup();
+        egress.original_destination = true;
+        egress.chains.push(OutboundChain {
+            name: names::egress_https_chain(port),
+            port,
+            ranges: Vec::new(),
+            server_names: hosts,
+            route_config: None,
+            backends: vec![Backend {
+                cluster: names::PASSTHROUGH.to_owned(),
+                weight: 1,
+            }],
         });
     }
     for (port, mut ranges) in tcp {
@@ -93,6 +121,7 @@ pub(crate) fn compile(rules: &[EgressRule]) -> Egress {
             name: names::egress_tcp_chain(port),
             port,
             ranges,
+            server_names: Vec::new(),
             route_config: None,
             backends: vec![Backend {
                 cluster: names::PASSTHROUGH.to_owned(),

@@ -107,6 +107,7 @@ impl Member<'_> {
             ),
             port: self.port.port,
             ranges: vec![listeners::host_range(self.ip)],
+            server_names: Vec::new(),
             route_config: self.routes_name(),
             backends: self.backends(),
         }

@@ -8,8 +8,9 @@ use trellis_proto::pb::{
         config::{
             core::v3::{CidrRange, TrafficDirection},
             listener::v3::{
-                filter, listener_filter, Filter, FilterChain, FilterChainMatch, Listener,
-                ListenerFilter,
+                filter, listener_filter, listener_filter_chain_match_predicate as predicate,
+                Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
+                ListenerFilterChainMatchPredicate,
             },
             rbac::v3::{permission, principal, rbac::Action, Permission, Policy, Principal, Rbac},
             route::v3::{
@@ -34,6 +35,7 @@ use trellis_proto::pb::{
             },
             transport_sockets::tls::v3::{CommonTlsContext, DownstreamTlsContext},
         },
+        r#type::v3::Int32Range,
     },
     google::protobuf::{BoolValue, UInt32Value},
 };
@@ -143,6 +145,8 @@ pub(crate) struct OutboundChain {
     pub(crate) port: u16,
     /// Destination ranges, (address, prefix length); none matches any.
     pub(crate) ranges: Vec<(std::net::IpAddr, u8)>,
+    /// TLS server names (SNI) to match; none matches any connection.
+    pub(crate) server_names: Vec<String>,
     /// `Some(route config)` for HTTP/gRPC, `None` for TCP.
     pub(crate) route_config: Option<String>,
     pub(crate) backends: Vec<Backend>,
@@ -176,6 +180,12 @@ pub(crate) fn outbound(chains: &[OutboundChain], egress: bool) -> Option<Listene
                     value: c.port.into(),
                 }),
                 prefix_ranges: c.ranges.iter().map(cidr).collect(),
+                server_names: c.server_names.clone(),
+                transport_protocol: if c.server_names.is_empty() {
+                    String::new()
+                } else {
+                    "tls".to_owned()
+                },
                 ..Default::default()
             }),
             filters: vec![match &c.route_config {
@@ -196,15 +206,52 @@ pub(crate) fn outbound(chains: &[OutboundChain], egress: bool) -> Option<Listene
         )],
         ..Default::default()
     });
+    let mut listener_filters = vec![listener_filter(
+        names::ORIGINAL_DST,
+        types::ORIGINAL_DST,
+        &OriginalDst::default(),
+    )];
+    // SNI is read only on the ports of chains that match it: elsewhere no
+    // listener filter waits for the client's first bytes, which a
+    // server-first protocol never sends. After original_dst, so the port
+    // tested is the one the client dialled.
+    let tls_ports: BTreeSet<u16> = (chains.iter())
+        .filter(|c| !c.server_names.is_empty())
+        .map(|c| c.port)
+        .collect();
+    if !tls_ports.is_empty() {
+        let mut inspector = listener_filter(
+            names::TLS_INSPECTOR,
+            types::TLS_INSPECTOR,
+            &TlsInspector::default(),
+        );
+        let mut ports: Vec<ListenerFilterChainMatchPredicate> = (tls_ports.iter())
+            .map(|port| ListenerFilterChainMatchPredicate {
+                rule: Some(predicate::Rule::DestinationPortRange(Int32Range {
+                    start: (*port).into(),
+                    end: i32::from(*port) + 1,
+                })),
+            })
+            .collect();
+        // Envoy wants two rules or more in a set.
+        let on_ports = match ports.len() {
+            1 => ports.remove(0),
+            _ => ListenerFilterChainMatchPredicate {
+                rule: Some(predicate::Rule::OrMatch(predicate::MatchSet {
+                    rules: ports,
+                })),
+            },
+        };
+        inspector.filter_disabled = Some(ListenerFilterChainMatchPredicate {
+            rule: Some(predicate::Rule::NotMatch(Box::new(on_ports))),
+        });
+        listener_filters.push(inspector);
+    }
     Some(Listener {
         name: OUTBOUND.to_owned(),
         address: Some(socket("0.0.0.0", OUTBOUND_PORT)),
         traffic_direction: TrafficDirection::Outbound as i32,
-        listener_filters: vec![listener_filter(
-            names::ORIGINAL_DST,
-            types::ORIGINAL_DST,
-            &OriginalDst::default(),
-        )],
+        listener_filters,
         filter_chains,
         default_filter_chain,
         ..Default::default()

@@ -78,6 +78,10 @@ pub(crate) fn egress_http_chain(port: u16) -> String {
     format!("egress-http.{port}")
 }
 
+pub(crate) fn egress_https_chain(port: u16) -> String {
+    format!("egress-https.{port}")
+}
+
 pub(crate) fn egress_tcp_chain(port: u16) -> String {
     format!("egress-tcp.{port}")
 }
