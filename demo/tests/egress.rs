@@ -40,6 +40,17 @@ fn write(dir: &Path, client: &Pod, egress: bool) -> Result<()> {
     Ok(())
 }
 
+/// A bridge of its own (`subnet` past this process's offset) and the
+/// binaries pods run.
+fn net(subnet: u8) -> Result<(Net, Binaries)> {
+    let net = Net::create(subnet + (std::process::id() % 200) as u8)?;
+    let binaries = Binaries {
+        envoy: envoy_binary(),
+        app: env!("CARGO_BIN_EXE_trellis-demo").into(),
+    };
+    Ok((net, binaries))
+}
+
 /// Whether one GET of `url` from `client` got 200.
 async fn served(client: &Pod, url: &str) -> bool {
     client.get(url).await.is_ok_and(|r| r.status == 200)
@@ -47,12 +58,7 @@ async fn served(client: &Pod, url: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn global_egress_passes_unknown_destinations_through_only_while_enabled() -> Result<()> {
-    let subnet = 25 + (std::process::id() % 200) as u8;
-    let net = Net::create(subnet)?;
-    let binaries = Binaries {
-        envoy: envoy_binary(),
-        app: env!("CARGO_BIN_EXE_trellis-demo").into(),
-    };
+    let (net, binaries) = net(25)?;
     // Outside the mesh: no interception, no sidecar.
     let outside = net.pod("outside", 4, &binaries)?;
     outside.start_app(&["serve", "--pod", "outside/server", "--http", "8080"])?;
@@ -154,12 +160,7 @@ fn policies(client: &Pod, outside: &Pod, tcp: bool) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn egress_policies_let_a_pod_out_exactly_as_they_name() -> Result<()> {
-    let subnet = 26 + (std::process::id() % 200) as u8;
-    let net = Net::create(subnet)?;
-    let binaries = Binaries {
-        envoy: envoy_binary(),
-        app: env!("CARGO_BIN_EXE_trellis-demo").into(),
-    };
+    let (net, binaries) = net(26)?;
     let outside = net.pod("outside", 4, &binaries)?;
     outside.start_app(&[
         "serve",

@@ -389,6 +389,17 @@ async fn nothing_reached_envoy(
     assert_eq!(updates(envoy).await, settled, "Envoy saw no update");
 }
 
+/// Waits until Envoy accepted a listener update since `settled`.
+async fn change_reaches(envoy: &Envoy, settled: (u64, u64, u64)) -> Result<()> {
+    eventually(
+        Duration::from_secs(20),
+        "the change to reach Envoy",
+        || async { updates(envoy).await.0 > settled.0 },
+    )
+    .await
+    .with_context(|| envoy.log())
+}
+
 /// Takes bookbuyer out of the bookstore's TrafficTarget: a change to
 /// bookbuyer's class.
 fn remove_bookbuyer_from_policies(mesh: &Path) -> Result<()> {
@@ -485,13 +496,7 @@ async fn a_killed_raft_leader_is_replaced_without_envoy_seeing_a_change() -> Res
 
     // A change made after the failover reaches Envoy.
     remove_bookbuyer_from_policies(&mesh)?;
-    eventually(
-        Duration::from_secs(20),
-        "the change to reach Envoy",
-        || async { updates(&envoy).await.0 > settled.0 },
-    )
-    .await
-    .with_context(|| envoy.log())?;
+    change_reaches(&envoy, settled).await?;
     let changed = updates(&envoy).await;
 
     // The killed replica restarts on its data and catches up from the log.
@@ -597,13 +602,7 @@ async fn a_group_reading_the_api_server_fails_over_without_envoy_seeing_a_change
 
     // A change made through the API server reaches Envoy.
     cluster.kubectl_ok(["delete", "traffictarget", "-n", "bookstore", "bookstore"]);
-    eventually(
-        Duration::from_secs(20),
-        "the change to reach Envoy",
-        || async { updates(&envoy).await.0 > settled.0 },
-    )
-    .await
-    .with_context(|| envoy.log())?;
+    change_reaches(&envoy, settled).await?;
     Ok(())
 }
 

@@ -201,49 +201,37 @@ async fn the_kube_source_compiles_what_the_file_source_does_and_follows_edits() 
     .await;
 
     // A custom resource the API server accepts but the mesh cannot use (an
-    // RE2 regex that does not parse) is reported; the rest keeps compiling.
+    // RE2 regex that does not parse), and one that does not decode (a
+    // weight beyond 32 bits): each is reported while the rest keeps
+    // compiling, and its problem goes with it when it is deleted.
     let bad = json!({
         "apiVersion": "specs.smi-spec.io/v1alpha4", "kind": "HTTPRouteGroup",
         "metadata": { "name": "unbalanced", "namespace": "bookstore" },
         "spec": { "matches": [{ "name": "all", "pathRegex": "/books(" }] }
     });
-    apply_json(cluster, &bad);
-    kube.until("the bad HTTPRouteGroup reported", |s, _| {
-        s.problems.iter().any(|p| {
-            p.to_string()
-                .starts_with("HTTPRouteGroup bookstore/unbalanced")
-        })
-    })
-    .await;
-    assert_eq!(kube.status.borrow().classes.len(), 6);
-    // Deleted, its problem goes with it.
-    cluster.kubectl_ok(["delete", "httproutegroup", "-n", "bookstore", "unbalanced"]);
-    kube.until("the problem gone with its object", |s, _| {
-        s.problems.is_empty()
-    })
-    .await;
-
-    // A resource the API server accepts but that does not decode (a weight
-    // beyond 32 bits) is reported; deleted, its problem goes too.
     let huge = json!({
         "apiVersion": "split.smi-spec.io/v1alpha2", "kind": "TrafficSplit",
         "metadata": { "name": "huge-weight", "namespace": "bookstore" },
         "spec": { "service": "bookstore", "backends": [{ "service": "bookstore-v1", "weight": 5_000_000_000_u64 }] }
     });
-    apply_json(cluster, &huge);
-    kube.until("the undecodable TrafficSplit reported", |s, _| {
-        s.problems.iter().any(|p| {
-            p.to_string()
-                .starts_with("TrafficSplit bookstore/huge-weight")
+    for (object, name) in [
+        (bad, "HTTPRouteGroup bookstore/unbalanced"),
+        (huge, "TrafficSplit bookstore/huge-weight"),
+    ] {
+        apply_json(cluster, &object);
+        kube.until(name, |s, _| {
+            s.problems.iter().any(|p| p.to_string().starts_with(name))
         })
-    })
-    .await;
-    assert_eq!(kube.status.borrow().classes.len(), 6);
-    cluster.kubectl_ok(["delete", "trafficsplit", "-n", "bookstore", "huge-weight"]);
-    kube.until("the problem gone with its object", |s, _| {
-        s.problems.is_empty()
-    })
-    .await;
+        .await;
+        assert_eq!(kube.status.borrow().classes.len(), 6);
+        let kind = object["kind"].as_str().unwrap().to_lowercase();
+        let object_name = object["metadata"]["name"].as_str().unwrap();
+        cluster.kubectl_ok(["delete", &kind, "-n", "bookstore", object_name]);
+        kube.until("the problem gone with its object", |s, _| {
+            s.problems.is_empty()
+        })
+        .await;
+    }
 
     // A delete: without its TrafficTarget, bookbuyer has no outbound listener.
     cluster.kubectl_ok(["delete", "traffictarget", "-n", "bookstore", "bookstore"]);
