@@ -4,6 +4,7 @@
 
 mod build;
 mod egress;
+mod ingress;
 mod policy;
 
 use std::{
@@ -16,6 +17,7 @@ use std::{
 
 pub use self::build::{build, rebuild_policies, rebuild_service};
 pub use self::egress::{EgressProtocol, EgressRule};
+pub use self::ingress::IngressRule;
 pub use self::policy::{HttpRule, Split, Target, TcpRule};
 use crate::kinds::ObjectRef;
 
@@ -209,6 +211,9 @@ pub struct MeshSettings {
     pub egress: bool,
     /// Egress policies apply (`featureFlags.enableEgressPolicy`).
     pub egress_policy: bool,
+    /// IngressBackend policies apply
+    /// (`featureFlags.enableIngressBackendPolicy`).
+    pub ingress_backend_policy: bool,
     /// Leaf certificate validity.
     pub cert_validity: Duration,
     /// Trust domain of identities.
@@ -221,6 +226,7 @@ impl Default for MeshSettings {
             permissive: false,
             egress: false,
             egress_policy: true,
+            ingress_backend_policy: true,
             cert_validity: Duration::from_secs(24 * 3600),
             trust_domain: TRUST_DOMAIN.to_owned(),
         }
@@ -272,6 +278,10 @@ pub struct Catalog {
     pub splits: BTreeMap<ServiceKey, Split>,
     /// Valid Egress policies' rules, by source identity.
     pub egress: BTreeMap<Identity, Vec<EgressRule>>,
+    /// Valid IngressBackends' rules, by backend service.
+    pub ingress: BTreeMap<ServiceKey, Vec<IngressRule>>,
+    /// Services whose endpoints are IngressBackend sources.
+    pub ingress_sources: BTreeSet<ServiceKey>,
     /// Objects skipped, with the reason.
     pub problems: Vec<Problem>,
     /// The workloads' share of `problems`, kept when only policies are

@@ -11,6 +11,7 @@ mod clusters;
 mod egress;
 mod envoy;
 mod headless;
+mod ingress;
 mod inputs;
 mod listeners;
 mod names;
@@ -778,7 +779,21 @@ fn compile_class(
             });
         }
     }
-    if let Some(listener) = listeners::inbound(identity, &inbound_chains, trust_domain) {
+    // What IngressBackends let in from outside the mesh.
+    let mut ingress_rules = Vec::new();
+    for service_key in &key.services {
+        class.reads.add(Input::Ingress(service_key));
+        if let Some(rules) = catalog.ingress.get(service_key) {
+            ingress_rules.push((service_key, rules.as_slice()));
+        }
+    }
+    let (ingress_chains, ingress_routes) = ingress::compile(&ingress_rules);
+    for config in &ingress_routes {
+        class.provide(type_url::ROUTE, &config.name, config)?;
+    }
+    if let Some(listener) =
+        listeners::inbound(identity, &inbound_chains, &ingress_chains, trust_domain)
+    {
         class.provide(type_url::LISTENER, &listener.name, &listener)?;
         class.need(type_url::SECRET, &names::service_cert(identity));
         class.need(type_url::SECRET, &names::inbound_root(identity));
@@ -787,6 +802,9 @@ fn compile_class(
                 class.need(type_url::ROUTE, rc);
             }
             class.need(type_url::CLUSTER, &chain.local_cluster);
+        }
+        for chain in &ingress_chains {
+            class.need(type_url::ROUTE, &chain.route_config);
         }
     }
     for (port, hosts) in inbound_hosts {

@@ -255,7 +255,33 @@ pub struct EgressSpec {
     pub matches: Vec<RouteReference>,
 }
 
-/// policy.openservicemesh.io/v1alpha1 IngressBackend (read and kept; not compiled yet).
+/// A backend of an IngressBackend: a Service of its namespace and a port.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct IngressBackendTarget {
+    /// The Service.
+    pub name: String,
+    /// Its target port and protocol (`http` or `https`).
+    pub port: EgressPort,
+    /// For `https`: how the ingress's certificate is checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<serde_json::Value>,
+}
+
+/// Who an IngressBackend lets in: `Service` (its endpoints), `IPRange`
+/// (a CIDR in `name`) or `AuthenticatedPrincipal` (a certificate's SAN).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct IngressSource {
+    /// `Service`, `IPRange` or `AuthenticatedPrincipal`.
+    pub kind: String,
+    /// The Service, the CIDR or the SAN.
+    pub name: String,
+    /// The Service's namespace.
+    #[serde(default)]
+    pub namespace: String,
+}
+
+/// policy.openservicemesh.io/v1alpha1 IngressBackend: what may reach some
+/// of a namespace's services from outside the mesh.
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[kube(
     group = "policy.openservicemesh.io",
@@ -264,7 +290,17 @@ pub struct EgressSpec {
     namespaced,
     schema = "disabled"
 )]
-pub struct IngressBackendSpec(pub serde_json::Value);
+pub struct IngressBackendSpec {
+    /// The backends.
+    #[serde(default)]
+    pub backends: Vec<IngressBackendTarget>,
+    /// Who may reach them.
+    #[serde(default)]
+    pub sources: Vec<IngressSource>,
+    /// HTTPRouteGroups restricting the requests; none means any request.
+    #[serde(default)]
+    pub matches: Vec<RouteReference>,
+}
 
 /// policy.openservicemesh.io/v1alpha1 Retry (read and kept; not compiled yet).
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq)]

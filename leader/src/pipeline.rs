@@ -277,6 +277,11 @@ impl Pipeline {
         };
         let mut rebuilt = Vec::new();
         for key in services {
+            // An IngressBackend source's endpoints are its allowed
+            // addresses: the policies are compiled again.
+            if catalog.ingress_sources.contains(key) {
+                return Ok(None);
+            }
             let Some(old) = catalog.services.get(key) else {
                 continue;
             };

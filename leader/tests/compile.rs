@@ -749,6 +749,112 @@ fn an_egress_that_cannot_apply_is_reported() {
     }
 }
 
+/// Plain HTTP to bookstore-v1 from an ingress outside the mesh: its
+/// controller Service's endpoints and an address range; a second
+/// IngressBackend asks for what is not implemented yet.
+const INGRESS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: { name: ingress-nginx }
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: { name: controller, namespace: ingress-nginx, labels: { kubernetes.io/service-name: ingress-nginx-controller } }
+addressType: IPv4
+endpoints: [{ addresses: ["10.0.9.5"], conditions: { ready: true } }]
+---
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: IngressBackend
+metadata: { name: bookstore, namespace: bookstore }
+spec:
+  backends: [{ name: bookstore-v1, port: { number: 14001, protocol: http } }]
+  sources:
+  - { kind: Service, name: ingress-nginx-controller, namespace: ingress-nginx }
+  - { kind: IPRange, name: 192.0.2.0/24 }
+---
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: IngressBackend
+metadata: { name: over-tls, namespace: bookstore }
+spec:
+  backends: [{ name: bookstore-v2, port: { number: 14001, protocol: https } }]
+  sources: [{ kind: AuthenticatedPrincipal, name: ingress.example }]
+"#;
+
+#[test]
+fn an_ingress_backend_lets_plain_http_in_from_its_sources_only() {
+    let compiled = compile(&with(example(), INGRESS));
+    let store = class_of(&compiled, "bookstore/bookstore-v1-0");
+    let inbound = &listeners(&compiled, &store)["inbound-listener"];
+    let chain = (inbound.filter_chains.iter())
+        .find(|c| c.name == "ingress_bookstore/bookstore-v1_14001_http")
+        .unwrap_or_else(|| panic!("no ingress chain in {:?}", chain_names(inbound)));
+    let matched = chain.filter_chain_match.as_ref().unwrap();
+    assert_eq!(matched.destination_port.unwrap().value, 14001);
+    assert_eq!(matched.transport_protocol, "raw_buffer");
+    let sources: Vec<(String, u32)> = (matched.source_prefix_ranges.iter())
+        .map(|r| (r.address_prefix.clone(), r.prefix_len.unwrap().value))
+        .collect();
+    assert_eq!(
+        sources,
+        [("10.0.9.5".to_owned(), 32), ("192.0.2.0".to_owned(), 24)]
+    );
+    assert!(chain.transport_socket.is_none(), "plaintext");
+    let routes = route_config(&compiled, &store, "rds-ingress.14001");
+    assert_eq!(routes.virtual_hosts[0].domains, ["*"]);
+    assert!(format!("{:?}", routes.virtual_hosts[0].routes)
+        .contains("bookstore/bookstore-v1|14001|local"));
+    // What is not implemented says so, and changes nothing.
+    let problems = problems_for(&compiled, "IngressBackend bookstore/over-tls");
+    assert!(
+        problems[0].reason.contains("not implemented"),
+        "{problems:?}"
+    );
+    let v2 = class_of(&compiled, "bookstore/bookstore-v2-0");
+    assert!(listeners(&compiled, &v2)
+        .values()
+        .flat_map(chain_names)
+        .all(|n| !n.starts_with("ingress_")));
+    // Its controller moves: the chain follows.
+    let moved = compile(&with(
+        with(example(), INGRESS),
+        &INGRESS.replace("10.0.9.5", "10.0.9.6"),
+    ));
+    let inbound = &listeners(&moved, &store)["inbound-listener"];
+    assert!(format!("{:?}", inbound.filter_chains).contains("10.0.9.6"));
+}
+
+#[test]
+fn an_ingress_backend_yields_to_its_feature_flag_and_bad_ones_are_reported() {
+    let off = "apiVersion: config.openservicemesh.io/v1alpha2\nkind: MeshConfig\n\
+               metadata: { name: osm-mesh-config, namespace: osm-system }\n\
+               spec: { featureFlags: { enableIngressBackendPolicy: false } }\n";
+    let compiled = compile(&with(with(example(), INGRESS), off));
+    let store = class_of(&compiled, "bookstore/bookstore-v1-0");
+    assert!(listeners(&compiled, &store)
+        .values()
+        .flat_map(chain_names)
+        .all(|n| !n.starts_with("ingress_")));
+    assert!(
+        problems_for(&compiled, "IngressBackend bookstore/bookstore")
+            .iter()
+            .any(|p| p.reason.contains("enableIngressBackendPolicy is off"))
+    );
+    for (spec, reason) in [
+        ("{ backends: [{ name: nowhere, port: { number: 80, protocol: http } }], sources: [{ kind: IPRange, name: 10.0.0.0/8 }] }", "not in the mesh"),
+        ("{ backends: [{ name: bookstore-v1, port: { number: 9999, protocol: http } }], sources: [{ kind: IPRange, name: 10.0.0.0/8 }] }", "has no target port 9999"),
+        ("{ backends: [{ name: bookstore-v1, port: { number: 14001, protocol: http } }], sources: [{ kind: IPRange, name: everywhere }] }", "is not a CIDR"),
+    ] {
+        assert_rejected(
+            &format!(
+                "apiVersion: policy.openservicemesh.io/v1alpha1\nkind: IngressBackend\n\
+                 metadata: {{ name: bad, namespace: bookstore }}\nspec: {spec}\n"
+            ),
+            "IngressBackend bookstore/bad",
+            reason,
+        );
+    }
+}
+
 #[test]
 fn permissive_mode_reaches_every_service_and_allows_any_authenticated_caller() {
     let compiled = compile(&with(example(), PERMISSIVE));
@@ -850,7 +956,7 @@ spec:
 
 #[test]
 fn policy_kinds_not_implemented_yet_are_reported_on_each_object() {
-    // Egress is implemented; the fixture's applies.
+    // Egress and IngressBackend are implemented.
     let policies = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deploy/policies.yaml"),
     )
@@ -864,10 +970,7 @@ fn policy_kinds_not_implemented_yet_are_reported_on_each_object() {
         .map(|p| p.object.split(' ').next().unwrap().to_owned())
         .collect();
     reported.sort();
-    assert_eq!(
-        reported,
-        ["IngressBackend", "Retry", "UpstreamTrafficSetting"]
-    );
+    assert_eq!(reported, ["Retry", "UpstreamTrafficSetting"]);
     assert_eq!(compiled.classes.len(), 6, "the rest compiles");
 }
 
@@ -998,6 +1101,7 @@ fn envoy_validates_every_compiled_class() {
         (with(example(), PERMISSIVE), "permissive"),
         (statefulset(), "statefulset"),
         (with(example(), EGRESS), "egress"),
+        (with(example(), INGRESS), "ingress"),
     ] {
         let compiled = compile(&objects);
         for id in compiled.classes.keys() {

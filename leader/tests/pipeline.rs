@@ -306,6 +306,44 @@ fn a_headless_services_endpoints_are_its_callers_addresses() {
     );
 }
 
+/// Whether some class's listener holds `text` (an address, say).
+fn a_listener_holds(snapshot: &Snapshot, status: &Status, text: &str) -> bool {
+    (status.classes.keys()).any(|class| {
+        (snapshot.class(class).iter(type_url::LISTENER))
+            .any(|(_, r)| String::from_utf8_lossy(r.any()).contains(text))
+    })
+}
+
+#[test]
+fn an_ingress_sources_endpoints_outside_the_mesh_are_followed() {
+    let (mut pipeline, mut objects, _) = example_pipeline();
+    let controller = |ip: &str| {
+        manifest(&format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{ name: controller, namespace: ingress-nginx, labels: {{ kubernetes.io/service-name: ingress-nginx-controller }} }}\naddressType: IPv4\nendpoints: [{{ addresses: [\"{ip}\"], conditions: {{ ready: true }} }}]\n"
+        ))
+    };
+    // The controller's slice arrives unseen: nothing refers to it yet.
+    let slice = controller("10.0.9.5");
+    objects.insert(slice.object_ref(), slice.clone());
+    pipeline.apply(SourceUpdate {
+        changes: vec![Change::Apply(Box::new(slice))],
+        problems: Vec::new(),
+    });
+    let backend = manifest(
+        "apiVersion: policy.openservicemesh.io/v1alpha1\nkind: IngressBackend\nmetadata: { name: bookstore, namespace: bookstore }\nspec:\n  backends: [{ name: bookstore-v1, port: { number: 14001, protocol: http } }]\n  sources: [{ kind: Service, name: ingress-nginx-controller, namespace: ingress-nginx }]\n",
+    );
+    let first = apply(&mut pipeline, &mut objects, backend);
+    let status = pipeline.status().borrow().clone();
+    assert!(a_listener_holds(&first, &status, "10.0.9.5"));
+    // The controller's pod moves, in a namespace outside the mesh: an
+    // endpoint change like any other, and the ingress chain follows it.
+    let moved = apply(&mut pipeline, &mut objects, controller("10.0.9.6"));
+    let status = pipeline.status().borrow().clone();
+    let (full, full_status) = fully_compiled(&objects);
+    assert_eq!(listeners(&moved, &status), listeners(&full, &full_status));
+    assert!(a_listener_holds(&moved, &status, "10.0.9.6"));
+}
+
 /// Every resource that differs between two snapshots, as (type, name).
 fn changes(old: &Snapshot, new: &Snapshot) -> Vec<(String, String)> {
     let mut changed = Vec::new();

@@ -174,6 +174,8 @@ pub fn rebuild_policies(mut catalog: Catalog, objects: &BTreeMap<ObjectRef, Obje
     catalog.targets = policies.targets;
     catalog.splits = policies.splits;
     catalog.egress = policies.egress;
+    catalog.ingress = policies.ingress.rules;
+    catalog.ingress_sources = policies.ingress.sources;
     catalog.problems = problems;
     catalog
 }
@@ -244,10 +246,14 @@ fn mesh_settings(
     }
     settings.permissive = config.spec.traffic.enable_permissive_traffic_policy_mode;
     settings.egress = config.spec.traffic.enable_egress;
-    // OSM v1.2's default: on.
-    settings.egress_policy = (config.spec.feature_flags.get("enableEgressPolicy"))
-        .and_then(serde_json::Value::as_bool)
-        .unwrap_or(true);
+    // OSM v1.2's defaults: on.
+    let flag = |name: &str| {
+        (config.spec.feature_flags.get(name))
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(true)
+    };
+    settings.egress_policy = flag("enableEgressPolicy");
+    settings.ingress_backend_policy = flag("enableIngressBackendPolicy");
     let validity = &config.spec.certificate.service_cert_validity_duration;
     if !validity.is_empty() {
         match parse_go_duration(validity) {

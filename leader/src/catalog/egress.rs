@@ -165,7 +165,7 @@ fn egress_rules(
 }
 
 /// `10.0.0.0/8`, or one address as its own range.
-fn range(text: &str) -> Option<(IpAddr, u8)> {
+pub(super) fn range(text: &str) -> Option<(IpAddr, u8)> {
     let (address, prefix) = match text.split_once('/') {
         Some((address, prefix)) => (
             address.parse::<IpAddr>().ok()?,

@@ -3,7 +3,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{egress, EgressRule, Identity, MeshService, MeshSettings, Problem, ServiceKey};
+use super::{
+    egress, ingress, EgressRule, Identity, MeshService, MeshSettings, Problem, ServiceKey,
+};
 use crate::kinds::{
     HTTPRouteGroup, HttpMatch, IdentityBinding, Object, ObjectRef, TCPRoute, TrafficSplit,
     TrafficTarget,
@@ -63,6 +65,7 @@ pub(super) struct Policies {
     pub(super) targets: Vec<Target>,
     pub(super) splits: BTreeMap<ServiceKey, Split>,
     pub(super) egress: BTreeMap<Identity, Vec<EgressRule>>,
+    pub(super) ingress: ingress::Ingress,
 }
 
 pub(super) fn build(
@@ -77,6 +80,7 @@ pub(super) fn build(
     let mut targets = Vec::new();
     let mut splits = Vec::new();
     let mut egresses = Vec::new();
+    let mut ingress_backends = Vec::new();
     for (r, object) in objects.iter().filter(|(r, _)| in_mesh(r)) {
         match object {
             Object::HttpRouteGroup(group) => match invalid_regex(&group.spec.matches) {
@@ -91,17 +95,16 @@ pub(super) fn build(
             Object::TrafficTarget(t) => targets.push((r, t)),
             Object::TrafficSplit(s) => splits.push((r, s)),
             Object::Egress(e) => egresses.push((r, e)),
+            Object::IngressBackend(b) => ingress_backends.push((r, b)),
             // Read, kept and watched, but not compiled yet: said on each
             // object rather than ignored, so nobody believes it applies.
-            Object::IngressBackend(_) | Object::Retry(_) | Object::UpstreamTrafficSetting(_) => {
-                problems.push(Problem::new(
-                    r,
-                    format!(
+            Object::Retry(_) | Object::UpstreamTrafficSetting(_) => problems.push(Problem::new(
+                r,
+                format!(
                     "{} is not implemented by this version of Trellis; the object has no effect",
                     r.kind
                 ),
-                ))
-            }
+            )),
             _ => {}
         }
     }
@@ -140,10 +143,19 @@ pub(super) fn build(
         }
     }
     let egress = egress::build(&egresses, &groups, settings, problems);
+    let ingress = ingress::build(
+        objects,
+        &ingress_backends,
+        &groups,
+        services,
+        settings,
+        problems,
+    );
     Policies {
         targets,
         splits: by_root,
         egress,
+        ingress,
     }
 }
 

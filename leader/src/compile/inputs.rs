@@ -37,6 +37,8 @@ pub(super) enum Input<'a> {
     Services,
     /// The Egress rules of an identity.
     Egress(&'a Identity),
+    /// The IngressBackend rules of a service.
+    Ingress(&'a ServiceKey),
 }
 
 /// The hash an input is remembered by.
@@ -119,6 +121,9 @@ impl Changed {
         }
         for (identity, _, _) in differing(&old.egress, &new.egress) {
             mark(Input::Egress(identity));
+        }
+        for (service, _, _) in differing(&old.ingress, &new.ingress) {
+            mark(Input::Ingress(service));
         }
         Changed::Inputs(changed)
     }

@@ -42,6 +42,7 @@ use trellis_proto::pb::{
 
 use super::{
     envoy::{ads, any, exact, names, sds, socket, tls_socket, types, ALPN},
+    ingress::IngressChain,
     names as resource, Backend,
 };
 use crate::catalog::Identity;
@@ -315,9 +316,10 @@ fn network_rbac(stat_prefix: &str, allowed: &BTreeSet<Identity>, trust_domain: &
 pub(crate) fn inbound(
     identity: &Identity,
     chains: &[InboundChain],
+    ingress: &[IngressChain],
     trust_domain: &str,
 ) -> Option<Listener> {
-    if chains.is_empty() {
+    if chains.is_empty() && ingress.is_empty() {
         return None;
     }
     let tls = DownstreamTlsContext {
@@ -367,6 +369,19 @@ pub(crate) fn inbound(
                 ..Default::default()
             }
         })
+        .chain(ingress.iter().map(|c| FilterChain {
+            name: c.name.clone(),
+            filter_chain_match: Some(FilterChainMatch {
+                destination_port: Some(UInt32Value {
+                    value: c.target_port.into(),
+                }),
+                transport_protocol: "raw_buffer".to_owned(),
+                source_prefix_ranges: c.ranges.iter().map(cidr).collect(),
+                ..Default::default()
+            }),
+            filters: vec![hcm(&c.name, &c.route_config, false)],
+            ..Default::default()
+        }))
         .collect();
     Some(Listener {
         name: INBOUND.to_owned(),

@@ -90,6 +90,15 @@ pub(crate) fn egress_routes(port: u16) -> String {
     format!("rds-egress.{port}")
 }
 
+pub(crate) fn ingress_chain(service: &ServiceKey, target_port: u16) -> String {
+    format!("ingress_{service}_{target_port}_http")
+}
+
+/// `rds-ingress.<targetPort>`: one backend port's ingress routes.
+pub(crate) fn ingress_routes(target_port: u16) -> String {
+    format!("rds-ingress.{target_port}")
+}
+
 pub(crate) fn outbound_routes(port: u16) -> String {
     format!("rds-outbound.{port}")
 }

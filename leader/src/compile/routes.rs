@@ -282,6 +282,41 @@ fn rule_matches(rule: &HttpRule) -> impl Iterator<Item = (String, RouteMatch)> +
     })
 }
 
+/// An ingress virtual host: any host name (an ingress sends the external
+/// one) to `local`, for the requests `rules` allow (any when none).
+pub(crate) fn ingress_host(
+    service: &ServiceKey,
+    port: u16,
+    local: &str,
+    rules: &[HttpRule],
+) -> VirtualHost {
+    let to_local = || local_action(local);
+    let routes = if rules.is_empty() {
+        vec![Route {
+            name: format!("ingress_{service}_{port}"),
+            r#match: Some(catch_all()),
+            action: to_local(),
+            ..Default::default()
+        }]
+    } else {
+        (rules.iter())
+            .flat_map(rule_matches)
+            .map(|(name, matched)| Route {
+                name,
+                r#match: Some(matched),
+                action: to_local(),
+                ..Default::default()
+            })
+            .collect()
+    };
+    VirtualHost {
+        name: format!("ingress_virtual-host|{}", service.fqdn()),
+        domains: vec!["*".to_owned()],
+        routes,
+        ..Default::default()
+    }
+}
+
 /// An egress virtual host: `host` (and `host:port`) to `cluster`, for the
 /// requests `rules` allow (any request when there are none).
 pub(crate) fn egress_host(host: &str, port: u16, cluster: &str, rules: &[HttpRule]) -> VirtualHost {

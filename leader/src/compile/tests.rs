@@ -279,6 +279,25 @@ spec:
         &[],
     );
     mesh.edit("an Egress deleted", "", &[("Egress", "bookbuyer", "out")]);
+    let ingress = "
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: IngressBackend
+metadata: { name: in, namespace: bookstore }
+spec:
+  backends: [{ name: bookstore-v1, port: { number: 14001, protocol: http } }]
+  sources: [{ kind: IPRange, name: 192.0.2.0/24 }]
+";
+    mesh.edit("an IngressBackend added", ingress, &[]);
+    mesh.edit(
+        "an IngressBackend's sources",
+        &ingress.replace("192.0.2.0/24", "198.51.100.0/24"),
+        &[],
+    );
+    mesh.edit(
+        "an IngressBackend deleted",
+        "",
+        &[("IngressBackend", "bookstore", "in")],
+    );
     mesh.edit("permissive mode", PERMISSIVE, &[]);
     mesh.edit(
         "a service added in permissive mode",
