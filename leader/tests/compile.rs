@@ -799,6 +799,15 @@ fn an_ingress_backend_lets_plain_http_in_from_its_sources_only() {
         [("10.0.9.5".to_owned(), 32), ("192.0.2.0".to_owned(), 24)]
     );
     assert!(chain.transport_socket.is_none(), "plaintext");
+    let manager = connection_manager(chain);
+    assert!(
+        manager.http_protocol_options.unwrap().accept_http_10,
+        "nginx proxies with HTTP/1.0 by default"
+    );
+    assert_eq!(
+        manager.forward_client_cert_details,
+        ForwardClientCertDetails::Sanitize as i32
+    );
     let routes = route_config(&compiled, &store, "rds-ingress.14001");
     assert_eq!(routes.virtual_hosts[0].domains, ["*"]);
     assert!(format!("{:?}", routes.virtual_hosts[0].routes)

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use trellis_proto::pb::{
     envoy::{
         config::{
-            core::v3::{CidrRange, TrafficDirection},
+            core::v3::{CidrRange, Http1ProtocolOptions, TrafficDirection},
             listener::v3::{
                 filter, listener_filter, listener_filter_chain_match_predicate as predicate,
                 Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
@@ -75,9 +75,21 @@ fn network_filter(name: &str, type_url: &str, config: &impl prost::Message) -> F
 /// One chain's HTTP connection manager. Inbound, it enforces each route's
 /// RBAC policy and tells the application who called: the caller's SPIFFE
 /// URI, from its client certificate, in `x-forwarded-client-cert`,
-/// replacing whatever the caller sent. Outbound, an XFCC header from the
-/// application is dropped (Envoy's default, `SANITIZE`).
-fn hcm(stat_prefix: &str, route_config: &str, inbound: bool) -> Filter {
+/// replacing whatever the caller sent. Outbound and from an ingress, an
+/// XFCC header is dropped (Envoy's default, `SANITIZE`).
+/// Which side of the proxy a connection manager serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// The application's requests out.
+    Outbound,
+    /// Mesh peers' requests in, over mTLS.
+    Inbound,
+    /// An ingress controller's plain requests in.
+    Ingress,
+}
+
+fn hcm(stat_prefix: &str, route_config: &str, side: Side) -> Filter {
+    let inbound = side == Side::Inbound;
     let mut http_filters = Vec::new();
     if inbound {
         // Empty rules here; each route carries its own policy (RBACPerRoute).
@@ -107,6 +119,14 @@ fn hcm(stat_prefix: &str, route_config: &str, inbound: bool) -> Filter {
         http_filters,
         ..Default::default()
     };
+    if side == Side::Ingress {
+        // An ingress may proxy with HTTP/1.0 (nginx does by default), which
+        // Envoy otherwise answers 426.
+        manager.http_protocol_options = Some(Http1ProtocolOptions {
+            accept_http_10: true,
+            ..Default::default()
+        });
+    }
     if inbound {
         manager.forward_client_cert_details = ForwardClientCertDetails::SanitizeSet as i32;
         manager.set_current_client_cert_details = Some(SetCurrentClientCertDetails {
@@ -190,7 +210,7 @@ pub(crate) fn outbound(chains: &[OutboundChain], egress: bool) -> Option<Listene
                 ..Default::default()
             }),
             filters: vec![match &c.route_config {
-                Some(route_config) => hcm(&c.name, route_config, false),
+                Some(route_config) => hcm(&c.name, route_config, Side::Outbound),
                 None => tcp_proxy(&c.name, &c.backends),
             }],
             ..Default::default()
@@ -344,7 +364,7 @@ pub(crate) fn inbound(
                 filters.push(network_rbac(&c.name, allowed, trust_domain));
             }
             filters.push(match &c.route_config {
-                Some(route_config) => hcm(&c.name, route_config, true),
+                Some(route_config) => hcm(&c.name, route_config, Side::Inbound),
                 None => tcp_proxy(
                     &c.name,
                     &[Backend {
@@ -379,7 +399,7 @@ pub(crate) fn inbound(
                 source_prefix_ranges: c.ranges.iter().map(cidr).collect(),
                 ..Default::default()
             }),
-            filters: vec![hcm(&c.name, &c.route_config, false)],
+            filters: vec![hcm(&c.name, &c.route_config, Side::Ingress)],
             ..Default::default()
         }))
         .collect();
