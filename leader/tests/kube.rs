@@ -4,7 +4,7 @@
 //! manifests; edits, deletes and a bad custom resource are followed; a
 //! restarted API server whose watches expired (410 Gone after an etcd
 //! compaction) is re-listed; and every field Trellis reads of MeshConfig,
-//! the SMI kinds and Egress survives the CRDs' schemas.
+//! the SMI kinds, Egress and IngressBackend survives the CRDs' schemas.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -490,6 +490,7 @@ fn spec(object: &Object) -> Value {
         Object::TcpRoute(o) => serde_json::to_value(o),
         Object::TrafficSplit(o) => serde_json::to_value(o),
         Object::Egress(o) => serde_json::to_value(o),
+        Object::IngressBackend(o) => serde_json::to_value(o),
         other => panic!("{} is not in the fixture", other.object_ref()),
     };
     value.unwrap()["spec"].clone()
@@ -511,7 +512,7 @@ async fn every_field_trellis_reads_survives_the_crd_schemas() {
             (object.object_ref(), spec(&object))
         })
         .collect();
-    assert_eq!(written.len(), 6);
+    assert_eq!(written.len(), 7);
     // The fixture sets every field of what Trellis reads, so a field a
     // schema prunes cannot go unnoticed.
     for (r, spec) in &written {
