@@ -139,7 +139,14 @@ async fn nginx_outside_the_mesh_reaches_a_backend_only_as_an_ingress_backend_all
         &conf,
         nginx_conf(&nginx_dir, &format!("{}:8080", server.ip())),
     )?;
-    let _nginx = nginx.spawn(&["nginx", "-c", conf.to_str().unwrap(), "-g", "daemon off;"])?;
+    // One process, no workers: killing it at the end leaves nothing behind.
+    let _nginx = nginx.spawn(&[
+        "nginx",
+        "-c",
+        conf.to_str().unwrap(),
+        "-g",
+        "daemon off; master_process off;",
+    ])?;
     let through_nginx = "http://127.0.0.1:8081/books";
 
     // From nginx's address: in, through the backend's sidecar.
