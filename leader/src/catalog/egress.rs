@@ -9,7 +9,7 @@ use std::{
 };
 
 use super::{
-    policy::{http_rules, identity, Groups},
+    policy::{identity, referenced_rules, Groups},
     HttpRule, Identity, MeshSettings, Problem,
 };
 use crate::kinds::{Egress, ObjectRef};
@@ -102,19 +102,7 @@ fn egress_rules(
             range(text).ok_or_else(|| format!("ipAddresses: {text:?} is not an address or CIDR"))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let mut http = Vec::new();
-    for reference in &spec.matches {
-        if reference.kind != "HTTPRouteGroup" {
-            return Err(format!(
-                "matches: {} {} is not an HTTPRouteGroup",
-                reference.kind, reference.name
-            ));
-        }
-        let group = groups
-            .get(&(r.namespace.clone(), reference.name.clone()))
-            .ok_or_else(|| format!("HTTPRouteGroup {} is missing or invalid", reference.name))?;
-        http.extend(http_rules(&reference.name, group.spec.matches.iter()));
-    }
+    let http = referenced_rules(&r.namespace, &spec.matches, groups)?;
     let mut rules = Vec::new();
     for port in &spec.ports {
         let protocol = match port.protocol.as_str() {

@@ -12,7 +12,7 @@ use std::{
 
 use super::{
     egress::range,
-    policy::{http_rules, Groups},
+    policy::{referenced_rules, Groups},
     HttpRule, MeshService, MeshSettings, Problem, ServiceKey,
 };
 use crate::kinds::{IngressBackend, Object, ObjectRef};
@@ -118,19 +118,7 @@ fn rules(
     }
     ranges.sort();
     ranges.dedup();
-    let mut http = Vec::new();
-    for reference in &spec.matches {
-        if reference.kind != "HTTPRouteGroup" {
-            return Err(format!(
-                "matches: {} {} is not an HTTPRouteGroup",
-                reference.kind, reference.name
-            ));
-        }
-        let group = groups
-            .get(&(r.namespace.clone(), reference.name.clone()))
-            .ok_or_else(|| format!("HTTPRouteGroup {} is missing or invalid", reference.name))?;
-        http.extend(http_rules(&reference.name, group.spec.matches.iter()));
-    }
+    let http = referenced_rules(&r.namespace, &spec.matches, groups)?;
     let mut found = Vec::new();
     for target in &spec.backends {
         match target.port.protocol.as_str() {

@@ -7,8 +7,8 @@ use super::{
     egress, ingress, EgressRule, Identity, MeshService, MeshSettings, Problem, ServiceKey,
 };
 use crate::kinds::{
-    HTTPRouteGroup, HttpMatch, IdentityBinding, Object, ObjectRef, TCPRoute, TrafficSplit,
-    TrafficTarget,
+    HTTPRouteGroup, HttpMatch, IdentityBinding, Object, ObjectRef, RouteReference, TCPRoute,
+    TrafficSplit, TrafficTarget,
 };
 
 /// Allowed HTTP traffic: one named match of a route group.
@@ -269,11 +269,31 @@ fn target(
     })
 }
 
+/// The rules of the HTTPRouteGroups `references` name in `namespace` (an
+/// Egress's or an IngressBackend's `matches`): every match of each.
+pub(super) fn referenced_rules(
+    namespace: &str,
+    references: &[RouteReference],
+    groups: &Groups<'_>,
+) -> Result<Vec<HttpRule>, String> {
+    let mut rules = Vec::new();
+    for reference in references {
+        if reference.kind != "HTTPRouteGroup" {
+            return Err(format!(
+                "matches: {} {} is not an HTTPRouteGroup",
+                reference.kind, reference.name
+            ));
+        }
+        let group = groups
+            .get(&(namespace.to_owned(), reference.name.clone()))
+            .ok_or_else(|| format!("HTTPRouteGroup {} is missing or invalid", reference.name))?;
+        rules.extend(http_rules(&reference.name, group.spec.matches.iter()));
+    }
+    Ok(rules)
+}
+
 /// The rules allowing `matches` of HTTPRouteGroup `group`.
-pub(super) fn http_rules<'m>(
-    group: &str,
-    matches: impl Iterator<Item = &'m HttpMatch>,
-) -> Vec<HttpRule> {
+fn http_rules<'m>(group: &str, matches: impl Iterator<Item = &'m HttpMatch>) -> Vec<HttpRule> {
     matches
         .map(|m| HttpRule {
             name: format!("{group}/{}", m.name),

@@ -290,29 +290,12 @@ pub(crate) fn ingress_host(
     local: &str,
     rules: &[HttpRule],
 ) -> VirtualHost {
-    let to_local = || local_action(local);
-    let routes = if rules.is_empty() {
-        vec![Route {
-            name: format!("ingress_{service}_{port}"),
-            r#match: Some(catch_all()),
-            action: to_local(),
-            ..Default::default()
-        }]
-    } else {
-        (rules.iter())
-            .flat_map(rule_matches)
-            .map(|(name, matched)| Route {
-                name,
-                r#match: Some(matched),
-                action: to_local(),
-                ..Default::default()
-            })
-            .collect()
-    };
     VirtualHost {
         name: format!("ingress_virtual-host|{}", service.fqdn()),
         domains: vec!["*".to_owned()],
-        routes,
+        routes: allowed_routes(&format!("ingress_{service}_{port}"), rules, || {
+            local_action(local)
+        }),
         ..Default::default()
     }
 }
@@ -327,30 +310,38 @@ pub(crate) fn egress_host(host: &str, port: u16, cluster: &str, rules: &[HttpRul
             ..Default::default()
         }))
     };
-    let routes = if rules.is_empty() {
-        vec![Route {
-            name: format!("egress_{host}:{port}"),
-            r#match: Some(catch_all()),
-            action: to_cluster(),
-            ..Default::default()
-        }]
-    } else {
-        (rules.iter())
-            .flat_map(rule_matches)
-            .map(|(name, matched)| Route {
-                name,
-                r#match: Some(matched),
-                action: to_cluster(),
-                ..Default::default()
-            })
-            .collect()
-    };
     VirtualHost {
         name: format!("egress_virtual-host|{host}:{port}"),
         domains: vec![host.to_owned(), format!("{host}:{port}")],
-        routes,
+        routes: allowed_routes(&format!("egress_{host}:{port}"), rules, to_cluster),
         ..Default::default()
     }
+}
+
+/// One route per match of `rules`, or one route `name` for any request
+/// when there are none; each taking `action`.
+fn allowed_routes(
+    name: &str,
+    rules: &[HttpRule],
+    action: impl Fn() -> Option<route::Action>,
+) -> Vec<Route> {
+    if rules.is_empty() {
+        return vec![Route {
+            name: name.to_owned(),
+            r#match: Some(catch_all()),
+            action: action(),
+            ..Default::default()
+        }];
+    }
+    (rules.iter())
+        .flat_map(rule_matches)
+        .map(|(name, matched)| Route {
+            name,
+            r#match: Some(matched),
+            action: action(),
+            ..Default::default()
+        })
+        .collect()
 }
 
 pub(crate) fn route_config(
