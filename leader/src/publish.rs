@@ -49,6 +49,9 @@ use trellis_shared::{
 /// Most resources in one response: an edge's first sync of a large mesh is
 /// split so no message nears gRPC's size limits.
 const CHUNK: usize = 1_000;
+/// Most bytes of resources in one response, far under the 64 MiB both
+/// sides accept: a thousand large listeners would not fit in one.
+const CHUNK_BYTES: usize = 8 << 20;
 
 /// How long a new edge stream may take to subscribe.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -513,16 +516,15 @@ impl EdgeStream {
         if resources.is_empty() && removed.is_empty() {
             return Ok(());
         }
-        // Removals ride with the last chunk. Taken from the front of one
-        // iterator, so a large first sync is not copied once per chunk.
-        let mut rest = resources.into_iter().peekable();
-        loop {
-            let chunk: Vec<WireResource> = rest.by_ref().take(CHUNK).collect();
-            if rest.peek().is_none() {
+        // Removals ride with the last chunk.
+        let mut chunks = chunks(resources, CHUNK, CHUNK_BYTES).into_iter().peekable();
+        while let Some(chunk) = chunks.next() {
+            if chunks.peek().is_none() {
                 return self.send(snapshot, type_url, chunk, removed).await;
             }
             self.send(snapshot, type_url, chunk, Vec::new()).await?;
         }
+        self.send(snapshot, type_url, Vec::new(), removed).await
     }
 
     async fn send_commit(&mut self, snapshot: &Snapshot) -> Result<(), StreamEnd> {
@@ -579,6 +581,29 @@ fn acknowledge(request: &DeltaDiscoveryRequest) {
 
 /// A resource as sent to edges: our canonical `Any`, decoded into its
 /// fields (re-encoding them gives the same bytes, hence the same version).
+/// `resources` in order, in chunks of at most `count` resources and
+/// `bytes` encoded bytes; a resource larger than `bytes` goes alone. Taken
+/// from the front of one iterator, so a large first sync is not copied
+/// once per chunk.
+fn chunks(resources: Vec<WireResource>, count: usize, bytes: usize) -> Vec<Vec<WireResource>> {
+    let mut chunks = Vec::new();
+    let mut chunk = Vec::new();
+    let mut size = 0;
+    for resource in resources {
+        let length = prost::Message::encoded_len(&resource);
+        if !chunk.is_empty() && (chunk.len() == count || size + length > bytes) {
+            chunks.push(std::mem::take(&mut chunk));
+            size = 0;
+        }
+        size += length;
+        chunk.push(resource);
+    }
+    if !chunk.is_empty() {
+        chunks.push(chunk);
+    }
+    chunks
+}
+
 fn wire_resource(name: String, resource: &Resource) -> WireResource {
     let any = match <Any as prost::Message>::decode(resource.any().clone()) {
         Ok(any) => Some(any),
@@ -594,5 +619,58 @@ fn wire_resource(name: String, resource: &Resource) -> WireResource {
         version: resource.version().to_string(),
         resource: any,
         ..WireResource::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resource(name: &str, size: usize) -> WireResource {
+        WireResource {
+            name: name.to_owned(),
+            resource: Some(Any {
+                type_url: type_url::LISTENER.to_owned(),
+                value: vec![7; size],
+            }),
+            ..WireResource::default()
+        }
+    }
+
+    #[test]
+    fn large_resources_are_chunked_by_bytes_and_many_small_ones_by_count() {
+        // A thousand 100 KB listeners (about 100 MB) used to go as one
+        // response, past the 64 MiB the edge accepts.
+        let large: Vec<WireResource> = (0..1_000)
+            .map(|n| resource(&n.to_string(), 100_000))
+            .collect();
+        let sent = chunks(large, CHUNK, CHUNK_BYTES);
+        assert!(sent.len() > 10, "{} chunks", sent.len());
+        for chunk in &sent {
+            let bytes: usize = chunk.iter().map(prost::Message::encoded_len).sum();
+            assert!(bytes <= CHUNK_BYTES, "{bytes} bytes in one chunk");
+        }
+        let names: Vec<String> = sent.iter().flatten().map(|r| r.name.clone()).collect();
+        let expected: Vec<String> = (0..1_000).map(|n: i32| n.to_string()).collect();
+        assert_eq!(names, expected, "every resource, once, in order");
+
+        let small: Vec<WireResource> = (0..2_500).map(|n| resource(&n.to_string(), 10)).collect();
+        let counts: Vec<usize> = chunks(small, CHUNK, CHUNK_BYTES)
+            .iter()
+            .map(Vec::len)
+            .collect();
+        assert_eq!(counts, [1_000, 1_000, 500]);
+
+        // One resource larger than a chunk still goes, alone.
+        let huge = vec![
+            resource("a", 10),
+            resource("b", CHUNK_BYTES + 1),
+            resource("c", 10),
+        ];
+        let counts: Vec<usize> = chunks(huge, CHUNK, CHUNK_BYTES)
+            .iter()
+            .map(Vec::len)
+            .collect();
+        assert_eq!(counts, [1, 1, 1]);
     }
 }
