@@ -42,6 +42,59 @@ pub fn pod(namespace: &str, name: &str, app: &str, account: &str, ip: Ipv4Addr) 
     )
 }
 
+/// One ready endpoint of [`http_service`]: its address, pod and, under a
+/// headless service, hostname.
+pub struct Member<'a> {
+    /// The pod's address.
+    pub ip: Ipv4Addr,
+    /// The pod's name.
+    pub pod: &'a str,
+    /// Its DNS label under a headless service.
+    pub hostname: Option<&'a str>,
+}
+
+/// HTTP Service `namespace/name` on `port` (the target port too) at
+/// `cluster_ip` (`None`: headless), selecting `app: <name>`, and its
+/// EndpointSlice of `members`.
+pub fn http_service(
+    namespace: &str,
+    name: &str,
+    cluster_ip: &str,
+    port: u16,
+    members: &[Member<'_>],
+) -> String {
+    let mut yaml = format!(
+        r#"---
+apiVersion: v1
+kind: Service
+metadata: {{ name: {name}, namespace: {namespace} }}
+spec:
+  clusterIP: {cluster_ip}
+  selector: {{ app: {name} }}
+  ports: [{{ name: http, port: {port}, targetPort: {port}, appProtocol: http }}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{ name: {name}-slice, namespace: {namespace}, labels: {{ kubernetes.io/service-name: {name} }} }}
+addressType: IPv4
+ports: [{{ name: http, port: {port}, protocol: TCP }}]
+endpoints:
+"#
+    );
+    for member in members {
+        let hostname = member
+            .hostname
+            .map(|h| format!("hostname: {h}, "))
+            .unwrap_or_default();
+        yaml.push_str(&format!(
+            "- {{ addresses: [\"{}\"], {hostname}conditions: {{ ready: true }}, \
+             targetRef: {{ kind: Pod, name: {}, namespace: {namespace} }} }}\n",
+            member.ip, member.pod
+        ));
+    }
+    yaml
+}
+
 /// An HTTPRouteGroup allowing every path, and a TrafficTarget letting
 /// ServiceAccount `source` call `destination` with it (all in `namespace`).
 pub fn allow_http(namespace: &str, source: &str, destination: &str) -> String {

@@ -46,27 +46,16 @@ fn manifests(client: &Pod, server: &Pod, service_ip: IpAddr, validity: &str) -> 
         "{{ traffic: {{ enablePermissiveTrafficPolicyMode: false }}, \
          certificate: {{ serviceCertValidityDuration: {validity} }} }}"
     );
-    let service = format!(
-        r#"---
-apiVersion: v1
-kind: Service
-metadata: {{ name: server, namespace: demo }}
-spec:
-  clusterIP: {service_ip}
-  selector: {{ app: server }}
-  ports: [{{ name: http, port: 8080, targetPort: 8080, appProtocol: http }}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{ name: server-slice, namespace: demo, labels: {{ kubernetes.io/service-name: server }} }}
-addressType: IPv4
-ports: [{{ name: http, port: 8080, protocol: TCP }}]
-endpoints:
-- addresses: ["{server_ip}"]
-  conditions: {{ ready: true }}
-  targetRef: {{ kind: Pod, name: server-0, namespace: demo }}
-"#,
-        server_ip = server.ip(),
+    let service = manifests::http_service(
+        "demo",
+        "server",
+        &service_ip.to_string(),
+        8080,
+        &[manifests::Member {
+            ip: server.ip(),
+            pod: "server-0",
+            hostname: None,
+        }],
     );
     [
         manifests::mesh("demo", &spec),

@@ -29,24 +29,19 @@ fn mesh(server: &Pod, sources: Option<&str>, controller: IpAddr) -> String {
         manifests::pod("demo", "server-0", "server", "server", server.ip()),
     ]
     .concat();
+    yaml.push_str(&manifests::http_service(
+        "demo",
+        "server",
+        "10.96.0.10",
+        8080,
+        &[manifests::Member {
+            ip: server.ip(),
+            pod: "server-0",
+            hostname: None,
+        }],
+    ));
     yaml.push_str(&format!(
         r#"---
-apiVersion: v1
-kind: Service
-metadata: {{ name: server, namespace: demo }}
-spec:
-  clusterIP: 10.96.0.10
-  selector: {{ app: server }}
-  ports: [{{ name: http, port: 8080, targetPort: 8080, appProtocol: http }}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{ name: server-slice, namespace: demo, labels: {{ kubernetes.io/service-name: server }} }}
-addressType: IPv4
-ports: [{{ name: http, port: 8080, protocol: TCP }}]
-endpoints:
-- {{ addresses: ["{server_ip}"], conditions: {{ ready: true }}, targetRef: {{ kind: Pod, name: server-0, namespace: demo }} }}
----
 apiVersion: v1
 kind: Namespace
 metadata: {{ name: ingress-nginx }}
@@ -56,8 +51,7 @@ kind: EndpointSlice
 metadata: {{ name: controller, namespace: ingress-nginx, labels: {{ kubernetes.io/service-name: ingress-nginx-controller }} }}
 addressType: IPv4
 endpoints: [{{ addresses: ["{controller}"], conditions: {{ ready: true }} }}]
-"#,
-        server_ip = server.ip(),
+"#
     ));
     if let Some(sources) = sources {
         yaml.push_str(&format!(

@@ -9,7 +9,7 @@
 #[path = "../../edge/tests/support/mod.rs"]
 mod support;
 
-use std::{fmt::Write, net::IpAddr, sync::Arc, time::Duration};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use anyhow::{bail, Result};
 use support::{envoy_binary, eventually};
@@ -36,32 +36,17 @@ fn manifests(client: &Pod, members: &[Pod]) -> String {
         manifests::allow_http("demo", "client", "db"),
     ]
     .concat();
-    yaml.push_str(
-        r#"---
-apiVersion: v1
-kind: Service
-metadata: { name: db, namespace: demo }
-spec:
-  clusterIP: None
-  selector: { app: db }
-  ports: [{ name: http, port: 8080, targetPort: 8080, appProtocol: http }]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: { name: db-slice, namespace: demo, labels: { kubernetes.io/service-name: db } }
-addressType: IPv4
-ports: [{ name: http, port: 8080, protocol: TCP }]
-endpoints:
-"#,
-    );
-    for (n, member) in members.iter().enumerate() {
-        let ip = member.ip();
-        let _ = writeln!(
-            yaml,
-            "- {{ addresses: [\"{ip}\"], hostname: db-{n}, conditions: {{ ready: true }}, \
-             targetRef: {{ kind: Pod, name: db-{n}, namespace: demo }} }}"
-        );
-    }
+    let names: Vec<String> = (0..members.len()).map(|n| format!("db-{n}")).collect();
+    let endpoints: Vec<manifests::Member<'_>> = (members.iter().zip(&names))
+        .map(|(member, name)| manifests::Member {
+            ip: member.ip(),
+            pod: name,
+            hostname: Some(name),
+        })
+        .collect();
+    yaml.push_str(&manifests::http_service(
+        "demo", "db", "None", 8080, &endpoints,
+    ));
     for (n, member) in members.iter().enumerate() {
         yaml.push_str(&manifests::pod(
             "demo",

@@ -738,14 +738,7 @@ fn an_egress_that_cannot_apply_is_reported() {
         ("{ sources: [{ kind: Group, name: buyers }], hosts: [a.example], ports: [{ number: 80, protocol: http }] }", "is not a ServiceAccount"),
         ("{ sources: [{ kind: ServiceAccount, name: bookbuyer }], hosts: [a.example], ports: [{ number: 80, protocol: http }], matches: [{ kind: HTTPRouteGroup, name: nowhere }] }", "HTTPRouteGroup nowhere is missing"),
     ] {
-        assert_rejected(
-            &format!(
-                "apiVersion: policy.openservicemesh.io/v1alpha1\nkind: Egress\n\
-                 metadata: {{ name: bad, namespace: bookbuyer }}\nspec: {spec}\n"
-            ),
-            "Egress bookbuyer/bad",
-            reason,
-        );
+        assert_policy_rejected("Egress", "bookbuyer", spec, reason);
     }
 }
 
@@ -853,14 +846,7 @@ fn an_ingress_backend_yields_to_its_feature_flag_and_bad_ones_are_reported() {
         ("{ backends: [{ name: bookstore-v1, port: { number: 9999, protocol: http } }], sources: [{ kind: IPRange, name: 10.0.0.0/8 }] }", "has no target port 9999"),
         ("{ backends: [{ name: bookstore-v1, port: { number: 14001, protocol: http } }], sources: [{ kind: IPRange, name: everywhere }] }", "is not a CIDR"),
     ] {
-        assert_rejected(
-            &format!(
-                "apiVersion: policy.openservicemesh.io/v1alpha1\nkind: IngressBackend\n\
-                 metadata: {{ name: bad, namespace: bookstore }}\nspec: {spec}\n"
-            ),
-            "IngressBackend bookstore/bad",
-            reason,
-        );
+        assert_policy_rejected("IngressBackend", "bookstore", spec, reason);
     }
 }
 
@@ -938,6 +924,19 @@ fn assert_rejected(yaml: &str, object: &str, reason: &str) {
         "good config was taken down"
     );
     assert_eq!(compiled.classes.len(), 6);
+}
+
+/// [`assert_rejected`] for policy.openservicemesh.io object `kind`
+/// `<namespace>/bad` with `spec`.
+fn assert_policy_rejected(kind: &str, namespace: &str, spec: &str, reason: &str) {
+    assert_rejected(
+        &format!(
+            "apiVersion: policy.openservicemesh.io/v1alpha1\nkind: {kind}\n\
+             metadata: {{ name: bad, namespace: {namespace} }}\nspec: {spec}\n"
+        ),
+        &format!("{kind} {namespace}/bad"),
+        reason,
+    );
 }
 
 #[test]

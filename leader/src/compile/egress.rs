@@ -100,28 +100,33 @@ pub(crate) fn compile(rules: &[EgressRule]) -> Egress {
     for (port, mut hosts) in https {
         hosts.sort();
         hosts.dedup();
-        egress.original_destination = true;
-        egress.chains.push(OutboundChain {
-            name: names::egress_https_chain(port),
-            port,
-            ranges: Vec::new(),
-            server_names: hosts,
-            route_config: None,
-            backends: vec![Backend {
-                cluster: names::PASSTHROUGH.to_owned(),
-                weight: 1,
-            }],
-        });
+        let name = names::egress_https_chain(port);
+        egress.add_passthrough_chain(name, port, Vec::new(), hosts);
     }
     for (port, mut ranges) in tcp {
         ranges.sort();
         ranges.dedup();
-        egress.original_destination = true;
-        egress.chains.push(OutboundChain {
-            name: names::egress_tcp_chain(port),
+        let name = names::egress_tcp_chain(port);
+        egress.add_passthrough_chain(name, port, ranges, Vec::new());
+    }
+    egress
+}
+
+impl Egress {
+    /// A chain to the original destination (`passthrough-outbound`).
+    fn add_passthrough_chain(
+        &mut self,
+        name: String,
+        port: u16,
+        ranges: Vec<(std::net::IpAddr, u8)>,
+        server_names: Vec<String>,
+    ) {
+        self.original_destination = true;
+        self.chains.push(OutboundChain {
+            name,
             port,
             ranges,
-            server_names: Vec::new(),
+            server_names,
             route_config: None,
             backends: vec![Backend {
                 cluster: names::PASSTHROUGH.to_owned(),
@@ -129,5 +134,4 @@ pub(crate) fn compile(rules: &[EgressRule]) -> Egress {
             }],
         });
     }
-    egress
 }
