@@ -719,7 +719,11 @@ fn compile_class(
         class.assignments.push(assignment);
         outbound_secrets(shared, class, service, identity, roots, trust_domain)?;
     }
-    if catalog.mesh.egress || egress.original_destination {
+    // The passthrough default chain, or an egress chain, leaves for the
+    // original destination.
+    let passthrough =
+        |c: &listeners::OutboundChain| (c.backends.iter()).any(|b| b.cluster == names::PASSTHROUGH);
+    if catalog.mesh.egress || chains.iter().any(passthrough) {
         class.provide(
             type_url::CLUSTER,
             names::PASSTHROUGH,
@@ -737,6 +741,7 @@ fn compile_class(
         let Some(service) = catalog.services.get(service_key) else {
             continue;
         };
+        let members = headless::member_names(service);
         for port in &service.ports {
             let local = names::local_cluster(service_key, port.target_port);
             class.provide(
@@ -756,7 +761,7 @@ fn compile_class(
                     .push(routes::inbound_host(
                         service_key,
                         port.port,
-                        &headless::member_names(service),
+                        &members,
                         &local,
                         smi,
                         trust_domain,

@@ -31,9 +31,6 @@ pub(crate) struct Egress {
     pub(crate) chains: Vec<OutboundChain>,
     pub(crate) routes: Vec<RouteConfiguration>,
     pub(crate) clusters: Vec<Cluster>,
-    /// Whether a chain goes to the original destination
-    /// (`passthrough-outbound`).
-    pub(crate) original_destination: bool,
 }
 
 /// The chains, routes and clusters for `rules`.
@@ -121,7 +118,6 @@ impl Egress {
         ranges: Vec<(std::net::IpAddr, u8)>,
         server_names: Vec<String>,
     ) {
-        self.original_destination = true;
         self.chains.push(OutboundChain {
             name,
             port,
