@@ -112,18 +112,11 @@ impl KubeSource {
 fn convert(resource: &ApiResource, object: DynamicObject) -> Result<Object, Problem> {
     // Named as `ObjectRef` displays, so the problem is found again by the
     // object's reference once it is fixed or deleted.
-    let name = match object.metadata.namespace.as_deref() {
-        Some(namespace) if !namespace.is_empty() => format!(
-            "{} {namespace}/{}",
-            resource.kind,
-            object.metadata.name.as_deref().unwrap_or_default()
-        ),
-        _ => format!(
-            "{} {}",
-            resource.kind,
-            object.metadata.name.as_deref().unwrap_or_default()
-        ),
-    };
+    let name = kinds::reference_text(
+        &resource.kind,
+        object.metadata.namespace.as_deref().unwrap_or_default(),
+        object.metadata.name.as_deref().unwrap_or_default(),
+    );
     let mut value = serde_json::to_value(&object).map_err(|e| Problem {
         object: name.clone(),
         reason: e.to_string(),
