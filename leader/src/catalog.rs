@@ -16,7 +16,7 @@ use std::{
 };
 
 pub use self::build::{build, rebuild_policies, rebuild_service};
-pub use self::egress::{EgressProtocol, EgressRule};
+pub use self::egress::{host_range, EgressProtocol, EgressRule};
 pub use self::ingress::IngressRule;
 pub use self::policy::{HttpRule, Split, Target, TcpRule};
 use crate::kinds::ObjectRef;

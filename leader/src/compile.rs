@@ -613,7 +613,7 @@ fn compile_class(
                 None => service.endpoints.iter().map(|e| e.ip).collect(),
             }
             .into_iter()
-            .map(listeners::host_range)
+            .map(crate::catalog::host_range)
             .collect();
             if ranges.is_empty() {
                 continue;

@@ -154,14 +154,15 @@ fn egress_rules(
 
 /// `10.0.0.0/8`, or one address as its own range.
 pub(super) fn range(text: &str) -> Option<(IpAddr, u8)> {
-    let (address, prefix) = match text.split_once('/') {
-        Some((address, prefix)) => (
-            address.parse::<IpAddr>().ok()?,
-            Some(prefix.parse::<u8>().ok()?),
-        ),
-        None => (text.parse::<IpAddr>().ok()?, None),
+    let Some((address, prefix)) = text.split_once('/') else {
+        return Some(host_range(text.parse().ok()?));
     };
-    let longest = if address.is_ipv4() { 32 } else { 128 };
-    let prefix = prefix.unwrap_or(longest);
+    let (address, longest) = host_range(address.parse().ok()?);
+    let prefix: u8 = prefix.parse().ok()?;
     (prefix <= longest).then_some((address, prefix))
+}
+
+/// An address as a range of its own: (address, 32 or 128).
+pub fn host_range(ip: IpAddr) -> (IpAddr, u8) {
+    (ip, if ip.is_ipv4() { 32 } else { 128 })
 }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use super::{
-    egress::range,
+    egress::{host_range, range},
     policy::{referenced_rules, Groups},
     HttpRule, MeshService, MeshSettings, Problem, ServiceKey,
 };
@@ -102,9 +102,7 @@ fn rules(
                     namespace: namespace.clone(),
                     name: source.name.clone(),
                 };
-                ranges.extend(endpoints_of(objects, &key).into_iter().map(|ip| {
-                    (ip, if ip.is_ipv4() { 32 } else { 128 })
-                }));
+                ranges.extend(endpoints_of(objects, &key).into_iter().map(host_range));
                 followed.insert(key);
             }
             "AuthenticatedPrincipal" => {

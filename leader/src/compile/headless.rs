@@ -20,12 +20,8 @@ use trellis_proto::pb::envoy::config::{
     cluster::v3::Cluster, endpoint::v3::ClusterLoadAssignment, route::v3::RouteConfiguration,
 };
 
-use super::{
-    clusters,
-    listeners::{self, OutboundChain},
-    names, routes, Backend,
-};
-use crate::catalog::{Endpoint, Identity, MeshService, ServicePort};
+use super::{clusters, listeners::OutboundChain, names, routes, Backend};
+use crate::catalog::{host_range, Endpoint, Identity, MeshService, ServicePort};
 
 /// One member of a headless service on one port, as a caller reaches it.
 pub(crate) struct Member<'a> {
@@ -106,7 +102,7 @@ impl Member<'_> {
                 self.port.protocol,
             ),
             port: self.port.port,
-            ranges: vec![listeners::host_range(self.ip)],
+            ranges: vec![host_range(self.ip)],
             server_names: Vec::new(),
             route_config: self.routes_name(),
             backends: self.backends(),

@@ -182,11 +182,6 @@ fn cidr((ip, prefix): &(std::net::IpAddr, u8)) -> CidrRange {
     }
 }
 
-/// An address as a range of its own.
-pub(crate) fn host_range(ip: std::net::IpAddr) -> (std::net::IpAddr, u8) {
-    (ip, if ip.is_ipv4() { 32 } else { 128 })
-}
-
 /// `outbound-listener`; `None` when it would have no chains.
 pub(crate) fn outbound(chains: &[OutboundChain], egress: bool) -> Option<Listener> {
     if chains.is_empty() && !egress {
