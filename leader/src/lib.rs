@@ -15,6 +15,7 @@
 //! * [`raft`]: the leader group: what replicas agree on, and how.
 //! * [`source`]: where objects come from (a watched manifest directory).
 //! * [`inject`]: the sidecar injector, a mutating admission webhook.
+//! * [`private_files`]: the one writer of keys and other private files.
 
 pub mod bootstrap;
 pub mod ca;
@@ -23,6 +24,7 @@ pub mod compile;
 pub mod inject;
 pub mod kinds;
 pub mod pipeline;
+pub mod private_files;
 pub mod publish;
 pub mod raft;
 pub mod source;

@@ -27,6 +27,7 @@ use std::{
 use tracing::{info, warn};
 
 use super::{CaError, CertificateIssuer, IssuedCert, LeafRequest, RootCa, SignerId};
+use crate::private_files;
 
 /// The root certificate's file in a CA directory.
 pub const CA_CERT: &str = "ca.crt";
@@ -117,26 +118,17 @@ fn read(path: &Path) -> Result<String, CaError> {
     })
 }
 
-fn write(path: &Path, contents: &str, private: bool) -> Result<(), CaError> {
-    let io = |source| CaError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    // Written aside and renamed, so a crash never leaves half a file.
-    let partial = path.with_extension("partial");
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    if private {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
+/// Writes one file of a pair; a key readable by its owner only (the
+/// certificate too: one writer for both is simpler than a public one).
+fn write(path: &Path, contents: &str) -> Result<(), CaError> {
+    private_files::write(path, contents.as_bytes()).map_err(io_error)
+}
+
+fn io_error(error: private_files::PrivateFileError) -> CaError {
+    CaError::Io {
+        path: error.path,
+        source: error.source,
     }
-    #[cfg(not(unix))]
-    let _ = private;
-    let mut file = options.open(&partial).map_err(io)?;
-    std::io::Write::write_all(&mut file, contents.as_bytes()).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    fs::rename(&partial, path).map_err(io)
 }
 
 /// Loads the pair `cert`/`key` from `dir`: `None` if neither exists, an
@@ -167,8 +159,8 @@ fn load_pair(
 
 /// Writes `root` into `dir` as `cert`/`key`.
 fn store_pair(dir: &Path, cert: &str, key: &str, root: &RootCa) -> Result<(), CaError> {
-    write(&dir.join(key), root.key_pem(), true)?;
-    write(&dir.join(cert), root.cert_pem(), false)
+    write(&dir.join(key), root.key_pem())?;
+    write(&dir.join(cert), root.cert_pem())
 }
 
 impl BuiltinCa {
@@ -204,10 +196,7 @@ impl BuiltinCa {
     /// any file present is unreadable or fails its checks.
     pub fn open(dir: &Path) -> Result<BuiltinCa, CaError> {
         let now = SystemTime::now();
-        fs::create_dir_all(dir).map_err(|source| CaError::Io {
-            path: dir.to_owned(),
-            source,
-        })?;
+        private_files::create_dir(dir).map_err(io_error)?;
         let current = match load_pair(dir, CA_CERT, CA_KEY, now)? {
             Some(root) => {
                 info!(dir = %dir.display(), "loaded the CA root");

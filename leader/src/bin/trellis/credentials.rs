@@ -15,6 +15,7 @@ use trellis_leader::{
     ca::{BuiltinCa, CertificateIssuer, RootCa, NEXT_CA_CERT, NEXT_CA_KEY},
     catalog::TRUST_DOMAIN,
     compile::ClassSummary,
+    private_files,
     source::files::FileSource,
 };
 use trellis_shared::bootstrap::{AdsApi, EnvoyBootstrap};
@@ -136,7 +137,7 @@ pub(crate) fn edge_cert(
 ) -> Result<()> {
     let ca = open_ca(Some(ca_dir))?;
     let credentials = edge_credentials(ca.as_ref(), server_name, dns, ip, EDGE_CERT_VALIDITY)?;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    private_files::create_dir(out)?;
     write_private(&out.join(TLS_KEY), &credentials.key_pem)?;
     write_private(&out.join(TLS_CERT), &credentials.chain_pem)?;
     write_private(&out.join(TLS_CLIENT_ROOTS), &credentials.client_roots_pem)?;
@@ -164,15 +165,7 @@ pub(crate) fn rotate_ca(ca_dir: &Path) -> Result<()> {
 
 /// Writes `contents` readable by the owner only: bootstraps and keys.
 fn write_private(path: &Path, contents: &str) -> Result<()> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    std::io::Write::write_all(&mut file, contents.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))
+    Ok(private_files::write(path, contents.as_bytes())?)
 }
 
 /// Keeps the in-process edge accepting client certificates of every root
@@ -216,7 +209,7 @@ pub(crate) fn write_demo_bootstrap(
     };
     let bootstrap = proxy_bootstrap(ca, &proxy, TRUST_DOMAIN, &edge, AdsApi::Delta)?;
     let dir = std::env::temp_dir().join(format!("trellis-run-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    private_files::create_dir(&dir)?;
     let path = dir.join("bootstrap.json");
     write_private(&path, &bootstrap.to_json())?;
     Ok(path)
