@@ -4,7 +4,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
@@ -21,6 +21,7 @@ use trellis_leader::{
     ca::BuiltinCa,
     catalog::TRUST_DOMAIN,
     compile::Compiler,
+    ingress_gateway::Keeper,
     pipeline::{Pipeline, PipelineConfig, Status},
     source::{files::FileSource, Source, SourceError},
 };
@@ -46,6 +47,8 @@ pub struct ControlPlane {
     stop: Option<oneshot::Sender<()>>,
     source: JoinHandle<Result<(), SourceError>>,
     pipeline: JoinHandle<()>,
+    keeper: JoinHandle<()>,
+    ingress_gateway: PathBuf,
 }
 
 impl ControlPlane {
@@ -79,6 +82,9 @@ impl ControlPlane {
         let mut status = pipeline.status();
         let (updates, received) = mpsc::channel(64);
         let source = tokio::spawn(FileSource::new(dir).run(updates));
+        // Beside the manifests, not among them.
+        let ingress_gateway = dir.with_extension("ingress-gateway");
+        let keeper = Keeper::Files(ingress_gateway.clone()).spawn(pipeline.ingress_gateway());
         let pipeline = tokio::spawn(pipeline.run(received, edge.store().clone()));
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(async move {
@@ -104,6 +110,8 @@ impl ControlPlane {
             stop: Some(stop),
             source,
             pipeline,
+            keeper,
+            ingress_gateway,
         };
         while status.borrow_and_update().epoch == 0 {
             if status.changed().await.is_err() {
@@ -132,6 +140,13 @@ impl ControlPlane {
         self.admin
     }
 
+    /// The files of the ingress gateway certificate (MeshConfig
+    /// `certificate.ingressGateway`) kept in Secret `namespace/name`:
+    /// `ca.crt`, `tls.crt` and `tls.key` in the returned directory.
+    pub fn ingress_gateway(&self, namespace: &str, name: &str) -> PathBuf {
+        self.ingress_gateway.join(namespace).join(name)
+    }
+
     /// A bootstrap for `pod` (`<ns>/<name>`): a fresh bootstrap certificate
     /// for a proxy of the pod's class, mTLS to this edge.
     pub fn bootstrap(&self, pod: &str) -> Result<EnvoyBootstrap, DemoError> {
@@ -157,5 +172,6 @@ impl Drop for ControlPlane {
         }
         self.source.abort();
         self.pipeline.abort();
+        self.keeper.abort();
     }
 }

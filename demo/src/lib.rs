@@ -22,6 +22,7 @@ pub mod bookstore;
 pub mod control;
 mod error;
 pub mod manifests;
+pub mod nginx;
 pub mod pods;
 
 pub use crate::{

@@ -336,6 +336,19 @@ impl Pod {
         Ok(())
     }
 
+    /// Starts `argv` in the pod (as [`Pod::spawn`]), running as long as the
+    /// pod.
+    pub fn start(&self, argv: &[&str]) -> Result<(), DemoError> {
+        let process = self.spawn(argv)?;
+        self.keep(process);
+        Ok(())
+    }
+
+    /// The pod's own directory (its sidecar's files, and any other).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn keep(&self, process: Process) {
         (self.processes.lock())
             .unwrap_or_else(PoisonError::into_inner)

@@ -23,7 +23,9 @@ use std::{
 pub use authority::{BuiltinCa, RotationPhase, CA_CERT, CA_KEY, NEXT_CA_CERT, NEXT_CA_KEY};
 pub use root::RootCa;
 
-use crate::catalog::Identity;
+use x509_parser::extensions::GeneralName;
+
+use crate::catalog::{Identity, IngressGateway};
 
 /// What a leaf certificate must say.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,6 +76,56 @@ impl LeafRequest {
         }
     }
 
+    /// The ingress gateway certificate: its SANs as DNS names, the first
+    /// also its CN.
+    pub fn ingress_gateway(gateway: &IngressGateway) -> LeafRequest {
+        LeafRequest {
+            common_name: gateway
+                .subject_alt_names
+                .first()
+                .cloned()
+                .unwrap_or_default(),
+            dns_names: gateway.subject_alt_names.clone(),
+            uris: Vec::new(),
+            ip_addresses: Vec::new(),
+            validity: gateway.validity,
+        }
+    }
+
+    /// Whether the leaf of `cert` carries exactly the names this request
+    /// asks for (a leaf held under the same common name may not).
+    pub fn names_match(&self, cert: &IssuedCert) -> bool {
+        let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(cert.chain_pem.as_bytes()) else {
+            return false;
+        };
+        let Ok(leaf) = pem.parse_x509() else {
+            return false;
+        };
+        let mut dns = Vec::new();
+        let mut uris = Vec::new();
+        let mut ips = Vec::new();
+        if let Ok(Some(sans)) = leaf.subject_alternative_name() {
+            for name in &sans.value.general_names {
+                match name {
+                    GeneralName::DNSName(n) => dns.push((*n).to_owned()),
+                    GeneralName::URI(u) => uris.push((*u).to_owned()),
+                    GeneralName::IPAddress(bytes) => ips.extend(ip_of(bytes)),
+                    _ => {}
+                }
+            }
+        }
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+        let mut wanted_ips = self.ip_addresses.clone();
+        wanted_ips.sort();
+        ips.sort();
+        sorted(dns) == sorted(self.dns_names.clone())
+            && sorted(uris) == sorted(self.uris.clone())
+            && ips == wanted_ips
+    }
+
     /// A server certificate (an edge's xDS port) for the names and
     /// addresses proxies dial.
     pub fn server(
@@ -89,6 +141,15 @@ impl LeafRequest {
             ip_addresses,
             validity,
         }
+    }
+}
+
+/// An IP address SAN's bytes as an address.
+fn ip_of(bytes: &[u8]) -> Option<IpAddr> {
+    match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok().map(IpAddr::from),
+        16 => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
+        _ => None,
     }
 }
 

@@ -17,7 +17,7 @@ use std::{
 
 pub use self::build::{build, rebuild_policies, rebuild_service};
 pub use self::egress::{host_range, EgressProtocol, EgressRule};
-pub use self::ingress::IngressRule;
+pub use self::ingress::{IngressRule, IngressTls};
 pub use self::policy::{HttpRule, Split, Target, TcpRule};
 use crate::kinds::ObjectRef;
 
@@ -218,6 +218,43 @@ pub struct MeshSettings {
     pub cert_validity: Duration,
     /// Trust domain of identities.
     pub trust_domain: String,
+    /// The ingress gateway certificate to issue and keep renewed.
+    pub ingress_gateway: Option<IngressGateway>,
+}
+
+/// The certificate an ingress outside the mesh presents to `https`
+/// backends (MeshConfig `certificate.ingressGateway`), issued from the
+/// mesh CA.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct IngressGateway {
+    /// Its DNS subject alternative names (the first is also its CN).
+    pub subject_alt_names: Vec<String>,
+    /// How long it is valid.
+    pub validity: Duration,
+    /// The namespace of the Secret it is kept in (with the file source,
+    /// the directory of its files).
+    pub secret_namespace: String,
+    /// The Secret's name.
+    pub secret_name: String,
+}
+
+/// Whether `name` is a DNS name a certificate or an SNI match may carry:
+/// dot-separated labels of letters, digits and inner hyphens (the first
+/// may be `*`), at most 253 bytes.
+pub fn is_dns_name(name: &str) -> bool {
+    let label = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    let rest = name.strip_prefix("*.").unwrap_or(name);
+    name.len() <= 253 && !rest.is_empty() && rest.split('.').all(label)
+}
+
+/// Whether `name` is a Kubernetes object name (a DNS-1123 subdomain).
+pub fn is_object_name(name: &str) -> bool {
+    !name.starts_with("*.") && is_dns_name(name) && !name.bytes().any(|b| b.is_ascii_uppercase())
 }
 
 impl Default for MeshSettings {
@@ -229,6 +266,7 @@ impl Default for MeshSettings {
             ingress_backend_policy: true,
             cert_validity: Duration::from_secs(24 * 3600),
             trust_domain: TRUST_DOMAIN.to_owned(),
+            ingress_gateway: None,
         }
     }
 }

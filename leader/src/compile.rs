@@ -10,6 +10,7 @@
 mod clusters;
 mod egress;
 mod envoy;
+mod gateway;
 mod headless;
 mod ingress;
 mod inputs;
@@ -31,6 +32,7 @@ use trellis_shared::{
 };
 use xxhash_rust::xxh3::Xxh3;
 
+pub use self::gateway::IngressGatewayCert;
 use self::inputs::{Changed, Input, Reads};
 use crate::{
     ca::{self, CaError, CertificateIssuer, IssuedCert, LeafRequest},
@@ -95,6 +97,8 @@ pub struct Compiled {
     /// Every endpoint assignment, by the service it is compiled from, so an
     /// endpoint change recompiles exactly those.
     pub assignments: BTreeMap<ServiceKey, BTreeMap<ResourceKey, Assignment>>,
+    /// The ingress gateway certificate, when the MeshConfig asks for one.
+    pub ingress_gateway: Option<Arc<IngressGatewayCert>>,
     /// Which classes' resources are held, so shared ones (endpoints,
     /// secrets) go when the last class holding them does.
     holders: HashMap<ResourceKey, Held>,
@@ -271,6 +275,8 @@ pub struct Compiler {
     roots: u64,
     /// The classes the last catalog's pods formed.
     grouping: Option<Grouping>,
+    /// The ingress gateway certificate.
+    gateway: gateway::Gateway,
 }
 
 /// Pods grouped into classes, remembered with the pods they came from.
@@ -368,6 +374,7 @@ impl Compiler {
             classes: HashMap::new(),
             roots,
             grouping: None,
+            gateway: gateway::Gateway::default(),
         }
     }
 
@@ -478,6 +485,16 @@ impl Compiler {
             .retain(|identity, _| identities.contains(identity));
 
         self.output.problems = catalog.problems.clone();
+        let gateway = catalog.mesh.ingress_gateway.as_ref();
+        match self.gateway.update(gateway, self.issuer.as_ref(), &bundle) {
+            Ok(cert) => self.output.ingress_gateway = cert,
+            // The Secret keeps its last certificate; issuing is retried on
+            // the next update.
+            Err(error) => self.output.problems.push(Problem {
+                object: "the ingress gateway certificate".to_owned(),
+                reason: error.to_string(),
+            }),
+        }
         if regrouped || outcomes_changed {
             self.output.classes.clear();
         }
@@ -511,14 +528,16 @@ impl Compiler {
 
     /// When the next certificate is due for renewal.
     pub fn next_renewal(&self) -> Option<SystemTime> {
-        self.certs.values().map(|held| held.renew_at).min()
+        (self.certs.values().map(|held| held.renew_at))
+            .chain(self.gateway.renew_at())
+            .min()
     }
 
     /// Whether every certificate held was signed by the issuer's current
     /// signer.
     pub fn leaves_current(&self) -> bool {
         let signer = self.issuer.signer();
-        self.certs.values().all(|held| held.cert.signer == signer)
+        self.certs.values().all(|held| held.cert.signer == signer) && self.gateway.signed_by(signer)
     }
 
     /// Drops up to `limit` certificates that are due at `now` or were signed
@@ -537,7 +556,8 @@ impl Compiler {
         for (_, identity) in &due {
             self.certs.remove(identity);
         }
-        due.len()
+        let gateway = due.len() < limit && self.gateway.drop_due(now, signer);
+        due.len() + usize::from(gateway)
     }
 
     /// Re-encodes the endpoint assignments of `service` from its current

@@ -171,6 +171,32 @@ pub struct TrafficSpec {
 pub struct CertificateSpec {
     /// Leaf validity, a Go duration such as `24h` or `90m`.
     pub service_cert_validity_duration: String,
+    /// The certificate an ingress outside the mesh presents to `https`
+    /// backends.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ingress_gateway: Option<IngressGatewaySpec>,
+}
+
+/// MeshConfig `certificate.ingressGateway`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct IngressGatewaySpec {
+    /// The certificate's DNS subject alternative names.
+    pub subject_alt_names: Vec<String>,
+    /// Its validity, a Go duration.
+    pub validity_duration: String,
+    /// The Secret it is kept in (`ca.crt`, `tls.crt`, `tls.key`).
+    pub secret: SecretReference,
+}
+
+/// A Secret by name and namespace.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct SecretReference {
+    /// Its name.
+    pub name: String,
+    /// Its namespace.
+    pub namespace: String,
 }
 
 /// `sidecar` settings of the MeshConfig.
@@ -264,7 +290,19 @@ pub struct IngressBackendTarget {
     pub port: EgressPort,
     /// For `https`: how the ingress's certificate is checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<serde_json::Value>,
+    pub tls: Option<IngressBackendTls>,
+}
+
+/// How an `https` backend checks the ingress that connects to it.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct IngressBackendTls {
+    /// Accept any client certificate, or none.
+    #[serde(default)]
+    pub skip_client_cert_validation: bool,
+    /// The SNI names the ingress may send; none means any.
+    #[serde(default)]
+    pub sni_hosts: Vec<String>,
 }
 
 /// Who an IngressBackend lets in: `Service` (its endpoints), `IPRange`

@@ -15,12 +15,15 @@
 //! * [`raft`]: the leader group: what replicas agree on, and how.
 //! * [`source`]: where objects come from (a watched manifest directory).
 //! * [`inject`]: the sidecar injector, a mutating admission webhook.
+//! * [`ingress_gateway`]: keeps the ingress gateway certificate in its
+//!   Secret (or files).
 //! * [`private_files`]: the one writer of keys and other private files.
 
 pub mod bootstrap;
 pub mod ca;
 pub mod catalog;
 pub mod compile;
+pub mod ingress_gateway;
 pub mod inject;
 pub mod kinds;
 pub mod pipeline;

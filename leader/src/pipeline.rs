@@ -14,7 +14,7 @@ use trellis_shared::{type_url, Epoch, Resource, Scope, Snapshot, SnapshotBuilder
 
 use crate::{
     catalog::{self, Catalog, Problem, ServiceKey},
-    compile::{ClassSummary, Compiled, Compiler, ResourceKey},
+    compile::{ClassSummary, Compiled, Compiler, IngressGatewayCert, ResourceKey},
     kinds::{Object, ObjectRef},
     source::{Change, SourceUpdate},
 };
@@ -98,6 +98,8 @@ pub struct Pipeline {
     /// the status announces it, so whoever sees the status finds the
     /// snapshot served.
     sink: Option<Arc<dyn SnapshotSink>>,
+    /// The ingress gateway certificate, for whoever keeps its Secret.
+    ingress_gateway: watch::Sender<Option<Arc<IngressGatewayCert>>>,
 }
 
 /// Changes since the last compile, by how much of the catalog they need
@@ -227,10 +229,16 @@ impl Pipeline {
             bindings: BTreeSet::new(),
             status: watch::channel(Arc::new(Status::default())).0,
             sink: None,
+            ingress_gateway: watch::channel(None).0,
         }
     }
 
-    /// Follows what the pipeline publishes.
+    /// Follows the ingress gateway certificate the pipeline compiles.
+    pub fn ingress_gateway(&self) -> crate::ingress_gateway::Certificates {
+        self.ingress_gateway.subscribe()
+    }
+
+    /// What the pipeline published last, and each change to it.
     pub fn status(&self) -> watch::Receiver<Arc<Status>> {
         self.status.subscribe()
     }
@@ -364,6 +372,14 @@ impl Pipeline {
         if changed {
             self.publish(&snapshot);
         }
+        let gateway = &compiled.ingress_gateway;
+        self.ingress_gateway.send_if_modified(|held| {
+            let modified = held != gateway;
+            if modified {
+                held.clone_from(gateway);
+            }
+            modified
+        });
         self.status.send_replace(Arc::new(Status {
             epoch: snapshot.epoch(),
             classes: compiled.classes.clone(),

@@ -1401,6 +1401,39 @@ async fn rbac_lets_the_leader_watch_what_it_reads_and_nothing_more_and_the_edge_
     // Nor does the leader read Secrets.
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::all(leader.clone());
     assert!(forbidden(secrets.list(&ListParams::default()).await));
+    // It writes the ingress gateway certificate's Secret in its own
+    // namespace, and no Secret in any other.
+    let gateway_secret = |namespace: &str| {
+        let api: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(leader.clone(), namespace);
+        async move {
+            let secret = json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": { "name": "trellis-rbac-gateway" },
+                "type": "kubernetes.io/tls",
+                "data": { "tls.crt": "", "tls.key": "" }
+            });
+            let params = kube::api::PatchParams::apply("trellis-leader").force();
+            api.patch(
+                "trellis-rbac-gateway",
+                &params,
+                &kube::api::Patch::Apply(&secret),
+            )
+            .await
+        }
+    };
+    gateway_secret("trellis-system")
+        .await
+        .expect("the leader may keep the gateway Secret in its namespace");
+    gateway_secret("trellis-system")
+        .await
+        .expect("...and update it");
+    assert!(forbidden(gateway_secret("default").await));
+    assert!(forbidden(
+        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(leader.clone(), "trellis-system")
+            .get("trellis-rbac-gateway")
+            .await
+    ));
 }
 
 /// Deletes the shipped webhook configuration when dropped, so a failed test

@@ -233,8 +233,10 @@ async fn the_kube_source_compiles_what_the_file_source_does_and_follows_edits() 
         .await;
     }
 
-    // A delete: without its TrafficTarget, bookbuyer has no outbound listener.
+    // Deletes: without its TrafficTarget and its Egress policy, bookbuyer
+    // has no outbound listener.
     cluster.kubectl_ok(["delete", "traffictarget", "-n", "bookstore", "bookstore"]);
+    cluster.kubectl_ok(["delete", "egress", "-n", "bookbuyer", "books-api"]);
     kube.until("bookbuyer without an outbound listener", |s, snapshot| {
         buyer_listeners(s, snapshot) == 0
     })
@@ -548,5 +550,100 @@ async fn every_field_trellis_reads_survives_the_crd_schemas() {
             &read[r], spec,
             "the API server pruned or changed fields of {r}"
         );
+    }
+}
+
+/// The DNS names of the first certificate in `pem`.
+fn dns_names(pem: &[u8]) -> Vec<String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    let sans = cert.subject_alternative_name().unwrap().unwrap();
+    (sans.value.general_names.iter())
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::DNSName(n) => Some((*n).to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_keeps_the_ingress_gateway_certificate_in_its_secret() {
+    use k8s_openapi::api::core::v1::Secret;
+    use trellis_leader::ingress_gateway::Keeper;
+    let cluster = Cluster::start(Options::default());
+    let client = cluster.client().await;
+    install_crds(&cluster);
+    cluster.namespace(&client, "osm-system", &[]).await;
+    cluster.namespace(&client, "ingress", &[]).await;
+    let mesh_config = |san: &str| {
+        json!({
+            "apiVersion": "config.openservicemesh.io/v1alpha2",
+            "kind": "MeshConfig",
+            "metadata": { "name": "osm-mesh-config", "namespace": "osm-system" },
+            "spec": { "certificate": { "ingressGateway": {
+                "subjectAltNames": [san],
+                "validityDuration": "1h",
+                "secret": { "name": "gateway-cert", "namespace": "ingress" }
+            } } }
+        })
+    };
+    apply_json(&cluster, &mesh_config("contour.ingress.cluster.local"));
+
+    let ca = Arc::new(BuiltinCa::generate().unwrap());
+    let pipeline = Pipeline::new(
+        PipelineConfig {
+            quiet: Duration::from_millis(50),
+            ..PipelineConfig::default()
+        },
+        Compiler::new(ca.clone()),
+    );
+    let keeper = Keeper::Secret(client.clone()).spawn(pipeline.ingress_gateway());
+    let (updates, received) = mpsc::channel(16);
+    let source = tokio::spawn(KubeSource::new(client.clone()).run(updates));
+    let compiling = tokio::spawn(pipeline.run(received, Arc::new(SnapshotStore::new())));
+
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(client.clone(), "ingress");
+    let holding = |san: &'static str| {
+        let secrets = secrets.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(60), async {
+                loop {
+                    if let Ok(Some(secret)) = secrets.get_opt("gateway-cert").await {
+                        let data = secret.data.clone().unwrap_or_default();
+                        if data
+                            .get("tls.crt")
+                            .is_some_and(|c| dns_names(&c.0) == [san])
+                        {
+                            return secret;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("the Secret never held a certificate for {san}"))
+        }
+    };
+    let secret = holding("contour.ingress.cluster.local").await;
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    let data = secret.data.unwrap();
+    assert_eq!(
+        std::str::from_utf8(&data["ca.crt"].0).unwrap(),
+        &*trellis_leader::ca::CertificateIssuer::trust_bundle(ca.as_ref()),
+        "ca.crt is the mesh's roots"
+    );
+    assert!(std::str::from_utf8(&data["tls.key"].0)
+        .unwrap()
+        .contains("PRIVATE KEY"));
+
+    // A new name in the MeshConfig: a new certificate in the same Secret.
+    apply_json(&cluster, &mesh_config("nginx.ingress.cluster.local"));
+    holding("nginx.ingress.cluster.local").await;
+    for task in [
+        source.abort_handle(),
+        compiling.abort_handle(),
+        keeper.abort_handle(),
+    ] {
+        task.abort();
     }
 }

@@ -291,3 +291,25 @@ fn renewal_falls_between_seven_and_nine_twelfths_of_life() {
         "spread, not fixed: {early} of 200 early"
     );
 }
+
+#[test]
+fn a_leaf_matches_only_the_request_naming_exactly_its_names() {
+    let ca = BuiltinCa::generate().unwrap();
+    let identity = Identity::new("ingress", "contour");
+    let day = Duration::from_secs(24 * 3600);
+    let request = LeafRequest::identity(&identity, "cluster.local", day);
+    let leaf = ca.issue(&request).unwrap();
+    assert!(request.names_match(&leaf));
+    // An ingress gateway certificate asked for under the same common name
+    // is not that identity's leaf: a replica must not hand the one out
+    // for the other.
+    let gateway = LeafRequest::ingress_gateway(&crate::catalog::IngressGateway {
+        subject_alt_names: vec![request.common_name.clone()],
+        validity: day,
+        secret_namespace: "ingress".to_owned(),
+        secret_name: "gateway".to_owned(),
+    });
+    assert_eq!(gateway.common_name, request.common_name);
+    assert!(!gateway.names_match(&leaf));
+    assert!(gateway.names_match(&ca.issue(&gateway).unwrap()));
+}

@@ -16,10 +16,10 @@ use k8s_openapi::{
 };
 
 use super::{
-    policy, AppProtocol, Catalog, Endpoint, Identity, MeshPod, MeshService, MeshSettings, Problem,
-    ServiceKey, ServicePort, MONITORED_BY,
+    is_dns_name, is_object_name, policy, AppProtocol, Catalog, Endpoint, Identity, IngressGateway,
+    MeshPod, MeshService, MeshSettings, Problem, ServiceKey, ServicePort, MONITORED_BY,
 };
-use crate::kinds::{MeshConfig, Object, ObjectRef};
+use crate::kinds::{IngressGatewaySpec, MeshConfig, Object, ObjectRef};
 
 /// The MeshConfig Trellis reads.
 const MESH_CONFIG_NAME: &str = "osm-mesh-config";
@@ -266,7 +266,49 @@ fn mesh_settings(
             )),
         }
     }
+    if let Some(gateway) = &config.spec.certificate.ingress_gateway {
+        match ingress_gateway(gateway) {
+            Ok(gateway) => settings.ingress_gateway = Some(gateway),
+            Err(reason) => problems.push(Problem::new(
+                r,
+                format!("certificate.ingressGateway: {reason}; no ingress gateway certificate is issued"),
+            )),
+        }
+    }
     settings
+}
+
+fn ingress_gateway(spec: &IngressGatewaySpec) -> Result<IngressGateway, String> {
+    if spec.subject_alt_names.is_empty() {
+        return Err("subjectAltNames is empty".to_owned());
+    }
+    if let Some(bad) = (spec.subject_alt_names.iter()).find(|name| !is_dns_name(name)) {
+        return Err(format!(
+            "subject alternative name {bad:?} is not a DNS name"
+        ));
+    }
+    let validity = parse_go_duration(&spec.validity_duration)
+        .filter(|d| (MIN_CERT_VALIDITY..=MAX_CERT_VALIDITY).contains(d))
+        .ok_or_else(|| {
+            format!(
+                "validityDuration {:?} is not a duration from 10s to 87600h",
+                spec.validity_duration
+            )
+        })?;
+    for (field, value) in [
+        ("secret.name", &spec.secret.name),
+        ("secret.namespace", &spec.secret.namespace),
+    ] {
+        if !is_object_name(value) {
+            return Err(format!("{field} {value:?} is not a Kubernetes object name"));
+        }
+    }
+    Ok(IngressGateway {
+        subject_alt_names: spec.subject_alt_names.clone(),
+        validity,
+        secret_namespace: spec.secret.namespace.clone(),
+        secret_name: spec.secret.name.clone(),
+    })
 }
 
 /// Parses Go durations such as `24h`, `1h30m`, `90s`.

@@ -1,9 +1,15 @@
 //! IngressBackend policies (OSM-SEMANTICS, "Ingress"): which clients
 //! outside the mesh (an ingress controller) may reach which ports of a
-//! meshed service over plain HTTP, from which addresses: an `IPRange`, or
-//! the endpoints of a `Service` (followed as they change). HTTPS backends
-//! and `AuthenticatedPrincipal` sources are not implemented yet and are
-//! reported on the object.
+//! meshed service, from which addresses (an `IPRange`, or the endpoints of
+//! a `Service`, followed as they change) and, for `https` backends, with
+//! which certificate (`AuthenticatedPrincipal`: a name the client
+//! certificate must carry). As in OSM, `skipClientCertValidation` accepts
+//! any client certificate or none, so the object's principals no longer
+//! restrict anything; its address sources still do.
+//!
+//! OSM ignored what did not fit (a principal on an `http` backend, `tls`
+//! on one, two objects making one port both `http` and `https`); here each
+//! is a problem on the object, which is then skipped.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -12,12 +18,15 @@ use std::{
 
 use super::{
     egress::{host_range, range},
+    is_dns_name,
     policy::{referenced_rules, Groups},
     HttpRule, MeshService, MeshSettings, Problem, ServiceKey,
 };
 use crate::kinds::{IngressBackend, Object, ObjectRef};
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The longest principal name: a URI SAN is rarely longer.
+const MAX_PRINCIPAL: usize = 1024;
 
 /// One backend port of one IngressBackend.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -26,10 +35,25 @@ pub struct IngressRule {
     pub name: String,
     /// The backend's target port.
     pub port: u16,
-    /// Where connections may come from, as (address, prefix length).
-    pub ranges: Vec<(IpAddr, u8)>,
+    /// Where connections may come from, as (address, prefix length);
+    /// `None`: from anywhere (an `https` backend whose sources are all
+    /// principals).
+    pub ranges: Option<Vec<(IpAddr, u8)>>,
     /// The requests allowed; empty means any.
     pub http: Vec<HttpRule>,
+    /// For an `https` backend: how clients are checked.
+    pub tls: Option<IngressTls>,
+}
+
+/// How an `https` backend checks the ingress connecting to it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IngressTls {
+    /// The SNI names it answers; empty means any.
+    pub sni_hosts: Vec<String>,
+    /// The names a client certificate may carry (from
+    /// `AuthenticatedPrincipal` sources; empty: any certificate the mesh
+    /// CA signed); `None`: client certificates are not validated.
+    pub principals: Option<Vec<String>>,
 }
 
 /// The valid IngressBackends' rules by backend service, and the services
@@ -59,7 +83,25 @@ pub(super) fn build(
             ));
             continue;
         }
-        match rules(objects, r, backend, groups, services, &mut ingress.sources) {
+        let found =
+            rules(objects, r, backend, groups, services, &mut ingress.sources).and_then(|found| {
+                found.iter().try_for_each(|(service, rule)| {
+                    let taken = (ingress.rules.get(service).into_iter().flatten()).find(|other| {
+                        other.port == rule.port && other.tls.is_some() != rule.tls.is_some()
+                    });
+                    match taken {
+                        Some(other) => Err(format!(
+                            "port {} of {service} is already an {} backend of IngressBackend {}",
+                            rule.port,
+                            if other.tls.is_some() { "https" } else { "http" },
+                            other.name
+                        )),
+                        None => Ok(()),
+                    }
+                })?;
+                Ok(found)
+            });
+        match found {
             Ok(found) => {
                 for (service, rule) in found {
                     ingress.rules.entry(service).or_default().push(rule);
@@ -85,10 +127,15 @@ fn rules(
     followed: &mut BTreeSet<ServiceKey>,
 ) -> Result<Vec<(ServiceKey, IngressRule)>, String> {
     let spec = &backend.spec;
-    let mut ranges = Vec::new();
+    if spec.sources.is_empty() {
+        return Err("no sources".to_owned());
+    }
+    // `None` until an address source is seen: then only those addresses.
+    let mut ranges: Option<Vec<(IpAddr, u8)>> = None;
+    let mut principals = Vec::new();
     for source in &spec.sources {
         match source.kind.as_str() {
-            "IPRange" => ranges.push(
+            "IPRange" => ranges.get_or_insert_with(Vec::new).push(
                 range(&source.name)
                     .ok_or_else(|| format!("source IPRange {:?} is not a CIDR", source.name))?,
             ),
@@ -102,31 +149,67 @@ fn rules(
                     namespace: namespace.clone(),
                     name: source.name.clone(),
                 };
-                ranges.extend(endpoints_of(objects, &key).into_iter().map(host_range));
+                (ranges.get_or_insert_with(Vec::new))
+                    .extend(endpoints_of(objects, &key).into_iter().map(host_range));
                 followed.insert(key);
             }
             "AuthenticatedPrincipal" => {
-                return Err("AuthenticatedPrincipal sources (https backends) are not implemented by this version of Trellis; the object has no effect".to_owned())
+                let name = &source.name;
+                if name.is_empty()
+                    || name.len() > MAX_PRINCIPAL
+                    || name.chars().any(char::is_whitespace)
+                {
+                    return Err(format!(
+                        "source AuthenticatedPrincipal {name:?} is not a certificate name"
+                    ));
+                }
+                principals.push(name.clone());
             }
-            other => return Err(format!("source kind {other:?} is not Service, IPRange or AuthenticatedPrincipal")),
+            other => {
+                return Err(format!(
+                    "source kind {other:?} is not Service, IPRange or AuthenticatedPrincipal"
+                ))
+            }
         }
     }
-    if spec.sources.is_empty() {
-        return Err("no sources".to_owned());
+    if let Some(ranges) = &mut ranges {
+        ranges.sort();
+        ranges.dedup();
     }
-    ranges.sort();
-    ranges.dedup();
+    principals.sort();
+    principals.dedup();
     let http = referenced_rules(&r.namespace, &spec.matches, groups)?;
     let mut found = Vec::new();
     for target in &spec.backends {
-        match target.port.protocol.as_str() {
-            "http" => {}
-            "https" => return Err(format!(
-                "backend {}: https backends are not implemented by this version of Trellis; the object has no effect",
-                target.name
-            )),
-            other => return Err(format!("backend {}: protocol {other:?} is not http or https", target.name)),
-        }
+        let tls = match (target.port.protocol.as_str(), &target.tls) {
+            ("http", Some(_)) => {
+                return Err(format!("backend {}: tls applies only to https backends", target.name))
+            }
+            ("http", None) if !principals.is_empty() => {
+                return Err(format!(
+                    "backend {}: AuthenticatedPrincipal sources need an https backend; this one is http",
+                    target.name
+                ))
+            }
+            ("http", None) if ranges.is_none() => {
+                return Err(format!("backend {}: an http backend needs an IPRange or Service source", target.name))
+            }
+            ("http", None) => None,
+            ("https", tls) => {
+                let tls = tls.clone().unwrap_or_default();
+                if let Some(bad) = tls.sni_hosts.iter().find(|h| !is_dns_name(h)) {
+                    return Err(format!("backend {}: sniHosts entry {bad:?} is not a DNS name", target.name));
+                }
+                let mut sni_hosts = tls.sni_hosts;
+                sni_hosts.sort();
+                sni_hosts.dedup();
+                Some(IngressTls {
+                    sni_hosts,
+                    principals: (!tls.skip_client_cert_validation).then(|| principals.clone()),
+                })
+            }
+            (other, _) => return Err(format!("backend {}: protocol {other:?} is not http or https", target.name)),
+        };
         let key = ServiceKey {
             namespace: r.namespace.clone(),
             name: target.name.clone(),
@@ -151,6 +234,7 @@ fn rules(
                 port: target.port.number,
                 ranges: ranges.clone(),
                 http: http.clone(),
+                tls,
             },
         ));
     }

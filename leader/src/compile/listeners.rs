@@ -33,7 +33,9 @@ use trellis_proto::pb::{
                     tcp_proxy::v3::{tcp_proxy, TcpProxy},
                 },
             },
-            transport_sockets::tls::v3::{CommonTlsContext, DownstreamTlsContext},
+            transport_sockets::tls::v3::{
+                common_tls_context::ValidationContextType, CommonTlsContext, DownstreamTlsContext,
+            },
         },
         r#type::v3::Int32Range,
     },
@@ -42,7 +44,7 @@ use trellis_proto::pb::{
 
 use super::{
     envoy::{ads, any, exact, names, sds, socket, tls_socket, types, ALPN},
-    ingress::IngressChain,
+    ingress::{Admission, IngressChain},
     names as resource, Backend,
 };
 use crate::catalog::Identity;
@@ -287,44 +289,143 @@ pub(crate) struct InboundChain {
     pub(crate) allowed: Option<BTreeSet<Identity>>,
 }
 
-fn network_rbac(stat_prefix: &str, allowed: &BTreeSet<Identity>, trust_domain: &str) -> Filter {
-    let principals: Vec<Principal> = allowed
-        .iter()
-        .map(|i| Principal {
-            identifier: Some(principal::Identifier::Authenticated(
-                principal::Authenticated {
-                    principal_name: Some(exact(&i.principal(trust_domain))),
-                },
-            )),
-        })
-        .collect();
-    // An ALLOW policy with no principals allows nobody, which is the point.
-    let policies = if principals.is_empty() {
-        Default::default()
-    } else {
-        [(
-            "allowed-sources".to_owned(),
-            Policy {
-                permissions: vec![Permission {
-                    rule: Some(permission::Rule::Any(true)),
-                }],
-                principals,
-                ..Default::default()
+/// A principal whose certificate carries `name` (`None`: any certificate
+/// the listener validated).
+fn authenticated(name: Option<&str>) -> Principal {
+    Principal {
+        identifier: Some(principal::Identifier::Authenticated(
+            principal::Authenticated {
+                principal_name: name.map(exact),
             },
-        )]
-        .into_iter()
-        .collect()
-    };
+        )),
+    }
+}
+
+fn any_of(ids: Vec<Principal>) -> Principal {
+    Principal {
+        identifier: Some(principal::Identifier::OrIds(principal::Set { ids })),
+    }
+}
+
+/// A network RBAC filter allowing what any of `policies` (name, any of
+/// whom) allows. An ALLOW filter with no policies allows nobody, which is
+/// the point when nobody is allowed.
+fn network_rbac(stat_prefix: &str, policies: Vec<(String, Vec<Principal>)>) -> Filter {
     let rbac = NetworkRbac {
         stat_prefix: stat_prefix.to_owned(),
         rules: Some(Rbac {
             action: Action::Allow as i32,
-            policies,
+            policies: (policies.into_iter())
+                .map(|(name, principals)| {
+                    let policy = Policy {
+                        permissions: vec![Permission {
+                            rule: Some(permission::Rule::Any(true)),
+                        }],
+                        principals,
+                        ..Default::default()
+                    };
+                    (name, policy)
+                })
+                .collect(),
             ..Default::default()
         }),
         ..Default::default()
     };
     network_filter(names::NETWORK_RBAC, types::NETWORK_RBAC, &rbac)
+}
+
+/// The mesh identities allowed on an inbound chain.
+fn identities_rbac(stat_prefix: &str, allowed: &BTreeSet<Identity>, trust_domain: &str) -> Filter {
+    let principals: Vec<Principal> = (allowed.iter())
+        .map(|i| authenticated(Some(&i.principal(trust_domain))))
+        .collect();
+    let policies = if principals.is_empty() {
+        Vec::new()
+    } else {
+        vec![("allowed-sources".to_owned(), principals)]
+    };
+    network_rbac(stat_prefix, policies)
+}
+
+/// Who an `https` ingress chain admits: per rule, its address ranges and
+/// its principals, both.
+fn ingress_rbac(stat_prefix: &str, admitted: &[Admission]) -> Filter {
+    let policies = (admitted.iter().enumerate())
+        .map(|(i, (ranges, principals))| {
+            let mut both = Vec::new();
+            if let Some(ranges) = ranges {
+                both.push(any_of(
+                    (ranges.iter())
+                        .map(|r| Principal {
+                            identifier: Some(principal::Identifier::DirectRemoteIp(cidr(r))),
+                        })
+                        .collect(),
+                ));
+            }
+            match principals.as_deref() {
+                Some([]) => both.push(authenticated(None)),
+                Some(names) => both.push(any_of(
+                    names.iter().map(|n| authenticated(Some(n))).collect(),
+                )),
+                None => {}
+            }
+            let principal = Principal {
+                identifier: Some(if both.is_empty() {
+                    principal::Identifier::Any(true)
+                } else {
+                    principal::Identifier::AndIds(principal::Set { ids: both })
+                }),
+            };
+            (format!("ingress-{i}"), vec![principal])
+        })
+        .collect();
+    network_rbac(stat_prefix, policies)
+}
+
+/// The chain an ingress controller outside the mesh connects through.
+fn ingress_chain(identity: &Identity, c: &IngressChain) -> FilterChain {
+    let mut filter_chain_match = FilterChainMatch {
+        destination_port: Some(UInt32Value {
+            value: c.target_port.into(),
+        }),
+        transport_protocol: "raw_buffer".to_owned(),
+        source_prefix_ranges: c.ranges.iter().map(cidr).collect(),
+        ..Default::default()
+    };
+    let hcm = hcm(&c.name, &c.route_config, Side::Ingress);
+    let Some(https) = &c.tls else {
+        return FilterChain {
+            name: c.name.clone(),
+            filter_chain_match: Some(filter_chain_match),
+            filters: vec![hcm],
+            ..Default::default()
+        };
+    };
+    filter_chain_match.transport_protocol = "tls".to_owned();
+    filter_chain_match.server_names = https.sni_hosts.clone();
+    let tls = DownstreamTlsContext {
+        require_client_certificate: Some(BoolValue {
+            value: https.require,
+        }),
+        common_tls_context: Some(CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![sds(&resource::service_cert(identity))],
+            validation_context_type: https.validate.then(|| {
+                ValidationContextType::ValidationContextSdsSecretConfig(sds(
+                    &resource::inbound_root(identity),
+                ))
+            }),
+            alpn_protocols: vec!["h2".to_owned(), "http/1.1".to_owned()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    FilterChain {
+        name: c.name.clone(),
+        filter_chain_match: Some(filter_chain_match),
+        filters: vec![ingress_rbac(&c.name, &https.admitted), hcm],
+        transport_socket: Some(tls_socket(types::DOWNSTREAM_TLS, &tls)),
+        ..Default::default()
+    }
 }
 
 /// `inbound-listener`; `None` when the class backs no service.
@@ -341,11 +442,9 @@ pub(crate) fn inbound(
         require_client_certificate: Some(BoolValue { value: true }),
         common_tls_context: Some(CommonTlsContext {
             tls_certificate_sds_secret_configs: vec![sds(&resource::service_cert(identity))],
-            validation_context_type: Some(
-                trellis_proto::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
-                    sds(&resource::inbound_root(identity)),
-                ),
-            ),
+            validation_context_type: Some(ValidationContextType::ValidationContextSdsSecretConfig(
+                sds(&resource::inbound_root(identity)),
+            )),
             alpn_protocols: vec![ALPN.to_owned()],
             ..Default::default()
         }),
@@ -356,7 +455,7 @@ pub(crate) fn inbound(
         .map(|c| {
             let mut filters = Vec::new();
             if let Some(allowed) = &c.allowed {
-                filters.push(network_rbac(&c.name, allowed, trust_domain));
+                filters.push(identities_rbac(&c.name, allowed, trust_domain));
             }
             filters.push(match &c.route_config {
                 Some(route_config) => hcm(&c.name, route_config, Side::Inbound),
@@ -384,19 +483,7 @@ pub(crate) fn inbound(
                 ..Default::default()
             }
         })
-        .chain(ingress.iter().map(|c| FilterChain {
-            name: c.name.clone(),
-            filter_chain_match: Some(FilterChainMatch {
-                destination_port: Some(UInt32Value {
-                    value: c.target_port.into(),
-                }),
-                transport_protocol: "raw_buffer".to_owned(),
-                source_prefix_ranges: c.ranges.iter().map(cidr).collect(),
-                ..Default::default()
-            }),
-            filters: vec![hcm(&c.name, &c.route_config, Side::Ingress)],
-            ..Default::default()
-        }))
+        .chain(ingress.iter().map(|c| ingress_chain(identity, c)))
         .collect();
     Some(Listener {
         name: INBOUND.to_owned(),

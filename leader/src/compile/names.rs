@@ -90,8 +90,9 @@ pub(crate) fn egress_routes(port: u16) -> String {
     format!("rds-egress.{port}")
 }
 
-pub(crate) fn ingress_chain(service: &ServiceKey, target_port: u16) -> String {
-    format!("ingress_{service}_{target_port}_http")
+/// `ingress_<ns>/<svc>_<targetPort>_<protocol>`.
+pub(crate) fn ingress_chain(service: &ServiceKey, target_port: u16, protocol: &str) -> String {
+    format!("ingress_{service}_{target_port}_{protocol}")
 }
 
 /// `rds-ingress.<targetPort>`: one backend port's ingress routes.

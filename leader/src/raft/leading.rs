@@ -33,6 +33,7 @@ use super::{
 use crate::{
     ca::{BuiltinCa, CaError, CertificateIssuer, IssuedCert, LeafRequest, RootCa, SignerId},
     compile::Compiler,
+    ingress_gateway::Keeper,
     pipeline::{Pipeline, PipelineConfig, SnapshotSink},
     publish::{Gate, Publisher},
     source::{SourceError, SourceUpdate},
@@ -49,6 +50,8 @@ pub struct Leading {
     pub source: SourceStarter,
     /// The pipeline's settings.
     pub pipeline: PipelineConfig,
+    /// Where the ingress gateway certificate is kept.
+    pub ingress_gateway: Keeper,
     /// The operator's CA directory, used by the group's first leader only.
     pub ca_dir: Option<PathBuf>,
     /// The publish port edges connect to.
@@ -86,7 +89,9 @@ impl CertificateIssuer for ReplicatedIssuer {
             .get(&request.common_name)
             .map(Leaf::cert);
         if let Some(cert) = held {
-            if cert.signer == self.ca.signer() && fresh(&cert, request.validity, SystemTime::now())
+            if cert.signer == self.ca.signer()
+                && fresh(&cert, request.validity, SystemTime::now())
+                && request.names_match(&cert)
             {
                 return Ok(cert);
             }
@@ -237,8 +242,13 @@ async fn run_term(group: &LeaderGroup, leading: &Leading) -> Result<(), GroupErr
         leading.pipeline.clone(),
         Compiler::new(issuer.clone() as Arc<dyn CertificateIssuer>),
     );
+    let keeper = leading.ingress_gateway.spawn(pipeline.ingress_gateway());
     let pipeline = tokio::spawn(pipeline.run(received, Arc::new(Handoff(handoff))));
-    let _stop = AbortOnDrop(vec![source.abort_handle(), pipeline.abort_handle()]);
+    let _stop = AbortOnDrop(vec![
+        source.abort_handle(),
+        pipeline.abort_handle(),
+        keeper.abort_handle(),
+    ]);
 
     let store = Arc::new(SnapshotStore::new());
     let mut published = 0u64;

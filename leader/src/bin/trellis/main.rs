@@ -34,6 +34,7 @@ use trellis_edge::{Edge, EdgeConfig, EdgeTls, SnapshotStore, TlsCredentials, Ups
 use trellis_leader::{
     ca::BuiltinCa,
     compile::Compiler,
+    ingress_gateway::Keeper,
     pipeline::{Pipeline, PipelineConfig, Status},
     publish::{Gate, Publisher},
     raft::{
@@ -78,6 +79,22 @@ struct Inputs {
     /// bootstrapped before a restart are no longer trusted.
     #[arg(long)]
     ca_dir: Option<PathBuf>,
+    /// With `--source files`: where the ingress gateway certificate
+    /// (MeshConfig certificate.ingressGateway) is kept, as
+    /// DIR/<secret namespace>/<secret name>/{ca.crt,tls.crt,tls.key}.
+    /// Default: a directory of this process in the temporary directory.
+    /// With `--source kube` it goes to that Secret.
+    #[arg(long)]
+    ingress_gateway_dir: Option<PathBuf>,
+}
+
+impl Inputs {
+    /// Where the ingress gateway certificate goes with the file source.
+    fn ingress_gateway_files(&self) -> Keeper {
+        Keeper::Files(self.ingress_gateway_dir.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("trellis-{}-ingress-gateway", std::process::id()))
+        }))
+    }
 }
 
 /// A leader group replica's place in its group.
@@ -384,26 +401,25 @@ async fn start_leader(inputs: Inputs, store: Arc<SnapshotStore>) -> Result<Leade
     let pipeline = pipeline(&inputs.mesh, ca.clone());
     let mut status = pipeline.status();
     let (updates, received) = mpsc::channel(64);
-    let (source, origin) = match inputs.source {
+    let (source, origin, keeper) = match inputs.source {
         SourceKind::Files => {
             require_dir(&inputs.dir)?;
             (
                 tokio::spawn(FileSource::new(&inputs.dir).run(updates)),
                 inputs.dir.display().to_string(),
+                inputs.ingress_gateway_files(),
             )
         }
         SourceKind::Kube => {
-            // kube's error renders without its cause; its debug form says why.
-            let client = kube::Client::try_default()
-                .await
-                .map_err(|e| anyhow::anyhow!("{e:?}"))
-                .context("connecting to Kubernetes (in-cluster config or kubeconfig)")?;
+            let client = kube_client().await?;
             (
-                tokio::spawn(KubeSource::new(client).run(updates)),
+                tokio::spawn(KubeSource::new(client.clone()).run(updates)),
                 "the Kubernetes API".to_owned(),
+                Keeper::Secret(client),
             )
         }
     };
+    keeper.spawn(pipeline.ingress_gateway());
     tokio::spawn(pipeline.run(received, store));
     status
         .changed()
@@ -416,6 +432,14 @@ async fn start_leader(inputs: Inputs, store: Arc<SnapshotStore>) -> Result<Leade
         ca,
         first,
     })
+}
+
+async fn kube_client() -> Result<kube::Client> {
+    // kube's error renders without its cause; its debug form says why.
+    kube::Client::try_default()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
+        .context("connecting to Kubernetes (in-cluster config or kubeconfig)")
 }
 
 async fn source_stopped(source: JoinHandle<Result<(), SourceError>>) -> Result<()> {
@@ -599,18 +623,22 @@ async fn leader_group(inputs: Inputs, publish: SocketAddr, group: GroupArgs) -> 
             bail!("--peer needs --peer-tls-dir (or --plaintext-peers for development)")
         }
     };
-    let source: SourceStarter = match inputs.source {
+    let (source, keeper): (SourceStarter, Keeper) = match inputs.source {
         SourceKind::Files => {
             require_dir(&inputs.dir)?;
             let dir = inputs.dir.clone();
-            Arc::new(move |updates| tokio::spawn(FileSource::new(&dir).run(updates)))
+            (
+                Arc::new(move |updates| tokio::spawn(FileSource::new(&dir).run(updates))),
+                inputs.ingress_gateway_files(),
+            )
         }
         SourceKind::Kube => {
-            let client = kube::Client::try_default()
-                .await
-                .map_err(|e| anyhow::anyhow!("{e:?}"))
-                .context("connecting to Kubernetes (in-cluster config or kubeconfig)")?;
-            Arc::new(move |updates| tokio::spawn(KubeSource::new(client.clone()).run(updates)))
+            let client = kube_client().await?;
+            let keeper = Keeper::Secret(client.clone());
+            (
+                Arc::new(move |updates| tokio::spawn(KubeSource::new(client.clone()).run(updates))),
+                keeper,
+            )
         }
     };
     let mut config = GroupConfig::new(id, &group.cluster, peers, &data_dir);
@@ -638,6 +666,7 @@ async fn leader_group(inputs: Inputs, publish: SocketAddr, group: GroupArgs) -> 
             mesh: inputs.mesh.clone(),
             ..PipelineConfig::default()
         },
+        ingress_gateway: keeper,
         ca_dir: inputs.ca_dir.clone(),
         gate: gate.clone(),
     };
