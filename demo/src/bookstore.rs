@@ -4,6 +4,12 @@
 //! nothing for a pure client) and a real Envoy sidecar behind the
 //! interception rules, configured by Trellis over mTLS xDS.
 //!
+//! Pods of the example in namespaces outside the mesh are stood up too,
+//! without interception or sidecar: nginx as the ingress controller when
+//! the pod's image is nginx's (proxying to the backend of the example's
+//! IngressBackend), else a server on the pod's container ports (the
+//! destination of the example's Egress policy).
+//!
 //! Trellis watches a copy of the example adapted to the pods: pod IPs
 //! become bridge addresses, cluster IPs become addresses only the sidecars'
 //! outbound listeners know, and every pod is annotated for Prometheus, as
@@ -13,15 +19,17 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
 
+use k8s_openapi::api::core::v1::Pod as PodObject;
 use trellis_leader::{
     ca::BuiltinCa,
     catalog::{self, AppProtocol, Catalog, ServiceKey},
+    kinds::{Object, ObjectRef},
     pipeline::PipelineConfig,
     source::files::FileSource,
 };
@@ -29,6 +37,7 @@ use trellis_leader::{
 use crate::{
     control::ControlPlane,
     error::{io, DemoError},
+    nginx,
     pods::{Binaries, Net, Pod},
 };
 
@@ -36,6 +45,8 @@ use crate::{
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The first pod's host number on the bridge.
 const FIRST_POD: u8 = 10;
+/// Where the ingress controller listens in its pod.
+pub const INGRESS_PORT: u16 = 80;
 
 /// How to stand the bookstore up.
 #[derive(Clone, Debug)]
@@ -70,39 +81,87 @@ pub struct Bookstore {
     // Dropped in this order: pods, then their bridge (held only to be
     // deleted then), then Trellis.
     pods: BTreeMap<String, Pod>,
+    outside: BTreeMap<String, Pod>,
     _net: Net,
     control: ControlPlane,
     services: Vec<ServiceAddress>,
     dir: PathBuf,
 }
 
+/// What a pod outside the mesh runs.
+enum Outside {
+    /// nginx, as the ingress controller.
+    Ingress,
+    /// The demo's server, on these HTTP ports.
+    Server(Vec<u16>),
+}
+
 /// Where each pod and service of the example goes.
 struct Layout {
     /// Pod `<ns>/<name>` → its host number on the bridge.
     pods: BTreeMap<String, u8>,
+    /// Pods outside the mesh: host number and what they run.
+    outside: BTreeMap<String, (u8, Outside)>,
     /// The example's addresses → the bridge's.
     addresses: HashMap<IpAddr, IpAddr>,
     services: Vec<ServiceAddress>,
 }
 
 impl Layout {
-    fn of(catalog: &Catalog, net: &Net) -> Result<Layout, DemoError> {
+    fn of(
+        catalog: &Catalog,
+        objects: &BTreeMap<ObjectRef, Object>,
+        net: &Net,
+    ) -> Result<Layout, DemoError> {
+        let outside: Vec<(String, &PodObject)> = (objects.iter())
+            .filter_map(|(r, object)| match object {
+                Object::Pod(pod) => Some((format!("{}/{}", r.namespace, r.name), pod)),
+                _ => None,
+            })
+            .filter(|(name, _)| !catalog.pods.contains_key(name))
+            .collect();
         let room = usize::from(u8::MAX - FIRST_POD);
-        let needed = catalog.pods.len().max(catalog.services.len());
+        let needed = (catalog.pods.len() + outside.len()).max(catalog.services.len());
         if needed > room {
             return Err(DemoError::TooLarge { needed, room });
         }
         let mut layout = Layout {
             pods: BTreeMap::new(),
+            outside: BTreeMap::new(),
             addresses: HashMap::new(),
             services: Vec::new(),
         };
-        for (host, pod) in (FIRST_POD..).zip(catalog.pods.values()) {
+        let mut hosts = FIRST_POD..;
+        // Pods first in each zip: a host number is taken only for a pod.
+        for (pod, host) in catalog.pods.values().zip(hosts.by_ref()) {
             layout.pods.insert(pod.name.clone(), host);
             if let Some(ip) = pod.ip {
                 let new = net.pod_address(host);
                 layout.addresses.insert(ip, IpAddr::V4(new));
             }
+        }
+        for ((name, pod), host) in outside.into_iter().zip(hosts) {
+            let ip = (pod.status.as_ref())
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|ip| ip.parse::<IpAddr>().ok());
+            if let Some(ip) = ip {
+                layout
+                    .addresses
+                    .insert(ip, IpAddr::V4(net.pod_address(host)));
+            }
+            let containers = pod.spec.iter().flat_map(|s| &s.containers);
+            let runs = if containers
+                .clone()
+                .any(|c| c.image.as_deref().is_some_and(|i| i.contains("nginx")))
+            {
+                Outside::Ingress
+            } else {
+                let ports = (containers.flat_map(|c| c.ports.iter().flatten()))
+                    .filter_map(|p| u16::try_from(p.container_port).ok())
+                    .collect();
+                Outside::Server(ports)
+            };
+            layout.outside.insert(name, (host, runs));
         }
         let with_ip = catalog
             .services
@@ -158,15 +217,16 @@ impl Bookstore {
             .map(|o| (o.object_ref(), o.clone()))
             .collect();
         let catalog = catalog::build(&objects, &config.pipeline.mesh);
-        let layout = Layout::of(&catalog, &net)?;
+        let layout = Layout::of(&catalog, &objects, &net)?;
 
         let dir = std::env::temp_dir().join(format!("trellis-bookstore-{}", config.subnet));
         let _ = std::fs::remove_dir_all(&dir);
         // What was stood up before a failure goes as it drops; the copy
         // goes here.
         match Bookstore::start(&config, &catalog, &layout, &net, &dir).await {
-            Ok((pods, control)) => Ok(Bookstore {
+            Ok((pods, outside, control)) => Ok(Bookstore {
                 pods,
+                outside,
                 _net: net,
                 control,
                 services: layout.services,
@@ -187,7 +247,7 @@ impl Bookstore {
         layout: &Layout,
         net: &Net,
         dir: &Path,
-    ) -> Result<(BTreeMap<String, Pod>, ControlPlane), DemoError> {
+    ) -> Result<(BTreeMap<String, Pod>, BTreeMap<String, Pod>, ControlPlane), DemoError> {
         copy_adapted(&config.example, dir, &layout.addresses)?;
         let host = IpAddr::V4(net.host());
         let control =
@@ -205,10 +265,30 @@ impl Bookstore {
             }
             pods.insert(name.clone(), pod);
         }
+        let mut outside = BTreeMap::new();
+        for (name, (host, runs)) in &layout.outside {
+            let (namespace, short) = name.split_once('/').unwrap_or(("", name));
+            let pod = net.pod(short, *host, &config.binaries)?;
+            pod.set_hosts(&layout.hosts(namespace))?;
+            match runs {
+                Outside::Ingress => {
+                    nginx::start(&pod, INGRESS_PORT, &ingress_upstreams(catalog, layout))?
+                }
+                Outside::Server(ports) => {
+                    let mut args = vec!["serve".to_owned(), "--pod".to_owned(), name.clone()];
+                    for port in ports {
+                        args.extend(["--http".to_owned(), port.to_string()]);
+                    }
+                    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                    pod.start_app(&args)?;
+                }
+            }
+            outside.insert(name.clone(), pod);
+        }
         for pod in pods.values() {
             pod.wait_envoy_ready(READY_TIMEOUT).await?;
         }
-        Ok((pods, control))
+        Ok((pods, outside, control))
     }
 
     /// The pod `<ns>/<name>`.
@@ -216,9 +296,15 @@ impl Bookstore {
         self.pods.get(name)
     }
 
-    /// Every pod, by `<ns>/<name>`.
+    /// Every meshed pod, by `<ns>/<name>`.
     pub fn pods(&self) -> &BTreeMap<String, Pod> {
         &self.pods
+    }
+
+    /// The pods outside the mesh (the ingress controller, the egress
+    /// destination), by `<ns>/<name>`.
+    pub fn outside(&self) -> &BTreeMap<String, Pod> {
+        &self.outside
     }
 
     /// The services with a cluster IP.
@@ -264,8 +350,25 @@ impl Drop for Bookstore {
     fn drop(&mut self) {
         // Pods before the bridge (field order drops the rest after this).
         self.pods.clear();
+        self.outside.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Where the ingress controller sends requests: the pods of the first
+/// IngressBackend's backend, on its port, at their bridge addresses.
+fn ingress_upstreams(catalog: &Catalog, layout: &Layout) -> Vec<SocketAddr> {
+    let Some((service, rules)) = catalog.ingress.iter().next() else {
+        return Vec::new();
+    };
+    let Some(port) = rules.first().map(|r| r.port) else {
+        return Vec::new();
+    };
+    (catalog.services.get(service).into_iter())
+        .flat_map(|s| &s.endpoints)
+        .filter_map(|e| layout.addresses.get(&e.ip))
+        .map(|ip| SocketAddr::new(*ip, port))
+        .collect()
 }
 
 /// `serve` arguments for the application of pod `name`: the target ports

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use http::Method;
 use tokio::{io::AsyncWriteExt, net::TcpListener, task::JoinSet};
-use trellis_demo::{app, Binaries, Bookstore, BookstoreConfig};
+use trellis_demo::{app, bookstore::INGRESS_PORT, Binaries, Bookstore, BookstoreConfig};
 use trellis_leader::{ca::BuiltinCa, pipeline::PipelineConfig};
 
 /// How long one request of `get` or `tcp` may take.
@@ -147,7 +147,13 @@ fn print_guide(bookstore: &Bookstore) -> Result<()> {
         "\nPods (each with an Envoy sidecar as UID 1500, and a server if it backs a service):"
     );
     for (name, pod) in bookstore.pods() {
-        println!("  {name:32} {:14} netns {}", pod.ip(), pod.netns());
+        println!("  {name:42} {:14} netns {}", pod.ip(), pod.netns());
+    }
+    if !bookstore.outside().is_empty() {
+        println!("Pods outside the mesh (no interception, no sidecar):");
+        for (name, pod) in bookstore.outside() {
+            println!("  {name:42} {:14} netns {}", pod.ip(), pod.netns());
+        }
     }
     println!("Services (cluster IPs only the sidecars route; pods resolve the names):");
     for service in bookstore.services() {
@@ -155,7 +161,7 @@ fn print_guide(bookstore: &Bookstore) -> Result<()> {
             .map(|(port, protocol)| format!("{port}/{}", protocol.as_str()))
             .collect();
         println!(
-            "  {:32} {:14} {}",
+            "  {:42} {:14} {}",
             service.key.to_string(),
             service.ip,
             ports.join(" ")
@@ -200,6 +206,26 @@ fn print_guide(bookstore: &Bookstore) -> Result<()> {
                 app.display()
             ),
         ));
+    }
+    let outside = |pod: &str| bookstore.outside().get(pod);
+    if let Some(nginx) = outside("ingress-nginx/ingress-nginx-controller-0") {
+        tries.push((
+            "nginx, outside the mesh, reaches bookstore-v1 as the IngressBackend allows (plain HTTP into its sidecar)",
+            format!(
+                "ip netns exec {} curl -s http://127.0.0.1:{INGRESS_PORT}/books-bought",
+                nginx.netns()
+            ),
+        ));
+    }
+    if let Some(api) = outside("outside/books-api-0") {
+        for (pod, what) in [
+            ("bookbuyer/bookbuyer-0", "bookbuyer reaches the books API outside the mesh: its Egress policy names the address and port"),
+            ("bookthief/bookthief-0", "bookthief has no Egress policy (and global egress is off): refused"),
+        ] {
+            if let Some(netns) = netns(pod) {
+                tries.push((what, format!("ip netns exec {netns} curl -s http://{}/", api.ip())));
+            }
+        }
     }
     if let Some((_, pod)) = bookstore.pods().iter().next() {
         tries.push((

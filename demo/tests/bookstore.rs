@@ -1,7 +1,9 @@
 //! The bookstore example end to end: six pods in network namespaces, each
 //! with its application and a real Envoy sidecar behind the sidecar's
 //! iptables interception, configured by Trellis over mTLS xDS from a
-//! watched copy of `examples/bookstore`. One test in steps: the mesh is
+//! watched copy of `examples/bookstore`; beside them, outside the mesh, a
+//! real nginx as the ingress controller and a server as the egress
+//! destination. One test in steps: the mesh is
 //! stood up once and each step leaves it as the next expects.
 //!
 //! Needs root, `ip netns` and iptables; without them it fails saying which
@@ -21,7 +23,9 @@ use std::{
 
 use anyhow::{anyhow, ensure, Context, Result};
 use support::{envoy_binary, eventually};
-use trellis_demo::{app, Binaries, Bookstore, BookstoreConfig, DemoError, Pod};
+use trellis_demo::{
+    app, bookstore::INGRESS_PORT, nginx, Binaries, Bookstore, BookstoreConfig, DemoError, Pod,
+};
 use trellis_leader::{ca::BuiltinCa, pipeline::PipelineConfig};
 
 const STORE: &str = "http://bookstore.bookstore:14001";
@@ -48,6 +52,10 @@ spec:
 
 fn pod<'a>(mesh: &'a Bookstore, name: &str) -> Result<&'a Pod> {
     mesh.pod(name).with_context(|| format!("no pod {name}"))
+}
+
+fn outside<'a>(mesh: &'a Bookstore, name: &str) -> Result<&'a Pod> {
+    (mesh.outside().get(name)).with_context(|| format!("no pod {name} outside the mesh"))
 }
 
 /// Each sidecar's statistics that moved and what it complained of, for a
@@ -253,6 +261,41 @@ async fn the_bookstore_mesh_works_end_to_end_with_real_envoys() -> Result<()> {
         Ok(404)
     );
     assert_eq!(status(buyer, "POST", &books_bought).await, Ok(404));
+
+    // From outside the mesh: nginx, the ingress controller, reaches
+    // bookstore-v1 as the example's IngressBackend allows (plain HTTP into
+    // v1's sidecar); bookbuyer reaches the books API outside by its Egress
+    // policy, and bookthief, with none, does not.
+    let nginx = outside(&mesh, "ingress-nginx/ingress-nginx-controller-0")?;
+    let through_nginx = format!("http://127.0.0.1:{INGRESS_PORT}/books-bought");
+    settle(&mesh, "nginx to reach bookstore-v1", || async {
+        status(nginx, "GET", &through_nginx).await == Ok(200)
+    })
+    .await
+    .with_context(|| nginx::error_log(nginx))?;
+    let answer =
+        (nginx.get(&through_nginx).await?.answer()).context("not bookstore-v1's answer")?;
+    ensure!(answer.pod == V1, "{answer:?}");
+    ensure!(
+        store
+            .envoy_stat("http.ingress_bookstore/bookstore-v1_14001_http.downstream_rq_2xx")
+            .await
+            >= 1,
+        "not through bookstore-v1's ingress chain"
+    );
+    let api = outside(&mesh, "outside/books-api-0")?;
+    let api_url = format!("http://{}/", api.ip());
+    settle(&mesh, "bookbuyer to reach the books API", || async {
+        status(buyer, "GET", &api_url).await == Ok(200)
+    })
+    .await?;
+    let answer = (buyer.get(&api_url).await?.answer()).context("not the books API's answer")?;
+    ensure!(answer.pod == "outside/books-api-0", "{answer:?}");
+    ensure!(
+        refused(thief, &api_url).await,
+        "{:?}",
+        status(thief, "GET", &api_url).await
+    );
 
     // bookthief is named by no TrafficTarget: it has no route at all.
     ensure!(

@@ -22,19 +22,20 @@ use trellis_proto::pb::{
         config::{
             bootstrap::v3::{bootstrap, Bootstrap},
             cluster::v3::{cluster, Cluster},
-            core::v3::Node,
+            core::v3::{transport_socket, Node},
             endpoint::v3::ClusterLoadAssignment,
             listener::v3::{filter, FilterChain, Listener},
             route::v3::{route, route_action, RouteConfiguration},
         },
         extensions::{
+            filters::network::rbac::v3::Rbac as NetworkRbac,
             filters::network::{
                 http_connection_manager::v3::{
                     http_connection_manager::ForwardClientCertDetails, HttpConnectionManager,
                 },
                 tcp_proxy::v3::{tcp_proxy, TcpProxy},
             },
-            transport_sockets::tls::v3::Secret,
+            transport_sockets::tls::v3::{DownstreamTlsContext, Secret},
         },
     },
     google::protobuf::Any,
@@ -227,6 +228,8 @@ fn outbound_chains_follow_traffic_targets_and_splits() {
             "outbound_bookstore/bookstore_14001_http",
             "outbound_bookstore/bookstore-v1_14001_http",
             "outbound_bookstore/bookstore-v2_14001_http",
+            // The example's Egress policy for the books API outside.
+            "egress-tcp.80",
         ]
     );
     let chain_match = outbound.filter_chains[0]
@@ -276,7 +279,9 @@ fn outbound_chains_follow_traffic_targets_and_splits() {
         clusters.keys().collect::<Vec<_>>(),
         [
             "bookstore/bookstore-v1|14001",
-            "bookstore/bookstore-v2|14001"
+            "bookstore/bookstore-v2|14001",
+            // The example's Egress policy: to the original destination.
+            "passthrough-outbound"
         ]
     );
     let cluster: Cluster = decode(clusters["bookstore/bookstore-v1|14001"]);
@@ -301,7 +306,9 @@ fn inbound_routes_carry_rbac_for_the_allowed_callers_only() {
         chain_names(inbound),
         [
             "inbound_bookstore/bookstore_14001_http",
-            "inbound_bookstore/bookstore-v1_14001_http"
+            "inbound_bookstore/bookstore-v1_14001_http",
+            // The example's IngressBackend for nginx outside the mesh.
+            "ingress_bookstore/bookstore-v1_14001_http"
         ]
     );
     let chain = &inbound.filter_chains[1];
@@ -358,7 +365,10 @@ fn inbound_http_tells_the_application_the_callers_certificate_uri() {
     let compiled = compile(&example());
     let store = class_of(&compiled, "bookstore/bookstore-v1-0");
     let all = listeners(&compiled, &store);
-    for chain in &all["inbound-listener"].filter_chains {
+    // The mesh's chains (an ingress's say nothing: it has no certificate).
+    let mesh_chains =
+        (all["inbound-listener"].filter_chains.iter()).filter(|c| c.name.starts_with("inbound_"));
+    for chain in mesh_chains {
         let manager = connection_manager(chain);
         assert_eq!(
             manager.forward_client_cert_details(),
@@ -743,8 +753,8 @@ fn an_egress_that_cannot_apply_is_reported() {
 }
 
 /// Plain HTTP to bookstore-v1 from an ingress outside the mesh: its
-/// controller Service's endpoints and an address range; a second
-/// IngressBackend asks for what is not implemented yet.
+/// controller Service's endpoints and an address range; HTTPS to
+/// bookstore-v2 from one address range with one certificate name.
 const INGRESS: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -769,8 +779,10 @@ apiVersion: policy.openservicemesh.io/v1alpha1
 kind: IngressBackend
 metadata: { name: over-tls, namespace: bookstore }
 spec:
-  backends: [{ name: bookstore-v2, port: { number: 14001, protocol: https } }]
-  sources: [{ kind: AuthenticatedPrincipal, name: ingress.example }]
+  backends: [{ name: bookstore-v2, port: { number: 14001, protocol: https }, tls: { sniHosts: [books.example.com] } }]
+  sources:
+  - { kind: AuthenticatedPrincipal, name: ingress.example }
+  - { kind: IPRange, name: 198.51.100.0/24 }
 "#;
 
 #[test]
@@ -805,17 +817,6 @@ fn an_ingress_backend_lets_plain_http_in_from_its_sources_only() {
     assert_eq!(routes.virtual_hosts[0].domains, ["*"]);
     assert!(format!("{:?}", routes.virtual_hosts[0].routes)
         .contains("bookstore/bookstore-v1|14001|local"));
-    // What is not implemented says so, and changes nothing.
-    let problems = problems_for(&compiled, "IngressBackend bookstore/over-tls");
-    assert!(
-        problems[0].reason.contains("not implemented"),
-        "{problems:?}"
-    );
-    let v2 = class_of(&compiled, "bookstore/bookstore-v2-0");
-    assert!(listeners(&compiled, &v2)
-        .values()
-        .flat_map(chain_names)
-        .all(|n| !n.starts_with("ingress_")));
     // Its controller moves: the chain follows.
     let moved = compile(&with(
         with(example(), INGRESS),
@@ -823,6 +824,149 @@ fn an_ingress_backend_lets_plain_http_in_from_its_sources_only() {
     ));
     let inbound = &listeners(&moved, &store)["inbound-listener"];
     assert!(format!("{:?}", inbound.filter_chains).contains("10.0.9.6"));
+}
+
+/// The TLS `chain` terminates.
+fn downstream_tls(chain: &FilterChain) -> DownstreamTlsContext {
+    match &chain.transport_socket.as_ref().unwrap().config_type {
+        Some(transport_socket::ConfigType::TypedConfig(any)) => {
+            DownstreamTlsContext::decode(&any.value[..]).unwrap()
+        }
+        other => panic!("transport socket {other:?}"),
+    }
+}
+
+/// The network RBAC filter of `chain`.
+fn network_rbac(chain: &FilterChain) -> NetworkRbac {
+    let filter = (chain.filters.iter())
+        .find(|f| f.name == "envoy.filters.network.rbac")
+        .unwrap_or_else(|| panic!("no RBAC filter on {}", chain.name));
+    match &filter.config_type {
+        Some(filter::ConfigType::TypedConfig(any)) => NetworkRbac::decode(&any.value[..]).unwrap(),
+        other => panic!("RBAC filter config {other:?}"),
+    }
+}
+
+#[test]
+fn an_https_ingress_backend_terminates_tls_and_admits_its_principal_from_its_range() {
+    let compiled = compile(&with(example(), INGRESS));
+    let v2 = class_of(&compiled, "bookstore/bookstore-v2-0");
+    let inbound = &listeners(&compiled, &v2)["inbound-listener"];
+    let chain = (inbound.filter_chains.iter())
+        .find(|c| c.name == "ingress_bookstore/bookstore-v2_14001_https")
+        .unwrap_or_else(|| panic!("no https ingress chain in {:?}", chain_names(inbound)));
+    let matched = chain.filter_chain_match.as_ref().unwrap();
+    assert_eq!(matched.destination_port.unwrap().value, 14001);
+    assert_eq!(matched.transport_protocol, "tls");
+    assert_eq!(matched.server_names, ["books.example.com"]);
+    assert_eq!(
+        matched.source_prefix_ranges[0].address_prefix,
+        "198.51.100.0"
+    );
+    let tls = downstream_tls(chain);
+    assert_eq!(tls.require_client_certificate.map(|b| b.value), Some(true));
+    let common = tls.common_tls_context.unwrap();
+    assert_eq!(
+        common.tls_certificate_sds_secret_configs[0].name,
+        "service-cert:bookstore/bookstore"
+    );
+    assert!(format!("{:?}", common.validation_context_type)
+        .contains("root-cert-for-mtls-inbound:bookstore/bookstore\""));
+    // One policy: from the range and with the name, both.
+    let rules = network_rbac(chain).rules.unwrap();
+    assert_eq!(rules.policies.len(), 1);
+    let policy = format!("{:?}", rules.policies.values().next().unwrap());
+    assert!(policy.contains("AndIds"), "{policy}");
+    assert!(
+        policy.contains("198.51.100.0") && policy.contains("ingress.example"),
+        "{policy}"
+    );
+    assert!(compiled.problems.is_empty(), "{:?}", compiled.problems);
+
+    // Without validation: no certificate asked for, none checked, and the
+    // name no longer restricts anything; the range still does.
+    let skipped = INGRESS.replace(
+        "tls: { sniHosts: [books.example.com] }",
+        "tls: { skipClientCertValidation: true }",
+    );
+    let compiled = compile(&with(example(), &skipped));
+    let inbound = &listeners(&compiled, &v2)["inbound-listener"];
+    let chain = (inbound.filter_chains.iter())
+        .find(|c| c.name == "ingress_bookstore/bookstore-v2_14001_https")
+        .unwrap();
+    assert!(chain
+        .filter_chain_match
+        .as_ref()
+        .unwrap()
+        .server_names
+        .is_empty());
+    let tls = downstream_tls(chain);
+    assert_eq!(tls.require_client_certificate.map(|b| b.value), Some(false));
+    assert!(tls
+        .common_tls_context
+        .unwrap()
+        .validation_context_type
+        .is_none());
+    let policy = format!("{:?}", network_rbac(chain).rules.unwrap().policies);
+    assert!(
+        !policy.contains("ingress.example") && policy.contains("198.51.100.0"),
+        "{policy}"
+    );
+}
+
+#[test]
+fn ingress_gateway_settings_are_checked() {
+    let mesh_config = |gateway: &str| {
+        format!(
+            "apiVersion: config.openservicemesh.io/v1alpha2\nkind: MeshConfig\n\
+             metadata: {{ name: osm-mesh-config, namespace: osm-system }}\n\
+             spec: {{ certificate: {{ ingressGateway: {gateway} }} }}\n"
+        )
+    };
+    let good = "{ subjectAltNames: [contour.ingress.cluster.local], validityDuration: 24h,                 secret: { name: gateway-cert, namespace: ingress } }";
+    let compiled = compile(&with(example(), &mesh_config(good)));
+    let gateway = compiled
+        .ingress_gateway
+        .as_ref()
+        .expect("a gateway certificate");
+    assert_eq!(
+        (
+            gateway.secret_namespace.as_str(),
+            gateway.secret_name.as_str()
+        ),
+        ("ingress", "gateway-cert")
+    );
+    assert!(gateway.cert.key_pem.contains("PRIVATE KEY"));
+    for (bad, reason) in [
+        (
+            good.replace("[contour.ingress.cluster.local]", "[]"),
+            "subjectAltNames is empty",
+        ),
+        (
+            good.replace("contour.ingress.cluster.local", "\"not a name\""),
+            "is not a DNS name",
+        ),
+        (
+            good.replace("24h", "1000000h"),
+            "is not a duration from 10s to 87600h",
+        ),
+        (good.replace("24h", "soon"), "is not a duration"),
+        (good.replace("gateway-cert", "Gateway_Cert"), "secret.name"),
+        (
+            good.replace("namespace: ingress", "namespace: \"\""),
+            "secret.namespace",
+        ),
+    ] {
+        let compiled = compile(&with(example(), &mesh_config(&bad)));
+        assert!(compiled.ingress_gateway.is_none(), "{bad}");
+        assert!(
+            (compiled.problems.iter())
+                .any(|p| p.reason.contains("certificate.ingressGateway")
+                    && p.reason.contains(reason)),
+            "{bad}: {:?}",
+            compiled.problems
+        );
+    }
 }
 
 #[test]
@@ -845,9 +989,31 @@ fn an_ingress_backend_yields_to_its_feature_flag_and_bad_ones_are_reported() {
         ("{ backends: [{ name: nowhere, port: { number: 80, protocol: http } }], sources: [{ kind: IPRange, name: 10.0.0.0/8 }] }", "not in the mesh"),
         ("{ backends: [{ name: bookstore-v1, port: { number: 9999, protocol: http } }], sources: [{ kind: IPRange, name: 10.0.0.0/8 }] }", "has no target port 9999"),
         ("{ backends: [{ name: bookstore-v1, port: { number: 14001, protocol: http } }], sources: [{ kind: IPRange, name: everywhere }] }", "is not a CIDR"),
+        ("{ backends: [{ name: bookstore-v1, port: { number: 14001, protocol: http } }], sources: [{ kind: AuthenticatedPrincipal, name: ingress.example }] }", "need an https backend"),
+        ("{ backends: [{ name: bookstore-v1, port: { number: 14001, protocol: http }, tls: { sniHosts: [a.example] } }], sources: [{ kind: IPRange, name: 10.0.0.0/8 }] }", "tls applies only to https"),
+        ("{ backends: [{ name: bookstore-v1, port: { number: 14001, protocol: https }, tls: { sniHosts: [\"a b\"] } }], sources: [{ kind: IPRange, name: 10.0.0.0/8 }] }", "is not a DNS name"),
+        ("{ backends: [{ name: bookstore-v1, port: { number: 14001, protocol: https } }], sources: [{ kind: AuthenticatedPrincipal, name: \"\" }] }", "is not a certificate name"),
+        ("{ backends: [{ name: bookstore-v1, port: { number: 14001, protocol: grpc } }], sources: [{ kind: IPRange, name: 10.0.0.0/8 }] }", "is not http or https"),
+        ("{ backends: [{ name: bookstore-v1, port: { number: 14001, protocol: http } }], sources: [] }", "no sources"),
+        ("{ backends: [{ name: bookstore-v1, port: { number: 14001, protocol: http } }], sources: [{ kind: User, name: x }] }", "is not Service, IPRange or AuthenticatedPrincipal"),
     ] {
         assert_policy_rejected("IngressBackend", "bookstore", spec, reason);
     }
+    // One port is http or https, not both: the first object (by name) holds it.
+    let conflicting = "apiVersion: policy.openservicemesh.io/v1alpha1\nkind: IngressBackend\n\
+                       metadata: { name: second, namespace: bookstore }\n\
+                       spec: { backends: [{ name: bookstore-v1, port: { number: 14001, protocol: https } }], \
+                       sources: [{ kind: IPRange, name: 10.0.0.0/8 }] }\n";
+    let compiled = compile(&with(with(example(), INGRESS), conflicting));
+    assert!(
+        problems_for(&compiled, "IngressBackend bookstore/second")
+            .iter()
+            .any(|p| p
+                .reason
+                .contains("already an http backend of IngressBackend bookstore/bookstore")),
+        "{:?}",
+        compiled.problems
+    );
 }
 
 #[test]

@@ -75,7 +75,7 @@ async fn envoy_gets_its_class_from_the_in_process_leader_and_follows_edits() -> 
 
     // The whole class warms: listener, clusters, endpoints and secrets.
     let envoy = Envoy::start("bookbuyer-0", &class, edge.xds, Api::Delta).await?;
-    envoy.wait_warm(1, 3).await?;
+    envoy.wait_warm(1, 4).await?;
     assert_eq!(envoy.stat("listener_manager.lds.update_rejected").await, 0);
     assert_eq!(envoy.stat("cluster_manager.cds.update_rejected").await, 0);
 
@@ -94,7 +94,9 @@ async fn envoy_gets_its_class_from_the_in_process_leader_and_follows_edits() -> 
         1
     );
 
-    // Without its TrafficTarget, bookbuyer has no outbound listener at all.
+    // Without its TrafficTarget and its Egress policy, bookbuyer has no
+    // outbound listener at all.
+    std::fs::remove_file(dir.join("egress.yaml"))?;
     let without_target = good
         .replace(
             "kind: TrafficTarget\nmetadata: { name: bookstore,",
@@ -323,7 +325,7 @@ fn an_ingress_sources_endpoints_outside_the_mesh_are_followed() {
         ))
     };
     // The controller's slice arrives unseen: nothing refers to it yet.
-    let slice = controller("10.0.9.5");
+    let slice = controller("10.0.9.7");
     objects.insert(slice.object_ref(), slice.clone());
     pipeline.apply(SourceUpdate {
         changes: vec![Change::Apply(Box::new(slice))],
@@ -334,14 +336,14 @@ fn an_ingress_sources_endpoints_outside_the_mesh_are_followed() {
     );
     let first = apply(&mut pipeline, &mut objects, backend);
     let status = pipeline.status().borrow().clone();
-    assert!(a_listener_holds(&first, &status, "10.0.9.5"));
+    assert!(a_listener_holds(&first, &status, "10.0.9.7"));
     // The controller's pod moves, in a namespace outside the mesh: an
     // endpoint change like any other, and the ingress chain follows it.
-    let moved = apply(&mut pipeline, &mut objects, controller("10.0.9.6"));
+    let moved = apply(&mut pipeline, &mut objects, controller("10.0.9.8"));
     let status = pipeline.status().borrow().clone();
     let (full, full_status) = fully_compiled(&objects);
     assert_eq!(listeners(&moved, &status), listeners(&full, &full_status));
-    assert!(a_listener_holds(&moved, &status, "10.0.9.6"));
+    assert!(a_listener_holds(&moved, &status, "10.0.9.8"));
 }
 
 /// Every resource that differs between two snapshots, as (type, name).
@@ -424,6 +426,49 @@ fn renewal_reissues_only_due_certificates_in_batches() {
         );
         last = next;
     }
+}
+
+#[test]
+fn the_ingress_gateway_certificate_is_renewed_and_reissued_for_new_names() {
+    let (mut pipeline, _, _) = example_pipeline();
+    let mut gateway = pipeline.ingress_gateway();
+    assert!(gateway.borrow().is_none(), "the example asks for none");
+    let mesh_config = |san: &str| {
+        manifest(&format!(
+            "apiVersion: config.openservicemesh.io/v1alpha2\nkind: MeshConfig\n\
+             metadata: {{ name: osm-mesh-config, namespace: osm-system }}\n\
+             spec: {{ certificate: {{ ingressGateway: {{ subjectAltNames: [{san}], \
+             validityDuration: 1h, secret: {{ name: gateway, namespace: ingress }} }} }} }}\n"
+        ))
+    };
+    let configure = |pipeline: &mut Pipeline, san: &str| {
+        pipeline.apply(SourceUpdate {
+            changes: vec![Change::Apply(Box::new(mesh_config(san)))],
+            problems: Vec::new(),
+        });
+        // The proxies' configuration is as it was: only the certificate.
+        assert!(pipeline.compile().unwrap().is_none());
+    };
+    configure(&mut pipeline, "contour.ingress");
+    let first = gateway
+        .borrow_and_update()
+        .clone()
+        .expect("a gateway certificate");
+    assert_eq!(first.secret_name, "gateway");
+
+    // Not due: nothing changes. Due: a new certificate, and nothing else.
+    let now = std::time::SystemTime::now();
+    assert!(!pipeline.certificates_due(now + Duration::from_secs(60)));
+    assert!(pipeline.certificates_due(now + Duration::from_secs(3600)));
+    pipeline.compile().unwrap();
+    assert!(gateway.has_changed().unwrap());
+    let renewed = gateway.borrow_and_update().clone().unwrap();
+    assert_ne!(renewed.cert.chain_pem, first.cert.chain_pem);
+
+    // New names: reissued at once.
+    configure(&mut pipeline, "nginx.ingress");
+    let reissued = gateway.borrow_and_update().clone().unwrap();
+    assert_ne!(reissued.cert.chain_pem, renewed.cert.chain_pem);
 }
 
 #[test]

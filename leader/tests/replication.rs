@@ -161,7 +161,7 @@ async fn envoy_behind_an_edge_follows_the_leader_across_a_partition() -> Result<
 
     let class = leader.class_of("bookbuyer/bookbuyer-0");
     let envoy = Envoy::start("bookbuyer-0", &class, edge.xds, Api::Delta).await?;
-    envoy.wait_warm(1, 3).await?;
+    envoy.wait_warm(1, 4).await?;
     let settled = updates(&envoy).await;
 
     // The leader goes away and comes back with nothing changed: the edge
@@ -190,10 +190,11 @@ async fn envoy_behind_an_edge_follows_the_leader_across_a_partition() -> Result<
         1
     );
     leader.resume_publishing().await;
+    // Its outbound listener keeps only the example's egress chain.
     eventually(
         Duration::from_secs(20),
-        "bookbuyer's listener to go",
-        || async { envoy.stat("listener_manager.listener_removed").await >= 1 },
+        "bookbuyer's listener to change",
+        || async { envoy.stat("listener_manager.listener_modified").await >= 1 },
     )
     .await
     .with_context(|| envoy.log())?;
@@ -238,7 +239,7 @@ async fn a_sharded_edge_holds_only_its_proxies_classes() -> Result<()> {
         Api::Sotw,
     )
     .await?;
-    buyer.wait_warm(1, 3).await.with_context(|| buyer.log())?;
+    buyer.wait_warm(1, 4).await.with_context(|| buyer.log())?;
     eventually(
         Duration::from_secs(20),
         "bookthief's class to warm",

@@ -162,7 +162,7 @@ async fn envoy_with_a_bootstrap_certificate_is_served_its_class_over_mtls() -> R
         AdsApi::Delta,
     )?;
     let envoy = Envoy::start_with(bootstrap.clone()).await?;
-    envoy.wait_warm(1, 3).await?;
+    envoy.wait_warm(1, 4).await?;
     assert!(
         envoy.stat("cluster.xds.ssl.handshake").await >= 1,
         "xDS went over TLS"
@@ -230,7 +230,7 @@ async fn a_proxy_bound_to_its_pods_class_is_served_it_and_nothing_else() -> Resu
         AdsApi::Delta,
     )?;
     let envoy = Envoy::start_with(bootstrap).await?;
-    envoy.wait_warm(1, 3).await?;
+    envoy.wait_warm(1, 4).await?;
     let streams = mesh.edge.streams().await;
     assert!(
         streams.to_string().contains(&class),
