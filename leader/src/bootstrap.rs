@@ -50,9 +50,16 @@ impl Proxy {
     }
 }
 
-/// A fresh proxy UUID (version 4 layout).
+/// A fresh proxy UUID (version 4 layout), from the operating system's
+/// random source: it names a proxy's certificate, so it must not be
+/// guessable.
 pub fn new_proxy_uuid() -> String {
-    let bits = fastrand::u128(..);
+    let mut bytes = [0u8; 16];
+    // The OS source fails only where nothing secure can run at all.
+    if let Err(error) = getrandom::fill(&mut bytes) {
+        panic!("the operating system's random source failed: {error}");
+    }
+    let bits = u128::from_be_bytes(bytes);
     let hex = format!(
         "{:032x}",
         (bits & !(0xf << 76) & !(0x3 << 62)) | (0x4 << 76) | (0x2 << 62)

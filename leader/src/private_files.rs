@@ -38,6 +38,29 @@ pub fn create_dir(dir: &Path) -> Result<(), PrivateFileError> {
     builder.create(dir).map_err(at(dir))
 }
 
+/// Makes sure `path` exists readable by its owner only, for a file another
+/// library then opens itself (a database): created empty with mode 0600
+/// if missing (exclusively, so a planted symlink is not followed), its
+/// mode narrowed to 0600 if it exists.
+pub fn create_file(path: &Path) -> Result<(), PrivateFileError> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(at(path))?;
+            }
+            Ok(())
+        }
+        Err(error) => Err(at(path)(error)),
+    }
+}
+
 /// Writes `contents` to `path` with mode 0600: into a new file beside it
 /// (created exclusively, so a symlink there is not followed), synced, then
 /// renamed over `path`, so a reader sees the old file or the new one,

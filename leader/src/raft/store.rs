@@ -124,11 +124,14 @@ pub enum StoreError {
 /// state machine, over one database file, the state machine restored from
 /// the last snapshot. Blocks on file I/O.
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
-    std::fs::create_dir_all(dir).map_err(|source| StoreError::Directory {
-        path: dir.to_owned(),
-        source,
-    })?;
+    // The store holds the CA key and every leaf key: owner only.
+    let private = |error: crate::private_files::PrivateFileError| StoreError::Directory {
+        path: error.path,
+        source: error.source,
+    };
+    crate::private_files::create_dir(dir).map_err(private)?;
     let path = dir.join(FILE);
+    crate::private_files::create_file(&path).map_err(private)?;
     // redb asserts on some damaged files (a truncated one among them) rather
     // than returning an error: such a file is refused like any damaged one.
     // Nothing opened survives the unwinding, so no broken state is kept.
