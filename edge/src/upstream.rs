@@ -42,6 +42,8 @@ use trellis_shared::{
     type_url, Resource, Scope, Snapshot, SnapshotBuilder, SnapshotError,
 };
 
+use trellis_transport::{identity::leader_server_name, ControlTls};
+
 use crate::{demand::ClassDemand, metrics::Metrics, store::SnapshotStore};
 
 /// Where and how the edge follows the leader.
@@ -59,6 +61,13 @@ pub struct UpstreamConfig {
     /// Hold only the classes of the connected proxies (default: the whole
     /// snapshot).
     pub sharded: bool,
+    /// The edge's control-plane certificate and the control-plane CA: the
+    /// edge then talks to a leader only over mTLS, and only to one whose
+    /// certificate says it is a leader of `group`. `None`: plaintext
+    /// (development only).
+    pub tls: Option<ControlTls>,
+    /// The leader group followed (default `trellis`).
+    pub group: String,
 }
 
 impl UpstreamConfig {
@@ -73,6 +82,8 @@ impl UpstreamConfig {
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
             sharded: false,
+            tls: None,
+            group: "trellis".to_owned(),
         }
     }
 }
@@ -150,7 +161,7 @@ pub(crate) async fn follow(
             failures = 0;
             failed_this_round.clear();
         }
-        if let Some(hint) = leader_hint(&error, &leader) {
+        if let Some(hint) = leader_hint(&error, &leader, &config.leaders) {
             // A replica may still name a leader that just went away.
             if hint != leader && !failed_this_round.contains(&hint) {
                 info!(%leader, %hint, "not the leader; going to the one it names");
@@ -186,14 +197,21 @@ fn is_refusal(error: &UpstreamError) -> bool {
     matches!(error, UpstreamError::Grpc(status) if status.code() == tonic::Code::Unavailable)
 }
 
-/// The leader a refusing replica named, as a URI with `tried`'s scheme.
-fn leader_hint(error: &UpstreamError, tried: &str) -> Option<String> {
+/// The leader a refusing replica named, as a URI with `tried`'s scheme,
+/// if it is one of `configured`: a hint to anywhere else is not followed,
+/// whoever sent it.
+fn leader_hint(error: &UpstreamError, tried: &str, configured: &[String]) -> Option<String> {
     let UpstreamError::Grpc(status) = error else {
         return None;
     };
     let hint = status.metadata().get(LEADER_HINT)?.to_str().ok()?;
     let scheme = tried.split_once("://").map_or("http", |(scheme, _)| scheme);
-    Some(format!("{scheme}://{hint}"))
+    let hint = format!("{scheme}://{hint}");
+    if !configured.contains(&hint) {
+        warn!(%tried, %hint, "a replica named a leader that is not among the configured ones; not following it");
+        return None;
+    }
+    Some(hint)
 }
 
 /// Exponential backoff with jitter (half to all of the step), so edges
@@ -229,6 +247,12 @@ impl Session<'_> {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10));
+        let endpoint = match &self.config.tls {
+            Some(tls) => {
+                endpoint.tls_config(tls.client(&leader_server_name(&self.config.group)))?
+            }
+            None => endpoint,
+        };
         let channel = endpoint.connect().await?;
         let mut client = AggregatedDiscoveryServiceClient::new(channel)
             .max_decoding_message_size(64 << 20)
@@ -433,20 +457,32 @@ mod tests {
     }
 
     #[test]
-    fn a_refusing_replica_names_the_leader_with_the_scheme_the_edge_used() {
+    fn a_refusing_replica_names_a_configured_leader_with_the_scheme_the_edge_used() {
         let mut status = tonic::Status::unavailable("not the leader");
         status.metadata_mut().insert(
             LEADER_HINT,
             tonic::metadata::MetadataValue::from_static("10.0.0.2:15129"),
         );
         let error = UpstreamError::Grpc(status);
+        let group = [
+            "https://10.0.0.1:15129".to_owned(),
+            "https://10.0.0.2:15129".to_owned(),
+        ];
         assert_eq!(
-            leader_hint(&error, "https://10.0.0.1:15129").as_deref(),
+            leader_hint(&error, "https://10.0.0.1:15129", &group).as_deref(),
             Some("https://10.0.0.2:15129")
         );
+        // A hint to an address the edge was not given is not followed.
+        assert_eq!(
+            leader_hint(&error, "https://10.0.0.1:15129", &group[..1]),
+            None
+        );
         let unnamed = UpstreamError::Grpc(tonic::Status::unavailable("no leader yet"));
-        assert_eq!(leader_hint(&unnamed, "http://10.0.0.1:15129"), None);
-        assert_eq!(leader_hint(&UpstreamError::Closed, "http://x"), None);
+        assert_eq!(leader_hint(&unnamed, "http://10.0.0.1:15129", &group), None);
+        assert_eq!(
+            leader_hint(&UpstreamError::Closed, "http://x", &group),
+            None
+        );
     }
 
     fn response(

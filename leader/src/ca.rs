@@ -23,6 +23,7 @@ use std::{
 pub use authority::{BuiltinCa, RotationPhase, CA_CERT, CA_KEY, NEXT_CA_CERT, NEXT_CA_KEY};
 pub use root::RootCa;
 
+use trellis_transport::{ControlIdentity, ControlTls};
 use x509_parser::extensions::GeneralName;
 
 use crate::catalog::{Identity, IngressGateway};
@@ -71,6 +72,19 @@ impl LeafRequest {
             common_name: name.clone(),
             dns_names: vec![name],
             uris: vec![identity.spiffe(trust_domain)],
+            ip_addresses: Vec::new(),
+            validity,
+        }
+    }
+
+    /// A control-plane certificate (from the control-plane CA): the
+    /// holder's SPIFFE URI, and the DNS names clients check its role by.
+    pub fn control(identity: &ControlIdentity, validity: Duration) -> LeafRequest {
+        let dns_names = identity.dns_names();
+        LeafRequest {
+            common_name: dns_names.last().cloned().unwrap_or_default(),
+            dns_names,
+            uris: vec![identity.uri()],
             ip_addresses: Vec::new(),
             validity,
         }
@@ -264,6 +278,21 @@ pub trait CertificateIssuer: Send + Sync {
         let _ = (now, leaves_current);
         Ok(false)
     }
+}
+
+/// `identity`'s control-plane TLS material, issued by `ca` (the
+/// control-plane CA, never the mesh's).
+pub fn control_tls(
+    ca: &dyn CertificateIssuer,
+    identity: &ControlIdentity,
+    validity: Duration,
+) -> Result<ControlTls, CaError> {
+    let cert = ca.issue(&LeafRequest::control(identity, validity))?;
+    Ok(ControlTls {
+        chain_pem: cert.chain_pem,
+        key_pem: cert.key_pem,
+        ca_pem: ca.trust_bundle().to_string(),
+    })
 }
 
 /// When to renew a leaf: at two thirds of its life, moved by up to a

@@ -45,6 +45,7 @@ use trellis_shared::{
     replication::{parse_replica_name, replica_name, COMMIT_NAME, LEADER_HINT, REPLICATED_TYPES},
     type_url, Resource, Scope, Snapshot,
 };
+use trellis_transport::{AuthorizeLayer, ControlIdentity, ControlTls, Policy, Role};
 
 /// Most resources in one response: an edge's first sync of a large mesh is
 /// split so no message nears gRPC's size limits.
@@ -620,6 +621,33 @@ fn wire_resource(name: String, resource: &Resource) -> WireResource {
         resource: any,
         ..WireResource::default()
     }
+}
+
+/// The publish server's builder: with `tls`, mutual TLS from the
+/// control-plane CA admitting only [`policy`]'s callers; without,
+/// plaintext (development only).
+pub fn server(
+    tls: Option<&ControlTls>,
+    group: &str,
+) -> Result<trellis_transport::server::ControlServer, tonic::transport::Error> {
+    trellis_transport::server::builder(
+        tls.map(|tls| (tls, AuthorizeLayer::new("publish", policy(group)))),
+    )
+}
+
+/// Who may replicate from the publish port: the edges of `group`, and its
+/// leaders (a replica forwarding). Everything else, a proxy's certificate
+/// included (it is not from the control-plane CA at all), is refused.
+pub fn policy(group: &str) -> Policy {
+    let group = group.to_owned();
+    Arc::new(move |caller: &ControlIdentity| {
+        match caller.role {
+            Role::Edge(_) | Role::Leader(_) if caller.group == group => Ok(()),
+            _ => Err(format!(
+                "{caller} may not replicate from leader group {group:?}: only its edges and leaders may"
+            )),
+        }
+    })
 }
 
 #[cfg(test)]

@@ -371,7 +371,7 @@ fn the_overlays_wire_leaders_edges_and_the_webhook_together() {
                 format!("{}={host}:15130,{host}:15129", k + 1),
                 "{overlay}"
             );
-            publish.push(format!("http://{host}:15129"));
+            publish.push(format!("https://{host}:15129"));
         }
         assert!(leader_args.contains(&"--node-id-from-hostname".to_owned()));
         assert_eq!(leader["spec"]["serviceName"], "trellis-leader-peers");
@@ -381,12 +381,33 @@ fn the_overlays_wire_leaders_edges_and_the_webhook_together() {
         );
         let claim = &leader["spec"]["volumeClaimTemplates"][0];
         assert_eq!(claim["metadata"]["name"], "data");
-        assert_eq!(flag(&leader_args, "data-dir"), ["/var/lib/trellis"]);
+        // Under the volume's root, so the replica can make it owner-only.
+        assert_eq!(flag(&leader_args, "data-dir"), ["/var/lib/trellis/data"]);
+        let mounted = |workload: &Value, name: &str| {
+            let container = &workload["spec"]["template"]["spec"]["containers"][0];
+            (container["volumeMounts"].as_array().unwrap().iter())
+                .find(|m| m["name"] == name)
+                .map(|m| m["mountPath"].as_str().unwrap().to_owned())
+        };
+        // Every link of the control plane is mTLS from the control-plane
+        // CA: each replica issues its own certificate from it, the edge
+        // holds an edge certificate, and nobody runs plaintext.
+        assert_eq!(
+            flag(&leader_args, "control-ca-dir"),
+            [mounted(leader, "control-ca").unwrap().as_str()]
+        );
+        assert_eq!(flag(&leader_args, "raft-listen"), ["$(POD_IP):15130"]);
+        assert!(!leader_args.iter().any(|a| a.contains("plaintext")));
 
         let edge = find(&objects, "Deployment", "trellis-edge");
         let edge_args = args(edge);
         assert_eq!(flag(&edge_args, "leader"), [publish.join(",")], "{overlay}");
         assert_eq!(flag(&edge_args, "xds"), ["0.0.0.0:15128"]);
+        assert_eq!(
+            flag(&edge_args, "control-tls-dir"),
+            [mounted(edge, "edge-control").unwrap().as_str()]
+        );
+        assert!(!edge_args.iter().any(|a| a.contains("plaintext")));
         let edge_container = &edge["spec"]["template"]["spec"]["containers"][0];
         assert_eq!(
             edge_container["readinessProbe"]["httpGet"]["path"],
@@ -505,7 +526,7 @@ fn node_id_from_hostname_is_the_statefulset_ordinal_plus_one() {
                 "--peer",
                 "1=127.0.0.1:1,127.0.0.1:2",
                 "--node-id-from-hostname",
-                "--plaintext-peers",
+                "--plaintext-control-plane",
                 "--data-dir",
                 dir.join("data").to_str().unwrap(),
                 "--publish",

@@ -21,18 +21,17 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use support::{copy_example, eventually, free_port, http_get, metric_value, Api, Envoy};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-use trellis_edge::TlsCredentials;
+use tonic::transport::Endpoint;
 use trellis_leader::{
     ca::BuiltinCa,
     raft::{
         group::{GroupConfig, GroupError, LeaderGroup},
-        network::PEER_SERVER_NAME,
         Replica,
     },
 };
 use trellis_proto::trellis::raft::v1::{raft_client::RaftClient, LeaderReply, LeaderRequest};
 use trellis_test_cluster::Cluster;
+use trellis_transport::{identity::replica_server_name, ControlTls};
 
 const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
 
@@ -125,18 +124,30 @@ impl Group {
         let _ = std::fs::remove_dir_all(&dir);
         copy_example(&dir.join("mesh"));
         BuiltinCa::open(&dir.join("ca")).unwrap();
+        let control_ca = dir.join("control-ca").to_string_lossy().into_owned();
         let ids: Vec<u64> = (1..=size).collect();
         for id in &ids {
             trellis(&[
                 "peer-cert",
-                "--ca-dir",
-                &dir.join("ca").to_string_lossy(),
+                "--control-ca-dir",
+                &control_ca,
+                "--id",
+                &id.to_string(),
                 "--out",
                 &dir.join(format!("peer-{id}")).to_string_lossy(),
-                "--ip",
-                "127.0.0.1",
             ]);
         }
+        trellis(&[
+            "control-cert",
+            "--control-ca-dir",
+            &control_ca,
+            "--role",
+            "edge",
+            "--name",
+            "edge",
+            "--out",
+            &dir.join("edge-control").to_string_lossy(),
+        ]);
         let raft = ids.iter().map(|id| (*id, addr(free_port()))).collect();
         let publish = ids.iter().map(|id| (*id, addr(free_port()))).collect();
         Group {
@@ -209,18 +220,15 @@ impl Group {
     fn publish_list(&self) -> String {
         self.ids
             .iter()
-            .map(|id| format!("http://{}", self.publish[id]))
+            .map(|id| format!("https://{}", self.publish[id]))
             .collect::<Vec<_>>()
             .join(",")
     }
 
     /// Asks replica `id` who leads.
     async fn ask(&self, id: u64) -> Result<LeaderReply> {
-        let tls = TlsCredentials::from_dir(&self.dir.join("peer-1"))?;
-        let config = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&tls.client_roots_pem))
-            .identity(Identity::from_pem(&tls.chain_pem, &tls.key_pem))
-            .domain_name(PEER_SERVER_NAME);
+        let tls = ControlTls::from_dir(&self.dir.join("peer-1"))?;
+        let config = tls.client(&replica_server_name("trellis", id));
         let channel = Endpoint::from_shared(format!("https://{}", self.raft[&id]))?
             .tls_config(config)?
             .connect_timeout(Duration::from_secs(1))
@@ -309,6 +317,8 @@ impl EdgeProcess {
                 &group.publish_list(),
                 "--name",
                 name,
+                "--control-tls-dir",
+                &group.dir.join("edge-control").to_string_lossy(),
                 "--plaintext",
                 "--xds",
                 &xds.to_string(),
@@ -746,9 +756,9 @@ async fn misconfigured_replicas_stop_with_a_clear_error_and_the_group_carries_on
     }
     let leader = group.agreed_leader(Duration::from_secs(30)).await?;
 
-    // A replica of another group in a member's place (its id, addresses and
-    // certificate, fresh data): the leader's replication reaches it, it
-    // refuses, sees it never joined a group, and stops saying why.
+    // A replica started for another group with a member's certificate
+    // (its id, addresses, fresh data): the certificate names the member's
+    // group, so it stops at once saying so.
     let follower = *group.ids.iter().find(|id| **id != leader.leader).unwrap();
     group.replicas.get_mut(&follower).unwrap().kill();
     group.replicas.remove(&follower);
@@ -757,7 +767,7 @@ async fn misconfigured_replicas_stop_with_a_clear_error_and_the_group_carries_on
     let (status, log) = stray.exited(Duration::from_secs(30)).await?;
     assert!(!status.success());
     assert!(
-        log.contains("\"another-group\"") && log.contains("check --cluster"),
+        log.contains(&format!("the control-plane certificate names spiffe://cluster.local/trellis/trellis/leader/{follower}, not spiffe://cluster.local/trellis/another-group/leader/{follower}")),
         "{log}"
     );
 
@@ -770,7 +780,7 @@ async fn misconfigured_replicas_stop_with_a_clear_error_and_the_group_carries_on
         "7",
         "--data-dir",
         &group.dir.join("data-7").to_string_lossy(),
-        "--plaintext-peers",
+        "--plaintext-control-plane",
     ]
     .map(str::to_owned)
     .to_vec();

@@ -12,13 +12,14 @@ use anyhow::{Context, Result};
 use support::{copy_example, eventually, Api, Envoy, TestEdge};
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::Streaming;
+use tonic::{transport::Endpoint, Streaming};
 use trellis_edge::{SnapshotStore, UpstreamConfig};
 use trellis_leader::{
-    ca::BuiltinCa,
+    ca::{control_tls, BuiltinCa},
+    catalog::TRUST_DOMAIN,
     compile::Compiler,
     pipeline::{Pipeline, PipelineConfig, Status},
-    publish::Publisher,
+    publish::{self, Publisher},
     source::{files::FileSource, Source},
 };
 use trellis_proto::pb::envoy::service::discovery::v3::{
@@ -26,10 +27,23 @@ use trellis_proto::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryResponse,
 };
 use trellis_shared::{replication::REPLICATED_TYPES, type_url};
+use trellis_transport::{identity::leader_server_name, ControlIdentity, ControlTls, Role};
 
-/// A leader compiling a copy of the example, publishing on loopback.
+/// `role`'s certificate in group [`GROUP`] from `ca`.
+fn issue(ca: &BuiltinCa, role: Role) -> ControlTls {
+    let identity = ControlIdentity::new(TRUST_DOMAIN, GROUP, role).unwrap();
+    control_tls(ca, &identity, Duration::from_secs(3600)).unwrap()
+}
+
+/// The leader group the tests' leader and edges belong to.
+const GROUP: &str = "trellis";
+
+/// A leader compiling a copy of the example, publishing on loopback over
+/// mTLS from a control-plane CA of its own.
 struct TestLeader {
     dir: PathBuf,
+    control_ca: BuiltinCa,
+    tls: ControlTls,
     store: Arc<SnapshotStore>,
     status: tokio::sync::watch::Receiver<Arc<Status>>,
     publish: SocketAddr,
@@ -56,9 +70,13 @@ impl TestLeader {
         tokio::spawn(pipeline.run(received, store.clone()));
         status.wait_for(|s| s.epoch > 0).await.unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let control_ca = BuiltinCa::generate().unwrap();
+        let tls = issue(&control_ca, Role::Leader(1));
         let publish = listener.local_addr().unwrap();
         let mut leader = TestLeader {
             dir,
+            control_ca,
+            tls,
             store,
             status,
             publish,
@@ -72,8 +90,9 @@ impl TestLeader {
         let publisher = Publisher::new(self.store.clone());
         let service = publisher.clone().into_service();
         let closed = publisher.clone();
+        let mut server = publish::server(Some(&self.tls), GROUP).unwrap();
         let task = tokio::spawn(async move {
-            tonic::transport::Server::builder()
+            server
                 .add_service(service)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                     closed.closed().await;
@@ -82,6 +101,18 @@ impl TestLeader {
                 .unwrap();
         });
         self.server = Some((publisher, task));
+    }
+
+    /// A certificate of this leader's control-plane CA for `role`.
+    fn control(&self, role: Role) -> ControlTls {
+        issue(&self.control_ca, role)
+    }
+
+    /// How an edge named `name` follows this leader.
+    fn upstream(&self, name: &str) -> UpstreamConfig {
+        let mut config = UpstreamConfig::new([format!("https://{}", self.publish)], name);
+        config.tls = Some(self.control(Role::Edge(name.to_owned())));
+        config
     }
 
     /// Stops publishing: edge streams end, the port closes.
@@ -153,7 +184,7 @@ fn without_bookbuyer(policies: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_behind_an_edge_follows_the_leader_across_a_partition() -> Result<()> {
     let mut leader = TestLeader::start("replication-envoy").await;
-    let edge = TestEdge::following(leader.publish, "edge-a").await;
+    let edge = TestEdge::following_with(leader.upstream("edge-a")).await;
     eventually(Duration::from_secs(20), "the edge to be ready", || async {
         edge.admin("/readyz").await.0 == 200
     })
@@ -207,8 +238,8 @@ async fn envoy_behind_an_edge_follows_the_leader_across_a_partition() -> Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sharded_edge_holds_only_its_proxies_classes() -> Result<()> {
     let leader = TestLeader::start("replication-sharded").await;
-    let full = TestEdge::following(leader.publish, "edge-full").await;
-    let mut config = UpstreamConfig::new([format!("http://{}", leader.publish)], "edge-sharded");
+    let full = TestEdge::following_with(leader.upstream("edge-full")).await;
+    let mut config = leader.upstream("edge-sharded");
     config.sharded = true;
     let sharded = TestEdge::following_with(config).await;
     for edge in [&full, &sharded] {
@@ -284,7 +315,7 @@ struct EdgeClient {
 impl EdgeClient {
     /// Subscribes to every replicated type with `held` versions, then to
     /// the commit.
-    async fn connect(leader: SocketAddr, held: &HashMap<String, HashMap<String, String>>) -> Self {
+    async fn connect(leader: &TestLeader, held: &HashMap<String, HashMap<String, String>>) -> Self {
         let (requests, outgoing) = mpsc::channel(16);
         for type_url in REPLICATED_TYPES.iter().chain([&type_url::COMMIT]) {
             let request = DeltaDiscoveryRequest {
@@ -295,10 +326,16 @@ impl EdgeClient {
             };
             requests.send(request).await.unwrap();
         }
-        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{leader}"))
-            .await
+        let tls = leader.control(Role::Edge("raw".to_owned()));
+        let channel = Endpoint::from_shared(format!("https://{}", leader.publish))
             .unwrap()
-            .max_decoding_message_size(64 << 20);
+            .tls_config(tls.client(&leader_server_name(GROUP)))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client =
+            AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
         let responses = client
             .delta_aggregated_resources(ReceiverStream::new(outgoing))
             .await
@@ -360,7 +397,7 @@ fn resources_in(responses: &[DeltaDiscoveryResponse]) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnecting_edge_is_sent_only_what_changed() {
     let mut leader = TestLeader::start("replication-versions").await;
-    let mut first = EdgeClient::connect(leader.publish, &HashMap::new()).await;
+    let mut first = EdgeClient::connect(&leader, &HashMap::new()).await;
     let initial = first.until_commit().await;
     let held = versions(&initial);
     let total: usize = held.values().map(HashMap::len).sum();
@@ -376,7 +413,7 @@ async fn a_reconnecting_edge_is_sent_only_what_changed() {
     );
 
     // Same versions: nothing but the commit.
-    let mut again = EdgeClient::connect(leader.publish, &held).await;
+    let mut again = EdgeClient::connect(&leader, &held).await;
     let resync = again.until_commit().await;
     assert_eq!(resources_in(&resync), 0, "{resync:?}");
     assert_eq!(resync.len(), 1);
@@ -388,7 +425,7 @@ async fn a_reconnecting_edge_is_sent_only_what_changed() {
     let some = clusters.keys().min().unwrap().clone();
     clusters.insert(some.clone(), "0".repeat(16));
     clusters.insert("class:gone/gone/00000000 gone".to_owned(), "0".repeat(16));
-    let mut stale_client = EdgeClient::connect(leader.publish, &stale).await;
+    let mut stale_client = EdgeClient::connect(&leader, &stale).await;
     let repaired = stale_client.until_commit().await;
     let clusters: Vec<_> = repaired
         .iter()

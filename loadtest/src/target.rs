@@ -14,6 +14,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::mpsc,
 };
+use tonic::transport::Endpoint;
 use trellis_edge::{Edge, EdgeConfig, EdgeTls};
 use trellis_leader::{
     bootstrap::edge_credentials,
@@ -23,6 +24,10 @@ use trellis_leader::{
     source::{files::FileSource, Source},
 };
 use trellis_proto::trellis::raft::v1::{raft_client::RaftClient, LeaderRequest};
+use trellis_transport::{identity::replica_server_name, ControlTls};
+
+/// The leader group the harness starts.
+const GROUP: &str = "trellis";
 
 /// What to load.
 #[derive(Clone, Debug)]
@@ -160,6 +165,9 @@ pub struct Target {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// A Raft group's replicas: role and Raft address.
     replicas: Vec<(String, SocketAddr)>,
+    /// The control-plane CA and the certificates issued from it (for the
+    /// processes the harness starts).
+    control: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Target {
@@ -231,10 +239,25 @@ impl Target {
 
     /// The role of the group's Raft leader, as a replica says.
     async fn raft_leader(&self) -> Result<String, TargetError> {
-        for (_, raft) in &self.replicas {
-            let Ok(mut client) = RaftClient::connect(format!("http://{raft}")).await else {
+        // Asked as replica 1: the Raft port admits only the group's leaders.
+        let control = (self.control.as_ref()).ok_or(TargetError::Unsupported(
+            "asking who leads needs a group the harness started",
+        ))?;
+        let tls = ControlTls::from_dir(&control.join("leader-1"))
+            .map_err(|e| TargetError::Ca(e.to_string()))?;
+        for (index, (_, raft)) in self.replicas.iter().enumerate() {
+            let id = u64::try_from(index + 1).unwrap_or(u64::MAX);
+            let Ok(endpoint) = Endpoint::from_shared(format!("https://{raft}")) else {
                 continue;
             };
+            let Ok(endpoint) = endpoint.tls_config(tls.client(&replica_server_name(GROUP, id)))
+            else {
+                continue;
+            };
+            let Ok(channel) = endpoint.connect().await else {
+                continue;
+            };
+            let mut client = RaftClient::new(channel);
             if let Ok(reply) = client.leader(LeaderRequest {}).await {
                 let leader = reply.into_inner().leader;
                 if leader != 0 {
@@ -278,6 +301,7 @@ pub async fn start(
             children: Vec::new(),
             tasks: Vec::new(),
             replicas: Vec::new(),
+            control: None,
         }),
         TargetSpec::Spawn {
             trellis,
@@ -313,6 +337,7 @@ async fn spawn(
     let (ca_dir, tls) = harness_ca(dir)?;
     let tls = mtls.then_some(tls);
     let log = |role: &str| dir.with_extension(format!("{role}.log"));
+    let control = dir.with_extension("control");
     let mut children = Vec::new();
     let mut xds = Vec::new();
     let mut admins = Vec::new();
@@ -339,9 +364,23 @@ async fn spawn(
         for id in 1..=leaders.max(1) {
             let (raft, address) = (free_address().await?, free_address().await?);
             peers.push(format!("{id}={raft},{address}"));
-            publish.push(format!("http://{address}"));
+            publish.push(format!("https://{address}"));
             replicas.push((format!("leader-{id}"), raft));
+            control_cert(
+                trellis,
+                &control,
+                &["--role", "leader", "--name", &id.to_string()],
+                &format!("leader-{id}"),
+            )
+            .await?;
         }
+        let edge_control = control_cert(
+            trellis,
+            &control,
+            &["--role", "edge", "--name", "edge"],
+            "edge",
+        )
+        .await?;
         for (index, (role, _)) in replicas.iter().enumerate() {
             let mut command = Command::new(trellis);
             command
@@ -351,13 +390,14 @@ async fn spawn(
                 .arg("--ca-dir")
                 .arg(&ca_dir)
                 .arg("--publish")
-                .arg(publish[index].trim_start_matches("http://"));
+                .arg(publish[index].trim_start_matches("https://"))
+                .arg("--peer-tls-dir")
+                .arg(control.join(role));
             if leaders > 1 {
                 command
                     .args(["--node-id", &(index + 1).to_string()])
                     .arg("--data-dir")
-                    .arg(dir.with_extension(format!("{role}.data")))
-                    .arg("--plaintext-peers");
+                    .arg(dir.with_extension(format!("{role}.data")));
                 for peer in &peers {
                     command.args(["--peer", peer]);
                 }
@@ -389,6 +429,7 @@ async fn spawn(
                 "--admin",
                 &admin.to_string(),
             ]);
+            command.arg("--control-tls-dir").arg(&edge_control);
             match &tls_dir {
                 Some(tls_dir) => command.arg("--tls-dir").arg(tls_dir),
                 None => command.arg("--plaintext"),
@@ -414,6 +455,7 @@ async fn spawn(
         children,
         tasks: Vec::new(),
         replicas,
+        control: Some(control),
     };
     let deadline = Instant::now() + ready_within;
     for admin in admins {
@@ -430,17 +472,49 @@ async fn spawn(
     Ok(target)
 }
 
+/// `trellis control-cert <args>` into `<control>/<name>`, from the
+/// control-plane CA in `<control>/ca`.
+async fn control_cert(
+    trellis: &Path,
+    control: &Path,
+    args: &[&str],
+    name: &str,
+) -> Result<PathBuf, TargetError> {
+    let out = control.join(name);
+    let ca = control.join("ca");
+    let mut full: Vec<&std::ffi::OsStr> = vec!["--control-ca-dir".as_ref(), ca.as_os_str()];
+    full.extend(args.iter().map(|arg| std::ffi::OsStr::new(*arg)));
+    issue(trellis, "control-cert", &full, &out).await?;
+    Ok(out)
+}
+
 /// Issues the edges' serving certificate with `trellis edge-cert`, as an
 /// operator would.
 async fn edge_cert(trellis: &Path, ca_dir: &Path, dir: &Path) -> Result<PathBuf, TargetError> {
     let out = dir.with_extension("edge-tls");
+    let args: [&std::ffi::OsStr; 4] = [
+        "--ca-dir".as_ref(),
+        ca_dir.as_os_str(),
+        "--ip".as_ref(),
+        "127.0.0.1".as_ref(),
+    ];
+    issue(trellis, "edge-cert", &args, &out).await?;
+    Ok(out)
+}
+
+/// Runs `trellis <command> <args> --out <out>`, a credential-issuing
+/// subcommand, failing with its standard error.
+async fn issue(
+    trellis: &Path,
+    command: &str,
+    args: &[&std::ffi::OsStr],
+    out: &Path,
+) -> Result<(), TargetError> {
     let output = tokio::process::Command::new(trellis)
-        .arg("edge-cert")
-        .arg("--ca-dir")
-        .arg(ca_dir)
+        .arg(command)
+        .args(args)
         .arg("--out")
-        .arg(&out)
-        .args(["--ip", "127.0.0.1"])
+        .arg(out)
         .output()
         .await
         .map_err(|source| TargetError::Spawn {
@@ -449,11 +523,11 @@ async fn edge_cert(trellis: &Path, ca_dir: &Path, dir: &Path) -> Result<PathBuf,
         })?;
     if !output.status.success() {
         return Err(TargetError::Ca(format!(
-            "trellis edge-cert: {}",
+            "trellis {command}: {}",
             String::from_utf8_lossy(&output.stderr).trim()
         )));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The value of metric `name` (a counter or gauge without labels) on the
@@ -570,5 +644,6 @@ async fn in_process(dir: &Path, ready_within: Duration, mtls: bool) -> Result<Ta
         children: Vec::new(),
         tasks,
         replicas: Vec::new(),
+        control: None,
     })
 }

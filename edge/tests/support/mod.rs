@@ -90,11 +90,6 @@ impl TestEdge {
         TestEdge::launch(Edge::new(config), xds, Some(tls)).await
     }
 
-    /// An edge that follows the leader publishing at `leader`.
-    pub async fn following(leader: SocketAddr, name: &str) -> TestEdge {
-        TestEdge::following_with(UpstreamConfig::new([format!("http://{leader}")], name)).await
-    }
-
     /// An edge that follows a leader as `config` says.
     pub async fn following_with(config: UpstreamConfig) -> TestEdge {
         let edge = Edge::new(EdgeConfig::default());

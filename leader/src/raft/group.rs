@@ -16,12 +16,13 @@ use openraft::{Raft, RaftMetrics, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 use tracing::{info, warn};
-use trellis_edge::TlsCredentials;
+use trellis_transport::{server, AuthorizeLayer, ControlIdentity, ControlTls, Policy, Role};
+
+use crate::{catalog::TRUST_DOMAIN, private_files};
 
 use super::{
-    network::{Network, Refusals, PEER_SERVER_NAME},
+    network::{Network, Refusals},
     service::RaftService,
     state::{Applied, Command, MeshState},
     store::{self, StoreError},
@@ -39,9 +40,14 @@ pub struct GroupConfig {
     pub peers: BTreeMap<NodeId, Replica>,
     /// Where the Raft log and state live.
     pub data_dir: PathBuf,
-    /// Certificate, key and roots for mTLS between replicas; `None` runs
-    /// the group's traffic in plaintext (development only).
-    pub tls: Option<TlsCredentials>,
+    /// This replica's control-plane certificate (a leader of `cluster`
+    /// with its `id`) and the control-plane CA, for mTLS between replicas;
+    /// `None` runs the group's traffic in plaintext (development only).
+    pub tls: Option<ControlTls>,
+    /// Where the Raft server listens (default: every interface, on the
+    /// port of this replica's own address, which in Kubernetes is the
+    /// pod's DNS name and may not resolve yet when the pod starts).
+    pub listen: Option<String>,
     /// Leader heartbeat (default 100 ms).
     pub heartbeat: Duration,
     /// A follower hearing nothing for a random time in this range calls an
@@ -64,6 +70,7 @@ impl GroupConfig {
             peers,
             data_dir: data_dir.to_owned(),
             tls: None,
+            listen: None,
             heartbeat: Duration::from_millis(100),
             election_timeout: (Duration::from_millis(400), Duration::from_millis(800)),
         }
@@ -146,7 +153,7 @@ fn claim(dir: &Path, cluster: &str, id: NodeId) -> Result<(), GroupError> {
         path: path.clone(),
         reason,
     };
-    std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+    private_files::create_dir(dir).map_err(|e| fail(e.to_string()))?;
     let me = Owner {
         cluster: cluster.to_owned(),
         id,
@@ -171,7 +178,7 @@ fn claim(dir: &Path, cluster: &str, id: NodeId) -> Result<(), GroupError> {
         }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             let text = serde_json::to_vec(&me).map_err(|e| fail(e.to_string()))?;
-            std::fs::write(&path, text).map_err(|e| fail(e.to_string()))
+            private_files::write(&path, &text).map_err(|e| fail(e.to_string()))
         }
         Err(error) => Err(fail(error.to_string())),
     }
@@ -230,29 +237,33 @@ impl LeaderGroup {
         .map_err(|e| GroupError::Raft(e.to_string()))?;
         let (stop, refused) = watch::channel(None);
         let refusals = Arc::new(Refusals::new(config.peers.len(), stop));
-        let (client_tls, server_tls) = match &config.tls {
-            Some(tls) => {
-                let (client, server) = tls_configs(tls);
-                (Some(client), Some(server))
+        if let Some(tls) = &config.tls {
+            let expected =
+                ControlIdentity::new(TRUST_DOMAIN, &config.cluster, Role::Leader(config.id));
+            if tls.identity() != expected {
+                return Err(GroupError::Tls(format!(
+                    "this replica's certificate names {}, not replica {} of group {:?}",
+                    tls.identity()
+                        .map_or_else(|| "no control-plane identity".to_owned(), |i| i.uri()),
+                    config.id,
+                    config.cluster
+                )));
             }
-            None => (None, None),
-        };
+        }
         let network = Network {
             id: config.id,
             cluster: config.cluster.clone(),
-            tls: client_tls,
+            tls: config.tls.clone(),
             refusals: refusals.clone(),
         };
         let raft = Raft::new(config.id, Arc::new(raft_config), network, log, machine)
             .await
             .map_err(|e| GroupError::Raft(e.to_string()))?;
 
-        // Every interface, on the port of this replica's own address: in
-        // Kubernetes that address is the pod's DNS name, which may not
-        // resolve yet when the pod starts.
-        let bind = match me.raft.rsplit_once(':') {
-            Some((_, port)) => format!("0.0.0.0:{port}"),
-            None => me.raft.clone(),
+        let bind = match (&config.listen, me.raft.rsplit_once(':')) {
+            (Some(listen), _) => listen.clone(),
+            (None, Some((_, port))) => format!("0.0.0.0:{port}"),
+            (None, None) => me.raft.clone(),
         };
         let listener = TcpListener::bind(&bind)
             .await
@@ -260,19 +271,26 @@ impl LeaderGroup {
                 address: bind.clone(),
                 source,
             })?;
-        let mut server = tonic::transport::Server::builder().tcp_nodelay(true);
-        if let Some(tls) = server_tls {
-            server = server
-                .tls_config(tls)
-                .map_err(|e| GroupError::Tls(e.to_string()))?;
-        }
         let service = RaftService::new(
             raft.clone(),
             &config.cluster,
             config.peers.clone(),
             refusals,
-        );
-        let router = server.add_service(service.into_server());
+        )
+        .into_server();
+        let peers = config.peers.clone();
+        let group = config.cluster.clone();
+        let policy: Policy = Arc::new(move |caller: &ControlIdentity| match caller.role {
+            Role::Leader(id) if caller.group == group && peers.contains_key(&id) => Ok(()),
+            _ => Err(format!(
+                "{caller} is not a replica of leader group {group:?} (peers {:?})",
+                peers.keys().collect::<Vec<_>>()
+            )),
+        });
+        let secured = (config.tls.as_ref()).map(|tls| (tls, AuthorizeLayer::new("raft", policy)));
+        let router = server::builder(secured)
+            .map_err(|e| GroupError::Tls(e.to_string()))?
+            .add_service(service);
         let server = tokio::spawn(async move {
             if let Err(error) = router
                 .serve_with_incoming(TcpListenerStream::new(listener))
@@ -371,20 +389,4 @@ impl LeaderGroup {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// tonic's client and server TLS from one replica's material: each side
-/// presents its certificate and requires the other's, chained to the
-/// same roots.
-fn tls_configs(tls: &TlsCredentials) -> (ClientTlsConfig, ServerTlsConfig) {
-    let identity = Identity::from_pem(&tls.chain_pem, &tls.key_pem);
-    let roots = Certificate::from_pem(&tls.client_roots_pem);
-    let client = ClientTlsConfig::new()
-        .ca_certificate(roots.clone())
-        .identity(identity.clone())
-        .domain_name(PEER_SERVER_NAME);
-    let server = ServerTlsConfig::new()
-        .identity(identity)
-        .client_ca_root(roots);
-    (client, server)
 }

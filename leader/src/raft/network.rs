@@ -23,13 +23,11 @@ use openraft::{
 };
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::sync::watch;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 use trellis_proto::trellis::raft::v1::{raft_client::RaftClient, RaftRequest};
+use trellis_transport::{identity::replica_server_name, ControlTls};
 
 use super::{NodeId, Replica, TypeConfig};
-
-/// Name on every replica's peer certificate, checked by the others.
-pub const PEER_SERVER_NAME: &str = "trellis-leader";
 
 /// Who refused this replica, and whether it must stop because of it.
 #[derive(Debug)]
@@ -82,7 +80,7 @@ impl Refusals {
 pub struct Network {
     pub(super) id: NodeId,
     pub(super) cluster: String,
-    pub(super) tls: Option<ClientTlsConfig>,
+    pub(super) tls: Option<ControlTls>,
     pub(super) refusals: Arc<Refusals>,
 }
 
@@ -107,7 +105,10 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         let client = Endpoint::from_shared(format!("{scheme}://{}", node.raft))
             .ok()
             .and_then(|endpoint| match &self.tls {
-                Some(tls) => endpoint.tls_config(tls.clone()).ok(),
+                // Only the replica `target` answers to its name.
+                Some(tls) => endpoint
+                    .tls_config(tls.client(&replica_server_name(&self.cluster, target)))
+                    .ok(),
                 None => Some(endpoint),
             })
             .map(|endpoint| {

@@ -3,7 +3,9 @@
 //!
 //! A request from another group (its `cluster` differs) or from an id not
 //! among the peers is refused with `PERMISSION_DENIED` and logged; the
-//! group carries on. A replica that never joined a group and is contacted
+//! group carries on. With TLS, the transport has already admitted only a
+//! leader certificate of this group whose id is a peer, and a request
+//! declaring another sender than that certificate's id is refused too. A replica that never joined a group and is contacted
 //! by another group's replica is the one misconfigured: it stops.
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -16,6 +18,7 @@ use trellis_proto::trellis::raft::v1::{
     raft_server::{self, RaftServer},
     LeaderReply, LeaderRequest, RaftReply, RaftRequest,
 };
+use trellis_transport::{ControlIdentity, Role};
 
 use super::{network::Refusals, NodeId, Replica, TypeConfig};
 
@@ -53,7 +56,21 @@ impl RaftService {
     }
 
     /// Checks who is asking and decodes the openraft request.
-    async fn admit<T: DeserializeOwned>(&self, request: &RaftRequest) -> Result<T, Status> {
+    async fn admit<T: DeserializeOwned>(
+        &self,
+        request: &Request<RaftRequest>,
+    ) -> Result<T, Status> {
+        let caller = request.extensions().get::<ControlIdentity>().cloned();
+        let request = request.get_ref();
+        if let Some(caller) = caller {
+            if caller.role != Role::Leader(request.from) {
+                warn!(from = request.from, %caller, "refused a replica declaring another id than its certificate's");
+                return Err(Status::permission_denied(format!(
+                    "the request says it is from replica {}, but the certificate is {caller}",
+                    request.from
+                )));
+            }
+        }
         if *request.cluster != *self.cluster {
             warn!(
                 from = request.from,
@@ -97,12 +114,12 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
-        let rpc = self.admit(request.get_ref()).await?;
+        let rpc = self.admit(&request).await?;
         reply(&self.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        let rpc = self.admit(request.get_ref()).await?;
+        let rpc = self.admit(&request).await?;
         reply(&self.raft.vote(rpc).await)
     }
 
@@ -110,7 +127,7 @@ impl raft_server::Raft for RaftService {
         &self,
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
-        let rpc = self.admit(request.get_ref()).await?;
+        let rpc = self.admit(&request).await?;
         reply(&self.raft.install_snapshot(rpc).await)
     }
 

@@ -12,13 +12,14 @@ use anyhow::{bail, Context, Result};
 use trellis_edge::{EdgeTls, TlsCredentials, TLS_CERT, TLS_CLIENT_ROOTS, TLS_KEY};
 use trellis_leader::{
     bootstrap::{edge_credentials, proxy_bootstrap, EdgeAddress, Proxy},
-    ca::{BuiltinCa, CertificateIssuer, RootCa, NEXT_CA_CERT, NEXT_CA_KEY},
+    ca::{control_tls, BuiltinCa, CertificateIssuer, RootCa, NEXT_CA_CERT, NEXT_CA_KEY},
     catalog::TRUST_DOMAIN,
     compile::ClassSummary,
     private_files,
     source::files::FileSource,
 };
 use trellis_shared::bootstrap::{AdsApi, EnvoyBootstrap};
+use trellis_transport::{tls as control, ControlIdentity, ControlTls, Role};
 
 use crate::pipeline;
 
@@ -143,6 +144,90 @@ pub(crate) fn edge_cert(
     write_private(&out.join(TLS_CLIENT_ROOTS), &credentials.client_roots_pem)?;
     println!("wrote {} for {server_name}", out.display());
     Ok(())
+}
+
+/// What a control-plane certificate's holder is, as `trellis control-cert
+/// --role` names it.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum ControlRole {
+    /// A leader group replica (`--name` is its id).
+    Leader,
+    /// An edge (`--name` is its name).
+    Edge,
+    /// The sidecar injector.
+    Injector,
+}
+
+impl ControlRole {
+    /// The role with its `--name`.
+    pub(crate) fn with_name(self, name: &str) -> Result<Role> {
+        Ok(match self {
+            ControlRole::Leader => {
+                Role::Leader(name.parse().with_context(|| {
+                    format!("--name {name:?}: a leader's name is its replica id")
+                })?)
+            }
+            ControlRole::Edge => Role::Edge(name.to_owned()),
+            ControlRole::Injector => Role::Injector,
+        })
+    }
+}
+
+/// How long a control-plane certificate is valid; reissued on restart (a
+/// leader with --control-ca-dir) or by running the command again.
+const CONTROL_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// `role` of `cluster`'s certificate from the control-plane CA in `dir`.
+fn issue_control(ca_dir: &Path, cluster: &str, role: Role) -> Result<ControlTls> {
+    let identity = ControlIdentity::new(TRUST_DOMAIN, cluster, role).with_context(|| {
+        format!("group {cluster:?} and an edge's name must be DNS labels (lowercase letters, digits, '-')")
+    })?;
+    let ca = BuiltinCa::open(ca_dir)
+        .with_context(|| format!("opening the control-plane CA in {}", ca_dir.display()))?;
+    Ok(control_tls(&ca, &identity, CONTROL_CERT_VALIDITY)?)
+}
+
+/// `trellis peer-cert` and `trellis control-cert`.
+pub(crate) fn control_cert(ca_dir: &Path, out: &Path, cluster: &str, role: Role) -> Result<()> {
+    let tls = issue_control(ca_dir, cluster, role)?;
+    private_files::create_dir(out)?;
+    write_private(&out.join(control::KEY), &tls.key_pem)?;
+    write_private(&out.join(control::CERT), &tls.chain_pem)?;
+    write_private(&out.join(control::CA), &tls.ca_pem)?;
+    if let Some(identity) = tls.identity() {
+        println!("wrote {} for {identity}", out.display());
+    }
+    Ok(())
+}
+
+/// A leader's control-plane TLS: read from --peer-tls-dir (and checked to
+/// be replica `id` of --cluster), issued from --control-ca-dir, or none
+/// with --plaintext-control-plane.
+pub(crate) fn leader_control_tls(args: &crate::ControlArgs, id: u64) -> Result<Option<ControlTls>> {
+    let expected = ControlIdentity::new(TRUST_DOMAIN, &args.cluster, Role::Leader(id))
+        .with_context(|| format!("--cluster {:?} must be a DNS label", args.cluster))?;
+    let tls = match (&args.peer_tls_dir, &args.control_ca_dir) {
+        (Some(dir), _) => ControlTls::from_dir(dir).with_context(|| {
+            format!("reading the control-plane TLS material in {}", dir.display())
+        })?,
+        (None, Some(ca_dir)) => issue_control(ca_dir, &args.cluster, Role::Leader(id))?,
+        (None, None) if args.plaintext_control_plane => {
+            tracing::warn!("PLAINTEXT publishing and Raft: anyone reaching the ports reads every identity's keys; development only");
+            println!("  WARNING: plaintext control plane (--plaintext-control-plane): for local development only");
+            return Ok(None);
+        }
+        (None, None) => bail!(
+            "the control plane needs TLS: --peer-tls-dir (from `trellis peer-cert`) or --control-ca-dir (or --plaintext-control-plane for development)"
+        ),
+    };
+    if tls.identity().as_ref() != Some(&expected) {
+        bail!(
+            "the control-plane certificate names {}, not {expected}",
+            tls.identity()
+                .map_or_else(|| "no control-plane identity".to_owned(), |i| i.uri())
+        );
+    }
+    Ok(Some(tls))
 }
 
 /// `trellis rotate-ca`.

@@ -36,11 +36,11 @@ use trellis_leader::{
     compile::Compiler,
     ingress_gateway::Keeper,
     pipeline::{Pipeline, PipelineConfig, Status},
+    publish,
     publish::{Gate, Publisher},
     raft::{
         group::{GroupConfig, LeaderGroup},
         leading::{lead, Leading, SourceStarter},
-        network::PEER_SERVER_NAME,
         NodeId, Replica,
     },
     source::{files::FileSource, kube::KubeSource, Source, SourceError},
@@ -50,6 +50,7 @@ mod credentials;
 mod inject;
 
 use credentials::EDGE_SERVER_NAME;
+use trellis_transport::{ControlIdentity, ControlTls, Role};
 
 #[derive(Parser)]
 #[command(
@@ -113,20 +114,63 @@ struct GroupArgs {
     /// `<name>-<k>` is id k+1.
     #[arg(long, requires = "peers", conflicts_with = "node_id")]
     node_id_from_hostname: bool,
-    /// The group's name: replicas of another group are refused.
-    #[arg(long, default_value = "trellis")]
-    cluster: String,
     /// Where this replica keeps its Raft log and state.
     #[arg(long, requires = "peers")]
     data_dir: Option<PathBuf>,
-    /// Directory of this replica's peer TLS material (tls.crt, tls.key,
-    /// ca.crt; `trellis peer-cert` writes it). Required with --peer unless
-    /// --plaintext-peers.
-    #[arg(long)]
+    /// Where the Raft server listens (default: every interface, on the port
+    /// of this replica's --peer address, which is the address the others
+    /// dial and may be a name that does not resolve yet at start).
+    #[arg(long, requires = "peers")]
+    raft_listen: Option<String>,
+}
+
+/// How a leader's control-plane links (publishing to edges, Raft between
+/// replicas) are secured: mutual TLS from the control-plane CA, which
+/// never signs a proxy's certificate.
+#[derive(clap::Args)]
+struct ControlArgs {
+    /// The leader group's name: replicas and edges of another group are
+    /// refused.
+    #[arg(long, default_value = "trellis")]
+    cluster: String,
+    /// Directory of this leader's control-plane certificate (tls.crt,
+    /// tls.key: replica --node-id of --cluster, as `trellis peer-cert`
+    /// writes it; a single leader is replica 1) and the control-plane CA
+    /// (ca.crt).
+    #[arg(long, conflicts_with = "control_ca_dir")]
     peer_tls_dir: Option<PathBuf>,
-    /// Raft between replicas without TLS. For local development only.
+    /// The control-plane CA's directory (ca.crt, ca.key; generated there if
+    /// empty): this leader issues its own certificate from it at start.
     #[arg(long)]
-    plaintext_peers: bool,
+    control_ca_dir: Option<PathBuf>,
+    /// Publishing and Raft without TLS: anyone reaching the ports reads
+    /// every identity's keys and can vote. For local development only.
+    #[arg(long, conflicts_with_all = ["peer_tls_dir", "control_ca_dir"])]
+    plaintext_control_plane: bool,
+}
+
+/// How an edge follows its leader group.
+#[derive(clap::Args)]
+struct FollowArgs {
+    /// The leader's publish address; for a leader group, every replica's,
+    /// comma-separated (the edge finds the one leading, and follows a
+    /// replica's hint only to one of these).
+    #[arg(long, default_value = "https://127.0.0.1:15129", value_delimiter = ',')]
+    leader: Vec<String>,
+    /// The leader group followed: only a leader certificate of this group
+    /// is accepted.
+    #[arg(long, default_value = "trellis")]
+    group: String,
+    /// Directory of the edge's control-plane certificate (tls.crt, tls.key:
+    /// an edge of --group, as `trellis control-cert --role edge` writes
+    /// it) and the control-plane CA (ca.crt). Required unless
+    /// --plaintext-control-plane.
+    #[arg(long, required_unless_present = "plaintext_control_plane")]
+    control_tls_dir: Option<PathBuf>,
+    /// Follow the leader without TLS, trusting whatever answers. For local
+    /// development only.
+    #[arg(long)]
+    plaintext_control_plane: bool,
 }
 
 /// Where an edge serves Envoys.
@@ -163,15 +207,15 @@ enum Command {
         publish: SocketAddr,
         #[command(flatten)]
         group: GroupArgs,
+        #[command(flatten)]
+        control: ControlArgs,
     },
     /// Run an edge: follow a leader, serve Envoys. Not ready until the
     /// leader's first snapshot arrived; serves the last one while the leader
     /// is unreachable.
     Edge {
-        /// The leader's publish address; for a leader group, every
-        /// replica's, comma-separated (the edge finds the one leading).
-        #[arg(long, default_value = "http://127.0.0.1:15129", value_delimiter = ',')]
-        leader: Vec<String>,
+        #[command(flatten)]
+        follow: FollowArgs,
         /// This edge's name, in the leader's logs (default: the host name).
         #[arg(long)]
         name: Option<String>,
@@ -231,21 +275,40 @@ enum Command {
         #[arg(long)]
         ip: Vec<std::net::IpAddr>,
     },
-    /// Issue a leader replica's peer certificate into a directory for
-    /// `trellis leader --peer-tls-dir`.
+    /// Issue a leader replica's control-plane certificate into a directory
+    /// for `trellis leader --peer-tls-dir` (`control-cert --role leader`).
     PeerCert {
-        /// The CA's directory.
+        /// The control-plane CA's directory (generated there if empty).
         #[arg(long)]
-        ca_dir: PathBuf,
+        control_ca_dir: PathBuf,
         /// Where to write tls.crt, tls.key and ca.crt.
         #[arg(long)]
         out: PathBuf,
-        /// DNS names on the certificate.
+        /// The replica's id (a single leader is 1).
         #[arg(long)]
-        dns: Vec<String>,
-        /// IP addresses on the certificate.
+        id: u64,
+        /// The leader group.
+        #[arg(long, default_value = "trellis")]
+        cluster: String,
+    },
+    /// Issue a control-plane certificate (a leader's, an edge's or the
+    /// injector's) from the control-plane CA into a directory.
+    ControlCert {
+        /// The control-plane CA's directory (generated there if empty).
         #[arg(long)]
-        ip: Vec<std::net::IpAddr>,
+        control_ca_dir: PathBuf,
+        /// Where to write tls.crt, tls.key and ca.crt.
+        #[arg(long)]
+        out: PathBuf,
+        /// What the holder is.
+        #[arg(long, value_enum)]
+        role: credentials::ControlRole,
+        /// A leader's id, an edge's name (DNS label); none for the injector.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// The leader group.
+        #[arg(long, default_value = "trellis")]
+        cluster: String,
     },
     /// Start a root rotation: write the next root into the CA directory; a
     /// running leader trusts it, then signs with it, then drops the old one.
@@ -295,17 +358,21 @@ async fn main() -> Result<()> {
             inputs,
             publish,
             group,
-        } if !group.peers.is_empty() => leader_group(inputs, publish, group).await,
+            control,
+        } if !group.peers.is_empty() => leader_group(inputs, publish, group, control).await,
         Command::Leader {
-            inputs, publish, ..
-        } => leader(inputs, publish).await,
+            inputs,
+            publish,
+            control,
+            ..
+        } => leader(inputs, publish, control).await,
         Command::Edge {
-            leader,
+            follow,
             name,
             sharded,
             tls_dir,
             serving,
-        } => edge(leader, name, sharded, tls_dir, serving).await,
+        } => edge(follow, name, sharded, tls_dir, serving).await,
         Command::Check { dir, mesh } => check(dir, mesh),
         Command::Bootstrap {
             ca_dir,
@@ -331,11 +398,18 @@ async fn main() -> Result<()> {
             ip,
         } => credentials::edge_cert(&ca_dir, &out, &server_name, dns, ip),
         Command::PeerCert {
-            ca_dir,
+            control_ca_dir,
             out,
-            dns,
-            ip,
-        } => credentials::edge_cert(&ca_dir, &out, PEER_SERVER_NAME, dns, ip),
+            id,
+            cluster,
+        } => credentials::control_cert(&control_ca_dir, &out, &cluster, Role::Leader(id)),
+        Command::ControlCert {
+            control_ca_dir,
+            out,
+            role,
+            name,
+            cluster,
+        } => credentials::control_cert(&control_ca_dir, &out, &cluster, role.with_name(&name)?),
         Command::RotateCa { ca_dir } => credentials::rotate_ca(&ca_dir),
         Command::Inject(args) => inject::run(args).await,
     }
@@ -515,12 +589,18 @@ async fn run(inputs: Inputs, serving: Serving) -> Result<()> {
     Ok(())
 }
 
-async fn leader(inputs: Inputs, publish: SocketAddr) -> Result<()> {
+async fn leader(inputs: Inputs, publish: SocketAddr, control: ControlArgs) -> Result<()> {
+    // A single leader is replica 1 of its group.
+    let tls = credentials::leader_control_tls(&control, 1)?;
     let store = Arc::new(SnapshotStore::new());
     let listener = bind("publish", publish).await?;
     let leader = start_leader(inputs, store.clone()).await?;
     println!("Trellis leader compiling {}", leader.origin);
-    println!("  edges follow it at:  http://{publish}  (trellis edge --leader http://{publish})");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!(
+        "  edges follow it at:  {scheme}://{publish}  (trellis edge --leader {scheme}://{publish} --group {})",
+        control.cluster
+    );
     print_problems(&leader.first);
     let publisher = Publisher::new(store);
     let closer = publisher.clone();
@@ -528,8 +608,8 @@ async fn leader(inputs: Inputs, publish: SocketAddr) -> Result<()> {
         stop_signal().await;
         closer.close();
     });
-    let serve = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let serve = publish::server(tls.as_ref(), &control.cluster)
+        .context("the publish server's TLS")?
         .add_service(publisher.clone().into_service())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             publisher.closed().await;
@@ -591,7 +671,12 @@ fn ordinal_id(hostname: &str) -> Result<NodeId> {
 
 /// One replica of a Raft leader group: Raft always, the compile pipeline and
 /// publishing to edges only while it leads.
-async fn leader_group(inputs: Inputs, publish: SocketAddr, group: GroupArgs) -> Result<()> {
+async fn leader_group(
+    inputs: Inputs,
+    publish: SocketAddr,
+    group: GroupArgs,
+    control: ControlArgs,
+) -> Result<()> {
     let mut peers = BTreeMap::new();
     for text in &group.peers {
         let (id, replica) = parse_peer(text)?;
@@ -609,20 +694,7 @@ async fn leader_group(inputs: Inputs, publish: SocketAddr, group: GroupArgs) -> 
     let data_dir = group
         .data_dir
         .context("--data-dir is required with --peer")?;
-    let tls = match (&group.peer_tls_dir, group.plaintext_peers) {
-        (Some(dir), false) => Some(
-            TlsCredentials::from_dir(dir)
-                .with_context(|| format!("reading the peer TLS material in {}", dir.display()))?,
-        ),
-        (None, true) => {
-            warn!("PLAINTEXT Raft between leader replicas; development only");
-            None
-        }
-        (Some(_), true) => bail!("--peer-tls-dir and --plaintext-peers exclude each other"),
-        (None, false) => {
-            bail!("--peer needs --peer-tls-dir (or --plaintext-peers for development)")
-        }
-    };
+    let tls = credentials::leader_control_tls(&control, id)?;
     let (source, keeper): (SourceStarter, Keeper) = match inputs.source {
         SourceKind::Files => {
             require_dir(&inputs.dir)?;
@@ -641,8 +713,9 @@ async fn leader_group(inputs: Inputs, publish: SocketAddr, group: GroupArgs) -> 
             )
         }
     };
-    let mut config = GroupConfig::new(id, &group.cluster, peers, &data_dir);
-    config.tls = tls;
+    let mut config = GroupConfig::new(id, &control.cluster, peers, &data_dir);
+    config.tls = tls.clone();
+    config.listen = group.raft_listen;
     let replica = Arc::new(
         LeaderGroup::start(config)
             .await
@@ -650,12 +723,13 @@ async fn leader_group(inputs: Inputs, publish: SocketAddr, group: GroupArgs) -> 
     );
     let gate = Gate::default();
     let listener = bind("publish", publish).await?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     println!(
-        "Trellis leader replica {id} of group {:?}; edges follow the group at http://{publish}",
-        group.cluster
+        "Trellis leader replica {id} of group {:?}; edges follow the group at {scheme}://{publish}",
+        control.cluster
     );
-    let serve = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let serve = publish::server(tls.as_ref(), &control.cluster)
+        .context("the publish server's TLS")?
         .add_service(gate.clone().into_service())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             stop_signal().await;
@@ -682,7 +756,7 @@ async fn leader_group(inputs: Inputs, publish: SocketAddr, group: GroupArgs) -> 
 }
 
 async fn edge(
-    leader: Vec<String>,
+    follow: FollowArgs,
     name: Option<String>,
     sharded: bool,
     tls_dir: Option<PathBuf>,
@@ -694,12 +768,47 @@ async fn edge(
     let edge = Edge::new(EdgeConfig::default());
     let xds_listener = bind("xDS", serving.xds).await?;
     let admin_listener = bind("admin", serving.admin).await?;
-    let mut upstream = UpstreamConfig::new(&leader, &name);
+    let mut upstream = UpstreamConfig::new(&follow.leader, &name);
     upstream.sharded = sharded;
+    upstream.group = follow.group.clone();
+    upstream.tls = match (&follow.control_tls_dir, follow.plaintext_control_plane) {
+        (Some(dir), false) => {
+            let tls = ControlTls::from_dir(dir).with_context(|| {
+                format!(
+                    "reading the edge's control-plane TLS material in {}",
+                    dir.display()
+                )
+            })?;
+            match tls.identity() {
+                Some(ControlIdentity {
+                    group,
+                    role: Role::Edge(_),
+                    ..
+                }) if group == follow.group => {}
+                other => bail!(
+                    "{}: the certificate names {}, not an edge of group {:?}",
+                    dir.display(),
+                    other.map_or_else(|| "no control-plane identity".to_owned(), |i| i.uri()),
+                    follow.group
+                ),
+            }
+            Some(tls)
+        }
+        (None, true) => {
+            warn!("PLAINTEXT to the leader: anything answering at --leader is followed; development only");
+            None
+        }
+        (Some(_), true) => {
+            bail!("--control-tls-dir and --plaintext-control-plane exclude each other")
+        }
+        (None, false) => {
+            bail!("--control-tls-dir is required (or --plaintext-control-plane for development)")
+        }
+    };
+    let leaders = follow.leader.join(", ");
     let follow = tokio::spawn(edge.follow(upstream));
     println!(
-        "Trellis edge {name} following {}{}",
-        leader.join(", "),
+        "Trellis edge {name} following {leaders}{}",
         if sharded {
             " (sharded: only its proxies' classes)"
         } else {

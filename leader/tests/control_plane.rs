@@ -1,0 +1,384 @@
+//! Zero trust inside the control plane: each internal link attacked.
+//!
+//! * The publish port (every identity's keys go out on it) gives nothing to
+//!   a plaintext client, a TLS client without a certificate, a proxy's leaf
+//!   from the mesh CA, the injector's certificate or another group's edge;
+//!   it serves an edge of its group.
+//! * An edge does not follow a server whose certificate is valid but not a
+//!   leader's of its group.
+//! * The Raft port refuses a proxy's leaf, an edge's certificate, a leader
+//!   certificate whose id is not a peer, and a peer declaring another id
+//!   than its certificate's; a peer declaring its own is heard.
+//! * Key-bearing files are the owner's alone under a hostile umask.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "../../edge/tests/support/mod.rs"]
+mod support;
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use support::{copy_example, eventually, free_port, TestEdge};
+use tokio::{net::TcpListener, sync::mpsc};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use trellis_edge::{SnapshotStore, UpstreamConfig};
+use trellis_leader::{
+    ca::{control_tls, BuiltinCa, CertificateIssuer, LeafRequest},
+    catalog::{Identity as MeshIdentity, TRUST_DOMAIN},
+    compile::Compiler,
+    pipeline::{Pipeline, PipelineConfig},
+    publish::{self, Publisher},
+    raft::{
+        group::{GroupConfig, LeaderGroup},
+        Replica,
+    },
+    source::files::FileSource,
+};
+use trellis_proto::{
+    pb::envoy::service::discovery::v3::{
+        aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+        DeltaDiscoveryRequest,
+    },
+    trellis::raft::v1::{raft_client::RaftClient, RaftRequest},
+};
+use trellis_shared::{replication::REPLICATED_TYPES, type_url};
+use trellis_transport::{
+    identity::{leader_server_name, replica_server_name},
+    ControlIdentity, ControlTls, Role,
+};
+
+const GROUP: &str = "trellis";
+const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
+
+/// `role`'s certificate in `group` from `ca`.
+fn issue(ca: &BuiltinCa, group: &str, role: Role) -> ControlTls {
+    let identity = ControlIdentity::new(TRUST_DOMAIN, group, role).unwrap();
+    control_tls(ca, &identity, Duration::from_secs(3600)).unwrap()
+}
+
+/// A client presenting `tls`'s certificate (none: `None`), trusting
+/// `ca_pem` for a server named `server_name`.
+fn client(tls: Option<(&str, &str)>, ca_pem: &str, server_name: &str) -> ClientTlsConfig {
+    let config = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name(server_name);
+    match tls {
+        Some((chain, key)) => config.identity(Identity::from_pem(chain, key)),
+        None => config,
+    }
+}
+
+/// A proxy's leaf from the mesh CA (it carries client-auth and chains to
+/// the mesh root, as every sidecar's does).
+fn proxy_leaf() -> (String, String) {
+    let mesh = BuiltinCa::generate().unwrap();
+    let identity = MeshIdentity::new("bookstore", "bookstore");
+    let leaf = mesh
+        .issue(&LeafRequest::identity(
+            &identity,
+            TRUST_DOMAIN,
+            Duration::from_secs(3600),
+        ))
+        .unwrap();
+    (leaf.chain_pem, leaf.key_pem)
+}
+
+async fn channel(
+    address: SocketAddr,
+    tls: Option<ClientTlsConfig>,
+) -> Result<tonic::transport::Channel, String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2));
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls).unwrap();
+    }
+    endpoint.connect().await.map_err(|e| format!("{e:?}"))
+}
+
+/// How many resources the publish server at `address` sends in its first
+/// response to an edge's subscription, or why it sent none.
+async fn replicate(address: SocketAddr, tls: Option<ClientTlsConfig>) -> Result<usize, String> {
+    let channel = channel(address, tls).await?;
+    // As an edge does: every replicated type, then the commit.
+    let (requests, outgoing) = mpsc::channel(16);
+    for type_url in REPLICATED_TYPES.iter().chain([&type_url::COMMIT]) {
+        requests
+            .send(DeltaDiscoveryRequest {
+                type_url: (*type_url).to_owned(),
+                resource_names_subscribe: vec!["*".to_owned()],
+                ..DeltaDiscoveryRequest::default()
+            })
+            .await
+            .unwrap();
+    }
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let mut responses = client
+        .delta_aggregated_resources(ReceiverStream::new(outgoing))
+        .await
+        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?
+        .into_inner();
+    match tokio::time::timeout(Duration::from_secs(5), responses.message()).await {
+        Ok(Ok(Some(response))) => Ok(response.resources.len()),
+        Ok(Ok(None)) => Err("closed".to_owned()),
+        Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
+        Err(_) => Err("no response".to_owned()),
+    }
+}
+
+/// The example compiled into a store.
+fn compiled_example(dir: &Path) -> Arc<SnapshotStore> {
+    copy_example(dir);
+    let mut pipeline = Pipeline::new(
+        PipelineConfig::default(),
+        Compiler::new(Arc::new(BuiltinCa::generate().unwrap())),
+    );
+    pipeline.apply(FileSource::new(dir).scan().unwrap());
+    let store = Arc::new(SnapshotStore::new());
+    store.publish(pipeline.compile().unwrap().unwrap());
+    store
+}
+
+/// Serves `store` on a publish port with `tls`; returns its address.
+async fn serve_publish(store: Arc<SnapshotStore>, tls: &ControlTls) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let mut server = publish::server(Some(tls), GROUP).unwrap();
+    let router = server.add_service(Publisher::new(store).into_service());
+    tokio::spawn(async move {
+        let _ = router
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await;
+    });
+    address
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("trellis-zero-trust-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publish_port_serves_only_edges_of_its_group() {
+    let control = BuiltinCa::generate().unwrap();
+    let ca_pem = control.trust_bundle().to_string();
+    let store = compiled_example(&scratch("publish"));
+    let leader = issue(&control, GROUP, Role::Leader(1));
+    let address = serve_publish(store, &leader).await;
+    let server_name = leader_server_name(GROUP);
+    let with =
+        |tls: &ControlTls| client(Some((&tls.chain_pem, &tls.key_pem)), &ca_pem, &server_name);
+
+    let edge = issue(&control, GROUP, Role::Edge("edge-a".into()));
+    let served = replicate(address, Some(with(&edge))).await;
+    assert!(matches!(served, Ok(n) if n > 0), "{served:?}");
+    // A replica forwarding is a leader of the group: served too.
+    assert!(replicate(
+        address,
+        Some(with(&issue(&control, GROUP, Role::Leader(2))))
+    )
+    .await
+    .is_ok_and(|n| n > 0));
+
+    let (proxy_chain, proxy_key) = proxy_leaf();
+    for (who, tls) in [
+        ("a plaintext client", None),
+        (
+            "a TLS client without a certificate",
+            Some(client(None, &ca_pem, &server_name)),
+        ),
+        (
+            "a proxy's leaf from the mesh CA",
+            Some(client(
+                Some((&proxy_chain, &proxy_key)),
+                &ca_pem,
+                &server_name,
+            )),
+        ),
+        (
+            "the injector",
+            Some(with(&issue(&control, GROUP, Role::Injector))),
+        ),
+        (
+            "an edge of another group",
+            Some(with(&issue(&control, "other", Role::Edge("edge-a".into())))),
+        ),
+    ] {
+        let got = replicate(address, tls).await;
+        assert!(got.is_err(), "{who} was served: {got:?}");
+    }
+    let refused = replicate(address, Some(with(&issue(&control, GROUP, Role::Injector)))).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.starts_with("PermissionDenied") && e.contains("may not replicate")),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_follows_only_a_leader_certificate_of_its_group() {
+    let control = BuiltinCa::generate().unwrap();
+    let store = compiled_example(&scratch("rogue"));
+    // Valid, from the right CA, but an edge's: no leader name on it.
+    let rogue = serve_publish(
+        store.clone(),
+        &issue(&control, GROUP, Role::Edge("rogue".into())),
+    )
+    .await;
+    let follow = |leader: SocketAddr| {
+        let mut config = UpstreamConfig::new([format!("https://{leader}")], "edge-a");
+        config.tls = Some(issue(&control, GROUP, Role::Edge("edge-a".into())));
+        config
+    };
+    let fooled = TestEdge::following_with(follow(rogue)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(fooled.metric("trellis_edge_upstream_connected").await, 0.0);
+    assert_ne!(fooled.admin("/readyz").await.0, 200);
+
+    // The same edge settings against a leader's certificate: followed.
+    let leader = serve_publish(store, &issue(&control, GROUP, Role::Leader(1))).await;
+    let following = TestEdge::following_with(follow(leader)).await;
+    eventually(Duration::from_secs(10), "the edge to follow", || async {
+        following.admin("/readyz").await.0 == 200
+    })
+    .await
+    .unwrap();
+}
+
+/// A vote request to the Raft server at `address`, declaring `from`.
+async fn vote(address: SocketAddr, tls: ClientTlsConfig, from: u64) -> Result<(), String> {
+    let channel = channel(address, Some(tls)).await?;
+    RaftClient::new(channel)
+        .vote(RaftRequest {
+            cluster: GROUP.to_owned(),
+            from,
+            payload: b"{}".to_vec(),
+        })
+        .await
+        .map(|_| ())
+        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_raft_port_hears_only_its_peers_as_themselves() {
+    let control = BuiltinCa::generate().unwrap();
+    let ca_pem = control.trust_bundle().to_string();
+    let raft = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let replica = |raft: String| Replica {
+        raft,
+        publish: format!("127.0.0.1:{}", free_port()),
+    };
+    let peers = BTreeMap::from([
+        (1, replica(raft.to_string())),
+        (2, replica(format!("127.0.0.1:{}", free_port()))),
+    ]);
+    let mut config = GroupConfig::new(1, GROUP, peers, &scratch("raft"));
+    config.tls = Some(issue(&control, GROUP, Role::Leader(1)));
+    let _group = LeaderGroup::start(config).await.unwrap();
+    let server_name = replica_server_name(GROUP, 1);
+    let with =
+        |tls: &ControlTls| client(Some((&tls.chain_pem, &tls.key_pem)), &ca_pem, &server_name);
+
+    let (proxy_chain, proxy_key) = proxy_leaf();
+    let proxy = client(Some((&proxy_chain, &proxy_key)), &ca_pem, &server_name);
+    let got = vote(raft, proxy, 2).await;
+    assert!(got.is_err(), "a proxy's leaf was heard: {got:?}");
+    for (who, tls, from, reason) in [
+        (
+            "an edge",
+            issue(&control, GROUP, Role::Edge("edge-a".into())),
+            2,
+            "is not a replica of leader group",
+        ),
+        (
+            "a leader that is not a peer",
+            issue(&control, GROUP, Role::Leader(3)),
+            3,
+            "is not a replica of leader group",
+        ),
+        (
+            "a peer declaring another id",
+            issue(&control, GROUP, Role::Leader(2)),
+            1,
+            "says it is from replica 1",
+        ),
+    ] {
+        let got = vote(raft, with(&tls), from).await;
+        assert!(
+            got.as_ref()
+                .is_err_and(|e| e.starts_with("PermissionDenied") && e.contains(reason)),
+            "{who}: {got:?}"
+        );
+    }
+    // The peer as itself reaches Raft, which reads the (empty) vote.
+    let heard = vote(raft, with(&issue(&control, GROUP, Role::Leader(2))), 2).await;
+    assert!(
+        heard
+            .as_ref()
+            .is_err_and(|e| e.starts_with("InvalidArgument")),
+        "{heard:?}"
+    );
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_bearing_files_are_the_owners_alone_whatever_the_umask() {
+    let dir = scratch("modes");
+    copy_example(&dir.join("mesh"));
+    let (data, control_ca, ca) = (dir.join("data"), dir.join("control-ca"), dir.join("ca"));
+    let (raft, publish) = (free_port(), free_port());
+    let command = format!(
+        "umask 000 && exec {TRELLIS} leader --dir {} --ca-dir {} --control-ca-dir {} \
+         --peer 1=127.0.0.1:{raft},127.0.0.1:{publish} --node-id 1 --data-dir {} \
+         --publish 127.0.0.1:{publish}",
+        dir.join("mesh").display(),
+        ca.display(),
+        control_ca.display(),
+        data.display()
+    );
+    let mut leader = std::process::Command::new("sh")
+        .args(["-c", &command])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("leader.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let started = eventually(Duration::from_secs(20), "the leader to start", || async {
+        data.join("raft.redb").exists() && data.join("replica.json").exists()
+    })
+    .await;
+    let log = std::fs::read_to_string(dir.join("leader.log")).unwrap_or_default();
+    let _ = leader.kill();
+    let _ = leader.wait();
+    started.unwrap_or_else(|e| panic!("{e}\n{log}"));
+    for private_dir in [&data, &control_ca, &ca] {
+        assert_eq!(mode(private_dir), 0o700, "{}", private_dir.display());
+    }
+    for file in [
+        data.join("raft.redb"),
+        data.join("replica.json"),
+        control_ca.join("ca.key"),
+        ca.join("ca.key"),
+    ] {
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
