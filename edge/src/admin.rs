@@ -1,8 +1,12 @@
 //! The admin endpoint: `/metrics` (Prometheus text), `/healthz`, `/readyz`
 //! (ready once a first complete snapshot arrived) and `/debug/streams`
 //! (JSON: each stream's class and per-type ACK/NACK state).
+//!
+//! What shows per-proxy state (`/debug/...`) needs an operator credential
+//! whenever anyone outside the pod can reach it ([`DebugAccess`]): probes
+//! and Prometheus get the rest without one.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -19,12 +23,76 @@ use crate::{metrics::Metrics, store::SnapshotStore, xds::AdsServer};
 /// How long the accept loop pauses after a failed accept.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
+/// Who may read the endpoints that show per-proxy state.
+#[derive(Clone)]
+pub enum DebugAccess {
+    /// Anyone who reaches the port: it is bound to loopback, so only the
+    /// pod (or the machine) can.
+    Local,
+    /// Whoever sends `Authorization: Bearer <token>`.
+    Token(Arc<str>),
+    /// Nobody: the port is reachable from outside and no token is set.
+    Closed,
+}
+
+impl DebugAccess {
+    /// The access an admin port bound to `address` gets with `token`.
+    pub fn for_address(address: SocketAddr, token: Option<Arc<str>>) -> DebugAccess {
+        match token {
+            Some(token) => DebugAccess::Token(token),
+            None if address.ip().is_loopback() => DebugAccess::Local,
+            None => DebugAccess::Closed,
+        }
+    }
+
+    /// Why `request` may not read per-proxy state, as the answer; `None`
+    /// if it may.
+    fn refusal<B>(&self, request: &Request<B>) -> Option<Response<Full<Bytes>>> {
+        match self {
+            DebugAccess::Local => None,
+            DebugAccess::Closed => Some(text(
+                StatusCode::FORBIDDEN,
+                "per-proxy state is served to operators only: start the edge with --admin-token-file, or bind --admin to loopback\n".into(),
+            )),
+            DebugAccess::Token(token) => {
+                let presented = (request.headers().get(header::AUTHORIZATION))
+                    .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "));
+                if presented.is_some_and(|presented| {
+                    bool::from(subtle::ConstantTimeEq::ct_eq(presented, token.as_bytes()))
+                }) {
+                    return None;
+                }
+                let mut refused = text(
+                    StatusCode::UNAUTHORIZED,
+                    "an operator token is required (Authorization: Bearer <token>)\n".into(),
+                );
+                refused.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
+                Some(refused)
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for DebugAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DebugAccess::Local => "Local",
+            DebugAccess::Token(_) => "Token",
+            DebugAccess::Closed => "Closed",
+        })
+    }
+}
+
 /// What the admin endpoint reads.
 pub struct Admin {
     store: Arc<SnapshotStore>,
     metrics: Arc<Metrics>,
     registry: Registry,
     ads: AdsServer,
+    debug: DebugAccess,
 }
 
 impl std::fmt::Debug for Admin {
@@ -34,8 +102,14 @@ impl std::fmt::Debug for Admin {
 }
 
 impl Admin {
-    /// An admin endpoint over the edge's store, metrics and ADS server.
-    pub fn new(store: Arc<SnapshotStore>, metrics: Arc<Metrics>, ads: AdsServer) -> Admin {
+    /// An admin endpoint over the edge's store, metrics and ADS server,
+    /// serving per-proxy state as `debug` allows.
+    pub fn new(
+        store: Arc<SnapshotStore>,
+        metrics: Arc<Metrics>,
+        ads: AdsServer,
+        debug: DebugAccess,
+    ) -> Admin {
         let mut registry = Registry::default();
         metrics.register(&mut registry);
         Admin {
@@ -43,6 +117,7 @@ impl Admin {
             metrics,
             registry,
             ads,
+            debug,
         }
     }
 
@@ -83,7 +158,13 @@ impl Admin {
         if request.method() != Method::GET {
             return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
         }
-        match request.uri().path() {
+        let path = request.uri().path();
+        if path.starts_with("/debug/") {
+            if let Some(refused) = self.debug.refusal(request) {
+                return refused;
+            }
+        }
+        match path {
             "/healthz" => text(StatusCode::OK, "ok\n".into()),
             "/readyz" if self.store.is_ready() => text(StatusCode::OK, "ready\n".into()),
             "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "no snapshot yet\n".into()),

@@ -11,7 +11,9 @@
 //! When the leader bound the certificate's proxy UUID to a class (a
 //! `trellis.v1.ProxyBinding`, from the pod's `osm-proxy-uuid` label), that
 //! class is the proxy's: a node that claims none is served it, and a node
-//! that claims another is refused.
+//! that claims another is refused. A pod-bound certificate (the injector's)
+//! is honoured only while that binding exists: once its pod is gone, the
+//! certificate is refused, whatever its expiry.
 
 use prost::Message;
 use trellis_proto::{
@@ -53,6 +55,15 @@ pub enum ClassifyError {
         /// The class the leader bound its UUID to.
         bound: String,
     },
+    /// The certificate is bound to a pod the leader no longer (or not yet)
+    /// knows.
+    #[error(
+        "node {node_id:?} presents a pod-bound certificate, and no pod carries its proxy UUID"
+    )]
+    PodGone {
+        /// The node's id.
+        node_id: String,
+    },
     /// The class belongs to another ServiceAccount.
     #[error("class {class:?} is not a class of {identity}, whose certificate the proxy holds")]
     ForeignClass {
@@ -73,6 +84,7 @@ impl ClassifyError {
             ClassifyError::NoClass { .. } => "no_class",
             ClassifyError::IdentityMismatch { .. } => "identity_mismatch",
             ClassifyError::NotBound { .. } => "not_bound",
+            ClassifyError::PodGone { .. } => "pod_gone",
             ClassifyError::ForeignClass { .. } => "foreign_class",
             ClassifyError::Peer(_) => "bad_client_certificate",
         }
@@ -141,6 +153,11 @@ impl ProxyClassifier for NodeClassifier {
                 certified: peer.common_name.clone(),
             });
         }
+        if peer.pod_bound && bound.is_none() {
+            return Err(ClassifyError::PodGone {
+                node_id: node.id.clone(),
+            });
+        }
         let class = match (claimed, bound) {
             (Some(claimed), Some(bound)) if claimed != bound => {
                 return Err(ClassifyError::NotBound {
@@ -192,6 +209,7 @@ mod tests {
             common_name: "u1.sidecar.bookbuyer.bookbuyer.cluster.local".to_owned(),
             namespace: "bookbuyer".to_owned(),
             service_account: "bookbuyer".to_owned(),
+            pod_bound: false,
         }
     }
 
@@ -259,5 +277,31 @@ mod tests {
             "unbound, the cluster is the claim"
         );
         assert_eq!(buyer().proxy_uuid(), Some("u1"));
+    }
+
+    #[test]
+    fn a_pod_bound_certificate_is_honoured_only_while_its_pod_is_bound() {
+        let id = "u1.sidecar.bookbuyer.bookbuyer.cluster.local";
+        let injected = PeerIdentity {
+            pod_bound: true,
+            ..buyer()
+        };
+        assert_eq!(
+            NodeClassifier.classify(
+                &node(id, "bookbuyer.bookbuyer"),
+                Some(&injected),
+                Some("bookbuyer/bookbuyer/0a1b2c3d")
+            ),
+            Ok("bookbuyer/bookbuyer/0a1b2c3d".to_owned())
+        );
+        for claim in ["bookbuyer.bookbuyer", "bookbuyer/bookbuyer/0a1b2c3d", ""] {
+            assert_eq!(
+                NodeClassifier
+                    .classify(&node(id, claim), Some(&injected), None)
+                    .map_err(|e| e.reason()),
+                Err("pod_gone"),
+                "claiming {claim:?} without a pod"
+            );
+        }
     }
 }

@@ -12,7 +12,7 @@ use tonic::transport::server::Connected;
 use tracing::info;
 
 use crate::{
-    admin::Admin,
+    admin::{Admin, DebugAccess},
     classify::{NodeClassifier, ProxyClassifier},
     metrics::Metrics,
     store::SnapshotStore,
@@ -63,6 +63,7 @@ pub struct Edge {
     metrics: Arc<Metrics>,
     ads: AdsServer,
     config: EdgeConfig,
+    operator_token: Option<Arc<str>>,
 }
 
 impl Edge {
@@ -81,7 +82,16 @@ impl Edge {
             metrics,
             ads,
             config,
+            operator_token: None,
         }
+    }
+
+    /// Serves per-proxy state on the admin port (`/debug/...`) to whoever
+    /// presents `token` as a bearer token. Without one, only an admin port
+    /// bound to loopback serves it.
+    pub fn with_operator_token(mut self, token: Arc<str>) -> Edge {
+        self.operator_token = Some(token);
+        self
     }
 
     /// Where snapshots are published.
@@ -145,11 +155,19 @@ impl Edge {
         IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
         IE: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let debug = match admin.local_addr() {
+            Ok(address) => DebugAccess::for_address(address, self.operator_token.clone()),
+            Err(_) => DebugAccess::Closed,
+        };
+        if matches!(debug, DebugAccess::Closed) {
+            info!("the admin port is reachable from outside and no operator token is set: /debug/ is closed");
+        }
         let admin_task = tokio::spawn(
             Arc::new(Admin::new(
                 self.store.clone(),
                 self.metrics.clone(),
                 self.ads.clone(),
+                debug,
             ))
             .serve(admin, self.config.admin_header_timeout),
         );

@@ -26,7 +26,7 @@ mod upstream;
 mod xds;
 
 pub use crate::{
-    admin::Admin,
+    admin::{Admin, DebugAccess},
     classify::{ClassifyError, NodeClassifier, ProxyClassifier, CLASS_METADATA_KEY},
     demand::ClassDemand,
     edge::{Edge, EdgeConfig, EdgeError},

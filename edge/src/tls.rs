@@ -238,6 +238,10 @@ pub struct PeerIdentity {
     pub namespace: String,
     /// Its ServiceAccount, from the SPIFFE id.
     pub service_account: String,
+    /// Honoured only while the leader binds its proxy UUID to a pod (the
+    /// subject organizational unit [`trellis_shared::POD_BOUND_UNIT`]: the
+    /// injector's certificates).
+    pub pod_bound: bool,
 }
 
 /// Why a client certificate names no proxy.
@@ -277,10 +281,13 @@ impl PeerIdentity {
                 _ => None,
             })
             .ok_or(PeerError::NoSpiffeId)?;
+        let pod_bound = (cert.subject().iter_organizational_unit())
+            .any(|unit| unit.as_str() == Ok(trellis_shared::POD_BOUND_UNIT));
         Ok(PeerIdentity {
             common_name,
             namespace: spiffe.0.to_owned(),
             service_account: spiffe.1.to_owned(),
+            pod_bound,
         })
     }
 

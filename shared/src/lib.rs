@@ -21,6 +21,11 @@ mod snapshot;
 /// Node metadata key naming a proxy's class.
 pub const CLASS_METADATA_KEY: &str = "trellis.class";
 
+/// The subject organizational unit of a bootstrap certificate honoured only
+/// while its pod exists (the injector's, issued by the leader group): an
+/// edge serves such a proxy only while the leader binds its UUID to a pod.
+pub const POD_BOUND_UNIT: &str = "trellis-pod-bound";
+
 pub use crate::{
     canonical::{put_len_delimited, EncodeError},
     class::{ClassDelta, ClassManifest, ClassView, InvalidClass, TypeDelta},
