@@ -100,6 +100,9 @@ pub struct Pipeline {
     sink: Option<Arc<dyn SnapshotSink>>,
     /// The ingress gateway certificate, for whoever keeps its Secret.
     ingress_gateway: watch::Sender<Option<Arc<IngressGatewayCert>>>,
+    /// The pods carrying a proxy UUID, for whoever removes the bootstrap
+    /// Secrets of those that go.
+    proxies: watch::Sender<crate::bootstrap_secrets::Proxies>,
 }
 
 /// Changes since the last compile, by how much of the catalog they need
@@ -230,7 +233,13 @@ impl Pipeline {
             status: watch::channel(Arc::new(Status::default())).0,
             sink: None,
             ingress_gateway: watch::channel(None).0,
+            proxies: watch::channel(Arc::default()).0,
         }
+    }
+
+    /// Follows the pods that carry a proxy UUID, as `(namespace, uuid)`.
+    pub fn proxies(&self) -> watch::Receiver<crate::bootstrap_secrets::Proxies> {
+        self.proxies.subscribe()
     }
 
     /// Follows the ingress gateway certificate the pipeline compiles.
@@ -377,6 +386,16 @@ impl Pipeline {
             let modified = held != gateway;
             if modified {
                 held.clone_from(gateway);
+            }
+            modified
+        });
+        let proxies: BTreeSet<(String, String)> = (catalog.pods.values())
+            .filter_map(|pod| Some((pod.identity.namespace.clone(), pod.proxy_uuid.clone()?)))
+            .collect();
+        self.proxies.send_if_modified(|held| {
+            let modified = **held != proxies;
+            if modified {
+                *held = Arc::new(proxies);
             }
             modified
         });

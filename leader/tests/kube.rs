@@ -3,8 +3,9 @@
 //! same classes and resources as the file source makes of the same
 //! manifests; edits, deletes and a bad custom resource are followed; a
 //! restarted API server whose watches expired (410 Gone after an etcd
-//! compaction) is re-listed; and every field Trellis reads of MeshConfig,
-//! the SMI kinds, Egress and IngressBackend survives the CRDs' schemas.
+//! compaction) is re-listed; every field Trellis reads of MeshConfig,
+//! the SMI kinds, Egress and IngressBackend survives the CRDs' schemas; and
+//! the bootstrap Secrets of gone pods are removed, those of live ones kept.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -646,4 +647,77 @@ async fn the_leader_keeps_the_ingress_gateway_certificate_in_its_secret() {
     ] {
         task.abort();
     }
+}
+
+fn proxy_pod(name: &str, uuid: &str) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(json!({
+        "metadata": { "name": name, "labels": { "osm-proxy-uuid": uuid } },
+        "spec": { "containers": [{ "name": "app", "image": "registry.invalid/app:1" }] }
+    }))
+    .unwrap()
+}
+
+fn bootstrap_secret(uuid: &str) -> k8s_openapi::api::core::v1::Secret {
+    serde_json::from_value(json!({
+        "metadata": {
+            "name": trellis_leader::bootstrap_secrets::secret_name(uuid),
+            "labels": { "osm-proxy-uuid": uuid, "app.kubernetes.io/managed-by": "trellis-injector" }
+        },
+        "stringData": { "bootstrap.json": "{}" }
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bootstrap_secret_of_a_gone_pod_is_removed_and_a_live_pods_kept() {
+    use k8s_openapi::api::core::v1::{Pod, Secret};
+    use kube::api::{Api, DeleteParams, PostParams};
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    let namespace = "bootstrap-secrets";
+    cluster.namespace(&client, namespace, &[]).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let (kept, gone) = (
+        trellis_leader::bootstrap::new_proxy_uuid(),
+        trellis_leader::bootstrap::new_proxy_uuid(),
+    );
+    for (name, uuid) in [("kept", &kept), ("gone", &gone)] {
+        pods.create(&PostParams::default(), &proxy_pod(name, uuid))
+            .await
+            .unwrap();
+        secrets
+            .create(&PostParams::default(), &bootstrap_secret(uuid))
+            .await
+            .unwrap();
+    }
+    let proxy = |uuid: &String| (namespace.to_owned(), uuid.clone());
+    let (catalog, proxies) = watch::channel(Arc::new(BTreeSet::from([proxy(&kept), proxy(&gone)])));
+    let janitor = tokio::spawn(trellis_leader::bootstrap_secrets::remove_gone(
+        client.clone(),
+        proxies,
+        Duration::from_millis(500),
+    ));
+
+    // One pod is deleted; the catalog also loses the other for a while,
+    // as a relisting watch might, though its pod is still there.
+    pods.delete("gone", &DeleteParams::default()).await.unwrap();
+    catalog.send_replace(Arc::new(BTreeSet::new()));
+    let gone_name = trellis_leader::bootstrap_secrets::secret_name(&gone);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while secrets.get_opt(&gone_name).await.unwrap().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gone pod's Secret is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Past several grace periods and ticks, the live pod's Secret stays.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(secrets
+        .get_opt(&trellis_leader::bootstrap_secrets::secret_name(&kept))
+        .await
+        .unwrap()
+        .is_some());
+    janitor.abort();
 }
