@@ -26,8 +26,12 @@ const ENVOY_FILES: &[&str] = &[
 /// Trellis's own files.
 const TRELLIS_FILES: &[&str] = &["trellis/v1/class.proto", "trellis/v1/replication.proto"];
 
-/// The leader group's RPCs (client and server stubs).
-const RAFT_FILES: &[&str] = &["trellis/raft/v1/raft.proto"];
+/// The control plane's RPCs (client and server stubs): Raft between
+/// replicas, bootstrap issuance for the injector.
+const RPC_FILES: &[&str] = &[
+    "trellis/raft/v1/raft.proto",
+    "trellis/issuance/v1/issuance.proto",
+];
 
 /// Folders under envoy-types' `proto/` that hold import roots.
 const ENVOY_INCLUDE_ROOTS: &[&str] = &[
@@ -49,7 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(false)
         .build_server(false)
         .compile_fds(trellis.clone())?;
-    tonic_prost_build::configure().compile_fds(protox::compile(RAFT_FILES, ["."])?)?;
+    tonic_prost_build::configure().compile_fds(protox::compile(RPC_FILES, ["."])?)?;
 
     let envoy_proto = envoy_types_proto_dir()?;
     let includes: Vec<PathBuf> = ENVOY_INCLUDE_ROOTS

@@ -350,6 +350,7 @@ async fn an_envoy_ingress_with_the_gateway_certificate_reaches_an_https_backend_
         uris: Vec::new(),
         ip_addresses: Vec::new(),
         validity: Duration::from_secs(3600),
+        pod_bound: false,
     })?;
     let impostor_certs = dir.join("impostor-certs");
     std::fs::create_dir_all(&impostor_certs)?;

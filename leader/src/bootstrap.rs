@@ -74,25 +74,52 @@ pub fn new_proxy_uuid() -> String {
     )
 }
 
-/// Issues `proxy`'s bootstrap certificate and writes its Envoy bootstrap:
-/// node id = the certificate's name, mTLS to `edge`.
-pub fn proxy_bootstrap(
+/// A proxy's bootstrap certificate, with the mesh roots it verifies the
+/// edge by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootstrapCert {
+    /// The certificate and its chain.
+    pub chain_pem: String,
+    /// Its key.
+    pub key_pem: String,
+    /// The mesh roots.
+    pub roots_pem: String,
+}
+
+/// Issues the bootstrap certificate of proxy `uuid` of `identity`;
+/// `pod_bound` for a pod's (the edge honours it only while the pod exists).
+pub fn bootstrap_cert(
     issuer: &dyn CertificateIssuer,
+    uuid: &str,
+    identity: &Identity,
+    trust_domain: &str,
+    pod_bound: bool,
+) -> Result<BootstrapCert, CaError> {
+    let mut request = LeafRequest::proxy(uuid, identity, trust_domain, BOOTSTRAP_VALIDITY);
+    request.pod_bound = pod_bound;
+    let cert = issuer.issue(&request)?;
+    Ok(BootstrapCert {
+        chain_pem: cert.chain_pem,
+        key_pem: cert.key_pem,
+        roots_pem: issuer.trust_bundle().to_string(),
+    })
+}
+
+/// `proxy`'s Envoy bootstrap with `cert`: node id = the certificate's
+/// name, mTLS to `edge`.
+pub fn envoy_bootstrap(
     proxy: &Proxy,
+    cert: BootstrapCert,
     trust_domain: &str,
     edge: &EdgeAddress,
     api: AdsApi,
-) -> Result<EnvoyBootstrap, CaError> {
-    let request = LeafRequest::proxy(
-        &proxy.uuid,
-        &proxy.identity,
-        trust_domain,
-        BOOTSTRAP_VALIDITY,
-    );
-    let node_id = request.common_name.clone();
-    let cert = issuer.issue(&request)?;
-    Ok(EnvoyBootstrap {
-        node_id,
+) -> EnvoyBootstrap {
+    EnvoyBootstrap {
+        node_id: format!(
+            "{}.sidecar.{}",
+            proxy.uuid,
+            proxy.identity.principal(trust_domain)
+        ),
         class: proxy.class.clone(),
         xds_host: edge.host.clone(),
         xds_port: edge.port,
@@ -100,11 +127,37 @@ pub fn proxy_bootstrap(
         tls: Some(BootstrapTls {
             chain_pem: cert.chain_pem,
             key_pem: cert.key_pem,
-            roots_pem: issuer.trust_bundle().to_string(),
+            roots_pem: cert.roots_pem,
             server_name: edge.server_name.clone(),
         }),
         admin_port: 15000,
-    })
+    }
+}
+
+/// Issues `proxy`'s bootstrap certificate and writes its Envoy bootstrap,
+/// for the development flows (not bound to a pod).
+pub fn proxy_bootstrap(
+    issuer: &dyn CertificateIssuer,
+    proxy: &Proxy,
+    trust_domain: &str,
+    edge: &EdgeAddress,
+    api: AdsApi,
+) -> Result<EnvoyBootstrap, CaError> {
+    let cert = bootstrap_cert(issuer, &proxy.uuid, &proxy.identity, trust_domain, false)?;
+    Ok(envoy_bootstrap(proxy, cert, trust_domain, edge, api))
+}
+
+/// Whether `text` is a proxy UUID as [`new_proxy_uuid`] writes them
+/// (lowercase hex in 8-4-4-4-12 groups): it goes into a certificate's
+/// name, so nothing else may.
+pub fn is_proxy_uuid(text: &str) -> bool {
+    let groups: Vec<&str> = text.split('-').collect();
+    groups.len() == 5
+        && groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups.iter().all(|g| {
+            g.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
 }
 
 /// An edge's serving certificate for `server_name` (and the other names
@@ -135,11 +188,12 @@ pub fn edge_credentials(
 
 #[cfg(test)]
 mod tests {
-    use super::new_proxy_uuid;
+    use super::{is_proxy_uuid, new_proxy_uuid};
 
     #[test]
     fn proxy_uuids_are_version_4_and_distinct() {
         let (a, b) = (new_proxy_uuid(), new_proxy_uuid());
+        assert!(is_proxy_uuid(&a) && is_proxy_uuid(&b), "{a} {b}");
         assert_ne!(a, b);
         let groups: Vec<&str> = a.split('-').collect();
         assert_eq!(

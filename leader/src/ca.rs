@@ -41,6 +41,10 @@ pub struct LeafRequest {
     pub ip_addresses: Vec<IpAddr>,
     /// How long it is valid from now.
     pub validity: Duration,
+    /// Honoured only while a pod carries the proxy UUID it names: marked
+    /// with the subject organizational unit [`trellis_shared::POD_BOUND_UNIT`], which edges
+    /// check against the leader's proxy bindings.
+    pub pod_bound: bool,
 }
 
 impl LeafRequest {
@@ -55,6 +59,7 @@ impl LeafRequest {
             uris: vec![identity.spiffe(trust_domain)],
             ip_addresses: Vec::new(),
             validity,
+            pod_bound: false,
         }
     }
 
@@ -74,6 +79,7 @@ impl LeafRequest {
             uris: vec![identity.spiffe(trust_domain)],
             ip_addresses: Vec::new(),
             validity,
+            pod_bound: false,
         }
     }
 
@@ -87,6 +93,7 @@ impl LeafRequest {
             uris: vec![identity.uri()],
             ip_addresses: Vec::new(),
             validity,
+            pod_bound: false,
         }
     }
 
@@ -103,6 +110,7 @@ impl LeafRequest {
             uris: Vec::new(),
             ip_addresses: Vec::new(),
             validity: gateway.validity,
+            pod_bound: false,
         }
     }
 
@@ -154,6 +162,7 @@ impl LeafRequest {
             uris: Vec::new(),
             ip_addresses,
             validity,
+            pod_bound: false,
         }
     }
 }
@@ -281,13 +290,17 @@ pub trait CertificateIssuer: Send + Sync {
 }
 
 /// `identity`'s control-plane TLS material, issued by `ca` (the
-/// control-plane CA, never the mesh's).
+/// control-plane CA, never the mesh's), with `extra_dns` names beside its
+/// role's (the injector's webhook Service).
 pub fn control_tls(
     ca: &dyn CertificateIssuer,
     identity: &ControlIdentity,
+    extra_dns: &[String],
     validity: Duration,
 ) -> Result<ControlTls, CaError> {
-    let cert = ca.issue(&LeafRequest::control(identity, validity))?;
+    let mut request = LeafRequest::control(identity, validity);
+    request.dns_names.extend(extra_dns.iter().cloned());
+    let cert = ca.issue(&request)?;
     Ok(ControlTls {
         chain_pem: cert.chain_pem,
         key_pem: cert.key_pem,

@@ -14,7 +14,9 @@
 //! the API in the pod's namespace before the answer (not on a dry run): it
 //! holds the Envoy bootstrap, with the pod's bootstrap certificate
 //! (`<uuid>.sidecar.<sa>.<ns>.<trust-domain>`) for mTLS to the edge Service
-//! and the probe listeners. A pod without a ServiceAccount gets `default`,
+//! and the probe listeners. The injector holds no CA key: the leader group
+//! issues that certificate ([`issuer`]), and only while the pod exists
+//! does an edge honour it. A pod without a ServiceAccount gets `default`,
 //! as Kubernetes' ServiceAccount admission would give it.
 //!
 //! Every review is answered: a body that is not a review with HTTP 400 and
@@ -23,10 +25,10 @@
 //! carry, an API failure) with a denial saying why; an already injected pod
 //! (it has the label) unchanged.
 //!
-//! Not done: the Secret is not owned by the pod (a pod has no UID at
-//! admission), so Secrets of deleted pods stay until removed by label.
+//! The Secret is not owned by the pod (a pod has no UID at admission); the
+//! leader removes the Secrets of deleted pods ([`crate::bootstrap_secrets`]).
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use k8s_openapi::{
     api::core::v1::{Namespace, Pod, Secret},
@@ -42,13 +44,13 @@ use tracing::{info, warn};
 use trellis_shared::{bootstrap::AdsApi, CLASS_METADATA_KEY};
 
 use crate::{
-    bootstrap::{new_proxy_uuid, proxy_bootstrap, EdgeAddress, Proxy},
-    ca::CertificateIssuer,
+    bootstrap::{envoy_bootstrap, new_proxy_uuid, EdgeAddress, Proxy},
     catalog::Identity,
     kinds::{MeshConfig, MeshConfigSpec},
 };
 
 mod decide;
+pub mod issuer;
 mod probes;
 mod review;
 mod server;
@@ -99,8 +101,8 @@ enum InjectError {
     },
     #[error("listing MeshConfigs: {}", api_error(.0))]
     MeshConfig(#[source] kube::Error),
-    #[error("issuing the proxy's bootstrap certificate: {0}")]
-    Certificate(#[source] crate::ca::CaError),
+    #[error("obtaining the proxy's bootstrap certificate: {0}")]
+    Certificate(#[source] issuer::IssueError),
     #[error("the bootstrap does not parse: {0}")]
     Bootstrap(#[source] serde_json::Error),
     #[error("creating Secret {namespace}/{name}: {}", api_error(source))]
@@ -115,7 +117,7 @@ enum InjectError {
 /// Answers admission reviews of pods.
 pub struct Injector {
     config: InjectorConfig,
-    issuer: Arc<dyn CertificateIssuer>,
+    issuer: issuer::GroupIssuer,
     client: Client,
 }
 
@@ -137,13 +139,9 @@ fn api_error(error: &kube::Error) -> String {
 }
 
 impl Injector {
-    /// An injector issuing bootstrap certificates from `issuer` and reading
-    /// and writing through `client`.
-    pub fn new(
-        config: InjectorConfig,
-        issuer: Arc<dyn CertificateIssuer>,
-        client: Client,
-    ) -> Injector {
+    /// An injector obtaining bootstrap certificates from `issuer` and
+    /// reading and writing through `client`.
+    pub fn new(config: InjectorConfig, issuer: issuer::GroupIssuer, client: Client) -> Injector {
         Injector {
             config,
             issuer,
@@ -244,7 +242,7 @@ impl Injector {
         }
         let log_level = sidecar::log_level(&mesh_config.sidecar.log_level, warnings);
         let uuid = new_proxy_uuid();
-        let secret_name = format!("envoy-bootstrap-config-{uuid}");
+        let secret_name = crate::bootstrap_secrets::secret_name(&uuid);
         let sidecar = match sidecar::sidecar(
             raw,
             &uuid,
@@ -263,8 +261,9 @@ impl Injector {
             .and_then(|s| s.service_account_name.clone().or(s.service_account.clone()))
             .filter(|sa| !sa.is_empty())
             .unwrap_or_else(|| "default".to_owned());
-        let bootstrap =
-            self.bootstrap(&uuid, &Identity::new(namespace, service_account), &sidecar)?;
+        let bootstrap = self
+            .bootstrap(&uuid, &Identity::new(namespace, service_account), &sidecar)
+            .await?;
         if !request.dry_run {
             self.create_secret(namespace, &secret_name, &uuid, pod, bootstrap)
                 .await?;
@@ -303,7 +302,7 @@ impl Injector {
 
     /// The pod's Envoy bootstrap, JSON: mTLS to the edge with a fresh
     /// bootstrap certificate, and the probe listeners.
-    fn bootstrap(
+    async fn bootstrap(
         &self,
         uuid: &str,
         identity: &Identity,
@@ -317,14 +316,14 @@ impl Injector {
             // leader binds the UUID label to the class; the proxy claims none.
             class: String::new(),
         };
-        let bootstrap = proxy_bootstrap(
-            self.issuer.as_ref(),
+        let cert = (self.issuer.issue(uuid, identity).await).map_err(InjectError::Certificate)?;
+        let bootstrap = envoy_bootstrap(
             &proxy,
+            cert,
             &self.config.trust_domain,
             &self.config.edge,
             AdsApi::Delta,
-        )
-        .map_err(InjectError::Certificate)?;
+        );
         let mut value: Value =
             serde_json::from_str(&bootstrap.to_json()).map_err(InjectError::Bootstrap)?;
         // Envoy refuses an empty node cluster; OSM's was `<sa>.<ns>`.

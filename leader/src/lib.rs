@@ -15,16 +15,20 @@
 //! * [`raft`]: the leader group: what replicas agree on, and how.
 //! * [`source`]: where objects come from (a watched manifest directory).
 //! * [`inject`]: the sidecar injector, a mutating admission webhook.
+//! * [`bootstrap_secrets`]: removes the bootstrap Secrets of gone pods.
+//! * [`issuance`]: bootstrap certificates the injector asks the group for.
 //! * [`ingress_gateway`]: keeps the ingress gateway certificate in its
 //!   Secret (or files).
 //! * [`private_files`]: the one writer of keys and other private files.
 
 pub mod bootstrap;
+pub mod bootstrap_secrets;
 pub mod ca;
 pub mod catalog;
 pub mod compile;
 pub mod ingress_gateway;
 pub mod inject;
+pub mod issuance;
 pub mod kinds;
 pub mod pipeline;
 pub mod private_files;

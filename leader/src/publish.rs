@@ -25,7 +25,7 @@ use std::{
 use futures::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{server::NamedService, Request, Response, Status, Streaming};
 use tracing::{debug, info, info_span, warn, Instrument};
 use trellis_edge::SnapshotStore;
 use trellis_proto::{
@@ -635,17 +635,26 @@ pub fn server(
     )
 }
 
-/// Who may replicate from the publish port: the edges of `group`, and its
-/// leaders (a replica forwarding). Everything else, a proxy's certificate
-/// included (it is not from the control-plane CA at all), is refused.
+/// Who may call what on the publish port: the edges of `group` and its
+/// leaders (a replica forwarding) replicate; its injector asks for
+/// bootstrap certificates. Everything else, a proxy's certificate included
+/// (it is not from the control-plane CA at all), is refused.
 pub fn policy(group: &str) -> Policy {
     let group = group.to_owned();
-    Arc::new(move |caller: &ControlIdentity| {
-        match caller.role {
-            Role::Edge(_) | Role::Leader(_) if caller.group == group => Ok(()),
-            _ => Err(format!(
-                "{caller} may not replicate from leader group {group:?}: only its edges and leaders may"
-            )),
+    let replication = AggregatedDiscoveryServiceServer::<Publisher>::NAME;
+    let issuance = crate::issuance::SERVICE_NAME;
+    Arc::new(move |caller: &ControlIdentity, service: &str| {
+        let allowed = caller.group == group
+            && match &caller.role {
+                Role::Edge(_) | Role::Leader(_) => service == replication,
+                Role::Injector => service == issuance,
+            };
+        if allowed {
+            Ok(())
+        } else {
+            Err(format!(
+                "{caller} may not call {service} on leader group {group:?}: edges and leaders of the group replicate, its injector asks for bootstrap certificates"
+            ))
         }
     })
 }

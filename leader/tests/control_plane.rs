@@ -10,6 +10,8 @@
 //!   certificate whose id is not a peer, and a peer declaring another id
 //!   than its certificate's; a peer declaring its own is heard.
 //! * Key-bearing files are the owner's alone under a hostile umask.
+//! * An edge's admin port reachable from outside its pod serves per-proxy
+//!   state only with the operator token; probes and metrics need none.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -61,7 +63,7 @@ const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
 /// `role`'s certificate in `group` from `ca`.
 fn issue(ca: &BuiltinCa, group: &str, role: Role) -> ControlTls {
     let identity = ControlIdentity::new(TRUST_DOMAIN, group, role).unwrap();
-    control_tls(ca, &identity, Duration::from_secs(3600)).unwrap()
+    control_tls(ca, &identity, &[], Duration::from_secs(3600)).unwrap()
 }
 
 /// A client presenting `tls`'s certificate (none: `None`), trusting
@@ -222,7 +224,7 @@ async fn the_publish_port_serves_only_edges_of_its_group() {
     assert!(
         refused
             .as_ref()
-            .is_err_and(|e| e.starts_with("PermissionDenied") && e.contains("may not replicate")),
+            .is_err_and(|e| e.starts_with("PermissionDenied") && e.contains("may not call")),
         "{refused:?}"
     );
 }
@@ -381,4 +383,105 @@ async fn key_bearing_files_are_the_owners_alone_whatever_the_umask() {
         assert_eq!(mode(&file), 0o600, "{}", file.display());
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `curl`'s status code for `path` on the admin port at `port`, with
+/// `token` as a bearer token.
+fn admin_status(port: u16, path: &str, token: Option<&str>) -> String {
+    let mut curl = std::process::Command::new("curl");
+    curl.args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "5",
+    ]);
+    if let Some(token) = token {
+        curl.args(["-H", &format!("Authorization: Bearer {token}")]);
+    }
+    let output = curl
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .output()
+        .expect("curl (scripts/test installs it)");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_proxy_state_on_an_exposed_admin_port_needs_the_operator_token() {
+    let dir = scratch("admin");
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = "0123456789abcdef-operator";
+    std::fs::write(dir.join("token"), format!("{token}\n")).unwrap();
+    std::fs::write(dir.join("short"), "short\n").unwrap();
+    let start = |admin: &str, token_file: Option<&str>| {
+        let mut command = std::process::Command::new(TRELLIS);
+        command
+            .args(["edge", "--plaintext", "--plaintext-control-plane"])
+            .args(["--leader", "http://127.0.0.1:1"])
+            .args(["--xds", &format!("127.0.0.1:{}", free_port())])
+            .args(["--admin", admin]);
+        if let Some(file) = token_file {
+            command.arg("--admin-token-file").arg(dir.join(file));
+        }
+        command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let ready = |port: u16| async move {
+        eventually(Duration::from_secs(10), "the admin port", || async {
+            admin_status(port, "/healthz", None) == "200"
+        })
+        .await
+        .unwrap();
+    };
+
+    // Reachable from outside (all interfaces) without a token: closed.
+    let port = free_port();
+    let mut open = start(&format!("0.0.0.0:{port}"), None);
+    ready(port).await;
+    assert_eq!(admin_status(port, "/debug/streams", None), "403");
+    assert_eq!(admin_status(port, "/metrics", None), "200");
+    open.kill().unwrap();
+    open.wait().unwrap();
+
+    // With a token: only its bearer reads per-proxy state.
+    let port = free_port();
+    let mut guarded = start(&format!("0.0.0.0:{port}"), Some("token"));
+    ready(port).await;
+    assert_eq!(admin_status(port, "/debug/streams", None), "401");
+    assert_eq!(
+        admin_status(port, "/debug/streams", Some("0123456789abcdef-operatoR")),
+        "401"
+    );
+    assert_eq!(admin_status(port, "/debug/streams", Some(token)), "200");
+    assert_eq!(
+        admin_status(port, "/readyz", None),
+        "503",
+        "no snapshot yet"
+    );
+    guarded.kill().unwrap();
+    guarded.wait().unwrap();
+
+    // Bound to loopback, only the pod reaches it: no token needed.
+    let port = free_port();
+    let mut local = start(&format!("127.0.0.1:{port}"), None);
+    ready(port).await;
+    assert_eq!(admin_status(port, "/debug/streams", None), "200");
+    local.kill().unwrap();
+    local.wait().unwrap();
+
+    // A guessable token is refused at start.
+    let output = start(&format!("0.0.0.0:{}", free_port()), Some("short"))
+        .wait_with_output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("at least 16 characters"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

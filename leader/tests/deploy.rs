@@ -47,8 +47,12 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
-use trellis_leader::{ca::BuiltinCa, source::kube::watched};
+use trellis_leader::source::kube::watched;
+use trellis_proto::trellis::issuance::v1::{
+    bootstrap_issuer_client::BootstrapIssuerClient, BootstrapCertificate, BootstrapRequest,
+};
 use trellis_test_cluster::Cluster;
+use trellis_transport::identity::leader_server_name;
 
 const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
 
@@ -312,6 +316,16 @@ fn the_leader_may_list_and_watch_only_what_its_source_reads_and_edges_nothing() 
             assert_ne!(subject["name"], "trellis-edge", "{binding}");
         }
     }
+    // For bootstrap certificates the leader reads one namespace or
+    // ServiceAccount at a time and deletes Secrets by name: it never lists
+    // or reads Secrets.
+    assert_eq!(
+        find(&objects, "ClusterRole", "trellis-leader-bootstrap")["rules"],
+        json!([
+            { "apiGroups": [""], "resources": ["namespaces", "serviceaccounts"], "verbs": ["get"] },
+            { "apiGroups": [""], "resources": ["secrets"], "verbs": ["delete"] },
+        ])
+    );
     // The injector never reads Secrets; it only creates them.
     for rule in find(&objects, "ClusterRole", "trellis-injector")["rules"]
         .as_array()
@@ -408,6 +422,12 @@ fn the_overlays_wire_leaders_edges_and_the_webhook_together() {
             [mounted(edge, "edge-control").unwrap().as_str()]
         );
         assert!(!edge_args.iter().any(|a| a.contains("plaintext")));
+        // The admin port is on the pod IP for the probes: per-proxy state
+        // there needs the operator token.
+        assert_eq!(
+            flag(&edge_args, "admin-token-file"),
+            [format!("{}/token", mounted(edge, "operator").unwrap())]
+        );
         let edge_container = &edge["spec"]["template"]["spec"]["containers"][0];
         assert_eq!(
             edge_container["readinessProbe"]["httpGet"]["path"],
@@ -445,16 +465,47 @@ fn the_overlays_wire_leaders_edges_and_the_webhook_together() {
             injector_service["spec"]["ports"][0]["port"],
             service["port"]
         );
-        let injector_args = args(find(&objects, "Deployment", "trellis-injector"));
+        let injector = find(&objects, "Deployment", "trellis-injector");
+        let injector_args = args(injector);
         assert_eq!(
             flag(&injector_args, "webhook-configuration"),
             ["trellis-sidecar-injector"]
         );
-        assert_eq!(
-            flag(&injector_args, "dns"),
-            ["trellis-injector.trellis-system.svc"]
-        );
         assert_eq!(flag(&injector_args, "listen"), ["0.0.0.0:9090"]);
+        // The injector holds no CA key: it asks every leader replica for
+        // bootstrap certificates with its control-plane certificate, and
+        // mounts that Secret only.
+        assert_eq!(
+            flag(&injector_args, "leader"),
+            [publish.join(",")],
+            "{overlay}"
+        );
+        assert_eq!(
+            flag(&injector_args, "control-tls-dir"),
+            [mounted(injector, "control").unwrap().as_str()]
+        );
+        assert!(!injector_args.iter().any(|a| a.contains("ca-dir")));
+        let secrets: Vec<&str> = (injector["spec"]["template"]["spec"]["volumes"].as_array())
+            .unwrap()
+            .iter()
+            .map(|v| v["secret"]["secretName"].as_str().unwrap())
+            .collect();
+        assert_eq!(secrets, ["trellis-injector-control"], "{overlay}");
+        // Only the API server's range reaches the webhook: the parameter,
+        // copied into the NetworkPolicy.
+        let parameters = find(&objects, "ConfigMap", "trellis-parameters");
+        let policy = find(&objects, "NetworkPolicy", "trellis-injector");
+        assert_eq!(
+            policy["spec"]["ingress"],
+            json!([{
+                "from": [{ "ipBlock": { "cidr": parameters["data"]["apiServerCIDR"] } }],
+                "ports": [{ "port": 9090, "protocol": "TCP" }],
+            }])
+        );
+        assert!(labels_match(
+            &policy["spec"]["podSelector"]["matchLabels"],
+            &injector["spec"]["template"]["metadata"]["labels"]
+        ));
 
         // Every Service and budget selects pods that exist.
         let templates: Vec<&Value> = (objects.iter())
@@ -611,6 +662,19 @@ async fn fixture_cluster(cluster: &Cluster) {
     ];
     apply(cluster, "fixture-namespaces", &objects);
     objects.clear();
+    // The ServiceAccounts the fixture pods run as: the leader issues
+    // bootstrap certificates only to ServiceAccounts that exist.
+    for (namespace, name) in [
+        ("bookbuyer", "bookbuyer"),
+        ("bookstore", "bookstore"),
+        ("bookwarehouse", "default"),
+        ("legacy", "default"),
+    ] {
+        objects.push(json!({ "apiVersion": "v1", "kind": "ServiceAccount",
+                             "metadata": { "name": name, "namespace": namespace } }));
+    }
+    apply(cluster, "fixture-serviceaccounts", &objects);
+    objects.clear();
     let mesh_config = |namespace: &str, log_level: &str| {
         json!({ "apiVersion": "config.openservicemesh.io/v1alpha2", "kind": "MeshConfig",
                 "metadata": { "name": "osm-mesh-config", "namespace": namespace },
@@ -645,18 +709,99 @@ fn uncalled_webhook(cluster: &Cluster, name: &str) {
     apply(cluster, name, &[webhook]);
 }
 
-/// A `trellis inject` process, killed when dropped.
+/// Spawns `command` against the cluster of `kubeconfig`, logging to `log`.
+fn spawn_logged(command: &mut Command, kubeconfig: &Path, log: &Path) -> Child {
+    let file = std::fs::File::create(log).unwrap();
+    command
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap()
+}
+
+/// `trellis leader --source kube` on the test API server with a
+/// control-plane CA: it issues the injector's bootstrap certificates.
+struct IssuingLeader {
+    _child: Killed,
+    log: PathBuf,
+    publish: SocketAddr,
+    /// The control-plane CA's directory.
+    control_ca: PathBuf,
+    /// The mesh CA's certificate.
+    mesh_roots: PathBuf,
+}
+
+impl IssuingLeader {
+    /// Starts a leader under `dir` and waits for its first compile.
+    async fn start(dir: &Path) -> IssuingLeader {
+        let publish = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let log = dir.join("leader.log");
+        let control_ca = dir.join("control-ca");
+        let child = spawn_logged(
+            Command::new(TRELLIS)
+                .args(["leader", "--source", "kube", "--ca-dir"])
+                .arg(dir.join("ca"))
+                .arg("--control-ca-dir")
+                .arg(&control_ca)
+                .args(["--publish", &publish.to_string()])
+                .args(["--ingress-gateway-dir"])
+                .arg(dir.join("ingress-gateway")),
+            Cluster::shared().kubeconfig(),
+            &log,
+        );
+        let leader = IssuingLeader {
+            _child: Killed(child),
+            log,
+            publish,
+            mesh_roots: dir.join("ca").join("ca.crt"),
+            control_ca,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !leader.log().contains("Trellis leader compiling") {
+            assert!(
+                Instant::now() < deadline,
+                "the leader did not compile:\n{}",
+                leader.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        leader
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `trellis control-cert --role <role> <args>` from this leader's
+    /// control-plane CA into `out`.
+    fn control_cert(&self, role: &str, args: &[&str], out: &Path) {
+        run(Command::new(TRELLIS)
+            .args(["control-cert", "--role", role, "--control-ca-dir"])
+            .arg(&self.control_ca)
+            .arg("--out")
+            .arg(out)
+            .args(args));
+    }
+}
+
+/// A `trellis inject` process asking its own leader for bootstrap
+/// certificates, both killed when dropped.
 struct Injector {
     child: Option<Killed>,
+    leader: IssuingLeader,
     log: PathBuf,
     address: SocketAddr,
     roots: PathBuf,
 }
 
 impl Injector {
-    /// Starts `trellis inject` on a free loopback port with the cluster
-    /// reached through `kubeconfig`, setting the caBundle of webhook
-    /// configuration `webhook`.
+    /// Starts a leader and `trellis inject` on a free loopback port with
+    /// the cluster reached through `kubeconfig`, setting the caBundle of
+    /// webhook configuration `webhook`.
     async fn start(dir: &Path, kubeconfig: &Path, webhook: &str) -> Injector {
         let port = free_port();
         Injector::start_on(dir, kubeconfig, webhook, port).await
@@ -664,39 +809,37 @@ impl Injector {
 
     /// [`Injector::start`] on `port`.
     async fn start_on(dir: &Path, kubeconfig: &Path, webhook: &str, port: u16) -> Injector {
-        let ca = dir.join("ca");
-        BuiltinCa::open(&ca).unwrap();
+        let leader = IssuingLeader::start(dir).await;
+        let control = dir.join("injector-control");
+        leader.control_cert("injector", &["--dns", "localhost"], &control);
         let address = SocketAddr::from(([127, 0, 0, 1], port));
         let log = dir.join("inject.log");
-        let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(TRELLIS)
-            .args(["inject", "--ca-dir"])
-            .arg(&ca)
-            .args(["--listen", &address.to_string(), "--dns", "localhost"])
-            .args(["--webhook-configuration", webhook])
-            .args([
-                "--edge",
-                "trellis-edge.trellis-system.svc.cluster.local:15128",
-            ])
-            .args([
-                "--envoy-image",
-                "envoyproxy/envoy:v1.40.0",
-                "--init-image",
-                "trellis-init:0.1.0",
-            ])
-            .env("KUBECONFIG", kubeconfig)
-            .env_remove("KUBERNETES_SERVICE_HOST")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap();
+        let child = spawn_logged(
+            Command::new(TRELLIS)
+                .args(["inject", "--control-tls-dir"])
+                .arg(&control)
+                .args(["--leader", &format!("https://{}", leader.publish)])
+                .args(["--listen", &address.to_string()])
+                .args(["--webhook-configuration", webhook])
+                .args([
+                    "--edge",
+                    "trellis-edge.trellis-system.svc.cluster.local:15128",
+                ])
+                .args([
+                    "--envoy-image",
+                    "envoyproxy/envoy:v1.40.0",
+                    "--init-image",
+                    "trellis-init:0.1.0",
+                ]),
+            kubeconfig,
+            &log,
+        );
         let injector = Injector {
             child: Some(Killed(child)),
+            leader,
             log,
             address,
-            roots: ca.join("ca.crt"),
+            roots: control.join("ca.crt"),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -718,11 +861,15 @@ impl Injector {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        format!(
+            "{}\n--- its leader:\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default(),
+            self.leader.log()
+        )
     }
 
     /// One HTTPS request, verifying the webhook's certificate against the
-    /// mesh roots as the API server does with the caBundle.
+    /// control-plane CA as the API server does with the caBundle.
     async fn call(&self, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(&self.roots).unwrap() {
@@ -1016,6 +1163,143 @@ async fn the_injector_answers_the_fixture_reviews_and_envoy_accepts_the_bootstra
         String::from_utf8(bundle.0).unwrap().trim(),
         std::fs::read_to_string(&injector.roots).unwrap().trim()
     );
+}
+
+/// Asks the leader at `publish` for a bootstrap certificate, presenting
+/// the certificate in `tls_dir` (tls.crt, tls.key; ca.crt verifies the
+/// leader).
+async fn ask_bootstrap(
+    publish: SocketAddr,
+    tls_dir: &Path,
+    namespace: &str,
+    service_account: &str,
+    uuid: &str,
+) -> Result<BootstrapCertificate, tonic::Status> {
+    let read = |name: &str| std::fs::read(tls_dir.join(name)).unwrap();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.crt")))
+        .identity(tonic::transport::Identity::from_pem(
+            read("tls.crt"),
+            read("tls.key"),
+        ))
+        .domain_name(leader_server_name("trellis"));
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{publish}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("{e:?}")))?;
+    BootstrapIssuerClient::new(channel)
+        .issue(BootstrapRequest {
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+            proxy_uuid: uuid.to_owned(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// The issuing call itself, as an attacker holding some credential would
+/// make it: only the group's injector gets certificates, only for a
+/// ServiceAccount that exists in a namespace of the mesh, and what it gets
+/// is a pod-bound bootstrap certificate from the mesh CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_issues_bootstrap_certificates_only_to_its_injector_for_mesh_service_accounts() {
+    let dir = scratch("issuance");
+    let cluster = Cluster::shared();
+    fixture_cluster(cluster).await;
+    let leader = IssuingLeader::start(&dir).await;
+    let injector = dir.join("injector");
+    leader.control_cert("injector", &[], &injector);
+    let uuid = trellis_leader::bootstrap::new_proxy_uuid();
+
+    let issued = ask_bootstrap(leader.publish, &injector, "bookbuyer", "bookbuyer", &uuid)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", leader.log()));
+    assert_eq!(
+        common_name(&issued.chain_pem),
+        format!("{uuid}.sidecar.bookbuyer.bookbuyer.cluster.local")
+    );
+    let (_, pem) = x509_parser::pem::parse_x509_pem(issued.chain_pem.as_bytes()).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    let units: Vec<&str> = (cert.subject().iter_organizational_unit())
+        .map(|u| u.as_str().unwrap())
+        .collect();
+    assert_eq!(units, [trellis_shared::POD_BOUND_UNIT]);
+    let mesh_roots = std::fs::read_to_string(&leader.mesh_roots).unwrap();
+    assert_eq!(issued.trust_bundle_pem.trim(), mesh_roots.trim());
+    let (_, root) = x509_parser::pem::parse_x509_pem(mesh_roots.as_bytes()).unwrap();
+    let root = root.parse_x509().unwrap();
+    cert.verify_signature(Some(root.public_key()))
+        .expect("signed by the mesh CA");
+
+    // The injector itself, asking for what no pod of the mesh may run as.
+    let refused = |namespace: &'static str, sa: &'static str, uuid: String| {
+        let injector = injector.clone();
+        async move {
+            ask_bootstrap(leader.publish, &injector, namespace, sa, &uuid)
+                .await
+                .expect_err(&format!("{namespace}/{sa} was issued a certificate"))
+        }
+    };
+    let missing = refused("bookbuyer", "nobody", uuid.clone()).await;
+    assert_eq!(missing.code(), tonic::Code::FailedPrecondition, "{missing}");
+    assert!(missing.message().contains("does not exist"), "{missing}");
+    // bookstore exists, but in another namespace than the pod's.
+    let elsewhere = refused("bookbuyer", "bookstore", uuid.clone()).await;
+    assert_eq!(
+        elsewhere.code(),
+        tonic::Code::FailedPrecondition,
+        "{elsewhere}"
+    );
+    let unmonitored = refused("trellis-system", "trellis-leader", uuid.clone()).await;
+    assert_eq!(
+        unmonitored.code(),
+        tonic::Code::PermissionDenied,
+        "{unmonitored}"
+    );
+    assert!(
+        unmonitored.message().contains("not monitored"),
+        "{unmonitored}"
+    );
+    let spoofed = refused(
+        "bookbuyer",
+        "bookbuyer",
+        "x.sidecar.bookstore.bookstore.cluster.local".to_owned(),
+    )
+    .await;
+    assert_eq!(spoofed.code(), tonic::Code::InvalidArgument, "{spoofed}");
+
+    // Other control-plane roles, another group's injector and a proxy's
+    // leaf from the mesh CA get nothing.
+    for (role, args) in [
+        ("edge", vec!["--name", "edge-a"]),
+        ("leader", vec!["--name", "1"]),
+        ("injector", vec!["--cluster", "other"]),
+    ] {
+        let out = dir.join(format!("{role}-{}", args.join("-")));
+        leader.control_cert(role, &args, &out);
+        let status = ask_bootstrap(leader.publish, &out, "bookbuyer", "bookbuyer", &uuid)
+            .await
+            .expect_err(role);
+        assert_eq!(
+            status.code(),
+            tonic::Code::PermissionDenied,
+            "{role} {args:?}: {status}"
+        );
+    }
+    let proxy = dir.join("proxy");
+    std::fs::create_dir_all(&proxy).unwrap();
+    std::fs::write(proxy.join("tls.crt"), &issued.chain_pem).unwrap();
+    std::fs::write(proxy.join("tls.key"), &issued.key_pem).unwrap();
+    std::fs::copy(leader.control_ca.join("ca.crt"), proxy.join("ca.crt")).unwrap();
+    let status = ask_bootstrap(leader.publish, &proxy, "bookbuyer", "bookbuyer", &uuid)
+        .await
+        .expect_err("a proxy's certificate");
+    // Its chain does not reach the control-plane CA: the handshake fails.
+    assert_eq!(status.code(), tonic::Code::Unknown, "{status}");
+    assert!(format!("{status:?}").contains("alert"), "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

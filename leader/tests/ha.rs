@@ -830,3 +830,139 @@ async fn a_replica_not_among_its_peers_refuses_to_start() {
         "{error}"
     );
 }
+
+/// Posts the fixture review of bookbuyer's pod (as pod `name`) to the
+/// injector at `port`, trusting `ca`, as the API server would; the answer.
+fn review(port: u16, ca: &Path, name: &str, dir: &Path) -> Result<serde_json::Value> {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inject");
+    let mut review: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture.join("bookbuyer.review.json"))?)?;
+    review["request"]["uid"] = name.into();
+    review["request"]["name"] = name.into();
+    review["request"]["object"]["metadata"]["name"] = name.into();
+    review["request"]["dryRun"] = true.into();
+    let body = dir.join(format!("{name}.review.json"));
+    std::fs::write(&body, review.to_string())?;
+    let output = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(ca)
+        .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+        .args(["-H", "content-type: application/json", "--data-binary"])
+        .arg(format!("@{}", body.display()))
+        .arg(format!("https://localhost:{port}/mutate-pod-creation"))
+        .output()
+        .context("running curl (scripts/test installs it)")?;
+    if !output.status.success() {
+        bail!("curl: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+/// The injector holds no CA key and asks the group for each pod's
+/// bootstrap certificate; any replica answers, so pods are injected while
+/// the group elects a new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_are_injected_while_the_group_elects_a_leader() -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    cluster.install_crds(&root.join("deploy/base/crds"));
+    cluster
+        .apply_running(&client, &root.join("examples/bookstore"))
+        .await;
+
+    let mut group = Group::prepare("inject", 3);
+    group.kubeconfig = Some(cluster.kubeconfig().to_owned());
+    for id in group.ids.clone() {
+        group.start(id);
+    }
+    let first = group.agreed_leader(Duration::from_secs(30)).await?;
+    let control = group.dir.join("injector-control");
+    trellis(&[
+        "control-cert",
+        "--control-ca-dir",
+        &group.dir.join("control-ca").to_string_lossy(),
+        "--role",
+        "injector",
+        "--dns",
+        "localhost",
+        "--out",
+        &control.to_string_lossy(),
+    ]);
+    let port = free_port();
+    // The killed leader first in the list: every review during the
+    // election must move on to a follower.
+    let mut leaders: Vec<String> = vec![format!("https://{}", group.publish[&first.leader])];
+    leaders.extend(
+        (group.ids.iter())
+            .filter(|id| **id != first.leader)
+            .map(|id| format!("https://{}", group.publish[id])),
+    );
+    let injector = Process::spawn_with(
+        &[
+            "inject",
+            "--control-tls-dir",
+            &control.to_string_lossy(),
+            "--leader",
+            &leaders.join(","),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ],
+        &[("KUBECONFIG", cluster.kubeconfig())],
+        group.dir.join("inject.log"),
+    );
+    let ca = control.join("ca.crt");
+    let injected = |answer: &serde_json::Value| {
+        answer["response"]["allowed"] == true && answer["response"]["patch"].is_string()
+    };
+    eventually(
+        Duration::from_secs(20),
+        "the injector to inject",
+        || async { review(port, &ca, "bookbuyer-before", &group.dir).is_ok_and(|a| injected(&a)) },
+    )
+    .await
+    .with_context(|| injector.log())?;
+
+    // Kill the leader, and keep creating pods until the others agree on
+    // another: every one is injected.
+    let dir = group.dir.clone();
+    let (ca_path, stop) = (
+        ca.clone(),
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    );
+    let reviews = tokio::task::spawn_blocking({
+        let stop = stop.clone();
+        move || {
+            let mut answers = Vec::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                answers.push(review(
+                    port,
+                    &ca_path,
+                    &format!("bookbuyer-election-{n}"),
+                    &dir,
+                ));
+            }
+            answers
+        }
+    });
+    if let Some(mut replica) = group.replicas.remove(&first.leader) {
+        replica.kill();
+    }
+    let next = group
+        .agreed_leader_besides(first.leader, Duration::from_secs(30))
+        .await?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answers = reviews.await?;
+    assert_ne!(next.leader, first.leader);
+    assert!(
+        !answers.is_empty(),
+        "no pod was created during the election"
+    );
+    for answer in answers {
+        let answer = answer?;
+        assert!(injected(&answer), "{answer}\n{}", injector.log());
+    }
+    Ok(())
+}

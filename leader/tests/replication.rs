@@ -32,7 +32,7 @@ use trellis_transport::{identity::leader_server_name, ControlIdentity, ControlTl
 /// `role`'s certificate in group [`GROUP`] from `ca`.
 fn issue(ca: &BuiltinCa, role: Role) -> ControlTls {
     let identity = ControlIdentity::new(TRUST_DOMAIN, GROUP, role).unwrap();
-    control_tls(ca, &identity, Duration::from_secs(3600)).unwrap()
+    control_tls(ca, &identity, &[], Duration::from_secs(3600)).unwrap()
 }
 
 /// The leader group the tests' leader and edges belong to.

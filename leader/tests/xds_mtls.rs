@@ -16,7 +16,10 @@ use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity as TlsIdentity};
 use trellis_edge::{EdgeConfig, EdgeTls};
 use trellis_leader::{
-    bootstrap::{edge_credentials, new_proxy_uuid, proxy_bootstrap, EdgeAddress, Proxy},
+    bootstrap::{
+        bootstrap_cert, edge_credentials, envoy_bootstrap, new_proxy_uuid, proxy_bootstrap,
+        EdgeAddress, Proxy,
+    },
     ca::{BuiltinCa, CertificateIssuer, LeafRequest},
     catalog::{Identity, TRUST_DOMAIN},
     compile::Compiler,
@@ -114,6 +117,24 @@ impl Mesh {
     }
 }
 
+/// Labels bookbuyer's pod in the example at `dir` with proxy `uuid`, as
+/// the injector would, or takes the label off.
+fn label_bookbuyer(dir: &std::path::Path, uuid: Option<&str>) {
+    let path = dir.join("bookbuyer.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let plain = "labels: { app: bookbuyer }";
+    let labelled = "labels: { app: bookbuyer, osm-proxy-uuid: ";
+    let text = match uuid {
+        Some(uuid) => text.replacen(plain, &format!("{labelled}{uuid} }}"), 1),
+        None => {
+            let start = text.find(labelled).unwrap();
+            let end = start + text[start..].find('}').unwrap() + 1;
+            format!("{}{plain}{}", &text[..start], &text[end..])
+        }
+    };
+    std::fs::write(&path, text).unwrap();
+}
+
 /// Opens a Delta stream on `channel` as `node` of `class` and asks for the
 /// secrets `names`; returns the first response or the stream's error.
 async fn ask_secrets(
@@ -205,15 +226,8 @@ async fn envoy_with_a_bootstrap_certificate_is_served_its_class_over_mtls() -> R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_bound_to_its_pods_class_is_served_it_and_nothing_else() -> Result<()> {
     let uuid = new_proxy_uuid();
-    let label = format!("labels: {{ app: bookbuyer, osm-proxy-uuid: {uuid} }}");
     let mesh = Mesh::start_with("binding", |dir| {
-        let path = dir.join("bookbuyer.yaml");
-        let text = std::fs::read_to_string(&path).unwrap();
-        std::fs::write(
-            &path,
-            text.replacen("labels: { app: bookbuyer }", &label, 1),
-        )
-        .unwrap();
+        label_bookbuyer(dir, Some(&uuid));
     })
     .await;
     let (class, identity) = mesh.class_of("bookbuyer/bookbuyer-0");
@@ -261,6 +275,85 @@ async fn a_proxy_bound_to_its_pods_class_is_served_it_and_nothing_else() -> Resu
             .metric("trellis_edge_refused_total{reason=\"not_bound\"}")
             .await,
         1.0
+    );
+    Ok(())
+}
+
+/// The injector's certificates are pod-bound: the edge serves one only
+/// while the leader binds its proxy UUID to a pod. A pod that never
+/// existed, or one that is gone, leaves its certificate worthless, however
+/// long it has left to live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_bound_certificate_is_refused_once_its_pod_is_gone() -> Result<()> {
+    let uuid = new_proxy_uuid();
+    let mut example = std::path::PathBuf::new();
+    let mesh = Mesh::start_with("pod-bound", |dir| {
+        example = dir.to_owned();
+        label_bookbuyer(dir, Some(&uuid));
+    })
+    .await;
+    let (class, identity) = mesh.class_of("bookbuyer/bookbuyer-0");
+    let proxy = Proxy {
+        uuid: uuid.clone(),
+        identity: identity.clone(),
+        class: class.clone(),
+    };
+    let cert = bootstrap_cert(mesh.ca.as_ref(), &uuid, &identity, TRUST_DOMAIN, true)?;
+    let bootstrap = envoy_bootstrap(
+        &proxy,
+        cert.clone(),
+        TRUST_DOMAIN,
+        &mesh.edge_address(),
+        AdsApi::Delta,
+    );
+    let node = bootstrap.node_id.clone();
+    let envoy = Envoy::start_with(bootstrap).await?;
+    envoy.wait_warm(1, 4).await?;
+    let streams = mesh.edge.streams().await;
+    assert!(
+        streams.to_string().contains(&class),
+        "its pod exists: served the pod's class: {streams}"
+    );
+    drop(envoy);
+
+    // A pod-bound certificate whose UUID no pod carries.
+    let stranger = new_proxy_uuid();
+    let unbound = bootstrap_cert(mesh.ca.as_ref(), &stranger, &identity, TRUST_DOMAIN, true)?;
+    let channel = mesh
+        .channel(Some((&unbound.chain_pem, &unbound.key_pem)))
+        .await?;
+    let stranger_node = format!("{stranger}.sidecar.{}", identity.principal(TRUST_DOMAIN));
+    let refused = ask_secrets(
+        channel,
+        &stranger_node,
+        &class,
+        &["service-cert:bookbuyer/bookbuyer"],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    assert!(refused.message().contains("pod-bound"), "{refused}");
+
+    // The pod goes: its certificate goes with it.
+    label_bookbuyer(&example, None);
+    eventually(
+        Duration::from_secs(20),
+        "the gone pod's certificate to be refused",
+        || async {
+            let Ok(channel) = mesh.channel(Some((&cert.chain_pem, &cert.key_pem))).await else {
+                return false;
+            };
+            ask_secrets(channel, &node, "", &["service-cert:bookbuyer/bookbuyer"])
+                .await
+                .is_err_and(|status| status.message().contains("pod-bound"))
+        },
+    )
+    .await?;
+    assert!(
+        mesh.edge
+            .metric("trellis_edge_refused_total{reason=\"pod_gone\"}")
+            .await
+            >= 2.0
     );
     Ok(())
 }

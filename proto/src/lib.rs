@@ -4,6 +4,7 @@
 //!   replication commit marker), served next to Envoy's and compiled from
 //!   `proto/trellis` with protox.
 //! * [`trellis::raft::v1`]: the leader group's RPCs between replicas.
+//! * [`trellis::issuance::v1`]: bootstrap certificates for the injector.
 //! * [`descriptors`]: descriptors of every message Trellis encodes (its own
 //!   and the Envoy messages it emits), used to encode them canonically.
 //! * [`pb`]: the Envoy v3 API types, re-exported from `envoy-types`.
@@ -31,6 +32,15 @@ pub mod trellis {
         #[allow(missing_docs, unreachable_pub, clippy::all)]
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/trellis.raft.v1.rs"));
+        }
+    }
+
+    /// Bootstrap certificates, asked for by the injector.
+    pub mod issuance {
+        /// Version 1 of the issuance RPC.
+        #[allow(missing_docs, unreachable_pub, clippy::all)]
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/trellis.issuance.v1.rs"));
         }
     }
 }

@@ -20,8 +20,10 @@ use tracing::warn;
 
 use crate::identity::ControlIdentity;
 
-/// Which identities a server admits: `Err` says why not.
-pub type Policy = Arc<dyn Fn(&ControlIdentity) -> Result<(), String> + Send + Sync>;
+/// Which identities a server admits to which of its gRPC services (the
+/// second argument, e.g. `trellis.raft.v1.Raft`): `Err` says why not. One
+/// server may carry services meant for different roles.
+pub type Policy = Arc<dyn Fn(&ControlIdentity, &str) -> Result<(), String> + Send + Sync>;
 
 /// The layer; add it to a tonic server served with [`crate::ControlTls::server`].
 #[derive(Clone)]
@@ -66,7 +68,9 @@ fn admit<B>(request: &http::Request<B>, policy: &Policy) -> Result<ControlIdenti
         .ok_or_else(|| {
             Status::permission_denied("the client certificate names no control-plane identity")
         })?;
-    policy(&identity).map_err(Status::permission_denied)?;
+    // A gRPC path is `/<package>.<Service>/<Method>`.
+    let service = request.uri().path().split('/').nth(1).unwrap_or_default();
+    policy(&identity, service).map_err(Status::permission_denied)?;
     Ok(identity)
 }
 

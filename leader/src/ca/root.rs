@@ -7,6 +7,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PublicKeyData, SanType,
 };
+use trellis_shared::POD_BOUND_UNIT;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::{CaError, IssuedCert, LeafRequest, SignerId};
@@ -159,6 +160,11 @@ impl RootCa {
         params
             .distinguished_name
             .push(DnType::CommonName, subject.as_str());
+        if request.pod_bound {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationalUnitName, POD_BOUND_UNIT);
+        }
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,

@@ -1,8 +1,9 @@
 //! The webhook's HTTPS face: reviews on [`WEBHOOK_PATH`], `/healthz` for
-//! the kubelet, a serving certificate issued by the mesh CA (renewed while
-//! serving), and the CA bundle the API server verifies it with.
+//! the kubelet, the injector's control-plane certificate as its serving
+//! certificate (re-read when its Secret changes), and the CA bundle the API
+//! server verifies it with (the control-plane CA).
 
-use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
+use std::{convert::Infallible, future::Future, path::PathBuf, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -22,14 +23,15 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use trellis_transport::{ControlTls, TransportError};
+
 use super::Injector;
-use crate::ca::{CaError, CertificateIssuer, LeafRequest};
 
 /// Where the API server posts reviews (OSM's path).
 pub const WEBHOOK_PATH: &str = "/mutate-pod-creation";
-/// How long the serving certificate is valid; it is renewed at a third of
-/// that, so a restart is never needed for it.
-const CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+/// How often the certificate's directory is read again: a Secret update
+/// reaches a mounted volume within about a minute.
+const RELOAD: Duration = Duration::from_secs(30);
 /// Reviews are small; the API server's own request limit is 3 MiB.
 const MAX_BODY: usize = 4 << 20;
 /// A client that does not finish its handshake or headers in this long is
@@ -40,9 +42,9 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// place.
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
-    /// The CA did not issue the serving certificate.
-    #[error("issuing the webhook's serving certificate: {0}")]
-    Certificate(#[from] CaError),
+    /// The certificate's directory could not be read.
+    #[error("the webhook's serving certificate: {0}")]
+    Certificate(#[from] TransportError),
     /// The issued certificate or key did not load.
     #[error("the webhook's serving certificate: {0}")]
     Pem(String),
@@ -63,32 +65,27 @@ pub enum WebhookError {
 /// The webhook's TLS configuration, replaceable while serving.
 pub struct WebhookTls {
     config: ArcSwap<ServerConfig>,
-    dns_names: Vec<String>,
+    dir: PathBuf,
+    current: std::sync::Mutex<ControlTls>,
+    ca_pem: String,
 }
 
 impl std::fmt::Debug for WebhookTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebhookTls")
-            .field("dns_names", &self.dns_names)
+            .field("dir", &self.dir)
             .finish_non_exhaustive()
     }
 }
 
-fn server_config(
-    issuer: &dyn CertificateIssuer,
-    dns_names: &[String],
-) -> Result<ServerConfig, WebhookError> {
-    let common_name = dns_names.first().cloned().unwrap_or_default();
-    let cert = issuer.issue(&LeafRequest::server(
-        &common_name,
-        dns_names.to_vec(),
-        Vec::new(),
-        CERT_VALIDITY,
-    ))?;
-    let chain = CertificateDer::pem_slice_iter(cert.chain_pem.as_bytes())
+/// Serves `tls`'s certificate. The API server presents no client
+/// certificate to webhooks by default, so none is asked for: who may
+/// reach the port is deploy/'s NetworkPolicy's business.
+fn server_config(tls: &ControlTls) -> Result<ServerConfig, WebhookError> {
+    let chain = CertificateDer::pem_slice_iter(tls.chain_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| WebhookError::Pem(e.to_string()))?;
-    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())
+    let key = PrivateKeyDer::from_pem_slice(tls.key_pem.as_bytes())
         .map_err(|e| WebhookError::Pem(e.to_string()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -100,31 +97,47 @@ fn server_config(
 }
 
 impl WebhookTls {
-    /// A serving certificate from `issuer` for `dns_names` (the webhook
-    /// Service's names; the first is the common name).
-    pub fn issue(
-        issuer: &dyn CertificateIssuer,
-        dns_names: Vec<String>,
-    ) -> Result<WebhookTls, WebhookError> {
-        let config = server_config(issuer, &dns_names)?;
+    /// Serves the certificate in `dir` (tls.crt, tls.key, ca.crt: the
+    /// injector's, from `trellis control-cert --role injector --dns ...`).
+    pub fn from_dir(dir: PathBuf) -> Result<WebhookTls, WebhookError> {
+        let tls = ControlTls::from_dir(&dir)?;
+        let config = server_config(&tls)?;
         Ok(WebhookTls {
             config: ArcSwap::from_pointee(config),
-            dns_names,
+            dir,
+            ca_pem: tls.ca_pem.clone(),
+            current: std::sync::Mutex::new(tls),
         })
     }
 
-    /// Issues a fresh certificate at every third of its validity, for new
-    /// connections. Runs until dropped.
-    pub async fn renew(self: Arc<Self>, issuer: Arc<dyn CertificateIssuer>) {
+    /// The CA bundle the API server verifies the webhook with, as read at
+    /// start.
+    pub fn ca_bundle(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// Reads the directory again every [`RELOAD`] and serves a changed
+    /// certificate to new connections; a directory that does not load
+    /// leaves the current one in place. Runs until dropped.
+    pub async fn follow_dir(self: Arc<Self>) {
         loop {
-            tokio::time::sleep(CERT_VALIDITY / 3).await;
-            match server_config(issuer.as_ref(), &self.dns_names) {
-                Ok(config) => {
-                    self.config.store(Arc::new(config));
-                    info!("renewed the webhook's serving certificate");
+            tokio::time::sleep(RELOAD).await;
+            let loaded = ControlTls::from_dir(&self.dir)
+                .map_err(WebhookError::from)
+                .and_then(|tls| server_config(&tls).map(|config| (tls, config)));
+            match loaded {
+                Ok((tls, config)) => {
+                    let Ok(mut current) = self.current.lock() else {
+                        return;
+                    };
+                    if tls.chain_pem != current.chain_pem || tls.key_pem != current.key_pem {
+                        self.config.store(Arc::new(config));
+                        *current = tls;
+                        info!(dir = %self.dir.display(), "serving the webhook's new certificate");
+                    }
                 }
                 Err(error) => {
-                    warn!(%error, "renewing the webhook's serving certificate failed; the current one stays")
+                    warn!(%error, "reading the webhook's certificate again failed; the current one stays")
                 }
             }
         }
@@ -132,7 +145,7 @@ impl WebhookTls {
 }
 
 /// Sets `caBundle` of every webhook of MutatingWebhookConfiguration `name`
-/// to `bundle` (the mesh roots, which sign the serving certificate), so the
+/// to `bundle` (the control-plane CA, which signs the serving certificate), so the
 /// API server trusts the webhook without the operator copying it there.
 pub async fn publish_ca_bundle(
     client: Client,

@@ -280,7 +280,8 @@ impl LeaderGroup {
         .into_server();
         let peers = config.peers.clone();
         let group = config.cluster.clone();
-        let policy: Policy = Arc::new(move |caller: &ControlIdentity| match caller.role {
+        // The Raft server carries only the Raft service.
+        let policy: Policy = Arc::new(move |caller: &ControlIdentity, _| match caller.role {
             Role::Leader(id) if caller.group == group && peers.contains_key(&id) => Ok(()),
             _ => Err(format!(
                 "{caller} is not a replica of leader group {group:?} (peers {:?})",

@@ -31,6 +31,7 @@ use super::{
     NodeId,
 };
 use crate::{
+    bootstrap_secrets,
     ca::{BuiltinCa, CaError, CertificateIssuer, IssuedCert, LeafRequest, RootCa, SignerId},
     compile::Compiler,
     ingress_gateway::Keeper,
@@ -52,6 +53,9 @@ pub struct Leading {
     pub pipeline: PipelineConfig,
     /// Where the ingress gateway certificate is kept.
     pub ingress_gateway: Keeper,
+    /// With the Kubernetes source: removes the bootstrap Secrets of gone
+    /// pods through this client.
+    pub bootstrap_secrets: Option<kube::Client>,
     /// The operator's CA directory, used by the group's first leader only.
     pub ca_dir: Option<PathBuf>,
     /// The publish port edges connect to.
@@ -243,12 +247,18 @@ async fn run_term(group: &LeaderGroup, leading: &Leading) -> Result<(), GroupErr
         Compiler::new(issuer.clone() as Arc<dyn CertificateIssuer>),
     );
     let keeper = leading.ingress_gateway.spawn(pipeline.ingress_gateway());
+    let mut tasks = vec![source.abort_handle(), keeper.abort_handle()];
+    if let Some(client) = &leading.bootstrap_secrets {
+        let janitor = tokio::spawn(bootstrap_secrets::remove_gone(
+            client.clone(),
+            pipeline.proxies(),
+            bootstrap_secrets::GRACE,
+        ));
+        tasks.push(janitor.abort_handle());
+    }
     let pipeline = tokio::spawn(pipeline.run(received, Arc::new(Handoff(handoff))));
-    let _stop = AbortOnDrop(vec![
-        source.abort_handle(),
-        pipeline.abort_handle(),
-        keeper.abort_handle(),
-    ]);
+    tasks.push(pipeline.abort_handle());
+    let _stop = AbortOnDrop(tasks);
 
     let store = Arc::new(SnapshotStore::new());
     let mut published = 0u64;

@@ -178,18 +178,25 @@ impl ControlRole {
 const CONTROL_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// `role` of `cluster`'s certificate from the control-plane CA in `dir`.
-fn issue_control(ca_dir: &Path, cluster: &str, role: Role) -> Result<ControlTls> {
+fn issue_control(ca_dir: &Path, cluster: &str, role: Role, dns: &[String]) -> Result<ControlTls> {
     let identity = ControlIdentity::new(TRUST_DOMAIN, cluster, role).with_context(|| {
         format!("group {cluster:?} and an edge's name must be DNS labels (lowercase letters, digits, '-')")
     })?;
     let ca = BuiltinCa::open(ca_dir)
         .with_context(|| format!("opening the control-plane CA in {}", ca_dir.display()))?;
-    Ok(control_tls(&ca, &identity, CONTROL_CERT_VALIDITY)?)
+    Ok(control_tls(&ca, &identity, dns, CONTROL_CERT_VALIDITY)?)
 }
 
-/// `trellis peer-cert` and `trellis control-cert`.
-pub(crate) fn control_cert(ca_dir: &Path, out: &Path, cluster: &str, role: Role) -> Result<()> {
-    let tls = issue_control(ca_dir, cluster, role)?;
+/// `trellis peer-cert` and `trellis control-cert`; `dns` are names the
+/// certificate carries beside its role's.
+pub(crate) fn control_cert(
+    ca_dir: &Path,
+    out: &Path,
+    cluster: &str,
+    role: Role,
+    dns: &[String],
+) -> Result<()> {
+    let tls = issue_control(ca_dir, cluster, role, dns)?;
     private_files::create_dir(out)?;
     write_private(&out.join(control::KEY), &tls.key_pem)?;
     write_private(&out.join(control::CERT), &tls.chain_pem)?;
@@ -210,7 +217,7 @@ pub(crate) fn leader_control_tls(args: &crate::ControlArgs, id: u64) -> Result<O
         (Some(dir), _) => ControlTls::from_dir(dir).with_context(|| {
             format!("reading the control-plane TLS material in {}", dir.display())
         })?,
-        (None, Some(ca_dir)) => issue_control(ca_dir, &args.cluster, Role::Leader(id))?,
+        (None, Some(ca_dir)) => issue_control(ca_dir, &args.cluster, Role::Leader(id), &[])?,
         (None, None) if args.plaintext_control_plane => {
             tracing::warn!("PLAINTEXT publishing and Raft: anyone reaching the ports reads every identity's keys; development only");
             println!("  WARNING: plaintext control plane (--plaintext-control-plane): for local development only");
@@ -246,6 +253,21 @@ pub(crate) fn rotate_ca(ca_dir: &Path) -> Result<()> {
         ca_dir.display()
     );
     Ok(())
+}
+
+/// The operator token in `path`, trimmed; an empty one is refused rather
+/// than let anyone through.
+pub(crate) fn operator_token(path: &Path) -> Result<Arc<str>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the operator token in {}", path.display()))?;
+    let token = text.trim();
+    if token.len() < 16 {
+        bail!(
+            "{}: an operator token must be at least 16 characters",
+            path.display()
+        );
+    }
+    Ok(Arc::from(token))
 }
 
 /// Writes `contents` readable by the owner only: bootstraps and keys.

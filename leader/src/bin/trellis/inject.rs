@@ -2,25 +2,41 @@
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use tokio::net::TcpListener;
 use trellis_leader::{
-    ca::CertificateIssuer,
     catalog::TRUST_DOMAIN,
     inject::{
-        publish_ca_bundle, serve, Injector, InjectorConfig, SidecarImages, WebhookTls, WEBHOOK_PATH,
+        issuer::GroupIssuer, publish_ca_bundle, serve, Injector, InjectorConfig, SidecarImages,
+        WebhookTls, WEBHOOK_PATH,
     },
 };
+use trellis_transport::{ControlIdentity, Role};
 
 use crate::credentials::{self, EDGE_SERVER_NAME};
 
 /// What `trellis inject` is told.
 #[derive(clap::Args)]
 pub(crate) struct InjectArgs {
-    /// The CA's directory (ca.crt and ca.key, the leader's): it signs the
-    /// pods' bootstrap certificates and the webhook's serving certificate.
+    /// The injector's control-plane certificate (tls.crt, tls.key, ca.crt
+    /// from `trellis control-cert --role injector --dns <webhook Service>`):
+    /// it authenticates the injector to the leader group, and serves the
+    /// webhook. The injector holds no CA key.
     #[arg(long)]
-    ca_dir: PathBuf,
+    control_tls_dir: PathBuf,
+    /// The leader's publish address, `https://host:port`; for a leader
+    /// group, every replica's, comma-separated. Any replica issues the
+    /// pods' bootstrap certificates, so injection goes on through an
+    /// election.
+    #[arg(
+        long = "leader",
+        default_value = "https://127.0.0.1:15129",
+        value_delimiter = ','
+    )]
+    leaders: Vec<String>,
+    /// The leader group.
+    #[arg(long, default_value = "trellis")]
+    group: String,
     /// Address the webhook (HTTPS) listens on.
     #[arg(long, default_value = "0.0.0.0:9090")]
     listen: SocketAddr,
@@ -36,12 +52,8 @@ pub(crate) struct InjectArgs {
     /// The name on the edge's certificate.
     #[arg(long, default_value = EDGE_SERVER_NAME)]
     edge_server_name: String,
-    /// DNS names on the webhook's serving certificate (its Service's);
-    /// repeat for more.
-    #[arg(long, default_value = "trellis-injector.trellis-system.svc")]
-    dns: Vec<String>,
-    /// The MutatingWebhookConfiguration whose caBundle is set to the mesh
-    /// roots at start.
+    /// The MutatingWebhookConfiguration whose caBundle is set to the
+    /// control-plane CA at start.
     #[arg(long)]
     webhook_configuration: Option<String>,
     /// The sidecar's Envoy image.
@@ -54,15 +66,33 @@ pub(crate) struct InjectArgs {
 
 /// Runs the webhook until Ctrl-C.
 pub(crate) async fn run(args: InjectArgs) -> Result<()> {
-    let ca = credentials::open_ca(Some(&args.ca_dir))?;
+    let dir = &args.control_tls_dir;
+    let tls = Arc::new(
+        WebhookTls::from_dir(dir.clone())
+            .with_context(|| format!("the injector's certificate in {}", dir.display()))?,
+    );
+    let control = trellis_transport::ControlTls::from_dir(dir)?;
+    match control.identity() {
+        Some(ControlIdentity {
+            group,
+            role: Role::Injector,
+            ..
+        }) if group == args.group => {}
+        other => bail!(
+            "{}: the certificate names {}, not the injector of group {:?}",
+            dir.display(),
+            other.map_or_else(|| "no control-plane identity".to_owned(), |i| i.uri()),
+            args.group
+        ),
+    }
+    let issuer = GroupIssuer::new(&args.leaders, &control, &args.group)?;
     // kube's error renders without its cause; its debug form says why.
     let client = kube::Client::try_default()
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}"))
         .context("connecting to Kubernetes (in-cluster config or kubeconfig)")?;
-    let tls = Arc::new(WebhookTls::issue(ca.as_ref(), args.dns.clone())?);
     if let Some(name) = &args.webhook_configuration {
-        publish_ca_bundle(client.clone(), name, &ca.trust_bundle()).await?;
+        publish_ca_bundle(client.clone(), name, tls.ca_bundle()).await?;
     }
     let config = InjectorConfig {
         mesh: args.mesh.clone(),
@@ -73,18 +103,18 @@ pub(crate) async fn run(args: InjectArgs) -> Result<()> {
             init: args.init_image,
         },
     };
-    let injector = Arc::new(Injector::new(config, ca.clone(), client));
+    let injector = Arc::new(Injector::new(config, issuer, client));
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding the webhook {}", args.listen))?;
     println!(
-        "Trellis sidecar injector for mesh {}: https://{}{WEBHOOK_PATH} (certificate for {}); sidecars dial {}",
+        "Trellis sidecar injector for mesh {}: https://{}{WEBHOOK_PATH}; bootstrap certificates from {}; sidecars dial {}",
         args.mesh,
         args.listen,
-        args.dns.join(", "),
+        args.leaders.join(", "),
         args.edge
     );
-    tokio::spawn(tls.clone().renew(ca));
+    tokio::spawn(tls.clone().follow_dir());
     serve(injector, tls, listener, async {
         crate::stop_signal().await;
     })

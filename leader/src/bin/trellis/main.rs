@@ -32,9 +32,12 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::warn;
 use trellis_edge::{Edge, EdgeConfig, EdgeTls, SnapshotStore, TlsCredentials, UpstreamConfig};
 use trellis_leader::{
+    bootstrap_secrets,
     ca::BuiltinCa,
+    catalog::TRUST_DOMAIN,
     compile::Compiler,
     ingress_gateway::Keeper,
+    issuance::{GroupSigner, Issuance, KubeRegistry, NoRegistry, Registry},
     pipeline::{Pipeline, PipelineConfig, Status},
     publish,
     publish::{Gate, Publisher},
@@ -228,6 +231,11 @@ enum Command {
         /// changes). Required unless --plaintext.
         #[arg(long, required_unless_present = "plaintext")]
         tls_dir: Option<PathBuf>,
+        /// File holding the operator token that reads per-proxy state on
+        /// the admin port (`/debug/...`, `Authorization: Bearer <token>`).
+        /// Without it, that state is served only on a loopback --admin.
+        #[arg(long)]
+        admin_token_file: Option<PathBuf>,
         #[command(flatten)]
         serving: Serving,
     },
@@ -309,6 +317,10 @@ enum Command {
         /// The leader group.
         #[arg(long, default_value = "trellis")]
         cluster: String,
+        /// More DNS names on the certificate (the injector's webhook
+        /// Service, which the API server dials); repeat for more.
+        #[arg(long)]
+        dns: Vec<String>,
     },
     /// Start a root rotation: write the next root into the CA directory; a
     /// running leader trusts it, then signs with it, then drops the old one.
@@ -371,8 +383,15 @@ async fn main() -> Result<()> {
             name,
             sharded,
             tls_dir,
+            admin_token_file,
             serving,
-        } => edge(follow, name, sharded, tls_dir, serving).await,
+        } => {
+            let token = admin_token_file
+                .as_deref()
+                .map(credentials::operator_token)
+                .transpose()?;
+            edge(follow, name, sharded, tls_dir, token, serving).await
+        }
         Command::Check { dir, mesh } => check(dir, mesh),
         Command::Bootstrap {
             ca_dir,
@@ -402,14 +421,21 @@ async fn main() -> Result<()> {
             out,
             id,
             cluster,
-        } => credentials::control_cert(&control_ca_dir, &out, &cluster, Role::Leader(id)),
+        } => credentials::control_cert(&control_ca_dir, &out, &cluster, Role::Leader(id), &[]),
         Command::ControlCert {
             control_ca_dir,
             out,
             role,
             name,
             cluster,
-        } => credentials::control_cert(&control_ca_dir, &out, &cluster, role.with_name(&name)?),
+            dns,
+        } => credentials::control_cert(
+            &control_ca_dir,
+            &out,
+            &cluster,
+            role.with_name(&name)?,
+            &dns,
+        ),
         Command::RotateCa { ca_dir } => credentials::rotate_ca(&ca_dir),
         Command::Inject(args) => inject::run(args).await,
     }
@@ -486,6 +512,11 @@ async fn start_leader(inputs: Inputs, store: Arc<SnapshotStore>) -> Result<Leade
         }
         SourceKind::Kube => {
             let client = kube_client().await?;
+            tokio::spawn(bootstrap_secrets::remove_gone(
+                client.clone(),
+                pipeline.proxies(),
+                bootstrap_secrets::GRACE,
+            ));
             (
                 tokio::spawn(KubeSource::new(client.clone()).run(updates)),
                 "the Kubernetes API".to_owned(),
@@ -594,7 +625,9 @@ async fn leader(inputs: Inputs, publish: SocketAddr, control: ControlArgs) -> Re
     let tls = credentials::leader_control_tls(&control, 1)?;
     let store = Arc::new(SnapshotStore::new());
     let listener = bind("publish", publish).await?;
+    let registry = registry(&inputs).await?;
     let leader = start_leader(inputs, store.clone()).await?;
+    let issuance = Issuance::new(Arc::new(leader.ca.clone()), registry, TRUST_DOMAIN);
     println!("Trellis leader compiling {}", leader.origin);
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!(
@@ -611,6 +644,7 @@ async fn leader(inputs: Inputs, publish: SocketAddr, control: ControlArgs) -> Re
     let serve = publish::server(tls.as_ref(), &control.cluster)
         .context("the publish server's TLS")?
         .add_service(publisher.clone().into_service())
+        .add_service(issuance.into_service())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             publisher.closed().await;
         });
@@ -619,6 +653,16 @@ async fn leader(inputs: Inputs, publish: SocketAddr, control: ControlArgs) -> Re
         result = source_stopped(leader.source) => result?,
     }
     Ok(())
+}
+
+/// What the bootstrap issuance of a leader checks ServiceAccounts against:
+/// the Kubernetes API with the Kubernetes source, nothing (every request
+/// refused) with files.
+async fn registry(inputs: &Inputs) -> Result<Arc<dyn Registry>> {
+    Ok(match inputs.source {
+        SourceKind::Kube => Arc::new(KubeRegistry::new(kube_client().await?, &inputs.mesh)),
+        SourceKind::Files => Arc::new(NoRegistry),
+    })
 }
 
 /// Completes on Ctrl-C or SIGTERM (how Kubernetes stops a pod), so every
@@ -695,21 +739,24 @@ async fn leader_group(
         .data_dir
         .context("--data-dir is required with --peer")?;
     let tls = credentials::leader_control_tls(&control, id)?;
-    let (source, keeper): (SourceStarter, Keeper) = match inputs.source {
+    let (source, keeper, client): (SourceStarter, Keeper, _) = match inputs.source {
         SourceKind::Files => {
             require_dir(&inputs.dir)?;
             let dir = inputs.dir.clone();
             (
                 Arc::new(move |updates| tokio::spawn(FileSource::new(&dir).run(updates))),
                 inputs.ingress_gateway_files(),
+                None,
             )
         }
         SourceKind::Kube => {
             let client = kube_client().await?;
             let keeper = Keeper::Secret(client.clone());
+            let source = client.clone();
             (
-                Arc::new(move |updates| tokio::spawn(KubeSource::new(client.clone()).run(updates))),
+                Arc::new(move |updates| tokio::spawn(KubeSource::new(source.clone()).run(updates))),
                 keeper,
+                Some(client),
             )
         }
     };
@@ -723,6 +770,11 @@ async fn leader_group(
     );
     let gate = Gate::default();
     let listener = bind("publish", publish).await?;
+    let issuance = Issuance::new(
+        Arc::new(GroupSigner::new(replica.state())),
+        registry(&inputs).await?,
+        TRUST_DOMAIN,
+    );
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!(
         "Trellis leader replica {id} of group {:?}; edges follow the group at {scheme}://{publish}",
@@ -731,6 +783,7 @@ async fn leader_group(
     let serve = publish::server(tls.as_ref(), &control.cluster)
         .context("the publish server's TLS")?
         .add_service(gate.clone().into_service())
+        .add_service(issuance.into_service())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             stop_signal().await;
         });
@@ -741,6 +794,7 @@ async fn leader_group(
             ..PipelineConfig::default()
         },
         ingress_gateway: keeper,
+        bootstrap_secrets: client,
         ca_dir: inputs.ca_dir.clone(),
         gate: gate.clone(),
     };
@@ -760,12 +814,16 @@ async fn edge(
     name: Option<String>,
     sharded: bool,
     tls_dir: Option<PathBuf>,
+    operator_token: Option<Arc<str>>,
     serving: Serving,
 ) -> Result<()> {
     let name = name
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("edge-{}", std::process::id()));
-    let edge = Edge::new(EdgeConfig::default());
+    let mut edge = Edge::new(EdgeConfig::default());
+    if let Some(token) = operator_token {
+        edge = edge.with_operator_token(token);
+    }
     let xds_listener = bind("xDS", serving.xds).await?;
     let admin_listener = bind("admin", serving.admin).await?;
     let mut upstream = UpstreamConfig::new(&follow.leader, &name);
