@@ -28,7 +28,7 @@ mod xds;
 pub use crate::{
     admin::{Admin, DebugAccess},
     classify::{ClassifyError, NodeClassifier, ProxyClassifier, CLASS_METADATA_KEY},
-    demand::ClassDemand,
+    demand::{ClassDemand, Need},
     edge::{Edge, EdgeConfig, EdgeError},
     metrics::{Metrics, Protocol},
     store::SnapshotStore,

@@ -17,7 +17,8 @@
 //!
 //! A sharded edge subscribes to proxy classes by name instead of to
 //! everything: the classes its connected proxies need ([`ClassDemand`]),
-//! changed as the first proxy of a class arrives and the last one leaves.
+//! changed as the first proxy of a class arrives and the last one leaves,
+//! and the bindings of identities whose injected proxies are connecting.
 //! The leader answers a class with everything it references, of every type,
 //! so each commit is a consistent snapshot of just those classes.
 
@@ -39,12 +40,16 @@ use trellis_proto::pb::{
 };
 use trellis_shared::{
     replication::{parse_replica_name, replica_name, LEADER_HINT, REPLICATED_TYPES},
-    type_url, Resource, Scope, Snapshot, SnapshotBuilder, SnapshotError,
+    type_url, Resource, Snapshot, SnapshotBuilder, SnapshotError,
 };
 
 use trellis_transport::{identity::leader_server_name, ControlTls};
 
-use crate::{demand::ClassDemand, metrics::Metrics, store::SnapshotStore};
+use crate::{
+    demand::{ClassDemand, Need},
+    metrics::Metrics,
+    store::SnapshotStore,
+};
 
 /// Where and how the edge follows the leader.
 #[derive(Clone, Debug)]
@@ -274,7 +279,7 @@ impl Session<'_> {
             // Sharded, only the class type names anything: the classes.
             let names = match (self.config.sharded, *type_url) {
                 (false, _) => vec!["*".to_owned()],
-                (true, type_url::PROXY_CLASS) => subscribed.iter().map(class_name).collect(),
+                (true, type_url::PROXY_CLASS) => subscribed.iter().map(Need::wire_name).collect(),
                 (true, _) => Vec::new(),
             };
             let request = DeltaDiscoveryRequest {
@@ -312,8 +317,8 @@ impl Session<'_> {
                     let wanted = (*demand.borrow_and_update()).as_ref().clone();
                     let request = DeltaDiscoveryRequest {
                         type_url: type_url::PROXY_CLASS.to_owned(),
-                        resource_names_subscribe: wanted.difference(&subscribed).map(class_name).collect(),
-                        resource_names_unsubscribe: subscribed.difference(&wanted).map(class_name).collect(),
+                        resource_names_subscribe: wanted.difference(&subscribed).map(Need::wire_name).collect(),
+                        resource_names_unsubscribe: subscribed.difference(&wanted).map(Need::wire_name).collect(),
                         ..DeltaDiscoveryRequest::default()
                     };
                     debug!(classes = wanted.len(), "the classes this edge needs changed");
@@ -381,12 +386,6 @@ impl Session<'_> {
         self.metrics.upstream_syncs.inc();
         Ok(())
     }
-}
-
-/// The wire name of class `class`'s manifest: what a sharded edge
-/// subscribes to.
-fn class_name(class: &Arc<str>) -> String {
-    replica_name(&Scope::Class(class.clone()), class)
 }
 
 /// The versions of one type the edge holds, by wire name.

@@ -42,7 +42,9 @@ use trellis_proto::{
     trellis::v1::Commit,
 };
 use trellis_shared::{
-    replication::{parse_replica_name, replica_name, COMMIT_NAME, LEADER_HINT, REPLICATED_TYPES},
+    replication::{
+        parse_replica_name, replica_name, ALL_BINDINGS, COMMIT_NAME, LEADER_HINT, REPLICATED_TYPES,
+    },
     type_url, Resource, Scope, Snapshot,
 };
 use trellis_transport::{AuthorizeLayer, ControlIdentity, ControlTls, Policy, Role};
@@ -228,28 +230,58 @@ struct EdgeStream {
     requests: Streaming<DeltaDiscoveryRequest>,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     nonce: u64,
-    /// The classes a sharded edge named; `None` for a full replica.
-    classes: Option<BTreeSet<String>>,
+    /// What a sharded edge named; `None` for a full replica.
+    classes: Option<BTreeSet<Subscribed>>,
     /// A sharded edge: what it holds, by type and wire name, with versions.
     held: HashMap<(&'static str, String), String>,
 }
 
-/// The class named by a class-type wire name (`<class scope> <class>`).
-fn named_class(wire: &str) -> Option<String> {
+/// What a sharded edge names in the class type's subscription.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Subscribed {
+    /// `<class scope> <class>`: a class and everything it references.
+    Class(String),
+    /// `<identity scope> *`: the identity's proxy bindings, so the edge can
+    /// classify an injected proxy before it needs the proxy's class.
+    Bindings(String),
+}
+
+/// What a class-type wire name subscribes to.
+fn subscribed(wire: &str) -> Option<Subscribed> {
     match parse_replica_name(wire)? {
-        (Scope::Class(class), name) if *class == *name => Some(name.to_owned()),
+        (Scope::Class(class), name) if *class == *name => Some(Subscribed::Class(name.to_owned())),
+        (Scope::Identity(identity), ALL_BINDINGS) => {
+            Some(Subscribed::Bindings(identity.to_string()))
+        }
         _ => None,
     }
 }
 
-/// Everything `classes` see in `snapshot`: their manifests and every
-/// resource they reference, by type and wire name.
+/// Everything `subscriptions` see in `snapshot`: the classes' manifests
+/// and every resource they reference, and the bindings asked for, by type
+/// and wire name.
 fn view<'a>(
     snapshot: &'a Snapshot,
-    classes: &BTreeSet<String>,
+    subscriptions: &BTreeSet<Subscribed>,
 ) -> HashMap<(&'static str, String), &'a Resource> {
     let mut seen = HashMap::new();
-    for class in classes {
+    let bindings = |identity: &str, seen: &mut HashMap<_, _>| {
+        let scope = Scope::Identity(Arc::from(identity));
+        for (name, resource) in snapshot.scope_resources(&scope, type_url::PROXY_BINDING) {
+            seen.insert(
+                (type_url::PROXY_BINDING, replica_name(&scope, name)),
+                resource,
+            );
+        }
+    };
+    for subscription in subscriptions {
+        let class = match subscription {
+            Subscribed::Class(class) => class,
+            Subscribed::Bindings(identity) => {
+                bindings(identity, &mut seen);
+                continue;
+            }
+        };
         let Some(manifest) = snapshot.manifest(class) else {
             continue;
         };
@@ -263,13 +295,7 @@ fn view<'a>(
         // The bindings of the class's identity, so a sharded edge checks a
         // proxy's claim as a full one does.
         if let Some((identity, _)) = class.rsplit_once('/') {
-            let scope = Scope::Identity(Arc::from(identity));
-            for (name, resource) in snapshot.scope_resources(&scope, type_url::PROXY_BINDING) {
-                seen.insert(
-                    (type_url::PROXY_BINDING, replica_name(&scope, name)),
-                    resource,
-                );
-            }
+            bindings(identity, &mut seen);
         }
         for (scope, type_url, name) in manifest.refs() {
             let Some(type_url) = REPLICATED_TYPES.iter().find(|t| **t == &**type_url) else {
@@ -366,7 +392,7 @@ impl EdgeStream {
                     && !request.resource_names_subscribe.iter().any(|n| n == "*")
                 {
                     let classes = request.resource_names_subscribe.iter();
-                    self.classes = Some(classes.filter_map(|n| named_class(n)).collect());
+                    self.classes = Some(classes.filter_map(|n| subscribed(n)).collect());
                 }
                 known.insert(request.type_url, request.initial_resource_versions);
             } else {
@@ -387,9 +413,9 @@ impl EdgeStream {
         let added = request
             .resource_names_subscribe
             .iter()
-            .filter_map(|n| named_class(n));
-        let removed: Vec<String> = (request.resource_names_unsubscribe.iter())
-            .filter_map(|n| named_class(n))
+            .filter_map(|n| subscribed(n));
+        let removed: Vec<Subscribed> = (request.resource_names_unsubscribe.iter())
+            .filter_map(|n| subscribed(n))
             .collect();
         classes.extend(added);
         classes.retain(|c| !removed.contains(c));

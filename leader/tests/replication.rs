@@ -13,10 +13,14 @@ use support::{copy_example, eventually, Api, Envoy, TestEdge};
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{transport::Endpoint, Streaming};
+use trellis_edge::EdgeTls;
 use trellis_edge::{SnapshotStore, UpstreamConfig};
 use trellis_leader::{
+    bootstrap::{
+        bootstrap_cert, edge_credentials, envoy_bootstrap, new_proxy_uuid, EdgeAddress, Proxy,
+    },
     ca::{control_tls, BuiltinCa},
-    catalog::TRUST_DOMAIN,
+    catalog::{Identity, TRUST_DOMAIN},
     compile::Compiler,
     pipeline::{Pipeline, PipelineConfig, Status},
     publish::{self, Publisher},
@@ -26,7 +30,7 @@ use trellis_proto::pb::envoy::service::discovery::v3::{
     aggregated_discovery_service_client::AggregatedDiscoveryServiceClient, DeltaDiscoveryRequest,
     DeltaDiscoveryResponse,
 };
-use trellis_shared::{replication::REPLICATED_TYPES, type_url};
+use trellis_shared::{bootstrap::AdsApi, replication::REPLICATED_TYPES, type_url, Scope};
 use trellis_transport::{identity::leader_server_name, ControlIdentity, ControlTls, Role};
 
 /// `role`'s certificate in group [`GROUP`] from `ca`.
@@ -42,6 +46,7 @@ const GROUP: &str = "trellis";
 /// mTLS from a control-plane CA of its own.
 struct TestLeader {
     dir: PathBuf,
+    mesh_ca: Arc<BuiltinCa>,
     control_ca: BuiltinCa,
     tls: ControlTls,
     store: Arc<SnapshotStore>,
@@ -59,10 +64,8 @@ impl TestLeader {
             quiet: Duration::from_millis(50),
             ..PipelineConfig::default()
         };
-        let pipeline = Pipeline::new(
-            config,
-            Compiler::new(Arc::new(BuiltinCa::generate().unwrap())),
-        );
+        let mesh_ca = Arc::new(BuiltinCa::generate().unwrap());
+        let pipeline = Pipeline::new(config, Compiler::new(mesh_ca.clone()));
         let mut status = pipeline.status();
         let store = Arc::new(SnapshotStore::new());
         let (updates, received) = mpsc::channel(16);
@@ -75,6 +78,7 @@ impl TestLeader {
         let publish = listener.local_addr().unwrap();
         let mut leader = TestLeader {
             dir,
+            mesh_ca,
             control_ca,
             tls,
             store,
@@ -303,6 +307,90 @@ async fn a_sharded_edge_holds_only_its_proxies_classes() -> Result<()> {
     assert!(sharded.metric("trellis_edge_snapshot_resources").await < two);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(updates(&buyer).await, before, "bookbuyer saw no update");
+    Ok(())
+}
+
+/// An injected proxy claims no class: its pod's binding says which class
+/// it is. A sharded edge holds bindings only of the identities it serves,
+/// so it asks the leader for the proxy's identity's bindings first, then
+/// serves the bound class.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sharded_edge_serves_an_injected_proxy_the_class_its_pod_is_bound_to() -> Result<()> {
+    let leader = TestLeader::start("replication-injected").await;
+    let uuid = new_proxy_uuid();
+    let path = leader.dir.join("bookbuyer.yaml");
+    let text = std::fs::read_to_string(&path)?;
+    std::fs::write(
+        &path,
+        text.replacen(
+            "labels: { app: bookbuyer }",
+            &format!("labels: {{ app: bookbuyer, osm-proxy-uuid: {uuid} }}"),
+            1,
+        ),
+    )?;
+    let identity = Identity::new("bookbuyer", "bookbuyer");
+    let scope = Scope::Identity(Arc::from("bookbuyer/bookbuyer"));
+    eventually(Duration::from_secs(20), "the pod to be bound", || async {
+        leader
+            .store
+            .load()
+            .get(&scope, type_url::PROXY_BINDING, &uuid)
+            .is_some()
+    })
+    .await?;
+
+    let credentials = edge_credentials(
+        leader.mesh_ca.as_ref(),
+        "trellis-edge",
+        Vec::new(),
+        vec!["127.0.0.1".parse()?],
+        Duration::from_secs(3600),
+    )?;
+    let mut config = leader.upstream("edge-sharded");
+    config.sharded = true;
+    let sharded = TestEdge::following(config, Some(EdgeTls::new(&credentials)?)).await;
+    eventually(Duration::from_secs(20), "the edge to be ready", || async {
+        sharded.admin("/readyz").await.0 == 200
+    })
+    .await?;
+    assert_eq!(sharded.metric("trellis_edge_snapshot_classes").await, 0.0);
+
+    // The bootstrap as the injector writes it: a pod-bound certificate,
+    // node cluster `<sa>.<ns>`, no class claimed.
+    let proxy = Proxy {
+        uuid: uuid.clone(),
+        identity: identity.clone(),
+        class: String::new(),
+    };
+    let edge = EdgeAddress {
+        host: "127.0.0.1".to_owned(),
+        port: sharded.xds.port(),
+        server_name: "trellis-edge".to_owned(),
+    };
+    let cert = bootstrap_cert(
+        leader.mesh_ca.as_ref(),
+        &uuid,
+        &identity,
+        TRUST_DOMAIN,
+        true,
+    )?;
+    let mut bootstrap = envoy_bootstrap(&proxy, cert, TRUST_DOMAIN, &edge, AdsApi::Delta);
+    bootstrap.admin_port = 0;
+    let mut json: serde_json::Value = serde_json::from_str(&bootstrap.to_json())?;
+    json["node"]["cluster"] = "bookbuyer.bookbuyer".into();
+    json["node"]
+        .as_object_mut()
+        .context("a node")?
+        .remove("metadata");
+    let envoy = Envoy::start_json(&bootstrap.node_id, &json.to_string()).await?;
+    envoy.wait_warm(1, 4).await.with_context(|| envoy.log())?;
+    let class = leader.class_of("bookbuyer/bookbuyer-0");
+    let streams = sharded.streams().await;
+    assert!(
+        streams.to_string().contains(&class),
+        "served its pod's class: {streams}"
+    );
+    assert_eq!(sharded.metric("trellis_edge_snapshot_classes").await, 1.0);
     Ok(())
 }
 

@@ -27,6 +27,11 @@ pub const LEADER_HINT: &str = "trellis-leader";
 /// The one commit resource's name.
 pub const COMMIT_NAME: &str = "commit";
 
+/// In a sharded edge's subscription (the class type's names), `<identity
+/// scope> *` asks for every proxy binding of that identity: how a sharded
+/// edge classifies an injected proxy before it serves the proxy's class.
+pub const ALL_BINDINGS: &str = "*";
+
 /// The wire name of `name` in `scope`.
 pub fn replica_name(scope: &Scope, name: &str) -> String {
     format!("{scope} {name}")

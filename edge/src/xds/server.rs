@@ -37,7 +37,7 @@ use super::{
 };
 use crate::{
     classify::{bound_class, ClassifyError, ProxyClassifier},
-    demand::ClassDemand,
+    demand::{ClassDemand, Need},
     metrics::{Metrics, Protocol, ProtocolLabels, TypeLabels},
     store::SnapshotStore,
     tls::{PeerError, PeerIdentity},
@@ -207,9 +207,12 @@ async fn drive<V: Variant>(
     let peer = peer
         .transpose()
         .map_err(|error| Refusal::NoClass(ClassifyError::Peer(error)))?;
-    let bound = peer
+    let mut bound = peer
         .as_ref()
         .and_then(|peer| bound_class(&shared.store.load(), peer));
+    if let Some(peer) = peer.as_ref().filter(|p| p.pod_bound && bound.is_none()) {
+        bound = binding_arriving(shared, peer).await;
+    }
     let class = shared
         .classifier
         .classify(&node, peer.as_ref(), bound.as_deref())
@@ -445,11 +448,40 @@ impl Shared {
     }
 }
 
+/// How long a pod-bound proxy whose binding this edge lacks waits for it:
+/// a sharded edge asks the leader for its identity's bindings, and a pod
+/// just created may be bound a moment after its Envoy connects.
+const BINDING_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The class the leader binds `peer`'s proxy UUID to, once this edge holds
+/// it, while asking for its identity's bindings; `None` after
+/// [`BINDING_WAIT`].
+async fn binding_arriving(shared: &Arc<Shared>, peer: &PeerIdentity) -> Option<String> {
+    let need = Need::Bindings(Arc::from(peer.identity()));
+    let mut epochs = shared.store.subscribe();
+    shared.demand.acquire(&need);
+    let bound = tokio::time::timeout(BINDING_WAIT, async {
+        loop {
+            if let Some(class) = bound_class(&shared.store.load(), peer) {
+                return Some(class);
+            }
+            if epochs.changed().await.is_err() {
+                return None;
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten();
+    shared.demand.release(&need);
+    bound
+}
+
 /// Counts the stream and lists it for the admin endpoint while it lives.
 struct Registration {
     shared: Arc<Shared>,
     id: u64,
-    class: Arc<str>,
+    class: Need,
     protocol: Protocol,
 }
 
@@ -476,7 +508,7 @@ impl Registration {
                 types: Vec::new(),
             },
         );
-        let class: Arc<str> = Arc::from(class);
+        let class = Need::Class(Arc::from(class));
         shared.demand.acquire(&class);
         Registration {
             shared: shared.clone(),

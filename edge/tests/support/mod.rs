@@ -92,9 +92,15 @@ impl TestEdge {
 
     /// An edge that follows a leader as `config` says.
     pub async fn following_with(config: UpstreamConfig) -> TestEdge {
+        TestEdge::following(config, None).await
+    }
+
+    /// An edge that follows a leader as `config` says, serving xDS with
+    /// `tls` (or plaintext).
+    pub async fn following(config: UpstreamConfig, tls: Option<EdgeTls>) -> TestEdge {
         let edge = Edge::new(EdgeConfig::default());
         let follow = edge.follow(config);
-        let mut test = TestEdge::launch(edge, "127.0.0.1:0".parse().unwrap(), None).await;
+        let mut test = TestEdge::launch(edge, "127.0.0.1:0".parse().unwrap(), tls).await;
         test.follow = Some(tokio::spawn(follow));
         test
     }
@@ -536,14 +542,19 @@ impl Envoy {
     /// one), and waits for its admin endpoint.
     pub async fn start_with(mut bootstrap: EnvoyBootstrap) -> Result<Envoy> {
         bootstrap.admin_port = 0;
+        Envoy::start_json(&bootstrap.node_id, &bootstrap.to_json()).await
+    }
+
+    /// Starts Envoy with the bootstrap `bootstrap` (JSON, its admin port
+    /// 0) of node `node_id`, and waits for its admin endpoint.
+    pub async fn start_json(node_id: &str, bootstrap: &str) -> Result<Envoy> {
         let dir = std::env::temp_dir().join(format!(
             "trellis-envoy-{}-{}",
             std::process::id(),
-            bootstrap.node_id.replace('/', "_")
+            node_id.replace('/', "_")
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let bootstrap = bootstrap.to_json();
         let config = dir.join("bootstrap.yaml");
         std::fs::write(&config, bootstrap)?;
         let admin_path = dir.join("admin.txt");
