@@ -416,7 +416,7 @@ fn the_overlays_wire_leaders_edges_and_the_webhook_together() {
         let edge = find(&objects, "Deployment", "trellis-edge");
         let edge_args = args(edge);
         assert_eq!(flag(&edge_args, "leader"), [publish.join(",")], "{overlay}");
-        assert_eq!(flag(&edge_args, "xds"), ["0.0.0.0:15128"]);
+        assert_eq!(flag(&edge_args, "xds"), ["$(POD_IP):15128"]);
         assert_eq!(
             flag(&edge_args, "control-tls-dir"),
             [mounted(edge, "edge-control").unwrap().as_str()]
@@ -471,7 +471,7 @@ fn the_overlays_wire_leaders_edges_and_the_webhook_together() {
             flag(&injector_args, "webhook-configuration"),
             ["trellis-sidecar-injector"]
         );
-        assert_eq!(flag(&injector_args, "listen"), ["0.0.0.0:9090"]);
+        assert_eq!(flag(&injector_args, "listen"), ["$(POD_IP):9090"]);
         // The injector holds no CA key: it asks every leader replica for
         // bootstrap certificates with its control-plane certificate, and
         // mounts that Secret only.
@@ -553,12 +553,32 @@ fn the_overlays_wire_leaders_edges_and_the_webhook_together() {
             ["envoyproxy/envoy:v1.40.0"]
         );
 
-        // Every container's arguments are flags `trellis` takes.
+        // Every container's arguments are flags `trellis` takes, once
+        // Kubernetes put the pod's address in; and every port listens on
+        // that address only, never on all interfaces.
         for workload in objects
             .iter()
             .filter(|o| matches!(o["kind"].as_str(), Some("Deployment" | "StatefulSet")))
         {
-            let mut args = args(workload);
+            let container = &workload["spec"]["template"]["spec"]["containers"][0];
+            assert_eq!(
+                container["env"],
+                json!([{ "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } }]),
+                "{overlay}: {}",
+                workload["metadata"]["name"]
+            );
+            let mut args: Vec<String> = (args(workload).iter())
+                .inspect(|a| assert!(!a.contains("0.0.0.0"), "{overlay}: {a}"))
+                .map(|a| a.replace("$(POD_IP)", "10.1.2.3"))
+                .collect();
+            for listen in ["xds", "admin", "listen", "publish", "raft-listen"] {
+                for address in flag(&args, listen) {
+                    assert!(
+                        address.starts_with("10.1.2.3:"),
+                        "{overlay}: --{listen}={address}"
+                    );
+                }
+            }
             args.push("--help".to_owned());
             run(Command::new(TRELLIS).args(&args));
         }
@@ -1706,6 +1726,34 @@ async fn rbac_lets_the_leader_watch_what_it_reads_and_nothing_more_and_the_edge_
     // Nor does the leader read Secrets.
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::all(leader.clone());
     assert!(forbidden(secrets.list(&ListParams::default()).await));
+    // For bootstrap certificates it reads one namespace or ServiceAccount
+    // at a time, and deletes a gone pod's bootstrap Secret by name.
+    use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+    Api::<ServiceAccount>::namespaced(leader.clone(), "trellis-system")
+        .get("trellis-leader")
+        .await
+        .expect("the leader may read a ServiceAccount");
+    Api::<Namespace>::all(leader.clone())
+        .get("trellis-system")
+        .await
+        .expect("the leader may read a namespace");
+    let bootstrap: Secret = serde_json::from_value(json!({
+        "metadata": { "name": "envoy-bootstrap-config-rbac-probe" },
+        "stringData": { "bootstrap.json": "{}" }
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(admin.clone(), "default")
+        .create(&PostParams::default(), &bootstrap)
+        .await
+        .unwrap();
+    let in_default = Api::<Secret>::namespaced(leader.clone(), "default");
+    assert!(forbidden(
+        in_default.get("envoy-bootstrap-config-rbac-probe").await
+    ));
+    in_default
+        .delete("envoy-bootstrap-config-rbac-probe", &Default::default())
+        .await
+        .expect("the leader may delete a bootstrap Secret");
     // It writes the ingress gateway certificate's Secret in its own
     // namespace, and no Secret in any other.
     let gateway_secret = |namespace: &str| {
