@@ -21,6 +21,10 @@ const ENVOY_FILES: &[&str] = &[
     "envoy/extensions/filters/listener/original_dst/v3/original_dst.proto",
     "envoy/extensions/filters/listener/tls_inspector/v3/tls_inspector.proto",
     "envoy/extensions/upstreams/http/v3/http_protocol_options.proto",
+    "envoy/extensions/access_loggers/stream/v3/stream.proto",
+    "envoy/config/trace/v3/zipkin.proto",
+    "envoy/extensions/filters/network/local_ratelimit/v3/local_rate_limit.proto",
+    "envoy/extensions/filters/http/local_ratelimit/v3/local_rate_limit.proto",
 ];
 
 /// Trellis's own files.

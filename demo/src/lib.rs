@@ -12,6 +12,7 @@
 //!   addresses.
 //! * [`app`]: the pods' applications and clients.
 //! * [`manifests`]: YAML for the tests' small meshes.
+//! * [`pair`]: a client pod and a server pod, the tests' smallest mesh.
 //!
 //! Needs root, `ip netns` and iptables. Not a Kubernetes: no kubelet, no
 //! DNS server (names come from each pod's hosts file), no injector (the
@@ -23,11 +24,13 @@ pub mod control;
 mod error;
 pub mod manifests;
 pub mod nginx;
+pub mod pair;
 pub mod pods;
 
 pub use crate::{
     bookstore::{Bookstore, BookstoreConfig, ServiceAddress},
     control::ControlPlane,
     error::DemoError,
+    pair::ClientServer,
     pods::{require_pod_support, Binaries, Lines, Net, Pod, Process, PROXY_UID},
 };

@@ -117,3 +117,35 @@ spec:
 "#
     )
 }
+
+/// Mesh `demo` under MeshConfig `spec`: pod `client-0` (ServiceAccount
+/// `client`) allowed by SMI to call pod `server-0`'s HTTP Service
+/// `server` on port 8080 at `service_ip`.
+pub fn client_and_server(
+    spec: &str,
+    client: Ipv4Addr,
+    server: Ipv4Addr,
+    service_ip: &str,
+) -> String {
+    let service = http_service(
+        "demo",
+        "server",
+        service_ip,
+        8080,
+        &[Member {
+            ip: server,
+            pod: "server-0",
+            hostname: None,
+        }],
+    );
+    [
+        mesh("demo", spec),
+        service_account("demo", "client"),
+        service_account("demo", "server"),
+        pod("demo", "client-0", "client", "client", client),
+        pod("demo", "server-0", "server", "server", server),
+        service,
+        allow_http("demo", "client", "server"),
+    ]
+    .concat()
+}

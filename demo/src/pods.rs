@@ -367,6 +367,8 @@ impl Pod {
                 .map_err(failed("handing the bootstrap to the proxy UID"))?;
         }
         let log = std::fs::File::create(self.log()).map_err(failed("creating the log"))?;
+        let stdout = std::fs::File::create(self.access_log_path())
+            .map_err(failed("creating the access log"))?;
         let uid = PROXY_UID.to_string();
         let child = self
             .command(&[
@@ -384,7 +386,7 @@ impl Pod {
                 "info",
             ])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(log)
             .spawn()
             .map_err(failed("starting envoy"))?;
@@ -399,6 +401,19 @@ impl Pod {
     /// What the sidecar logged so far.
     pub fn envoy_log(&self) -> String {
         std::fs::read_to_string(self.log()).unwrap_or_default()
+    }
+
+    fn access_log_path(&self) -> PathBuf {
+        self.dir.join("access.log")
+    }
+
+    /// The sidecar's access log so far (its stdout), one JSON object per
+    /// request or connection; lines that are not JSON are left out.
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.access_log_path()).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
     }
 
     /// Runs the demo client in the pod and reads the attempts it printed.

@@ -27,7 +27,7 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
-use trellis_demo::{app, manifests, Binaries, ControlPlane, Net, Pod};
+use trellis_demo::{app, Binaries, ClientServer, ControlPlane, Pod};
 use trellis_leader::{
     ca::{BuiltinCa, CertificateIssuer, IssuedCert, LeafRequest, RootCa, RotationPhase},
     catalog::{Identity, TRUST_DOMAIN},
@@ -40,33 +40,12 @@ const URL: &str = "http://server.demo:8080/";
 /// The service's FQDN: the SNI its inbound filter chain matches.
 const SERVICE_SNI: &str = "server.demo.svc.cluster.local";
 
-/// A client pod allowed by SMI to call a server pod's HTTP service.
-fn manifests(client: &Pod, server: &Pod, service_ip: IpAddr, validity: &str) -> String {
-    let spec = format!(
+/// MeshConfig: SMI mode, leaves valid for `validity`.
+fn spec(validity: &str) -> String {
+    format!(
         "{{ traffic: {{ enablePermissiveTrafficPolicyMode: false }}, \
          certificate: {{ serviceCertValidityDuration: {validity} }} }}"
-    );
-    let service = manifests::http_service(
-        "demo",
-        "server",
-        &service_ip.to_string(),
-        8080,
-        &[manifests::Member {
-            ip: server.ip(),
-            pod: "server-0",
-            hostname: None,
-        }],
-    );
-    [
-        manifests::mesh("demo", &spec),
-        manifests::service_account("demo", "client"),
-        manifests::service_account("demo", "server"),
-        manifests::pod("demo", "client-0", "client", "client", client.ip()),
-        manifests::pod("demo", "server-0", "server", "server", server.ip()),
-        service,
-        manifests::allow_http("demo", "client", "server"),
-    ]
-    .concat()
+    )
 }
 
 /// Accepts any server certificate: these probes test the server's check of
@@ -185,23 +164,17 @@ async fn served(client: &Pod) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoys_talk_mtls_across_renewal_and_root_rotation() -> Result<()> {
-    let subnet = 20 + (std::process::id() % 200) as u8;
-    let net = Net::create(subnet)?;
     let binaries = Binaries {
         envoy: envoy_binary(),
         app: env!("CARGO_BIN_EXE_trellis-demo").into(),
     };
-    let server = net.pod("server", 3, &binaries)?;
-    let client = net.pod("client", 2, &binaries)?;
-    let service_ip = IpAddr::V4(net.cluster_ip(10));
-    client.set_hosts(&[(service_ip, vec!["server.demo".to_owned()])])?;
-    let dir = std::env::temp_dir().join(format!("trellis-data-plane-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(
-        dir.join("mesh.yaml"),
-        manifests(&client, &server, service_ip, "12s"),
+    let pair = ClientServer::create(
+        20 + (std::process::id() % 200) as u8,
+        &binaries,
+        "data-plane",
     )?;
+    let (client, server, host) = (&pair.client, &pair.server, pair.net.host());
+    pair.write(&pair.manifests(&spec("12s")))?;
 
     let overlap = Duration::from_secs(3);
     let ca = Arc::new(BuiltinCa::generate()?.with_overlap(overlap));
@@ -210,8 +183,8 @@ async fn envoys_talk_mtls_across_renewal_and_root_rotation() -> Result<()> {
         certificate_tick: Duration::from_millis(200),
         ..PipelineConfig::default()
     };
-    let control = ControlPlane::start(&dir, IpAddr::V4(net.host()), ca.clone(), config).await?;
-    for (pod, name) in [(&server, "demo/server-0"), (&client, "demo/client-0")] {
+    let control = ControlPlane::start(&pair.dir, IpAddr::V4(host), ca.clone(), config).await?;
+    for (pod, name) in [(server, "demo/server-0"), (client, "demo/client-0")] {
         pod.intercept()?;
         pod.start_envoy(&control.bootstrap(name)?)?;
     }
@@ -220,7 +193,7 @@ async fn envoys_talk_mtls_across_renewal_and_root_rotation() -> Result<()> {
     if let Err(error) = eventually(
         Duration::from_secs(30),
         "a first request through both sidecars",
-        || served(&client),
+        || served(client),
     )
     .await
     {
@@ -265,13 +238,13 @@ async fn envoys_talk_mtls_across_renewal_and_root_rotation() -> Result<()> {
     );
 
     // Renewal: both sidecars get new leaves (12 s validity) while requests go on.
-    let before = (leaf_serials(&client).await, leaf_serials(&server).await);
+    let before = (leaf_serials(client).await, leaf_serials(server).await);
     assert!(!before.0.is_empty() && !before.1.is_empty());
     eventually(
         Duration::from_secs(30),
         "both sidecars to renew their certificates",
         || async {
-            let now = (leaf_serials(&client).await, leaf_serials(&server).await);
+            let now = (leaf_serials(client).await, leaf_serials(server).await);
             // The bootstrap certificate stays; the service certificate is new.
             !now.0.is_subset(&before.0) && !now.1.is_subset(&before.1)
         },
@@ -282,15 +255,11 @@ async fn envoys_talk_mtls_across_renewal_and_root_rotation() -> Result<()> {
     let old_root = serial_of(&ca.trust_bundle());
     let next = RootCa::generate(Duration::from_secs(3600))?;
     let new_root = serial_of(next.cert_pem());
-    assert_eq!(
-        mesh_trust(&client).await,
-        BTreeSet::from([old_root.clone()])
-    );
+    assert_eq!(mesh_trust(client).await, BTreeSet::from([old_root.clone()]));
     let old_member = ca.issue(&request)?;
     ca.rotate_to(next);
-    let trusted_by_both = |roots: BTreeSet<String>| {
-        let (client, server) = (&client, &server);
-        async move { mesh_trust(client).await == roots && mesh_trust(server).await == roots }
+    let trusted_by_both = |roots: BTreeSet<String>| async move {
+        mesh_trust(client).await == roots && mesh_trust(server).await == roots
     };
     eventually(
         Duration::from_secs(20),
@@ -347,6 +316,6 @@ async fn envoys_talk_mtls_across_renewal_and_root_rotation() -> Result<()> {
     assert!(lines.len() > 100, "only {} requests made", lines.len());
     drop(load);
     drop(control);
-    std::fs::remove_dir_all(&dir)?;
+    std::fs::remove_dir_all(&pair.dir)?;
     Ok(())
 }

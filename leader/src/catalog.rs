@@ -220,6 +220,21 @@ pub struct MeshSettings {
     pub trust_domain: String,
     /// The ingress gateway certificate to issue and keep renewed.
     pub ingress_gateway: Option<IngressGateway>,
+    /// Access logs on every connection manager and TCP proxy.
+    pub access_log: bool,
+    /// Where sidecars report spans, if they do.
+    pub tracing: Option<Tracing>,
+}
+
+/// A Zipkin collector (MeshConfig `observability.tracing`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Tracing {
+    /// Host name or address.
+    pub address: String,
+    /// Port.
+    pub port: u16,
+    /// Path spans are posted to.
+    pub endpoint: String,
 }
 
 /// The certificate an ingress outside the mesh presents to `https`
@@ -267,6 +282,8 @@ impl Default for MeshSettings {
             cert_validity: Duration::from_secs(24 * 3600),
             trust_domain: TRUST_DOMAIN.to_owned(),
             ingress_gateway: None,
+            access_log: true,
+            tracing: None,
         }
     }
 }

@@ -16,6 +16,7 @@ mod ingress;
 mod inputs;
 mod listeners;
 mod names;
+mod observability;
 mod routes;
 mod secrets;
 #[cfg(test)]
@@ -601,6 +602,7 @@ fn compile_class(
 ) -> Result<(), ClassError> {
     let identity = &key.identity;
     let trust_domain = &catalog.mesh.trust_domain;
+    let seen = observability::Observability::of(&catalog.mesh);
     class.reads.add(Input::From(identity));
     class.reads.add(Input::To(identity));
     let allowed = access.destinations(identity);
@@ -680,7 +682,7 @@ fn compile_class(
     for cluster in &egress.clusters {
         class.provide(type_url::CLUSTER, &cluster.name, cluster)?;
     }
-    if let Some(listener) = listeners::outbound(&chains, catalog.mesh.egress) {
+    if let Some(listener) = listeners::outbound(&chains, catalog.mesh.egress, &seen) {
         class.provide(type_url::LISTENER, &listener.name, &listener)?;
         for chain in &chains {
             if let Some(rc) = &chain.route_config {
@@ -816,9 +818,13 @@ fn compile_class(
     for config in &ingress_routes {
         class.provide(type_url::ROUTE, &config.name, config)?;
     }
-    if let Some(listener) =
-        listeners::inbound(identity, &inbound_chains, &ingress_chains, trust_domain)
-    {
+    if let Some(listener) = listeners::inbound(
+        identity,
+        &inbound_chains,
+        &ingress_chains,
+        trust_domain,
+        &seen,
+    ) {
         class.provide(type_url::LISTENER, &listener.name, &listener)?;
         class.need(type_url::SECRET, &names::service_cert(identity));
         class.need(type_url::SECRET, &names::inbound_root(identity));
@@ -838,10 +844,15 @@ fn compile_class(
     }
 
     if key.metrics {
-        let listener = listeners::prometheus();
+        let listener = listeners::prometheus(&seen);
         class.provide(type_url::LISTENER, &listener.name, &listener)?;
         class.provide(type_url::CLUSTER, names::METRICS, &clusters::metrics())?;
         class.need(type_url::CLUSTER, names::METRICS);
+    }
+
+    // Spans from every connection manager above go to the collector.
+    if let Some(cluster) = seen.tracing_cluster() {
+        class.provide(type_url::CLUSTER, observability::TRACING_CLUSTER, &cluster)?;
     }
 
     // The identity's own secrets, referenced by every TLS context above;

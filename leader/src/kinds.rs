@@ -207,6 +207,33 @@ pub struct SidecarSpec {
     pub log_level: String,
 }
 
+/// `observability` settings of the MeshConfig.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ObservabilitySpec {
+    /// Zipkin tracing from every sidecar.
+    pub tracing: TracingSpec,
+    /// Access logs on every HTTP connection manager and TCP proxy (a
+    /// Trellis extension: OSM v1.2 always logged). Unset means on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enable_access_log: Option<bool>,
+}
+
+/// MeshConfig `observability.tracing`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TracingSpec {
+    /// Whether sidecars report spans.
+    pub enable: bool,
+    /// The collector's host name or address.
+    pub address: String,
+    /// The collector's port (OSM's default: 9411).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The collector's path (OSM's default: `/api/v2/spans`).
+    pub endpoint: String,
+}
+
 /// config.openservicemesh.io/v1alpha2 MeshConfig (`osm-mesh-config`).
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[kube(
@@ -224,8 +251,8 @@ pub struct MeshConfigSpec {
     pub certificate: CertificateSpec,
     /// Sidecar settings.
     pub sidecar: SidecarSpec,
-    /// Observability settings (kept as given).
-    pub observability: serde_json::Value,
+    /// Observability settings.
+    pub observability: ObservabilitySpec,
     /// Feature flags (kept as given).
     pub feature_flags: serde_json::Value,
 }

@@ -26,6 +26,7 @@ use trellis_proto::pb::{
             endpoint::v3::ClusterLoadAssignment,
             listener::v3::{filter, FilterChain, Listener},
             route::v3::{route, route_action, RouteConfiguration},
+            trace::v3::{tracing::http::ConfigType as TracerConfig, ZipkinConfig},
         },
         extensions::{
             filters::network::rbac::v3::Rbac as NetworkRbac,
@@ -1076,6 +1077,18 @@ fn problems_for(compiled: &Compiled, object: &str) -> Vec<Problem> {
 
 /// Each bad input is reported against its object, and the bookbuyer →
 /// bookstore configuration still compiles.
+/// The mesh's MeshConfig with `spec` is reported with `reason`.
+fn assert_mesh_config_rejected(spec: &str, reason: &str) {
+    assert_rejected(
+        &format!(
+            "apiVersion: config.openservicemesh.io/v1alpha2\nkind: MeshConfig\n\
+             metadata: {{ name: osm-mesh-config, namespace: osm-system }}\nspec: {spec}\n"
+        ),
+        "MeshConfig osm-system/osm-mesh-config",
+        reason,
+    );
+}
+
 fn assert_rejected(yaml: &str, object: &str, reason: &str) {
     let compiled = compile(&with(example(), yaml));
     let problems = problems_for(&compiled, object);
@@ -1157,13 +1170,8 @@ fn a_certificate_validity_out_of_range_is_reported_not_a_panic() {
         "1.5.2h",
         "24x",
     ] {
-        assert_rejected(
-            &format!(
-                "apiVersion: config.openservicemesh.io/v1alpha2\nkind: MeshConfig\n\
-                 metadata: {{ name: osm-mesh-config, namespace: osm-system }}\n\
-                 spec: {{ certificate: {{ serviceCertValidityDuration: \"{validity}\" }} }}\n"
-            ),
-            "MeshConfig osm-system/osm-mesh-config",
+        assert_mesh_config_rejected(
+            &format!("{{ certificate: {{ serviceCertValidityDuration: \"{validity}\" }} }}"),
             "is not a duration from 10s to 87600h",
         );
     }
@@ -1266,6 +1274,128 @@ fn yaml_that_does_not_parse_is_reported_with_its_file() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Tracing to a collector by name, in permissive mode so every class has
+/// outbound and inbound connection managers and TCP proxies.
+const OBSERVED: &str = r#"
+apiVersion: config.openservicemesh.io/v1alpha2
+kind: MeshConfig
+metadata: { name: osm-mesh-config, namespace: osm-system }
+spec:
+  traffic: { enablePermissiveTrafficPolicyMode: true }
+  observability:
+    tracing: { enable: true, address: zipkin.observability.svc.cluster.local }
+"#;
+
+/// Access logs switched off (a Trellis extension).
+const UNLOGGED: &str = r#"
+apiVersion: config.openservicemesh.io/v1alpha2
+kind: MeshConfig
+metadata: { name: osm-mesh-config, namespace: osm-system }
+spec:
+  traffic: { enablePermissiveTrafficPolicyMode: true }
+  observability: { enableAccessLog: false }
+"#;
+
+/// Every HTTP connection manager and TCP proxy of every class, as
+/// (listener, manager or proxy).
+fn proxies(compiled: &Compiled) -> Vec<(String, Result<HttpConnectionManager, TcpProxy>)> {
+    let mut found = Vec::new();
+    for id in compiled.classes.keys() {
+        for (name, listener) in listeners(compiled, id) {
+            for filter in listener.filter_chains.iter().flat_map(|c| &c.filters) {
+                let Some(filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
+                    continue;
+                };
+                if any.type_url.ends_with(".HttpConnectionManager") {
+                    let manager = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
+                    found.push((name.clone(), Ok(manager)));
+                } else if any.type_url.ends_with(".TcpProxy") {
+                    let proxy = TcpProxy::decode(any.value.as_slice()).unwrap();
+                    found.push((name.clone(), Err(proxy)));
+                }
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn every_connection_manager_and_tcp_proxy_logs_and_traces_as_the_mesh_config_says() {
+    let compiled = compile(&with(example(), OBSERVED));
+    let found = proxies(&compiled);
+    let managers = found.iter().filter(|(_, p)| p.is_ok()).count();
+    assert!(managers > 0 && managers < found.len(), "HTTP and TCP both");
+    for (listener, proxy) in &found {
+        match proxy {
+            Ok(manager) => {
+                assert_eq!(manager.access_log.len(), 1, "{listener}");
+                assert_eq!(manager.access_log[0].name, "envoy.access_loggers.stdout");
+                if listener == "inbound-prometheus-listener" {
+                    assert!(manager.tracing.is_none(), "scrapes are not traced");
+                    continue;
+                }
+                let provider = (manager.tracing.as_ref())
+                    .and_then(|t| t.provider.as_ref())
+                    .unwrap_or_else(|| panic!("{listener}: no tracing"));
+                assert_eq!(provider.name, "envoy.tracers.zipkin");
+                let Some(TracerConfig::TypedConfig(any)) = &provider.config_type else {
+                    panic!("{listener}: no Zipkin config");
+                };
+                let zipkin = ZipkinConfig::decode(any.value.as_slice()).unwrap();
+                assert_eq!(zipkin.collector_cluster, "envoy-tracing-cluster");
+                assert_eq!(zipkin.collector_endpoint, "/api/v2/spans", "OSM's default");
+                assert_eq!(zipkin.collector_endpoint_version, 1, "HTTP_JSON");
+            }
+            Err(proxy) => assert_eq!(proxy.access_log.len(), 1, "{listener}"),
+        }
+    }
+    for id in compiled.classes.keys() {
+        let clusters = resources(&compiled, id, type_url::CLUSTER);
+        let cluster: Cluster = decode(clusters["envoy-tracing-cluster"]);
+        let endpoint = format!("{:?}", cluster.load_assignment);
+        assert!(
+            endpoint.contains("zipkin.observability.svc.cluster.local")
+                && endpoint.contains("9411"),
+            "{endpoint}"
+        );
+    }
+
+    let quiet = compile(&with(example(), UNLOGGED));
+    for (listener, proxy) in proxies(&quiet) {
+        match proxy {
+            Ok(manager) => {
+                assert!(manager.access_log.is_empty(), "{listener}");
+                assert!(manager.tracing.is_none(), "{listener}");
+            }
+            Err(proxy) => assert!(proxy.access_log.is_empty(), "{listener}"),
+        }
+    }
+    for id in quiet.classes.keys() {
+        assert!(!resources(&quiet, id, type_url::CLUSTER).contains_key("envoy-tracing-cluster"));
+    }
+}
+
+#[test]
+fn tracing_settings_that_cannot_work_are_reported() {
+    for (tracing, reason) in [
+        ("{ enable: true }", "is not a host name"),
+        (
+            "{ enable: true, address: \"not a host\" }",
+            "is not a host name",
+        ),
+        ("{ enable: true, address: zipkin, port: 0 }", "port 0"),
+        (
+            "{ enable: true, address: zipkin, endpoint: spans }",
+            "not an absolute path",
+        ),
+    ] {
+        assert_mesh_config_rejected(
+            &format!("{{ observability: {{ tracing: {tracing} }} }}"),
+            reason,
+        );
+    }
+}
+
 /// Every class's listeners, clusters and secrets in a static bootstrap,
 /// validated by the real Envoy.
 #[test]
@@ -1276,6 +1406,7 @@ fn envoy_validates_every_compiled_class() {
         (statefulset(), "statefulset"),
         (with(example(), EGRESS), "egress"),
         (with(example(), INGRESS), "ingress"),
+        (with(example(), OBSERVED), "observed"),
     ] {
         let compiled = compile(&objects);
         for id in compiled.classes.keys() {

@@ -223,6 +223,31 @@ pub fn rebuild_service(
     Some(mesh_service(key.clone(), service, found.0, &found.1))
 }
 
+/// The collector MeshConfig `observability.tracing` names, with OSM's
+/// defaults for port and endpoint.
+fn tracing(spec: &crate::kinds::TracingSpec) -> Result<super::Tracing, String> {
+    let address = spec.address.trim();
+    if address.parse::<IpAddr>().is_err() && !super::is_dns_name(address) {
+        return Err(format!(
+            "address {address:?} is not a host name or an IP address"
+        ));
+    }
+    let port = spec.port.unwrap_or(9411);
+    if port == 0 {
+        return Err("port 0".to_owned());
+    }
+    let endpoint = match spec.endpoint.trim() {
+        "" => "/api/v2/spans",
+        path if path.starts_with('/') && !path.contains(char::is_whitespace) => path,
+        path => return Err(format!("endpoint {path:?} is not an absolute path")),
+    };
+    Ok(super::Tracing {
+        address: address.to_owned(),
+        port,
+        endpoint: endpoint.to_owned(),
+    })
+}
+
 fn mesh_settings(
     objects: &BTreeMap<ObjectRef, Object>,
     problems: &mut Vec<Problem>,
@@ -263,6 +288,17 @@ fn mesh_settings(
             _ => problems.push(Problem::new(
                 r,
                 format!("serviceCertValidityDuration {validity:?} is not a duration from 10s to 87600h; using 24h"),
+            )),
+        }
+    }
+    let observability = &config.spec.observability;
+    settings.access_log = observability.enable_access_log.unwrap_or(true);
+    if observability.tracing.enable {
+        match tracing(&observability.tracing) {
+            Ok(tracing) => settings.tracing = Some(tracing),
+            Err(reason) => problems.push(Problem::new(
+                r,
+                format!("observability.tracing: {reason}; sidecars do not trace"),
             )),
         }
     }

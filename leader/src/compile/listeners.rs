@@ -45,7 +45,9 @@ use trellis_proto::pb::{
 use super::{
     envoy::{ads, any, exact, names, sds, socket, tls_socket, types, ALPN},
     ingress::{Admission, IngressChain},
-    names as resource, Backend,
+    names as resource,
+    observability::Observability,
+    Backend,
 };
 use crate::catalog::Identity;
 
@@ -90,7 +92,7 @@ enum Side {
     Ingress,
 }
 
-fn hcm(stat_prefix: &str, route_config: &str, side: Side) -> Filter {
+fn hcm(stat_prefix: &str, route_config: &str, side: Side, seen: &Observability) -> Filter {
     let inbound = side == Side::Inbound;
     let mut http_filters = Vec::new();
     if inbound {
@@ -119,6 +121,8 @@ fn hcm(stat_prefix: &str, route_config: &str, side: Side) -> Filter {
             route_config_name: route_config.to_owned(),
         })),
         http_filters,
+        access_log: seen.http_access_log(),
+        tracing: seen.tracing(),
         ..Default::default()
     };
     if side == Side::Ingress {
@@ -139,7 +143,7 @@ fn hcm(stat_prefix: &str, route_config: &str, side: Side) -> Filter {
     network_filter(names::HCM, types::HCM, &manager)
 }
 
-pub(crate) fn tcp_proxy(stat_prefix: &str, backends: &[Backend]) -> Filter {
+pub(crate) fn tcp_proxy(stat_prefix: &str, backends: &[Backend], seen: &Observability) -> Filter {
     let specifier = match backends {
         [only] => tcp_proxy::ClusterSpecifier::Cluster(only.cluster.clone()),
         _ => tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
@@ -156,6 +160,7 @@ pub(crate) fn tcp_proxy(stat_prefix: &str, backends: &[Backend]) -> Filter {
     let proxy = TcpProxy {
         stat_prefix: stat_prefix.to_owned(),
         cluster_specifier: Some(specifier),
+        access_log: seen.tcp_access_log(),
         ..Default::default()
     };
     network_filter(names::TCP_PROXY, types::TCP_PROXY, &proxy)
@@ -185,7 +190,11 @@ fn cidr((ip, prefix): &(std::net::IpAddr, u8)) -> CidrRange {
 }
 
 /// `outbound-listener`; `None` when it would have no chains.
-pub(crate) fn outbound(chains: &[OutboundChain], egress: bool) -> Option<Listener> {
+pub(crate) fn outbound(
+    chains: &[OutboundChain],
+    egress: bool,
+    seen: &Observability,
+) -> Option<Listener> {
     if chains.is_empty() && !egress {
         return None;
     }
@@ -207,8 +216,8 @@ pub(crate) fn outbound(chains: &[OutboundChain], egress: bool) -> Option<Listene
                 ..Default::default()
             }),
             filters: vec![match &c.route_config {
-                Some(route_config) => hcm(&c.name, route_config, Side::Outbound),
-                None => tcp_proxy(&c.name, &c.backends),
+                Some(route_config) => hcm(&c.name, route_config, Side::Outbound, seen),
+                None => tcp_proxy(&c.name, &c.backends, seen),
             }],
             ..Default::default()
         })
@@ -221,6 +230,7 @@ pub(crate) fn outbound(chains: &[OutboundChain], egress: bool) -> Option<Listene
                 cluster: resource::PASSTHROUGH.to_owned(),
                 weight: 1,
             }],
+            seen,
         )],
         ..Default::default()
     });
@@ -383,7 +393,7 @@ fn ingress_rbac(stat_prefix: &str, admitted: &[Admission]) -> Filter {
 }
 
 /// The chain an ingress controller outside the mesh connects through.
-fn ingress_chain(identity: &Identity, c: &IngressChain) -> FilterChain {
+fn ingress_chain(identity: &Identity, c: &IngressChain, seen: &Observability) -> FilterChain {
     let mut filter_chain_match = FilterChainMatch {
         destination_port: Some(UInt32Value {
             value: c.target_port.into(),
@@ -392,7 +402,7 @@ fn ingress_chain(identity: &Identity, c: &IngressChain) -> FilterChain {
         source_prefix_ranges: c.ranges.iter().map(cidr).collect(),
         ..Default::default()
     };
-    let hcm = hcm(&c.name, &c.route_config, Side::Ingress);
+    let hcm = hcm(&c.name, &c.route_config, Side::Ingress, seen);
     let Some(https) = &c.tls else {
         return FilterChain {
             name: c.name.clone(),
@@ -434,6 +444,7 @@ pub(crate) fn inbound(
     chains: &[InboundChain],
     ingress: &[IngressChain],
     trust_domain: &str,
+    seen: &Observability,
 ) -> Option<Listener> {
     if chains.is_empty() && ingress.is_empty() {
         return None;
@@ -458,13 +469,14 @@ pub(crate) fn inbound(
                 filters.push(identities_rbac(&c.name, allowed, trust_domain));
             }
             filters.push(match &c.route_config {
-                Some(route_config) => hcm(&c.name, route_config, Side::Inbound),
+                Some(route_config) => hcm(&c.name, route_config, Side::Inbound, seen),
                 None => tcp_proxy(
                     &c.name,
                     &[Backend {
                         cluster: c.local_cluster.clone(),
                         weight: 1,
                     }],
+                    seen,
                 ),
             });
             FilterChain {
@@ -483,7 +495,7 @@ pub(crate) fn inbound(
                 ..Default::default()
             }
         })
-        .chain(ingress.iter().map(|c| ingress_chain(identity, c)))
+        .chain(ingress.iter().map(|c| ingress_chain(identity, c, seen)))
         .collect();
     Some(Listener {
         name: INBOUND.to_owned(),
@@ -507,7 +519,7 @@ pub(crate) fn inbound(
 }
 
 /// `inbound-prometheus-listener`: `/stats/prometheus` to Envoy's admin.
-pub(crate) fn prometheus() -> Listener {
+pub(crate) fn prometheus(seen: &Observability) -> Listener {
     let route = RouteConfiguration {
         name: "prometheus-route".to_owned(),
         virtual_hosts: vec![VirtualHost {
@@ -543,6 +555,7 @@ pub(crate) fn prometheus() -> Listener {
             ))),
             ..Default::default()
         }],
+        access_log: seen.http_access_log(),
         ..Default::default()
     };
     Listener {
