@@ -1,5 +1,7 @@
 //! The applications in the pods, as small as the demo needs: an HTTP
-//! server that says which pod answered and who its sidecar says called, a
+//! server that says which pod answered and who its sidecar says called
+//! (and fails on request, for retries: `/fail-first/<n>/<key>` answers 503
+//! to the first `n` requests with that key, then 200), a
 //! TCP server (mysql's stand-in) that greets and echoes, and the clients
 //! the tests and a person use from inside a pod. `trellis-demo serve`,
 //! `get` and `tcp` run them.
@@ -7,7 +9,12 @@
 //! A client opens a new connection per request, as a fresh curl would, so
 //! every request meets the sidecar's current configuration.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use http::{header, Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Empty, Full};
@@ -92,12 +99,16 @@ pub enum AppError {
 /// an [`Answer`] from `pod`.
 pub async fn serve_http(listener: TcpListener, pod: String) -> std::io::Result<()> {
     let pod: Arc<str> = pod.into();
+    let failures = Failures::default();
     loop {
         let (stream, _) = listener.accept().await?;
-        let pod = pod.clone();
+        let (pod, failures) = (pod.clone(), failures.clone());
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
-                let answer = answer(&pod, &request);
+                let mut answer = answer(&pod, &request);
+                if failures.fails(request.uri().path()) {
+                    *answer.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                }
                 async move { Ok::<_, Infallible>(answer) }
             });
             let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
@@ -105,6 +116,29 @@ pub async fn serve_http(listener: TcpListener, pod: String) -> std::io::Result<(
                 debug!(%error, "HTTP connection ended");
             }
         });
+    }
+}
+
+/// How many requests of each `/fail-first/<n>/<key>` came.
+#[derive(Clone, Default)]
+struct Failures(Arc<Mutex<HashMap<String, u64>>>);
+
+impl Failures {
+    /// Whether the request for `path` fails: the first `n` of its key do.
+    fn fails(&self, path: &str) -> bool {
+        let Some(rest) = path.strip_prefix("/fail-first/") else {
+            return false;
+        };
+        let Some((n, key)) = rest.split_once('/') else {
+            return false;
+        };
+        let Ok(n) = n.parse::<u64>() else {
+            return false;
+        };
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = seen.entry(key.to_owned()).or_default();
+        *count += 1;
+        *count <= n
     }
 }
 

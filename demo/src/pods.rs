@@ -384,6 +384,10 @@ impl Pod {
                 "1",
                 "--log-level",
                 "info",
+                // Access logs reach the file within half a second, not
+                // Envoy's default ten.
+                "--file-flush-interval-msec",
+                "500",
             ])
             .stdin(Stdio::null())
             .stdout(stdout)

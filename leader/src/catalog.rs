@@ -6,6 +6,7 @@ mod build;
 mod egress;
 mod ingress;
 mod policy;
+mod retry;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -19,6 +20,7 @@ pub use self::build::{build, rebuild_policies, rebuild_service};
 pub use self::egress::{host_range, EgressProtocol, EgressRule};
 pub use self::ingress::{IngressRule, IngressTls};
 pub use self::policy::{HttpRule, Split, Target, TcpRule};
+pub use self::retry::{Retries, RetryRule};
 use crate::kinds::ObjectRef;
 
 /// Kinds that only [`rebuild_policies`] reads: a change to them leaves the
@@ -214,6 +216,8 @@ pub struct MeshSettings {
     /// IngressBackend policies apply
     /// (`featureFlags.enableIngressBackendPolicy`).
     pub ingress_backend_policy: bool,
+    /// Retry policies apply (`featureFlags.enableRetryPolicy`).
+    pub retry_policy: bool,
     /// Leaf certificate validity.
     pub cert_validity: Duration,
     /// Trust domain of identities.
@@ -279,6 +283,7 @@ impl Default for MeshSettings {
             egress: false,
             egress_policy: true,
             ingress_backend_policy: true,
+            retry_policy: false,
             cert_validity: Duration::from_secs(24 * 3600),
             trust_domain: TRUST_DOMAIN.to_owned(),
             ingress_gateway: None,
@@ -337,6 +342,8 @@ pub struct Catalog {
     pub ingress: BTreeMap<ServiceKey, Vec<IngressRule>>,
     /// Services whose endpoints are IngressBackend sources.
     pub ingress_sources: BTreeSet<ServiceKey>,
+    /// Valid Retry policies' rules, by source identity and destination.
+    pub retries: Retries,
     /// Objects skipped, with the reason.
     pub problems: Vec<Problem>,
     /// The workloads' share of `problems`, kept when only policies are

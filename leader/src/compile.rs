@@ -17,6 +17,7 @@ mod inputs;
 mod listeners;
 mod names;
 mod observability;
+mod retry;
 mod routes;
 mod secrets;
 #[cfg(test)]
@@ -606,6 +607,8 @@ fn compile_class(
     class.reads.add(Input::From(identity));
     class.reads.add(Input::To(identity));
     let allowed = access.destinations(identity);
+    class.reads.add(Input::Retry(identity));
+    let retries = catalog.retries.get(identity);
 
     // Outbound: one chain per reachable service port.
     let mut chains = Vec::new();
@@ -658,6 +661,7 @@ fn compile_class(
                         port.port,
                         same_namespace,
                         &backends,
+                        retries.and_then(|r| r.get(&service.key)),
                     ));
             }
             chains.push(listeners::OutboundChain {

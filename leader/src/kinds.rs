@@ -367,7 +367,37 @@ pub struct IngressBackendSpec {
     pub matches: Vec<RouteReference>,
 }
 
-/// policy.openservicemesh.io/v1alpha1 Retry (read and kept; not compiled yet).
+/// A Service (or another kind, refused) a Retry applies to.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct KindReference {
+    /// Must be `Service`.
+    pub kind: String,
+    /// Its name.
+    pub name: String,
+    /// Its namespace (the Retry's if empty).
+    pub namespace: String,
+}
+
+/// `retryPolicy` of a Retry: Envoy's retry policy, field for field.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RetryPolicySpec {
+    /// Comma-separated Envoy retry conditions (`5xx`, `connect-failure`…).
+    pub retry_on: String,
+    /// Timeout of each attempt, a Go duration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<String>,
+    /// Retries after the first attempt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_retries: Option<u32>,
+    /// The backoff's base interval, a Go duration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_backoff_base_interval: Option<String>,
+}
+
+/// policy.openservicemesh.io/v1alpha1 Retry: how a ServiceAccount's
+/// requests to some Services are retried.
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[kube(
     group = "policy.openservicemesh.io",
@@ -376,7 +406,15 @@ pub struct IngressBackendSpec {
     namespaced,
     schema = "disabled"
 )]
-pub struct RetrySpec(pub serde_json::Value);
+#[serde(rename_all = "camelCase", default)]
+pub struct RetrySpec {
+    /// The ServiceAccount whose requests are retried.
+    pub source: IdentityBinding,
+    /// The Services its requests to are retried.
+    pub destinations: Vec<KindReference>,
+    /// How.
+    pub retry_policy: RetryPolicySpec,
+}
 
 /// policy.openservicemesh.io/v1alpha1 UpstreamTrafficSetting (read and kept; not compiled yet).
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq)]

@@ -25,7 +25,7 @@ use trellis_proto::pb::{
             core::v3::{transport_socket, Node},
             endpoint::v3::ClusterLoadAssignment,
             listener::v3::{filter, FilterChain, Listener},
-            route::v3::{route, route_action, RouteConfiguration},
+            route::v3::{route, route_action, RetryPolicy, RouteConfiguration},
             trace::v3::{tracing::http::ConfigType as TracerConfig, ZipkinConfig},
         },
         extensions::{
@@ -1157,7 +1157,13 @@ fn policy_kinds_not_implemented_yet_are_reported_on_each_object() {
         .map(|p| p.object.split(' ').next().unwrap().to_owned())
         .collect();
     reported.sort();
-    assert_eq!(reported, ["Retry", "UpstreamTrafficSetting"]);
+    assert_eq!(reported, ["UpstreamTrafficSetting"]);
+    // Retry is, behind its feature flag (off, as in OSM v1.2).
+    assert!(compiled
+        .problems
+        .iter()
+        .any(|p| p.object.starts_with("Retry ")
+            && p.reason.contains("featureFlags.enableRetryPolicy is off")));
     assert_eq!(compiled.classes.len(), 6, "the rest compiles");
 }
 
@@ -1272,6 +1278,144 @@ fn yaml_that_does_not_parse_is_reported_with_its_file() {
         "{problems:?}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Retries on: bookbuyer's requests to bookstore are retried.
+const RETRY: &str = r#"
+apiVersion: config.openservicemesh.io/v1alpha2
+kind: MeshConfig
+metadata: { name: osm-mesh-config, namespace: osm-system }
+spec:
+  traffic: { enablePermissiveTrafficPolicyMode: true }
+  featureFlags: { enableRetryPolicy: true }
+---
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: Retry
+metadata: { name: buyer-to-store, namespace: bookbuyer, creationTimestamp: "2026-01-01T00:00:00Z" }
+spec:
+  source: { kind: ServiceAccount, name: bookbuyer, namespace: bookbuyer }
+  destinations:
+  - { kind: Service, name: bookstore, namespace: bookstore }
+  retryPolicy: { retryOn: "5xx, connect-failure", perTryTimeout: 250ms, numRetries: 3, retryBackoffBaseInterval: 10ms }
+"#;
+
+/// The retry policy of the outbound route of `class` to `fqdn` on 14001.
+fn retry_to(compiled: &Compiled, class: &str, fqdn: &str) -> Option<RetryPolicy> {
+    let routes = route_config(compiled, class, "rds-outbound.14001");
+    let host = (routes.virtual_hosts.iter())
+        .find(|h| h.name == format!("outbound_virtual-host|{fqdn}"))
+        .unwrap_or_else(|| panic!("no virtual host for {fqdn}"));
+    match &host.routes[0].action {
+        Some(route::Action::Route(action)) => action.retry_policy.clone(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_retry_policy_retries_its_sources_requests_to_its_destinations_only() {
+    let compiled = compile(&with(example(), RETRY));
+    let buyer = class_of(&compiled, "bookbuyer/bookbuyer-0");
+    let store = "bookstore.bookstore.svc.cluster.local";
+    let policy = retry_to(&compiled, &buyer, store).expect("a retry policy");
+    assert_eq!(policy.retry_on, "5xx,connect-failure");
+    assert_eq!(policy.num_retries.unwrap().value, 3);
+    let per_try = policy.per_try_timeout.unwrap();
+    assert_eq!((per_try.seconds, per_try.nanos), (0, 250_000_000));
+    let base = policy.retry_back_off.unwrap().base_interval.unwrap();
+    assert_eq!((base.seconds, base.nanos), (0, 10_000_000));
+    // Not to another destination, nor from another source.
+    assert!(retry_to(
+        &compiled,
+        &buyer,
+        "bookstore-v1.bookstore.svc.cluster.local"
+    )
+    .is_none());
+    let thief = class_of(&compiled, "bookthief/bookthief-0");
+    assert!(retry_to(&compiled, &thief, store).is_none());
+
+    // Unset fields keep Envoy's defaults.
+    let bare = RETRY.replace(
+        "{ retryOn: \"5xx, connect-failure\", perTryTimeout: 250ms, numRetries: 3, retryBackoffBaseInterval: 10ms }",
+        "{ retryOn: 5xx }",
+    );
+    let compiled = compile(&with(example(), &bare));
+    let buyer = class_of(&compiled, "bookbuyer/bookbuyer-0");
+    let policy = retry_to(&compiled, &buyer, store).unwrap();
+    assert_eq!(policy.retry_on, "5xx");
+    assert!(policy.num_retries.is_none() && policy.per_try_timeout.is_none());
+    assert!(policy.retry_back_off.is_none());
+
+    // Behind its feature flag.
+    let off = RETRY.replace("enableRetryPolicy: true", "enableRetryPolicy: false");
+    let compiled = compile(&with(example(), &off));
+    let buyer = class_of(&compiled, "bookbuyer/bookbuyer-0");
+    assert!(retry_to(&compiled, &buyer, store).is_none());
+    assert!(problems_for(&compiled, "Retry bookbuyer/buyer-to-store")
+        .iter()
+        .any(|p| p.reason.contains("enableRetryPolicy is off")));
+}
+
+#[test]
+fn retry_policies_that_cannot_apply_are_reported() {
+    for (from, to, reason) in [
+        (
+            "retryOn: \"5xx, connect-failure\"",
+            "retryOn: \"5xx,sometimes\"",
+            "is not an Envoy retry condition",
+        ),
+        (
+            "retryOn: \"5xx, connect-failure\"",
+            "retryOn: \"\"",
+            "retryOn is empty",
+        ),
+        (
+            "perTryTimeout: 250ms",
+            "perTryTimeout: 0s",
+            "perTryTimeout \"0s\" is not a duration",
+        ),
+        (
+            "retryBackoffBaseInterval: 10ms",
+            "retryBackoffBaseInterval: 2h",
+            "is not a duration above 0",
+        ),
+        (
+            "numRetries: 3",
+            "numRetries: 1000",
+            "numRetries is above 100",
+        ),
+        (
+            "{ kind: Service, name: bookstore",
+            "{ kind: Pod, name: bookstore",
+            "is not a Service",
+        ),
+        (
+            "{ kind: ServiceAccount, name: bookbuyer",
+            "{ kind: User, name: bookbuyer",
+            "is not a ServiceAccount",
+        ),
+    ] {
+        assert!(RETRY.contains(from), "{from}");
+        assert_rejected(
+            &RETRY.replace(from, to),
+            "Retry bookbuyer/buyer-to-store",
+            reason,
+        );
+    }
+    // A newer policy for the same source and destination is reported.
+    let second = format!(
+        "{RETRY}---\n{}",
+        RETRY
+            .split("---")
+            .nth(1)
+            .unwrap()
+            .replace("buyer-to-store", "buyer-to-store-again")
+            .replace("2026-01-01", "2026-02-01")
+    );
+    assert_rejected(
+        &second,
+        "Retry bookbuyer/buyer-to-store-again",
+        "an older Retry already applies from bookbuyer/bookbuyer to bookstore/bookstore (by bookbuyer/buyer-to-store)",
+    );
 }
 
 /// Tracing to a collector by name, in permissive mode so every class has
@@ -1407,6 +1551,7 @@ fn envoy_validates_every_compiled_class() {
         (with(example(), EGRESS), "egress"),
         (with(example(), INGRESS), "ingress"),
         (with(example(), OBSERVED), "observed"),
+        (with(example(), RETRY), "retry"),
     ] {
         let compiled = compile(&objects);
         for id in compiled.classes.keys() {

@@ -176,6 +176,7 @@ pub fn rebuild_policies(mut catalog: Catalog, objects: &BTreeMap<ObjectRef, Obje
     catalog.egress = policies.egress;
     catalog.ingress = policies.ingress.rules;
     catalog.ingress_sources = policies.ingress.sources;
+    catalog.retries = policies.retries;
     catalog.problems = problems;
     catalog
 }
@@ -279,6 +280,10 @@ fn mesh_settings(
     };
     settings.egress_policy = flag("enableEgressPolicy");
     settings.ingress_backend_policy = flag("enableIngressBackendPolicy");
+    // Off unless asked for, as in OSM v1.2.
+    settings.retry_policy = (config.spec.feature_flags.get("enableRetryPolicy"))
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
     let validity = &config.spec.certificate.service_cert_validity_duration;
     if !validity.is_empty() {
         match parse_go_duration(validity) {

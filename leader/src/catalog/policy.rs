@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
-    egress, ingress, EgressRule, Identity, MeshService, MeshSettings, Problem, ServiceKey,
+    egress, ingress, retry, EgressRule, Identity, MeshService, MeshSettings, Problem, ServiceKey,
 };
 use crate::kinds::{
     HTTPRouteGroup, HttpMatch, IdentityBinding, Object, ObjectRef, RouteReference, TCPRoute,
@@ -66,6 +66,7 @@ pub(super) struct Policies {
     pub(super) splits: BTreeMap<ServiceKey, Split>,
     pub(super) egress: BTreeMap<Identity, Vec<EgressRule>>,
     pub(super) ingress: ingress::Ingress,
+    pub(super) retries: retry::Retries,
 }
 
 pub(super) fn build(
@@ -81,6 +82,7 @@ pub(super) fn build(
     let mut splits = Vec::new();
     let mut egresses = Vec::new();
     let mut ingress_backends = Vec::new();
+    let mut retries = Vec::new();
     for (r, object) in objects.iter().filter(|(r, _)| in_mesh(r)) {
         match object {
             Object::HttpRouteGroup(group) => match invalid_regex(&group.spec.matches) {
@@ -96,9 +98,10 @@ pub(super) fn build(
             Object::TrafficSplit(s) => splits.push((r, s)),
             Object::Egress(e) => egresses.push((r, e)),
             Object::IngressBackend(b) => ingress_backends.push((r, b)),
+            Object::Retry(retry) => retries.push((r, retry)),
             // Read, kept and watched, but not compiled yet: said on each
             // object rather than ignored, so nobody believes it applies.
-            Object::Retry(_) | Object::UpstreamTrafficSetting(_) => problems.push(Problem::new(
+            Object::UpstreamTrafficSetting(_) => problems.push(Problem::new(
                 r,
                 format!(
                     "{} is not implemented by this version of Trellis; the object has no effect",
@@ -151,11 +154,13 @@ pub(super) fn build(
         settings,
         problems,
     );
+    let retries = retry::build(retries, settings, problems);
     Policies {
         targets,
         splits: by_root,
         egress,
         ingress,
+        retries,
     }
 }
 

@@ -39,6 +39,8 @@ pub(super) enum Input<'a> {
     Egress(&'a Identity),
     /// The IngressBackend rules of a service.
     Ingress(&'a ServiceKey),
+    /// The Retry rules of a source identity.
+    Retry(&'a Identity),
 }
 
 /// The hash an input is remembered by.
@@ -124,6 +126,9 @@ impl Changed {
         }
         for (service, _, _) in differing(&old.ingress, &new.ingress) {
             mark(Input::Ingress(service));
+        }
+        for (identity, _, _) in differing(&old.retries, &new.retries) {
+            mark(Input::Retry(identity));
         }
         Changed::Inputs(changed)
     }

@@ -18,9 +18,9 @@ use trellis_proto::pb::{
 
 use super::{
     envoy::{any, exact, names, regex, regex_string, seconds, types},
-    Backend,
+    retry, Backend,
 };
-use crate::catalog::{HttpRule, Identity, ServiceKey};
+use crate::catalog::{HttpRule, Identity, RetryRule, ServiceKey};
 
 /// The host names a virtual host answers to: `svc.ns`, `svc.ns.svc`,
 /// `svc.ns.svc.cluster`, `svc.ns.svc.cluster.local`, each also with `:port`,
@@ -56,6 +56,7 @@ pub(crate) fn outbound_host(
     port: u16,
     same_namespace: bool,
     backends: &[Backend],
+    retry: Option<&RetryRule>,
 ) -> VirtualHost {
     let specifier = match backends {
         [only] => route_action::ClusterSpecifier::Cluster(only.cluster.clone()),
@@ -71,12 +72,20 @@ pub(crate) fn outbound_host(
             ..Default::default()
         }),
     };
-    outbound_route(
+    let mut host = outbound_route(
         format!("outbound_virtual-host|{}", service.fqdn()),
         domains(service, port, same_namespace),
         format!("outbound_{service}_{port}"),
         specifier,
-    )
+    );
+    if let Some(rule) = retry {
+        for route in &mut host.routes {
+            if let Some(route::Action::Route(action)) = &mut route.action {
+                action.retry_policy = Some(retry::policy(rule));
+            }
+        }
+    }
+    host
 }
 
 /// A virtual host for any host name: every path to `cluster`, which the
