@@ -1,7 +1,8 @@
 //! The applications in the pods, as small as the demo needs: an HTTP
 //! server that says which pod answered and who its sidecar says called
-//! (and fails on request, for retries: `/fail-first/<n>/<key>` answers 503
-//! to the first `n` requests with that key, then 200), a
+//! (and misbehaves on request: `/fail-first/<n>/<key>` answers 503 to the
+//! first `n` requests with that key, then 200; `/slow/<ms>` answers after
+//! `ms` milliseconds), a
 //! TCP server (mysql's stand-in) that greets and echoes, and the clients
 //! the tests and a person use from inside a pod. `trellis-demo serve`,
 //! `get` and `tcp` run them.
@@ -10,7 +11,7 @@
 //! every request meets the sidecar's current configuration.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     convert::Infallible,
     sync::{Arc, Mutex},
     time::Duration,
@@ -54,6 +55,9 @@ pub struct Answer {
 pub struct Reply {
     /// Status code.
     pub status: u16,
+    /// Headers, by lowercase name (the last of repeated ones).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
     /// Body, as text.
     pub body: String,
 }
@@ -109,7 +113,15 @@ pub async fn serve_http(listener: TcpListener, pod: String) -> std::io::Result<(
                 if failures.fails(request.uri().path()) {
                     *answer.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
                 }
-                async move { Ok::<_, Infallible>(answer) }
+                let delay = (request.uri().path().strip_prefix("/slow/"))
+                    .and_then(|ms| ms.parse().ok())
+                    .map(Duration::from_millis);
+                async move {
+                    if let Some(delay) = delay {
+                        tokio::time::sleep(delay).await;
+                    }
+                    Ok::<_, Infallible>(answer)
+                }
             });
             let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             if let Err(error) = connection.await {
@@ -214,9 +226,16 @@ async fn request_now(method: Method, url: &str) -> Result<Reply, AppError> {
         .map_err(|_| AppError::Url(url.to_owned()))?;
     let response = sender.send_request(request).await?;
     let status = response.status().as_u16();
+    let headers = (response.headers().iter())
+        .map(|(name, value)| {
+            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+            (name.as_str().to_owned(), value)
+        })
+        .collect();
     let body = response.into_body().collect().await?.to_bytes();
     Ok(Reply {
         status,
+        headers,
         body: String::from_utf8_lossy(&body).into_owned(),
     })
 }

@@ -496,11 +496,20 @@ impl Pod {
     }
 
     /// The sidecar's statistics that moved (connections, requests, TLS,
-    /// RBAC, filter chains not found, xDS updates), for a failure's report.
+    /// RBAC, filter chains not found, xDS updates, rate limits), for a
+    /// failure's report.
     pub async fn busy_stats(&self) -> String {
         let stats = self.get("http://127.0.0.1:15000/stats").await;
         let text = stats.map(|r| r.body).unwrap_or_default();
-        let kinds = ["cx_", "rq_", "ssl.", "rbac", "no_filter_chain", "update_"];
+        let kinds = [
+            "cx_",
+            "rq_",
+            "ssl.",
+            "rbac",
+            "no_filter_chain",
+            "update_",
+            "rate_limit",
+        ];
         (text.lines())
             .filter(|l| !l.ends_with(": 0") && kinds.iter().any(|k| l.contains(k)))
             .collect::<Vec<_>>()

@@ -7,6 +7,7 @@ mod egress;
 mod ingress;
 mod policy;
 mod retry;
+mod traffic_setting;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -21,6 +22,9 @@ pub use self::egress::{host_range, EgressProtocol, EgressRule};
 pub use self::ingress::{IngressRule, IngressTls};
 pub use self::policy::{HttpRule, Split, Target, TcpRule};
 pub use self::retry::{Retries, RetryRule};
+pub use self::traffic_setting::{
+    ConnectionLimits, HttpRateLimit, TokenBucket, TrafficSetting, TrafficSettings,
+};
 use crate::kinds::ObjectRef;
 
 /// Kinds that only [`rebuild_policies`] reads: a change to them leaves the
@@ -344,6 +348,8 @@ pub struct Catalog {
     pub ingress_sources: BTreeSet<ServiceKey>,
     /// Valid Retry policies' rules, by source identity and destination.
     pub retries: Retries,
+    /// Valid UpstreamTrafficSettings, by service.
+    pub traffic_settings: TrafficSettings,
     /// Objects skipped, with the reason.
     pub problems: Vec<Problem>,
     /// The workloads' share of `problems`, kept when only policies are

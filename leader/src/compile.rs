@@ -22,6 +22,7 @@ mod routes;
 mod secrets;
 #[cfg(test)]
 mod tests;
+mod traffic_setting;
 
 use std::{
     collections::{hash_map::Entry, BTreeMap, BTreeSet, HashMap},
@@ -720,7 +721,14 @@ fn compile_class(
         outbound_secrets(shared, class, member.service, identity, roots, trust_domain)?;
     }
     for (name, (service, port)) in &upstreams {
-        let cluster = clusters::upstream(&service.key, port.target_port, port.protocol, identity);
+        let mut cluster =
+            clusters::upstream(&service.key, port.target_port, port.protocol, identity);
+        class.reads.add(Input::TrafficSetting(&service.key));
+        if let Some(limits) = (catalog.traffic_settings.get(&service.key))
+            .and_then(|setting| setting.connections.as_ref())
+        {
+            traffic_setting::limit_cluster(&mut cluster, limits, port.protocol.is_http());
+        }
         class.provide(type_url::CLUSTER, name, &cluster)?;
         class.need(type_url::ENDPOINT, name);
         // Endpoints: shared per service unless SMI hides some of them
@@ -764,17 +772,19 @@ fn compile_class(
     let mut inbound_hosts: BTreeMap<u16, Vec<_>> = BTreeMap::new();
     for service_key in &key.services {
         class.reads.add(Input::Service(service_key));
+        class.reads.add(Input::TrafficSetting(service_key));
         let Some(service) = catalog.services.get(service_key) else {
             continue;
         };
+        let setting = catalog.traffic_settings.get(service_key);
         let members = headless::member_names(service);
         for port in &service.ports {
             let local = names::local_cluster(service_key, port.target_port);
-            class.provide(
-                type_url::CLUSTER,
-                &local,
-                &clusters::local(service_key, port.target_port),
-            )?;
+            let mut local_cluster = clusters::local(service_key, port.target_port);
+            if let Some(limits) = setting.and_then(|s| s.connections.as_ref()) {
+                traffic_setting::limit_cluster(&mut local_cluster, limits, false);
+            }
+            class.provide(type_url::CLUSTER, &local, &local_cluster)?;
             let route_config = port
                 .protocol
                 .is_http()
@@ -791,6 +801,7 @@ fn compile_class(
                         &local,
                         smi,
                         trust_domain,
+                        setting,
                     ));
             }
             let allowed_callers = (!catalog.mesh.permissive).then(|| {
@@ -804,9 +815,12 @@ fn compile_class(
                 name: names::inbound_chain(service_key, port.target_port, port.protocol),
                 target_port: port.target_port,
                 server_name: service_key.fqdn(),
+                request_limited: route_config.is_some()
+                    && setting.is_some_and(|s| s.http_rate.is_some() || !s.route_rates.is_empty()),
                 route_config,
                 local_cluster: local,
                 allowed: allowed_callers,
+                connection_limit: setting.and_then(|s| s.tcp_rate),
             });
         }
     }

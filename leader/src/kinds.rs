@@ -416,7 +416,136 @@ pub struct RetrySpec {
     pub retry_policy: RetryPolicySpec,
 }
 
-/// policy.openservicemesh.io/v1alpha1 UpstreamTrafficSetting (read and kept; not compiled yet).
+/// `connectionSettings.tcp` of an UpstreamTrafficSetting.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TcpConnectionSettings {
+    /// Connections to all of the service's endpoints at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// How long connecting may take, a Go duration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<String>,
+}
+
+/// `connectionSettings.http` of an UpstreamTrafficSetting.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpConnectionSettings {
+    /// Requests in flight at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
+    /// Requests one connection carries before it is closed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<u32>,
+    /// Requests waiting for a connection at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_pending_requests: Option<u32>,
+    /// Retries in flight at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+}
+
+/// `connectionSettings` of an UpstreamTrafficSetting.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ConnectionSettings {
+    /// TCP limits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpConnectionSettings>,
+    /// HTTP limits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpConnectionSettings>,
+}
+
+/// `rateLimit.local.tcp`: connections per unit of time.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct TcpLocalRateLimit {
+    /// Connections per unit.
+    pub connections: u32,
+    /// `second`, `minute` or `hour`.
+    pub unit: String,
+    /// Connections allowed above the rate at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+}
+
+/// A header a rate-limited response carries.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct HeaderValue {
+    /// Its name.
+    pub name: String,
+    /// Its value.
+    pub value: String,
+}
+
+/// `rateLimit.local.http`: requests per unit of time.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpLocalRateLimit {
+    /// Requests per unit.
+    pub requests: u32,
+    /// `second`, `minute` or `hour`.
+    pub unit: String,
+    /// Requests allowed above the rate at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// The status of a refused request (default 429).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_status_code: Option<u32>,
+    /// Headers a refused request's response carries.
+    pub response_headers_to_add: Vec<HeaderValue>,
+}
+
+/// `rateLimit.local` of an UpstreamTrafficSetting.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct LocalRateLimit {
+    /// Connections.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpLocalRateLimit>,
+    /// Requests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpLocalRateLimit>,
+}
+
+/// `rateLimit` of an UpstreamTrafficSetting.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct RateLimit {
+    /// Limits each sidecar of the service enforces alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalRateLimit>,
+    /// An external rate-limit service (read to be reported: not
+    /// implemented).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub global: Option<serde_json::Value>,
+}
+
+/// `httpRoutes[].rateLimit` of an UpstreamTrafficSetting.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct RouteRateLimit {
+    /// The route's own request limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local: Option<HttpLocalRateLimit>,
+}
+
+/// `httpRoutes[]` of an UpstreamTrafficSetting: a limit on one inbound
+/// route.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpRouteSetting {
+    /// The route's path regex, as the HTTPRouteGroup match gives it.
+    pub path: String,
+    /// Its limit.
+    pub rate_limit: RouteRateLimit,
+}
+
+/// policy.openservicemesh.io/v1alpha1 UpstreamTrafficSetting: limits on
+/// the connections and requests to one service.
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[kube(
     group = "policy.openservicemesh.io",
@@ -425,7 +554,19 @@ pub struct RetrySpec {
     namespaced,
     schema = "disabled"
 )]
-pub struct UpstreamTrafficSettingSpec(pub serde_json::Value);
+#[serde(rename_all = "camelCase", default)]
+pub struct UpstreamTrafficSettingSpec {
+    /// The service: its FQDN, or its name in this object's namespace.
+    pub host: String,
+    /// Circuit breaking and connection limits on its clients.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_settings: Option<ConnectionSettings>,
+    /// Rate limits on its own sidecars.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// Rate limits on some of its inbound routes.
+    pub http_routes: Vec<HttpRouteSetting>,
+}
 
 /// Any object the sources read.
 #[derive(Clone, Debug)]

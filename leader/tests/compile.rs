@@ -1142,28 +1142,20 @@ spec:
 }
 
 #[test]
-fn policy_kinds_not_implemented_yet_are_reported_on_each_object() {
-    // Egress and IngressBackend are implemented.
+fn the_deploy_policy_fixtures_apply_retry_waiting_for_its_feature_flag() {
     let policies = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deploy/policies.yaml"),
     )
     .unwrap();
     let compiled = compile(&with(example(), &policies));
-    let mut reported: Vec<String> = (compiled.problems.iter())
-        .filter(|p| {
-            p.reason
-                .contains("not implemented by this version of Trellis")
-        })
-        .map(|p| p.object.split(' ').next().unwrap().to_owned())
+    let reported: Vec<&str> = (compiled.problems.iter())
+        .map(|p| p.object.split(' ').next().unwrap())
         .collect();
-    reported.sort();
-    assert_eq!(reported, ["UpstreamTrafficSetting"]);
-    // Retry is, behind its feature flag (off, as in OSM v1.2).
-    assert!(compiled
-        .problems
-        .iter()
-        .any(|p| p.object.starts_with("Retry ")
-            && p.reason.contains("featureFlags.enableRetryPolicy is off")));
+    assert_eq!(reported, ["Retry"], "{:?}", compiled.problems);
+    // Retry waits for its feature flag (off, as in OSM v1.2).
+    assert!(compiled.problems[0]
+        .reason
+        .contains("featureFlags.enableRetryPolicy is off"));
     assert_eq!(compiled.classes.len(), 6, "the rest compiles");
 }
 
@@ -1418,6 +1410,250 @@ fn retry_policies_that_cannot_apply_are_reported() {
     );
 }
 
+/// Limits on bookstore-v1 (a backend of bookstore's split): its clients'
+/// clusters, its local cluster, its inbound chain and routes.
+const LIMITED: &str = r#"
+apiVersion: config.openservicemesh.io/v1alpha2
+kind: MeshConfig
+metadata: { name: osm-mesh-config, namespace: osm-system }
+spec:
+  traffic: { enablePermissiveTrafficPolicyMode: true }
+---
+apiVersion: policy.openservicemesh.io/v1alpha1
+kind: UpstreamTrafficSetting
+metadata: { name: v1-limits, namespace: bookstore, creationTimestamp: "2026-01-01T00:00:00Z" }
+spec:
+  host: bookstore-v1.bookstore.svc.cluster.local
+  connectionSettings:
+    tcp: { maxConnections: 10, connectTimeout: 3s }
+    http: { maxRequests: 20, maxRequestsPerConnection: 5, maxPendingRequests: 7, maxRetries: 2 }
+  rateLimit:
+    local:
+      tcp: { connections: 100, unit: minute, burst: 10 }
+      http: { requests: 50, unit: second, burst: 5, responseStatusCode: 503, responseHeadersToAdd: [{ name: x-limited, value: "yes" }] }
+  httpRoutes:
+  - { path: ".*", rateLimit: { local: { requests: 1, unit: hour } } }
+"#;
+
+/// The filters of the inbound chain named `chain` of `class`.
+fn inbound_filters(compiled: &Compiled, class: &str, chain: &str) -> Vec<(String, Any)> {
+    let listeners = listeners(compiled, class);
+    let chain = (listeners["inbound-listener"].filter_chains.iter())
+        .find(|c| c.name == chain)
+        .unwrap_or_else(|| panic!("no chain {chain}"));
+    (chain.filters.iter())
+        .map(|f| match &f.config_type {
+            Some(filter::ConfigType::TypedConfig(any)) => (f.name.clone(), any.clone()),
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn an_upstream_traffic_setting_limits_its_services_clients_and_its_own_sidecars() {
+    use trellis_proto::pb::envoy::extensions::{
+        filters::network::local_ratelimit::v3::LocalRateLimit as ConnectionLimit,
+        upstreams::http::v3::HttpProtocolOptions,
+    };
+    let compiled = compile(&with(example(), LIMITED));
+    let thresholds = |cluster: &Cluster| {
+        let t = &cluster
+            .circuit_breakers
+            .as_ref()
+            .expect("circuit breakers")
+            .thresholds[0];
+        [
+            &t.max_connections,
+            &t.max_pending_requests,
+            &t.max_requests,
+            &t.max_retries,
+        ]
+        .map(|v| v.as_ref().unwrap().value)
+    };
+    // Every client of bookstore-v1 (here bookbuyer, through the split).
+    let buyer = class_of(&compiled, "bookbuyer/bookbuyer-0");
+    let clusters = resources(&compiled, &buyer, type_url::CLUSTER);
+    let v1: Cluster = decode(clusters["bookstore/bookstore-v1|14001"]);
+    assert_eq!(thresholds(&v1), [10, 7, 20, 2]);
+    assert_eq!(v1.connect_timeout.as_ref().unwrap().seconds, 3);
+    let options = HttpProtocolOptions::decode(
+        v1.typed_extension_protocol_options
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+            .value
+            .as_slice(),
+    )
+    .unwrap();
+    let common = options.common_http_protocol_options.unwrap();
+    assert_eq!(common.max_requests_per_connection.unwrap().value, 5);
+    assert!(
+        options.upstream_protocol_options.is_some(),
+        "Envoy requires one"
+    );
+    let v2: Cluster = decode(clusters["bookstore/bookstore-v2|14001"]);
+    assert!(
+        v2.circuit_breakers.is_none(),
+        "another service is not limited"
+    );
+
+    // Its own sidecar: local cluster, connections in, requests in.
+    let store = class_of(&compiled, "bookstore/bookstore-v1-0");
+    let local: Cluster = decode(
+        resources(&compiled, &store, type_url::CLUSTER)["bookstore/bookstore-v1|14001|local"],
+    );
+    assert_eq!(thresholds(&local), [10, 7, 20, 2]);
+    let filters = inbound_filters(
+        &compiled,
+        &store,
+        "inbound_bookstore/bookstore-v1_14001_http",
+    );
+    let names: Vec<&str> = filters.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "envoy.filters.network.local_ratelimit",
+            "envoy.filters.network.http_connection_manager"
+        ]
+    );
+    let limit = ConnectionLimit::decode(filters[0].1.value.as_slice()).unwrap();
+    let bucket = limit.token_bucket.unwrap();
+    assert_eq!(
+        (bucket.max_tokens, bucket.tokens_per_fill.unwrap().value),
+        (110, 100)
+    );
+    assert_eq!(bucket.fill_interval.unwrap().seconds, 60);
+    let manager = HttpConnectionManager::decode(filters[1].1.value.as_slice()).unwrap();
+    let http: Vec<&str> = manager
+        .http_filters
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect();
+    assert_eq!(
+        http,
+        [
+            "envoy.filters.http.rbac",
+            "envoy.filters.http.local_ratelimit",
+            "envoy.filters.http.router"
+        ]
+    );
+    let routes = route_config(&compiled, &store, "rds-inbound.14001");
+    let host = |name: &str| {
+        (routes.virtual_hosts.iter())
+            .find(|h| h.name == format!("inbound_virtual-host|{name}.bookstore.svc.cluster.local"))
+            .unwrap()
+    };
+    let key = "envoy.filters.http.local_ratelimit";
+    assert!(host("bookstore-v1")
+        .typed_per_filter_config
+        .contains_key(key));
+    assert!(host("bookstore-v1").routes[0]
+        .typed_per_filter_config
+        .contains_key(key));
+    assert!(
+        !host("bookstore").typed_per_filter_config.contains_key(key),
+        "only its host"
+    );
+    // The other chain of the same pod (bookstore's own) is not limited.
+    let root = inbound_filters(&compiled, &store, "inbound_bookstore/bookstore_14001_http");
+    assert_eq!(
+        root.len(),
+        1,
+        "{:?}",
+        root.iter().map(|(n, _)| n).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn upstream_traffic_settings_that_cannot_apply_are_reported() {
+    let object = "UpstreamTrafficSetting bookstore/v1-limits";
+    for (from, to, reason) in [
+        (
+            "host: bookstore-v1.bookstore.svc.cluster.local",
+            "host: nowhere",
+            "no Service bookstore/nowhere",
+        ),
+        (
+            "host: bookstore-v1.bookstore.svc.cluster.local",
+            "host: a.b.c",
+            "neither a service's FQDN",
+        ),
+        (
+            "connectTimeout: 3s",
+            "connectTimeout: 0s",
+            "connectTimeout \"0s\" is not a duration",
+        ),
+        (
+            "maxRequestsPerConnection: 5",
+            "maxRequestsPerConnection: 0",
+            "must be at least 1",
+        ),
+        (
+            "unit: minute",
+            "unit: fortnight",
+            "is not second, minute or hour",
+        ),
+        (
+            "connections: 100",
+            "connections: 0",
+            "the rate must be at least 1",
+        ),
+        (
+            "burst: 10",
+            "burst: 4294967295",
+            "rate plus burst overflows",
+        ),
+        (
+            "responseStatusCode: 503",
+            "responseStatusCode: 200",
+            "is not from 400 to 599",
+        ),
+        (
+            "name: x-limited",
+            "name: \"bad header\"",
+            "is not a header name",
+        ),
+        ("path: \".*\"", "path: \"(\"", "is not a valid regex"),
+    ] {
+        assert!(LIMITED.contains(from), "{from}");
+        assert_rejected(&LIMITED.replace(from, to), object, reason);
+    }
+    // One per host; a global limit is reported, the rest applies.
+    let second = format!(
+        "{LIMITED}---\n{}",
+        LIMITED
+            .split("---")
+            .nth(1)
+            .unwrap()
+            .replace("v1-limits", "v1-again")
+            .replace("2026-01-01", "2026-02-01")
+    );
+    assert_rejected(
+        &second,
+        "UpstreamTrafficSetting bookstore/v1-again",
+        "bookstore/v1-limits already applies to bookstore/bookstore-v1",
+    );
+    let global = LIMITED.replace(
+        "  rateLimit:\n",
+        "  rateLimit:\n    global: { http: { rateLimitService: { host: rls, port: 8081 } } }\n",
+    );
+    assert_rejected(
+        &global,
+        object,
+        "rateLimit.global (an external rate-limit service) is not implemented",
+    );
+    let compiled = compile(&with(example(), &global));
+    let store = class_of(&compiled, "bookstore/bookstore-v1-0");
+    assert_eq!(
+        inbound_filters(
+            &compiled,
+            &store,
+            "inbound_bookstore/bookstore-v1_14001_http"
+        )
+        .len(),
+        2,
+        "the local limits still apply"
+    );
+}
+
 /// Tracing to a collector by name, in permissive mode so every class has
 /// outbound and inbound connection managers and TCP proxies.
 const OBSERVED: &str = r#"
@@ -1552,6 +1788,7 @@ fn envoy_validates_every_compiled_class() {
         (with(example(), INGRESS), "ingress"),
         (with(example(), OBSERVED), "observed"),
         (with(example(), RETRY), "retry"),
+        (with(example(), LIMITED), "limited"),
     ] {
         let compiled = compile(&objects);
         for id in compiled.classes.keys() {

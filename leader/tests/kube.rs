@@ -4,8 +4,8 @@
 //! manifests; edits, deletes and a bad custom resource are followed; a
 //! restarted API server whose watches expired (410 Gone after an etcd
 //! compaction) is re-listed; every field Trellis reads of MeshConfig,
-//! the SMI kinds, Egress, IngressBackend and Retry survives the CRDs'
-//! schemas; and
+//! the SMI kinds, Egress, IngressBackend, Retry and
+//! UpstreamTrafficSetting survives the CRDs' schemas; and
 //! the bootstrap Secrets of gone pods are removed, those of live ones kept.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -496,6 +496,7 @@ fn spec(object: &Object) -> Value {
         Object::Egress(o) => serde_json::to_value(o),
         Object::IngressBackend(o) => serde_json::to_value(o),
         Object::Retry(o) => serde_json::to_value(o),
+        Object::UpstreamTrafficSetting(o) => serde_json::to_value(o),
         other => panic!("{} is not in the fixture", other.object_ref()),
     };
     value.unwrap()["spec"].clone()
@@ -517,7 +518,7 @@ async fn every_field_trellis_reads_survives_the_crd_schemas() {
             (object.object_ref(), spec(&object))
         })
         .collect();
-    assert_eq!(written.len(), 8);
+    assert_eq!(written.len(), 9);
     // The fixture sets every field of what Trellis reads, so a field a
     // schema prunes cannot go unnoticed.
     for (r, spec) in &written {

@@ -177,6 +177,7 @@ pub fn rebuild_policies(mut catalog: Catalog, objects: &BTreeMap<ObjectRef, Obje
     catalog.ingress = policies.ingress.rules;
     catalog.ingress_sources = policies.ingress.sources;
     catalog.retries = policies.retries;
+    catalog.traffic_settings = policies.traffic_settings;
     catalog.problems = problems;
     catalog
 }

@@ -4,7 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
-    egress, ingress, retry, EgressRule, Identity, MeshService, MeshSettings, Problem, ServiceKey,
+    egress, ingress, retry, traffic_setting, EgressRule, Identity, MeshService, MeshSettings,
+    Problem, ServiceKey,
 };
 use crate::kinds::{
     HTTPRouteGroup, HttpMatch, IdentityBinding, Object, ObjectRef, RouteReference, TCPRoute,
@@ -67,6 +68,7 @@ pub(super) struct Policies {
     pub(super) egress: BTreeMap<Identity, Vec<EgressRule>>,
     pub(super) ingress: ingress::Ingress,
     pub(super) retries: retry::Retries,
+    pub(super) traffic_settings: traffic_setting::TrafficSettings,
 }
 
 pub(super) fn build(
@@ -83,6 +85,7 @@ pub(super) fn build(
     let mut egresses = Vec::new();
     let mut ingress_backends = Vec::new();
     let mut retries = Vec::new();
+    let mut traffic_settings = Vec::new();
     for (r, object) in objects.iter().filter(|(r, _)| in_mesh(r)) {
         match object {
             Object::HttpRouteGroup(group) => match invalid_regex(&group.spec.matches) {
@@ -99,15 +102,7 @@ pub(super) fn build(
             Object::Egress(e) => egresses.push((r, e)),
             Object::IngressBackend(b) => ingress_backends.push((r, b)),
             Object::Retry(retry) => retries.push((r, retry)),
-            // Read, kept and watched, but not compiled yet: said on each
-            // object rather than ignored, so nobody believes it applies.
-            Object::UpstreamTrafficSetting(_) => problems.push(Problem::new(
-                r,
-                format!(
-                    "{} is not implemented by this version of Trellis; the object has no effect",
-                    r.kind
-                ),
-            )),
+            Object::UpstreamTrafficSetting(setting) => traffic_settings.push((r, setting)),
             _ => {}
         }
     }
@@ -155,12 +150,14 @@ pub(super) fn build(
         problems,
     );
     let retries = retry::build(retries, settings, problems);
+    let traffic_settings = traffic_setting::build(traffic_settings, services, problems);
     Policies {
         targets,
         splits: by_root,
         egress,
         ingress,
         retries,
+        traffic_settings,
     }
 }
 

@@ -97,6 +97,13 @@ pub(crate) fn seconds(seconds: i64) -> Duration {
     Duration { seconds, nanos: 0 }
 }
 
+pub(crate) fn duration(d: std::time::Duration) -> Duration {
+    Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
 pub(crate) fn exact(value: &str) -> StringMatcher {
     StringMatcher {
         match_pattern: Some(string_matcher::MatchPattern::Exact(value.to_owned())),

@@ -41,6 +41,8 @@ pub(super) enum Input<'a> {
     Ingress(&'a ServiceKey),
     /// The Retry rules of a source identity.
     Retry(&'a Identity),
+    /// The UpstreamTrafficSetting of a service.
+    TrafficSetting(&'a ServiceKey),
 }
 
 /// The hash an input is remembered by.
@@ -129,6 +131,9 @@ impl Changed {
         }
         for (identity, _, _) in differing(&old.retries, &new.retries) {
             mark(Input::Retry(identity));
+        }
+        for (service, _, _) in differing(&old.traffic_settings, &new.traffic_settings) {
+            mark(Input::TrafficSetting(service));
         }
         Changed::Inputs(changed)
     }

@@ -47,9 +47,9 @@ use super::{
     ingress::{Admission, IngressChain},
     names as resource,
     observability::Observability,
-    Backend,
+    traffic_setting, Backend,
 };
-use crate::catalog::Identity;
+use crate::catalog::{Identity, TokenBucket};
 
 pub(crate) const OUTBOUND: &str = "outbound-listener";
 pub(crate) const INBOUND: &str = "inbound-listener";
@@ -93,6 +93,17 @@ enum Side {
 }
 
 fn hcm(stat_prefix: &str, route_config: &str, side: Side, seen: &Observability) -> Filter {
+    hcm_with(stat_prefix, route_config, side, seen, None)
+}
+
+/// [`hcm`] with `extra` before the router.
+fn hcm_with(
+    stat_prefix: &str,
+    route_config: &str,
+    side: Side,
+    seen: &Observability,
+    extra: Option<HttpFilter>,
+) -> Filter {
     let inbound = side == Side::Inbound;
     let mut http_filters = Vec::new();
     if inbound {
@@ -106,6 +117,7 @@ fn hcm(stat_prefix: &str, route_config: &str, side: Side, seen: &Observability) 
             ..Default::default()
         });
     }
+    http_filters.extend(extra);
     http_filters.push(HttpFilter {
         name: names::ROUTER.to_owned(),
         config_type: Some(http_filter::ConfigType::TypedConfig(any(
@@ -297,6 +309,10 @@ pub(crate) struct InboundChain {
     /// SMI mode: the identities allowed to connect at all (L4 RBAC);
     /// permissive mode: `None`.
     pub(crate) allowed: Option<BTreeSet<Identity>>,
+    /// New connections per unit of time (UpstreamTrafficSetting).
+    pub(crate) connection_limit: Option<TokenBucket>,
+    /// Whether its virtual host or routes carry a request limit.
+    pub(crate) request_limited: bool,
 }
 
 /// A principal whose certificate carries `name` (`None`: any certificate
@@ -468,8 +484,15 @@ pub(crate) fn inbound(
             if let Some(allowed) = &c.allowed {
                 filters.push(identities_rbac(&c.name, allowed, trust_domain));
             }
+            if let Some(bucket) = &c.connection_limit {
+                filters.push(traffic_setting::connection_limit(&c.name, bucket));
+            }
             filters.push(match &c.route_config {
-                Some(route_config) => hcm(&c.name, route_config, Side::Inbound, seen),
+                Some(route_config) => {
+                    let limits =
+                        (c.request_limited).then(|| traffic_setting::request_limit_filter(&c.name));
+                    hcm_with(&c.name, route_config, Side::Inbound, seen, limits)
+                }
                 None => tcp_proxy(
                     &c.name,
                     &[Backend {

@@ -4,17 +4,11 @@
 
 use trellis_proto::pb::{
     envoy::config::route::v3::{retry_policy::RetryBackOff, RetryPolicy},
-    google::protobuf::{Duration, UInt32Value},
+    google::protobuf::UInt32Value,
 };
 
+use super::envoy::duration;
 use crate::catalog::RetryRule;
-
-fn duration(d: std::time::Duration) -> Duration {
-    Duration {
-        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-    }
-}
 
 /// The route's retry policy for `rule`.
 pub(crate) fn policy(rule: &RetryRule) -> RetryPolicy {

@@ -18,9 +18,9 @@ use trellis_proto::pb::{
 
 use super::{
     envoy::{any, exact, names, regex, regex_string, seconds, types},
-    retry, Backend,
+    retry, traffic_setting, Backend,
 };
-use crate::catalog::{HttpRule, Identity, RetryRule, ServiceKey};
+use crate::catalog::{HttpRule, Identity, RetryRule, ServiceKey, TrafficSetting};
 
 /// The host names a virtual host answers to: `svc.ns`, `svc.ns.svc`,
 /// `svc.ns.svc.cluster`, `svc.ns.svc.cluster.local`, each also with `:port`,
@@ -199,6 +199,7 @@ pub(crate) fn inbound_host(
     local_cluster: &str,
     rules: Option<&BTreeMap<HttpRule, BTreeSet<Identity>>>,
     trust_domain: &str,
+    setting: Option<&TrafficSetting>,
 ) -> VirtualHost {
     let routes = match rules {
         None => vec![Route {
@@ -233,11 +234,44 @@ pub(crate) fn inbound_host(
         };
         domains.extend(self::domains(&member, port, true));
     }
-    VirtualHost {
+    let mut host = VirtualHost {
         name: format!("inbound_virtual-host|{}", service.fqdn()),
         domains,
         routes,
         ..Default::default()
+    };
+    if let Some(setting) = setting {
+        limit_requests(&mut host, setting);
+    }
+    host
+}
+
+/// Puts `setting`'s request limits on `host` and on its routes whose path
+/// regex an `httpRoutes` entry names (a route's own limit replaces the
+/// host's there).
+fn limit_requests(host: &mut VirtualHost, setting: &TrafficSetting) {
+    if let Some(limit) = &setting.http_rate {
+        host.typed_per_filter_config.insert(
+            traffic_setting::HTTP_LOCAL_RATE_LIMIT.to_owned(),
+            traffic_setting::request_limit(limit),
+        );
+    }
+    for route in &mut host.routes {
+        let path = match route
+            .r#match
+            .as_ref()
+            .and_then(|m| m.path_specifier.as_ref())
+        {
+            Some(route_match::PathSpecifier::SafeRegex(regex)) => regex.regex.as_str(),
+            Some(route_match::PathSpecifier::Prefix(prefix)) if prefix == "/" => ".*",
+            _ => continue,
+        };
+        if let Some((_, limit)) = setting.route_rates.iter().find(|(p, _)| p == path) {
+            route.typed_per_filter_config.insert(
+                traffic_setting::HTTP_LOCAL_RATE_LIMIT.to_owned(),
+                traffic_setting::request_limit(limit),
+            );
+        }
     }
 }
 
