@@ -291,9 +291,16 @@ impl Pod {
     /// Installs the sidecar's interception, with the script the init
     /// container runs.
     pub fn intercept(&self) -> Result<(), DemoError> {
+        self.intercept_with(&[])
+    }
+
+    /// [`Pod::intercept`] with the script's optional settings `env`
+    /// (`OUTBOUND_IP_RANGE_INCLUSIONS`, ...), as the injector passes them.
+    pub fn intercept_with(&self, env: &[(&str, &str)]) -> Result<(), DemoError> {
         let installed = run(self
             .command(&["sh", "-c", IPTABLES_SH])
-            .env("PROXY_UID", PROXY_UID.to_string()));
+            .env("PROXY_UID", PROXY_UID.to_string())
+            .envs(env.iter().copied()));
         match installed {
             Ok(_) => Ok(()),
             // Named by the script, not by its whole text.

@@ -51,6 +51,51 @@ fn net(subnet: u8) -> Result<(Net, Binaries)> {
     Ok((net, binaries))
 }
 
+/// A meshed client (not yet intercepted) and a server outside the mesh
+/// (no interception, no sidecar) on a bridge of their own, Trellis serving
+/// the client's mesh with global egress `egress`; dropped in order.
+struct Outside {
+    control: ControlPlane,
+    client: Pod,
+    /// Kept for its server until the test ends.
+    _outside: Pod,
+    url: String,
+    dir: std::path::PathBuf,
+    net: Net,
+}
+
+async fn outside_and_client(subnet: u8, name: &str, egress: bool) -> Result<Outside> {
+    let (net, binaries) = net(subnet)?;
+    let outside = net.pod("outside", 4, &binaries)?;
+    outside.start_app(&["serve", "--pod", "outside/server", "--http", "8080"])?;
+    let client = net.pod("client", 2, &binaries)?;
+    let url = format!("http://{}:8080/", outside.ip());
+    let dir = std::env::temp_dir().join(format!("trellis-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    write(&dir, &client, egress)?;
+    let config = PipelineConfig {
+        quiet: Duration::from_millis(50),
+        ..PipelineConfig::default()
+    };
+    let ca = Arc::new(BuiltinCa::generate()?);
+    let control = ControlPlane::start(&dir, IpAddr::V4(net.host()), ca, config).await?;
+    Ok(Outside {
+        control,
+        client,
+        _outside: outside,
+        url,
+        dir,
+        net,
+    })
+}
+
+/// Which pod answered one GET of `url` from `client`.
+async fn outside_answer(client: &Pod, url: &str) -> Result<String> {
+    let reply = client.get(url).await?;
+    Ok(reply.answer().map(|a| a.pod).unwrap_or_default())
+}
+
 /// Whether one GET of `url` from `client` got 200.
 async fn served(client: &Pod, url: &str) -> bool {
     client.get(url).await.is_ok_and(|r| r.status == 200)
@@ -58,45 +103,25 @@ async fn served(client: &Pod, url: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn global_egress_passes_unknown_destinations_through_only_while_enabled() -> Result<()> {
-    let (net, binaries) = net(25)?;
-    // Outside the mesh: no interception, no sidecar.
-    let outside = net.pod("outside", 4, &binaries)?;
-    outside.start_app(&["serve", "--pod", "outside/server", "--http", "8080"])?;
-    let client = net.pod("client", 2, &binaries)?;
-    let url = format!("http://{}:8080/", outside.ip());
-
-    let dir = std::env::temp_dir().join(format!("trellis-egress-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    write(&dir, &client, true)?;
-    let config = PipelineConfig {
-        quiet: Duration::from_millis(50),
-        ..PipelineConfig::default()
-    };
-    let ca = Arc::new(BuiltinCa::generate()?);
-    let control = ControlPlane::start(&dir, IpAddr::V4(net.host()), ca, config).await?;
+    let mesh = outside_and_client(25, "egress", true).await?;
+    let (client, url, dir, control) = (&mesh.client, &mesh.url, &mesh.dir, &mesh.control);
     client.intercept()?;
     client.start_envoy(&control.bootstrap("demo/client-0")?)?;
 
     if let Err(error) = eventually(
         Duration::from_secs(30),
         "the outside server through the passthrough",
-        || served(&client, &url),
+        || served(client, url),
     )
     .await
     {
         bail!(
             "{error}\nclient: {:?}\nclient envoy:\n{}",
-            client.get(&url).await.err(),
+            client.get(url).await.err(),
             client.busy_stats().await
         );
     }
-    let answer = client
-        .get(&url)
-        .await?
-        .answer()
-        .expect("the server's answer");
-    assert_eq!(answer.pod, "outside/server");
+    assert_eq!(outside_answer(client, url).await?, "outside/server");
     // It went through the sidecar, not around it.
     assert!(
         client
@@ -108,19 +133,19 @@ async fn global_egress_passes_unknown_destinations_through_only_while_enabled() 
     );
 
     // Egress off: nothing outside the mesh is reachable.
-    write(&dir, &client, false)?;
+    write(dir, client, false)?;
     eventually(Duration::from_secs(30), "the request refused", || async {
-        !served(&client, &url).await
+        !served(client, url).await
     })
     .await?;
-    for attempt in client.requests("GET", &url, 5).await? {
+    for attempt in client.requests("GET", url, 5).await? {
         assert!(attempt.is_err(), "{attempt:?}");
     }
 
     // On again, without restarting anything.
-    write(&dir, &client, true)?;
+    write(dir, client, true)?;
     eventually(Duration::from_secs(30), "the request served again", || {
-        served(&client, &url)
+        served(client, url)
     })
     .await?;
     Ok(())
@@ -302,5 +327,47 @@ async fn egress_policies_let_a_pod_out_exactly_as_they_name() -> Result<()> {
     })
     .await?;
     assert!(served(&client, allowed).await, "HTTP still allowed");
+    Ok(())
+}
+
+/// The interception's optional branches, run for real: with an inclusion
+/// list, only those ranges go through the sidecar (an address outside
+/// them is reached directly, though egress is off); an excluded interface
+/// is left alone both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_inclusions_and_interface_exclusions_leave_other_traffic_alone() -> Result<()> {
+    let mesh = outside_and_client(45, "inclusions", false).await?;
+    let (client, url, control, net) = (&mesh.client, &mesh.url, &mesh.control, &mesh.net);
+    // A second interface of the pod (no dummy driver here: a veth pair).
+    client.exec(&[
+        "ip", "link", "add", "dummy0", "type", "veth", "peer", "name", "dummy1",
+    ])?;
+    let services = format!("{}/24", net.cluster_ip(0));
+    client.intercept_with(&[
+        ("OUTBOUND_IP_RANGE_INCLUSIONS", &services),
+        ("NETWORK_INTERFACE_EXCLUSIONS", "dummy0"),
+    ])?;
+    client.start_envoy(&control.bootstrap("demo/client-0")?)?;
+    client.wait_envoy_ready(Duration::from_secs(30)).await?;
+
+    // Not in the inclusion list: straight to the server, no sidecar (with
+    // egress off, the sidecar would refuse it).
+    assert_eq!(outside_answer(client, url).await?, "outside/server");
+    assert_eq!(
+        client
+            .envoy_stat("listener.0.0.0.0_15001.downstream_cx_total")
+            .await,
+        0,
+        "the sidecar saw it"
+    );
+    let rules = String::from_utf8(client.exec(&["iptables", "-t", "nat", "-S"])?.stdout)?;
+    for rule in [
+        format!("-A PROXY_OUTPUT -d {services} -j PROXY_REDIRECT"),
+        "-A PROXY_OUTPUT -j RETURN".to_owned(),
+        "-A PROXY_OUTPUT -o dummy0 -j RETURN".to_owned(),
+        "-A PROXY_INBOUND -i dummy0 -j RETURN".to_owned(),
+    ] {
+        assert!(rules.contains(&rule), "no {rule:?} in:\n{rules}");
+    }
     Ok(())
 }

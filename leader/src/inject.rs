@@ -240,15 +240,20 @@ impl Injector {
         if let Err(reason) = exclusions.add_pod_annotations(pod.metadata.annotations.as_ref()) {
             return Ok(Verdict::Deny(reason));
         }
-        let log_level = sidecar::log_level(&mesh_config.sidecar.log_level, warnings);
+        let settings = sidecar::Settings {
+            exclusions,
+            log_level: sidecar::log_level(&mesh_config.sidecar.log_level, warnings),
+            resources: (mesh_config.sidecar.resources.as_ref())
+                .and_then(|r| serde_json::to_value(r).ok()),
+            metrics: decide::metrics(&ns, warnings),
+        };
         let uuid = new_proxy_uuid();
         let secret_name = crate::bootstrap_secrets::secret_name(&uuid);
         let sidecar = match sidecar::sidecar(
             raw,
             &uuid,
             &secret_name,
-            &exclusions,
-            &log_level,
+            &settings,
             &self.config.images,
             warnings,
         ) {

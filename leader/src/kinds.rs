@@ -161,6 +161,11 @@ pub struct TrafficSpec {
     /// Outbound IP ranges not intercepted.
     #[serde(rename = "outboundIPRangeExclusionList")]
     pub outbound_ip_range_exclusion_list: Vec<String>,
+    /// If any, the only outbound IP ranges intercepted.
+    #[serde(rename = "outboundIPRangeInclusionList")]
+    pub outbound_ip_range_inclusion_list: Vec<String>,
+    /// Network interfaces whose traffic is not intercepted.
+    pub network_interface_exclusion_list: Vec<String>,
     /// Inbound ports not intercepted.
     pub inbound_port_exclusion_list: Vec<u16>,
 }
@@ -200,11 +205,14 @@ pub struct SecretReference {
 }
 
 /// `sidecar` settings of the MeshConfig.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase", default)]
 pub struct SidecarSpec {
     /// Envoy's log level.
     pub log_level: String,
+    /// Requests and limits of the injected Envoy container.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
 }
 
 /// `observability` settings of the MeshConfig.

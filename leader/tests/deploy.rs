@@ -669,7 +669,8 @@ async fn fixture_cluster(cluster: &Cluster) {
         namespace(
             "bookstore",
             osm.clone(),
-            json!({ "openservicemesh.io/sidecar-injection": "enabled" }),
+            json!({ "openservicemesh.io/sidecar-injection": "enabled",
+                    "openservicemesh.io/metrics": "enabled" }),
         ),
         namespace("bookwarehouse", osm.clone(), json!({})),
         namespace(
@@ -699,10 +700,16 @@ async fn fixture_cluster(cluster: &Cluster) {
         json!({ "apiVersion": "config.openservicemesh.io/v1alpha2", "kind": "MeshConfig",
                 "metadata": { "name": "osm-mesh-config", "namespace": namespace },
                 "spec": {
-                    "sidecar": { "logLevel": log_level },
+                    "sidecar": {
+                        "logLevel": log_level,
+                        "resources": { "requests": { "cpu": "100m", "memory": "128Mi" },
+                                       "limits": { "memory": "512Mi" } },
+                    },
                     "traffic": {
                         "outboundPortExclusionList": [3306],
                         "outboundIPRangeExclusionList": ["10.96.0.1/32", "169.254.169.254"],
+                        "outboundIPRangeInclusionList": ["10.96.0.0/12", "10.244.0.0/16"],
+                        "networkInterfaceExclusionList": ["eth1"],
                         "inboundPortExclusionList": [9102],
                     },
                 } })

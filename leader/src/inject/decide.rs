@@ -20,6 +20,9 @@ pub(crate) const OUTBOUND_PORTS_ANNOTATION: &str =
 pub(crate) const INBOUND_PORTS_ANNOTATION: &str = "openservicemesh.io/inbound-port-exclusion-list";
 pub(crate) const OUTBOUND_RANGES_ANNOTATION: &str =
     "openservicemesh.io/outbound-ip-range-exclusion-list";
+/// `enabled` on a namespace: its new pods are scraped by Prometheus
+/// (`osm metrics enable`).
+pub(crate) const METRICS_ANNOTATION: &str = "openservicemesh.io/metrics";
 
 /// What to do with a pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,12 +92,40 @@ pub(crate) fn decide(pod: &Pod, namespace: &Namespace, mesh: &str) -> Decision {
     }
 }
 
+/// Whether `namespace` asks for its pods to be scraped; a value OSM does
+/// not know is a warning, and no.
+pub(crate) fn metrics(namespace: &Namespace, warnings: &mut Vec<String>) -> bool {
+    let Some(value) =
+        (namespace.metadata.annotations.as_ref()).and_then(|a| a.get(METRICS_ANNOTATION))
+    else {
+        return false;
+    };
+    switch(value).unwrap_or_else(|| {
+        warnings.push(format!(
+            "namespace annotation {METRICS_ANNOTATION}: {value:?} is neither enabled nor disabled; not scraped"
+        ));
+        false
+    })
+}
+
 /// Traffic the init container's rules do not send through Envoy.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Exclusions {
     pub(crate) inbound_ports: Vec<u16>,
     pub(crate) outbound_ports: Vec<u16>,
     pub(crate) outbound_ip_ranges: Vec<String>,
+    /// If any, the only outbound ranges intercepted.
+    pub(crate) outbound_ip_ranges_included: Vec<String>,
+    /// Interfaces whose traffic is not intercepted.
+    pub(crate) interfaces: Vec<String>,
+}
+
+/// A Linux interface name: what `iptables -i/-o` takes.
+fn interface_name(text: &str) -> bool {
+    (1..16).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// An IPv4 address or CIDR, the only ranges the IPv4 rules take; anything
@@ -123,19 +154,45 @@ impl Exclusions {
             }
             kept
         };
-        let mut ranges = Vec::new();
-        for range in &traffic.outbound_ip_range_exclusion_list {
-            let range = range.trim();
-            if ipv4_range(range) {
-                if !ranges.iter().any(|r| r == range) {
-                    ranges.push(range.to_owned());
+        let kept = |list: &[String],
+                    field: &str,
+                    valid: fn(&str) -> bool,
+                    what: &str,
+                    warnings: &mut Vec<String>| {
+            let mut kept: Vec<String> = Vec::new();
+            for item in list {
+                let item = item.trim();
+                if !valid(item) {
+                    warnings.push(format!(
+                        "MeshConfig {field}: {item:?} is not {what}; ignored"
+                    ));
+                } else if !kept.iter().any(|k| k == item) {
+                    kept.push(item.to_owned());
                 }
-            } else {
-                warnings.push(format!(
-                    "MeshConfig outboundIPRangeExclusionList: {range:?} is not an IPv4 address or CIDR; ignored"
-                ));
             }
-        }
+            kept
+        };
+        let ranges = kept(
+            &traffic.outbound_ip_range_exclusion_list,
+            "outboundIPRangeExclusionList",
+            ipv4_range,
+            "an IPv4 address or CIDR",
+            warnings,
+        );
+        let included = kept(
+            &traffic.outbound_ip_range_inclusion_list,
+            "outboundIPRangeInclusionList",
+            ipv4_range,
+            "an IPv4 address or CIDR",
+            warnings,
+        );
+        let interfaces = kept(
+            &traffic.network_interface_exclusion_list,
+            "networkInterfaceExclusionList",
+            interface_name,
+            "a network interface name",
+            warnings,
+        );
         Exclusions {
             inbound_ports: ports(
                 &traffic.inbound_port_exclusion_list,
@@ -148,6 +205,8 @@ impl Exclusions {
                 warnings,
             ),
             outbound_ip_ranges: ranges,
+            outbound_ip_ranges_included: included,
+            interfaces,
         }
     }
 

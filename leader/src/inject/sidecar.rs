@@ -89,6 +89,26 @@ fn join<T: ToString>(items: &[T]) -> String {
         .join(",")
 }
 
+/// How the mesh wants its sidecars (MeshConfig, the namespace).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Settings {
+    /// What the interception leaves alone.
+    pub(crate) exclusions: Exclusions,
+    /// Envoy's log level.
+    pub(crate) log_level: String,
+    /// The Envoy container's requests and limits, if set.
+    pub(crate) resources: Option<Value>,
+    /// Whether Prometheus scrapes the pod (its namespace said so).
+    pub(crate) metrics: bool,
+}
+
+/// The annotations that make Prometheus scrape a pod's sidecar.
+const SCRAPE_ANNOTATIONS: [(&str, &str); 3] = [
+    ("prometheus.io/scrape", "true"),
+    ("prometheus.io/port", "15010"),
+    ("prometheus.io/path", "/stats/prometheus"),
+];
+
 /// The sidecar of `pod` (the object under review) with proxy `uuid`, its
 /// bootstrap in Secret `secret`. Refuses pods it cannot inject without
 /// breaking them.
@@ -96,11 +116,11 @@ pub(crate) fn sidecar(
     pod: &Value,
     uuid: &str,
     secret: &str,
-    exclusions: &Exclusions,
-    log_level: &str,
+    settings: &Settings,
     images: &SidecarImages,
     warnings: &mut Vec<String>,
 ) -> Result<Sidecar, String> {
+    let (exclusions, log_level) = (&settings.exclusions, settings.log_level.as_str());
     let containers = pod
         .pointer("/spec/containers")
         .and_then(Value::as_array)
@@ -160,6 +180,25 @@ pub(crate) fn sidecar(
             "value": { "labels": { PROXY_UUID_LABEL: uuid } },
         }));
     }
+    if settings.metrics {
+        if pod
+            .pointer("/metadata/annotations")
+            .is_some_and(Value::is_object)
+        {
+            for (key, value) in SCRAPE_ANNOTATIONS {
+                ops.push(json!({
+                    "op": "add",
+                    "path": format!("/metadata/annotations/{}", pointer_token(key)),
+                    "value": value,
+                }));
+            }
+        } else {
+            let annotations: serde_json::Map<String, Value> = (SCRAPE_ANNOTATIONS.iter())
+                .map(|(k, v)| ((*k).to_owned(), Value::from(*v)))
+                .collect();
+            ops.push(json!({ "op": "add", "path": "/metadata/annotations", "value": annotations }));
+        }
+    }
     append(
         &mut ops,
         pod,
@@ -182,6 +221,8 @@ pub(crate) fn sidecar(
                 { "name": "INBOUND_PORT_EXCLUSIONS", "value": join(&exclusions.inbound_ports) },
                 { "name": "OUTBOUND_PORT_EXCLUSIONS", "value": join(&exclusions.outbound_ports) },
                 { "name": "OUTBOUND_IP_RANGE_EXCLUSIONS", "value": join(&exclusions.outbound_ip_ranges) },
+                { "name": "OUTBOUND_IP_RANGE_INCLUSIONS", "value": join(&exclusions.outbound_ip_ranges_included) },
+                { "name": "NETWORK_INTERFACE_EXCLUSIONS", "value": join(&exclusions.interfaces) },
             ],
             "securityContext": {
                 "runAsUser": 0,
@@ -191,11 +232,7 @@ pub(crate) fn sidecar(
             },
         }),
     );
-    append(
-        &mut ops,
-        pod,
-        "/spec/containers",
-        json!({
+    let mut envoy = json!({
             "name": ENVOY_CONTAINER,
             "image": images.envoy,
             "imagePullPolicy": "IfNotPresent",
@@ -214,8 +251,11 @@ pub(crate) fn sidecar(
                 "allowPrivilegeEscalation": false,
                 "capabilities": { "drop": ["ALL"] },
             },
-        }),
-    );
+    });
+    if let Some(resources) = &settings.resources {
+        envoy["resources"] = resources.clone();
+    }
+    append(&mut ops, pod, "/spec/containers", envoy);
     ops.extend(probes.ops.iter().cloned());
     Ok(Sidecar {
         patch: Value::Array(ops),

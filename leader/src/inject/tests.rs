@@ -164,6 +164,60 @@ fn exclusions_drop_what_iptables_cannot_take_and_pod_annotations_add_to_them() {
     .collect();
     let error = exclusions.add_pod_annotations(Some(&bad)).unwrap_err();
     assert!(error.contains("\"http\" is not a port"), "{error}");
+
+    let traffic = TrafficSpec {
+        outbound_ip_range_inclusion_list: vec!["10.96.0.0/12".into(), "nowhere".into()],
+        network_interface_exclusion_list: vec!["eth1".into(), "eth1".into(), "no such; rm".into()],
+        ..TrafficSpec::default()
+    };
+    let mut warnings = Vec::new();
+    let exclusions = Exclusions::from_mesh_config(&traffic, &mut warnings);
+    assert_eq!(exclusions.outbound_ip_ranges_included, ["10.96.0.0/12"]);
+    assert_eq!(exclusions.interfaces, ["eth1"]);
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+}
+
+#[test]
+fn mesh_settings_reach_the_sidecar_resources_scrape_annotations_and_interception() {
+    let settings = sidecar::Settings {
+        exclusions: Exclusions {
+            outbound_ip_ranges_included: vec!["10.96.0.0/12".into()],
+            interfaces: vec!["eth1".into()],
+            ..Exclusions::default()
+        },
+        log_level: "info".into(),
+        resources: Some(json!({ "limits": { "memory": "512Mi" }, "requests": { "cpu": "100m" } })),
+        metrics: true,
+    };
+    for pod in [
+        json!({ "spec": { "containers": [{ "name": "app" }] } }),
+        json!({ "metadata": { "annotations": { "team": "books" } }, "spec": { "containers": [{ "name": "app" }] } }),
+    ] {
+        let (patched, _, _) = inject_with(&pod, &settings).unwrap();
+        let annotations = &patched["metadata"]["annotations"];
+        assert_eq!(annotations["prometheus.io/scrape"], "true");
+        assert_eq!(annotations["prometheus.io/port"], "15010");
+        assert_eq!(annotations["prometheus.io/path"], "/stats/prometheus");
+        let envoy = container(&patched, "containers", "envoy");
+        assert_eq!(envoy["resources"]["limits"]["memory"], "512Mi");
+        let init = container(&patched, "initContainers", "osm-init");
+        let env: std::collections::BTreeMap<&str, &str> = (init["env"].as_array().unwrap().iter())
+            .map(|e| (e["name"].as_str().unwrap(), e["value"].as_str().unwrap()))
+            .collect();
+        assert_eq!(env["OUTBOUND_IP_RANGE_INCLUSIONS"], "10.96.0.0/12");
+        assert_eq!(env["NETWORK_INTERFACE_EXCLUSIONS"], "eth1");
+    }
+    // Team's own annotation kept; none added when the namespace does not ask.
+    let (patched, _, _) = inject(&json!({ "metadata": { "annotations": { "team": "books" } },
+        "spec": { "containers": [{ "name": "app" }] } }))
+    .unwrap();
+    assert_eq!(
+        patched["metadata"]["annotations"],
+        json!({ "team": "books" })
+    );
+    assert!(container(&patched, "containers", "envoy")
+        .get("resources")
+        .is_none());
 }
 
 fn images() -> SidecarImages {
@@ -174,18 +228,29 @@ fn images() -> SidecarImages {
 }
 
 fn inject(pod: &Value) -> Result<(Value, sidecar::Sidecar, Vec<String>), String> {
-    let mut warnings = Vec::new();
-    let exclusions = Exclusions {
-        inbound_ports: vec![8081],
-        outbound_ports: vec![3306, 6379],
-        outbound_ip_ranges: vec!["10.0.0.0/8".into()],
+    let settings = sidecar::Settings {
+        exclusions: Exclusions {
+            inbound_ports: vec![8081],
+            outbound_ports: vec![3306, 6379],
+            outbound_ip_ranges: vec!["10.0.0.0/8".into()],
+            ..Exclusions::default()
+        },
+        log_level: "info".into(),
+        ..sidecar::Settings::default()
     };
+    inject_with(pod, &settings)
+}
+
+fn inject_with(
+    pod: &Value,
+    settings: &sidecar::Settings,
+) -> Result<(Value, sidecar::Sidecar, Vec<String>), String> {
+    let mut warnings = Vec::new();
     let sidecar = sidecar::sidecar(
         pod,
         "u-1",
         "envoy-bootstrap-config-u-1",
-        &exclusions,
-        "info",
+        settings,
         &images(),
         &mut warnings,
     )?;
@@ -282,6 +347,8 @@ fn the_init_container_runs_the_sidecar_script_of_the_end_to_end_tests() {
         "INBOUND_PORT_EXCLUSIONS",
         "OUTBOUND_PORT_EXCLUSIONS",
         "OUTBOUND_IP_RANGE_EXCLUSIONS",
+        "OUTBOUND_IP_RANGE_INCLUSIONS",
+        "NETWORK_INTERFACE_EXCLUSIONS",
     ] {
         assert!(IPTABLES_SCRIPT.contains(variable), "{variable}");
     }
