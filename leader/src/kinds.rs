@@ -168,6 +168,10 @@ pub struct TrafficSpec {
     pub network_interface_exclusion_list: Vec<String>,
     /// Inbound ports not intercepted.
     pub inbound_port_exclusion_list: Vec<u16>,
+    /// Fields this version of Trellis does not read, kept so they are
+    /// reported rather than silently dropped.
+    #[serde(flatten, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unread: BTreeMap<String, serde_json::Value>,
 }
 
 /// `certificate` settings of the MeshConfig.
@@ -180,6 +184,10 @@ pub struct CertificateSpec {
     /// backends.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ingress_gateway: Option<IngressGatewaySpec>,
+    /// Fields this version of Trellis does not read, kept so they are
+    /// reported rather than silently dropped.
+    #[serde(flatten, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unread: BTreeMap<String, serde_json::Value>,
 }
 
 /// MeshConfig `certificate.ingressGateway`.
@@ -213,6 +221,10 @@ pub struct SidecarSpec {
     /// Requests and limits of the injected Envoy container.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+    /// Fields this version of Trellis does not read, kept so they are
+    /// reported rather than silently dropped.
+    #[serde(flatten, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unread: BTreeMap<String, serde_json::Value>,
 }
 
 /// `observability` settings of the MeshConfig.
@@ -225,6 +237,10 @@ pub struct ObservabilitySpec {
     /// Trellis extension: OSM v1.2 always logged). Unset means on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enable_access_log: Option<bool>,
+    /// Fields this version of Trellis does not read, kept so they are
+    /// reported rather than silently dropped.
+    #[serde(flatten, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unread: BTreeMap<String, serde_json::Value>,
 }
 
 /// MeshConfig `observability.tracing`.
@@ -240,6 +256,10 @@ pub struct TracingSpec {
     pub port: Option<u16>,
     /// The collector's path (OSM's default: `/api/v2/spans`).
     pub endpoint: String,
+    /// Fields this version of Trellis does not read, kept so they are
+    /// reported rather than silently dropped.
+    #[serde(flatten, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unread: BTreeMap<String, serde_json::Value>,
 }
 
 /// config.openservicemesh.io/v1alpha2 MeshConfig (`osm-mesh-config`).
@@ -263,6 +283,10 @@ pub struct MeshConfigSpec {
     pub observability: ObservabilitySpec,
     /// Feature flags (kept as given).
     pub feature_flags: serde_json::Value,
+    /// Fields this version of Trellis does not read, kept so they are
+    /// reported rather than silently dropped.
+    #[serde(flatten, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unread: BTreeMap<String, serde_json::Value>,
 }
 
 /// A port an Egress allows, with its protocol.

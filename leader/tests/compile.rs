@@ -1756,6 +1756,43 @@ fn every_connection_manager_and_tcp_proxy_logs_and_traces_as_the_mesh_config_say
 }
 
 #[test]
+fn every_mesh_config_field_trellis_does_not_implement_is_reported_once() {
+    let compiled = compile(&with(
+        example(),
+        r#"
+apiVersion: config.openservicemesh.io/v1alpha2
+kind: MeshConfig
+metadata: { name: osm-mesh-config, namespace: osm-system }
+spec:
+  sidecar: { logLevel: info, cipherSuites: [TLS_AES_128_GCM_SHA256], tlsMinProtocolVersion: TLSv1_2 }
+  traffic: { enableEgress: false, inboundExternalAuthorization: { enable: true } }
+  observability: { osmLogLevel: info, tracing: { enable: false, sampling: 5 } }
+  certificate: { certKeyBitSize: 4096 }
+  featureFlags: { enableRetryPolicy: false, enableWASMStats: true, enableSnapshotCacheMode: false }
+  spce: {}
+"#,
+    ));
+    let problems = problems_for(&compiled, "MeshConfig osm-system/osm-mesh-config");
+    let reported: Vec<&str> = (problems.iter())
+        .map(|p| p.reason.split(' ').next().unwrap())
+        .collect();
+    assert_eq!(
+        reported,
+        [
+            "spec.certificate.certKeyBitSize",
+            "spec.featureFlags.enableWASMStats",
+            "spec.observability.osmLogLevel",
+            "spec.observability.tracing.sampling",
+            "spec.sidecar.cipherSuites",
+            "spec.sidecar.tlsMinProtocolVersion",
+            "spec.spce",
+            "spec.traffic.inboundExternalAuthorization",
+        ]
+    );
+    assert_eq!(compiled.classes.len(), 6, "the rest applies");
+}
+
+#[test]
 fn tracing_settings_that_cannot_work_are_reported() {
     for (tracing, reason) in [
         ("{ enable: true }", "is not a host name"),

@@ -271,8 +271,21 @@ impl Target {
     }
 }
 
-async fn free_address() -> std::io::Result<SocketAddr> {
-    TcpListener::bind("127.0.0.1:0").await?.local_addr()
+/// Loopback addresses free when asked for, never the same one twice: a
+/// port is only free until someone binds it, and the processes bind theirs
+/// after all of them are chosen, so the kernel may offer one again.
+#[derive(Default)]
+struct FreeAddresses(std::collections::HashSet<SocketAddr>);
+
+impl FreeAddresses {
+    async fn next(&mut self) -> std::io::Result<SocketAddr> {
+        loop {
+            let address = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
+            if self.0.insert(address) {
+                return Ok(address);
+            }
+        }
+    }
 }
 
 /// Starts (or names) the target, serving the manifests in `dir`, and waits
@@ -342,8 +355,9 @@ async fn spawn(
     let mut xds = Vec::new();
     let mut admins = Vec::new();
     let mut replicas = Vec::new();
+    let mut free = FreeAddresses::default();
     if edges == 0 {
-        let (address, admin) = (free_address().await?, free_address().await?);
+        let (address, admin) = (free.next().await?, free.next().await?);
         let mut command = Command::new(trellis);
         command.arg("run").arg("--dir").arg(dir).args([
             "--xds",
@@ -362,7 +376,7 @@ async fn spawn(
         let mut peers = Vec::new();
         let mut publish = Vec::new();
         for id in 1..=leaders.max(1) {
-            let (raft, address) = (free_address().await?, free_address().await?);
+            let (raft, address) = (free.next().await?, free.next().await?);
             peers.push(format!("{id}={raft},{address}"));
             publish.push(format!("https://{address}"));
             replicas.push((format!("leader-{id}"), raft));
@@ -416,7 +430,7 @@ async fn spawn(
             false => None,
         };
         for index in 0..edges {
-            let (address, admin) = (free_address().await?, free_address().await?);
+            let (address, admin) = (free.next().await?, free.next().await?);
             let role = format!("edge-{index}");
             let mut command = Command::new(trellis);
             command.arg("edge").args([

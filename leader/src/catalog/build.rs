@@ -19,7 +19,7 @@ use super::{
     is_dns_name, is_object_name, policy, AppProtocol, Catalog, Endpoint, Identity, IngressGateway,
     MeshPod, MeshService, MeshSettings, Problem, ServiceKey, ServicePort, MONITORED_BY,
 };
-use crate::kinds::{IngressGatewaySpec, MeshConfig, Object, ObjectRef};
+use crate::kinds::{IngressGatewaySpec, MeshConfig, MeshConfigSpec, Object, ObjectRef};
 
 /// The MeshConfig Trellis reads.
 const MESH_CONFIG_NAME: &str = "osm-mesh-config";
@@ -225,6 +225,51 @@ pub fn rebuild_service(
     Some(mesh_service(key.clone(), service, found.0, &found.1))
 }
 
+/// The feature flags this version of Trellis honours; any other set to
+/// something but `false` is reported.
+const FEATURE_FLAGS: &[&str] = &[
+    "enableEgressPolicy",
+    "enableIngressBackendPolicy",
+    "enableRetryPolicy",
+];
+
+/// Reports each MeshConfig field this version of Trellis does not
+/// implement (OSM's, or a misspelling), one problem per field, so nobody
+/// believes it applies.
+fn not_implemented(r: &ObjectRef, spec: &MeshConfigSpec, problems: &mut Vec<Problem>) {
+    let sections = [
+        ("spec", &spec.unread),
+        ("spec.traffic", &spec.traffic.unread),
+        ("spec.sidecar", &spec.sidecar.unread),
+        ("spec.certificate", &spec.certificate.unread),
+        ("spec.observability", &spec.observability.unread),
+        (
+            "spec.observability.tracing",
+            &spec.observability.tracing.unread,
+        ),
+    ];
+    let mut fields: Vec<String> = (sections.iter())
+        .flat_map(|(path, unread)| unread.keys().map(move |key| format!("{path}.{key}")))
+        .collect();
+    if let Some(flags) = spec.feature_flags.as_object() {
+        fields.extend(
+            (flags.iter())
+                .filter(|(flag, value)| {
+                    !FEATURE_FLAGS.contains(&flag.as_str())
+                        && **value != serde_json::Value::Bool(false)
+                })
+                .map(|(flag, _)| format!("spec.featureFlags.{flag}")),
+        );
+    }
+    fields.sort();
+    for field in fields {
+        problems.push(Problem::new(
+            r,
+            format!("{field} is not implemented by this version of Trellis; it has no effect"),
+        ));
+    }
+}
+
 /// The collector MeshConfig `observability.tracing` names, with OSM's
 /// defaults for port and endpoint.
 fn tracing(spec: &crate::kinds::TracingSpec) -> Result<super::Tracing, String> {
@@ -297,6 +342,7 @@ fn mesh_settings(
             )),
         }
     }
+    not_implemented(r, &config.spec, problems);
     let observability = &config.spec.observability;
     settings.access_log = observability.enable_access_log.unwrap_or(true);
     if observability.tracing.enable {
