@@ -19,7 +19,6 @@ use trellis_edge::{Edge, EdgeConfig, EdgeTls};
 use trellis_leader::{
     bootstrap::{edge_credentials, proxy_bootstrap, EdgeAddress, Proxy},
     ca::BuiltinCa,
-    catalog::TRUST_DOMAIN,
     compile::Compiler,
     ingress_gateway::Keeper,
     pipeline::{Pipeline, PipelineConfig, Status},
@@ -41,6 +40,7 @@ const EDGE_CERT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 #[derive(Debug)]
 pub struct ControlPlane {
     ca: Arc<BuiltinCa>,
+    trust_domain: String,
     edge: EdgeAddress,
     admin: SocketAddr,
     status: watch::Receiver<Arc<Status>>,
@@ -77,7 +77,8 @@ impl ControlPlane {
         let admin_listener =
             (TcpListener::bind(admin).await).map_err(io(format!("binding admin {admin}")))?;
 
-        let edge = Edge::new(EdgeConfig::default());
+        let edge = Edge::in_trust_domain(EdgeConfig::default(), &config.trust_domain);
+        let trust_domain = config.trust_domain.clone();
         let pipeline = Pipeline::new(config, Compiler::new(ca.clone()));
         let mut status = pipeline.status();
         let (updates, received) = mpsc::channel(64);
@@ -100,6 +101,7 @@ impl ControlPlane {
         });
         let mut control = ControlPlane {
             ca,
+            trust_domain,
             edge: EdgeAddress {
                 host: host.to_string(),
                 port: XDS_PORT,
@@ -157,7 +159,7 @@ impl ControlPlane {
         Ok(proxy_bootstrap(
             self.ca.as_ref(),
             &Proxy::of_class(id, class),
-            TRUST_DOMAIN,
+            &self.trust_domain,
             &self.edge,
             AdsApi::Delta,
         )?)

@@ -55,6 +55,17 @@ pub enum ClassifyError {
         /// The class the leader bound its UUID to.
         bound: String,
     },
+    /// The certificate's SPIFFE id is of another trust domain than the
+    /// mesh's.
+    #[error("node {node_id:?} presents a certificate of trust domain {presented:?}; the mesh's is {mesh:?}")]
+    ForeignTrustDomain {
+        /// The node's id.
+        node_id: String,
+        /// The certificate's trust domain.
+        presented: String,
+        /// The mesh's.
+        mesh: String,
+    },
     /// The certificate is bound to a pod the leader no longer (or not yet)
     /// knows.
     #[error(
@@ -85,6 +96,7 @@ impl ClassifyError {
             ClassifyError::IdentityMismatch { .. } => "identity_mismatch",
             ClassifyError::NotBound { .. } => "not_bound",
             ClassifyError::PodGone { .. } => "pod_gone",
+            ClassifyError::ForeignTrustDomain { .. } => "foreign_trust_domain",
             ClassifyError::ForeignClass { .. } => "foreign_class",
             ClassifyError::Peer(_) => "bad_client_certificate",
         }
@@ -116,9 +128,27 @@ pub(crate) fn bound_class(snapshot: &Snapshot, peer: &PeerIdentity) -> Option<St
 
 /// Takes the class from node metadata `trellis.class`, else from the node's
 /// cluster (Envoy's `--service-cluster`), and checks it against the peer's
-/// certificate.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct NodeClassifier;
+/// certificate, which must be of the mesh's trust domain.
+#[derive(Clone, Debug)]
+pub struct NodeClassifier {
+    trust_domain: String,
+}
+
+impl NodeClassifier {
+    /// Classifies proxies of `trust_domain`.
+    pub fn new(trust_domain: &str) -> NodeClassifier {
+        NodeClassifier {
+            trust_domain: trust_domain.to_owned(),
+        }
+    }
+}
+
+impl Default for NodeClassifier {
+    /// OSM's default trust domain, `cluster.local`.
+    fn default() -> Self {
+        NodeClassifier::new("cluster.local")
+    }
+}
 
 impl ProxyClassifier for NodeClassifier {
     fn classify(
@@ -147,6 +177,13 @@ impl ProxyClassifier for NodeClassifier {
         let Some(peer) = peer else {
             return claimed.ok_or_else(no_class);
         };
+        if peer.trust_domain != self.trust_domain {
+            return Err(ClassifyError::ForeignTrustDomain {
+                node_id: node.id.clone(),
+                presented: peer.trust_domain.clone(),
+                mesh: self.trust_domain.clone(),
+            });
+        }
         if node.id != peer.common_name {
             return Err(ClassifyError::IdentityMismatch {
                 node_id: node.id.clone(),
@@ -209,6 +246,7 @@ mod tests {
             common_name: "u1.sidecar.bookbuyer.bookbuyer.cluster.local".to_owned(),
             namespace: "bookbuyer".to_owned(),
             service_account: "bookbuyer".to_owned(),
+            trust_domain: "cluster.local".to_owned(),
             pod_bound: false,
         }
     }
@@ -216,7 +254,7 @@ mod tests {
     #[test]
     fn a_certified_proxy_gets_only_its_own_identitys_classes() {
         let id = "u1.sidecar.bookbuyer.bookbuyer.cluster.local";
-        let classify = |node: Node| NodeClassifier.classify(&node, Some(&buyer()), None);
+        let classify = |node: Node| NodeClassifier::default().classify(&node, Some(&buyer()), None);
         assert_eq!(
             classify(node(id, "bookbuyer/bookbuyer/0a1b2c3d")),
             Ok("bookbuyer/bookbuyer/0a1b2c3d".to_owned())
@@ -240,7 +278,11 @@ mod tests {
         );
         // Plaintext (development only): the node's word is taken.
         assert_eq!(
-            NodeClassifier.classify(&node("any", "bookstore/bookstore/0a1b2c3d"), None, None),
+            NodeClassifier::default().classify(
+                &node("any", "bookstore/bookstore/0a1b2c3d"),
+                None,
+                None
+            ),
             Ok("bookstore/bookstore/0a1b2c3d".to_owned())
         );
     }
@@ -249,7 +291,8 @@ mod tests {
     fn a_bound_proxy_is_served_its_binding_and_refused_any_other_claim() {
         let id = "u1.sidecar.bookbuyer.bookbuyer.cluster.local";
         let bound = Some("bookbuyer/bookbuyer/0a1b2c3d");
-        let classify = |node: Node| NodeClassifier.classify(&node, Some(&buyer()), bound);
+        let classify =
+            |node: Node| NodeClassifier::default().classify(&node, Some(&buyer()), bound);
         assert_eq!(
             classify(node(id, "")),
             Ok("bookbuyer/bookbuyer/0a1b2c3d".to_owned()),
@@ -270,13 +313,29 @@ mod tests {
             "a node cluster that is no class id is no claim"
         );
         assert_eq!(
-            NodeClassifier
+            NodeClassifier::default()
                 .classify(&node(id, "bookbuyer.bookbuyer"), Some(&buyer()), None)
                 .map_err(|e| e.reason()),
             Err("foreign_class"),
             "unbound, the cluster is the claim"
         );
         assert_eq!(buyer().proxy_uuid(), Some("u1"));
+    }
+
+    #[test]
+    fn a_certificate_of_another_trust_domain_is_refused() {
+        let id = "u1.sidecar.bookbuyer.bookbuyer.cluster.local";
+        let claim = node(id, "bookbuyer/bookbuyer/0a1b2c3d");
+        assert_eq!(
+            NodeClassifier::default().classify(&claim, Some(&buyer()), None),
+            Ok("bookbuyer/bookbuyer/0a1b2c3d".to_owned())
+        );
+        assert_eq!(
+            NodeClassifier::new("example.org")
+                .classify(&claim, Some(&buyer()), None)
+                .map_err(|e| e.reason()),
+            Err("foreign_trust_domain")
+        );
     }
 
     #[test]
@@ -287,7 +346,7 @@ mod tests {
             ..buyer()
         };
         assert_eq!(
-            NodeClassifier.classify(
+            NodeClassifier::default().classify(
                 &node(id, "bookbuyer.bookbuyer"),
                 Some(&injected),
                 Some("bookbuyer/bookbuyer/0a1b2c3d")
@@ -296,7 +355,7 @@ mod tests {
         );
         for claim in ["bookbuyer.bookbuyer", "bookbuyer/bookbuyer/0a1b2c3d", ""] {
             assert_eq!(
-                NodeClassifier
+                NodeClassifier::default()
                     .classify(&node(id, claim), Some(&injected), None)
                     .map_err(|e| e.reason()),
                 Err("pod_gone"),

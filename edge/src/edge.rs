@@ -67,9 +67,15 @@ pub struct Edge {
 }
 
 impl Edge {
-    /// An edge that classifies proxies from their node.
+    /// An edge that classifies proxies from their node, in the default
+    /// trust domain (`cluster.local`).
     pub fn new(config: EdgeConfig) -> Edge {
-        Edge::with_classifier(config, Arc::new(NodeClassifier))
+        Edge::with_classifier(config, Arc::new(NodeClassifier::default()))
+    }
+
+    /// An edge serving proxies of `trust_domain`.
+    pub fn in_trust_domain(config: EdgeConfig, trust_domain: &str) -> Edge {
+        Edge::with_classifier(config, Arc::new(NodeClassifier::new(trust_domain)))
     }
 
     /// An edge with its own proxy classifier.

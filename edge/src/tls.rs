@@ -238,6 +238,8 @@ pub struct PeerIdentity {
     pub namespace: String,
     /// Its ServiceAccount, from the SPIFFE id.
     pub service_account: String,
+    /// The SPIFFE id's trust domain.
+    pub trust_domain: String,
     /// Honoured only while the leader binds its proxy UUID to a pod (the
     /// subject organizational unit [`trellis_shared::POD_BOUND_UNIT`]: the
     /// injector's certificates).
@@ -285,8 +287,9 @@ impl PeerIdentity {
             .any(|unit| unit.as_str() == Ok(trellis_shared::POD_BOUND_UNIT));
         Ok(PeerIdentity {
             common_name,
-            namespace: spiffe.0.to_owned(),
-            service_account: spiffe.1.to_owned(),
+            trust_domain: spiffe.0.to_owned(),
+            namespace: spiffe.1.to_owned(),
+            service_account: spiffe.2.to_owned(),
             pod_bound,
         })
     }
@@ -304,15 +307,20 @@ impl PeerIdentity {
     }
 }
 
-/// (namespace, ServiceAccount) of `spiffe://<td>/ns/<ns>/sa/<sa>`.
-fn parse_spiffe(uri: &str) -> Option<(&str, &str)> {
+/// (trust domain, namespace, ServiceAccount) of
+/// `spiffe://<td>/ns/<ns>/sa/<sa>`.
+fn parse_spiffe(uri: &str) -> Option<(&str, &str, &str)> {
     let path = uri.strip_prefix("spiffe://")?;
-    let (_, path) = path.split_once('/')?;
+    let (trust_domain, path) = path.split_once('/')?;
     let rest = path.strip_prefix("ns/")?;
     let (namespace, rest) = rest.split_once('/')?;
     let service_account = rest.strip_prefix("sa/")?;
     let valid = |s: &str| !s.is_empty() && !s.contains('/');
-    (valid(namespace) && valid(service_account)).then_some((namespace, service_account))
+    (valid(trust_domain) && valid(namespace) && valid(service_account)).then_some((
+        trust_domain,
+        namespace,
+        service_account,
+    ))
 }
 
 #[cfg(test)]
@@ -323,7 +331,7 @@ mod tests {
     fn spiffe_ids_name_a_namespace_and_service_account() {
         assert_eq!(
             parse_spiffe("spiffe://cluster.local/ns/bookstore/sa/bookbuyer"),
-            Some(("bookstore", "bookbuyer"))
+            Some(("cluster.local", "bookstore", "bookbuyer"))
         );
         for bad in [
             "https://cluster.local/ns/a/sa/b",

@@ -17,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-pub use self::build::{build, rebuild_policies, rebuild_service};
+pub use self::build::{build, build_in, rebuild_policies, rebuild_service};
 pub use self::egress::{host_range, EgressProtocol, EgressRule};
 pub use self::ingress::{IngressRule, IngressTls};
 pub use self::policy::{HttpRule, Split, Target, TcpRule};
@@ -42,6 +42,10 @@ pub const POLICY_KINDS: &[&str] = &[
 
 /// The default trust domain.
 pub const TRUST_DOMAIN: &str = "cluster.local";
+
+/// The cluster's DNS domain, which services' names end in
+/// (`<svc>.<ns>.svc.<domain>`); unlike the trust domain, not configurable.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
 /// The namespace label that puts a namespace in the mesh.
 pub const MONITORED_BY: &str = "openservicemesh.io/monitored-by";
 
@@ -96,7 +100,7 @@ pub struct ServiceKey {
 impl ServiceKey {
     /// `<svc>.<ns>.svc.cluster.local`.
     pub fn fqdn(&self) -> String {
-        format!("{}.{}.svc.{TRUST_DOMAIN}", self.name, self.namespace)
+        format!("{}.{}.svc.{CLUSTER_DOMAIN}", self.name, self.namespace)
     }
 }
 

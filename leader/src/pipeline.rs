@@ -36,6 +36,8 @@ impl SnapshotSink for trellis_edge::SnapshotStore {
 pub struct PipelineConfig {
     /// The mesh name namespaces are labelled with (default `osm`).
     pub mesh: String,
+    /// The trust domain of the mesh's identities (default `cluster.local`).
+    pub trust_domain: String,
     /// Compile once no update arrived for this long (default 100 ms).
     pub quiet: Duration,
     /// ...but never wait longer than this after the first update (default 1 s).
@@ -52,6 +54,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
             mesh: "osm".to_owned(),
+            trust_domain: crate::catalog::TRUST_DOMAIN.to_owned(),
             quiet: Duration::from_millis(100),
             max_delay: Duration::from_secs(1),
             certificate_tick: Duration::from_secs(1),
@@ -354,7 +357,7 @@ impl Pipeline {
                     previous.clone()
                 }
             }
-            _ => catalog::build(&self.objects, &self.config.mesh),
+            _ => catalog::build_in(&self.objects, &self.config.mesh, &self.config.trust_domain),
         };
         let update = self.compiler.update(self.catalog.as_ref(), &catalog);
         debug!(

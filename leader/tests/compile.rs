@@ -1793,6 +1793,40 @@ spec:
 }
 
 #[test]
+fn identities_follow_the_trust_domain() {
+    use trellis_proto::pb::envoy::{
+        config::core::v3::data_source::Specifier, extensions::transport_sockets::tls::v3::secret,
+    };
+    let catalog = catalog::build_in(&example(), "osm", "example.org");
+    let compiled = Compiler::new(Arc::new(BuiltinCa::generate().unwrap()))
+        .compile(&catalog)
+        .clone();
+    let json = serde_json::to_string(&golden(&compiled)).unwrap();
+    // RBAC principals (SMI mode) and outbound SAN matches name example.org;
+    // service DNS names keep the cluster's domain.
+    assert!(
+        !json.contains("spiffe://cluster.local"),
+        "no default trust domain left"
+    );
+    assert!(!json.contains("bookbuyer.bookbuyer.cluster.local"));
+    assert!(json.contains("bookbuyer.bookbuyer.example.org"));
+    assert!(json.contains("spiffe://example.org/ns/bookstore/sa/bookstore"));
+    assert!(json.contains("bookstore.bookstore.svc.cluster.local"));
+    let store = class_of(&compiled, "bookstore/bookstore-v1-0");
+    let secret: Secret =
+        decode(resources(&compiled, &store, type_url::SECRET)["service-cert:bookstore/bookstore"]);
+    let Some(secret::Type::TlsCertificate(tls)) = secret.r#type else {
+        panic!("not a certificate");
+    };
+    let Some(Specifier::InlineString(chain)) = tls.certificate_chain.unwrap().specifier else {
+        panic!("not inline");
+    };
+    let (_, pem) = x509_parser::pem::parse_x509_pem(chain.as_bytes()).unwrap();
+    let subject = pem.parse_x509().unwrap().subject().to_string();
+    assert_eq!(subject, "CN=bookstore.bookstore.example.org");
+}
+
+#[test]
 fn tracing_settings_that_cannot_work_are_reported() {
     for (tracing, reason) in [
         ("{ enable: true }", "is not a host name"),

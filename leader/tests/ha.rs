@@ -798,6 +798,38 @@ async fn misconfigured_replicas_stop_with_a_clear_error_and_the_group_carries_on
     assert!(!status.success());
     assert!(log.contains("holds the data of leader group"), "{log}");
 
+    // The member on its own data, started in another trust domain: the
+    // group's identities are in cluster.local, so it stops saying so
+    // rather than issue or accept identities the group's do not match.
+    let mut args: Vec<String> = [
+        "leader",
+        "--dir",
+        &group.dir.join("mesh").to_string_lossy(),
+        "--ca-dir",
+        &group.dir.join("ca").to_string_lossy(),
+        "--publish",
+        &group.publish[&follower].to_string(),
+        "--node-id",
+        &follower.to_string(),
+        "--data-dir",
+        &group.dir.join(format!("data-{follower}")).to_string_lossy(),
+        "--peer-tls-dir",
+        &group.dir.join(format!("peer-{follower}")).to_string_lossy(),
+        "--trust-domain",
+        "example.org",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    args.extend(group.peer_args());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut renamed = Process::spawn(&args, group.dir.join("renamed.log"));
+    let (status, log) = renamed.exited(Duration::from_secs(30)).await?;
+    assert!(!status.success());
+    assert!(
+        log.contains("the leader group's identities are in trust domain \"cluster.local\", and this replica was started with --trust-domain \"example.org\""),
+        "{log}"
+    );
+
     // A corrupted log stops that replica at start-up with the file named.
     let corrupt = group.dir.join("data-corrupt");
     std::fs::create_dir_all(&corrupt)?;

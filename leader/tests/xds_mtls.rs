@@ -429,5 +429,17 @@ async fn only_proxies_with_a_mesh_certificate_of_their_own_identity_are_served()
             .await,
         1.0
     );
+
+    // The mesh's CA, but another trust domain's identity: refused.
+    let elsewhere = LeafRequest::proxy(&uuid, &identity, "example.org", Duration::from_secs(3600));
+    let cert = mesh.ca.issue(&elsewhere)?;
+    let channel = mesh.channel(Some((&cert.chain_pem, &cert.key_pem))).await?;
+    let status = ask_secrets(channel, &elsewhere.common_name, &class, &[own])
+        .await
+        .unwrap_err();
+    assert!(
+        status.message().contains("trust domain \"example.org\""),
+        "{status}"
+    );
     Ok(())
 }

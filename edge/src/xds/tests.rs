@@ -121,7 +121,7 @@ impl<V: Variant> Harness<V> {
         store.publish((*derive(&store.load(), items)).clone());
         let server = AdsServer::new(
             store.clone(),
-            Arc::new(NodeClassifier),
+            Arc::new(NodeClassifier::default()),
             Arc::new(Metrics::default()),
             AdsConfig {
                 limits: Limits {

@@ -33,10 +33,16 @@ const MAX_CERT_VALIDITY: Duration = Duration::from_secs(87_600 * 3600);
 
 /// Builds the catalog of mesh `mesh` (the value of the namespaces'
 /// `openservicemesh.io/monitored-by` label) from every object the sources
-/// hold.
+/// hold, in the default trust domain.
 pub fn build(objects: &BTreeMap<ObjectRef, Object>, mesh: &str) -> Catalog {
+    build_in(objects, mesh, super::TRUST_DOMAIN)
+}
+
+/// [`build`] with identities in `trust_domain`.
+pub fn build_in(objects: &BTreeMap<ObjectRef, Object>, mesh: &str, trust_domain: &str) -> Catalog {
     let mut problems = Vec::new();
-    let settings = mesh_settings(objects, &mut problems);
+    let mut settings = mesh_settings(objects, &mut problems);
+    settings.trust_domain = trust_domain.to_owned();
     let monitored: BTreeSet<&str> = objects
         .values()
         .filter_map(|o| match o {

@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use super::{build::parse_go_duration, MeshService, Problem, ServiceKey, TRUST_DOMAIN};
+use super::{build::parse_go_duration, MeshService, Problem, ServiceKey, CLUSTER_DOMAIN};
 use crate::kinds::{
     ConnectionSettings, HttpLocalRateLimit, ObjectRef, TcpLocalRateLimit, UpstreamTrafficSetting,
 };
@@ -124,7 +124,7 @@ pub(super) fn build(
 /// The service `host` names: `<svc>.<ns>.svc.cluster.local`, or `<svc>`
 /// in the object's namespace.
 fn host(r: &ObjectRef, host: &str) -> Result<ServiceKey, String> {
-    let fqdn_suffix = format!(".svc.{TRUST_DOMAIN}");
+    let fqdn_suffix = format!(".svc.{CLUSTER_DOMAIN}");
     let (name, namespace) = match host.strip_suffix(&fqdn_suffix) {
         Some(rest) => rest
             .split_once('.')

@@ -80,6 +80,15 @@ impl GroupConfig {
 /// Why a replica could not start, or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum GroupError {
+    /// The group's identities are in another trust domain than this
+    /// replica was started with.
+    #[error("the leader group's identities are in trust domain {group:?}, and this replica was started with --trust-domain {configured:?}; changing a running mesh's trust domain is refused (every leaf, bootstrap and policy names it): start it with {group:?}, or build a new group")]
+    TrustDomain {
+        /// The group's, as its first leader recorded it with the CA.
+        group: String,
+        /// This replica's.
+        configured: String,
+    },
     /// This replica's id is not in the peer list.
     #[error("replica id {id} is not among the peers {peers:?} (--node-id must be one of --peers)")]
     UnknownSelf {

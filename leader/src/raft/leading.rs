@@ -131,6 +131,11 @@ impl SnapshotSink for Handoff {
 pub async fn lead(group: Arc<LeaderGroup>, leading: Leading) -> GroupError {
     let mut metrics = group.metrics();
     loop {
+        // Leading or following, a replica of another trust domain would
+        // issue (or accept) identities the group's do not match.
+        if let Some(error) = foreign_trust_domain(&group, &leading.pipeline.trust_domain) {
+            return error;
+        }
         let (leader, term) = {
             let m = metrics.borrow_and_update();
             (leader_of(&m), m.current_term)
@@ -190,9 +195,25 @@ async fn lost(
     }
 }
 
+/// Why this replica may not serve the group: its trust domain is not the
+/// one the group's CA was recorded with.
+fn foreign_trust_domain(group: &LeaderGroup, configured: &str) -> Option<GroupError> {
+    let state = group.state();
+    let held = state.borrow();
+    let group_domain = held.ca.as_ref()?.trust_domain();
+    (group_domain != configured).then(|| GroupError::TrustDomain {
+        group: group_domain.to_owned(),
+        configured: configured.to_owned(),
+    })
+}
+
 /// The CA the group signs with: the replicated one, or, for the group's
 /// first leader, the operator's (or a generated one) put in the state.
-async fn group_ca(group: &LeaderGroup, ca_dir: Option<&PathBuf>) -> Result<RootCa, GroupError> {
+async fn group_ca(
+    group: &LeaderGroup,
+    ca_dir: Option<&PathBuf>,
+    trust_domain: &str,
+) -> Result<RootCa, GroupError> {
     let held = group.state().borrow().ca.clone();
     let material = match held {
         Some(material) => material,
@@ -206,6 +227,7 @@ async fn group_ca(group: &LeaderGroup, ca_dir: Option<&PathBuf>) -> Result<RootC
             let material = CaMaterial {
                 cert_pem: root.cert_pem().to_owned(),
                 key_pem: root.key_pem().to_owned(),
+                trust_domain: Some(trust_domain.to_owned()),
             };
             if group.propose(Command::SetCa(material.clone())).await? == Applied::CaAlreadySet {
                 warn!("another CA was set meanwhile; signing with the group's");
@@ -213,6 +235,9 @@ async fn group_ca(group: &LeaderGroup, ca_dir: Option<&PathBuf>) -> Result<RootC
             group.state().borrow().ca.clone().unwrap_or(material)
         }
     };
+    if let Some(error) = foreign_trust_domain(group, trust_domain) {
+        return Err(error);
+    }
     RootCa::from_pem(
         &material.cert_pem,
         &material.key_pem,
@@ -230,7 +255,12 @@ async fn run_term(group: &LeaderGroup, leading: &Leading) -> Result<(), GroupErr
         .ensure_linearizable()
         .await
         .map_err(|e| GroupError::Raft(e.to_string()))?;
-    let root = group_ca(group, leading.ca_dir.as_ref()).await?;
+    let root = group_ca(
+        group,
+        leading.ca_dir.as_ref(),
+        &leading.pipeline.trust_domain,
+    )
+    .await?;
     let issuer = Arc::new(ReplicatedIssuer {
         ca: BuiltinCa::with_root(root),
         committed: group.state(),

@@ -19,6 +19,19 @@ pub struct CaMaterial {
     pub cert_pem: String,
     /// Its private key (PKCS#8).
     pub key_pem: String,
+    /// The trust domain the group's identities are in; unset in logs
+    /// written before it was recorded, which were all `cluster.local`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<String>,
+}
+
+impl CaMaterial {
+    /// The trust domain the group's identities are in.
+    pub fn trust_domain(&self) -> &str {
+        self.trust_domain
+            .as_deref()
+            .unwrap_or(crate::catalog::TRUST_DOMAIN)
+    }
 }
 
 /// A leaf certificate a leader issued, as replicated.
@@ -153,10 +166,12 @@ mod tests {
         let first = CaMaterial {
             cert_pem: "a".into(),
             key_pem: "a-key".into(),
+            trust_domain: None,
         };
         let other = CaMaterial {
             cert_pem: "b".into(),
             key_pem: "b-key".into(),
+            trust_domain: None,
         };
         assert_eq!(state.apply(&Command::SetCa(first.clone())), Applied::Done);
         assert_eq!(state.apply(&Command::SetCa(first.clone())), Applied::Done);

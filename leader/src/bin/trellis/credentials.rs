@@ -65,10 +65,11 @@ pub(crate) fn pod_bootstrap(
     dir: &Path,
     mesh: &str,
     pod: &str,
+    trust_domain: &str,
     edge: &EdgeAddress,
 ) -> Result<EnvoyBootstrap> {
     let mut source = FileSource::new(dir);
-    let mut pipeline = pipeline(mesh, ca.clone());
+    let mut pipeline = pipeline(mesh, trust_domain, ca.clone());
     pipeline.apply(source.scan()?);
     pipeline.compile()?;
     let status = pipeline.status().borrow().clone();
@@ -81,7 +82,7 @@ pub(crate) fn pod_bootstrap(
     Ok(proxy_bootstrap(
         ca.as_ref(),
         &Proxy::of_class(class, summary),
-        TRUST_DOMAIN,
+        trust_domain,
         edge,
         AdsApi::Delta,
     )?)
@@ -108,11 +109,12 @@ pub(crate) fn bootstrap(
     dir: &Path,
     mesh: &str,
     pod: &str,
+    trust_domain: &str,
     edge: &EdgeAddress,
     out: Option<&Path>,
 ) -> Result<()> {
     let ca = open_ca(Some(ca_dir))?;
-    let bootstrap = pod_bootstrap(ca, dir, mesh, pod, edge)?;
+    let bootstrap = pod_bootstrap(ca, dir, mesh, pod, trust_domain, edge)?;
     match out {
         Some(path) => {
             write_private(path, &bootstrap.to_json())?;
@@ -307,6 +309,7 @@ pub(crate) fn write_demo_bootstrap(
     class: &str,
     summary: &ClassSummary,
     xds: SocketAddr,
+    trust_domain: &str,
 ) -> Result<PathBuf> {
     let proxy = Proxy::of_class(class, summary);
     let edge = EdgeAddress {
@@ -314,7 +317,7 @@ pub(crate) fn write_demo_bootstrap(
         port: xds.port(),
         server_name: EDGE_SERVER_NAME.to_owned(),
     };
-    let bootstrap = proxy_bootstrap(ca, &proxy, TRUST_DOMAIN, &edge, AdsApi::Delta)?;
+    let bootstrap = proxy_bootstrap(ca, &proxy, trust_domain, &edge, AdsApi::Delta)?;
     let dir = std::env::temp_dir().join(format!("trellis-run-{}", std::process::id()));
     private_files::create_dir(&dir)?;
     let path = dir.join("bootstrap.json");

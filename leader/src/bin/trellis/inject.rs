@@ -4,12 +4,9 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::{bail, Context, Result};
 use tokio::net::TcpListener;
-use trellis_leader::{
-    catalog::TRUST_DOMAIN,
-    inject::{
-        issuer::GroupIssuer, publish_ca_bundle, serve, Injector, InjectorConfig, SidecarImages,
-        WebhookTls, WEBHOOK_PATH,
-    },
+use trellis_leader::inject::{
+    issuer::GroupIssuer, publish_ca_bundle, serve, Injector, InjectorConfig, SidecarImages,
+    WebhookTls, WEBHOOK_PATH,
 };
 use trellis_transport::{ControlIdentity, Role};
 
@@ -62,6 +59,8 @@ pub(crate) struct InjectArgs {
     /// The init container's image (needs /bin/sh and iptables).
     #[arg(long, default_value = "trellis-init:0.1.0")]
     init_image: String,
+    #[command(flatten)]
+    trust: crate::TrustDomain,
 }
 
 /// Runs the webhook until Ctrl-C.
@@ -97,7 +96,7 @@ pub(crate) async fn run(args: InjectArgs) -> Result<()> {
     let config = InjectorConfig {
         mesh: args.mesh.clone(),
         edge: credentials::edge_address(&args.edge, &args.edge_server_name)?,
-        trust_domain: TRUST_DOMAIN.to_owned(),
+        trust_domain: args.trust.name.clone(),
         images: SidecarImages {
             envoy: args.envoy_image,
             init: args.init_image,

@@ -90,6 +90,26 @@ struct Inputs {
     /// With `--source kube` it goes to that Secret.
     #[arg(long)]
     ingress_gateway_dir: Option<PathBuf>,
+    #[command(flatten)]
+    trust: TrustDomain,
+}
+
+/// The trust domain of the mesh's identities.
+#[derive(clap::Args, Clone)]
+struct TrustDomain {
+    /// The trust domain of the mesh's identities (SPIFFE ids, certificate
+    /// names, RBAC principals); every leader, edge and injector of a mesh
+    /// takes the same one.
+    #[arg(long = "trust-domain", default_value = TRUST_DOMAIN, value_parser = trust_domain)]
+    name: String,
+}
+
+/// A trust domain is a DNS name.
+fn trust_domain(text: &str) -> Result<String, String> {
+    match trellis_leader::catalog::is_dns_name(text) && !text.starts_with('*') {
+        true => Ok(text.to_owned()),
+        false => Err(format!("{text:?} is not a DNS name")),
+    }
 }
 
 impl Inputs {
@@ -237,6 +257,8 @@ enum Command {
         #[arg(long)]
         admin_token_file: Option<PathBuf>,
         #[command(flatten)]
+        trust: TrustDomain,
+        #[command(flatten)]
         serving: Serving,
     },
     /// Issue a pod's bootstrap certificate and write its Envoy bootstrap
@@ -260,6 +282,8 @@ enum Command {
         /// The name on the edge's certificate.
         #[arg(long, default_value = EDGE_SERVER_NAME)]
         server_name: String,
+        #[command(flatten)]
+        trust: TrustDomain,
         /// Where to write the bootstrap (default: standard output).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -384,13 +408,21 @@ async fn main() -> Result<()> {
             sharded,
             tls_dir,
             admin_token_file,
+            trust,
             serving,
         } => {
             let token = admin_token_file
                 .as_deref()
                 .map(credentials::operator_token)
                 .transpose()?;
-            edge(follow, name, sharded, tls_dir, token, serving).await
+            let edge_args = EdgeArgs {
+                name,
+                sharded,
+                tls_dir,
+                operator_token: token,
+                trust_domain: trust.name,
+            };
+            edge(follow, edge_args, serving).await
         }
         Command::Check { dir, mesh } => check(dir, mesh),
         Command::Bootstrap {
@@ -398,6 +430,7 @@ async fn main() -> Result<()> {
             dir,
             mesh,
             pod,
+            trust,
             xds,
             server_name,
             out,
@@ -406,6 +439,7 @@ async fn main() -> Result<()> {
             &dir,
             &mesh,
             &pod,
+            &trust.name,
             &credentials::edge_address(&xds, &server_name)?,
             out.as_deref(),
         ),
@@ -441,9 +475,10 @@ async fn main() -> Result<()> {
     }
 }
 
-fn pipeline(mesh: &str, ca: Arc<BuiltinCa>) -> Pipeline {
+fn pipeline(mesh: &str, trust_domain: &str, ca: Arc<BuiltinCa>) -> Pipeline {
     let config = PipelineConfig {
         mesh: mesh.to_owned(),
+        trust_domain: trust_domain.to_owned(),
         ..PipelineConfig::default()
     };
     Pipeline::new(config, Compiler::new(ca))
@@ -462,7 +497,7 @@ fn require_dir(dir: &Path) -> Result<()> {
 fn check(dir: PathBuf, mesh: String) -> Result<()> {
     require_dir(&dir)?;
     let mut source = FileSource::new(&dir);
-    let mut pipeline = pipeline(&mesh, credentials::open_ca(None)?);
+    let mut pipeline = pipeline(&mesh, TRUST_DOMAIN, credentials::open_ca(None)?);
     pipeline.apply(source.scan()?);
     pipeline.compile()?;
     let status = pipeline.status().borrow().clone();
@@ -498,7 +533,7 @@ struct Leader {
 /// for the first compile.
 async fn start_leader(inputs: Inputs, store: Arc<SnapshotStore>) -> Result<Leader> {
     let ca = credentials::open_ca(inputs.ca_dir.as_deref())?;
-    let pipeline = pipeline(&inputs.mesh, ca.clone());
+    let pipeline = pipeline(&inputs.mesh, &inputs.trust.name, ca.clone());
     let mut status = pipeline.status();
     let (updates, received) = mpsc::channel(64);
     let (source, origin, keeper) = match inputs.source {
@@ -569,7 +604,8 @@ fn print_problems(status: &Status) {
 }
 
 async fn run(inputs: Inputs, serving: Serving) -> Result<()> {
-    let edge = Edge::new(EdgeConfig::default());
+    let trust_domain = inputs.trust.name.clone();
+    let edge = Edge::in_trust_domain(EdgeConfig::default(), &trust_domain);
     let xds_listener = bind("xDS", serving.xds).await?;
     let admin_listener = bind("admin", serving.admin).await?;
     let leader = start_leader(inputs, edge.store().clone()).await?;
@@ -599,7 +635,13 @@ async fn run(inputs: Inputs, serving: Serving) -> Result<()> {
             credentials,
         ));
         if let Some((class, summary)) = leader.first.classes.iter().next() {
-            let path = credentials::write_demo_bootstrap(leader.ca.as_ref(), class, summary, xds)?;
+            let path = credentials::write_demo_bootstrap(
+                leader.ca.as_ref(),
+                class,
+                summary,
+                xds,
+                &trust_domain,
+            )?;
             println!(
                 "A proxy of class {class} (pod {}) starts with:\n  envoy -c {}",
                 summary.pods.join(", "),
@@ -626,8 +668,9 @@ async fn leader(inputs: Inputs, publish: SocketAddr, control: ControlArgs) -> Re
     let store = Arc::new(SnapshotStore::new());
     let listener = bind("publish", publish).await?;
     let registry = registry(&inputs).await?;
+    let trust_domain = inputs.trust.name.clone();
     let leader = start_leader(inputs, store.clone()).await?;
-    let issuance = Issuance::new(Arc::new(leader.ca.clone()), registry, TRUST_DOMAIN);
+    let issuance = Issuance::new(Arc::new(leader.ca.clone()), registry, &trust_domain);
     println!("Trellis leader compiling {}", leader.origin);
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!(
@@ -773,7 +816,7 @@ async fn leader_group(
     let issuance = Issuance::new(
         Arc::new(GroupSigner::new(replica.state())),
         registry(&inputs).await?,
-        TRUST_DOMAIN,
+        &inputs.trust.name,
     );
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!(
@@ -791,6 +834,7 @@ async fn leader_group(
         source,
         pipeline: PipelineConfig {
             mesh: inputs.mesh.clone(),
+            trust_domain: inputs.trust.name.clone(),
             ..PipelineConfig::default()
         },
         ingress_gateway: keeper,
@@ -809,18 +853,27 @@ async fn leader_group(
     result
 }
 
-async fn edge(
-    follow: FollowArgs,
+/// What `trellis edge` is told beside whom it follows and where it serves.
+struct EdgeArgs {
     name: Option<String>,
     sharded: bool,
     tls_dir: Option<PathBuf>,
     operator_token: Option<Arc<str>>,
-    serving: Serving,
-) -> Result<()> {
+    trust_domain: String,
+}
+
+async fn edge(follow: FollowArgs, args: EdgeArgs, serving: Serving) -> Result<()> {
+    let EdgeArgs {
+        name,
+        sharded,
+        tls_dir,
+        operator_token,
+        trust_domain,
+    } = args;
     let name = name
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("edge-{}", std::process::id()));
-    let mut edge = Edge::new(EdgeConfig::default());
+    let mut edge = Edge::in_trust_domain(EdgeConfig::default(), &trust_domain);
     if let Some(token) = operator_token {
         edge = edge.with_operator_token(token);
     }

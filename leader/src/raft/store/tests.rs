@@ -58,6 +58,7 @@ fn ca() -> CaMaterial {
     CaMaterial {
         cert_pem: "root cert".into(),
         key_pem: "root key".into(),
+        trust_domain: None,
     }
 }
 
