@@ -96,7 +96,7 @@ pub(crate) async fn run(args: InjectArgs) -> Result<()> {
     let config = InjectorConfig {
         mesh: args.mesh.clone(),
         edge: credentials::edge_address(&args.edge, &args.edge_server_name)?,
-        trust_domain: args.trust.name.clone(),
+        trust_domain: args.trust.trust_domain.clone(),
         images: SidecarImages {
             envoy: args.envoy_image,
             init: args.init_image,

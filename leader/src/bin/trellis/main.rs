@@ -101,7 +101,7 @@ struct TrustDomain {
     /// names, RBAC principals); every leader, edge and injector of a mesh
     /// takes the same one.
     #[arg(long = "trust-domain", default_value = TRUST_DOMAIN, value_parser = trust_domain)]
-    name: String,
+    trust_domain: String,
 }
 
 /// A trust domain is a DNS name.
@@ -420,7 +420,7 @@ async fn main() -> Result<()> {
                 sharded,
                 tls_dir,
                 operator_token: token,
-                trust_domain: trust.name,
+                trust_domain: trust.trust_domain,
             };
             edge(follow, edge_args, serving).await
         }
@@ -439,7 +439,7 @@ async fn main() -> Result<()> {
             &dir,
             &mesh,
             &pod,
-            &trust.name,
+            &trust.trust_domain,
             &credentials::edge_address(&xds, &server_name)?,
             out.as_deref(),
         ),
@@ -533,7 +533,7 @@ struct Leader {
 /// for the first compile.
 async fn start_leader(inputs: Inputs, store: Arc<SnapshotStore>) -> Result<Leader> {
     let ca = credentials::open_ca(inputs.ca_dir.as_deref())?;
-    let pipeline = pipeline(&inputs.mesh, &inputs.trust.name, ca.clone());
+    let pipeline = pipeline(&inputs.mesh, &inputs.trust.trust_domain, ca.clone());
     let mut status = pipeline.status();
     let (updates, received) = mpsc::channel(64);
     let (source, origin, keeper) = match inputs.source {
@@ -604,7 +604,7 @@ fn print_problems(status: &Status) {
 }
 
 async fn run(inputs: Inputs, serving: Serving) -> Result<()> {
-    let trust_domain = inputs.trust.name.clone();
+    let trust_domain = inputs.trust.trust_domain.clone();
     let edge = Edge::in_trust_domain(EdgeConfig::default(), &trust_domain);
     let xds_listener = bind("xDS", serving.xds).await?;
     let admin_listener = bind("admin", serving.admin).await?;
@@ -668,7 +668,7 @@ async fn leader(inputs: Inputs, publish: SocketAddr, control: ControlArgs) -> Re
     let store = Arc::new(SnapshotStore::new());
     let listener = bind("publish", publish).await?;
     let registry = registry(&inputs).await?;
-    let trust_domain = inputs.trust.name.clone();
+    let trust_domain = inputs.trust.trust_domain.clone();
     let leader = start_leader(inputs, store.clone()).await?;
     let issuance = Issuance::new(Arc::new(leader.ca.clone()), registry, &trust_domain);
     println!("Trellis leader compiling {}", leader.origin);
@@ -816,7 +816,7 @@ async fn leader_group(
     let issuance = Issuance::new(
         Arc::new(GroupSigner::new(replica.state())),
         registry(&inputs).await?,
-        &inputs.trust.name,
+        &inputs.trust.trust_domain,
     );
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!(
@@ -834,7 +834,7 @@ async fn leader_group(
         source,
         pipeline: PipelineConfig {
             mesh: inputs.mesh.clone(),
-            trust_domain: inputs.trust.name.clone(),
+            trust_domain: inputs.trust.trust_domain.clone(),
             ..PipelineConfig::default()
         },
         ingress_gateway: keeper,
