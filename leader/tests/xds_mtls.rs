@@ -314,7 +314,6 @@ async fn a_pod_bound_certificate_is_refused_once_its_pod_is_gone() -> Result<()>
         streams.to_string().contains(&class),
         "its pod exists: served the pod's class: {streams}"
     );
-    drop(envoy);
 
     // A pod-bound certificate whose UUID no pod carries.
     let stranger = new_proxy_uuid();
@@ -336,6 +335,14 @@ async fn a_pod_bound_certificate_is_refused_once_its_pod_is_gone() -> Result<()>
 
     // The pod goes: its certificate goes with it.
     label_bookbuyer(&example, None);
+    // Its open stream ends, and its Envoy is not served again.
+    eventually(
+        Duration::from_secs(20),
+        "the gone pod's stream to end",
+        || async { !mesh.edge.streams().await.to_string().contains(&node) },
+    )
+    .await?;
+    drop(envoy);
     eventually(
         Duration::from_secs(20),
         "the gone pod's certificate to be refused",

@@ -254,6 +254,17 @@ async fn drive<V: Variant>(
                     _ = draining.changed() => return Err(Refusal::Draining),
                 },
             };
+            // A pod-bound certificate is honoured only while its pod is
+            // bound: once the leader drops the binding, the stream ends.
+            if matches!(event, Event::Snapshot) {
+                if let Some(peer) = peer.as_ref().filter(|p| p.pod_bound) {
+                    if bound_class(&shared.store.load(), peer).is_none() {
+                        return Err(Refusal::NoClass(ClassifyError::PodGone {
+                            node_id: node.id.clone(),
+                        }));
+                    }
+                }
+            }
             for outbound in handle::<V>(shared, id, &mut state, event)? {
                 if out.send(Ok(outbound)).await.is_err() {
                     debug!("client went away mid-response");
