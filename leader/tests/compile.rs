@@ -1612,6 +1612,11 @@ fn upstream_traffic_settings_that_cannot_apply_are_reported() {
             "is not a header name",
         ),
         ("path: \".*\"", "path: \"(\"", "is not a valid regex"),
+        (
+            "path: \".*\"",
+            "path: \"/nowhere\"",
+            "httpRoutes path \"/nowhere\" is no inbound route of bookstore/bookstore-v1",
+        ),
     ] {
         assert!(LIMITED.contains(from), "{from}");
         assert_rejected(&LIMITED.replace(from, to), object, reason);

@@ -106,7 +106,7 @@ pub(super) fn build(
             _ => {}
         }
     }
-    let targets = targets
+    let targets: Vec<Target> = targets
         .into_iter()
         .filter_map(|(r, t)| match target(r, t, &groups, &tcp_routes) {
             Ok(t) => Some(t),
@@ -150,7 +150,11 @@ pub(super) fn build(
         problems,
     );
     let retries = retry::build(retries, settings, problems);
-    let traffic_settings = traffic_setting::build(traffic_settings, services, problems);
+    let routes = traffic_setting::InboundRoutes {
+        permissive: settings.permissive,
+        targets: &targets,
+    };
+    let traffic_settings = traffic_setting::build(traffic_settings, services, &routes, problems);
     Policies {
         targets,
         splits: by_root,

@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use super::{build::parse_go_duration, MeshService, Problem, ServiceKey, CLUSTER_DOMAIN};
+use super::{build::parse_go_duration, MeshService, Problem, ServiceKey, Target, CLUSTER_DOMAIN};
 use crate::kinds::{
     ConnectionSettings, HttpLocalRateLimit, ObjectRef, TcpLocalRateLimit, UpstreamTrafficSetting,
 };
@@ -79,6 +79,7 @@ pub type TrafficSettings = BTreeMap<ServiceKey, TrafficSetting>;
 pub(super) fn build(
     mut objects: Vec<(&ObjectRef, &UpstreamTrafficSetting)>,
     services: &BTreeMap<ServiceKey, MeshService>,
+    routes: &InboundRoutes<'_>,
     problems: &mut Vec<Problem>,
 ) -> TrafficSettings {
     objects.sort_by_key(|(r, o)| {
@@ -105,6 +106,14 @@ pub(super) fn build(
                 continue;
             }
         };
+        for path in routes.unmatched(&service, services, &setting) {
+            problems.push(Problem::new(
+                r,
+                format!(
+                    "httpRoutes path {path:?} is no inbound route of {service} (its routes are its TrafficTargets' HTTPRouteGroup matches, or .* in permissive mode); that limit has no effect"
+                ),
+            ));
+        }
         match settings.get(&service) {
             Some(first) => problems.push(Problem::new(
                 r,
@@ -119,6 +128,40 @@ pub(super) fn build(
         }
     }
     settings
+}
+
+/// What a service's inbound routes are, to check `httpRoutes` against.
+pub(super) struct InboundRoutes<'a> {
+    /// Permissive mode: one catch-all route (`.*`) per service.
+    pub(super) permissive: bool,
+    /// SMI mode: the valid TrafficTargets, whose HTTP matches are routes.
+    pub(super) targets: &'a [Target],
+}
+
+impl InboundRoutes<'_> {
+    /// The `httpRoutes` paths of `setting` that name no inbound route of
+    /// `service`.
+    fn unmatched<'s>(
+        &self,
+        service: &ServiceKey,
+        services: &BTreeMap<ServiceKey, MeshService>,
+        setting: &'s TrafficSetting,
+    ) -> Vec<&'s str> {
+        let backing = services
+            .get(service)
+            .map(MeshService::identities)
+            .unwrap_or_default();
+        let routed = |path: &str| match self.permissive {
+            true => path == ".*",
+            false => (self.targets.iter())
+                .filter(|t| backing.contains(&t.destination))
+                .any(|t| t.http.iter().any(|rule| rule.path_regex == path)),
+        };
+        (setting.route_rates.iter())
+            .map(|(path, _)| path.as_str())
+            .filter(|path| !routed(path))
+            .collect()
+    }
 }
 
 /// The service `host` names: `<svc>.<ns>.svc.cluster.local`, or `<svc>`
