@@ -6,9 +6,16 @@
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
 };
 
-use crate::{error::io, manifests, Binaries, DemoError, Net, Pod};
+use trellis_leader::{ca::BuiltinCa, pipeline::PipelineConfig};
+
+use crate::{error::io, manifests, Binaries, ControlPlane, DemoError, Net, Pod};
+
+/// How long the sidecars may take to carry a first request.
+const FIRST_REQUEST: Duration = Duration::from_secs(30);
 
 /// The pods, their bridge and the manifests' directory; all removed when
 /// dropped (pods before their bridge).
@@ -56,6 +63,46 @@ impl ClientServer {
             self.server.ip(),
             &self.service_ip.to_string(),
         )
+    }
+
+    /// Trellis (issuing from `ca`, compiling with `config`) serving the
+    /// manifests written, both pods intercepted with their sidecars, the
+    /// server's application up, and a first request through both
+    /// sidecars answered.
+    pub async fn serve(
+        &self,
+        ca: Arc<BuiltinCa>,
+        config: PipelineConfig,
+    ) -> Result<ControlPlane, DemoError> {
+        let host = IpAddr::V4(self.net.host());
+        let control = ControlPlane::start(&self.dir, host, ca, config).await?;
+        for (pod, name) in [
+            (&self.server, "demo/server-0"),
+            (&self.client, "demo/client-0"),
+        ] {
+            pod.intercept()?;
+            pod.start_envoy(&control.bootstrap(name)?)?;
+        }
+        self.server
+            .start_app(&["serve", "--pod", "demo/server-0", "--http", "8080"])?;
+        let deadline = tokio::time::Instant::now() + FIRST_REQUEST;
+        loop {
+            let reply = self.client.get("http://server.demo:8080/").await;
+            if reply.is_ok_and(|r| r.status == 200) {
+                return Ok(control);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(DemoError::Timeout(
+                    FIRST_REQUEST,
+                    format!(
+                        "a first request through both sidecars\nclient envoy:\n{}\nserver envoy:\n{}",
+                        self.client.busy_stats().await,
+                        self.server.busy_stats().await
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Writes `manifests` where Trellis watches them.

@@ -14,6 +14,8 @@
 #[path = "../../edge/tests/support/mod.rs"]
 mod support;
 
+mod common;
+
 use std::{
     collections::BTreeMap,
     path::Path,
@@ -22,9 +24,9 @@ use std::{
 };
 
 use anyhow::{anyhow, ensure, Context, Result};
-use support::{envoy_binary, eventually};
+use support::eventually;
 use trellis_demo::{
-    app, bookstore::INGRESS_PORT, nginx, Binaries, Bookstore, BookstoreConfig, DemoError, Pod,
+    app, bookstore::INGRESS_PORT, nginx, Bookstore, BookstoreConfig, DemoError, Pod,
 };
 use trellis_leader::{ca::BuiltinCa, pipeline::PipelineConfig};
 
@@ -182,10 +184,7 @@ async fn the_bookstore_mesh_works_end_to_end_with_real_envoys() -> Result<()> {
     let config = BookstoreConfig {
         subnet,
         example: Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bookstore"),
-        binaries: Binaries {
-            envoy: envoy_binary(),
-            app: env!("CARGO_BIN_EXE_trellis-demo").into(),
-        },
+        binaries: common::binaries(),
         ca: Arc::new(BuiltinCa::generate()?),
         pipeline: PipelineConfig {
             quiet: Duration::from_millis(50),

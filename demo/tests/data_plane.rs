@@ -9,6 +9,8 @@
 #[path = "../../edge/tests/support/mod.rs"]
 mod support;
 
+mod common;
+
 use std::{
     collections::BTreeSet,
     net::{IpAddr, SocketAddr},
@@ -22,12 +24,12 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime},
     ClientConfig, DigitallySignedStruct, SignatureScheme,
 };
-use support::{envoy_binary, eventually};
+use support::eventually;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
-use trellis_demo::{app, Binaries, ClientServer, ControlPlane, Pod};
+use trellis_demo::{app, Pod};
 use trellis_leader::{
     ca::{BuiltinCa, CertificateIssuer, IssuedCert, LeafRequest, RootCa, RotationPhase},
     catalog::{Identity, TRUST_DOMAIN},
@@ -157,23 +159,10 @@ fn serial_of(pem: &str) -> String {
         .collect()
 }
 
-/// Whether one GET of the service from `client` got 200.
-async fn served(client: &Pod) -> bool {
-    client.get(URL).await.is_ok_and(|r| r.status == 200)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoys_talk_mtls_across_renewal_and_root_rotation() -> Result<()> {
-    let binaries = Binaries {
-        envoy: envoy_binary(),
-        app: env!("CARGO_BIN_EXE_trellis-demo").into(),
-    };
-    let pair = ClientServer::create(
-        20 + (std::process::id() % 200) as u8,
-        &binaries,
-        "data-plane",
-    )?;
-    let (client, server, host) = (&pair.client, &pair.server, pair.net.host());
+    let pair = common::pair(20, "data-plane")?;
+    let (client, server, _host) = (&pair.client, &pair.server, pair.net.host());
     pair.write(&pair.manifests(&spec("12s")))?;
 
     let overlap = Duration::from_secs(3);
@@ -183,27 +172,7 @@ async fn envoys_talk_mtls_across_renewal_and_root_rotation() -> Result<()> {
         certificate_tick: Duration::from_millis(200),
         ..PipelineConfig::default()
     };
-    let control = ControlPlane::start(&pair.dir, IpAddr::V4(host), ca.clone(), config).await?;
-    for (pod, name) in [(server, "demo/server-0"), (client, "demo/client-0")] {
-        pod.intercept()?;
-        pod.start_envoy(&control.bootstrap(name)?)?;
-    }
-    server.start_app(&["serve", "--pod", "demo/server-0", "--http", "8080"])?;
-
-    if let Err(error) = eventually(
-        Duration::from_secs(30),
-        "a first request through both sidecars",
-        || served(client),
-    )
-    .await
-    {
-        bail!(
-            "{error}\nclient: {:?}\nclient envoy:\n{}\nserver envoy:\n{}",
-            client.get(URL).await.err(),
-            client.busy_stats().await,
-            server.busy_stats().await
-        );
-    }
+    let control = pair.serve(ca.clone(), config).await?;
     assert!(
         server
             .envoy_stat("listener.0.0.0.0_15003.ssl.handshake")

@@ -15,10 +15,12 @@
 #[path = "../../edge/tests/support/mod.rs"]
 mod support;
 
+mod common;
+
 use std::{net::IpAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{bail, Result};
-use support::{envoy_binary, eventually};
+use support::eventually;
 use trellis_demo::{manifests, Binaries, ControlPlane, Net, Pod};
 use trellis_leader::{ca::BuiltinCa, pipeline::PipelineConfig};
 
@@ -44,10 +46,7 @@ fn write(dir: &Path, client: &Pod, egress: bool) -> Result<()> {
 /// binaries pods run.
 fn net(subnet: u8) -> Result<(Net, Binaries)> {
     let net = Net::create(subnet + (std::process::id() % 200) as u8)?;
-    let binaries = Binaries {
-        envoy: envoy_binary(),
-        app: env!("CARGO_BIN_EXE_trellis-demo").into(),
-    };
+    let binaries = common::binaries();
     Ok((net, binaries))
 }
 

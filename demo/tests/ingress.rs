@@ -11,6 +11,8 @@
 #[path = "../../edge/tests/support/mod.rs"]
 mod support;
 
+mod common;
+
 use std::{
     net::{IpAddr, SocketAddr},
     path::Path,
@@ -20,7 +22,7 @@ use std::{
 
 use anyhow::{bail, Result};
 use support::{envoy_binary, eventually};
-use trellis_demo::{manifests, nginx, Binaries, ControlPlane, Net, Pod};
+use trellis_demo::{manifests, nginx, ControlPlane, Net, Pod};
 use trellis_leader::{
     ca::{BuiltinCa, CertificateIssuer, LeafRequest},
     pipeline::PipelineConfig,
@@ -105,10 +107,7 @@ fn status_from(pod: &Pod, url: &str) -> u16 {
 async fn nginx_outside_the_mesh_reaches_a_backend_only_as_an_ingress_backend_allows() -> Result<()>
 {
     let net = Net::create(27 + (std::process::id() % 200) as u8)?;
-    let binaries = Binaries {
-        envoy: envoy_binary(),
-        app: env!("CARGO_BIN_EXE_trellis-demo").into(),
-    };
+    let binaries = common::binaries();
     let server = net.pod("server", 3, &binaries)?;
     let nginx = net.pod("nginx", 5, &binaries)?;
     let stranger = net.pod("stranger", 6, &binaries)?;
@@ -295,10 +294,7 @@ fn start_ingress(
 async fn an_envoy_ingress_with_the_gateway_certificate_reaches_an_https_backend_and_no_other_certificate_does(
 ) -> Result<()> {
     let net = Net::create(27 + ((std::process::id() + 100) % 200) as u8)?;
-    let binaries = Binaries {
-        envoy: envoy_binary(),
-        app: env!("CARGO_BIN_EXE_trellis-demo").into(),
-    };
+    let binaries = common::binaries();
     let server = net.pod("server", 3, &binaries)?;
     let ingress = net.pod("ingress", 5, &binaries)?;
     let impostor = net.pod("impostor", 6, &binaries)?;

@@ -11,6 +11,8 @@
 #[path = "../../edge/tests/support/mod.rs"]
 mod support;
 
+mod common;
+
 use std::{
     convert::Infallible,
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -18,14 +20,14 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use support::{envoy_binary, eventually};
+use support::eventually;
 use tokio::net::TcpListener;
-use trellis_demo::{Binaries, ClientServer, ControlPlane, Pod};
+use trellis_demo::Pod;
 use trellis_leader::{ca::BuiltinCa, pipeline::PipelineConfig};
 
 /// What the client calls, through both sidecars.
@@ -108,15 +110,7 @@ fn parent_and_child(spans: &[Value]) -> Option<(Value, Value)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecars_log_every_request_and_trace_it_across_two_hops() -> Result<()> {
-    let binaries = Binaries {
-        envoy: envoy_binary(),
-        app: env!("CARGO_BIN_EXE_trellis-demo").into(),
-    };
-    let pair = ClientServer::create(
-        30 + (std::process::id() % 200) as u8,
-        &binaries,
-        "observability",
-    )?;
+    let pair = common::pair(30, "observability")?;
     let (client, server, host) = (&pair.client, &pair.server, pair.net.host());
     let spans = collector(SocketAddr::new(IpAddr::V4(host), ZIPKIN_PORT)).await?;
     pair.write(&pair.manifests(&spec(host, true)))?;
@@ -126,25 +120,8 @@ async fn sidecars_log_every_request_and_trace_it_across_two_hops() -> Result<()>
         quiet: Duration::from_millis(50),
         ..PipelineConfig::default()
     };
-    let control = ControlPlane::start(&pair.dir, IpAddr::V4(host), ca, config).await?;
-    for (pod, name) in [(server, "demo/server-0"), (client, "demo/client-0")] {
-        pod.intercept()?;
-        pod.start_envoy(&control.bootstrap(name)?)?;
-    }
-    server.start_app(&["serve", "--pod", "demo/server-0", "--http", "8080"])?;
-    if let Err(error) = eventually(
-        Duration::from_secs(30),
-        "a request through both sidecars",
-        || async { client.get(URL).await.is_ok_and(|r| r.status == 200) },
-    )
-    .await
-    {
-        bail!(
-            "{error}\nclient envoy:\n{}\nserver envoy:\n{}",
-            client.busy_stats().await,
-            server.busy_stats().await
-        );
-    }
+    let _control = pair.serve(ca, config).await?;
+    assert_eq!(client.get(URL).await?.status, 200);
 
     // Access logs: the server's sidecar names the caller by its SPIFFE URI.
     eventually(

@@ -16,11 +16,13 @@
 #[path = "../../edge/tests/support/mod.rs"]
 mod support;
 
+mod common;
+
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
-use anyhow::{bail, Result};
-use support::{envoy_binary, eventually};
-use trellis_demo::{Binaries, ClientServer, ControlPlane, Pod};
+use anyhow::Result;
+use support::eventually;
+use trellis_demo::{ClientServer, ControlPlane, Pod};
 use trellis_leader::{ca::BuiltinCa, pipeline::PipelineConfig};
 
 /// SMI mode, retries honoured.
@@ -57,36 +59,15 @@ fn attempts(server: &Pod, path: &str) -> usize {
 /// manifests beside theirs, served by Trellis, sidecars up and a first
 /// request through them.
 async fn mesh(subnet: u8, name: &str, extra: &str) -> Result<(ClientServer, ControlPlane)> {
-    let binaries = Binaries {
-        envoy: envoy_binary(),
-        app: env!("CARGO_BIN_EXE_trellis-demo").into(),
-    };
-    let pair = ClientServer::create(subnet + (std::process::id() % 150) as u8, &binaries, name)?;
+    let pair = common::pair(subnet, name)?;
     pair.write(&format!("{}{extra}", pair.manifests(SPEC)))?;
     let config = PipelineConfig {
         quiet: Duration::from_millis(50),
         ..PipelineConfig::default()
     };
     let ca = Arc::new(BuiltinCa::generate()?);
-    let host = IpAddr::V4(pair.net.host());
-    let control = ControlPlane::start(&pair.dir, host, ca, config).await?;
-    let (client, server) = (&pair.client, &pair.server);
-    for (pod, name) in [(server, "demo/server-0"), (client, "demo/client-0")] {
-        pod.intercept()?;
-        pod.start_envoy(&control.bootstrap(name)?)?;
-    }
-    server.start_app(&["serve", "--pod", "demo/server-0", "--http", "8080"])?;
-    if let Err(error) = eventually(Duration::from_secs(30), "a first request", || async {
-        status(client, "/").await.is_ok_and(|s| s == 200)
-    })
-    .await
-    {
-        bail!(
-            "{error}\nclient envoy:\n{}\nserver envoy:\n{}",
-            client.busy_stats().await,
-            server.busy_stats().await
-        );
-    }
+    let _host = IpAddr::V4(pair.net.host());
+    let control = pair.serve(ca, config).await?;
     Ok((pair, control))
 }
 

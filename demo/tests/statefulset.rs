@@ -9,11 +9,13 @@
 #[path = "../../edge/tests/support/mod.rs"]
 mod support;
 
+mod common;
+
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use anyhow::{bail, Result};
-use support::{envoy_binary, eventually};
-use trellis_demo::{manifests, Binaries, ControlPlane, Net, Pod};
+use support::eventually;
+use trellis_demo::{manifests, ControlPlane, Net, Pod};
 use trellis_leader::{ca::BuiltinCa, pipeline::PipelineConfig};
 
 const MEMBERS: usize = 3;
@@ -63,10 +65,7 @@ fn manifests(client: &Pod, members: &[Pod]) -> String {
 async fn each_member_of_a_statefulset_gets_every_connection_to_its_name() -> Result<()> {
     let subnet = 30 + (std::process::id() % 200) as u8;
     let net = Net::create(subnet)?;
-    let binaries = Binaries {
-        envoy: envoy_binary(),
-        app: env!("CARGO_BIN_EXE_trellis-demo").into(),
-    };
+    let binaries = common::binaries();
     let client = net.pod("client", 2, &binaries)?;
     let members: Vec<Pod> = (0..MEMBERS)
         .map(|n| net.pod(&format!("db-{n}"), 3 + n as u8, &binaries))

@@ -9,24 +9,17 @@
 #[path = "../../edge/tests/support/mod.rs"]
 mod support;
 
-use std::{net::IpAddr, sync::Arc, time::Duration};
+mod common;
 
-use anyhow::{bail, Result};
-use support::{envoy_binary, eventually};
-use trellis_demo::{Binaries, ClientServer, ControlPlane};
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Result;
+use support::eventually;
 use trellis_leader::{ca::BuiltinCa, pipeline::PipelineConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mesh_in_its_own_trust_domain_serves_and_names_it_everywhere() -> Result<()> {
-    let binaries = Binaries {
-        envoy: envoy_binary(),
-        app: env!("CARGO_BIN_EXE_trellis-demo").into(),
-    };
-    let pair = ClientServer::create(
-        50 + (std::process::id() % 200) as u8,
-        &binaries,
-        "trust-domain",
-    )?;
+    let pair = common::pair(50, "trust-domain")?;
     let (client, server) = (&pair.client, &pair.server);
     // SMI mode: the server's sidecar admits the client by its principal.
     pair.write(&pair.manifests("{ traffic: { enablePermissiveTrafficPolicyMode: false } }"))?;
@@ -36,8 +29,7 @@ async fn a_mesh_in_its_own_trust_domain_serves_and_names_it_everywhere() -> Resu
         ..PipelineConfig::default()
     };
     let ca = Arc::new(BuiltinCa::generate()?);
-    let host = IpAddr::V4(pair.net.host());
-    let control = ControlPlane::start(&pair.dir, host, ca, config).await?;
+    let control = pair.serve(ca, config).await?;
     let bootstrap = control.bootstrap("demo/client-0")?;
     assert!(
         bootstrap
@@ -46,25 +38,7 @@ async fn a_mesh_in_its_own_trust_domain_serves_and_names_it_everywhere() -> Resu
         "{}",
         bootstrap.node_id
     );
-    for (pod, name) in [(server, "demo/server-0"), (client, "demo/client-0")] {
-        pod.intercept()?;
-        pod.start_envoy(&control.bootstrap(name)?)?;
-    }
-    server.start_app(&["serve", "--pod", "demo/server-0", "--http", "8080"])?;
     let url = "http://server.demo:8080/named";
-    if let Err(error) = eventually(
-        Duration::from_secs(30),
-        "a request through both sidecars",
-        || async { client.get(url).await.is_ok_and(|r| r.status == 200) },
-    )
-    .await
-    {
-        bail!(
-            "{error}\nclient envoy:\n{}\nserver envoy:\n{}",
-            client.busy_stats().await,
-            server.busy_stats().await
-        );
-    }
     let answer = client
         .get(url)
         .await?
