@@ -363,8 +363,11 @@ async fn key_bearing_files_are_the_owners_alone_whatever_the_umask() {
         .stderr(std::fs::File::create(dir.join("leader.log")).unwrap())
         .spawn()
         .unwrap();
+    // The mesh CA is written once the replica leads, after its data.
     let started = eventually(Duration::from_secs(20), "the leader to start", || async {
-        data.join("raft.redb").exists() && data.join("replica.json").exists()
+        data.join("raft.redb").exists()
+            && data.join("replica.json").exists()
+            && ca.join("ca.key").exists()
     })
     .await;
     let log = std::fs::read_to_string(dir.join("leader.log")).unwrap_or_default();
