@@ -116,11 +116,35 @@ pub trait ProxyClassifier: Send + Sync + 'static {
     ) -> Result<String, ClassifyError>;
 }
 
+/// Where a snapshot keeps the binding of one proxy UUID.
+pub(crate) struct BindingKey {
+    scope: Scope,
+    uuid: String,
+}
+
+impl BindingKey {
+    /// The key of `peer`'s binding; `None` if its certificate names no
+    /// proxy UUID.
+    pub(crate) fn of(peer: &PeerIdentity) -> Option<BindingKey> {
+        Some(BindingKey {
+            uuid: peer.proxy_uuid()?.to_owned(),
+            scope: Scope::Identity(peer.identity().into()),
+        })
+    }
+
+    /// Whether `snapshot` holds the binding: a lookup, cheap enough for
+    /// every stream at every snapshot.
+    pub(crate) fn held_by(&self, snapshot: &Snapshot) -> bool {
+        snapshot
+            .get(&self.scope, type_url::PROXY_BINDING, &self.uuid)
+            .is_some()
+    }
+}
+
 /// The class `snapshot` binds `peer`'s proxy UUID to, if it holds one.
 pub(crate) fn bound_class(snapshot: &Snapshot, peer: &PeerIdentity) -> Option<String> {
-    let uuid = peer.proxy_uuid()?;
-    let scope = Scope::Identity(peer.identity().into());
-    let resource = snapshot.get(&scope, type_url::PROXY_BINDING, uuid)?;
+    let key = BindingKey::of(peer)?;
+    let resource = snapshot.get(&key.scope, type_url::PROXY_BINDING, &key.uuid)?;
     let any = Any::decode(resource.any().clone()).ok()?;
     let binding = ProxyBinding::decode(any.value.as_slice()).ok()?;
     Some(binding.class)

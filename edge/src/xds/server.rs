@@ -36,7 +36,7 @@ use super::{
     AdsConfig, Refusal, Variant,
 };
 use crate::{
-    classify::{bound_class, ClassifyError, ProxyClassifier},
+    classify::{bound_class, BindingKey, ClassifyError, ProxyClassifier},
     demand::{ClassDemand, Need},
     metrics::{Metrics, Protocol, ProtocolLabels, TypeLabels},
     store::SnapshotStore,
@@ -234,6 +234,9 @@ async fn drive<V: Variant>(
             shared.config.limits,
         );
         info!(epoch = state.snapshot.epoch(), "stream opened");
+        let pod_binding = (peer.as_ref())
+            .filter(|p| p.pod_bound)
+            .and_then(BindingKey::of);
         let mut next = Some(Event::Request(first));
         loop {
             let event = match next.take() {
@@ -256,13 +259,11 @@ async fn drive<V: Variant>(
             };
             // A pod-bound certificate is honoured only while its pod is
             // bound: once the leader drops the binding, the stream ends.
-            if matches!(event, Event::Snapshot) {
-                if let Some(peer) = peer.as_ref().filter(|p| p.pod_bound) {
-                    if bound_class(&shared.store.load(), peer).is_none() {
-                        return Err(Refusal::NoClass(ClassifyError::PodGone {
-                            node_id: node.id.clone(),
-                        }));
-                    }
+            if let (Event::Snapshot, Some(binding)) = (&event, &pod_binding) {
+                if !binding.held_by(&shared.store.load()) {
+                    return Err(Refusal::NoClass(ClassifyError::PodGone {
+                        node_id: node.id.clone(),
+                    }));
                 }
             }
             for outbound in handle::<V>(shared, id, &mut state, event)? {
