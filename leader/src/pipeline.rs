@@ -392,16 +392,21 @@ impl Pipeline {
             }
             modified
         });
-        let proxies: BTreeSet<(String, String)> = (catalog.pods.values())
-            .filter_map(|pod| Some((pod.identity.namespace.clone(), pod.proxy_uuid.clone()?)))
-            .collect();
-        self.proxies.send_if_modified(|held| {
-            let modified = **held != proxies;
-            if modified {
-                *held = Arc::new(proxies);
-            }
-            modified
-        });
+        // A policy-only rebuild keeps the pods: nothing to recompute.
+        let same_pods =
+            (self.catalog.as_ref()).is_some_and(|c| Arc::ptr_eq(&c.pods, &catalog.pods));
+        if !same_pods {
+            let proxies: BTreeSet<(String, String)> = (catalog.pods.values())
+                .filter_map(|pod| Some((pod.identity.namespace.clone(), pod.proxy_uuid.clone()?)))
+                .collect();
+            self.proxies.send_if_modified(|held| {
+                let modified = **held != proxies;
+                if modified {
+                    *held = Arc::new(proxies);
+                }
+                modified
+            });
+        }
         self.status.send_replace(Arc::new(Status {
             epoch: snapshot.epoch(),
             classes: compiled.classes.clone(),

@@ -97,10 +97,10 @@ fn server_config(tls: &ControlTls) -> Result<ServerConfig, WebhookError> {
 }
 
 impl WebhookTls {
-    /// Serves the certificate in `dir` (tls.crt, tls.key, ca.crt: the
-    /// injector's, from `trellis control-cert --role injector --dns ...`).
-    pub fn from_dir(dir: PathBuf) -> Result<WebhookTls, WebhookError> {
-        let tls = ControlTls::from_dir(&dir)?;
+    /// Serves `tls`, read from `dir` (tls.crt, tls.key, ca.crt: the
+    /// injector's, from `trellis control-cert --role injector --dns ...`),
+    /// which [`WebhookTls::follow_dir`] reads again.
+    pub fn new(tls: ControlTls, dir: PathBuf) -> Result<WebhookTls, WebhookError> {
         let config = server_config(&tls)?;
         Ok(WebhookTls {
             config: ArcSwap::from_pointee(config),

@@ -209,6 +209,30 @@ pub(crate) fn control_cert(
     Ok(())
 }
 
+/// The control-plane TLS material in `dir`, refused unless its
+/// certificate names `what` (a role `is` accepts) of `group`.
+pub(crate) fn control_tls_of(
+    dir: &Path,
+    group: &str,
+    what: &str,
+    is: impl Fn(&Role) -> bool,
+) -> Result<ControlTls> {
+    let tls = ControlTls::from_dir(dir).with_context(|| {
+        format!(
+            "reading the control-plane TLS material in {}",
+            dir.display()
+        )
+    })?;
+    match tls.identity() {
+        Some(identity) if identity.group == group && is(&identity.role) => Ok(tls),
+        other => bail!(
+            "{}: the certificate names {}, not {what} of group {group:?}",
+            dir.display(),
+            other.map_or_else(|| "no control-plane identity".to_owned(), |i| i.uri()),
+        ),
+    }
+}
+
 /// A leader's control-plane TLS: read from --peer-tls-dir (and checked to
 /// be replica `id` of --cluster), issued from --control-ca-dir, or none
 /// with --plaintext-control-plane.

@@ -2,13 +2,13 @@
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use trellis_leader::inject::{
     issuer::GroupIssuer, publish_ca_bundle, serve, Injector, InjectorConfig, SidecarImages,
     WebhookTls, WEBHOOK_PATH,
 };
-use trellis_transport::{ControlIdentity, Role};
+use trellis_transport::Role;
 
 use crate::credentials::{self, EDGE_SERVER_NAME};
 
@@ -66,24 +66,13 @@ pub(crate) struct InjectArgs {
 /// Runs the webhook until Ctrl-C.
 pub(crate) async fn run(args: InjectArgs) -> Result<()> {
     let dir = &args.control_tls_dir;
+    let control = credentials::control_tls_of(dir, &args.group, "the injector", |role| {
+        *role == Role::Injector
+    })?;
     let tls = Arc::new(
-        WebhookTls::from_dir(dir.clone())
+        WebhookTls::new(control.clone(), dir.clone())
             .with_context(|| format!("the injector's certificate in {}", dir.display()))?,
     );
-    let control = trellis_transport::ControlTls::from_dir(dir)?;
-    match control.identity() {
-        Some(ControlIdentity {
-            group,
-            role: Role::Injector,
-            ..
-        }) if group == args.group => {}
-        other => bail!(
-            "{}: the certificate names {}, not the injector of group {:?}",
-            dir.display(),
-            other.map_or_else(|| "no control-plane identity".to_owned(), |i| i.uri()),
-            args.group
-        ),
-    }
     let issuer = GroupIssuer::new(&args.leaders, &control, &args.group)?;
     // kube's error renders without its cause; its debug form says why.
     let client = kube::Client::try_default()

@@ -53,7 +53,7 @@ mod credentials;
 mod inject;
 
 use credentials::EDGE_SERVER_NAME;
-use trellis_transport::{ControlIdentity, ControlTls, Role};
+use trellis_transport::Role;
 
 #[derive(Parser)]
 #[command(
@@ -883,28 +883,12 @@ async fn edge(follow: FollowArgs, args: EdgeArgs, serving: Serving) -> Result<()
     upstream.sharded = sharded;
     upstream.group = follow.group.clone();
     upstream.tls = match (&follow.control_tls_dir, follow.plaintext_control_plane) {
-        (Some(dir), false) => {
-            let tls = ControlTls::from_dir(dir).with_context(|| {
-                format!(
-                    "reading the edge's control-plane TLS material in {}",
-                    dir.display()
-                )
-            })?;
-            match tls.identity() {
-                Some(ControlIdentity {
-                    group,
-                    role: Role::Edge(_),
-                    ..
-                }) if group == follow.group => {}
-                other => bail!(
-                    "{}: the certificate names {}, not an edge of group {:?}",
-                    dir.display(),
-                    other.map_or_else(|| "no control-plane identity".to_owned(), |i| i.uri()),
-                    follow.group
-                ),
-            }
-            Some(tls)
-        }
+        (Some(dir), false) => Some(credentials::control_tls_of(
+            dir,
+            &follow.group,
+            "an edge",
+            |role| matches!(role, Role::Edge(_)),
+        )?),
         (None, true) => {
             warn!("PLAINTEXT to the leader: anything answering at --leader is followed; development only");
             None
