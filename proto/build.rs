@@ -31,10 +31,12 @@ const ENVOY_FILES: &[&str] = &[
 const TRELLIS_FILES: &[&str] = &["trellis/v1/class.proto", "trellis/v1/replication.proto"];
 
 /// The control plane's RPCs (client and server stubs): Raft between
-/// replicas, bootstrap issuance for the injector.
+/// replicas, bootstrap issuance for the injector, the mesh root for
+/// operators.
 const RPC_FILES: &[&str] = &[
     "trellis/raft/v1/raft.proto",
     "trellis/issuance/v1/issuance.proto",
+    "trellis/ca/v1/ca.proto",
 ];
 
 /// Folders under envoy-types' `proto/` that hold import roots.

@@ -20,7 +20,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-pub use authority::{BuiltinCa, RotationPhase, CA_CERT, CA_KEY, NEXT_CA_CERT, NEXT_CA_KEY};
+pub use authority::{
+    BuiltinCa, RotationPhase, CA_CERT, CA_KEY, NEXT_CA_CERT, NEXT_CA_KEY, ROOT_VALIDITY,
+};
 pub use root::RootCa;
 
 use trellis_transport::{ControlIdentity, ControlTls};

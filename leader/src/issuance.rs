@@ -26,7 +26,7 @@ use trellis_transport::ControlIdentity;
 
 use crate::{
     bootstrap::{bootstrap_cert, is_proxy_uuid},
-    ca::{BuiltinCa, CertificateIssuer, RootCa},
+    ca::{BuiltinCa, CaError, CertificateIssuer, IssuedCert, LeafRequest, RootCa, SignerId},
     catalog::Identity,
     raft::state::MeshState,
 };
@@ -50,11 +50,32 @@ impl Signer for Arc<BuiltinCa> {
 }
 
 /// Signs with the CA a leader group replicated to this replica, whether it
-/// leads or follows.
+/// leads or follows: the root signing leaves now (the new one once a
+/// rotation reissues), trusting every root of the rotation.
 pub struct GroupSigner {
     state: watch::Receiver<Arc<MeshState>>,
-    /// The CA built from the replicated material, by its certificate.
-    built: Mutex<Option<(String, Arc<BuiltinCa>)>>,
+    /// The issuer built from the replicated state, by its bundle and signer.
+    built: Mutex<Option<(String, String, Arc<RootSigner>)>>,
+}
+
+/// One replicated root, and the bundle proxies trust beside it.
+struct RootSigner {
+    root: RootCa,
+    bundle: Arc<str>,
+}
+
+impl CertificateIssuer for RootSigner {
+    fn issue(&self, request: &LeafRequest) -> Result<IssuedCert, CaError> {
+        self.root.sign(request)
+    }
+
+    fn trust_bundle(&self) -> Arc<str> {
+        self.bundle.clone()
+    }
+
+    fn signer(&self) -> SignerId {
+        self.root.id()
+    }
 }
 
 impl GroupSigner {
@@ -69,15 +90,19 @@ impl GroupSigner {
 
 impl Signer for GroupSigner {
     fn issuer(&self) -> Result<Arc<dyn CertificateIssuer>, Status> {
-        let material = (self.state.borrow().ca.clone())
-            .ok_or_else(|| Status::unavailable("the leader group has no CA yet"))?;
+        let (material, bundle) = {
+            let state = self.state.borrow();
+            let material = (state.signing_ca().cloned())
+                .ok_or_else(|| Status::unavailable("the leader group has no CA yet"))?;
+            (material, state.trust_bundle())
+        };
         let mut built = self
             .built
             .lock()
             .map_err(|_| Status::internal("the CA cache was poisoned"))?;
-        if let Some((cert, ca)) = built.as_ref() {
-            if *cert == material.cert_pem {
-                return Ok(ca.clone());
+        if let Some((cert, held_bundle, signer)) = built.as_ref() {
+            if *cert == material.cert_pem && *held_bundle == bundle {
+                return Ok(signer.clone());
             }
         }
         let root = RootCa::from_pem(
@@ -87,9 +112,12 @@ impl Signer for GroupSigner {
             std::time::SystemTime::now(),
         )
         .map_err(|error| Status::internal(format!("the group's CA: {error}")))?;
-        let ca = Arc::new(BuiltinCa::with_root(root));
-        *built = Some((material.cert_pem, ca.clone()));
-        Ok(ca)
+        let signer = Arc::new(RootSigner {
+            root,
+            bundle: Arc::from(bundle.as_str()),
+        });
+        *built = Some((material.cert_pem, bundle, signer.clone()));
+        Ok(signer)
     }
 }
 

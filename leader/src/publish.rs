@@ -663,23 +663,26 @@ pub fn server(
 
 /// Who may call what on the publish port: the edges of `group` and its
 /// leaders (a replica forwarding) replicate; its injector asks for
-/// bootstrap certificates. Everything else, a proxy's certificate included
-/// (it is not from the control-plane CA at all), is refused.
+/// bootstrap certificates; its operators manage the mesh root. Everything
+/// else, a proxy's certificate included (it is not from the control-plane
+/// CA at all), is refused.
 pub fn policy(group: &str) -> Policy {
     let group = group.to_owned();
     let replication = AggregatedDiscoveryServiceServer::<Publisher>::NAME;
     let issuance = crate::issuance::SERVICE_NAME;
+    let mesh_root = crate::raft::mesh_root::SERVICE_NAME;
     Arc::new(move |caller: &ControlIdentity, service: &str| {
         let allowed = caller.group == group
             && match &caller.role {
                 Role::Edge(_) | Role::Leader(_) => service == replication,
                 Role::Injector => service == issuance,
+                Role::Operator(_) => service == mesh_root,
             };
         if allowed {
             Ok(())
         } else {
             Err(format!(
-                "{caller} may not call {service} on leader group {group:?}: edges and leaders of the group replicate, its injector asks for bootstrap certificates"
+                "{caller} may not call {service} on leader group {group:?}: edges and leaders of the group replicate, its injector asks for bootstrap certificates, its operators manage the mesh root"
             ))
         }
     })
@@ -688,6 +691,29 @@ pub fn policy(group: &str) -> Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn each_role_reaches_only_its_own_service_on_the_publish_port() {
+        let policy = policy("trellis");
+        let replication = AggregatedDiscoveryServiceServer::<Publisher>::NAME;
+        let issuance = crate::issuance::SERVICE_NAME;
+        let mesh_root = crate::raft::mesh_root::SERVICE_NAME;
+        let who = |role, group: &str| ControlIdentity::new("cluster.local", group, role).unwrap();
+        let cases = [
+            (Role::Edge("a".into()), replication),
+            (Role::Leader(2), replication),
+            (Role::Injector, issuance),
+            (Role::Operator("ops".into()), mesh_root),
+        ];
+        for (role, own) in cases {
+            for service in [replication, issuance, mesh_root] {
+                let allowed = policy(&who(role.clone(), "trellis"), service).is_ok();
+                assert_eq!(allowed, service == own, "{role:?} calling {service}");
+                assert!(policy(&who(role.clone(), "other"), service).is_err());
+            }
+        }
+    }
 
     fn resource(name: &str, size: usize) -> WireResource {
         WireResource {

@@ -9,9 +9,13 @@
 //!   and inbound (tonic, mTLS).
 //! * [`group`]: one replica: its store, Raft node and server; who leads.
 //! * [`leading`]: what a replica runs while it leads.
+//! * [`issuer`]: the certificate issuer of a term, root rotation included.
+//! * [`mesh_root`]: the operators' service starting a rotation.
 
 pub mod group;
+pub mod issuer;
 pub mod leading;
+pub mod mesh_root;
 pub mod network;
 pub mod service;
 pub mod state;

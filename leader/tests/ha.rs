@@ -12,7 +12,7 @@
 mod support;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -142,6 +142,17 @@ impl Group {
             "--control-ca-dir",
             &control_ca,
             "--role",
+            "operator",
+            "--name",
+            "ops",
+            "--out",
+            &dir.join("operator").to_string_lossy(),
+        ]);
+        trellis(&[
+            "control-cert",
+            "--control-ca-dir",
+            &control_ca,
+            "--role",
             "edge",
             "--name",
             "edge",
@@ -205,6 +216,8 @@ impl Group {
             &data.to_string_lossy(),
             "--peer-tls-dir",
             &self.dir.join(format!("peer-{id}")).to_string_lossy(),
+            "--rotation-overlap-secs",
+            "3",
         ]
         .map(str::to_owned)
         .to_vec();
@@ -536,6 +549,141 @@ async fn a_killed_raft_leader_is_replaced_without_envoy_seeing_a_change() -> Res
         .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(updates(&envoy).await, changed, "Envoy saw no update");
+    Ok(())
+}
+
+impl Group {
+    /// `trellis <command>` as the group's operator; its output, or why it
+    /// failed.
+    fn operate(&self, command: &str, args: &[&str]) -> Result<String, String> {
+        let output = Command::new(TRELLIS)
+            .arg(command)
+            .args([
+                "--leader",
+                &self.publish_list(),
+                "--control-tls-dir",
+                &self.dir.join("operator").to_string_lossy(),
+            ])
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).into_owned())
+        }
+    }
+
+    /// The group's root status, from the first replica answering.
+    fn root_status(&self) -> serde_json::Value {
+        self.operate("ca-status", &["--json"])
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// A certificate's serial number as Envoy's `/certs` writes it.
+fn serial(pem: &str) -> String {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    format!("{:x}", cert.tbs_certificate.serial)
+}
+
+/// The serial numbers of the roots Envoy trusts, and of the leaves it
+/// presents, from its admin `/certs`.
+async fn envoy_certs(envoy: &Envoy) -> (BTreeSet<String>, BTreeSet<String>) {
+    let Ok((200, text)) = http_get(envoy.admin, "/certs", None).await else {
+        return Default::default();
+    };
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let (mut roots, mut chains) = (BTreeSet::new(), BTreeSet::new());
+    for context in value["certificates"].as_array().into_iter().flatten() {
+        for (field, into) in [("ca_cert", &mut roots), ("cert_chain", &mut chains)] {
+            for cert in context[field].as_array().into_iter().flatten() {
+                if let Some(serial) = cert["serial_number"].as_str() {
+                    into.insert(serial.trim_start_matches('0').to_owned());
+                }
+            }
+        }
+    }
+    (roots, chains)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_rotation_survives_the_raft_leader_killed_mid_way() -> Result<()> {
+    let mut group = Group::prepare("rotation", 3);
+    for id in group.ids.clone() {
+        group.start(id);
+    }
+    let first = group.agreed_leader(Duration::from_secs(30)).await?;
+    let edges = [EdgeProcess::start(&group, "edge-a")];
+    edges[0].ready().await?;
+    let class = class_of(&group.dir.join("mesh"), "bookbuyer/bookbuyer");
+    let envoy = Envoy::start("bookbuyer-rotation", &class, edges[0].xds, Api::Delta).await?;
+    settled_on_its_class(&envoy).await?;
+    let status = group.root_status();
+    assert_eq!(status["step"], "stable", "{status}");
+    let old = serial(status["signingCertPem"].as_str().unwrap_or_default());
+    let (roots, old_leaves) = envoy_certs(&envoy).await;
+    assert_eq!(roots, BTreeSet::from([old.clone()]));
+    assert!(!old_leaves.is_empty());
+
+    // Rotate: both roots reach Envoy first; a second rotation meanwhile is
+    // refused.
+    let taken = group.operate("rotate-ca", &[]);
+    assert!(taken.is_ok(), "{taken:?}");
+    eventually(
+        Duration::from_secs(20),
+        "Envoy to trust both roots",
+        || async { envoy_certs(&envoy).await.0.len() == 2 },
+    )
+    .await
+    .with_context(|| envoy.log())?;
+    let again = group.operate("rotate-ca", &[]);
+    assert!(
+        again
+            .as_ref()
+            .is_err_and(|e| e.contains("already under way")),
+        "{again:?}"
+    );
+
+    // Once the new root signs, kill the leader: the next one carries on.
+    eventually(Duration::from_secs(20), "the new root to sign", || async {
+        group.root_status()["step"] == "reissuing"
+    })
+    .await?;
+    let new = serial(
+        group.root_status()["signingCertPem"]
+            .as_str()
+            .unwrap_or_default(),
+    );
+    assert_ne!(new, old);
+    group
+        .replace_leader(first.leader, &edges, Duration::from_secs(20))
+        .await?;
+    eventually(
+        Duration::from_secs(30),
+        "the rotation to finish with Envoy on the new root alone, every leaf reissued",
+        || async {
+            let (roots, leaves) = envoy_certs(&envoy).await;
+            group.root_status()["step"] == "stable"
+                && roots == BTreeSet::from([new.clone()])
+                && !leaves.is_empty()
+                && leaves.is_disjoint(&old_leaves)
+        },
+    )
+    .await
+    .with_context(|| {
+        group
+            .replicas
+            .values()
+            .map(Process::log)
+            .collect::<Vec<_>>()
+            .join("\n")
+    })?;
+    let status = group.root_status();
+    assert_eq!(status["trustedRoots"], 1, "{status}");
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 //!   `proto/trellis` with protox.
 //! * [`trellis::raft::v1`]: the leader group's RPCs between replicas.
 //! * [`trellis::issuance::v1`]: bootstrap certificates for the injector.
+//! * [`trellis::ca::v1`]: the mesh root, for operators (root rotation).
 //! * [`descriptors`]: descriptors of every message Trellis encodes (its own
 //!   and the Envoy messages it emits), used to encode them canonically.
 //! * [`pb`]: the Envoy v3 API types, re-exported from `envoy-types`.
@@ -32,6 +33,15 @@ pub mod trellis {
         #[allow(missing_docs, unreachable_pub, clippy::all)]
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/trellis.raft.v1.rs"));
+        }
+    }
+
+    /// The mesh root, for operators.
+    pub mod ca {
+        /// Version 1 of the mesh root RPC.
+        #[allow(missing_docs, unreachable_pub, clippy::all)]
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/trellis.ca.v1.rs"));
         }
     }
 

@@ -20,6 +20,8 @@ pub enum Role {
     Edge(String),
     /// The sidecar injector.
     Injector,
+    /// A person or tool operating the group (`trellis rotate-ca`), by name.
+    Operator(String),
 }
 
 /// A control-plane certificate's holder.
@@ -59,7 +61,7 @@ impl ControlIdentity {
     /// edge's name are DNS labels (they become parts of DNS names).
     pub fn new(trust_domain: &str, group: &str, role: Role) -> Option<ControlIdentity> {
         let name_ok = match &role {
-            Role::Edge(name) => is_label(name),
+            Role::Edge(name) | Role::Operator(name) => is_label(name),
             Role::Leader(_) | Role::Injector => true,
         };
         (is_label(group) && name_ok && !trust_domain.is_empty()).then(|| ControlIdentity {
@@ -75,6 +77,7 @@ impl ControlIdentity {
             Role::Leader(id) => ("leader", id.to_string()),
             Role::Edge(name) => ("edge", name.clone()),
             Role::Injector => ("injector", "injector".to_owned()),
+            Role::Operator(name) => ("operator", name.clone()),
         };
         format!(
             "spiffe://{}/trellis/{}/{role}/{name}",
@@ -100,6 +103,7 @@ impl ControlIdentity {
             "leader" => Role::Leader(name.parse().ok()?),
             "edge" => Role::Edge(name.to_owned()),
             "injector" if name == "injector" => Role::Injector,
+            "operator" => Role::Operator(name.to_owned()),
             _ => return None,
         };
         ControlIdentity::new(trust_domain, group, role)
@@ -114,6 +118,7 @@ impl ControlIdentity {
             ],
             Role::Edge(name) => vec![format!("{name}.edge.{}.trellis", self.group)],
             Role::Injector => vec![format!("injector.{}.trellis", self.group)],
+            Role::Operator(name) => vec![format!("{name}.operator.{}.trellis", self.group)],
         }
     }
 
@@ -143,7 +148,12 @@ mod tests {
 
     #[test]
     fn identities_round_trip_through_their_uri_and_nothing_else_parses() {
-        for role in [Role::Leader(3), Role::Edge("edge-a".into()), Role::Injector] {
+        for role in [
+            Role::Leader(3),
+            Role::Edge("edge-a".into()),
+            Role::Injector,
+            Role::Operator("alice".into()),
+        ] {
             let identity = ControlIdentity::new("cluster.local", "trellis", role);
             let identity = identity.as_ref().map(ControlIdentity::uri);
             assert_eq!(

@@ -39,7 +39,7 @@ pub const NEXT_CA_CERT: &str = "next-ca.crt";
 pub const NEXT_CA_KEY: &str = "next-ca.key";
 
 /// How long a generated root is valid.
-const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+pub const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Where a rotation stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -11,11 +11,7 @@
 //! publishing leaves a successor that compiles the same certificates, hence
 //! the same versions, and edges and Envoys are sent nothing.
 
-use std::{
-    path::PathBuf,
-    sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
-};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::{
     sync::{mpsc, watch},
@@ -27,12 +23,13 @@ use trellis_shared::Snapshot;
 
 use super::{
     group::{leader_of, GroupError, LeaderGroup},
-    state::{Applied, CaMaterial, Command, Leaf, MeshState},
+    issuer::GroupIssuer,
+    state::{Applied, CaMaterial, Command},
     NodeId,
 };
 use crate::{
     bootstrap_secrets,
-    ca::{BuiltinCa, CaError, CertificateIssuer, IssuedCert, LeafRequest, RootCa, SignerId},
+    ca::{BuiltinCa, CertificateIssuer},
     compile::Compiler,
     ingress_gateway::Keeper,
     pipeline::{Pipeline, PipelineConfig, SnapshotSink},
@@ -58,63 +55,11 @@ pub struct Leading {
     pub bootstrap_secrets: Option<kube::Client>,
     /// The operator's CA directory, used by the group's first leader only.
     pub ca_dir: Option<PathBuf>,
+    /// How long each root rotation step is held so every proxy has caught
+    /// up.
+    pub rotation_overlap: Duration,
     /// The publish port edges connect to.
     pub gate: Gate,
-}
-
-/// A leaf is reused by a new leader until the earliest point its renewal
-/// could have been scheduled (seven twelfths of its life).
-fn fresh(cert: &IssuedCert, validity: Duration, now: SystemTime) -> bool {
-    let life = cert
-        .not_after
-        .duration_since(cert.issued_at)
-        .unwrap_or_default();
-    // Equal validity, up to the minute a leaf may be cut short by its root.
-    let same_validity = life.abs_diff(validity) < Duration::from_secs(60);
-    same_validity && now < cert.issued_at + life * 7 / 12
-}
-
-/// The built-in CA signing only what the group does not hold yet: a leaf
-/// already committed for the same name, by the current root and still
-/// fresh, is handed out again; new ones are kept until the sink commits
-/// them.
-struct ReplicatedIssuer {
-    ca: BuiltinCa,
-    committed: watch::Receiver<Arc<MeshState>>,
-    issued: Mutex<Vec<Leaf>>,
-}
-
-impl CertificateIssuer for ReplicatedIssuer {
-    fn issue(&self, request: &LeafRequest) -> Result<IssuedCert, CaError> {
-        let held = self
-            .committed
-            .borrow()
-            .leaves
-            .get(&request.common_name)
-            .map(Leaf::cert);
-        if let Some(cert) = held {
-            if cert.signer == self.ca.signer()
-                && fresh(&cert, request.validity, SystemTime::now())
-                && request.names_match(&cert)
-            {
-                return Ok(cert);
-            }
-        }
-        let cert = self.ca.issue(request)?;
-        self.issued
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Leaf::new(&request.common_name, &cert));
-        Ok(cert)
-    }
-
-    fn trust_bundle(&self) -> Arc<str> {
-        self.ca.trust_bundle()
-    }
-
-    fn signer(&self) -> SignerId {
-        self.ca.signer()
-    }
 }
 
 /// Hands snapshots to the term's publishing task, in order.
@@ -207,44 +152,33 @@ fn foreign_trust_domain(group: &LeaderGroup, configured: &str) -> Option<GroupEr
     })
 }
 
-/// The CA the group signs with: the replicated one, or, for the group's
-/// first leader, the operator's (or a generated one) put in the state.
+/// Makes sure the group holds a CA: the group's first leader puts the
+/// operator's (or a generated one) in the replicated state.
 async fn group_ca(
     group: &LeaderGroup,
     ca_dir: Option<&PathBuf>,
     trust_domain: &str,
-) -> Result<RootCa, GroupError> {
-    let held = group.state().borrow().ca.clone();
-    let material = match held {
-        Some(material) => material,
-        None => {
-            let ca = match ca_dir {
-                Some(dir) => BuiltinCa::open(dir),
-                None => BuiltinCa::generate(),
-            }
-            .map_err(|e| GroupError::Raft(format!("the group's CA: {e}")))?;
-            let root = ca.signing_root();
-            let material = CaMaterial {
-                cert_pem: root.cert_pem().to_owned(),
-                key_pem: root.key_pem().to_owned(),
-                trust_domain: Some(trust_domain.to_owned()),
-            };
-            if group.propose(Command::SetCa(material.clone())).await? == Applied::CaAlreadySet {
-                warn!("another CA was set meanwhile; signing with the group's");
-            }
-            group.state().borrow().ca.clone().unwrap_or(material)
+) -> Result<(), GroupError> {
+    if group.state().borrow().ca.is_none() {
+        let ca = match ca_dir {
+            Some(dir) => BuiltinCa::open(dir),
+            None => BuiltinCa::generate(),
         }
-    };
-    if let Some(error) = foreign_trust_domain(group, trust_domain) {
-        return Err(error);
+        .map_err(|e| GroupError::Raft(format!("the group's CA: {e}")))?;
+        let root = ca.signing_root();
+        let material = CaMaterial {
+            cert_pem: root.cert_pem().to_owned(),
+            key_pem: root.key_pem().to_owned(),
+            trust_domain: Some(trust_domain.to_owned()),
+        };
+        if group.propose(Command::SetCa(material)).await? == Applied::CaAlreadySet {
+            warn!("another CA was set meanwhile; signing with the group's");
+        }
     }
-    RootCa::from_pem(
-        &material.cert_pem,
-        &material.key_pem,
-        "the group's CA",
-        SystemTime::now(),
-    )
-    .map_err(|e| GroupError::Raft(format!("the group's CA: {e}")))
+    match foreign_trust_domain(group, trust_domain) {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
 }
 
 /// One term: until the pipeline or the source stops, or a proposal fails.
@@ -255,17 +189,17 @@ async fn run_term(group: &LeaderGroup, leading: &Leading) -> Result<(), GroupErr
         .ensure_linearizable()
         .await
         .map_err(|e| GroupError::Raft(e.to_string()))?;
-    let root = group_ca(
+    group_ca(
         group,
         leading.ca_dir.as_ref(),
         &leading.pipeline.trust_domain,
     )
     .await?;
-    let issuer = Arc::new(ReplicatedIssuer {
-        ca: BuiltinCa::with_root(root),
-        committed: group.state(),
-        issued: Mutex::new(Vec::new()),
-    });
+    let (proposals, mut rotation) = mpsc::unbounded_channel();
+    let issuer = Arc::new(
+        GroupIssuer::new(group.state(), leading.rotation_overlap, proposals)
+            .map_err(|e| GroupError::Raft(format!("the group's CA: {e}")))?,
+    );
     let base_epoch = group.state().borrow().epoch;
     info!(epoch = base_epoch, "leading: compiling the mesh");
 
@@ -292,12 +226,24 @@ async fn run_term(group: &LeaderGroup, leading: &Leading) -> Result<(), GroupErr
 
     let store = Arc::new(SnapshotStore::new());
     let mut published = 0u64;
-    while let Some(mut snapshot) = snapshots.recv().await {
+    loop {
+        let mut snapshot = tokio::select! {
+            snapshot = snapshots.recv() => match snapshot {
+                Some(snapshot) => snapshot,
+                None => break,
+            },
+            Some(change) = rotation.recv() => {
+                if group.propose(change).await? == Applied::RotationMoved {
+                    warn!("a root rotation step was proposed for a rotation that has moved on");
+                }
+                continue;
+            }
+        };
         // Only the latest matters if several are waiting.
         while let Ok(later) = snapshots.try_recv() {
             snapshot = later;
         }
-        let issued = std::mem::take(&mut *issuer.issued.lock().unwrap_or_else(|e| e.into_inner()));
+        let issued = issuer.take_issued();
         published += 1;
         let epoch = base_epoch + published;
         group

@@ -51,7 +51,8 @@ pub struct Leaf {
     pub signer: u64,
 }
 
-fn millis(time: SystemTime) -> u64 {
+/// Milliseconds since the Unix epoch, as the replicated state keeps time.
+pub fn millis(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
@@ -85,11 +86,68 @@ impl Leaf {
     }
 }
 
+/// A step of a root rotation, as [`crate::ca::RotationPhase`] without
+/// its stable state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RotationStep {
+    /// Both roots trusted, the old one signs.
+    Trusting,
+    /// Both roots trusted, the new one signs; leaves are being reissued.
+    Reissuing,
+}
+
+/// A root rotation in progress. Replicated so a leader killed mid-way
+/// leaves the next one to carry on from the same step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rotation {
+    /// The root replacing [`MeshState::ca`].
+    pub next: CaMaterial,
+    /// Where it stands.
+    pub step: RotationStep,
+    /// When the step's wait began, in milliseconds since the Unix epoch:
+    /// its start for Trusting; for Reissuing, when no leaf of the old root
+    /// was left (unset until then).
+    pub since_ms: Option<u64>,
+}
+
+/// A change to a root rotation. Each names the next root, so a proposal
+/// made for a rotation that has moved on since changes nothing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RotationChange {
+    /// Trust `next` beside the current root; only if no rotation is under
+    /// way.
+    Begin {
+        /// The new root.
+        next: CaMaterial,
+        /// When, in milliseconds since the Unix epoch.
+        at_ms: u64,
+    },
+    /// Move the rotation to `next_cert_pem` to `step`, its wait begun at
+    /// `since_ms`.
+    Step {
+        /// The rotation's new root certificate.
+        next_cert_pem: String,
+        /// Its next step.
+        step: RotationStep,
+        /// When that step's wait began.
+        since_ms: Option<u64>,
+    },
+    /// The new root replaces the old, which is no longer trusted.
+    Finish {
+        /// The rotation's new root certificate.
+        next_cert_pem: String,
+    },
+}
+
 /// The replicated state.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MeshState {
-    /// The mesh CA, set once by the group's first leader.
+    /// The mesh CA, set once by the group's first leader and replaced at
+    /// the end of each root rotation.
     pub ca: Option<CaMaterial>,
+    /// A root rotation under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<Rotation>,
     /// The leaves in use, by common name.
     pub leaves: BTreeMap<String, Leaf>,
     /// How many snapshots the group's leaders have published: a new leader
@@ -111,6 +169,8 @@ pub enum Command {
         /// Leaves issued since the last one.
         issued: Vec<Leaf>,
     },
+    /// A root rotation moves on.
+    Rotation(RotationChange),
 }
 
 /// What applying a command did.
@@ -121,6 +181,9 @@ pub enum Applied {
     Done,
     /// A CA was proposed while the group already held another.
     CaAlreadySet,
+    /// A rotation change for a rotation that is not the one under way (it
+    /// finished, or another began): nothing changed.
+    RotationMoved,
 }
 
 impl MeshState {
@@ -141,11 +204,71 @@ impl MeshState {
                 }
                 Applied::Done
             }
+            Command::Rotation(change) => self.rotate(change),
+        }
+    }
+
+    fn rotate(&mut self, change: &RotationChange) -> Applied {
+        let Some(current) = &self.ca else {
+            return Applied::RotationMoved;
+        };
+        match (change, &mut self.rotation) {
+            (RotationChange::Begin { next, at_ms }, None) if next.cert_pem != current.cert_pem => {
+                self.rotation = Some(Rotation {
+                    next: CaMaterial {
+                        trust_domain: current.trust_domain.clone(),
+                        ..next.clone()
+                    },
+                    step: RotationStep::Trusting,
+                    since_ms: Some(*at_ms),
+                });
+                Applied::Done
+            }
+            (
+                RotationChange::Step {
+                    next_cert_pem,
+                    step,
+                    since_ms,
+                },
+                Some(rotation),
+            ) if *next_cert_pem == rotation.next.cert_pem => {
+                rotation.step = *step;
+                rotation.since_ms = *since_ms;
+                Applied::Done
+            }
+            (RotationChange::Finish { next_cert_pem }, Some(rotation))
+                if *next_cert_pem == rotation.next.cert_pem =>
+            {
+                self.ca = Some(rotation.next.clone());
+                self.rotation = None;
+                Applied::Done
+            }
+            _ => Applied::RotationMoved,
+        }
+    }
+
+    /// The root signing new leaves now: the rotation's next root once it
+    /// reissues, the current one otherwise.
+    pub fn signing_ca(&self) -> Option<&CaMaterial> {
+        match &self.rotation {
+            Some(rotation) if rotation.step == RotationStep::Reissuing => Some(&rotation.next),
+            _ => self.ca.as_ref(),
+        }
+    }
+
+    /// The roots proxies must trust now, PEM: during a rotation, old and
+    /// new.
+    pub fn trust_bundle(&self) -> String {
+        let current = self.ca.as_ref().map_or("", |ca| ca.cert_pem.as_str());
+        match &self.rotation {
+            Some(rotation) => format!("{current}{}", rotation.next.cert_pem),
+            None => current.to_owned(),
         }
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -193,6 +316,69 @@ mod tests {
         assert_eq!(state.epoch, 5);
         assert_eq!(state.leaves.len(), 2);
         assert_eq!(state.leaves["a"].signer, 2);
+    }
+
+    fn material(name: &str) -> CaMaterial {
+        CaMaterial {
+            cert_pem: format!("{name}-cert\n"),
+            key_pem: format!("{name}-key"),
+            trust_domain: Some("example.org".into()),
+        }
+    }
+
+    #[test]
+    fn a_rotation_goes_through_its_steps_and_ignores_stale_changes() {
+        let mut state = MeshState::default();
+        let begin = |next: &str| {
+            Command::Rotation(RotationChange::Begin {
+                next: CaMaterial {
+                    trust_domain: None,
+                    ..material(next)
+                },
+                at_ms: 10,
+            })
+        };
+        assert_eq!(state.apply(&begin("b")), Applied::RotationMoved);
+        state.apply(&Command::SetCa(material("a")));
+        assert_eq!(state.apply(&begin("a")), Applied::RotationMoved);
+        assert_eq!(state.apply(&begin("b")), Applied::Done);
+        assert_eq!(state.trust_bundle(), "a-cert\nb-cert\n");
+        assert_eq!(state.signing_ca(), Some(&material("a")));
+        // A second rotation does not replace the one under way.
+        assert_eq!(state.apply(&begin("c")), Applied::RotationMoved);
+
+        let step = |next: &str, since_ms| {
+            Command::Rotation(RotationChange::Step {
+                next_cert_pem: format!("{next}-cert\n"),
+                step: RotationStep::Reissuing,
+                since_ms,
+            })
+        };
+        assert_eq!(state.apply(&step("c", None)), Applied::RotationMoved);
+        assert_eq!(state.apply(&step("b", None)), Applied::Done);
+        // The next root takes the group's trust domain.
+        assert_eq!(state.signing_ca(), Some(&material("b")));
+        assert_eq!(state.apply(&step("b", Some(20))), Applied::Done);
+        assert_eq!(state.rotation.as_ref().and_then(|r| r.since_ms), Some(20));
+
+        let finish = |next: &str| {
+            Command::Rotation(RotationChange::Finish {
+                next_cert_pem: format!("{next}-cert\n"),
+            })
+        };
+        assert_eq!(state.apply(&finish("b")), Applied::Done);
+        assert_eq!(state.ca, Some(material("b")));
+        assert_eq!(state.rotation, None);
+        assert_eq!(state.trust_bundle(), "b-cert\n");
+        assert_eq!(state.apply(&finish("b")), Applied::RotationMoved);
+    }
+
+    #[test]
+    fn state_written_before_rotations_existed_still_reads() {
+        let old = r#"{"ca":null,"leaves":{},"epoch":3}"#;
+        let state: MeshState = serde_json::from_str(old).unwrap();
+        assert_eq!(state.rotation, None);
+        assert_eq!(state.epoch, 3);
     }
 
     #[test]

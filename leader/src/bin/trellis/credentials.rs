@@ -158,6 +158,8 @@ pub(crate) enum ControlRole {
     Edge,
     /// The sidecar injector.
     Injector,
+    /// An operator (`--name` is who), for `trellis rotate-ca --leader`.
+    Operator,
 }
 
 impl ControlRole {
@@ -171,6 +173,7 @@ impl ControlRole {
             }
             ControlRole::Edge => Role::Edge(name.to_owned()),
             ControlRole::Injector => Role::Injector,
+            ControlRole::Operator => Role::Operator(name.to_owned()),
         })
     }
 }

@@ -13,7 +13,9 @@
 //! * `trellis edge-cert`: an edge's serving certificate, for `--tls-dir`.
 //! * `trellis peer-cert`: a leader replica's certificate, for
 //!   `--peer-tls-dir`.
-//! * `trellis rotate-ca`: start a root rotation of a CA directory.
+//! * `trellis rotate-ca`: start a root rotation (a CA directory's, or a
+//!   leader group's).
+//! * `trellis ca-status`: where a leader group's root rotation stands.
 //! * `trellis inject`: the sidecar injector webhook, until Ctrl-C.
 
 use std::{
@@ -44,6 +46,7 @@ use trellis_leader::{
     raft::{
         group::{GroupConfig, LeaderGroup},
         leading::{lead, Leading, SourceStarter},
+        mesh_root::MeshRootService,
         NodeId, Replica,
     },
     source::{files::FileSource, kube::KubeSource, Source, SourceError},
@@ -51,6 +54,7 @@ use trellis_leader::{
 
 mod credentials;
 mod inject;
+mod mesh_root;
 
 use credentials::EDGE_SERVER_NAME;
 use trellis_transport::Role;
@@ -145,6 +149,10 @@ struct GroupArgs {
     /// dial and may be a name that does not resolve yet at start).
     #[arg(long, requires = "peers")]
     raft_listen: Option<String>,
+    /// How long each step of a root rotation is held, in seconds, so every
+    /// proxy has the new trust bundle (then its new leaf) before the next.
+    #[arg(long, default_value_t = 60)]
+    rotation_overlap_secs: u64,
 }
 
 /// How a leader's control-plane links (publishing to edges, Raft between
@@ -346,12 +354,36 @@ enum Command {
         #[arg(long)]
         dns: Vec<String>,
     },
-    /// Start a root rotation: write the next root into the CA directory; a
-    /// running leader trusts it, then signs with it, then drops the old one.
+    /// Start a root rotation: a running leader trusts the next root, then
+    /// signs with it, then drops the old one. A single leader's is written
+    /// into its CA directory (--ca-dir); a leader group's goes to its Raft
+    /// leader (--leader), which records every step in the group's log.
     RotateCa {
-        /// The CA's directory (as the leader's --ca-dir).
+        /// A single leader's CA directory (as its --ca-dir).
+        #[arg(long, required_unless_present = "leader", conflicts_with = "leader")]
+        ca_dir: Option<PathBuf>,
+        /// A leader group: every replica's publish address, comma separated.
+        #[arg(long, value_delimiter = ',')]
+        leader: Vec<String>,
+        /// The operator's control-plane certificate, with --leader.
+        #[arg(long, requires = "leader")]
+        control_tls_dir: Option<PathBuf>,
+        /// The leader group's name, with --leader.
+        #[arg(long, default_value = "trellis")]
+        cluster: String,
+        /// Rotate a group to the root in this directory (next-ca.crt,
+        /// next-ca.key) instead of one the leader generates.
+        #[arg(long, requires = "leader")]
+        next_ca_dir: Option<PathBuf>,
+    },
+    /// Where a leader group's mesh root stands: stable, or the rotation's
+    /// step, with the roots proxies trust.
+    CaStatus {
+        #[command(flatten)]
+        access: mesh_root::GroupAccess,
+        /// Print JSON.
         #[arg(long)]
-        ca_dir: PathBuf,
+        json: bool,
     },
     /// Run the sidecar injector: a mutating admission webhook (HTTPS) adding
     /// the Envoy sidecar to pods created in the mesh's namespaces.
@@ -470,7 +502,27 @@ async fn main() -> Result<()> {
             role.with_name(&name)?,
             &dns,
         ),
-        Command::RotateCa { ca_dir } => credentials::rotate_ca(&ca_dir),
+        Command::RotateCa {
+            ca_dir: Some(ca_dir),
+            ..
+        } => credentials::rotate_ca(&ca_dir),
+        Command::RotateCa {
+            ca_dir: None,
+            leader,
+            control_tls_dir,
+            cluster,
+            next_ca_dir,
+        } => {
+            let access = mesh_root::GroupAccess {
+                leader,
+                control_tls_dir: control_tls_dir.context(
+                    "--control-tls-dir (an operator certificate) is required with --leader",
+                )?,
+                cluster,
+            };
+            mesh_root::rotate(&access, next_ca_dir.as_deref()).await
+        }
+        Command::CaStatus { access, json } => mesh_root::status(&access, json).await,
         Command::Inject(args) => inject::run(args).await,
     }
 }
@@ -827,6 +879,7 @@ async fn leader_group(
         .context("the publish server's TLS")?
         .add_service(gate.clone().into_service())
         .add_service(issuance.into_service())
+        .add_service(MeshRootService::new(replica.clone()).into_service())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             stop_signal().await;
         });
@@ -840,6 +893,7 @@ async fn leader_group(
         ingress_gateway: keeper,
         bootstrap_secrets: client,
         ca_dir: inputs.ca_dir.clone(),
+        rotation_overlap: Duration::from_secs(group.rotation_overlap_secs),
         gate: gate.clone(),
     };
     let result = tokio::select! {
