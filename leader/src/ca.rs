@@ -261,6 +261,24 @@ pub enum CaError {
         /// End of its validity, RFC 3339.
         not_after: String,
     },
+    /// An external issuer cannot be reached or cannot issue now (it is
+    /// down, or sealed); tried again later.
+    #[error("{provider} is unavailable: {reason}")]
+    Unavailable {
+        /// Which issuer.
+        provider: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// An external issuer refused the request or answered what Trellis
+    /// cannot use (a misconfigured role, a denied token).
+    #[error("{provider} refused: {reason}")]
+    Refused {
+        /// Which issuer.
+        provider: &'static str,
+        /// Its reason.
+        reason: String,
+    },
     /// Only one of a certificate and its key is present.
     #[error("{present} exists but {missing} does not: provide both or neither")]
     HalfPair {
@@ -275,6 +293,11 @@ pub enum CaError {
 pub trait CertificateIssuer: Send + Sync {
     /// Signs a leaf for `request` with the current signing root.
     fn issue(&self, request: &LeafRequest) -> Result<IssuedCert, CaError>;
+    /// Signs a leaf for each of `requests`, in order. An issuer that
+    /// answers over the network does them concurrently.
+    fn issue_batch(&self, requests: &[LeafRequest]) -> Vec<Result<IssuedCert, CaError>> {
+        requests.iter().map(|request| self.issue(request)).collect()
+    }
     /// The roots proxies must trust now, PEM encoded; during a root
     /// rotation, old and new.
     fn trust_bundle(&self) -> Arc<str>;

@@ -7,6 +7,7 @@
 //! per identity. Every class's references (route configs, clusters, secrets)
 //! are checked against what the class provides before it is emitted.
 
+mod certs;
 mod clusters;
 mod egress;
 mod envoy;
@@ -25,7 +26,7 @@ mod tests;
 mod traffic_setting;
 
 use std::{
-    collections::{hash_map::Entry, BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::Arc,
     time::SystemTime,
 };
@@ -35,10 +36,11 @@ use trellis_shared::{
 };
 use xxhash_rust::xxh3::Xxh3;
 
+use self::certs::Certs;
 pub use self::gateway::IngressGatewayCert;
 use self::inputs::{Changed, Input, Reads};
 use crate::{
-    ca::{self, CaError, CertificateIssuer, IssuedCert, LeafRequest},
+    ca::{CertificateIssuer, IssuedCert},
     catalog::{
         Catalog, Endpoint, HttpRule, Identity, MeshPod, MeshService, Problem, ServiceKey,
         ServicePort, Target,
@@ -257,8 +259,8 @@ impl Assignment {
 enum ClassError {
     #[error(transparent)]
     Encode(#[from] EncodeError),
-    #[error(transparent)]
-    Ca(#[from] CaError),
+    #[error("its certificate: {0}")]
+    Certificate(String),
     #[error(transparent)]
     Manifest(#[from] InvalidClass),
     #[error("references {0} {1}, which the class does not provide")]
@@ -271,7 +273,7 @@ enum ClassError {
 pub struct Compiler {
     issuer: Arc<dyn CertificateIssuer>,
     /// Each identity's certificate.
-    certs: HashMap<Identity, HeldCert>,
+    certs: Certs,
     output: Compiled,
     classes: HashMap<ClassKey, Memo>,
     /// Hash of the roots the kept classes were compiled with.
@@ -333,46 +335,13 @@ fn hash_text(text: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(text.as_bytes())
 }
 
-/// An identity's certificate, the hash of its chain (kept classes are
-/// checked against it) and when to renew it.
-struct HeldCert {
-    cert: IssuedCert,
-    hash: u64,
-    renew_at: SystemTime,
-}
-
-/// `identity`'s certificate from `certs`, issued by `issuer` if it has none
-/// yet.
-fn certificate<'a>(
-    certs: &'a mut HashMap<Identity, HeldCert>,
-    issuer: &dyn CertificateIssuer,
-    identity: &Identity,
-    catalog: &Catalog,
-) -> Result<&'a HeldCert, CaError> {
-    match certs.entry(identity.clone()) {
-        Entry::Occupied(kept) => Ok(kept.into_mut()),
-        Entry::Vacant(slot) => {
-            let cert = issuer.issue(&LeafRequest::identity(
-                identity,
-                &catalog.mesh.trust_domain,
-                catalog.mesh.cert_validity,
-            ))?;
-            Ok(slot.insert(HeldCert {
-                hash: hash_text(&cert.chain_pem),
-                renew_at: ca::renewal_time(&cert),
-                cert,
-            }))
-        }
-    }
-}
-
 impl Compiler {
     /// A compiler issuing certificates with `issuer`.
     pub fn new(issuer: Arc<dyn CertificateIssuer>) -> Compiler {
         let roots = hash_text(&issuer.trust_bundle());
         Compiler {
             issuer,
-            certs: HashMap::new(),
+            certs: Certs::default(),
             output: Compiled::default(),
             classes: HashMap::new(),
             roots,
@@ -428,13 +397,13 @@ impl Compiler {
         let access = Access::new(catalog);
         let mut shared = Shared::default();
         let mut classes_compiled = 0;
+        self.certs.issue(
+            classes.keys().map(|key| &key.identity),
+            self.issuer.as_ref(),
+            catalog,
+        );
         for (key, (id, _)) in classes {
-            let issued = certificate(
-                &mut self.certs,
-                self.issuer.as_ref(),
-                &key.identity,
-                catalog,
-            );
+            let issued = self.certs.get(&key.identity);
             let cert_hash = issued.as_ref().map_or(0, |held| held.hash);
             if let Some(memo) = self.classes.get(key) {
                 if memo.cert == cert_hash && !changed.touches(&memo.reads) {
@@ -443,7 +412,7 @@ impl Compiler {
             }
             classes_compiled += 1;
             let mut class = ClassOutput::new(id);
-            let compiled = issued.map_err(ClassError::from).and_then(|held| {
+            let compiled = issued.map_err(ClassError::Certificate).and_then(|held| {
                 compile_class(
                     catalog,
                     &access,
@@ -484,8 +453,7 @@ impl Compiler {
 
         // Certificates of identities no class has any more are not renewed.
         let identities: BTreeSet<&Identity> = classes.keys().map(|key| &key.identity).collect();
-        self.certs
-            .retain(|identity, _| identities.contains(identity));
+        self.certs.retain(&identities);
 
         self.output.problems = catalog.problems.clone();
         let gateway = catalog.mesh.ingress_gateway.as_ref();
@@ -531,7 +499,8 @@ impl Compiler {
 
     /// When the next certificate is due for renewal.
     pub fn next_renewal(&self) -> Option<SystemTime> {
-        (self.certs.values().map(|held| held.renew_at))
+        (self.certs.next_renewal())
+            .into_iter()
             .chain(self.gateway.renew_at())
             .min()
     }
@@ -540,27 +509,20 @@ impl Compiler {
     /// signer.
     pub fn leaves_current(&self) -> bool {
         let signer = self.issuer.signer();
-        self.certs.values().all(|held| held.cert.signer == signer) && self.gateway.signed_by(signer)
+        self.certs.signed_by(signer) && self.gateway.signed_by(signer)
     }
 
-    /// Drops up to `limit` certificates that are due at `now` or were signed
-    /// by a root that no longer signs, so the next [`Compiler::update`]
-    /// issues them again (and recompiles the classes holding them).
-    /// Returns how many were dropped; a bounded batch keeps one update from
-    /// stalling behind thousands of signatures.
+    /// Marks up to `limit` certificates that are due at `now` or were
+    /// signed by a root that no longer signs, so the next
+    /// [`Compiler::update`] issues them again (and recompiles the classes
+    /// holding them); a failed issuance is retried after a pause. Returns
+    /// how many; a bounded batch keeps one update from stalling behind
+    /// thousands of signatures.
     pub fn renew_due(&mut self, now: SystemTime, limit: usize) -> usize {
         let signer = self.issuer.signer();
-        let mut due: Vec<(SystemTime, Identity)> = (self.certs.iter())
-            .filter(|(_, held)| held.renew_at <= now || held.cert.signer != signer)
-            .map(|(identity, held)| (held.renew_at, identity.clone()))
-            .collect();
-        due.sort_unstable();
-        due.truncate(limit);
-        for (_, identity) in &due {
-            self.certs.remove(identity);
-        }
-        let gateway = due.len() < limit && self.gateway.drop_due(now, signer);
-        due.len() + usize::from(gateway)
+        let due = self.certs.renew_due(now, signer, limit);
+        let gateway = due < limit && self.gateway.drop_due(now, signer);
+        due + usize::from(gateway)
     }
 
     /// Re-encodes the endpoint assignments of `service` from its current

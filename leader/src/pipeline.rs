@@ -500,8 +500,17 @@ impl Pipeline {
                 _ = tick.tick() => {
                     // Only after the first compile: there is nothing to renew
                     // before it.
-                    if self.catalog.is_some() && self.certificates_due(SystemTime::now()) {
-                        self.compile_pending();
+                    if self.catalog.is_some() {
+                        self = match off_runtime(self, |pipeline| {
+                            if pipeline.certificates_due(SystemTime::now()) {
+                                pipeline.compile_pending();
+                            }
+                        })
+                        .await
+                        {
+                            Some(pipeline) => pipeline,
+                            None => return,
+                        };
                     }
                     continue;
                 }
@@ -517,10 +526,35 @@ impl Pipeline {
                     Err(_) => break,
                 }
             }
-            self.compile_pending();
+            self = match off_runtime(self, Pipeline::compile_pending).await {
+                Some(pipeline) => pipeline,
+                None => return,
+            };
             if !open {
                 break;
             }
+        }
+    }
+}
+
+/// Runs `work` on the blocking pool: compiling and signing take seconds on
+/// a large mesh, and the runtime also drives the edge and Raft's
+/// heartbeats. `None` if it panicked (a defect, logged; the pipeline ends).
+async fn off_runtime(
+    mut pipeline: Pipeline,
+    work: impl FnOnce(&mut Pipeline) + Send + 'static,
+) -> Option<Pipeline> {
+    let span = tracing::Span::current();
+    let done = tokio::task::spawn_blocking(move || {
+        span.in_scope(|| work(&mut pipeline));
+        pipeline
+    })
+    .await;
+    match done {
+        Ok(pipeline) => Some(pipeline),
+        Err(error) => {
+            tracing::error!(%error, "compiling failed; the pipeline stops");
+            None
         }
     }
 }

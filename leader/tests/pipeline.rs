@@ -14,7 +14,7 @@ use support::{copy_example, eventually, Api, Envoy, TestEdge};
 use tokio::sync::mpsc;
 use trellis_edge::EdgeConfig;
 use trellis_leader::{
-    ca::{BuiltinCa, CertificateIssuer, RootCa},
+    ca::{BuiltinCa, CaError, CertificateIssuer, IssuedCert, LeafRequest, RootCa, SignerId},
     compile::Compiler,
     kinds::{Object, ObjectRef},
     pipeline::{Pipeline, PipelineConfig, Status},
@@ -426,6 +426,61 @@ fn renewal_reissues_only_due_certificates_in_batches() {
         );
         last = next;
     }
+}
+
+/// An issuer that can be switched off, as an external CA goes down.
+struct Flaky {
+    ca: BuiltinCa,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl CertificateIssuer for Flaky {
+    fn issue(&self, request: &LeafRequest) -> Result<IssuedCert, CaError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(CaError::Unavailable {
+                provider: "test",
+                reason: "switched off".to_owned(),
+            });
+        }
+        self.ca.issue(request)
+    }
+    fn trust_bundle(&self) -> Arc<str> {
+        self.ca.trust_bundle()
+    }
+    fn signer(&self) -> SignerId {
+        self.ca.signer()
+    }
+}
+
+#[test]
+fn an_issuer_outage_during_renewal_changes_nothing_and_issuance_resumes() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bookstore");
+    let issuer = Arc::new(Flaky {
+        ca: BuiltinCa::generate().unwrap(),
+        down: false.into(),
+    });
+    let mut pipeline = Pipeline::new(PipelineConfig::default(), Compiler::new(issuer.clone()));
+    pipeline.apply(FileSource::new(&example).scan().unwrap());
+    let first = pipeline.compile().unwrap().expect("a first snapshot");
+
+    // Every leaf falls due while the issuer is down: the snapshot keeps
+    // every class and every held certificate.
+    issuer.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let day = std::time::SystemTime::now() + Duration::from_secs(20 * 3600);
+    assert!(pipeline.certificates_due(day));
+    assert!(pipeline.compile().unwrap().is_none(), "nothing changed");
+    assert!(pipeline.status().borrow().problems.is_empty());
+
+    // Back up: the next due check retries, and the leaves are renewed.
+    issuer.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let later = day + Duration::from_secs(10);
+    assert!(pipeline.certificates_due(later));
+    let renewed = pipeline.compile().unwrap().expect("renewed leaves");
+    let changed = changes(&first, &renewed);
+    assert!(
+        !changed.is_empty() && changed.iter().all(|(t, _)| t == "sds"),
+        "{changed:?}"
+    );
 }
 
 #[test]

@@ -5,9 +5,9 @@
 
 use std::{sync::Arc, time::SystemTime};
 
-use super::{hash_text, HeldCert};
+use super::certs::HeldCert;
 use crate::{
-    ca::{self, CaError, CertificateIssuer, IssuedCert, LeafRequest, SignerId},
+    ca::{CaError, CertificateIssuer, IssuedCert, LeafRequest, SignerId},
     catalog::IngressGateway,
 };
 
@@ -51,11 +51,7 @@ impl Gateway {
             _ => {
                 self.held = None;
                 let cert = issuer.issue(&LeafRequest::ingress_gateway(wanted))?;
-                let held = HeldCert {
-                    hash: hash_text(&cert.chain_pem),
-                    renew_at: ca::renewal_time(&cert),
-                    cert: cert.clone(),
-                };
+                let held = HeldCert::new(cert.clone());
                 self.held = Some((wanted.clone(), held));
                 cert
             }
