@@ -12,6 +12,7 @@
 
 mod authority;
 mod root;
+mod vault;
 
 use std::{
     net::IpAddr,
@@ -24,6 +25,7 @@ pub use authority::{
     BuiltinCa, RotationPhase, CA_CERT, CA_KEY, NEXT_CA_CERT, NEXT_CA_KEY, ROOT_VALIDITY,
 };
 pub use root::RootCa;
+pub use vault::{VaultAuth, VaultConfig, VaultIssuer};
 
 use trellis_transport::{ControlIdentity, ControlTls};
 use x509_parser::extensions::GeneralName;

@@ -472,7 +472,9 @@ fn an_issuer_outage_during_renewal_changes_nothing_and_issuance_resumes() {
     assert!(pipeline.status().borrow().problems.is_empty());
 
     // Back up: the next due check retries, and the leaves are renewed.
-    issuer.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    issuer
+        .down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     let later = day + Duration::from_secs(10);
     assert!(pipeline.certificates_due(later));
     let renewed = pipeline.compile().unwrap().expect("renewed leaves");

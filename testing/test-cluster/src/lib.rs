@@ -19,12 +19,13 @@
 use std::{
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, TcpListener, TcpStream},
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{mpsc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
+
+pub mod process;
 
 use k8s_openapi::api::{
     authentication::v1::{TokenRequest, TokenRequestSpec},
@@ -35,6 +36,7 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     Client, Config,
 };
+use process::Process;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
 
 /// How long etcd or the API server may take to become ready.
@@ -729,74 +731,4 @@ pub fn kubectl_path() -> PathBuf {
                 })
         })
         .clone()
-}
-
-/// A child process with its log, killed when dropped, and by the kernel
-/// when the test binary exits.
-struct Process {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Process {
-    fn spawn(name: &str, mut command: Command, dir: &Path) -> Process {
-        let log = dir.join(format!("{name}-{}.log", unique_id()));
-        let file = std::fs::File::create(&log).unwrap_or_else(|e| panic!("creating {log:?}: {e}"));
-        let err = file
-            .try_clone()
-            .unwrap_or_else(|e| panic!("cloning {log:?}: {e}"));
-        command.stdin(Stdio::null()).stdout(file).stderr(err);
-        // SAFETY: prctl is async-signal-safe and touches only this child.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = spawn_kept(command).unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        Process { child, log }
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Spawns from one thread that lives as long as the test binary: the
-/// kernel's parent-death signal follows the spawning thread, and a test's
-/// threads end before the binary does.
-fn spawn_kept(command: Command) -> std::io::Result<Child> {
-    type Request = (Command, mpsc::Sender<std::io::Result<Child>>);
-    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Request>>> = OnceLock::new();
-    let spawner = SPAWNER.get_or_init(|| {
-        let (requests, received) = mpsc::channel::<Request>();
-        std::thread::spawn(move || {
-            for (mut command, answer) in received {
-                let _ = answer.send(command.spawn());
-            }
-        });
-        Mutex::new(requests)
-    });
-    let (answer, answered) = mpsc::channel();
-    lock(spawner)
-        .send((command, answer))
-        .map_err(|_| std::io::Error::other("the spawning thread is gone"))?;
-    answered
-        .recv()
-        .map_err(|_| std::io::Error::other("the spawning thread is gone"))?
 }
