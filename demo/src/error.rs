@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use trellis_edge::TlsError;
 use trellis_leader::{ca::CaError, source::SourceError};
+use trellis_shared::SnapshotError;
 
 /// Why a pod, the control plane or the bookstore could not be stood up,
 /// or a request made from a pod could not be.
@@ -69,6 +70,9 @@ pub enum DemoError {
     /// The manifest directory could not be read.
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// The manifests compiled to an inconsistent snapshot.
+    #[error("compiling the manifests: {0}")]
+    Compile(#[from] SnapshotError),
     /// The edge's TLS material was refused.
     #[error("the edge's TLS material: {0}")]
     Tls(#[from] TlsError),

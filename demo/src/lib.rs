@@ -21,6 +21,7 @@
 pub mod app;
 pub mod bookstore;
 pub mod control;
+pub mod envoy_certs;
 mod error;
 pub mod manifests;
 pub mod nginx;

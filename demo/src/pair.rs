@@ -11,6 +11,7 @@ use std::{
 };
 
 use trellis_leader::{ca::BuiltinCa, pipeline::PipelineConfig};
+use trellis_shared::bootstrap::EnvoyBootstrap;
 
 use crate::{error::io, manifests, Binaries, ControlPlane, DemoError, Net, Pod};
 
@@ -76,12 +77,24 @@ impl ClientServer {
     ) -> Result<ControlPlane, DemoError> {
         let host = IpAddr::V4(self.net.host());
         let control = ControlPlane::start(&self.dir, host, ca, config).await?;
+        self.start_pods(|pod| control.bootstrap(pod)).await?;
+        Ok(control)
+    }
+
+    /// Both pods intercepted with their sidecars (each bootstrapped by
+    /// `bootstrap`, given the pod's `<ns>/<name>`), the server's
+    /// application up, and a first request through both sidecars
+    /// answered: for a control plane other than [`ControlPlane`].
+    pub async fn start_pods(
+        &self,
+        bootstrap: impl Fn(&str) -> Result<EnvoyBootstrap, DemoError>,
+    ) -> Result<(), DemoError> {
         for (pod, name) in [
             (&self.server, "demo/server-0"),
             (&self.client, "demo/client-0"),
         ] {
             pod.intercept()?;
-            pod.start_envoy(&control.bootstrap(name)?)?;
+            pod.start_envoy(&bootstrap(name)?)?;
         }
         self.server
             .start_app(&["serve", "--pod", "demo/server-0", "--http", "8080"])?;
@@ -89,7 +102,7 @@ impl ClientServer {
         loop {
             let reply = self.client.get("http://server.demo:8080/").await;
             if reply.is_ok_and(|r| r.status == 200) {
-                return Ok(control);
+                return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(DemoError::Timeout(

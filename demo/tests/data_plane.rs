@@ -29,7 +29,10 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
-use trellis_demo::{app, Pod};
+use trellis_demo::{
+    app,
+    envoy_certs::{leaf_serials, mesh_trust, serials_of},
+};
 use trellis_leader::{
     ca::{BuiltinCa, CertificateIssuer, IssuedCert, LeafRequest, RootCa, RotationPhase},
     catalog::{Identity, TRUST_DOMAIN},
@@ -87,6 +90,11 @@ impl ServerCertVerifier for AnyServer {
     }
 }
 
+/// The serial number of the one certificate in `pem`.
+fn serial_of(pem: &str) -> String {
+    serials_of(pem).into_iter().next().unwrap_or_default()
+}
+
 /// Calls the server pod's inbound listener directly, as a sidecar would
 /// (SNI = the service, ALPN `osm`), presenting `client` if given; returns
 /// the HTTP status line.
@@ -116,47 +124,6 @@ async fn probe_inbound(server: SocketAddr, client: Option<&IssuedCert>) -> Resul
     tls.read_to_end(&mut response).await?;
     let text = String::from_utf8_lossy(&response);
     Ok(text.lines().next().unwrap_or_default().to_owned())
-}
-
-/// The serial numbers of the leaf certificates a pod's Envoy holds: its
-/// bootstrap certificate (xDS) and its service certificate.
-async fn leaf_serials(pod: &Pod) -> BTreeSet<String> {
-    (contexts(pod).await.iter())
-        .filter_map(|c| c["cert_chain"][0]["serial_number"].as_str())
-        .map(str::to_owned)
-        .collect()
-}
-
-/// The roots a pod's Envoy trusts for mesh traffic (every TLS context
-/// but the bootstrap certificate's, whose name says `.sidecar.`).
-async fn mesh_trust(pod: &Pod) -> BTreeSet<String> {
-    (contexts(pod).await.iter())
-        .filter(|c| !c["cert_chain"].to_string().contains(".sidecar."))
-        .flat_map(|c| c["ca_cert"].as_array().cloned().unwrap_or_default())
-        .filter_map(|ca| ca["serial_number"].as_str().map(str::to_owned))
-        .collect()
-}
-
-/// The TLS contexts of a pod's Envoy, from its admin `/certs`.
-async fn contexts(pod: &Pod) -> Vec<serde_json::Value> {
-    let text = pod
-        .get("http://127.0.0.1:15000/certs")
-        .await
-        .map(|r| r.body)
-        .unwrap_or_default();
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    json["certificates"].as_array().cloned().unwrap_or_default()
-}
-
-/// A PEM certificate's serial number as Envoy prints it.
-fn serial_of(pem: &str) -> String {
-    use x509_parser::prelude::FromDer;
-    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
-    let (_, cert) = x509_parser::prelude::X509Certificate::from_der(&pem.contents).unwrap();
-    cert.raw_serial()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -316,6 +316,23 @@ pub trait CertificateIssuer: Send + Sync {
     }
 }
 
+/// An external issuer, and the name operators configure it by.
+#[derive(Clone)]
+pub struct External {
+    /// `vault` or `cert-manager`, as `--certificate-manager` names it.
+    pub provider: &'static str,
+    /// The issuer.
+    pub issuer: Arc<dyn CertificateIssuer>,
+}
+
+impl std::fmt::Debug for External {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("External")
+            .field("provider", &self.provider)
+            .finish_non_exhaustive()
+    }
+}
+
 /// `identity`'s control-plane TLS material, issued by `ca` (the
 /// control-plane CA, never the mesh's), with `extra_dns` names beside its
 /// role's (the injector's webhook Service).

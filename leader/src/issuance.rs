@@ -50,8 +50,9 @@ impl Signer for Arc<BuiltinCa> {
 }
 
 /// Signs with the CA a leader group replicated to this replica, whether it
-/// leads or follows: the root signing leaves now (the new one once a
-/// rotation reissues), trusting every root of the rotation.
+/// leads or follows: the group's built-in root, whatever signs the mesh's
+/// leaves (the new one once a rotation to a new root reissues), trusting
+/// every built-in root of the rotation.
 pub struct GroupSigner {
     state: watch::Receiver<Arc<MeshState>>,
     /// The issuer built from the replicated state, by its bundle and signer.
@@ -92,9 +93,9 @@ impl Signer for GroupSigner {
     fn issuer(&self) -> Result<Arc<dyn CertificateIssuer>, Status> {
         let (material, bundle) = {
             let state = self.state.borrow();
-            let material = (state.signing_ca().cloned())
+            let material = (state.bootstrap_ca().cloned())
                 .ok_or_else(|| Status::unavailable("the leader group has no CA yet"))?;
-            (material, state.trust_bundle())
+            (material, state.bootstrap_bundle())
         };
         let mut built = self
             .built

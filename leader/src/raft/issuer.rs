@@ -1,6 +1,7 @@
 //! The certificate issuer a term compiles with: it signs with the group's
-//! replicated roots, hands out leaves the group already holds, and moves a
-//! root rotation along through the Raft log.
+//! replicated roots (or the external issuer the group switched to), hands
+//! out leaves the group already holds, and moves a root rotation along
+//! through the Raft log.
 //!
 //! A rotation runs the built-in CA's three steps (see `ca::authority`), but
 //! each step is a [`Command::Rotation`] committed before it takes effect,
@@ -8,6 +9,10 @@
 //! does. A leader killed mid-rotation leaves its successor the same step
 //! and the same start time, so the successor waits out only what is left
 //! of the overlap and never signs with a root the group has not agreed on.
+//!
+//! A switch of provider is the same rotation, to the external issuer this
+//! replica is configured with (or back to the group's built-in root); an
+//! operator starts it (see [`super::mesh_root`]).
 
 use std::{
     sync::{Arc, Mutex, RwLock},
@@ -18,10 +23,11 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use super::state::{
-    millis, CaMaterial, Command, Leaf, MeshState, Rotation, RotationChange, RotationStep,
+    millis, CaMaterial, Command, ExternalSigner, Leaf, MeshSigner, MeshState, Rotation,
+    RotationChange, RotationStep,
 };
 use crate::ca::{
-    CaError, CertificateIssuer, IssuedCert, LeafRequest, RootCa, SignerId, ROOT_VALIDITY,
+    CaError, CertificateIssuer, External, IssuedCert, LeafRequest, RootCa, SignerId, ROOT_VALIDITY,
 };
 
 /// A leaf is reused by a new leader until the earliest point its renewal
@@ -36,41 +42,105 @@ fn fresh(cert: &IssuedCert, validity: Duration, now: SystemTime) -> bool {
     same_validity && now < cert.issued_at + life * 7 / 12
 }
 
-/// The roots of one committed state, parsed.
+/// What signs: a built-in root, or the configured external issuer.
+#[derive(Clone)]
+enum Signer {
+    Builtin(Arc<RootCa>),
+    External(Arc<dyn CertificateIssuer>),
+}
+
+impl Signer {
+    fn of(
+        signer: &MeshSigner,
+        external: Option<&External>,
+        now: SystemTime,
+    ) -> Result<Signer, CaError> {
+        match signer {
+            MeshSigner::Builtin(root) => {
+                RootCa::from_pem(&root.cert_pem, &root.key_pem, "the group's CA", now)
+                    .map(|root| Signer::Builtin(Arc::new(root)))
+            }
+            MeshSigner::External(wanted) => match external {
+                Some(external) if external.provider == wanted.provider => {
+                    Ok(Signer::External(external.issuer.clone()))
+                }
+                _ => Err(CaError::Refused {
+                    provider: "the leader group",
+                    reason: format!(
+                        "the mesh's leaves come from {0}: start every replica with --certificate-manager {0}",
+                        wanted.provider
+                    ),
+                }),
+            },
+        }
+    }
+
+    fn id(&self) -> SignerId {
+        match self {
+            Signer::Builtin(root) => root.id(),
+            Signer::External(issuer) => issuer.signer(),
+        }
+    }
+
+    fn bundle(&self) -> String {
+        match self {
+            Signer::Builtin(root) => root.cert_pem().to_owned(),
+            Signer::External(issuer) => issuer.trust_bundle().to_string(),
+        }
+    }
+
+    fn issue_batch(&self, requests: &[LeafRequest]) -> Vec<Result<IssuedCert, CaError>> {
+        match self {
+            Signer::Builtin(root) => requests.iter().map(|r| root.sign(r)).collect(),
+            Signer::External(issuer) => issuer.issue_batch(requests),
+        }
+    }
+}
+
+/// The signers of one committed state.
 struct Roots {
-    ca: CaMaterial,
+    /// What they were built from.
+    ca: Option<CaMaterial>,
+    external: Option<ExternalSigner>,
     rotation: Option<Rotation>,
-    current: Arc<RootCa>,
-    next: Option<Arc<RootCa>>,
+    current: Signer,
+    next: Option<Signer>,
     bundle: Arc<str>,
 }
 
 impl Roots {
-    fn of(state: &MeshState, now: SystemTime) -> Result<Option<Roots>, CaError> {
-        let Some(ca) = &state.ca else {
+    fn of(
+        state: &MeshState,
+        external: Option<&External>,
+        now: SystemTime,
+    ) -> Result<Option<Roots>, CaError> {
+        let Some(signer) = state.signer() else {
             return Ok(None);
         };
-        let parse = |material: &CaMaterial, what: &str| {
-            RootCa::from_pem(&material.cert_pem, &material.key_pem, what, now).map(Arc::new)
-        };
-        let current = parse(ca, "the group's CA")?;
+        let current = Signer::of(&signer, external, now)?;
         let next = (state.rotation.as_ref())
-            .map(|rotation| parse(&rotation.next, "the group's next CA"))
+            .map(|rotation| Signer::of(&rotation.next, external, now))
             .transpose()?;
+        let bundle = format!(
+            "{}{}",
+            current.bundle(),
+            next.as_ref().map(Signer::bundle).unwrap_or_default()
+        );
         Ok(Some(Roots {
-            ca: ca.clone(),
+            ca: state.ca.clone(),
+            external: state.external.clone(),
             rotation: state.rotation.clone(),
             current,
             next,
-            bundle: Arc::from(state.trust_bundle()),
+            bundle: Arc::from(bundle),
         }))
     }
 
     fn is_of(&self, state: &MeshState) -> bool {
-        state.ca.as_ref() == Some(&self.ca) && state.rotation == self.rotation
+        state.ca == self.ca && state.external == self.external && state.rotation == self.rotation
     }
 
-    fn signing(&self) -> &RootCa {
+    fn signing(&self) -> &Signer {
         match (&self.rotation, &self.next) {
             (Some(rotation), Some(next)) if rotation.step == RotationStep::Reissuing => next,
             _ => &self.current,
@@ -81,6 +151,7 @@ impl Roots {
 /// Signs with the group's roots; see the module documentation.
 pub struct GroupIssuer {
     committed: watch::Receiver<Arc<MeshState>>,
+    external: Option<External>,
     roots: RwLock<Arc<Roots>>,
     overlap: Duration,
     proposals: mpsc::UnboundedSender<Command>,
@@ -92,21 +163,23 @@ pub struct GroupIssuer {
 
 impl GroupIssuer {
     /// The issuer of a term that begins with `committed` holding the
-    /// group's CA; rotation changes go to `proposals`, each step held for
+    /// group's CA, `external` the issuer this replica is configured with
+    /// (if any); rotation changes go to `proposals`, each step held for
     /// `overlap` so every proxy has caught up.
     pub fn new(
         committed: watch::Receiver<Arc<MeshState>>,
+        external: Option<External>,
         overlap: Duration,
         proposals: mpsc::UnboundedSender<Command>,
     ) -> Result<GroupIssuer, CaError> {
-        let roots = Roots::of(&committed.borrow(), SystemTime::now())?.ok_or_else(|| {
-            CaError::BadCertificate {
+        let roots = Roots::of(&committed.borrow(), external.as_ref(), SystemTime::now())?
+            .ok_or_else(|| CaError::BadCertificate {
                 what: "the group's CA".to_owned(),
                 reason: "the group holds no CA yet".to_owned(),
-            }
-        })?;
+            })?;
         Ok(GroupIssuer {
             committed,
+            external,
             roots: RwLock::new(Arc::new(roots)),
             overlap,
             proposals,
@@ -139,9 +212,12 @@ impl GroupIssuer {
             })
         };
         let Some(rotation) = &roots.rotation else {
-            // A root with a third of its life left is replaced by a new
-            // one the group generates.
-            let left = (roots.current.not_after())
+            // A built-in root with a third of its life left is replaced by
+            // a new one the group generates.
+            let Signer::Builtin(current) = &roots.current else {
+                return Ok(None);
+            };
+            let left = (current.not_after())
                 .duration_since(now)
                 .unwrap_or_default();
             if left >= ROOT_VALIDITY / 3 {
@@ -150,57 +226,84 @@ impl GroupIssuer {
             warn!(?left, "the group's root expires soon: rotating it");
             let next = RootCa::generate(ROOT_VALIDITY)?;
             return Ok(Some(RotationChange::Begin {
-                next: CaMaterial {
+                next: MeshSigner::Builtin(CaMaterial {
                     cert_pem: next.cert_pem().to_owned(),
                     key_pem: next.key_pem().to_owned(),
-                    trust_domain: roots.ca.trust_domain.clone(),
-                },
+                    trust_domain: None,
+                }),
                 at_ms: millis(now),
             }));
         };
-        let next_cert_pem = rotation.next.cert_pem.clone();
+        let next = rotation.next.id().to_owned();
         Ok(match rotation.step {
             RotationStep::Trusting if waited(rotation.since_ms) => Some(RotationChange::Step {
-                next_cert_pem,
+                next,
                 step: RotationStep::Reissuing,
                 since_ms: None,
             }),
             RotationStep::Reissuing if rotation.since_ms.is_none() && leaves_current => {
                 Some(RotationChange::Step {
-                    next_cert_pem,
+                    next,
                     step: RotationStep::Reissuing,
                     since_ms: Some(millis(now)),
                 })
             }
             RotationStep::Reissuing if waited(rotation.since_ms) => {
-                Some(RotationChange::Finish { next_cert_pem })
+                Some(RotationChange::Finish { next })
             }
             _ => None,
         })
+    }
+
+    /// The leaf the group holds for `request`, if still good to hand out.
+    fn held(&self, request: &LeafRequest, signer: SignerId, now: SystemTime) -> Option<IssuedCert> {
+        let cert = (self.committed.borrow().leaves)
+            .get(&request.common_name)
+            .map(Leaf::cert)?;
+        (cert.signer == signer && fresh(&cert, request.validity, now) && request.names_match(&cert))
+            .then_some(cert)
     }
 }
 
 impl CertificateIssuer for GroupIssuer {
     fn issue(&self, request: &LeafRequest) -> Result<IssuedCert, CaError> {
+        self.issue_batch(std::slice::from_ref(request))
+            .pop()
+            .unwrap_or_else(|| {
+                Err(CaError::Unavailable {
+                    provider: "the leader group",
+                    reason: "no answer".to_owned(),
+                })
+            })
+    }
+
+    /// Hands out what the group holds; signs the rest as one batch.
+    fn issue_batch(&self, requests: &[LeafRequest]) -> Vec<Result<IssuedCert, CaError>> {
         let roots = self.roots();
         let signer = roots.signing();
-        let held = (self.committed.borrow().leaves)
-            .get(&request.common_name)
-            .map(Leaf::cert);
-        if let Some(cert) = held {
-            if cert.signer == signer.id()
-                && fresh(&cert, request.validity, SystemTime::now())
-                && request.names_match(&cert)
-            {
-                return Ok(cert);
+        let now = SystemTime::now();
+        let mut out: Vec<Option<Result<IssuedCert, CaError>>> = (requests.iter())
+            .map(|request| self.held(request, signer.id(), now).map(Ok))
+            .collect();
+        let wanted: Vec<usize> = (0..requests.len()).filter(|i| out[*i].is_none()).collect();
+        let batch: Vec<LeafRequest> = wanted.iter().map(|i| requests[*i].clone()).collect();
+        let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
+        for (at, result) in wanted.into_iter().zip(signer.issue_batch(&batch)) {
+            if let Ok(cert) = &result {
+                issued.push(Leaf::new(&requests[at].common_name, cert));
             }
+            out[at] = Some(result);
         }
-        let cert = signer.sign(request)?;
-        self.issued
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Leaf::new(&request.common_name, &cert));
-        Ok(cert)
+        out.into_iter()
+            .map(|result| {
+                result.unwrap_or_else(|| {
+                    Err(CaError::Unavailable {
+                        provider: "the leader group",
+                        reason: "no answer".to_owned(),
+                    })
+                })
+            })
+            .collect()
     }
 
     fn trust_bundle(&self) -> Arc<str> {
@@ -211,14 +314,19 @@ impl CertificateIssuer for GroupIssuer {
         self.roots().signing().id()
     }
 
-    /// Takes up a committed rotation change (returning whether the trust
-    /// bundle or the signer changed), then proposes the next one if due.
+    /// Takes up a committed rotation change, or a change of the external
+    /// issuer's own roots (returning whether the trust bundle or the
+    /// signer changed), then proposes the next rotation change if due.
     fn advance(&self, now: SystemTime, leaves_current: bool) -> Result<bool, CaError> {
+        let external_moved = match &self.external {
+            Some(external) => external.issuer.advance(now, leaves_current)?,
+            None => false,
+        };
         let state = self.committed.borrow().clone();
         let mut roots = self.roots();
         let mut changed = false;
-        if !roots.is_of(&state) {
-            if let Some(fresh) = Roots::of(&state, now)? {
+        if external_moved || !roots.is_of(&state) {
+            if let Some(fresh) = Roots::of(&state, self.external.as_ref(), now)? {
                 changed =
                     fresh.bundle != roots.bundle || fresh.signing().id() != roots.signing().id();
                 let (before, after) = (roots.rotation.as_ref(), fresh.rotation.as_ref());
@@ -274,9 +382,14 @@ mod tests {
 
     impl Term {
         fn new(state: MeshState) -> Term {
+            Term::with(state, None)
+        }
+
+        fn with(state: MeshState, external: Option<External>) -> Term {
             let (sender, committed) = watch::channel(Arc::new(state));
             let (proposals, received) = mpsc::unbounded_channel();
-            let issuer = GroupIssuer::new(committed, Duration::from_secs(60), proposals).unwrap();
+            let issuer =
+                GroupIssuer::new(committed, external, Duration::from_secs(60), proposals).unwrap();
             Term {
                 state: sender,
                 issuer,
@@ -316,7 +429,7 @@ mod tests {
         state.apply(&Command::SetCa(material(&old)));
         let start = SystemTime::now();
         state.apply(&Command::Rotation(RotationChange::Begin {
-            next: material(&new),
+            next: MeshSigner::Builtin(material(&new)),
             at_ms: millis(start),
         }));
         let mut term = Term::new(state);
@@ -382,6 +495,48 @@ mod tests {
                 .map(|ca| ca.cert_pem.clone()),
             Some(new.cert_pem().to_owned())
         );
+    }
+
+    #[test]
+    fn a_switch_to_an_external_issuer_signs_with_it_once_it_reissues() {
+        let root = RootCa::generate(ROOT_VALIDITY).unwrap();
+        let vault = Arc::new(crate::ca::BuiltinCa::generate().unwrap());
+        let external = External {
+            provider: "vault",
+            issuer: vault.clone(),
+        };
+        let mut state = MeshState::default();
+        state.apply(&Command::SetCa(material(&root)));
+        state.apply(&Command::Rotation(RotationChange::Begin {
+            next: MeshSigner::External(ExternalSigner {
+                provider: "vault".into(),
+                bundle_pem: vault.trust_bundle().to_string(),
+            }),
+            at_ms: millis(SystemTime::now()),
+        }));
+        // A replica without the provider cannot lead the switch, and says
+        // why.
+        let (_, committed) = watch::channel(Arc::new(state.clone()));
+        let (proposals, _) = mpsc::unbounded_channel();
+        let refused = GroupIssuer::new(committed, None, Duration::from_secs(60), proposals);
+        let error = refused.err().unwrap().to_string();
+        assert!(error.contains("--certificate-manager vault"), "{error}");
+
+        let mut term = Term::with(state, Some(external));
+        assert_eq!(term.issuer.signer(), root.id());
+        let bundle = term.issuer.trust_bundle();
+        assert!(bundle.contains(root.cert_pem()) && bundle.contains(&*vault.trust_bundle()));
+        term.state.send_modify(|state| {
+            Arc::make_mut(state).apply(&Command::Rotation(RotationChange::Step {
+                next: "vault".into(),
+                step: RotationStep::Reissuing,
+                since_ms: None,
+            }));
+        });
+        assert!(term.issuer.advance(SystemTime::now(), false).unwrap());
+        assert_eq!(term.issuer.signer(), vault.signer());
+        assert_eq!(leaf(&term.issuer).signer, vault.signer());
+        assert_eq!(term.commit_proposals(), 0);
     }
 
     #[test]

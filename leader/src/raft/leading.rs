@@ -24,12 +24,12 @@ use trellis_shared::Snapshot;
 use super::{
     group::{leader_of, GroupError, LeaderGroup},
     issuer::GroupIssuer,
-    state::{Applied, CaMaterial, Command},
+    state::{Applied, CaMaterial, Command, ExternalSigner},
     NodeId,
 };
 use crate::{
     bootstrap_secrets,
-    ca::{BuiltinCa, CertificateIssuer},
+    ca::{BuiltinCa, CertificateIssuer, External},
     compile::Compiler,
     ingress_gateway::Keeper,
     pipeline::{Pipeline, PipelineConfig, SnapshotSink},
@@ -58,6 +58,9 @@ pub struct Leading {
     /// How long each root rotation step is held so every proxy has caught
     /// up.
     pub rotation_overlap: Duration,
+    /// The external issuer this replica is configured with: the mesh's
+    /// leaves come from it once the group has switched to it.
+    pub external: Option<External>,
     /// The publish port edges connect to.
     pub gate: Gate,
 }
@@ -153,11 +156,13 @@ fn foreign_trust_domain(group: &LeaderGroup, configured: &str) -> Option<GroupEr
 }
 
 /// Makes sure the group holds a CA: the group's first leader puts the
-/// operator's (or a generated one) in the replicated state.
+/// operator's (or a generated one) in the replicated state, and, if it is
+/// configured with an external issuer, has the mesh's leaves come from it.
 async fn group_ca(
     group: &LeaderGroup,
     ca_dir: Option<&PathBuf>,
     trust_domain: &str,
+    external: Option<&External>,
 ) -> Result<(), GroupError> {
     if group.state().borrow().ca.is_none() {
         let ca = match ca_dir {
@@ -173,6 +178,18 @@ async fn group_ca(
         };
         if group.propose(Command::SetCa(material)).await? == Applied::CaAlreadySet {
             warn!("another CA was set meanwhile; signing with the group's");
+        }
+        if let Some(external) = external {
+            let signer = ExternalSigner {
+                provider: external.provider.to_owned(),
+                bundle_pem: external.issuer.trust_bundle().to_string(),
+            };
+            if group.propose(Command::SetExternal(signer)).await? == Applied::Done {
+                info!(
+                    provider = external.provider,
+                    "the mesh's leaves come from an external issuer"
+                );
+            }
         }
     }
     match foreign_trust_domain(group, trust_domain) {
@@ -193,12 +210,18 @@ async fn run_term(group: &LeaderGroup, leading: &Leading) -> Result<(), GroupErr
         group,
         leading.ca_dir.as_ref(),
         &leading.pipeline.trust_domain,
+        leading.external.as_ref(),
     )
     .await?;
     let (proposals, mut rotation) = mpsc::unbounded_channel();
     let issuer = Arc::new(
-        GroupIssuer::new(group.state(), leading.rotation_overlap, proposals)
-            .map_err(|e| GroupError::Raft(format!("the group's CA: {e}")))?,
+        GroupIssuer::new(
+            group.state(),
+            leading.external.clone(),
+            leading.rotation_overlap,
+            proposals,
+        )
+        .map_err(|e| GroupError::Raft(format!("the group's CA: {e}")))?,
     );
     let base_epoch = group.state().borrow().epoch;
     info!(epoch = base_epoch, "leading: compiling the mesh");

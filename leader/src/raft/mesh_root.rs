@@ -14,9 +14,12 @@ use trellis_proto::trellis::ca::v1::{
 
 use super::{
     group::LeaderGroup,
-    state::{millis, Applied, CaMaterial, Command, MeshState, RotationChange, RotationStep},
+    state::{
+        millis, Applied, CaMaterial, Command, ExternalSigner, MeshSigner, MeshState,
+        RotationChange, RotationStep,
+    },
 };
-use crate::ca::{RootCa, ROOT_VALIDITY};
+use crate::ca::{External, RootCa, ROOT_VALIDITY};
 
 /// The gRPC service's name, as the transport's policy sees it.
 pub const SERVICE_NAME: &str =
@@ -25,12 +28,50 @@ pub const SERVICE_NAME: &str =
 /// Answers for one replica.
 pub struct MeshRootService {
     group: Arc<LeaderGroup>,
+    external: Option<External>,
 }
 
 impl MeshRootService {
-    /// The service of `group`'s replica.
-    pub fn new(group: Arc<LeaderGroup>) -> MeshRootService {
-        MeshRootService { group }
+    /// The service of `group`'s replica, configured with `external`.
+    pub fn new(group: Arc<LeaderGroup>, external: Option<External>) -> MeshRootService {
+        MeshRootService { group, external }
+    }
+
+    /// The signer a rotation asks for: a new built-in root (given or
+    /// generated), the configured external issuer, or the group's built-in
+    /// root again.
+    fn next_signer(&self, request: &RotateRequest) -> Result<MeshSigner, Status> {
+        let state = self.group.state().borrow().clone();
+        match request.provider.as_str() {
+            "" => {
+                if let Some(external) = &state.external {
+                    return Err(Status::failed_precondition(format!(
+                        "the mesh's leaves come from {}: rotate its issuer there, or switch with --provider",
+                        external.provider
+                    )));
+                }
+                let next = next_root(request)?;
+                Ok(MeshSigner::Builtin(CaMaterial {
+                    cert_pem: next.cert_pem().to_owned(),
+                    key_pem: next.key_pem().to_owned(),
+                    trust_domain: state.ca.as_ref().and_then(|ca| ca.trust_domain.clone()),
+                }))
+            }
+            "built-in" => (state.ca.clone())
+                .map(MeshSigner::Builtin)
+                .ok_or_else(|| Status::failed_precondition("the group holds no CA yet")),
+            wanted => match &self.external {
+                Some(external) if external.provider == wanted => {
+                    Ok(MeshSigner::External(ExternalSigner {
+                        provider: wanted.to_owned(),
+                        bundle_pem: external.issuer.trust_bundle().to_string(),
+                    }))
+                }
+                _ => Err(Status::failed_precondition(format!(
+                    "the leading replica is not configured with --certificate-manager {wanted}: give every replica its flags first"
+                ))),
+            },
+        }
     }
 
     /// As a tonic service.
@@ -52,9 +93,13 @@ impl MeshRootService {
         };
         RootStatus {
             step: step.to_owned(),
-            signing_cert_pem: (state.signing_ca())
-                .map(|ca| ca.cert_pem.clone())
+            signing_cert_pem: (state.signing())
+                .map(|signer| signer.bundle_pem().to_owned())
                 .unwrap_or_default(),
+            provider: match state.signing() {
+                Some(MeshSigner::External(external)) => external.provider,
+                _ => "built-in".to_owned(),
+            },
             trust_bundle_pem: state.trust_bundle(),
             since_ms: since_ms.unwrap_or_default(),
             replica: self.group.id(),
@@ -92,15 +137,9 @@ impl MeshRoot for MeshRootService {
                 leader.map_or("not known".to_owned(), |id| format!("replica {id}")),
             )));
         }
-        let next = next_root(request.get_ref())?;
-        let trust_domain =
-            (self.group.state().borrow().ca.as_ref()).and_then(|ca| ca.trust_domain.clone());
+        let next = self.next_signer(request.get_ref())?;
         let change = RotationChange::Begin {
-            next: CaMaterial {
-                cert_pem: next.cert_pem().to_owned(),
-                key_pem: next.key_pem().to_owned(),
-                trust_domain,
-            },
+            next,
             at_ms: millis(SystemTime::now()),
         };
         let applied = (self.group)
@@ -110,13 +149,18 @@ impl MeshRoot for MeshRootService {
         let state = self.group.state().borrow().clone();
         if applied == Applied::RotationMoved {
             let status = self.status(&state);
-            return Err(Status::failed_precondition(match state.ca {
-                None => "the group holds no CA yet".to_owned(),
-                Some(_) => format!(
-                    "a root rotation is already under way (step {}); wait for it to finish",
-                    status.step
-                ),
-            }));
+            return Err(Status::failed_precondition(
+                match (&state.ca, &state.rotation) {
+                    (None, _) => "the group holds no CA yet".to_owned(),
+                    (Some(_), Some(_)) => format!(
+                        "a root rotation is already under way (step {}); wait for it to finish",
+                        status.step
+                    ),
+                    (Some(_), None) => {
+                        format!("the mesh's leaves already come from {}", status.provider)
+                    }
+                },
+            ));
         }
         info!("root rotation asked for by an operator");
         Ok(Response::new(self.status(&state)))

@@ -96,12 +96,52 @@ pub enum RotationStep {
     Reissuing,
 }
 
-/// A root rotation in progress. Replicated so a leader killed mid-way
-/// leaves the next one to carry on from the same step.
+/// An external issuer signing the mesh's leaves instead of the group's
+/// built-in root.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalSigner {
+    /// Which (`vault`, `cert-manager`): every replica must be configured
+    /// with it.
+    pub provider: String,
+    /// Its roots, PEM, when it was taken on.
+    pub bundle_pem: String,
+}
+
+/// Who signs the mesh's leaves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MeshSigner {
+    /// The group's built-in root.
+    Builtin(CaMaterial),
+    /// An external issuer.
+    External(ExternalSigner),
+}
+
+impl MeshSigner {
+    /// What names it in rotation changes: the root certificate, or the
+    /// external provider.
+    pub fn id(&self) -> &str {
+        match self {
+            MeshSigner::Builtin(ca) => &ca.cert_pem,
+            MeshSigner::External(external) => &external.provider,
+        }
+    }
+
+    /// The roots proxies trust for it, PEM.
+    pub fn bundle_pem(&self) -> &str {
+        match self {
+            MeshSigner::Builtin(ca) => &ca.cert_pem,
+            MeshSigner::External(external) => &external.bundle_pem,
+        }
+    }
+}
+
+/// A root rotation in progress (a new built-in root, or a switch of
+/// provider). Replicated so a leader killed mid-way leaves the next one to
+/// carry on from the same step.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rotation {
-    /// The root replacing [`MeshState::ca`].
-    pub next: CaMaterial,
+    /// The signer replacing the current one.
+    pub next: MeshSigner,
     /// Where it stands.
     pub step: RotationStep,
     /// When the step's wait began, in milliseconds since the Unix epoch:
@@ -117,16 +157,16 @@ pub enum RotationChange {
     /// Trust `next` beside the current root; only if no rotation is under
     /// way.
     Begin {
-        /// The new root.
-        next: CaMaterial,
+        /// The new signer.
+        next: MeshSigner,
         /// When, in milliseconds since the Unix epoch.
         at_ms: u64,
     },
-    /// Move the rotation to `next_cert_pem` to `step`, its wait begun at
-    /// `since_ms`.
+    /// Move the rotation to the signer `next` ([`MeshSigner::id`]) to
+    /// `step`, its wait begun at `since_ms`.
     Step {
-        /// The rotation's new root certificate.
-        next_cert_pem: String,
+        /// The rotation's new signer.
+        next: String,
         /// Its next step.
         step: RotationStep,
         /// When that step's wait began.
@@ -134,17 +174,23 @@ pub enum RotationChange {
     },
     /// The new root replaces the old, which is no longer trusted.
     Finish {
-        /// The rotation's new root certificate.
-        next_cert_pem: String,
+        /// The rotation's new signer ([`MeshSigner::id`]).
+        next: String,
     },
 }
 
 /// The replicated state.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MeshState {
-    /// The mesh CA, set once by the group's first leader and replaced at
-    /// the end of each root rotation.
+    /// The group's built-in root, set once by the group's first leader
+    /// and replaced at the end of a rotation to a new one. It signs
+    /// bootstrap certificates whatever the provider, and the mesh's leaves
+    /// unless [`MeshState::external`] is set.
     pub ca: Option<CaMaterial>,
+    /// The external issuer signing the mesh's leaves, once a rotation
+    /// switched to one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalSigner>,
     /// A root rotation under way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation: Option<Rotation>,
@@ -171,6 +217,10 @@ pub enum Command {
     },
     /// A root rotation moves on.
     Rotation(RotationChange),
+    /// A new group's leaves come from an external issuer from the start:
+    /// taken only while the group holds no leaf, no external issuer and no
+    /// rotation (otherwise switching is a rotation).
+    SetExternal(ExternalSigner),
 }
 
 /// What applying a command did.
@@ -205,20 +255,33 @@ impl MeshState {
                 Applied::Done
             }
             Command::Rotation(change) => self.rotate(change),
+            Command::SetExternal(external) => {
+                if self.leaves.is_empty() && self.external.is_none() && self.rotation.is_none() {
+                    self.external = Some(external.clone());
+                    Applied::Done
+                } else {
+                    Applied::RotationMoved
+                }
+            }
         }
     }
 
     fn rotate(&mut self, change: &RotationChange) -> Applied {
-        let Some(current) = &self.ca else {
+        let Some(current) = self.signer() else {
             return Applied::RotationMoved;
         };
         match (change, &mut self.rotation) {
-            (RotationChange::Begin { next, at_ms }, None) if next.cert_pem != current.cert_pem => {
+            (RotationChange::Begin { next, at_ms }, None) if next.id() != current.id() => {
+                let next = match next {
+                    // The next root keeps the group's trust domain.
+                    MeshSigner::Builtin(root) => MeshSigner::Builtin(CaMaterial {
+                        trust_domain: (self.ca.as_ref()).and_then(|ca| ca.trust_domain.clone()),
+                        ..root.clone()
+                    }),
+                    external => external.clone(),
+                };
                 self.rotation = Some(Rotation {
-                    next: CaMaterial {
-                        trust_domain: current.trust_domain.clone(),
-                        ..next.clone()
-                    },
+                    next,
                     step: RotationStep::Trusting,
                     since_ms: Some(*at_ms),
                 });
@@ -226,20 +289,24 @@ impl MeshState {
             }
             (
                 RotationChange::Step {
-                    next_cert_pem,
+                    next,
                     step,
                     since_ms,
                 },
                 Some(rotation),
-            ) if *next_cert_pem == rotation.next.cert_pem => {
+            ) if next == rotation.next.id() => {
                 rotation.step = *step;
                 rotation.since_ms = *since_ms;
                 Applied::Done
             }
-            (RotationChange::Finish { next_cert_pem }, Some(rotation))
-                if *next_cert_pem == rotation.next.cert_pem =>
-            {
-                self.ca = Some(rotation.next.clone());
+            (RotationChange::Finish { next }, Some(rotation)) if next == rotation.next.id() => {
+                match rotation.next.clone() {
+                    MeshSigner::Builtin(root) => {
+                        self.ca = Some(root);
+                        self.external = None;
+                    }
+                    MeshSigner::External(external) => self.external = Some(external),
+                }
                 self.rotation = None;
                 Applied::Done
             }
@@ -247,21 +314,60 @@ impl MeshState {
         }
     }
 
-    /// The root signing new leaves now: the rotation's next root once it
+    /// Who signs the mesh's leaves when no rotation is under way (or
+    /// before it reissues).
+    pub fn signer(&self) -> Option<MeshSigner> {
+        match (&self.external, &self.ca) {
+            (Some(external), _) => Some(MeshSigner::External(external.clone())),
+            (None, Some(ca)) => Some(MeshSigner::Builtin(ca.clone())),
+            (None, None) => None,
+        }
+    }
+
+    /// Who signs the mesh's leaves now: the rotation's next signer once it
     /// reissues, the current one otherwise.
-    pub fn signing_ca(&self) -> Option<&CaMaterial> {
+    pub fn signing(&self) -> Option<MeshSigner> {
         match &self.rotation {
-            Some(rotation) if rotation.step == RotationStep::Reissuing => Some(&rotation.next),
+            Some(rotation) if rotation.step == RotationStep::Reissuing => {
+                Some(rotation.next.clone())
+            }
+            _ => self.signer(),
+        }
+    }
+
+    /// The built-in root signing bootstrap certificates now: a rotation's
+    /// new built-in root once it reissues.
+    pub fn bootstrap_ca(&self) -> Option<&CaMaterial> {
+        match &self.rotation {
+            Some(Rotation {
+                next: MeshSigner::Builtin(next),
+                step: RotationStep::Reissuing,
+                ..
+            }) => Some(next),
             _ => self.ca.as_ref(),
         }
     }
 
-    /// The roots proxies must trust now, PEM: during a rotation, old and
-    /// new.
-    pub fn trust_bundle(&self) -> String {
+    /// The built-in roots proxies verify their edge with, PEM: both during
+    /// a rotation to a new built-in root.
+    pub fn bootstrap_bundle(&self) -> String {
         let current = self.ca.as_ref().map_or("", |ca| ca.cert_pem.as_str());
         match &self.rotation {
-            Some(rotation) => format!("{current}{}", rotation.next.cert_pem),
+            Some(Rotation {
+                next: MeshSigner::Builtin(next),
+                ..
+            }) => format!("{current}{}", next.cert_pem),
+            _ => current.to_owned(),
+        }
+    }
+
+    /// The roots proxies must trust for the mesh's leaves now, PEM, as
+    /// replicated: during a rotation, old and new.
+    pub fn trust_bundle(&self) -> String {
+        let current = self.signer();
+        let current = current.as_ref().map_or("", MeshSigner::bundle_pem);
+        match &self.rotation {
+            Some(rotation) => format!("{current}{}", rotation.next.bundle_pem()),
             None => current.to_owned(),
         }
     }
@@ -331,10 +437,10 @@ mod tests {
         let mut state = MeshState::default();
         let begin = |next: &str| {
             Command::Rotation(RotationChange::Begin {
-                next: CaMaterial {
+                next: MeshSigner::Builtin(CaMaterial {
                     trust_domain: None,
                     ..material(next)
-                },
+                }),
                 at_ms: 10,
             })
         };
@@ -343,13 +449,13 @@ mod tests {
         assert_eq!(state.apply(&begin("a")), Applied::RotationMoved);
         assert_eq!(state.apply(&begin("b")), Applied::Done);
         assert_eq!(state.trust_bundle(), "a-cert\nb-cert\n");
-        assert_eq!(state.signing_ca(), Some(&material("a")));
+        assert_eq!(state.signing(), Some(MeshSigner::Builtin(material("a"))));
         // A second rotation does not replace the one under way.
         assert_eq!(state.apply(&begin("c")), Applied::RotationMoved);
 
         let step = |next: &str, since_ms| {
             Command::Rotation(RotationChange::Step {
-                next_cert_pem: format!("{next}-cert\n"),
+                next: format!("{next}-cert\n"),
                 step: RotationStep::Reissuing,
                 since_ms,
             })
@@ -357,13 +463,14 @@ mod tests {
         assert_eq!(state.apply(&step("c", None)), Applied::RotationMoved);
         assert_eq!(state.apply(&step("b", None)), Applied::Done);
         // The next root takes the group's trust domain.
-        assert_eq!(state.signing_ca(), Some(&material("b")));
+        assert_eq!(state.signing(), Some(MeshSigner::Builtin(material("b"))));
+        assert_eq!(state.bootstrap_ca(), Some(&material("b")));
         assert_eq!(state.apply(&step("b", Some(20))), Applied::Done);
         assert_eq!(state.rotation.as_ref().and_then(|r| r.since_ms), Some(20));
 
         let finish = |next: &str| {
             Command::Rotation(RotationChange::Finish {
-                next_cert_pem: format!("{next}-cert\n"),
+                next: format!("{next}-cert\n"),
             })
         };
         assert_eq!(state.apply(&finish("b")), Applied::Done);
@@ -371,6 +478,49 @@ mod tests {
         assert_eq!(state.rotation, None);
         assert_eq!(state.trust_bundle(), "b-cert\n");
         assert_eq!(state.apply(&finish("b")), Applied::RotationMoved);
+    }
+
+    #[test]
+    fn a_switch_to_an_external_issuer_keeps_the_built_in_root_for_bootstrap() {
+        let mut state = MeshState::default();
+        state.apply(&Command::SetCa(material("a")));
+        let vault = ExternalSigner {
+            provider: "vault".into(),
+            bundle_pem: "vault-root\n".into(),
+        };
+        let begin = Command::Rotation(RotationChange::Begin {
+            next: MeshSigner::External(vault.clone()),
+            at_ms: 1,
+        });
+        assert_eq!(state.apply(&begin), Applied::Done);
+        assert_eq!(state.trust_bundle(), "a-cert\nvault-root\n");
+        assert_eq!(state.bootstrap_bundle(), "a-cert\n");
+        state.apply(&Command::Rotation(RotationChange::Step {
+            next: "vault".into(),
+            step: RotationStep::Reissuing,
+            since_ms: None,
+        }));
+        assert_eq!(state.signing(), Some(MeshSigner::External(vault.clone())));
+        assert_eq!(state.bootstrap_ca(), Some(&material("a")));
+        state.apply(&Command::Rotation(RotationChange::Finish {
+            next: "vault".into(),
+        }));
+        assert_eq!(state.trust_bundle(), "vault-root\n");
+        assert_eq!(state.external, Some(vault));
+        assert_eq!(state.ca, Some(material("a")));
+        // The same provider again is no rotation; back to a built-in root
+        // is.
+        assert_eq!(state.apply(&begin), Applied::RotationMoved);
+        let back = Command::Rotation(RotationChange::Begin {
+            next: MeshSigner::Builtin(material("b")),
+            at_ms: 2,
+        });
+        assert_eq!(state.apply(&back), Applied::Done);
+        state.apply(&Command::Rotation(RotationChange::Finish {
+            next: "b-cert\n".into(),
+        }));
+        assert_eq!(state.external, None);
+        assert_eq!(state.trust_bundle(), "b-cert\n");
     }
 
     #[test]

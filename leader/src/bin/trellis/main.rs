@@ -35,7 +35,7 @@ use tracing::warn;
 use trellis_edge::{Edge, EdgeConfig, EdgeTls, SnapshotStore, TlsCredentials, UpstreamConfig};
 use trellis_leader::{
     bootstrap_secrets,
-    ca::BuiltinCa,
+    ca::{BuiltinCa, CertificateIssuer},
     catalog::TRUST_DOMAIN,
     compile::Compiler,
     ingress_gateway::Keeper,
@@ -55,6 +55,7 @@ use trellis_leader::{
 mod credentials;
 mod inject;
 mod mesh_root;
+mod providers;
 
 use credentials::EDGE_SERVER_NAME;
 use trellis_transport::Role;
@@ -96,6 +97,8 @@ struct Inputs {
     ingress_gateway_dir: Option<PathBuf>,
     #[command(flatten)]
     trust: TrustDomain,
+    #[command(flatten)]
+    certificates: providers::CertificateManagerArgs,
 }
 
 /// The trust domain of the mesh's identities.
@@ -373,8 +376,12 @@ enum Command {
         cluster: String,
         /// Rotate a group to the root in this directory (next-ca.crt,
         /// next-ca.key) instead of one the leader generates.
-        #[arg(long, requires = "leader")]
+        #[arg(long, requires = "leader", conflicts_with = "provider")]
         next_ca_dir: Option<PathBuf>,
+        /// Switch a group's leaves to this provider instead: `vault` (every
+        /// replica configured with it), or `built-in`.
+        #[arg(long, requires = "leader")]
+        provider: Option<String>,
     },
     /// Where a leader group's mesh root stands: stable, or the rotation's
     /// step, with the roots proxies trust.
@@ -512,6 +519,7 @@ async fn main() -> Result<()> {
             control_tls_dir,
             cluster,
             next_ca_dir,
+            provider,
         } => {
             let access = mesh_root::GroupAccess {
                 leader,
@@ -520,14 +528,14 @@ async fn main() -> Result<()> {
                 )?,
                 cluster,
             };
-            mesh_root::rotate(&access, next_ca_dir.as_deref()).await
+            mesh_root::rotate(&access, next_ca_dir.as_deref(), provider).await
         }
         Command::CaStatus { access, json } => mesh_root::status(&access, json).await,
         Command::Inject(args) => inject::run(args).await,
     }
 }
 
-fn pipeline(mesh: &str, trust_domain: &str, ca: Arc<BuiltinCa>) -> Pipeline {
+fn pipeline(mesh: &str, trust_domain: &str, ca: Arc<dyn CertificateIssuer>) -> Pipeline {
     let config = PipelineConfig {
         mesh: mesh.to_owned(),
         trust_domain: trust_domain.to_owned(),
@@ -585,7 +593,13 @@ struct Leader {
 /// for the first compile.
 async fn start_leader(inputs: Inputs, store: Arc<SnapshotStore>) -> Result<Leader> {
     let ca = credentials::open_ca(inputs.ca_dir.as_deref())?;
-    let pipeline = pipeline(&inputs.mesh, &inputs.trust.trust_domain, ca.clone());
+    // The built-in CA keeps signing bootstrap and edge certificates; the
+    // mesh's leaves come from the external issuer, if one is configured.
+    let leaves: Arc<dyn CertificateIssuer> = match inputs.certificates.external()? {
+        Some(external) => external.issuer,
+        None => ca.clone(),
+    };
+    let pipeline = pipeline(&inputs.mesh, &inputs.trust.trust_domain, leaves);
     let mut status = pipeline.status();
     let (updates, received) = mpsc::channel(64);
     let (source, origin, keeper) = match inputs.source {
@@ -864,6 +878,7 @@ async fn leader_group(
             .context("starting this leader replica")?,
     );
     let gate = Gate::default();
+    let external = inputs.certificates.external()?;
     let listener = bind("publish", publish).await?;
     let issuance = Issuance::new(
         Arc::new(GroupSigner::new(replica.state())),
@@ -879,7 +894,7 @@ async fn leader_group(
         .context("the publish server's TLS")?
         .add_service(gate.clone().into_service())
         .add_service(issuance.into_service())
-        .add_service(MeshRootService::new(replica.clone()).into_service())
+        .add_service(MeshRootService::new(replica.clone(), external.clone()).into_service())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             stop_signal().await;
         });
@@ -894,6 +909,7 @@ async fn leader_group(
         bootstrap_secrets: client,
         ca_dir: inputs.ca_dir.clone(),
         rotation_overlap: Duration::from_secs(group.rotation_overlap_secs),
+        external: external.clone(),
         gate: gate.clone(),
     };
     let result = tokio::select! {

@@ -56,6 +56,7 @@ fn print(status: &RootStatus, json: bool) -> Result<()> {
     if json {
         let value = serde_json::json!({
             "step": status.step,
+            "provider": status.provider,
             "sinceMs": status.since_ms,
             "trustedRoots": roots,
             "signingCertPem": status.signing_cert_pem,
@@ -66,8 +67,8 @@ fn print(status: &RootStatus, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         println!(
-            "root rotation: {} ({roots} trusted root(s)); replica {} answered, leader {}",
-            status.step, status.replica, status.leader
+            "leaves signed by {}; root rotation: {} ({roots} trusted root(s)); replica {} answered, leader {}",
+            status.provider, status.step, status.replica, status.leader
         );
     }
     Ok(())
@@ -75,8 +76,12 @@ fn print(status: &RootStatus, json: bool) -> Result<()> {
 
 /// `trellis rotate-ca --leader`: asks each replica in turn until the leader
 /// takes the rotation.
-pub(crate) async fn rotate(access: &GroupAccess, next_ca_dir: Option<&Path>) -> Result<()> {
-    let request = match next_ca_dir {
+pub(crate) async fn rotate(
+    access: &GroupAccess,
+    next_ca_dir: Option<&Path>,
+    provider: Option<String>,
+) -> Result<()> {
+    let mut request = match next_ca_dir {
         None => RotateRequest::default(),
         Some(dir) => {
             let read = |name: &str| {
@@ -86,9 +91,11 @@ pub(crate) async fn rotate(access: &GroupAccess, next_ca_dir: Option<&Path>) -> 
             RotateRequest {
                 next_cert_pem: read(NEXT_CA_CERT)?,
                 next_key_pem: read(NEXT_CA_KEY)?,
+                ..RotateRequest::default()
             }
         }
     };
+    request.provider = provider.unwrap_or_default();
     let mut tried = Vec::new();
     for (address, mut client) in access.clients()? {
         match client.rotate(request.clone()).await {
@@ -98,10 +105,8 @@ pub(crate) async fn rotate(access: &GroupAccess, next_ca_dir: Option<&Path>) -> 
             }
             // A follower, or a replica that cannot be reached: the next.
             Err(status)
-                if matches!(
-                    status.code(),
-                    Code::Unavailable | Code::FailedPrecondition | Code::DeadlineExceeded
-                ) && !status.message().contains("already under way") =>
+                if matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded)
+                    || status.message().contains("does not lead") =>
             {
                 tried.push(format!("{address}: {}", status.message()));
             }
