@@ -11,6 +11,7 @@
 //! [`CertificateIssuer::advance`].
 
 mod authority;
+mod cert_manager;
 mod root;
 mod vault;
 
@@ -24,6 +25,7 @@ use std::{
 pub use authority::{
     BuiltinCa, RotationPhase, CA_CERT, CA_KEY, NEXT_CA_CERT, NEXT_CA_KEY, ROOT_VALIDITY,
 };
+pub use cert_manager::{CertManagerConfig, CertManagerIssuer};
 pub use root::RootCa;
 pub use vault::{VaultAuth, VaultConfig, VaultIssuer};
 

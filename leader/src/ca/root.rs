@@ -149,30 +149,7 @@ impl RootCa {
     pub fn sign(&self, request: &LeafRequest) -> Result<IssuedCert, CaError> {
         let subject = &request.common_name;
         let fail = || sign_error(subject);
-        let mut params = CertificateParams::new(request.dns_names.clone()).map_err(fail())?;
-        for uri in &request.uris {
-            let uri = uri.as_str().try_into().map_err(fail())?;
-            params.subject_alt_names.push(SanType::URI(uri));
-        }
-        for ip in &request.ip_addresses {
-            params.subject_alt_names.push(SanType::IpAddress(*ip));
-        }
-        params
-            .distinguished_name
-            .push(DnType::CommonName, subject.as_str());
-        if request.pod_bound {
-            params
-                .distinguished_name
-                .push(DnType::OrganizationalUnitName, POD_BOUND_UNIT);
-        }
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        let mut params = leaf_params(request)?;
         let now = SystemTime::now();
         // A leaf never outlives the root that signed it.
         let not_after = (now + request.validity).min(self.not_after);
@@ -188,4 +165,36 @@ impl RootCa {
             signer: self.id,
         })
     }
+}
+
+/// What a leaf for `request` says, validity aside: its names, and that it
+/// serves and authenticates clients.
+pub(super) fn leaf_params(request: &LeafRequest) -> Result<CertificateParams, CaError> {
+    let subject = &request.common_name;
+    let fail = || sign_error(subject);
+    let mut params = CertificateParams::new(request.dns_names.clone()).map_err(fail())?;
+    for uri in &request.uris {
+        let uri = uri.as_str().try_into().map_err(fail())?;
+        params.subject_alt_names.push(SanType::URI(uri));
+    }
+    for ip in &request.ip_addresses {
+        params.subject_alt_names.push(SanType::IpAddress(*ip));
+    }
+    params
+        .distinguished_name
+        .push(DnType::CommonName, subject.as_str());
+    if request.pod_bound {
+        params
+            .distinguished_name
+            .push(DnType::OrganizationalUnitName, POD_BOUND_UNIT);
+    }
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    Ok(params)
 }

@@ -595,7 +595,7 @@ async fn start_leader(inputs: Inputs, store: Arc<SnapshotStore>) -> Result<Leade
     let ca = credentials::open_ca(inputs.ca_dir.as_deref())?;
     // The built-in CA keeps signing bootstrap and edge certificates; the
     // mesh's leaves come from the external issuer, if one is configured.
-    let leaves: Arc<dyn CertificateIssuer> = match inputs.certificates.external()? {
+    let leaves: Arc<dyn CertificateIssuer> = match inputs.certificates.external().await? {
         Some(external) => external.issuer,
         None => ca.clone(),
     };
@@ -878,7 +878,7 @@ async fn leader_group(
             .context("starting this leader replica")?,
     );
     let gate = Gate::default();
-    let external = inputs.certificates.external()?;
+    let external = inputs.certificates.external().await?;
     let listener = bind("publish", publish).await?;
     let issuance = Issuance::new(
         Arc::new(GroupSigner::new(replica.state())),

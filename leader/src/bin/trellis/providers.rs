@@ -3,10 +3,12 @@
 //! `cert-manager`, and the same `--vault-*` names), with what Trellis adds
 //! (the PKI mount, Vault's CA, Kubernetes auth, token from a file).
 
-use std::{path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context, Result};
-use trellis_leader::ca::{External, VaultAuth, VaultConfig, VaultIssuer};
+use trellis_leader::ca::{
+    CertManagerConfig, CertManagerIssuer, External, VaultAuth, VaultConfig, VaultIssuer,
+};
 
 /// The certificate providers, by OSM's names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -15,6 +17,9 @@ pub(crate) enum Provider {
     Tresor,
     /// A Vault (or OpenBao) PKI secrets engine.
     Vault,
+    /// cert-manager: CertificateRequests against an Issuer or
+    /// ClusterIssuer.
+    CertManager,
 }
 
 /// Where the mesh's leaves come from.
@@ -67,16 +72,70 @@ pub(crate) struct CertificateManagerArgs {
     /// leaves is renewed.
     #[arg(long, default_value_t = 16)]
     vault_concurrency: usize,
+    /// The cert-manager Issuer or ClusterIssuer signing leaves.
+    #[arg(long, default_value = "osm-ca")]
+    cert_manager_issuer_name: String,
+    /// `Issuer` or `ClusterIssuer`.
+    #[arg(long, default_value = "Issuer")]
+    cert_manager_issuer_kind: String,
+    /// The issuer's API group.
+    #[arg(long, default_value = "cert-manager.io")]
+    cert_manager_issuer_group: String,
+    /// Where CertificateRequests are made (an Issuer's namespace).
+    #[arg(long, default_value = "trellis-system")]
+    cert_manager_namespace: String,
+    /// The Secret in that namespace whose `ca.crt` is the issuer's CA: the
+    /// mesh's trust bundle.
+    #[arg(long, default_value = "osm-ca-bundle")]
+    cert_manager_ca_secret: String,
+    /// How long a batch of CertificateRequests may wait to be signed, in
+    /// seconds.
+    #[arg(long, default_value_t = 30)]
+    cert_manager_wait_secs: u64,
 }
 
 impl CertificateManagerArgs {
     /// The external issuer asked for; `None` for the built-in CA.
-    pub(crate) fn external(&self) -> Result<Option<External>> {
+    pub(crate) async fn external(&self) -> Result<Option<External>> {
         match self.certificate_manager {
             Provider::Tresor => Ok(None),
+            Provider::CertManager => {
+                if !matches!(
+                    self.cert_manager_issuer_kind.as_str(),
+                    "Issuer" | "ClusterIssuer"
+                ) {
+                    bail!(
+                        "--cert-manager-issuer-kind {:?}: Issuer or ClusterIssuer",
+                        self.cert_manager_issuer_kind
+                    );
+                }
+                let client = kube::Client::try_default()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))
+                    .context("--certificate-manager cert-manager needs the Kubernetes API")?;
+                let config = CertManagerConfig {
+                    namespace: self.cert_manager_namespace.clone(),
+                    issuer_name: self.cert_manager_issuer_name.clone(),
+                    issuer_kind: self.cert_manager_issuer_kind.clone(),
+                    issuer_group: self.cert_manager_issuer_group.clone(),
+                    ca_secret: self.cert_manager_ca_secret.clone(),
+                    wait: Duration::from_secs(self.cert_manager_wait_secs),
+                    concurrency: 16,
+                };
+                let issuer = CertManagerIssuer::connect(client, config)
+                    .await
+                    .context("--certificate-manager cert-manager")?;
+                Ok(Some(External {
+                    provider: "cert-manager",
+                    issuer: Arc::new(issuer),
+                }))
+            }
             Provider::Vault => {
-                let issuer =
-                    VaultIssuer::connect(self.vault()?).context("--certificate-manager vault")?;
+                let config = self.vault()?;
+                // Blocking HTTP: off the runtime.
+                let issuer = tokio::task::spawn_blocking(move || VaultIssuer::connect(config))
+                    .await?
+                    .context("--certificate-manager vault")?;
                 Ok(Some(External {
                     provider: "vault",
                     issuer: Arc::new(issuer),
