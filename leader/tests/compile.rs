@@ -1773,7 +1773,7 @@ spec:
   traffic: { enableEgress: false, inboundExternalAuthorization: { enable: true } }
   observability: { osmLogLevel: info, tracing: { enable: false, sampling: 5 } }
   certificate: { certKeyBitSize: 4096 }
-  featureFlags: { enableRetryPolicy: false, enableWASMStats: true, enableSnapshotCacheMode: false }
+  featureFlags: { enableRetryPolicy: false, enableWASMStats: true, enableSnapshotCacheMode: false, enableMeshRootCertificate: true }
   spce: {}
 "#,
     ));
@@ -1785,6 +1785,7 @@ spec:
         reported,
         [
             "spec.certificate.certKeyBitSize",
+            "spec.featureFlags.enableMeshRootCertificate",
             "spec.featureFlags.enableWASMStats",
             "spec.observability.osmLogLevel",
             "spec.observability.tracing.sampling",
@@ -1794,6 +1795,10 @@ spec:
             "spec.traffic.inboundExternalAuthorization",
         ]
     );
+    let root_certificates = (problems.iter())
+        .find(|p| p.reason.contains("enableMeshRootCertificate"))
+        .unwrap();
+    assert!(root_certificates.reason.ends_with("with trellis rotate-ca"));
     assert_eq!(compiled.classes.len(), 6, "the rest applies");
 }
 

@@ -585,6 +585,64 @@ fn the_overlays_wire_leaders_edges_and_the_webhook_together() {
     }
 }
 
+/// The `large` overlay with the kustomize `component` of `deploy/`, as an
+/// operator's overlay would add it.
+fn render_with_component(component: &str) -> String {
+    // kustomize takes only relative paths, so the overlay sits in the tree.
+    let dir = root().join("target/deploy-components").join(component);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
+             resources: [../../../deploy/overlays/large]\n\
+             components: [../../../deploy/components/{component}]\n"
+        ),
+    )
+    .unwrap();
+    run(Command::new(kubectl()).arg("kustomize").arg(&dir))
+}
+
+#[test]
+fn the_certificate_provider_components_render_and_their_flags_parse() {
+    let dir = scratch("components");
+    for (component, provider) in [("vault", "vault"), ("cert-manager", "cert-manager")] {
+        let rendered = render_with_component(component);
+        let file = dir.join(format!("{component}.yaml"));
+        std::fs::write(&file, &rendered).unwrap();
+        assert_eq!(errors(&validate(std::slice::from_ref(&file))), Vec::<String>::new());
+        let objects = objects(&rendered);
+        let leader = find(&objects, "StatefulSet", "trellis-leader");
+        let mut leader_args: Vec<String> = (args(leader).iter())
+            .map(|a| a.replace("$(POD_IP)", "10.1.2.3"))
+            .collect();
+        assert_eq!(flag(&leader_args, "certificate-manager"), [provider]);
+        leader_args.push("--help".to_owned());
+        run(Command::new(TRELLIS).args(&leader_args));
+        // Every file the flags name is mounted.
+        let mounts: Vec<&str> = (leader["spec"]["template"]["spec"]["containers"][0]
+            ["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter())
+        .filter_map(|m| m["mountPath"].as_str())
+        .collect();
+        for file in flag(&leader_args, "vault-token-file")
+            .into_iter()
+            .chain(flag(&leader_args, "vault-ca-file"))
+        {
+            assert!(
+                mounts.iter().any(|m| file.starts_with(m)),
+                "{component}: {file} is not mounted"
+            );
+        }
+        if component == "cert-manager" {
+            let role = find(&objects, "Role", "trellis-leader-cert-manager");
+            assert_eq!(role["rules"][0]["resources"], json!(["certificaterequests"]));
+        }
+    }
+}
+
 #[test]
 fn node_id_from_hostname_is_the_statefulset_ordinal_plus_one() {
     let dir = scratch("ordinal");

@@ -269,9 +269,19 @@ fn not_implemented(r: &ObjectRef, spec: &MeshConfigSpec, problems: &mut Vec<Prob
     }
     fields.sort();
     for field in fields {
+        // MeshRootCertificate objects are not read: rotations and provider
+        // switches are asked of the leader group instead.
+        let instead = match field.as_str() {
+            "spec.featureFlags.enableMeshRootCertificate" => {
+                "; rotate the root or switch provider with trellis rotate-ca"
+            }
+            _ => "",
+        };
         problems.push(Problem::new(
             r,
-            format!("{field} is not implemented by this version of Trellis; it has no effect"),
+            format!(
+                "{field} is not implemented by this version of Trellis; it has no effect{instead}"
+            ),
         ));
     }
 }
