@@ -610,7 +610,10 @@ fn the_certificate_provider_components_render_and_their_flags_parse() {
         let rendered = render_with_component(component);
         let file = dir.join(format!("{component}.yaml"));
         std::fs::write(&file, &rendered).unwrap();
-        assert_eq!(errors(&validate(std::slice::from_ref(&file))), Vec::<String>::new());
+        assert_eq!(
+            errors(&validate(std::slice::from_ref(&file))),
+            Vec::<String>::new()
+        );
         let objects = objects(&rendered);
         let leader = find(&objects, "StatefulSet", "trellis-leader");
         let mut leader_args: Vec<String> = (args(leader).iter())
@@ -638,7 +641,10 @@ fn the_certificate_provider_components_render_and_their_flags_parse() {
         }
         if component == "cert-manager" {
             let role = find(&objects, "Role", "trellis-leader-cert-manager");
-            assert_eq!(role["rules"][0]["resources"], json!(["certificaterequests"]));
+            assert_eq!(
+                role["rules"][0]["resources"],
+                json!(["certificaterequests"])
+            );
         }
     }
 }

@@ -17,6 +17,7 @@ use rustls::{
     server::WebPkiClientVerifier,
     RootCertStore,
 };
+use serde_json::json;
 use trellis_leader::{
     ca::{
         CaError, CertificateIssuer, IssuedCert, LeafRequest, VaultAuth, VaultConfig, VaultIssuer,
@@ -27,6 +28,7 @@ use trellis_leader::{
     source::files::FileSource,
 };
 use trellis_shared::{type_url, Snapshot};
+use trellis_test_cluster::Cluster;
 use trellis_test_vault::Vault;
 
 fn config(vault: &Vault, role: &str) -> VaultConfig {
@@ -127,6 +129,71 @@ fn a_misconfigured_role_or_token_is_a_clear_refusal() {
     no_mount.mount = "nothing-here".to_owned();
     let error = VaultIssuer::connect(no_mount).unwrap_err();
     assert!(error.to_string().contains("nothing-here"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_auth_logs_in_with_the_pods_service_account_token() {
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    cluster.namespace(&client, "vault-auth", &[]).await;
+    cluster.default_service_account(&client, "vault-auth").await;
+    let jwt = cluster
+        .service_account_token(&client, "vault-auth", "default")
+        .await;
+    let jwt_path = std::env::temp_dir().join(format!("trellis-vault-jwt-{}", std::process::id()));
+    std::fs::write(&jwt_path, jwt).unwrap();
+
+    // Vault reviews the token with the test API server.
+    let vault = Vault::dev("kubernetes-auth");
+    vault.pki("pki", "trellis", &["cluster.local"]);
+    let write = |path: &str, body: serde_json::Value| {
+        let (status, reply) = vault.request("PUT", path, Some(body));
+        assert!((200..300).contains(&status), "{path}: {status} {reply}");
+    };
+    write("sys/auth/kubernetes", json!({ "type": "kubernetes" }));
+    write(
+        "auth/kubernetes/config",
+        json!({
+            "kubernetes_host": cluster.url(),
+            "kubernetes_ca_cert": cluster.ca_pem(),
+            "token_reviewer_jwt": cluster.admin_token(),
+            "disable_local_ca_jwt": true,
+        }),
+    );
+    write(
+        "sys/policies/acl/trellis",
+        json!({ "policy": "path \"pki/issue/trellis\" { capabilities = [\"create\", \"update\"] }" }),
+    );
+    write(
+        "auth/kubernetes/role/trellis-leader",
+        json!({
+            "bound_service_account_names": ["default"],
+            "bound_service_account_namespaces": ["vault-auth"],
+            "policies": ["trellis"],
+            "ttl": "1h",
+        }),
+    );
+    let kubernetes = |role: &str| VaultConfig {
+        auth: VaultAuth::Kubernetes {
+            mount: "kubernetes".to_owned(),
+            role: role.to_owned(),
+            jwt_path: jwt_path.clone(),
+        },
+        ..config(&vault, "trellis")
+    };
+    let (good, bad) = (kubernetes("trellis-leader"), kubernetes("someone-else"));
+    let (issued, refused) = tokio::task::spawn_blocking(move || {
+        let request = identity_request("bookbuyer");
+        let issued = VaultIssuer::connect(good).unwrap().issue(&request);
+        let refused = VaultIssuer::connect(bad).unwrap().issue(&request);
+        (issued, refused)
+    })
+    .await
+    .unwrap();
+    assert!(issued.is_ok(), "{issued:?}");
+    let error = refused.unwrap_err().to_string();
+    assert!(error.contains("auth/kubernetes/login"), "{error}");
+    let _ = std::fs::remove_file(&jwt_path);
 }
 
 /// The service certificates changed from `old` to `new`.

@@ -89,6 +89,11 @@ pub enum GroupError {
         /// This replica's.
         configured: String,
     },
+    /// This replica cannot sign as the group does (the group's leaves come
+    /// from a provider it is not configured with), or the replicated roots
+    /// cannot be read; it stops so another replica leads.
+    #[error("this replica cannot sign for the group: {0}")]
+    Signing(crate::ca::CaError),
     /// This replica's id is not in the peer list.
     #[error("replica id {id} is not among the peers {peers:?} (--node-id must be one of --peers)")]
     UnknownSelf {

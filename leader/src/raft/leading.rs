@@ -221,7 +221,7 @@ async fn run_term(group: &LeaderGroup, leading: &Leading) -> Result<(), GroupErr
             leading.rotation_overlap,
             proposals,
         )
-        .map_err(|e| GroupError::Raft(format!("the group's CA: {e}")))?,
+        .map_err(GroupError::Signing)?,
     );
     let base_epoch = group.state().borrow().epoch;
     info!(epoch = base_epoch, "leading: compiling the mesh");

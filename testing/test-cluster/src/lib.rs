@@ -25,6 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod cert_manager;
 pub mod process;
 
 use k8s_openapi::api::{
@@ -130,6 +131,12 @@ impl Cluster {
     /// The API server's URL.
     pub fn url(&self) -> String {
         format!("https://127.0.0.1:{}", self.apiserver_port)
+    }
+
+    /// The static admin token (group `system:masters`), for a test
+    /// counterpart that calls the API server itself.
+    pub fn admin_token(&self) -> &'static str {
+        ADMIN_TOKEN
     }
 
     /// A kubeconfig with the admin token, for `KUBECONFIG` and kubectl.
@@ -435,7 +442,8 @@ impl Cluster {
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("etcd {path} answered {text}: {e}"))
     }
 
-    fn ca_pem(&self) -> String {
+    /// The roots the API server's serving certificate chains to, PEM.
+    pub fn ca_pem(&self) -> String {
         std::fs::read_to_string(self.dir.join("serving-ca.crt"))
             .unwrap_or_else(|e| panic!("the serving CA: {e}"))
     }
