@@ -131,6 +131,62 @@ fn a_misconfigured_role_or_token_is_a_clear_refusal() {
     assert!(error.to_string().contains("nothing-here"), "{error}");
 }
 
+#[test]
+fn vaults_own_issuer_rotation_is_trusted_first_then_signs_then_goes() {
+    let vault = Vault::dev("issuers");
+    let first = vault.pki("pki", "trellis", &["cluster.local"]);
+    let issuer = Arc::new(VaultIssuer::connect(config(&vault, "trellis")).unwrap());
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bookstore");
+    let mut pipeline = Pipeline::new(PipelineConfig::default(), Compiler::new(issuer.clone()));
+    pipeline.apply(FileSource::new(&example).scan().unwrap());
+    pipeline.compile().unwrap().expect("a first snapshot");
+    let old_signer = issuer.signer();
+    let minute = |n: u64| SystemTime::now() + Duration::from_secs(61 * n);
+
+    // A second issuer: trusted once it is read, not signing yet.
+    let (status, reply) = vault.request(
+        "PUT",
+        "pki/root/generate/internal",
+        Some(json!({ "common_name": "second root", "ttl": "8760h", "key_type": "ec", "issuer_name": "second" })),
+    );
+    assert_eq!(status, 200, "{reply}");
+    let second = reply["data"]["certificate"].as_str().unwrap().to_owned();
+    assert!(pipeline.certificates_due(minute(1)));
+    pipeline
+        .compile()
+        .unwrap()
+        .expect("the new bundle is published");
+    let bundle = issuer.trust_bundle();
+    assert!(bundle.contains(first.trim()) && bundle.contains(second.trim()));
+    assert_eq!(issuer.signer(), old_signer);
+
+    // Made the default: it signs, and every leaf is reissued by it.
+    let (status, reply) = vault.request(
+        "PUT",
+        "pki/config/issuers",
+        Some(json!({ "default": "second" })),
+    );
+    assert_eq!(status, 200, "{reply}");
+    assert!(pipeline.certificates_due(minute(2)));
+    assert_ne!(issuer.signer(), old_signer);
+    pipeline.compile().unwrap().expect("reissued leaves");
+    assert!(
+        !pipeline.certificates_due(minute(2)),
+        "every leaf is the new issuer's"
+    );
+
+    // The old issuer removed: no longer trusted.
+    let listed = vault.request("GET", "pki/issuers?list=true", None).1;
+    let old = (listed["data"]["key_info"].as_object().unwrap().iter())
+        .find(|(_, info)| info["issuer_name"] != "second")
+        .map(|(id, _)| id.clone())
+        .unwrap();
+    let (status, reply) = vault.request("DELETE", &format!("pki/issuer/{old}"), None);
+    assert!((200..300).contains(&status), "{reply}");
+    assert!(pipeline.certificates_due(minute(3)));
+    assert_eq!(issuer.trust_bundle().trim(), second.trim());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_auth_logs_in_with_the_pods_service_account_token() {
     let cluster = Cluster::shared();

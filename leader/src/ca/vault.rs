@@ -1,7 +1,10 @@
 //! Leaves from a Vault PKI secrets engine (HashiCorp Vault or OpenBao), as
 //! OSM's `vault` certificate manager issued them: `POST
-//! /v1/<mount>/issue/<role>` for each leaf, the mount's CA chain as the
-//! mesh's trust bundle.
+//! /v1/<mount>/issue/<role>` for each leaf, the chains of the mount's
+//! issuers as the mesh's trust bundle. Vault's own rotation (a new issuer,
+//! made the default, the old one removed) is followed: the new issuer is
+//! trusted as soon as it exists, every leaf is reissued once it signs, and
+//! the old one is trusted until it is removed.
 //!
 //! Issuing is blocking HTTP: the compiler calls it on the blocking pool,
 //! and a batch runs its requests concurrently. Vault being down or sealed
@@ -69,10 +72,13 @@ pub struct VaultConfig {
     pub concurrency: usize,
 }
 
-/// The mount's CA chain, as the trust bundle, and the signer it names.
+/// The mount's issuers, as the trust bundle, and who signs.
 struct Chain {
     bundle: Arc<str>,
+    /// The issuer of the last leaf (the default issuer before any).
     signer: SignerId,
+    /// The mount's default issuer when last read.
+    default: SignerId,
     read_at: SystemTime,
 }
 
@@ -168,6 +174,7 @@ impl VaultIssuer {
             chain: RwLock::new(Chain {
                 bundle: Arc::from(""),
                 signer: SignerId(0),
+                default: SignerId(0),
                 read_at: UNIX_EPOCH,
             }),
         };
@@ -176,7 +183,7 @@ impl VaultIssuer {
             address = %issuer.config.address,
             mount = %issuer.config.mount,
             role = %issuer.config.role,
-            roots = chain.matches("BEGIN CERTIFICATE").count(),
+            roots = chain.0.matches("BEGIN CERTIFICATE").count(),
             "issuing leaves from Vault"
         );
         issuer.set_chain(chain, SystemTime::now());
@@ -277,38 +284,76 @@ impl VaultIssuer {
         }
     }
 
-    /// The mount's CA chain, PEM.
-    fn read_chain(&self) -> Result<String, CaError> {
-        let reply = self.call(
-            "GET",
-            &format!("{}/cert/ca_chain", self.config.mount),
-            None,
-            None,
-        )?;
-        let chain = reply["data"]["certificate"]
+    /// The mount's trust bundle, PEM: every issuer's chain (so a new
+    /// issuer is trusted before it signs and an old one until it is
+    /// removed), else, where issuers cannot be listed, the default
+    /// issuer's chain.
+    fn read_chain(&self) -> Result<(String, SignerId), CaError> {
+        let mount = &self.config.mount;
+        let default = self.call("GET", &format!("{mount}/cert/ca_chain"), None, None)?;
+        let chain = default["data"]["certificate"]
             .as_str()
-            .or_else(|| reply["data"]["ca_chain"].as_str())
+            .or_else(|| default["data"]["ca_chain"].as_str())
             .unwrap_or_default()
             .trim()
             .to_owned();
         if !chain.contains("BEGIN CERTIFICATE") {
             return Err(refused(format!(
-                "mount {:?} has no CA: generate or import one (pki/root/generate/internal)",
-                self.config.mount
+                "mount {mount:?} has no CA: generate or import one (pki/root/generate/internal)"
             )));
         }
-        Ok(format!("{chain}\n"))
+        let mut bundle: Vec<String> = Vec::new();
+        let mut add = |pem: &str| {
+            for cert in pem.split_inclusive("-----END CERTIFICATE-----") {
+                let cert = cert.trim();
+                if cert.contains("BEGIN CERTIFICATE") && !bundle.iter().any(|held| held == cert) {
+                    bundle.push(cert.to_owned());
+                }
+            }
+        };
+        add(&chain);
+        let listed = self.call("GET", &format!("{mount}/issuers?list=true"), None, None);
+        let mut issuers: Vec<String> = match &listed {
+            Ok(reply) => (reply["data"]["keys"].as_array().into_iter().flatten())
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect(),
+            Err(error) => {
+                debug!(%error, "cannot list the mount's issuers; trusting the default's chain");
+                Vec::new()
+            }
+        };
+        issuers.sort();
+        for issuer in issuers {
+            let reply = self.call("GET", &format!("{mount}/issuer/{issuer}/json"), None, None)?;
+            for cert in (reply["data"]["ca_chain"].as_array().into_iter().flatten())
+                .filter_map(Value::as_str)
+            {
+                add(cert);
+            }
+        }
+        let bundle = bundle.into_iter().map(|cert| cert + "\n").collect();
+        Ok((bundle, signer_of(&chain)))
     }
 
-    fn set_chain(&self, chain: String, now: SystemTime) -> bool {
+    /// Takes up the bundle and default issuer read at `now`. A new default
+    /// issuer is taken as the signer (the role's issuer, usually), so
+    /// every leaf is reissued; the next leaf says who really signs.
+    /// Returns whether the bundle or the signer changed.
+    fn set_chain(&self, (bundle, default): (String, SignerId), now: SystemTime) -> bool {
         let mut held = self.chain.write().unwrap_or_else(|e| e.into_inner());
         held.read_at = now;
-        if *held.bundle == *chain {
-            return false;
+        let mut changed = false;
+        if held.default != default {
+            held.default = default;
+            held.signer = default;
+            changed = true;
         }
-        held.signer = signer_of(&chain);
-        held.bundle = Arc::from(chain);
-        true
+        if *held.bundle != *bundle {
+            held.bundle = Arc::from(bundle);
+            changed = true;
+        }
+        changed
     }
 }
 
@@ -360,7 +405,11 @@ impl CertificateIssuer for VaultIssuer {
         });
         let path = format!("{}/issue/{}", self.config.mount, self.config.role);
         let reply = self.authorized("POST", &path, Some(&body))?;
-        issued(&reply, request)
+        let cert = issued(&reply, request)?;
+        // The role's issuer is the signer (it may not be the mount's
+        // default): once it changes, every other leaf is reissued.
+        self.chain.write().unwrap_or_else(|e| e.into_inner()).signer = cert.signer;
+        Ok(cert)
     }
 
     fn issue_batch(&self, requests: &[LeafRequest]) -> Vec<Result<IssuedCert, CaError>> {
@@ -403,8 +452,9 @@ impl CertificateIssuer for VaultIssuer {
         self.chain.read().unwrap_or_else(|e| e.into_inner()).signer
     }
 
-    /// Reads the CA chain again now and then: a new issuer in Vault is a
-    /// new trust bundle and signer, and the compiler reissues every leaf.
+    /// Reads the mount's issuers again now and then: a new issuer is
+    /// trusted at once; a new default issuer is a new signer, and the
+    /// compiler reissues every leaf.
     fn advance(&self, now: SystemTime, _leaves_current: bool) -> Result<bool, CaError> {
         let read_at = self.chain.read().unwrap_or_else(|e| e.into_inner()).read_at;
         if now.duration_since(read_at).unwrap_or_default() < CHAIN_REFRESH {

@@ -287,8 +287,10 @@ impl CertificateIssuer for GroupIssuer {
             .collect();
         let wanted: Vec<usize> = (0..requests.len()).filter(|i| out[*i].is_none()).collect();
         let batch: Vec<LeafRequest> = wanted.iter().map(|i| requests[*i].clone()).collect();
+        // Signed before locking: an external issuer may take seconds.
+        let signed = signer.issue_batch(&batch);
         let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
-        for (at, result) in wanted.into_iter().zip(signer.issue_batch(&batch)) {
+        for (at, result) in wanted.into_iter().zip(signed) {
             if let Ok(cert) = &result {
                 issued.push(Leaf::new(&requests[at].common_name, cert));
             }
