@@ -2,7 +2,8 @@
 //! leader group, with two real Envoys in network namespaces carrying
 //! requests throughout: a new built-in root with the Raft leader killed
 //! mid-rotation, then (after a rolling restart giving every replica Vault's
-//! flags) a switch to a real OpenBao. No request fails.
+//! flags) a switch to a real OpenBao, then a failover that sends the pods
+//! no new certificate. No request fails.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -412,5 +413,23 @@ async fn rotate_then_switch(
     let status = group.root_status();
     assert_eq!(status["provider"], "vault", "{status}");
     assert_eq!(status["step"], "stable", "{status}");
+
+    // Vault's leaves are in the Raft log too: a failover sends the pods no
+    // new certificate.
+    let held = (leaf_serials(pods[0]).await, leaf_serials(pods[1]).await);
+    let leader = group.leader().await?;
+    group.kill(leader);
+    eventually(Duration::from_secs(30), "another leader", || async {
+        let next = group.root_status()["leader"].as_u64().unwrap_or_default();
+        next != 0 && next != leader
+    })
+    .await
+    .with_context(|| group.logs())?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        (leaf_serials(pods[0]).await, leaf_serials(pods[1]).await),
+        held,
+        "a failover re-sent certificates"
+    );
     Ok(())
 }

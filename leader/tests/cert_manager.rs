@@ -101,6 +101,39 @@ async fn leaves_come_from_certificate_requests_signed_by_the_issuer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_issuers_ca_is_the_signer_even_listed_after_another_root() {
+    let cluster = Cluster::shared();
+    let client = cluster.client().await;
+    cert_manager::install(cluster);
+    cluster.namespace(&client, "cm-bundle", &[]).await;
+    // The Secret lists a root being rotated in before the issuer's own CA.
+    let (next, ca) = (TestCa::default(), Arc::new(TestCa::default()));
+    let both = format!("{}{}", next.cert_pem, ca.cert_pem);
+    cert_manager::store_bundle(&client, "cm-bundle", "osm-ca-bundle", &both).await;
+    let signer = spawn_signer(client.clone(), "cm-bundle", "mesh-ca", ca.clone());
+    let issuer = Arc::new(
+        CertManagerIssuer::connect(
+            client.clone(),
+            config("cm-bundle", "mesh-ca", Duration::from_secs(20)),
+        )
+        .await
+        .unwrap(),
+    );
+    let example = root().join("examples/bookstore");
+    let mut pipeline = Pipeline::new(PipelineConfig::default(), Compiler::new(issuer));
+    pipeline.apply(FileSource::new(&example).scan().unwrap());
+    let settled = tokio::task::spawn_blocking(move || {
+        pipeline.compile().unwrap().expect("a first snapshot");
+        // Every leaf is the signer's: nothing is due a minute on.
+        !pipeline.certificates_due(SystemTime::now() + Duration::from_secs(30))
+    })
+    .await
+    .unwrap();
+    assert!(settled, "leaves were reissued although none was due");
+    signer.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_denied_request_is_a_refusal_and_a_silent_issuer_changes_nothing() {
     let cluster = Cluster::shared();
     let client = cluster.client().await;

@@ -385,12 +385,20 @@ impl CertManagerIssuer {
             );
         let bundle = self.trust_bundle();
         let issuing = ca.unwrap_or_else(|| bundle.to_string());
+        let signer = signer_of(&issuing);
+        // Whoever the issuer says signed is the signer: every other leaf is
+        // reissued once it changes, and a CA reported differently from the
+        // Secret's first certificate does not reissue forever.
+        self.bundle
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .signer = signer;
         Ok(IssuedCert {
             chain_pem: format!("{}\n{}\n", certificate.trim(), issuing.trim()),
             key_pem: key.serialize_pem(),
             issued_at: SystemTime::now(),
             not_after,
-            signer: signer_of(&issuing),
+            signer,
         })
     }
 }

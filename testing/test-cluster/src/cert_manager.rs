@@ -78,17 +78,22 @@ impl TestCa {
     /// Creates the Secret `name` in `namespace` holding this CA's `ca.crt`,
     /// as a CA issuer's Secret does.
     pub async fn store(&self, client: &Client, namespace: &str, name: &str) {
-        let secret: Secret = made(
-            serde_json::from_value(json!({
-                "metadata": { "name": name, "namespace": namespace },
-                "data": { "ca.crt": base64(&self.cert_pem) },
-            })),
-            "the CA Secret",
-        );
-        let api = Api::<Secret>::namespaced(client.clone(), namespace);
-        if let Err(error) = api.create(&Default::default(), &secret).await {
-            panic!("creating Secret {namespace}/{name}: {error}");
-        }
+        store_bundle(client, namespace, name, &self.cert_pem).await;
+    }
+}
+
+/// Creates the Secret `name` in `namespace` with `ca.crt` = `pem`.
+pub async fn store_bundle(client: &Client, namespace: &str, name: &str, pem: &str) {
+    let secret: Secret = made(
+        serde_json::from_value(json!({
+            "metadata": { "name": name, "namespace": namespace },
+            "data": { "ca.crt": base64(pem) },
+        })),
+        "the CA Secret",
+    );
+    let api = Api::<Secret>::namespaced(client.clone(), namespace);
+    if let Err(error) = api.create(&Default::default(), &secret).await {
+        panic!("creating Secret {namespace}/{name}: {error}");
     }
 }
 
