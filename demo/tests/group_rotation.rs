@@ -163,6 +163,7 @@ impl Group {
         let mut command = Command::new(trellis_binary());
         command
             .arg("leader")
+            .args(["--admin", "127.0.0.1:0"])
             .args(["--dir", &self.manifests.to_string_lossy()])
             .args(["--ca-dir", &self.path("ca")])
             .args(["--publish", &self.publish[&id].to_string()])

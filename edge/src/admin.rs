@@ -6,22 +6,18 @@
 //! whenever anyone outside the pod can reach it ([`DebugAccess`]): probes
 //! and Prometheus get the rest without one.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::body::Incoming;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tracing::{debug, warn};
 use trellis_shared::replication::REPLICATED_TYPES;
+use trellis_transport::admin::{self, response, text};
 
 use crate::{metrics::Metrics, store::SnapshotStore, xds::AdsServer};
-
-/// How long the accept loop pauses after a failed accept.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// Who may read the endpoints that show per-proxy state.
 #[derive(Clone)]
@@ -125,33 +121,12 @@ impl Admin {
     /// that has not sent a request's headers within `header_timeout` is
     /// closed.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, header_timeout: Duration) {
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors, say: retrying at once would
-                    // spin; a pause lets connections close.
-                    warn!(%error, "admin accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    continue;
-                }
-            };
-            let admin = self.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |request| {
-                    let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.handle(&request)) }
-                });
-                if let Err(error) = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(header_timeout)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    debug!(%error, %peer, "admin connection ended");
-                }
-            });
-        }
+        admin::serve(
+            listener,
+            header_timeout,
+            Arc::new(move |request| self.handle(request)),
+        )
+        .await
     }
 
     fn handle(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -194,28 +169,6 @@ impl Admin {
         self.metrics
             .snapshot_classes
             .set(i64::try_from(snapshot.class_names().count()).unwrap_or(i64::MAX));
-        let mut body = String::new();
-        match prometheus_client::encoding::text::encode(&mut body, &self.registry) {
-            Ok(()) => response(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                body.into(),
-            ),
-            Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")),
-        }
+        admin::metrics(&self.registry)
     }
-}
-
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    response(status, "text/plain; charset=utf-8", body.into())
-}
-
-fn response(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(body));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(content_type),
-    );
-    response
 }

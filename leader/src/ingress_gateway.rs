@@ -32,9 +32,14 @@ pub enum Keeper {
 impl Keeper {
     /// Keeps each certificate of `certs` until the pipeline goes.
     pub fn spawn(&self, certs: Certificates) -> tokio::task::JoinHandle<()> {
-        match self.clone() {
-            Keeper::Secret(client) => tokio::spawn(keep_in_secret(client, certs)),
-            Keeper::Files(dir) => tokio::spawn(keep_in_files(dir, certs)),
+        tokio::spawn(self.clone().run(certs))
+    }
+
+    /// Keeps what `certs` holds until it closes.
+    pub async fn run(self, certs: Certificates) {
+        match self {
+            Keeper::Secret(client) => keep_in_secret(client, certs).await,
+            Keeper::Files(dir) => keep_in_files(dir, certs).await,
         }
     }
 }

@@ -20,7 +20,9 @@
 //! * [`ingress_gateway`]: keeps the ingress gateway certificate in its
 //!   Secret (or files).
 //! * [`private_files`]: the one writer of keys and other private files.
+//! * [`admin`]: the leader's admin endpoint (probes, Prometheus).
 
+pub mod admin;
 pub mod bootstrap;
 pub mod bootstrap_secrets;
 pub mod ca;

@@ -656,6 +656,8 @@ fn node_id_from_hostname_is_the_statefulset_ordinal_plus_one() {
         let output = Command::new(TRELLIS)
             .args([
                 "leader",
+                "--admin",
+                "127.0.0.1:0",
                 "--dir",
                 root().join("examples/bookstore").to_str().unwrap(),
                 "--peer",
@@ -834,7 +836,14 @@ impl IssuingLeader {
         let control_ca = dir.join("control-ca");
         let child = spawn_logged(
             Command::new(TRELLIS)
-                .args(["leader", "--source", "kube", "--ca-dir"])
+                .args([
+                    "leader",
+                    "--admin",
+                    "127.0.0.1:0",
+                    "--source",
+                    "kube",
+                    "--ca-dir",
+                ])
                 .arg(dir.join("ca"))
                 .arg("--control-ca-dir")
                 .arg(&control_ca)

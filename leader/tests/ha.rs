@@ -101,6 +101,7 @@ struct Group {
     ids: Vec<u64>,
     raft: BTreeMap<u64, SocketAddr>,
     publish: BTreeMap<u64, SocketAddr>,
+    admin: BTreeMap<u64, SocketAddr>,
     replicas: BTreeMap<u64, Process>,
 }
 
@@ -161,7 +162,9 @@ impl Group {
         ]);
         let raft = ids.iter().map(|id| (*id, addr(free_port()))).collect();
         let publish = ids.iter().map(|id| (*id, addr(free_port()))).collect();
+        let admin = ids.iter().map(|id| (*id, addr(free_port()))).collect();
         Group {
+            admin,
             dir,
             kubeconfig: None,
             ids,
@@ -208,6 +211,8 @@ impl Group {
             &self.dir.join("ca").to_string_lossy(),
             "--publish",
             &self.publish[&id].to_string(),
+            "--admin",
+            &self.admin[&id].to_string(),
             "--node-id",
             &id.to_string(),
             "--cluster",
@@ -687,6 +692,45 @@ async fn a_root_rotation_survives_the_raft_leader_killed_mid_way() -> Result<()>
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_source_ends_says_why_and_stops() -> Result<()> {
+    let mut group = Group::prepare("source-ends", 1);
+    group.start(1);
+    group.agreed_leader(Duration::from_secs(30)).await?;
+    let admin = group.admin[&1];
+    eventually(
+        Duration::from_secs(30),
+        "the replica to be ready",
+        || async { matches!(http_get(admin, "/readyz", None).await, Ok((200, _))) },
+    )
+    .await?;
+    eventually(Duration::from_secs(30), "a first snapshot", || async {
+        let metrics = http_get(admin, "/metrics", None)
+            .await
+            .unwrap_or_default()
+            .1;
+        metric_value(&metrics, "trellis_leader_snapshot_epoch") >= 1.0
+    })
+    .await?;
+    let (_, metrics) = http_get(admin, "/metrics", None).await?;
+    assert_eq!(
+        metric_value(&metrics, "trellis_leader_leading"),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(metric_value(&metrics, "trellis_leader_raft_leader"), 1.0);
+
+    // The manifests' directory goes: the file source ends. The replica
+    // stops with the reason, instead of starting a term every second.
+    std::fs::remove_dir_all(group.dir.join("mesh"))?;
+    let replica = group.replicas.get_mut(&1).unwrap();
+    let (status, log) = replica.exited(Duration::from_secs(20)).await?;
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("the source failed"), "{log}");
+    assert!(!log.contains("starting it again"), "{log}");
+    Ok(())
+}
+
 /// Drops loopback packets to some ports while it lives (iptables, as
 /// root): a partition between edges and the leader group.
 struct Blocked(Vec<u16>);
@@ -929,6 +973,8 @@ async fn misconfigured_replicas_stop_with_a_clear_error_and_the_group_carries_on
         "--data-dir",
         &group.dir.join("data-7").to_string_lossy(),
         "--plaintext-control-plane",
+        "--admin",
+        "127.0.0.1:0",
     ]
     .map(str::to_owned)
     .to_vec();
@@ -951,6 +997,8 @@ async fn misconfigured_replicas_stop_with_a_clear_error_and_the_group_carries_on
     // rather than issue or accept identities the group's do not match.
     let mut args: Vec<String> = [
         "leader",
+        "--admin",
+        "127.0.0.1:0",
         "--dir",
         &group.dir.join("mesh").to_string_lossy(),
         "--ca-dir",

@@ -399,6 +399,7 @@ async fn spawn(
             let mut command = Command::new(trellis);
             command
                 .arg("leader")
+                .args(["--admin", "127.0.0.1:0"])
                 .arg("--dir")
                 .arg(dir)
                 .arg("--ca-dir")

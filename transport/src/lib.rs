@@ -12,7 +12,9 @@
 //!   certificate names an identity the server's policy accepts.
 //! * [`server`]: a tonic server builder with both, for every
 //!   control-plane server.
+//! * [`admin`]: the HTTP/1 server of every admin endpoint.
 
+pub mod admin;
 pub mod authorize;
 pub mod identity;
 pub mod server;

@@ -93,25 +93,24 @@ pub async fn lead(group: Arc<LeaderGroup>, leading: Leading) -> GroupError {
             .set_leader(leader.as_ref().map(|(_, r)| r.publish.clone()));
         if leader.as_ref().map(|(id, _)| *id) == Some(group.id()) {
             let span = info_span!("term", term, replica = group.id());
-            let result = tokio::select! {
-                result = run_term(&group, &leading).instrument(span) => result.map(|()| true),
-                () = lost(&mut metrics, group.id(), term) => Ok(false),
-                error = group.failed() => Err(error),
+            let ended = tokio::select! {
+                error = run_term(&group, &leading).instrument(span) => Some(error),
+                () = lost(&mut metrics, group.id(), term) => None,
+                error = group.failed() => Some(error),
             };
             leading.gate.close();
-            match result {
-                Ok(false) => info!(term, "no longer leading"),
-                // The source or the pipeline stopped by itself: lead again,
-                // but not in a tight loop if it keeps failing.
-                Ok(true) => {
-                    warn!(term, "the source stopped; starting it again");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                Err(GroupError::Raft(reason)) => {
-                    // Proposals fail when leadership moves mid-term.
+            match ended {
+                None => info!(term, "no longer leading"),
+                Some(GroupError::Raft(reason)) => {
+                    // Proposals fail when leadership moves mid-term; the
+                    // pause keeps a persistent failure from spinning.
                     warn!(term, %reason, "leading stopped");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Err(error) => return error,
+                // The source or the pipeline ended, or this replica cannot
+                // sign: it stops, so Kubernetes restarts it and another
+                // replica leads meanwhile.
+                Some(error) => return error,
             }
             continue;
         }
@@ -169,7 +168,7 @@ async fn group_ca(
             Some(dir) => BuiltinCa::open(dir),
             None => BuiltinCa::generate(),
         }
-        .map_err(|e| GroupError::Raft(format!("the group's CA: {e}")))?;
+        .map_err(GroupError::Signing)?;
         let root = ca.signing_root();
         let material = CaMaterial {
             cert_pem: root.cert_pem().to_owned(),
@@ -198,8 +197,19 @@ async fn group_ca(
     }
 }
 
-/// One term: until the pipeline or the source stops, or a proposal fails.
-async fn run_term(group: &LeaderGroup, leading: &Leading) -> Result<(), GroupError> {
+/// One term: until the pipeline or the source stops (why, as
+/// [`GroupError::Stopped`]), or a proposal fails.
+async fn run_term(group: &LeaderGroup, leading: &Leading) -> GroupError {
+    match lead_term(group, leading).await {
+        Ok(never) => match never {},
+        Err(error) => error,
+    }
+}
+
+async fn lead_term(
+    group: &LeaderGroup,
+    leading: &Leading,
+) -> Result<std::convert::Infallible, GroupError> {
     // Everything committed before this term is applied here after this.
     group
         .raft()
@@ -282,7 +292,20 @@ async fn run_term(group: &LeaderGroup, leading: &Leading) -> Result<(), GroupErr
             info!(epoch, leaves = issued.len(), "publishing to edges");
         }
     }
-    Ok(())
+    // The pipeline ends when its source does, or when a compile panicked.
+    let reason = if source.is_finished() {
+        match source.await {
+            Ok(Ok(())) => "the source ended".to_owned(),
+            Ok(Err(error)) => format!("the source failed: {error}"),
+            Err(error) => format!("the source panicked: {error}"),
+        }
+    } else {
+        match pipeline.await {
+            Err(error) if error.is_panic() => format!("the pipeline panicked: {error}"),
+            _ => "the pipeline stopped".to_owned(),
+        }
+    };
+    Err(GroupError::Stopped(reason))
 }
 
 /// Aborts the term's tasks when the term ends, however it ends.

@@ -29,11 +29,12 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use futures::FutureExt;
-use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
+use tokio::{net::TcpListener, sync::mpsc};
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::warn;
 use trellis_edge::{Edge, EdgeConfig, EdgeTls, SnapshotStore, TlsCredentials, UpstreamConfig};
 use trellis_leader::{
+    admin::{GroupView, LeaderAdmin, Probe, Stopping},
     bootstrap_secrets,
     ca::{BuiltinCa, CertificateIssuer},
     catalog::TRUST_DOMAIN,
@@ -49,13 +50,14 @@ use trellis_leader::{
         mesh_root::MeshRootService,
         NodeId, Replica,
     },
-    source::{files::FileSource, kube::KubeSource, Source, SourceError},
+    source::{files::FileSource, kube::KubeSource, Source},
 };
 
 mod credentials;
 mod inject;
 mod mesh_root;
 mod providers;
+mod supervise;
 
 use credentials::EDGE_SERVER_NAME;
 use trellis_transport::Role;
@@ -239,6 +241,10 @@ enum Command {
         /// Address edges replicate from (Delta xDS).
         #[arg(long, default_value = "127.0.0.1:15129")]
         publish: SocketAddr,
+        /// Address of the leader's admin endpoint (/metrics, /healthz,
+        /// /readyz).
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        admin: SocketAddr,
         #[command(flatten)]
         group: GroupArgs,
         #[command(flatten)]
@@ -432,15 +438,17 @@ async fn main() -> Result<()> {
         Command::Leader {
             inputs,
             publish,
+            admin,
             group,
             control,
-        } if !group.peers.is_empty() => leader_group(inputs, publish, group, control).await,
+        } if !group.peers.is_empty() => leader_group(inputs, publish, admin, group, control).await,
         Command::Leader {
             inputs,
             publish,
+            admin,
             control,
             ..
-        } => leader(inputs, publish, control).await,
+        } => leader(inputs, publish, admin, control).await,
         Command::Edge {
             follow,
             name,
@@ -580,13 +588,14 @@ fn print_classes(status: &Status) {
     }
 }
 
-/// A running leader pipeline: its source task, its CA and what it
-/// published first.
+/// A running leader pipeline: its tasks, its CA, what it published first
+/// and its status.
 struct Leader {
-    source: JoinHandle<Result<(), SourceError>>,
+    tasks: supervise::Tasks,
     origin: String,
     ca: Arc<BuiltinCa>,
     first: Arc<Status>,
+    status: tokio::sync::watch::Receiver<Arc<Status>>,
 }
 
 /// Starts the source and the pipeline publishing into `store`, and waits
@@ -602,41 +611,49 @@ async fn start_leader(inputs: Inputs, store: Arc<SnapshotStore>) -> Result<Leade
     let pipeline = pipeline(&inputs.mesh, &inputs.trust.trust_domain, leaves);
     let mut status = pipeline.status();
     let (updates, received) = mpsc::channel(64);
-    let (source, origin, keeper) = match inputs.source {
+    let mut tasks = supervise::Tasks::default();
+    let (origin, keeper) = match inputs.source {
         SourceKind::Files => {
             require_dir(&inputs.dir)?;
+            tasks.spawn("the file source", FileSource::new(&inputs.dir).run(updates));
             (
-                tokio::spawn(FileSource::new(&inputs.dir).run(updates)),
                 inputs.dir.display().to_string(),
                 inputs.ingress_gateway_files(),
             )
         }
         SourceKind::Kube => {
             let client = kube_client().await?;
-            tokio::spawn(bootstrap_secrets::remove_gone(
-                client.clone(),
-                pipeline.proxies(),
-                bootstrap_secrets::GRACE,
-            ));
-            (
-                tokio::spawn(KubeSource::new(client.clone()).run(updates)),
-                "the Kubernetes API".to_owned(),
-                Keeper::Secret(client),
-            )
+            tasks.spawn_unit(
+                "the bootstrap Secret janitor",
+                bootstrap_secrets::remove_gone(
+                    client.clone(),
+                    pipeline.proxies(),
+                    bootstrap_secrets::GRACE,
+                ),
+            );
+            tasks.spawn(
+                "the Kubernetes source",
+                KubeSource::new(client.clone()).run(updates),
+            );
+            ("the Kubernetes API".to_owned(), Keeper::Secret(client))
         }
     };
-    keeper.spawn(pipeline.ingress_gateway());
-    tokio::spawn(pipeline.run(received, store));
+    tasks.spawn_unit(
+        "the ingress gateway keeper",
+        keeper.run(pipeline.ingress_gateway()),
+    );
+    tasks.spawn_unit("the pipeline", pipeline.run(received, store));
     status
         .changed()
         .await
         .context("the pipeline stopped before compiling")?;
     let first = status.borrow_and_update().clone();
     Ok(Leader {
-        source,
+        tasks,
         origin,
         ca,
         first,
+        status,
     })
 }
 
@@ -646,14 +663,6 @@ async fn kube_client() -> Result<kube::Client> {
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}"))
         .context("connecting to Kubernetes (in-cluster config or kubeconfig)")
-}
-
-async fn source_stopped(source: JoinHandle<Result<(), SourceError>>) -> Result<()> {
-    match source.await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(error)) => bail!("source stopped: {error}"),
-        Err(error) => bail!("source panicked: {error}"),
-    }
 }
 
 async fn bind(what: &str, address: SocketAddr) -> Result<TcpListener> {
@@ -674,7 +683,7 @@ async fn run(inputs: Inputs, serving: Serving) -> Result<()> {
     let edge = Edge::in_trust_domain(EdgeConfig::default(), &trust_domain);
     let xds_listener = bind("xDS", serving.xds).await?;
     let admin_listener = bind("admin", serving.admin).await?;
-    let leader = start_leader(inputs, edge.store().clone()).await?;
+    let mut leader = start_leader(inputs, edge.store().clone()).await?;
     let (xds, admin) = (serving.xds, serving.admin);
     println!(
         "Trellis is serving {} (leader and edge in one process)",
@@ -695,11 +704,10 @@ async fn run(inputs: Inputs, serving: Serving) -> Result<()> {
     } else {
         let credentials = credentials::in_process_edge(leader.ca.as_ref(), xds)?;
         let tls = EdgeTls::new(&credentials).context("the edge's TLS material")?;
-        tokio::spawn(credentials::follow_roots(
-            leader.ca.clone(),
-            tls.clone(),
-            credentials,
-        ));
+        leader.tasks.spawn_unit(
+            "the edge's root follower",
+            credentials::follow_roots(leader.ca.clone(), tls.clone(), credentials),
+        );
         if let Some((class, summary)) = leader.first.classes.iter().next() {
             let path = credentials::write_demo_bootstrap(
                 leader.ca.as_ref(),
@@ -721,27 +729,64 @@ async fn run(inputs: Inputs, serving: Serving) -> Result<()> {
         "Change {} to change the mesh; Ctrl-C to stop.",
         leader.origin
     );
+    let stopping = Arc::new(Stopping::default());
     tokio::select! {
         result = serve => result.context("edge")?,
-        result = source_stopped(leader.source) => result?,
+        error = leader.tasks.first_to_end(&stopping) => return Err(error),
     }
     Ok(())
 }
 
-async fn leader(inputs: Inputs, publish: SocketAddr, control: ControlArgs) -> Result<()> {
+/// How long an admin connection may take to send a request's headers.
+const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the leader's admin endpoint on `listener` for `probe`, among
+/// `tasks`.
+fn serve_admin(
+    tasks: &mut supervise::Tasks,
+    listener: TcpListener,
+    probe: Arc<dyn Probe>,
+    stopping: &Arc<Stopping>,
+) {
+    let admin = Arc::new(LeaderAdmin::new(probe, stopping.clone()));
+    tasks.spawn_unit(
+        "the admin endpoint",
+        admin.serve(listener, ADMIN_HEADER_TIMEOUT),
+    );
+}
+
+async fn leader(
+    inputs: Inputs,
+    publish: SocketAddr,
+    admin: SocketAddr,
+    control: ControlArgs,
+) -> Result<()> {
     // A single leader is replica 1 of its group.
     let tls = credentials::leader_control_tls(&control, 1)?;
     let store = Arc::new(SnapshotStore::new());
     let listener = bind("publish", publish).await?;
+    let admin_listener = bind("admin", admin).await?;
+    let admin_address = admin_listener.local_addr()?;
     let registry = registry(&inputs).await?;
     let trust_domain = inputs.trust.trust_domain.clone();
-    let leader = start_leader(inputs, store.clone()).await?;
+    let mut leader = start_leader(inputs, store.clone()).await?;
+    let stopping = Arc::new(Stopping::default());
+    serve_admin(
+        &mut leader.tasks,
+        admin_listener,
+        Arc::new(leader.status.clone()),
+        &stopping,
+    );
     let issuance = Issuance::new(Arc::new(leader.ca.clone()), registry, &trust_domain);
     println!("Trellis leader compiling {}", leader.origin);
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!(
         "  edges follow it at:  {scheme}://{publish}  (trellis edge --leader {scheme}://{publish} --group {})",
         control.cluster
+    );
+    println!(
+        "  admin:               http://{}/metrics  /healthz  /readyz",
+        admin_address
     );
     print_problems(&leader.first);
     let publisher = Publisher::new(store);
@@ -759,7 +804,7 @@ async fn leader(inputs: Inputs, publish: SocketAddr, control: ControlArgs) -> Re
         });
     tokio::select! {
         result = serve => result.context("publish server")?,
-        result = source_stopped(leader.source) => result?,
+        error = leader.tasks.first_to_end(&stopping) => return Err(error),
     }
     Ok(())
 }
@@ -827,6 +872,7 @@ fn ordinal_id(hostname: &str) -> Result<NodeId> {
 async fn leader_group(
     inputs: Inputs,
     publish: SocketAddr,
+    admin: SocketAddr,
     group: GroupArgs,
     control: ControlArgs,
 ) -> Result<()> {
@@ -912,9 +958,27 @@ async fn leader_group(
         external: external.clone(),
         gate: gate.clone(),
     };
+    let stopping = Arc::new(Stopping::default());
+    let mut tasks = supervise::Tasks::default();
+    let admin_listener = bind("admin", admin).await?;
+    println!(
+        "  admin: http://{}/metrics  /healthz  /readyz",
+        admin_listener.local_addr()?
+    );
+    serve_admin(
+        &mut tasks,
+        admin_listener,
+        Arc::new(GroupView::of(&replica)),
+        &stopping,
+    );
     let result = tokio::select! {
-        error = lead(replica.clone(), leading) => Err(error).context("this replica stops"),
+        error = lead(replica.clone(), leading) => {
+            let error = anyhow::Error::from(error).context("this replica stops");
+            stopping.set(format!("{error:#}"));
+            Err(error)
+        }
         result = serve => result.context("publish server"),
+        error = tasks.first_to_end(&stopping) => Err(error),
     };
     gate.close();
     if let Ok(replica) = Arc::try_unwrap(replica) {
