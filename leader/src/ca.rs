@@ -354,6 +354,24 @@ pub fn control_tls(
     })
 }
 
+/// When the leaf at the head of `certificate_pem` expires, read from the
+/// certificate itself (an external issuer's reply could say anything); an
+/// error if it does not parse or has already expired.
+pub fn leaf_not_after(certificate_pem: &str, now: SystemTime) -> Result<SystemTime, String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(certificate_pem.as_bytes())
+        .map_err(|e| format!("the certificate is not PEM: {e}"))?;
+    let leaf = pem
+        .parse_x509()
+        .map_err(|e| format!("the certificate does not parse: {e}"))?;
+    // X.509 times end in year 9999: no overflow.
+    let seconds = u64::try_from(leaf.validity().not_after.timestamp()).unwrap_or(0);
+    let not_after = std::time::UNIX_EPOCH + Duration::from_secs(seconds);
+    if not_after <= now {
+        return Err("the certificate has already expired".to_owned());
+    }
+    Ok(not_after)
+}
+
 /// When to renew a leaf: at two thirds of its life, moved by up to a
 /// twelfth of its life either way, so identities issued together do not all
 /// renew together.

@@ -30,7 +30,10 @@ use serde_json::{json, Value};
 use tokio::runtime::Handle;
 use tracing::{debug, info};
 
-use super::{root::leaf_params, CaError, CertificateIssuer, IssuedCert, LeafRequest, SignerId};
+use super::{
+    leaf_not_after, root::leaf_params, CaError, CertificateIssuer, IssuedCert, LeafRequest,
+    SignerId,
+};
 
 const PROVIDER: &str = "cert-manager";
 
@@ -374,15 +377,8 @@ impl CertManagerIssuer {
         ca: Option<String>,
         key: &KeyPair,
     ) -> Result<IssuedCert, CaError> {
-        let (_, pem) = x509_parser::pem::parse_x509_pem(certificate.as_bytes())
-            .map_err(|e| refused(format!("status.certificate is not PEM: {e}")))?;
-        let leaf = pem
-            .parse_x509()
-            .map_err(|e| refused(format!("status.certificate: {e}")))?;
-        let not_after = UNIX_EPOCH
-            + Duration::from_secs(
-                u64::try_from(leaf.validity().not_after.timestamp()).unwrap_or(0),
-            );
+        let not_after = leaf_not_after(&certificate, SystemTime::now())
+            .map_err(|reason| refused(format!("status.certificate: {reason}")))?;
         let bundle = self.trust_bundle();
         let issuing = ca.unwrap_or_else(|| bundle.to_string());
         let signer = signer_of(&issuing);

@@ -313,3 +313,24 @@ fn a_leaf_matches_only_the_request_naming_exactly_its_names() {
     assert!(!gateway.names_match(&leaf));
     assert!(gateway.names_match(&ca.issue(&gateway).unwrap()));
 }
+
+#[test]
+fn a_leaf_expiry_is_read_from_the_certificate_and_an_expired_one_refused() {
+    let now = SystemTime::now();
+    let (valid, _) = pair(
+        false,
+        now - Duration::from_secs(60),
+        now + Duration::from_secs(3600),
+    );
+    let not_after = crate::ca::leaf_not_after(&valid, now).unwrap();
+    assert!(not_after > now + Duration::from_secs(3500));
+    let (expired, _) = pair(
+        false,
+        now - Duration::from_secs(7200),
+        now - Duration::from_secs(60),
+    );
+    assert!(crate::ca::leaf_not_after(&expired, now)
+        .unwrap_err()
+        .contains("expired"));
+    assert!(crate::ca::leaf_not_after("not a certificate", now).is_err());
+}

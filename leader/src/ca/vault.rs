@@ -28,7 +28,7 @@ use ureq::{
     Agent,
 };
 
-use super::{CaError, CertificateIssuer, IssuedCert, LeafRequest, SignerId};
+use super::{leaf_not_after, CaError, CertificateIssuer, IssuedCert, LeafRequest, SignerId};
 
 const PROVIDER: &str = "vault";
 
@@ -379,14 +379,14 @@ fn issued(reply: &Value, request: &LeafRequest) -> Result<IssuedCert, CaError> {
     } else {
         chain.join("\n")
     };
-    let expiration = data["expiration"]
-        .as_u64()
-        .ok_or_else(|| refused("the issue reply has no expiration"))?;
+    let now = SystemTime::now();
+    let not_after = leaf_not_after(&certificate, now)
+        .map_err(|reason| refused(format!("the leaf for {}: {reason}", request.common_name)))?;
     Ok(IssuedCert {
         chain_pem: format!("{}\n{}\n", certificate.trim(), chain.trim()),
         key_pem: format!("{}\n", key_pem.trim()),
-        issued_at: SystemTime::now(),
-        not_after: UNIX_EPOCH + Duration::from_secs(expiration),
+        issued_at: now,
+        not_after,
         signer: signer_of(&issuing_ca),
     })
 }

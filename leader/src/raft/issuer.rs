@@ -550,7 +550,11 @@ mod tests {
         let first = leaf(&term.issuer);
         let issued = term.issuer.take_issued();
         term.state.send_modify(|state| {
-            Arc::make_mut(state).apply(&Command::Published { epoch: 1, issued });
+            Arc::make_mut(state).apply(&Command::Published {
+                epoch: 1,
+                issued,
+                at_ms: 0,
+            });
         });
         assert_eq!(leaf(&term.issuer).chain_pem, first.chain_pem);
         assert!(term.issuer.take_issued().is_empty());

@@ -283,6 +283,7 @@ async fn lead_term(
             .propose(Command::Published {
                 epoch,
                 issued: issued.clone(),
+                at_ms: super::state::millis(std::time::SystemTime::now()),
             })
             .await?;
         store.publish(snapshot);

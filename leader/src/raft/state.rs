@@ -209,11 +209,17 @@ pub enum Command {
     /// which one the group holds.
     SetCa(CaMaterial),
     /// A snapshot was published: its epoch and the leaves issued for it.
+    /// Leaves expired by then are dropped: an identity in use is renewed
+    /// well before, so only those of deleted identities go.
     Published {
         /// The group's epoch of the snapshot.
         epoch: u64,
         /// Leaves issued since the last one.
         issued: Vec<Leaf>,
+        /// When, in milliseconds since the Unix epoch; 0 in entries written
+        /// before it was recorded, which drop nothing.
+        #[serde(default)]
+        at_ms: u64,
     },
     /// A root rotation moves on.
     Rotation(RotationChange),
@@ -247,10 +253,17 @@ impl MeshState {
                     Applied::Done
                 }
             },
-            Command::Published { epoch, issued } => {
+            Command::Published {
+                epoch,
+                issued,
+                at_ms,
+            } => {
                 self.epoch = self.epoch.max(*epoch);
                 for leaf in issued {
                     self.leaves.insert(leaf.common_name.clone(), leaf.clone());
+                }
+                if *at_ms > 0 {
+                    self.leaves.retain(|_, leaf| leaf.not_after_ms > *at_ms);
                 }
                 Applied::Done
             }
@@ -414,10 +427,12 @@ mod tests {
         state.apply(&Command::Published {
             epoch: 5,
             issued: vec![leaf("a", 1), leaf("b", 1)],
+            at_ms: 0,
         });
         state.apply(&Command::Published {
             epoch: 3,
             issued: vec![leaf("a", 2)],
+            at_ms: 0,
         });
         assert_eq!(state.epoch, 5);
         assert_eq!(state.leaves.len(), 2);
@@ -529,6 +544,33 @@ mod tests {
         let state: MeshState = serde_json::from_str(old).unwrap();
         assert_eq!(state.rotation, None);
         assert_eq!(state.epoch, 3);
+    }
+
+    #[test]
+    fn leaves_expired_by_a_publish_are_dropped_and_old_entries_drop_nothing() {
+        let mut state = MeshState::default();
+        // Both expire at 2,000 ms.
+        state.apply(&Command::Published {
+            epoch: 1,
+            issued: vec![leaf("gone", 1), leaf("kept", 1)],
+            at_ms: 1_500,
+        });
+        assert_eq!(state.leaves.len(), 2);
+        let renewed = Leaf {
+            not_after_ms: 9_000,
+            ..leaf("kept", 1)
+        };
+        // An entry from before `at_ms` was recorded keeps everything.
+        let old: Command =
+            serde_json::from_str(r#"{"Published":{"epoch":2,"issued":[]}}"#).unwrap();
+        state.apply(&old);
+        assert_eq!(state.leaves.len(), 2);
+        state.apply(&Command::Published {
+            epoch: 3,
+            issued: vec![renewed],
+            at_ms: 2_500,
+        });
+        assert_eq!(state.leaves.keys().collect::<Vec<_>>(), ["kept"]);
     }
 
     #[test]

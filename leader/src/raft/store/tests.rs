@@ -77,6 +77,7 @@ fn published(epoch: u64, names: &[&str]) -> EntryPayload<TypeConfig> {
     EntryPayload::Normal(Command::Published {
         epoch,
         issued: names.iter().map(|name| leaf(name, 0)).collect(),
+        at_ms: 0,
     })
 }
 
@@ -380,6 +381,7 @@ async fn a_full_disk_fails_the_append_with_a_storage_error() {
         let payload = EntryPayload::Normal(Command::Published {
             epoch: index,
             issued,
+            at_ms: 0,
         });
         if let Err(error) = log.blocking_append([entry(1, index, payload)]).await {
             failure = Some((index, error));
@@ -518,6 +520,7 @@ async fn a_replica_restarted_after_compaction_has_its_state_back() {
             .client_write(Command::Published {
                 epoch: 1,
                 issued: vec![leaf("a", 0), leaf("b", 0)],
+                at_ms: 0,
             })
             .await
             .unwrap()
@@ -531,6 +534,7 @@ async fn a_replica_restarted_after_compaction_has_its_state_back() {
             .client_write(Command::Published {
                 epoch: 2,
                 issued: vec![leaf("c", 0)],
+                at_ms: 0,
             })
             .await
             .unwrap();
