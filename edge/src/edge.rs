@@ -7,7 +7,6 @@ use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpListener,
 };
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::server::Connected;
 use tracing::info;
 
@@ -16,7 +15,7 @@ use crate::{
     classify::{NodeClassifier, ProxyClassifier},
     metrics::Metrics,
     store::SnapshotStore,
-    tls::EdgeTls,
+    tls::{ConnectionLimits, EdgeTls},
     upstream::{self, UpstreamConfig},
     xds::{AdsConfig, AdsServer},
 };
@@ -35,6 +34,8 @@ pub struct EdgeConfig {
     /// How long an admin connection may take to send a request's headers
     /// (default 10 s), so idle or slow clients cannot hold connections.
     pub admin_header_timeout: Duration,
+    /// Open connections and concurrent TLS handshakes on the xDS port.
+    pub connections: ConnectionLimits,
 }
 
 impl Default for EdgeConfig {
@@ -44,6 +45,7 @@ impl Default for EdgeConfig {
             max_concurrent_streams: 1024,
             keepalive: Duration::from_secs(30),
             admin_header_timeout: Duration::from_secs(10),
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -132,7 +134,7 @@ impl Edge {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), EdgeError> {
         info!(xds = ?xds.local_addr().ok(), admin = ?admin.local_addr().ok(), "edge serving plaintext xDS");
-        self.serve_incoming(TcpListenerStream::new(xds), admin, shutdown)
+        self.serve_incoming(trellis_transport::server::incoming(xds), admin, shutdown)
             .await
     }
 
@@ -147,7 +149,7 @@ impl Edge {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), EdgeError> {
         info!(xds = ?xds.local_addr().ok(), admin = ?admin.local_addr().ok(), "edge serving mTLS xDS");
-        let incoming = tls.incoming(xds, self.metrics.clone());
+        let incoming = tls.incoming(xds, self.metrics.clone(), self.config.connections);
         self.serve_incoming(incoming, admin, shutdown).await
     }
 

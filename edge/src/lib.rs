@@ -33,8 +33,8 @@ pub use crate::{
     metrics::{Metrics, Protocol},
     store::SnapshotStore,
     tls::{
-        EdgeTls, PeerError, PeerIdentity, TlsCredentials, TlsError, TLS_CERT, TLS_CLIENT_ROOTS,
-        TLS_KEY,
+        ConnectionLimits, EdgeTls, Limited, PeerError, PeerIdentity, TlsCredentials, TlsError,
+        TLS_CERT, TLS_CLIENT_ROOTS, TLS_KEY,
     },
     upstream::{UpstreamConfig, UpstreamError},
     xds::{AdsConfig, AdsServer, Limits, StreamReport, TypeReport},

@@ -9,7 +9,9 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
+    pin::Pin,
     sync::Arc,
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -18,11 +20,13 @@ use futures::Stream;
 use rustls::{server::WebPkiClientVerifier, RootCertStore, ServerConfig};
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::mpsc,
+    sync::{mpsc, OwnedSemaphorePermit, Semaphore},
 };
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
 use tracing::{debug, info, warn};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
@@ -171,13 +175,19 @@ impl EdgeTls {
     }
 
     /// Accepts connections on `listener` and completes their handshakes
-    /// concurrently, so one slow client never holds up the others.
+    /// concurrently, so one slow client never holds up the others. Beyond
+    /// `limits`, a new connection is closed at once (and counted): its
+    /// proxy reconnects with backoff, perhaps to another edge, instead of
+    /// every connection here slowing down.
     pub(crate) fn incoming(
         self,
         listener: TcpListener,
         metrics: Arc<Metrics>,
-    ) -> impl Stream<Item = std::io::Result<TlsStream<TcpStream>>> {
+        limits: ConnectionLimits,
+    ) -> impl Stream<Item = std::io::Result<Limited<TlsStream<TcpStream>>>> {
         let (tx, rx) = mpsc::channel(256);
+        let connections = Arc::new(Semaphore::new(limits.max_connections));
+        let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
         tokio::spawn(async move {
             loop {
                 let (tcp, peer) = match listener.accept().await {
@@ -190,16 +200,32 @@ impl EdgeTls {
                         continue;
                     }
                 };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = TlsAcceptor::from(self.config.load_full());
                 if tx.is_closed() {
                     return;
                 }
+                let Ok(place) = connections.clone().try_acquire_owned() else {
+                    debug!(%peer, "connection limit reached: closed");
+                    metrics.refuse("connection_limit");
+                    continue;
+                };
+                let Ok(handshaking) = handshakes.clone().try_acquire_owned() else {
+                    debug!(%peer, "handshake limit reached: closed");
+                    metrics.refuse("handshake_limit");
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = TlsAcceptor::from(self.config.load_full());
                 let (tx, metrics) = (tx.clone(), metrics.clone());
                 tokio::spawn(async move {
-                    match handshake(acceptor, tcp, peer).await {
+                    let stream = handshake(acceptor, tcp, peer).await;
+                    drop(handshaking);
+                    match stream {
                         Some(stream) => {
-                            let _ = tx.send(Ok(stream)).await;
+                            let limited = Limited {
+                                inner: stream,
+                                _place: place,
+                            };
+                            let _ = tx.send(Ok(limited)).await;
                         }
                         None => metrics.refuse("tls_handshake"),
                     }
@@ -207,6 +233,81 @@ impl EdgeTls {
             }
         });
         ReceiverStream::new(rx)
+    }
+}
+
+/// How many connections an edge holds, and how many TLS handshakes it
+/// runs at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Open connections, handshaking ones included (default 40,000).
+    pub max_connections: usize,
+    /// Handshakes in progress (default 512): each costs a signature, and a
+    /// reconnect storm is thousands at once.
+    pub max_handshakes: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_connections: 40_000,
+            max_handshakes: 512,
+        }
+    }
+}
+
+/// A connection holding its place under the connection limit until it
+/// closes.
+pub struct Limited<S> {
+    inner: S,
+    _place: OwnedSemaphorePermit,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Limited<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Limited<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: Connected> Connected for Limited<S> {
+    type ConnectInfo = S::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
     }
 }
 

@@ -14,7 +14,7 @@ use support::{copy_example, eventually, Envoy, TestEdge};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity as TlsIdentity};
-use trellis_edge::{EdgeConfig, EdgeTls};
+use trellis_edge::{ConnectionLimits, EdgeConfig, EdgeTls};
 use trellis_leader::{
     bootstrap::{
         bootstrap_cert, edge_credentials, envoy_bootstrap, new_proxy_uuid, proxy_bootstrap,
@@ -448,5 +448,77 @@ async fn only_proxies_with_a_mesh_certificate_of_their_own_identity_are_served()
         status.message().contains("trust domain \"example.org\""),
         "{status}"
     );
+    Ok(())
+}
+
+/// An mTLS edge (serving nothing) with `limits`.
+async fn limited_edge(limits: ConnectionLimits) -> TestEdge {
+    let ca = BuiltinCa::generate().unwrap();
+    let credentials = edge_credentials(
+        &ca,
+        SERVER_NAME,
+        Vec::new(),
+        vec!["127.0.0.1".parse().unwrap()],
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let config = EdgeConfig {
+        connections: limits,
+        ..EdgeConfig::default()
+    };
+    TestEdge::start_tls(config, EdgeTls::new(&credentials).unwrap()).await
+}
+
+/// Whether the edge closed `stream` (EOF or reset) within a second.
+async fn closed(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), stream.read(&mut byte)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_edges_limits_are_closed_at_once_and_counted() -> Result<()> {
+    use tokio::net::TcpStream;
+    let edge = limited_edge(ConnectionLimits {
+        max_connections: 2,
+        max_handshakes: 2,
+    })
+    .await;
+    // Two connections that never finish their handshake hold both places.
+    let mut first = TcpStream::connect(edge.xds).await?;
+    let mut second = TcpStream::connect(edge.xds).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = TcpStream::connect(edge.xds).await?;
+    assert!(closed(&mut third).await, "a third connection was kept");
+    assert_eq!(
+        edge.metric(r#"trellis_edge_refused_total{reason="connection_limit"}"#)
+            .await,
+        1.0
+    );
+    // A place freed is a place taken again.
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fourth = TcpStream::connect(edge.xds).await?;
+    assert!(!closed(&mut fourth).await, "the freed place was not taken");
+    assert!(!closed(&mut second).await);
+
+    let edge = limited_edge(ConnectionLimits {
+        max_connections: 100,
+        max_handshakes: 1,
+    })
+    .await;
+    first = TcpStream::connect(edge.xds).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut more = TcpStream::connect(edge.xds).await?;
+    assert!(closed(&mut more).await, "a second handshake was started");
+    assert_eq!(
+        edge.metric(r#"trellis_edge_refused_total{reason="handshake_limit"}"#)
+            .await,
+        1.0
+    );
+    assert!(!closed(&mut first).await);
     Ok(())
 }

@@ -31,6 +31,8 @@ use super::Injector;
 pub const WEBHOOK_PATH: &str = "/mutate-pod-creation";
 /// How often the certificate's directory is read again: a Secret update
 /// reaches a mounted volume within about a minute.
+/// How long the accept loop pauses after a failed accept.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 const RELOAD: Duration = Duration::from_secs(30);
 /// Reviews are small; the API server's own request limit is 3 MiB.
 const MAX_BODY: usize = 4 << 20;
@@ -237,7 +239,10 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
+                    // Out of file descriptors, say: retrying at once would
+                    // spin.
                     warn!(%error, "webhook accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
             },

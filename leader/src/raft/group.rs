@@ -15,7 +15,6 @@ use std::{
 use openraft::{Raft, RaftMetrics, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 use trellis_transport::{server, AuthorizeLayer, ControlIdentity, ControlTls, Policy, Role};
 
@@ -308,7 +307,7 @@ impl LeaderGroup {
             .add_service(service);
         let server = tokio::spawn(async move {
             if let Err(error) = router
-                .serve_with_incoming(TcpListenerStream::new(listener))
+                .serve_with_incoming(trellis_transport::server::incoming(listener))
                 .await
             {
                 warn!(%error, "the Raft server stopped");

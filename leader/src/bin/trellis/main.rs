@@ -30,9 +30,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use futures::FutureExt;
 use tokio::{net::TcpListener, sync::mpsc};
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::warn;
-use trellis_edge::{Edge, EdgeConfig, EdgeTls, SnapshotStore, TlsCredentials, UpstreamConfig};
+use trellis_edge::{
+    ConnectionLimits, Edge, EdgeConfig, EdgeTls, SnapshotStore, TlsCredentials, UpstreamConfig,
+};
 use trellis_leader::{
     admin::{GroupView, LeaderAdmin, Probe, Stopping},
     bootstrap_secrets,
@@ -52,6 +53,7 @@ use trellis_leader::{
     },
     source::{files::FileSource, kube::KubeSource, Source},
 };
+use trellis_transport::server::incoming;
 
 mod credentials;
 mod inject;
@@ -222,6 +224,27 @@ struct Serving {
     /// development only.
     #[arg(long)]
     plaintext: bool,
+    /// Open xDS connections at most; beyond, new ones are closed at once
+    /// (their proxies reconnect with backoff, perhaps to another edge).
+    #[arg(long, default_value_t = ConnectionLimits::default().max_connections)]
+    max_connections: usize,
+    /// TLS handshakes in progress at most; beyond, new connections are
+    /// closed at once.
+    #[arg(long, default_value_t = ConnectionLimits::default().max_handshakes)]
+    max_handshakes: usize,
+}
+
+impl Serving {
+    /// The edge's settings these flags ask for.
+    fn edge_config(&self) -> EdgeConfig {
+        EdgeConfig {
+            connections: ConnectionLimits {
+                max_connections: self.max_connections,
+                max_handshakes: self.max_handshakes,
+            },
+            ..EdgeConfig::default()
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -680,7 +703,7 @@ fn print_problems(status: &Status) {
 
 async fn run(inputs: Inputs, serving: Serving) -> Result<()> {
     let trust_domain = inputs.trust.trust_domain.clone();
-    let edge = Edge::in_trust_domain(EdgeConfig::default(), &trust_domain);
+    let edge = Edge::in_trust_domain(serving.edge_config(), &trust_domain);
     let xds_listener = bind("xDS", serving.xds).await?;
     let admin_listener = bind("admin", serving.admin).await?;
     let mut leader = start_leader(inputs, edge.store().clone()).await?;
@@ -799,7 +822,7 @@ async fn leader(
         .context("the publish server's TLS")?
         .add_service(publisher.clone().into_service())
         .add_service(issuance.into_service())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming(listener), async move {
             publisher.closed().await;
         });
     tokio::select! {
@@ -941,7 +964,7 @@ async fn leader_group(
         .add_service(gate.clone().into_service())
         .add_service(issuance.into_service())
         .add_service(MeshRootService::new(replica.clone(), external.clone()).into_service())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(incoming(listener), async {
             stop_signal().await;
         });
     let leading = Leading {
@@ -1007,7 +1030,7 @@ async fn edge(follow: FollowArgs, args: EdgeArgs, serving: Serving) -> Result<()
     let name = name
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("edge-{}", std::process::id()));
-    let mut edge = Edge::in_trust_domain(EdgeConfig::default(), &trust_domain);
+    let mut edge = Edge::in_trust_domain(serving.edge_config(), &trust_domain);
     if let Some(token) = operator_token {
         edge = edge.with_operator_token(token);
     }
