@@ -37,6 +37,10 @@ pub struct Limits {
     pub max_names: usize,
     /// Most types per stream (default 32).
     pub max_types: usize,
+    /// Most bytes of names a client makes one stream hold, every type
+    /// together: what it subscribed to and what it declared it holds
+    /// (default 16 MiB).
+    pub max_stream_name_bytes: usize,
 }
 
 impl Default for Limits {
@@ -45,6 +49,7 @@ impl Default for Limits {
             max_name_len: 4096,
             max_names: 100_000,
             max_types: 32,
+            max_stream_name_bytes: 16 << 20,
         }
     }
 }
@@ -83,6 +88,8 @@ pub(crate) enum Refusal {
     TooManyNames,
     #[error("too many resource types on one stream")]
     TooManyTypes,
+    #[error("the names a stream holds are more bytes than the limit")]
+    StreamTooLarge,
     #[error("no request within the first-request timeout")]
     FirstRequestTimeout,
     #[error("the edge is draining; reconnect to another edge")]
@@ -99,6 +106,7 @@ impl Refusal {
             Refusal::NameTooLong => "name_too_long",
             Refusal::TooManyNames => "too_many_names",
             Refusal::TooManyTypes => "too_many_types",
+            Refusal::StreamTooLarge => "stream_too_large",
             Refusal::FirstRequestTimeout => "first_request_timeout",
             Refusal::Draining => "draining",
         }

@@ -74,6 +74,11 @@ fn on_request(
     request: DeltaDiscoveryRequest,
 ) -> Result<RequestOutcome, Refusal> {
     let limits = *state.limits();
+    if request.initial_resource_versions.len() > limits.max_names {
+        return Err(Refusal::TooManyNames);
+    }
+    let adds_names = !request.resource_names_subscribe.is_empty()
+        || !request.initial_resource_versions.is_empty();
     let names = request
         .resource_names_subscribe
         .iter()
@@ -156,5 +161,8 @@ fn on_request(
     // it holds) is already initialised, and an empty answer would count as a
     // configuration update.
     update.respond_empty = first && types.wildcard && request.initial_resource_versions.is_empty();
+    if adds_names {
+        state.check_name_bytes()?;
+    }
     Ok(RequestOutcome { nonce, update })
 }

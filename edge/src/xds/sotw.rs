@@ -167,9 +167,13 @@ fn on_request(
         }
         update.respond_empty = type_url::supports_wildcard(&type_url);
     }
+    let adds_names = !added.is_empty();
     for name in added {
         candidates.insert(name, true);
     }
     types.reconcile_each(candidates, view, &type_url, &mut update);
+    if adds_names {
+        state.check_name_bytes()?;
+    }
     Ok(RequestOutcome { nonce, update })
 }

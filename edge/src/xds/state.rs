@@ -279,6 +279,20 @@ impl StreamState {
         Ok(self.types.entry(Arc::from(type_url)).or_default())
     }
 
+    /// Refuses the stream if the names its client made it hold (subscribed
+    /// or declared as held, every type together) are over the limit.
+    pub(crate) fn check_name_bytes(&self) -> Result<(), Refusal> {
+        let mut total = 0usize;
+        for types in self.types.values() {
+            let names = types.names.iter().chain(types.sent.keys());
+            total = names.fold(total, |sum, name| sum.saturating_add(name.len()));
+            if total > self.limits.max_stream_name_bytes {
+                return Err(Refusal::StreamTooLarge);
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn get(&self, type_url: &str) -> Option<&TypeState> {
         self.types.get(type_url)
     }

@@ -604,6 +604,47 @@ fn unknown_types_are_answered_without_resources_and_bounded() {
 }
 
 #[test]
+fn the_names_a_stream_holds_are_bounded_across_types_and_declared_versions() {
+    let store = Arc::new(SnapshotStore::new());
+    store.publish((*derive(&store.load(), TWO_CLUSTERS)).clone());
+    let limits = Limits {
+        max_stream_name_bytes: 10_000,
+        ..Limits::default()
+    };
+    let mut state = StreamState::new(CLASS.into(), store.load(), limits);
+    // 3 types × 3,000 bytes of subscribed names fit; a fourth does not.
+    let name = |t: usize, i: usize| format!("{t}-{i}-{}", "n".repeat(996));
+    for t in 0..3 {
+        let names: Vec<String> = (0..3).map(|i| name(t, i)).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let request = delta(&format!("type.googleapis.com/t{t}"), &names, &[], "");
+        assert!(Delta::on_request(&mut state, request).is_ok());
+    }
+    let names: Vec<String> = (0..3).map(|i| name(3, i)).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let request = delta("type.googleapis.com/t3", &names, &[], "");
+    assert!(matches!(
+        Delta::on_request(&mut state, request),
+        Err(Refusal::StreamTooLarge)
+    ));
+
+    // Versions a client declares it holds are bounded in number like
+    // subscriptions (those of names it does not subscribe to are dropped
+    // once answered).
+    let mut request = delta(type_url::ENDPOINT, &[], &[], "");
+    request.initial_resource_versions = (0..100_001)
+        .map(|i| (i.to_string(), "1".to_owned()))
+        .collect();
+    assert!(matches!(
+        Delta::on_request(
+            &mut StreamState::new(CLASS.into(), store.load(), Limits::default()),
+            request
+        ),
+        Err(Refusal::TooManyNames)
+    ));
+}
+
+#[test]
 fn garbage_names_are_answered_or_refused_when_over_the_limits() {
     let mut h = Harness::<Delta>::new(TWO_CLUSTERS);
     let odd = decode_delta(
