@@ -814,3 +814,135 @@ fn an_updated_cluster_is_followed_by_its_unchanged_endpoints() {
         .collect();
     assert_eq!(order, [("cds", vec!["a"]), ("eds", vec!["a"])]);
 }
+
+/// Random request sequences against the state machine, beside snapshots
+/// changing under it: nothing panics, a refusal ends the stream, and every
+/// resource sent is one of the class's, current, and never both sent and
+/// removed in one response. `PROPTEST_CASES=5000 cargo test --release -p
+/// trellis-edge --lib properties` is a longer run.
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const TYPES: &[&str] = &[
+        type_url::CLUSTER,
+        type_url::ENDPOINT,
+        type_url::LISTENER,
+        "type.googleapis.com/no.Such",
+        "",
+    ];
+    const NAMES: &[&str] = &["a", "b", "c", "*", "", "zz", "\u{1F980}"];
+    const SNAPSHOTS: &[&[Item]] = &[
+        TWO_CLUSTERS,
+        &[(type_url::CLUSTER, "b", 2), (type_url::LISTENER, "l", 1)],
+        &[(type_url::ENDPOINT, "a", 3), (type_url::CLUSTER, "c", 1)],
+        &[],
+    ];
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Request {
+            type_at: usize,
+            subscribe: Vec<usize>,
+            unsubscribe: Vec<usize>,
+            /// 0: no nonce, 1: the latest one sent, else this number.
+            nonce: u64,
+            nack: Option<usize>,
+        },
+        Publish(usize),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => (
+                0..TYPES.len(),
+                prop::collection::vec(0..NAMES.len(), 0..4),
+                prop::collection::vec(0..NAMES.len(), 0..3),
+                prop_oneof![Just(0u64), Just(1u64), any::<u64>()],
+                prop::option::of(0usize..5_000),
+            )
+                .prop_map(|(type_at, subscribe, unsubscribe, nonce, nack)| Step::Request {
+                    type_at,
+                    subscribe,
+                    unsubscribe,
+                    nonce,
+                    nack,
+                }),
+            1 => (0..SNAPSHOTS.len()).prop_map(Step::Publish),
+        ]
+    }
+
+    fn check(h: &Harness<Delta>, responses: &[(u64, bytes::Bytes)]) -> Result<(), TestCaseError> {
+        let snapshot = h.store.load();
+        let view = snapshot.class(CLASS);
+        for response in decode_delta(responses) {
+            for resource in &response.resources {
+                let current = view.get(&response.type_url, &resource.name);
+                prop_assert!(current.is_some(), "{} is not the class's", resource.name);
+                prop_assert_eq!(
+                    current.map(|r| r.version().to_string()),
+                    Some(resource.version.clone())
+                );
+                prop_assert!(!response.removed_resources.contains(&resource.name));
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(64),
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn any_request_sequence_keeps_the_stream_sound(
+            steps in prop::collection::vec(step(), 1..40),
+        ) {
+            let mut h = Harness::<Delta>::new(TWO_CLUSTERS);
+            let mut latest = 0u64;
+            for step in steps {
+                let responses = match step {
+                    Step::Publish(at) => h.publish(SNAPSHOTS[at]),
+                    Step::Request { type_at, subscribe, unsubscribe, nonce, nack } => {
+                        let names = |at: &[usize]| -> Vec<&str> {
+                            at.iter().map(|i| NAMES[*i]).collect()
+                        };
+                        let nonce = match nonce {
+                            0 => String::new(),
+                            1 => latest.to_string(),
+                            n => n.to_string(),
+                        };
+                        let mut request = delta(
+                            TYPES[type_at],
+                            &names(&subscribe),
+                            &names(&unsubscribe),
+                            &nonce,
+                        );
+                        request.error_detail = nack.map(|len| rpc::Status {
+                            code: 3,
+                            message: "x".repeat(len),
+                            ..Default::default()
+                        });
+                        match h.request(request) {
+                            Ok(responses) => responses,
+                            // A refusal ends the stream.
+                            Err(_) => return Ok(()),
+                        }
+                    }
+                };
+                if let Some((nonce, _)) = responses.last() {
+                    latest = *nonce;
+                }
+                check(&h, &responses)?;
+                for type_url in TYPES {
+                    if let Some(types) = h.state.get(type_url) {
+                        prop_assert!(types.names.len() <= 3, "more names than the limit");
+                        prop_assert!(types.last_nack.as_ref().is_none_or(|n| n.len() <= 1100));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -571,3 +571,121 @@ fn responses_echo_the_uid_deny_with_403_and_carry_the_patch_base64() {
     let skipped = review::respond("u", &Verdict::Skip("why".into()), &[]);
     assert_eq!(skipped["response"], json!({ "uid": "u", "allowed": true }));
 }
+
+/// One field of a fixture review's pod replaced by an extreme or malformed
+/// value: reading the review, deciding and building the sidecar never
+/// panic, and a sidecar built is a JSON patch that applies to that very
+/// pod. `PROPTEST_CASES=5000 cargo test --release -p trellis-leader --lib
+/// review_properties` is a longer run.
+mod review_properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn reviews() -> Vec<Value> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inject");
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().ends_with(".review.json"))
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .map(|f| serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap())
+            .collect()
+    }
+
+    fn extreme() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(json!(u64::MAX)),
+            Just(json!(-1)),
+            Just(json!(1e300)),
+            Just(json!("")),
+            Just(json!("x".repeat(70_000))),
+            Just(json!("99999999,-1,1.2.3.4/99,::/200")),
+            Just(json!("disabled")),
+            Just(json!("enabled")),
+            Just(Value::Null),
+            Just(json!([])),
+            Just(json!({})),
+            Just(json!([{}])),
+            Just(json!({ "": "" })),
+            "[a-z0-9./,:*-]{0,16}".prop_map(Value::String),
+            any::<i32>().prop_map(|n| json!(n)),
+        ]
+    }
+
+    fn leaves(value: &Value, at: &mut Vec<Value>, out: &mut Vec<Vec<Value>>) {
+        out.push(at.clone());
+        match value {
+            Value::Object(map) => {
+                for (key, child) in map {
+                    at.push(json!(key));
+                    leaves(child, at, out);
+                    at.pop();
+                }
+            }
+            Value::Array(items) => {
+                for (index, child) in items.iter().enumerate() {
+                    at.push(json!(index));
+                    leaves(child, at, out);
+                    at.pop();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn replace(value: &mut Value, path: &[Value], with: Value) {
+        let mut here = value;
+        for step in path {
+            here = match step {
+                Value::String(key) => &mut here[key.as_str()],
+                Value::Number(index) => &mut here[index.as_u64().unwrap_or_default() as usize],
+                _ => return,
+            };
+        }
+        *here = with;
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(64),
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn a_bad_field_never_panics_and_every_patch_applies(
+            review in 0usize..100,
+            path in 0usize..10_000,
+            value in extreme(),
+        ) {
+            let reviews = reviews();
+            let mut body = reviews[review % reviews.len()].clone();
+            let mut paths = Vec::new();
+            leaves(&body["request"]["object"], &mut vec![json!("request"), json!("object")], &mut paths);
+            let path = &paths[path % paths.len()];
+            replace(&mut body, path, value);
+            let Ok(request) = review::parse(body.to_string().as_bytes()) else {
+                return Ok(());
+            };
+            let Some(raw) = request.object.clone() else {
+                return Ok(());
+            };
+            let Ok(pod) = serde_json::from_value::<Pod>(raw.clone()) else {
+                return Ok(());
+            };
+            let _ = decide(&pod, &namespace(monitored(), json!({})), "osm");
+            let mut exclusions = Exclusions::default();
+            let _ = exclusions.add_pod_annotations(pod.metadata.annotations.as_ref());
+            // `inject_with` applies the patch to the pod, or panics.
+            let settings = sidecar::Settings {
+                exclusions,
+                log_level: "info".into(),
+                ..sidecar::Settings::default()
+            };
+            let _ = inject_with(&raw, &settings);
+        }
+    }
+}
