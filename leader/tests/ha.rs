@@ -731,6 +731,73 @@ async fn a_replica_whose_source_ends_says_why_and_stops() -> Result<()> {
     Ok(())
 }
 
+/// How many application services the large-mesh test compiles; the
+/// benchmark's size is set with `TRELLIS_LARGE_MESH_CLASSES` (see
+/// BENCHMARKS.md).
+fn large_mesh_classes() -> usize {
+    std::env::var("TRELLIS_LARGE_MESH_CLASSES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2_000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_compile_costs_the_group_no_election() -> Result<()> {
+    let mut group = Group::prepare("large-compile", 3);
+    let mesh = group.dir.join("mesh");
+    std::fs::remove_dir_all(&mesh)?;
+    let classes = large_mesh_classes();
+    trellis_loadtest::mesh::Mesh::generate(&mesh, classes)?;
+    for id in group.ids.clone() {
+        group.start(id);
+    }
+    let elected = group.agreed_leader(Duration::from_secs(30)).await?;
+
+    // The leader compiles the whole mesh now. Every replica is asked who
+    // leads, in which term, throughout: a follower that missed the
+    // leader's heartbeats for an election timeout (400 to 800 ms) would
+    // start a new term.
+    let started = Instant::now();
+    let mut samples = 0;
+    loop {
+        for id in group.ids.clone() {
+            if let Ok(reply) = group.ask(id).await {
+                assert_eq!(
+                    (reply.leader, reply.term),
+                    (elected.leader, elected.term),
+                    "replica {id} saw an election during the compile"
+                );
+                samples += 1;
+            }
+        }
+        let metrics = http_get(group.admin[&elected.leader], "/metrics", None)
+            .await
+            .unwrap_or_default()
+            .1;
+        if metric_value(&metrics, "trellis_leader_snapshot_epoch") >= 1.0 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!(
+                "no first snapshot after 300 s\n{}",
+                group.replicas[&elected.leader].log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let compiled = started.elapsed();
+    println!(
+        "{classes} classes compiled in {compiled:?} by replica {} in term {}, {samples} answers, no election",
+        elected.leader, elected.term
+    );
+    // Shorter than an election timeout, the test would show nothing.
+    assert!(
+        compiled > Duration::from_millis(800),
+        "compiled in {compiled:?}: make the mesh larger"
+    );
+    Ok(())
+}
+
 /// Drops loopback packets to some ports while it lives (iptables, as
 /// root): a partition between edges and the leader group.
 struct Blocked(Vec<u16>);
