@@ -543,15 +543,24 @@ impl EdgeStream {
         if resources.is_empty() && removed.is_empty() {
             return Ok(());
         }
-        // Removals ride with the last chunk.
+        // Removals ride with the last chunk; many of them (a scope gone)
+        // are cut by the same bounds and follow it.
+        let mut removals = removal_chunks(removed, CHUNK, CHUNK_BYTES).into_iter();
+        let first_removals = removals.next().unwrap_or_default();
         let mut chunks = chunks(resources, CHUNK, CHUNK_BYTES).into_iter().peekable();
+        let mut last = (Vec::new(), first_removals);
         while let Some(chunk) = chunks.next() {
             if chunks.peek().is_none() {
-                return self.send(snapshot, type_url, chunk, removed).await;
+                last.0 = chunk;
+                break;
             }
             self.send(snapshot, type_url, chunk, Vec::new()).await?;
         }
-        self.send(snapshot, type_url, Vec::new(), removed).await
+        self.send(snapshot, type_url, last.0, last.1).await?;
+        for removed in removals {
+            self.send(snapshot, type_url, Vec::new(), removed).await?;
+        }
+        Ok(())
     }
 
     async fn send_commit(&mut self, snapshot: &Snapshot) -> Result<(), StreamEnd> {
@@ -624,6 +633,26 @@ fn chunks(resources: Vec<WireResource>, count: usize, bytes: usize) -> Vec<Vec<W
         }
         size += length;
         chunk.push(resource);
+    }
+    if !chunk.is_empty() {
+        chunks.push(chunk);
+    }
+    chunks
+}
+
+/// Removed names in order, in chunks of at most `count` names and `bytes`
+/// bytes of names.
+fn removal_chunks(removed: Vec<String>, count: usize, bytes: usize) -> Vec<Vec<String>> {
+    let mut chunks = Vec::new();
+    let mut chunk: Vec<String> = Vec::new();
+    let mut size = 0;
+    for name in removed {
+        if !chunk.is_empty() && (chunk.len() == count || size + name.len() > bytes) {
+            chunks.push(std::mem::take(&mut chunk));
+            size = 0;
+        }
+        size += name.len();
+        chunk.push(name);
     }
     if !chunk.is_empty() {
         chunks.push(chunk);
@@ -761,5 +790,18 @@ mod tests {
             .map(Vec::len)
             .collect();
         assert_eq!(counts, [1, 1, 1]);
+    }
+
+    #[test]
+    fn removals_are_chunked_by_bytes_and_count_too() {
+        // A scope of 5,000 resources with 4 KiB names going at once.
+        let removed: Vec<String> = (0..5_000).map(|n| format!("{n:04096}")).collect();
+        let sent = removal_chunks(removed.clone(), CHUNK, CHUNK_BYTES);
+        for chunk in &sent {
+            let bytes: usize = chunk.iter().map(String::len).sum();
+            assert!(bytes <= CHUNK_BYTES && chunk.len() <= CHUNK);
+        }
+        assert_eq!(sent.concat(), removed, "every name, once, in order");
+        assert_eq!(removal_chunks(Vec::new(), CHUNK, CHUNK_BYTES).len(), 0);
     }
 }
