@@ -293,10 +293,15 @@ async fn traffic(client: &Pod, mut stop: watch::Receiver<bool>) -> (u64, Vec<Str
 
 /// Waits until both pods' Envoys trust exactly `roots` for mesh traffic.
 async fn pods_trust(pods: [&Pod; 2], roots: &BTreeSet<String>, what: &str) -> Result<()> {
-    eventually(Duration::from_secs(60), what, || async {
+    let waited = eventually(Duration::from_secs(60), what, || async {
         mesh_trust(pods[0]).await == *roots && mesh_trust(pods[1]).await == *roots
     })
-    .await
+    .await;
+    if waited.is_err() {
+        let held = (mesh_trust(pods[0]).await, mesh_trust(pods[1]).await);
+        return waited.with_context(|| format!("wanted {roots:?}; the pods trust {held:?}"));
+    }
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -362,7 +367,9 @@ async fn rotate_then_switch(
     })
     .await
     .with_context(|| group.logs())?;
-    pods_trust(pods, &new_root, "the pods to trust the new root alone").await?;
+    pods_trust(pods, &new_root, "the pods to trust the new root alone")
+        .await
+        .with_context(|| format!("{}\n{}", group.root_status(), group.logs()))?;
     let leaves_after = (leaf_serials(pods[0]).await, leaf_serials(pods[1]).await);
     assert!(leaves_after.0 != leaves_before.0 && leaves_after.1 != leaves_before.1);
     assert!(new_root.is_disjoint(old_root));
@@ -409,8 +416,12 @@ async fn rotate_then_switch(
         bail!("rotate-ca --provider vault: {error}");
     }
     let both: BTreeSet<String> = new_root.union(&vault_root).cloned().collect();
-    pods_trust(pods, &both, "the pods to trust both providers").await?;
-    pods_trust(pods, &vault_root, "the pods to trust Vault alone").await?;
+    pods_trust(pods, &both, "the pods to trust both providers")
+        .await
+        .with_context(|| group.logs())?;
+    pods_trust(pods, &vault_root, "the pods to trust Vault alone")
+        .await
+        .with_context(|| group.logs())?;
     let status = group.root_status();
     assert_eq!(status["provider"], "vault", "{status}");
     assert_eq!(status["step"], "stable", "{status}");
