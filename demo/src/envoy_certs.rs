@@ -50,3 +50,35 @@ pub fn serials_of(pem: &str) -> BTreeSet<String> {
         })
         .collect()
 }
+
+/// The roots a pod's Envoy is configured to trust for mesh traffic now:
+/// the trusted CAs of the validation secrets SDS gave it, by serial.
+/// Unlike [`mesh_trust`], a connection opened before a change does not keep
+/// the roots it was opened with in view.
+pub async fn configured_trust(pod: &Pod) -> BTreeSet<String> {
+    let text = pod
+        .get("http://127.0.0.1:15000/config_dump?resource=dynamic_active_secrets")
+        .await
+        .map(|r| r.body)
+        .unwrap_or_default();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let mut roots = BTreeSet::new();
+    trusted_cas(&json, &mut roots);
+    roots
+}
+
+fn trusted_cas(value: &serde_json::Value, roots: &mut BTreeSet<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(pem) = map
+                .get("trusted_ca")
+                .and_then(|ca| ca["inline_string"].as_str())
+            {
+                roots.extend(serials_of(pem));
+            }
+            map.values().for_each(|child| trusted_cas(child, roots));
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|child| trusted_cas(child, roots)),
+        _ => {}
+    }
+}

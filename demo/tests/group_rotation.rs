@@ -25,7 +25,7 @@ use anyhow::{bail, Context, Result};
 use support::eventually;
 use tokio::sync::watch;
 use trellis_demo::{
-    envoy_certs::{leaf_serials, mesh_trust, serials_of},
+    envoy_certs::{configured_trust, leaf_serials, serials_of},
     DemoError, Pod,
 };
 use trellis_leader::{
@@ -291,14 +291,19 @@ async fn traffic(client: &Pod, mut stop: watch::Receiver<bool>) -> (u64, Vec<Str
     (ok, failed)
 }
 
-/// Waits until both pods' Envoys trust exactly `roots` for mesh traffic.
+/// Waits until both pods' Envoys are configured to trust exactly `roots`
+/// for mesh traffic. (Envoy's `/certs` also lists the contexts of
+/// connections opened before, which the requests keep open.)
 async fn pods_trust(pods: [&Pod; 2], roots: &BTreeSet<String>, what: &str) -> Result<()> {
     let waited = eventually(Duration::from_secs(60), what, || async {
-        mesh_trust(pods[0]).await == *roots && mesh_trust(pods[1]).await == *roots
+        configured_trust(pods[0]).await == *roots && configured_trust(pods[1]).await == *roots
     })
     .await;
     if waited.is_err() {
-        let held = (mesh_trust(pods[0]).await, mesh_trust(pods[1]).await);
+        let held = (
+            configured_trust(pods[0]).await,
+            configured_trust(pods[1]).await,
+        );
         return waited.with_context(|| format!("wanted {roots:?}; the pods trust {held:?}"));
     }
     Ok(())
