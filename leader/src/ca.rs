@@ -293,6 +293,34 @@ pub enum CaError {
     },
 }
 
+impl CaError {
+    /// `provider` cannot issue now, for `reason`.
+    pub(crate) fn unavailable(provider: &'static str, reason: impl std::fmt::Display) -> CaError {
+        CaError::Unavailable {
+            provider,
+            reason: reason.to_string(),
+        }
+    }
+
+    /// `provider` refused, for `reason`.
+    pub(crate) fn refused(provider: &'static str, reason: impl std::fmt::Display) -> CaError {
+        CaError::Refused {
+            provider,
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// The signer the first certificate of a PEM bundle or chain names (an
+/// external issuer's CA).
+pub(crate) fn signer_of(pem: &str) -> SignerId {
+    let first = pem
+        .split_inclusive("-----END CERTIFICATE-----")
+        .next()
+        .unwrap_or_default();
+    SignerId(xxhash_rust::xxh3::xxh3_64(first.trim().as_bytes()))
+}
+
 /// Issues leaf certificates.
 pub trait CertificateIssuer: Send + Sync {
     /// Signs a leaf for `request` with the current signing root.

@@ -31,8 +31,8 @@ use tokio::runtime::Handle;
 use tracing::{debug, info};
 
 use super::{
-    leaf_not_after, root::leaf_params, CaError, CertificateIssuer, IssuedCert, LeafRequest,
-    SignerId,
+    leaf_not_after, root::leaf_params, signer_of, CaError, CertificateIssuer, IssuedCert,
+    LeafRequest, SignerId,
 };
 
 const PROVIDER: &str = "cert-manager";
@@ -88,26 +88,11 @@ impl std::fmt::Debug for CertManagerIssuer {
 }
 
 fn unavailable(reason: impl std::fmt::Display) -> CaError {
-    CaError::Unavailable {
-        provider: PROVIDER,
-        reason: reason.to_string(),
-    }
+    CaError::unavailable(PROVIDER, reason)
 }
 
 fn refused(reason: impl std::fmt::Display) -> CaError {
-    CaError::Refused {
-        provider: PROVIDER,
-        reason: reason.to_string(),
-    }
-}
-
-/// The signer a PEM bundle's first certificate names.
-fn signer_of(pem: &str) -> SignerId {
-    let first = pem
-        .split_inclusive("-----END CERTIFICATE-----")
-        .next()
-        .unwrap_or_default();
-    SignerId(xxhash_rust::xxh3::xxh3_64(first.trim().as_bytes()))
+    CaError::refused(PROVIDER, reason)
 }
 
 /// A base64 field of a status (`certificate`, `ca`) as text.

@@ -28,7 +28,9 @@ use ureq::{
     Agent,
 };
 
-use super::{leaf_not_after, CaError, CertificateIssuer, IssuedCert, LeafRequest, SignerId};
+use super::{
+    leaf_not_after, signer_of, CaError, CertificateIssuer, IssuedCert, LeafRequest, SignerId,
+};
 
 const PROVIDER: &str = "vault";
 
@@ -102,26 +104,11 @@ impl std::fmt::Debug for VaultIssuer {
 }
 
 fn unavailable(reason: impl std::fmt::Display) -> CaError {
-    CaError::Unavailable {
-        provider: PROVIDER,
-        reason: reason.to_string(),
-    }
+    CaError::unavailable(PROVIDER, reason)
 }
 
 fn refused(reason: impl std::fmt::Display) -> CaError {
-    CaError::Refused {
-        provider: PROVIDER,
-        reason: reason.to_string(),
-    }
-}
-
-/// The signer a CA certificate (the first of a chain) names.
-fn signer_of(chain_pem: &str) -> SignerId {
-    let first = chain_pem
-        .split_inclusive("-----END CERTIFICATE-----")
-        .next()
-        .unwrap_or_default();
-    SignerId(xxhash_rust::xxh3::xxh3_64(first.trim().as_bytes()))
+    CaError::refused(PROVIDER, reason)
 }
 
 /// Vault's `errors` in a reply, joined.
