@@ -488,3 +488,64 @@ async fn per_proxy_state_on_an_exposed_admin_port_needs_the_operator_token() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edges_stream_limits_are_set_by_its_flags() {
+    let dir = std::env::temp_dir().join(format!("trellis-limits-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_example(&dir);
+    let (xds, admin) = (
+        SocketAddr::from(([127, 0, 0, 1], free_port())),
+        SocketAddr::from(([127, 0, 0, 1], free_port())),
+    );
+    let mut run = std::process::Command::new(TRELLIS)
+        .args(["run", "--plaintext", "--dir"])
+        .arg(&dir)
+        .args(["--xds", &xds.to_string(), "--admin", &admin.to_string()])
+        .args(["--max-names-per-type", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(30), "trellis run to listen", || async {
+        tokio::net::TcpStream::connect(xds).await.is_ok()
+    })
+    .await
+    .unwrap();
+    let channel = channel(xds, None).await.unwrap();
+    let (requests, outgoing) = mpsc::channel(4);
+    requests
+        .send(DeltaDiscoveryRequest {
+            node: Some(trellis_proto::pb::envoy::config::core::v3::Node {
+                id: "limits".to_owned(),
+                cluster: "bookbuyer/bookbuyer/any".to_owned(),
+                ..Default::default()
+            }),
+            type_url: type_url::ENDPOINT.to_owned(),
+            resource_names_subscribe: vec!["a".to_owned(), "b".to_owned()],
+            ..DeltaDiscoveryRequest::default()
+        })
+        .await
+        .unwrap();
+    let answer = AggregatedDiscoveryServiceClient::new(channel)
+        .delta_aggregated_resources(ReceiverStream::new(outgoing))
+        .await;
+    let refused = match answer {
+        Err(status) => status,
+        Ok(mut responses) => loop {
+            match tokio::time::timeout(Duration::from_secs(5), responses.get_mut().message()).await
+            {
+                Ok(Ok(Some(_))) => continue,
+                Ok(Err(status)) => break status,
+                other => panic!("not refused: {other:?}"),
+            }
+        },
+    };
+    let _ = run.kill();
+    let _ = run.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        refused.message().contains("too many subscribed names"),
+        "{refused:?}"
+    );
+}

@@ -32,7 +32,8 @@ use futures::FutureExt;
 use tokio::{net::TcpListener, sync::mpsc};
 use tracing::warn;
 use trellis_edge::{
-    ConnectionLimits, Edge, EdgeConfig, EdgeTls, SnapshotStore, TlsCredentials, UpstreamConfig,
+    AdsConfig, ConnectionLimits, Edge, EdgeConfig, EdgeTls, Limits, SnapshotStore, TlsCredentials,
+    UpstreamConfig,
 };
 use trellis_leader::{
     admin::{GroupView, LeaderAdmin, Probe, Stopping},
@@ -232,17 +233,41 @@ struct Serving {
     /// closed at once.
     #[arg(long, default_value_t = ConnectionLimits::default().max_handshakes)]
     max_handshakes: usize,
+    /// HTTP/2 streams one xDS connection may open.
+    #[arg(long, default_value_t = EdgeConfig::default().max_concurrent_streams)]
+    max_streams_per_connection: u32,
+    /// Names a stream may subscribe to per type; beyond, the stream is
+    /// closed.
+    #[arg(long, default_value_t = Limits::default().max_names)]
+    max_names_per_type: usize,
+    /// Resource types a stream may ask for.
+    #[arg(long, default_value_t = Limits::default().max_types)]
+    max_types_per_stream: usize,
+    /// Bytes of names a stream may hold, every type together.
+    #[arg(long, default_value_t = Limits::default().max_stream_name_bytes)]
+    max_stream_name_bytes: usize,
 }
 
 impl Serving {
     /// The edge's settings these flags ask for.
     fn edge_config(&self) -> EdgeConfig {
+        let defaults = EdgeConfig::default();
         EdgeConfig {
             connections: ConnectionLimits {
                 max_connections: self.max_connections,
                 max_handshakes: self.max_handshakes,
             },
-            ..EdgeConfig::default()
+            max_concurrent_streams: self.max_streams_per_connection,
+            ads: AdsConfig {
+                limits: Limits {
+                    max_names: self.max_names_per_type,
+                    max_types: self.max_types_per_stream,
+                    max_stream_name_bytes: self.max_stream_name_bytes,
+                    ..defaults.ads.limits
+                },
+                ..defaults.ads
+            },
+            ..defaults
         }
     }
 }
