@@ -7,6 +7,7 @@
 //! current at that moment, and existing connections keep theirs.
 
 use std::{
+    future::Future,
     net::SocketAddr,
     path::{Path, PathBuf},
     pin::Pin,
@@ -224,6 +225,12 @@ impl EdgeTls {
                             let limited = Limited {
                                 inner: stream,
                                 _place: place,
+                                ends: limits.max_age.map(|age| {
+                                    Box::pin(tokio::time::sleep(jittered(
+                                        age,
+                                        limits.max_age_jitter,
+                                    )))
+                                }),
                             };
                             let _ = tx.send(Ok(limited)).await;
                         }
@@ -236,15 +243,24 @@ impl EdgeTls {
     }
 }
 
-/// How many connections an edge holds, and how many TLS handshakes it
-/// runs at once.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How many connections an edge holds, how many TLS handshakes it runs at
+/// once, and how long a connection lives.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ConnectionLimits {
     /// Open connections, handshaking ones included (default 40,000).
     pub max_connections: usize,
     /// Handshakes in progress (default 512): each costs a signature, and a
     /// reconnect storm is thousands at once.
     pub max_handshakes: usize,
+    /// How long a connection lives before the edge closes it (default 30
+    /// minutes), so proxies spread onto edges added since; `None` for ever.
+    /// A Delta client reconnecting declares what it holds and is sent
+    /// nothing again.
+    pub max_age: Option<Duration>,
+    /// Each connection's age is moved by up to this fraction either way
+    /// (default 0.1), so connections made together do not all close
+    /// together.
+    pub max_age_jitter: f64,
 }
 
 impl Default for ConnectionLimits {
@@ -252,15 +268,26 @@ impl Default for ConnectionLimits {
         ConnectionLimits {
             max_connections: 40_000,
             max_handshakes: 512,
+            max_age: Some(Duration::from_secs(30 * 60)),
+            max_age_jitter: 0.1,
         }
     }
 }
 
+/// `age` moved by a random fraction of itself up to `jitter` either way.
+fn jittered(age: Duration, jitter: f64) -> Duration {
+    let jitter = jitter.clamp(0.0, 1.0);
+    let factor = 1.0 + jitter * (2.0 * fastrand::f64() - 1.0);
+    age.mul_f64(factor)
+}
+
 /// A connection holding its place under the connection limit until it
-/// closes.
+/// closes, and ending at its age: reads then see the end of the stream, so
+/// the server closes the connection and its proxy reconnects.
 pub struct Limited<S> {
     inner: S,
     _place: OwnedSemaphorePermit,
+    ends: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Limited<S> {
@@ -269,7 +296,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Limited<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Some(ends) = this.ends.as_mut() {
+            if ends.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }
 

@@ -52,6 +52,15 @@ impl Mesh {
 
     /// Starts on a copy of the example changed by `edit` first.
     async fn start_with(name: &str, edit: impl FnOnce(&std::path::Path)) -> Mesh {
+        Mesh::start_configured(name, edit, EdgeConfig::default()).await
+    }
+
+    /// [`Mesh::start_with`], the edge configured with `config`.
+    async fn start_configured(
+        name: &str,
+        edit: impl FnOnce(&std::path::Path),
+        config: EdgeConfig,
+    ) -> Mesh {
         let dir = std::env::temp_dir().join(format!("trellis-mtls-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         copy_example(&dir);
@@ -66,7 +75,7 @@ impl Mesh {
         )
         .unwrap();
         let tls = EdgeTls::new(&credentials).unwrap();
-        let edge = TestEdge::start_tls(EdgeConfig::default(), tls).await;
+        let edge = TestEdge::start_tls(config, tls).await;
         let pipeline = Pipeline::new(PipelineConfig::default(), Compiler::new(ca.clone()));
         let mut status = pipeline.status();
         let (updates, received) = mpsc::channel(16);
@@ -485,6 +494,7 @@ async fn connections_beyond_the_edges_limits_are_closed_at_once_and_counted() ->
     let edge = limited_edge(ConnectionLimits {
         max_connections: 2,
         max_handshakes: 2,
+        ..ConnectionLimits::default()
     })
     .await;
     // Two connections that never finish their handshake hold both places.
@@ -508,6 +518,7 @@ async fn connections_beyond_the_edges_limits_are_closed_at_once_and_counted() ->
     let edge = limited_edge(ConnectionLimits {
         max_connections: 100,
         max_handshakes: 1,
+        ..ConnectionLimits::default()
     })
     .await;
     first = TcpStream::connect(edge.xds).await?;
@@ -520,5 +531,66 @@ async fn connections_beyond_the_edges_limits_are_closed_at_once_and_counted() ->
         1.0
     );
     assert!(!closed(&mut first).await);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_is_closed_at_its_age_and_its_proxy_reconnects() -> Result<()> {
+    let config = EdgeConfig {
+        connections: ConnectionLimits {
+            max_age: Some(Duration::from_secs(2)),
+            max_age_jitter: 0.25,
+            ..ConnectionLimits::default()
+        },
+        ..EdgeConfig::default()
+    };
+    let mesh = Mesh::start_configured("age", |_| {}, config).await;
+    let (class, identity) = mesh.class_of("bookbuyer/bookbuyer-0");
+    let uuid = new_proxy_uuid();
+    let request = LeafRequest::proxy(&uuid, &identity, TRUST_DOMAIN, Duration::from_secs(3600));
+    let node = request.common_name.clone();
+    let cert = mesh.ca.issue(&request)?;
+    let channel = mesh.channel(Some((&cert.chain_pem, &cert.key_pem))).await?;
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: node.clone(),
+            cluster: class.clone(),
+            ..Default::default()
+        }),
+        type_url: type_url::SECRET.to_owned(),
+        resource_names_subscribe: vec!["service-cert:bookbuyer/bookbuyer".to_owned()],
+        ..Default::default()
+    })
+    .await?;
+    let opened = std::time::Instant::now();
+    let mut responses = AggregatedDiscoveryServiceClient::new(channel)
+        .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    assert!(responses.next().await.is_some_and(|r| r.is_ok()));
+    // Nothing more is sent; the stream ends with its connection, within
+    // the age and its jitter (1.5 to 2.5 s).
+    let ended = tokio::time::timeout(Duration::from_secs(10), responses.next()).await;
+    let lived = opened.elapsed();
+    assert!(
+        matches!(ended, Ok(None | Some(Err(_)))),
+        "the stream went on: {ended:?}"
+    );
+    assert!(
+        lived >= Duration::from_millis(1_400) && lived < Duration::from_secs(4),
+        "closed after {lived:?}"
+    );
+    drop(tx);
+    // The proxy reconnects and is served again.
+    let channel = mesh.channel(Some((&cert.chain_pem, &cert.key_pem))).await?;
+    let again = ask_secrets(
+        channel,
+        &node,
+        &class,
+        &["service-cert:bookbuyer/bookbuyer"],
+    )
+    .await?;
+    assert_eq!(again.resources.len(), 1);
     Ok(())
 }

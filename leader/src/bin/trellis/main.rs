@@ -233,6 +233,11 @@ struct Serving {
     /// closed at once.
     #[arg(long, default_value_t = ConnectionLimits::default().max_handshakes)]
     max_handshakes: usize,
+    /// Seconds an xDS connection lives before the edge closes it, moved by
+    /// up to a tenth either way (its proxy reconnects, perhaps to an edge
+    /// added since; a Delta proxy is sent nothing again). 0: for ever.
+    #[arg(long, default_value_t = 30 * 60)]
+    max_connection_age_secs: u64,
     /// HTTP/2 streams one xDS connection may open.
     #[arg(long, default_value_t = EdgeConfig::default().max_concurrent_streams)]
     max_streams_per_connection: u32,
@@ -256,6 +261,9 @@ impl Serving {
             connections: ConnectionLimits {
                 max_connections: self.max_connections,
                 max_handshakes: self.max_handshakes,
+                max_age: (self.max_connection_age_secs > 0)
+                    .then(|| Duration::from_secs(self.max_connection_age_secs)),
+                ..ConnectionLimits::default()
             },
             max_concurrent_streams: self.max_streams_per_connection,
             ads: AdsConfig {
