@@ -37,5 +37,5 @@ pub use crate::{
         TLS_CERT, TLS_CLIENT_ROOTS, TLS_KEY,
     },
     upstream::{UpstreamConfig, UpstreamError},
-    xds::{AdsConfig, AdsServer, Limits, StreamReport, TypeReport},
+    xds::{AdmissionRate, AdsConfig, AdsServer, Limits, StreamReport, TypeReport},
 };

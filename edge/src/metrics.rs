@@ -70,6 +70,8 @@ pub struct Metrics {
     pub(crate) upstream_connected: Gauge,
     pub(crate) upstream_commits: Counter,
     pub(crate) upstream_syncs: Counter,
+    pub(crate) admission_waits: Counter,
+    pub(crate) admission_wait_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Metrics {
@@ -77,6 +79,16 @@ impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
         let edge = registry.sub_registry_with_prefix("trellis_edge");
         edge.register("streams", "Connected xDS streams", self.streams.clone());
+        edge.register(
+            "admission_waits",
+            "New streams that waited for admission",
+            self.admission_waits.clone(),
+        );
+        edge.register(
+            "admission_wait_seconds",
+            "Seconds new streams waited for admission, in all",
+            self.admission_wait_seconds.clone(),
+        );
         edge.register(
             "responses",
             "Discovery responses sent",
@@ -155,5 +167,11 @@ impl Metrics {
 
     pub(crate) fn refuse(&self, reason: &'static str) {
         self.refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// A new stream waited `waited` for admission.
+    pub(crate) fn admission_waited(&self, waited: std::time::Duration) {
+        self.admission_waits.inc();
+        self.admission_wait_seconds.inc_by(waited.as_secs_f64());
     }
 }

@@ -6,6 +6,7 @@
 //!   fingerprint across streams.
 //! * `server`: the per-stream driver (I/O only) and the gRPC service.
 
+mod admission;
 mod codec;
 mod delta;
 mod response;
@@ -20,7 +21,10 @@ use tonic::Status;
 use trellis_proto::pb::envoy::config::core::v3::Node;
 use trellis_shared::{ClassView, Epoch};
 
-pub use self::server::{AdsServer, StreamReport, TypeReport};
+pub use self::{
+    admission::AdmissionRate,
+    server::{AdsServer, StreamReport, TypeReport},
+};
 use self::{
     response::ResponseCache,
     state::{NonceCheck, StreamState, TypeUpdate},
@@ -62,6 +66,8 @@ pub struct AdsConfig {
     pub first_request_timeout: Duration,
     /// Per-stream bounds.
     pub limits: Limits,
+    /// How fast new streams are admitted.
+    pub admission: AdmissionRate,
 }
 
 impl Default for AdsConfig {
@@ -69,6 +75,7 @@ impl Default for AdsConfig {
         AdsConfig {
             first_request_timeout: Duration::from_secs(30),
             limits: Limits::default(),
+            admission: AdmissionRate::default(),
         }
     }
 }

@@ -15,7 +15,7 @@ use tokio::{
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{transport::Channel, Code, Status, Streaming};
-use trellis_edge::{AdsConfig, EdgeConfig};
+use trellis_edge::{AdmissionRate, AdsConfig, EdgeConfig};
 use trellis_proto::pb::envoy::{
     config::core::v3::Node,
     service::discovery::v3::{
@@ -323,4 +323,38 @@ async fn admin_reports_health_readiness_and_metrics() {
         1.0
     );
     assert_eq!(edge.admin("/nothing-here").await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_streams_are_admitted_at_the_configured_rate() {
+    let edge = edge_with_mesh(EdgeConfig {
+        ads: AdsConfig {
+            admission: AdmissionRate {
+                per_second: 4.0,
+                burst: 2.0,
+            },
+            ..AdsConfig::default()
+        },
+        ..EdgeConfig::default()
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        let client = Client::connect(&edge).await;
+        client
+            .send(request(node(CLASS), type_url::CLUSTER, &[]))
+            .await;
+        clients.push(client);
+    }
+    let mut answered = Vec::new();
+    for client in &mut clients {
+        client.next().await.unwrap();
+        answered.push(started.elapsed());
+    }
+    answered.sort();
+    // Two at once, then four at four a second: the last about a second on.
+    assert!(answered[1] < Duration::from_millis(500), "{answered:?}");
+    assert!(answered[5] >= Duration::from_millis(900), "{answered:?}");
+    assert!(edge.metric("trellis_edge_admission_waits_total").await >= 4.0);
 }

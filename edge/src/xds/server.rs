@@ -28,6 +28,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use trellis_shared::{type_url, ClassDelta, Snapshot, SnapshotDiff};
 
 use super::{
+    admission::Admission,
     codec::AdsCodec,
     delta::Delta,
     response::{Outbound, ResponseCache},
@@ -79,6 +80,8 @@ pub(super) struct Shared {
     /// Flipped once when the edge drains: every stream ends with UNAVAILABLE
     /// so its proxy reconnects elsewhere.
     draining: watch::Sender<bool>,
+    /// New streams wait here for their turn.
+    admission: Admission,
 }
 
 /// What the admin endpoint shows about one stream.
@@ -132,6 +135,7 @@ impl AdsServer {
                 demand: Arc::new(ClassDemand::default()),
                 next_stream: AtomicU64::new(1),
                 draining: watch::channel(false).0,
+                admission: Admission::new(config.admission),
             }),
         }
     }
@@ -204,6 +208,10 @@ async fn drive<V: Variant>(
             Ok(Ok(None)) | Ok(Err(_)) => return Ok(()),
         };
     let node = V::node(&first).ok_or(Refusal::MissingNode)?.clone();
+    let waited = shared.admission.admit().await;
+    if !waited.is_zero() {
+        shared.metrics.admission_waited(waited);
+    }
     let peer = peer
         .transpose()
         .map_err(|error| Refusal::NoClass(ClassifyError::Peer(error)))?;

@@ -32,8 +32,8 @@ use futures::FutureExt;
 use tokio::{net::TcpListener, sync::mpsc};
 use tracing::warn;
 use trellis_edge::{
-    AdsConfig, ConnectionLimits, Edge, EdgeConfig, EdgeTls, Limits, SnapshotStore, TlsCredentials,
-    UpstreamConfig,
+    AdmissionRate, AdsConfig, ConnectionLimits, Edge, EdgeConfig, EdgeTls, Limits, SnapshotStore,
+    TlsCredentials, UpstreamConfig,
 };
 use trellis_leader::{
     admin::{GroupView, LeaderAdmin, Probe, Stopping},
@@ -238,6 +238,13 @@ struct Serving {
     /// added since; a Delta proxy is sent nothing again). 0: for ever.
     #[arg(long, default_value_t = 30 * 60)]
     max_connection_age_secs: u64,
+    /// New xDS streams admitted per second once the burst is spent; the
+    /// others wait their turn (a reconnect storm is taken in steadily).
+    #[arg(long, default_value_t = AdmissionRate::default().per_second)]
+    stream_admission_rate: f64,
+    /// New xDS streams admitted at once after a quiet spell.
+    #[arg(long, default_value_t = AdmissionRate::default().burst)]
+    stream_admission_burst: f64,
     /// HTTP/2 streams one xDS connection may open.
     #[arg(long, default_value_t = EdgeConfig::default().max_concurrent_streams)]
     max_streams_per_connection: u32,
@@ -267,6 +274,10 @@ impl Serving {
             },
             max_concurrent_streams: self.max_streams_per_connection,
             ads: AdsConfig {
+                admission: AdmissionRate {
+                    per_second: self.stream_admission_rate,
+                    burst: self.stream_admission_burst,
+                },
                 limits: Limits {
                     max_names: self.max_names_per_type,
                     max_types: self.max_types_per_stream,
