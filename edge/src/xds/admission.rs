@@ -20,8 +20,8 @@ pub struct AdmissionRate {
 impl Default for AdmissionRate {
     fn default() -> Self {
         AdmissionRate {
-            per_second: 5_000.0,
-            burst: 5_000.0,
+            per_second: 10_000.0,
+            burst: 10_000.0,
         }
     }
 }
