@@ -12,6 +12,7 @@
 
 mod authority;
 mod cert_manager;
+mod external_roots;
 mod root;
 mod vault;
 

@@ -13,8 +13,8 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, RwLock},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    sync::Arc,
+    time::{Duration, SystemTime},
 };
 
 use futures::{stream, StreamExt};
@@ -31,8 +31,8 @@ use tokio::runtime::Handle;
 use tracing::{debug, info};
 
 use super::{
-    leaf_not_after, root::leaf_params, signer_of, CaError, CertificateIssuer, IssuedCert,
-    LeafRequest, SignerId,
+    external_roots::ExternalRoots, leaf_not_after, root::leaf_params, signer_of, CaError,
+    CertificateIssuer, IssuedCert, LeafRequest, SignerId,
 };
 
 const PROVIDER: &str = "cert-manager";
@@ -64,19 +64,13 @@ pub struct CertManagerConfig {
     pub concurrency: usize,
 }
 
-struct Bundle {
-    pem: Arc<str>,
-    signer: SignerId,
-    read_at: SystemTime,
-}
-
 /// Issues leaves through cert-manager.
 pub struct CertManagerIssuer {
     config: CertManagerConfig,
     requests: Api<DynamicObject>,
     secrets: Api<Secret>,
     runtime: Handle,
-    bundle: RwLock<Bundle>,
+    roots: ExternalRoots,
 }
 
 impl std::fmt::Debug for CertManagerIssuer {
@@ -151,11 +145,7 @@ impl CertManagerIssuer {
             requests: Api::namespaced_with(client.clone(), &config.namespace, &resource),
             secrets: Api::namespaced(client, &config.namespace),
             runtime: Handle::current(),
-            bundle: RwLock::new(Bundle {
-                pem: Arc::from(""),
-                signer: SignerId(0),
-                read_at: UNIX_EPOCH,
-            }),
+            roots: ExternalRoots::new(BUNDLE_REFRESH),
             config,
         };
         let pem = issuer.read_bundle().await?;
@@ -165,7 +155,9 @@ impl CertManagerIssuer {
             namespace = %issuer.config.namespace,
             "issuing leaves through cert-manager"
         );
-        issuer.set_bundle(pem, SystemTime::now());
+        issuer
+            .roots
+            .take(pem.clone(), signer_of(&pem), SystemTime::now());
         Ok(issuer)
     }
 
@@ -185,17 +177,6 @@ impl CertManagerIssuer {
             .filter(|pem| pem.contains("BEGIN CERTIFICATE"))
             .ok_or_else(|| refused(format!("Secret {name} has no PEM ca.crt")))?;
         Ok(pem)
-    }
-
-    fn set_bundle(&self, pem: String, now: SystemTime) -> bool {
-        let mut held = self.bundle.write().unwrap_or_else(|e| e.into_inner());
-        held.read_at = now;
-        if *held.pem == *pem {
-            return false;
-        }
-        held.signer = signer_of(&pem);
-        held.pem = Arc::from(pem);
-        true
     }
 
     /// The CertificateRequest for `request`'s CSR, in batch `batch`.
@@ -367,13 +348,9 @@ impl CertManagerIssuer {
         let bundle = self.trust_bundle();
         let issuing = ca.unwrap_or_else(|| bundle.to_string());
         let signer = signer_of(&issuing);
-        // Whoever the issuer says signed is the signer: every other leaf is
-        // reissued once it changes, and a CA reported differently from the
-        // Secret's first certificate does not reissue forever.
-        self.bundle
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .signer = signer;
+        // The CA cert-manager reports signed, which may not be the
+        // Secret's first certificate.
+        self.roots.signed_by(signer);
         Ok(IssuedCert {
             chain_pem: format!("{}\n{}\n", certificate.trim(), issuing.trim()),
             key_pem: key.serialize_pem(),
@@ -399,30 +376,24 @@ impl CertificateIssuer for CertManagerIssuer {
     }
 
     fn trust_bundle(&self) -> Arc<str> {
-        self.bundle
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .pem
-            .clone()
+        self.roots.bundle()
     }
 
     fn signer(&self) -> SignerId {
-        self.bundle.read().unwrap_or_else(|e| e.into_inner()).signer
+        self.roots.signer()
     }
 
     /// Reads the CA Secret again now and then: a new CA there is a new
     /// trust bundle and signer, and the compiler reissues every leaf.
     fn advance(&self, now: SystemTime, _leaves_current: bool) -> Result<bool, CaError> {
-        let read_at = self
-            .bundle
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .read_at;
-        if now.duration_since(read_at).unwrap_or_default() < BUNDLE_REFRESH {
+        if !self.roots.due(now) {
             return Ok(false);
         }
         match self.runtime.block_on(self.read_bundle()) {
-            Ok(pem) => Ok(self.set_bundle(pem, now)),
+            Ok(pem) => {
+                let named = signer_of(&pem);
+                Ok(self.roots.take(pem, named, now))
+            }
             Err(error) => {
                 debug!(%error, "could not read the CA Secret; keeping the bundle held");
                 Ok(false)

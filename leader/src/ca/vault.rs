@@ -16,9 +16,9 @@ use std::{
     path::PathBuf,
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Arc, Mutex, RwLock,
+        Arc, Mutex,
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use serde_json::{json, Value};
@@ -29,7 +29,8 @@ use ureq::{
 };
 
 use super::{
-    leaf_not_after, signer_of, CaError, CertificateIssuer, IssuedCert, LeafRequest, SignerId,
+    external_roots::ExternalRoots, leaf_not_after, signer_of, CaError, CertificateIssuer,
+    IssuedCert, LeafRequest, SignerId,
 };
 
 const PROVIDER: &str = "vault";
@@ -74,23 +75,13 @@ pub struct VaultConfig {
     pub concurrency: usize,
 }
 
-/// The mount's issuers, as the trust bundle, and who signs.
-struct Chain {
-    bundle: Arc<str>,
-    /// The issuer of the last leaf (the default issuer before any).
-    signer: SignerId,
-    /// The mount's default issuer when last read.
-    default: SignerId,
-    read_at: SystemTime,
-}
-
 /// Issues leaves from Vault.
 pub struct VaultIssuer {
     config: VaultConfig,
     agent: Agent,
     /// The Vault token in use (logged in for Kubernetes auth).
     token: Mutex<Option<String>>,
-    chain: RwLock<Chain>,
+    roots: ExternalRoots,
 }
 
 impl std::fmt::Debug for VaultIssuer {
@@ -158,22 +149,17 @@ impl VaultIssuer {
             config,
             agent,
             token: Mutex::new(None),
-            chain: RwLock::new(Chain {
-                bundle: Arc::from(""),
-                signer: SignerId(0),
-                default: SignerId(0),
-                read_at: UNIX_EPOCH,
-            }),
+            roots: ExternalRoots::new(CHAIN_REFRESH),
         };
-        let chain = issuer.read_chain()?;
+        let (bundle, named) = issuer.read_chain()?;
         info!(
             address = %issuer.config.address,
             mount = %issuer.config.mount,
             role = %issuer.config.role,
-            roots = chain.0.matches("BEGIN CERTIFICATE").count(),
+            roots = bundle.matches("BEGIN CERTIFICATE").count(),
             "issuing leaves from Vault"
         );
-        issuer.set_chain(chain, SystemTime::now());
+        issuer.roots.take(bundle, named, SystemTime::now());
         Ok(issuer)
     }
 
@@ -322,26 +308,6 @@ impl VaultIssuer {
         let bundle = bundle.into_iter().map(|cert| cert + "\n").collect();
         Ok((bundle, signer_of(&chain)))
     }
-
-    /// Takes up the bundle and default issuer read at `now`. A new default
-    /// issuer is taken as the signer (the role's issuer, usually), so
-    /// every leaf is reissued; the next leaf says who really signs.
-    /// Returns whether the bundle or the signer changed.
-    fn set_chain(&self, (bundle, default): (String, SignerId), now: SystemTime) -> bool {
-        let mut held = self.chain.write().unwrap_or_else(|e| e.into_inner());
-        held.read_at = now;
-        let mut changed = false;
-        if held.default != default {
-            held.default = default;
-            held.signer = default;
-            changed = true;
-        }
-        if *held.bundle != *bundle {
-            held.bundle = Arc::from(bundle);
-            changed = true;
-        }
-        changed
-    }
 }
 
 /// The leaf `reply` carries, its chain (leaf, then issuing chain) and key.
@@ -393,9 +359,8 @@ impl CertificateIssuer for VaultIssuer {
         let path = format!("{}/issue/{}", self.config.mount, self.config.role);
         let reply = self.authorized("POST", &path, Some(&body))?;
         let cert = issued(&reply, request)?;
-        // The role's issuer is the signer (it may not be the mount's
-        // default): once it changes, every other leaf is reissued.
-        self.chain.write().unwrap_or_else(|e| e.into_inner()).signer = cert.signer;
+        // The role's issuer signs, which may not be the mount's default.
+        self.roots.signed_by(cert.signer);
         Ok(cert)
     }
 
@@ -428,27 +393,22 @@ impl CertificateIssuer for VaultIssuer {
     }
 
     fn trust_bundle(&self) -> Arc<str> {
-        self.chain
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .bundle
-            .clone()
+        self.roots.bundle()
     }
 
     fn signer(&self) -> SignerId {
-        self.chain.read().unwrap_or_else(|e| e.into_inner()).signer
+        self.roots.signer()
     }
 
     /// Reads the mount's issuers again now and then: a new issuer is
     /// trusted at once; a new default issuer is a new signer, and the
     /// compiler reissues every leaf.
     fn advance(&self, now: SystemTime, _leaves_current: bool) -> Result<bool, CaError> {
-        let read_at = self.chain.read().unwrap_or_else(|e| e.into_inner()).read_at;
-        if now.duration_since(read_at).unwrap_or_default() < CHAIN_REFRESH {
+        if !self.roots.due(now) {
             return Ok(false);
         }
         match self.read_chain() {
-            Ok(chain) => Ok(self.set_chain(chain, now)),
+            Ok((bundle, named)) => Ok(self.roots.take(bundle, named, now)),
             // Unreachable: the chain held stays in use.
             Err(error) => {
                 debug!(%error, "could not read Vault's CA chain; keeping the one held");
