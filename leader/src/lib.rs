@@ -37,3 +37,8 @@ pub mod private_files;
 pub mod publish;
 pub mod raft;
 pub mod source;
+
+// The property tests' JSON paths, shared with `tests/properties.rs`.
+#[cfg(test)]
+#[path = "../tests/mutate/mod.rs"]
+mod mutate;

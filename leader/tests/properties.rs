@@ -10,6 +10,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod mutate;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::Path,
@@ -87,40 +89,6 @@ fn extreme() -> impl Strategy<Value = Value> {
     ]
 }
 
-/// Every path into `value`, objects' keys and arrays' indices.
-fn paths(value: &Value, at: &mut Vec<Value>, out: &mut Vec<Vec<Value>>) {
-    out.push(at.clone());
-    match value {
-        Value::Object(map) => {
-            for (key, child) in map {
-                at.push(json!(key));
-                paths(child, at, out);
-                at.pop();
-            }
-        }
-        Value::Array(items) => {
-            for (index, child) in items.iter().enumerate() {
-                at.push(json!(index));
-                paths(child, at, out);
-                at.pop();
-            }
-        }
-        _ => {}
-    }
-}
-
-fn replace(value: &mut Value, path: &[Value], with: Value) {
-    let mut here = value;
-    for step in path {
-        here = match step {
-            Value::String(key) => &mut here[key.as_str()],
-            Value::Number(index) => &mut here[index.as_u64().unwrap_or_default() as usize],
-            _ => return,
-        };
-    }
-    *here = with;
-}
-
 /// Everything compiled but the certificates (each compile has its own CA).
 fn fingerprint(compiled: &Compiled) -> BTreeMap<String, String> {
     (compiled.resources.iter())
@@ -136,18 +104,13 @@ fn compile(objects: &BTreeMap<ObjectRef, Object>) -> Compiled {
         .clone()
 }
 
-/// Kinds whose invalid object is skipped whole. (An UpstreamTrafficSetting
-/// may be reported for a part that has no effect, an `httpRoutes` path
-/// matching no route, while the rest applies; a MeshConfig field likewise.)
-const ALL_OR_NOTHING: &[&str] = &[
-    "TrafficTarget",
-    "HTTPRouteGroup",
-    "TCPRoute",
-    "TrafficSplit",
-    "Egress",
-    "IngressBackend",
-    "Retry",
-];
+/// Whether an invalid object of `kind` is skipped whole: the policy kinds,
+/// but an UpstreamTrafficSetting, which may be reported for a part that has
+/// no effect (an `httpRoutes` path matching no route) while the rest
+/// applies.
+fn all_or_nothing(kind: &str) -> bool {
+    catalog::POLICY_KINDS.contains(&kind) && kind != "UpstreamTrafficSetting"
+}
 
 proptest! {
     #![proptest_config(ProptestConfig {
@@ -164,10 +127,10 @@ proptest! {
         let docs = manifests();
         let doc = doc % docs.len();
         let mut all_paths = Vec::new();
-        paths(&docs[doc], &mut Vec::new(), &mut all_paths);
+        mutate::paths(&docs[doc], &mut Vec::new(), &mut all_paths);
         let path = &all_paths[path % all_paths.len()];
         let mut mutated = docs[doc].clone();
-        replace(&mut mutated, path, value);
+        mutate::replace(&mut mutated, path, value);
         let Ok(object) = Object::from_manifest(mutated) else {
             // The schema refuses it: the source reports the manifest.
             return Ok(());
@@ -191,7 +154,7 @@ proptest! {
             );
         }
         let reported = compiled.problems.iter().any(|p| p.object == reference.to_string());
-        if reported && ALL_OR_NOTHING.contains(&reference.kind) {
+        if reported && all_or_nothing(reference.kind) {
             prop_assert_eq!(
                 fingerprint(&compiled),
                 fingerprint(&compile(&without)),

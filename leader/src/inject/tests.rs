@@ -581,6 +581,7 @@ mod review_properties {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::mutate;
 
     fn reviews() -> Vec<Value> {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inject");
@@ -616,39 +617,6 @@ mod review_properties {
         ]
     }
 
-    fn leaves(value: &Value, at: &mut Vec<Value>, out: &mut Vec<Vec<Value>>) {
-        out.push(at.clone());
-        match value {
-            Value::Object(map) => {
-                for (key, child) in map {
-                    at.push(json!(key));
-                    leaves(child, at, out);
-                    at.pop();
-                }
-            }
-            Value::Array(items) => {
-                for (index, child) in items.iter().enumerate() {
-                    at.push(json!(index));
-                    leaves(child, at, out);
-                    at.pop();
-                }
-            }
-            _ => {}
-        }
-    }
-
-    fn replace(value: &mut Value, path: &[Value], with: Value) {
-        let mut here = value;
-        for step in path {
-            here = match step {
-                Value::String(key) => &mut here[key.as_str()],
-                Value::Number(index) => &mut here[index.as_u64().unwrap_or_default() as usize],
-                _ => return,
-            };
-        }
-        *here = with;
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig {
             cases: std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(64),
@@ -664,9 +632,9 @@ mod review_properties {
             let reviews = reviews();
             let mut body = reviews[review % reviews.len()].clone();
             let mut paths = Vec::new();
-            leaves(&body["request"]["object"], &mut vec![json!("request"), json!("object")], &mut paths);
+            mutate::paths(&body["request"]["object"], &mut vec![json!("request"), json!("object")], &mut paths);
             let path = &paths[path % paths.len()];
-            replace(&mut body, path, value);
+            mutate::replace(&mut body, path, value);
             let Ok(request) = review::parse(body.to_string().as_bytes()) else {
                 return Ok(());
             };
