@@ -9,7 +9,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
+use http::{header, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use prometheus_client::registry::Registry;
@@ -130,8 +130,8 @@ impl Admin {
     }
 
     fn handle(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-        if request.method() != Method::GET {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+        if let Some(answer) = admin::common(request) {
+            return answer;
         }
         let path = request.uri().path();
         if path.starts_with("/debug/") {
@@ -140,7 +140,6 @@ impl Admin {
             }
         }
         match path {
-            "/healthz" => text(StatusCode::OK, "ok\n".into()),
             "/readyz" if self.store.is_ready() => text(StatusCode::OK, "ready\n".into()),
             "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "no snapshot yet\n".into()),
             "/metrics" => self.metrics_text(),

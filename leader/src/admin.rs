@@ -9,7 +9,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use prometheus_client::{metrics::gauge::Gauge, registry::Registry};
@@ -141,11 +141,10 @@ impl LeaderAdmin {
     }
 
     fn handle(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-        if request.method() != Method::GET {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+        if let Some(answer) = admin::common(request) {
+            return answer;
         }
         match request.uri().path() {
-            "/healthz" => text(StatusCode::OK, "ok\n".into()),
             "/readyz" => match (self.stopping.reason(), self.probe.ready()) {
                 (Some(reason), _) => text(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -51,6 +51,15 @@ pub async fn serve(listener: TcpListener, header_timeout: Duration, handler: Han
     }
 }
 
+/// What every admin endpoint answers alike: anything but GET is refused,
+/// and `/healthz` says the process serves; `None` for the rest.
+pub fn common(request: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    if request.method() != http::Method::GET {
+        return Some(text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into()));
+    }
+    (request.uri().path() == "/healthz").then(|| text(StatusCode::OK, "ok\n".into()))
+}
+
 /// A plain-text answer.
 pub fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     response(status, "text/plain; charset=utf-8", body.into())
