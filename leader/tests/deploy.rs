@@ -697,7 +697,10 @@ fn free_port() -> u16 {
 
 /// Applies `objects` to the test API server (server-side, idempotent).
 fn apply(cluster: &Cluster, name: &str, objects: &[Value]) {
-    let path = scratch(&format!("apply-{name}")).join("objects.json");
+    // Tests apply the same objects concurrently: each call its own file.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = scratch(&format!("apply-{name}-{call}")).join("objects.json");
     let list = json!({ "apiVersion": "v1", "kind": "List", "items": objects });
     std::fs::write(&path, list.to_string()).unwrap();
     cluster.kubectl_ok([
