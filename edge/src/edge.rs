@@ -2,20 +2,16 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use futures::Stream;
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::TcpListener,
-};
-use tonic::transport::server::Connected;
+use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::{
     admin::{Admin, DebugAccess},
     classify::{NodeClassifier, ProxyClassifier},
+    connections::{self, ConnectionLimits, Handshake, Plaintext, Serving},
     metrics::Metrics,
     store::SnapshotStore,
-    tls::{ConnectionLimits, EdgeTls},
+    tls::EdgeTls,
     upstream::{self, UpstreamConfig},
     xds::{AdsConfig, AdsServer},
 };
@@ -53,9 +49,9 @@ impl Default for EdgeConfig {
 /// Why an edge stopped serving.
 #[derive(Debug, thiserror::Error)]
 pub enum EdgeError {
-    /// The xDS server failed.
-    #[error("xDS server failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    /// The admin endpoint stopped, so probes would fail anyway.
+    #[error("the admin endpoint stopped: {0}")]
+    Admin(String),
 }
 
 /// A Trellis edge.
@@ -134,8 +130,7 @@ impl Edge {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), EdgeError> {
         info!(xds = ?xds.local_addr().ok(), admin = ?admin.local_addr().ok(), "edge serving plaintext xDS");
-        self.serve_incoming(trellis_transport::server::incoming(xds), admin, shutdown)
-            .await
+        self.serve_with(Plaintext, xds, admin, shutdown).await
     }
 
     /// Serves ADS over mTLS on `xds`: every proxy presents a client
@@ -149,20 +144,16 @@ impl Edge {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), EdgeError> {
         info!(xds = ?xds.local_addr().ok(), admin = ?admin.local_addr().ok(), "edge serving mTLS xDS");
-        let incoming = tls.incoming(xds, self.metrics.clone(), self.config.connections);
-        self.serve_incoming(incoming, admin, shutdown).await
+        self.serve_with(tls, xds, admin, shutdown).await
     }
 
-    async fn serve_incoming<IO, IE>(
+    async fn serve_with<H: Handshake>(
         self,
-        incoming: impl Stream<Item = Result<IO, IE>>,
+        handshake: H,
+        xds: TcpListener,
         admin: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), EdgeError>
-    where
-        IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
-        IE: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
+    ) -> Result<(), EdgeError> {
         let debug = match admin.local_addr() {
             Ok(address) => DebugAccess::for_address(address, self.operator_token.clone()),
             Err(_) => DebugAccess::Closed,
@@ -170,7 +161,7 @@ impl Edge {
         if matches!(debug, DebugAccess::Closed) {
             info!("the admin port is reachable from outside and no operator token is set: /debug/ is closed");
         }
-        let admin_task = tokio::spawn(
+        let mut admin_task = tokio::spawn(
             Arc::new(Admin::new(
                 self.store.clone(),
                 self.metrics.clone(),
@@ -185,14 +176,21 @@ impl Edge {
             info!("edge draining");
             ads.drain();
         };
-        let result = tonic::transport::Server::builder()
-            .max_concurrent_streams(Some(self.config.max_concurrent_streams))
-            .http2_keepalive_interval(Some(self.config.keepalive))
-            .tcp_nodelay(true)
-            .add_service(self.ads)
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await;
-        admin_task.abort();
-        Ok(result?)
+        let serving = Serving {
+            limits: self.config.connections,
+            max_concurrent_streams: self.config.max_concurrent_streams,
+            keepalive: self.config.keepalive,
+        };
+        let xds = connections::serve(xds, handshake, self.ads, serving, self.metrics, shutdown);
+        tokio::select! {
+            () = xds => {
+                admin_task.abort();
+                Ok(())
+            }
+            ended = &mut admin_task => Err(EdgeError::Admin(match ended {
+                Ok(()) => "it returned".to_owned(),
+                Err(error) => error.to_string(),
+            })),
+        }
     }
 }

@@ -11,12 +11,16 @@
 //! * [`UpstreamConfig`]: following the leader's snapshot over Delta xDS,
 //!   all of it or (sharded) only the classes [`ClassDemand`] says the
 //!   connected proxies need.
+//! * [`ConnectionLimits`]: the xDS port's connections, each with a place
+//!   under a limit, an age, and a graceful close (GOAWAY, then its streams
+//!   end) when aged, shedding load or draining.
 //! * [`EdgeTls`]: mTLS on the xDS port; [`PeerIdentity`] is who a client
 //!   certificate says the proxy is, which the classifier checks.
 //! * [`Edge`]: all of the above wired together and served on two listeners.
 
 mod admin;
 mod classify;
+mod connections;
 mod demand;
 mod edge;
 mod metrics;
@@ -28,13 +32,14 @@ mod xds;
 pub use crate::{
     admin::{Admin, DebugAccess},
     classify::{ClassifyError, NodeClassifier, ProxyClassifier, CLASS_METADATA_KEY},
+    connections::ConnectionLimits,
     demand::{ClassDemand, Need},
     edge::{Edge, EdgeConfig, EdgeError},
     metrics::{Metrics, Protocol},
     store::SnapshotStore,
     tls::{
-        ConnectionLimits, EdgeTls, Limited, PeerError, PeerIdentity, TlsCredentials, TlsError,
-        TLS_CERT, TLS_CLIENT_ROOTS, TLS_KEY,
+        EdgeTls, PeerError, PeerIdentity, TlsCredentials, TlsError, TLS_CERT, TLS_CLIENT_ROOTS,
+        TLS_KEY,
     },
     upstream::{UpstreamConfig, UpstreamError},
     xds::{AdmissionRate, AdsConfig, AdsServer, Limits, StreamReport, TypeReport},

@@ -55,6 +55,8 @@ pub(crate) struct ReasonLabels {
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub(crate) streams: Family<ProtocolLabels, Gauge>,
+    pub(crate) connections: Gauge,
+    pub(crate) connections_closed: Family<ReasonLabels, Counter>,
     pub(crate) responses: Family<TypeLabels, Counter>,
     pub(crate) resources_sent: Family<TypeLabels, Counter>,
     pub(crate) acks: Family<TypeLabels, Counter>,
@@ -79,6 +81,16 @@ impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
         let edge = registry.sub_registry_with_prefix("trellis_edge");
         edge.register("streams", "Connected xDS streams", self.streams.clone());
+        edge.register(
+            "connections",
+            "Open xDS connections (handshakes done)",
+            self.connections.clone(),
+        );
+        edge.register(
+            "connections_closed",
+            "xDS connections the edge closed with GOAWAY, by reason",
+            self.connections_closed.clone(),
+        );
         edge.register(
             "admission_waits",
             "New streams that waited for admission",
@@ -167,6 +179,12 @@ impl Metrics {
 
     pub(crate) fn refuse(&self, reason: &'static str) {
         self.refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub(crate) fn connection_closed(&self, reason: &'static str) {
+        self.connections_closed
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// A new stream waited `waited` for admission.

@@ -8,30 +8,20 @@
 
 use std::{
     future::Future,
-    net::SocketAddr,
     path::{Path, PathBuf},
-    pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
     time::Duration,
 };
 
 use arc_swap::ArcSwap;
-use futures::Stream;
 use rustls::{server::WebPkiClientVerifier, RootCertStore, ServerConfig};
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
-    sync::{mpsc, OwnedSemaphorePermit, Semaphore},
-};
+use tokio::net::TcpStream;
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::Connected;
 use tracing::{debug, info, warn};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use crate::metrics::Metrics;
+use crate::connections::Handshake;
 
 /// The server certificate chain's file in a TLS directory (the
 /// `kubernetes.io/tls` Secret layout).
@@ -40,9 +30,6 @@ pub const TLS_CERT: &str = "tls.crt";
 pub const TLS_KEY: &str = "tls.key";
 /// The roots client certificates must chain to.
 pub const TLS_CLIENT_ROOTS: &str = "ca.crt";
-
-/// How long a client may take to finish its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// PEM texts an edge serves TLS with.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -174,190 +161,24 @@ impl EdgeTls {
             }
         }
     }
-
-    /// Accepts connections on `listener` and completes their handshakes
-    /// concurrently, so one slow client never holds up the others. Beyond
-    /// `limits`, a new connection is closed at once (and counted): its
-    /// proxy reconnects with backoff, perhaps to another edge, instead of
-    /// every connection here slowing down.
-    pub(crate) fn incoming(
-        self,
-        listener: TcpListener,
-        metrics: Arc<Metrics>,
-        limits: ConnectionLimits,
-    ) -> impl Stream<Item = std::io::Result<Limited<TlsStream<TcpStream>>>> {
-        let (tx, rx) = mpsc::channel(256);
-        let connections = Arc::new(Semaphore::new(limits.max_connections));
-        let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
-        tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // Out of file descriptors and the like: back off
-                        // briefly rather than spin.
-                        warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                if tx.is_closed() {
-                    return;
-                }
-                let Ok(place) = connections.clone().try_acquire_owned() else {
-                    debug!(%peer, "connection limit reached: closed");
-                    metrics.refuse("connection_limit");
-                    continue;
-                };
-                let Ok(handshaking) = handshakes.clone().try_acquire_owned() else {
-                    debug!(%peer, "handshake limit reached: closed");
-                    metrics.refuse("handshake_limit");
-                    continue;
-                };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = TlsAcceptor::from(self.config.load_full());
-                let (tx, metrics) = (tx.clone(), metrics.clone());
-                tokio::spawn(async move {
-                    let stream = handshake(acceptor, tcp, peer).await;
-                    drop(handshaking);
-                    match stream {
-                        Some(stream) => {
-                            let limited = Limited {
-                                inner: stream,
-                                _place: place,
-                                ends: limits.max_age.map(|age| {
-                                    Box::pin(tokio::time::sleep(jittered(
-                                        age,
-                                        limits.max_age_jitter,
-                                    )))
-                                }),
-                            };
-                            let _ = tx.send(Ok(limited)).await;
-                        }
-                        None => metrics.refuse("tls_handshake"),
-                    }
-                });
-            }
-        });
-        ReceiverStream::new(rx)
-    }
 }
 
-/// How many connections an edge holds, how many TLS handshakes it runs at
-/// once, and how long a connection lives.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ConnectionLimits {
-    /// Open connections, handshaking ones included (default 40,000).
-    pub max_connections: usize,
-    /// Handshakes in progress (default 512): each costs a signature, and a
-    /// reconnect storm is thousands at once.
-    pub max_handshakes: usize,
-    /// How long a connection lives before the edge closes it (default 30
-    /// minutes), so proxies spread onto edges added since; `None` for ever.
-    /// A Delta client reconnecting declares what it holds and is sent
-    /// nothing again.
-    pub max_age: Option<Duration>,
-    /// Each connection's age is moved by up to this fraction either way
-    /// (default 0.1), so connections made together do not all close
-    /// together.
-    pub max_age_jitter: f64,
-}
+/// Each connection is accepted with the configuration current when it
+/// arrived; a refused handshake is logged with the peer.
+impl Handshake for EdgeTls {
+    type Io = TlsStream<TcpStream>;
+    const COUNTED: bool = true;
 
-impl Default for ConnectionLimits {
-    fn default() -> Self {
-        ConnectionLimits {
-            max_connections: 40_000,
-            max_handshakes: 512,
-            max_age: Some(Duration::from_secs(30 * 60)),
-            max_age_jitter: 0.1,
-        }
-    }
-}
-
-/// `age` moved by a random fraction of itself up to `jitter` either way.
-fn jittered(age: Duration, jitter: f64) -> Duration {
-    let jitter = jitter.clamp(0.0, 1.0);
-    let factor = 1.0 + jitter * (2.0 * fastrand::f64() - 1.0);
-    age.mul_f64(factor)
-}
-
-/// A connection holding its place under the connection limit until it
-/// closes, and ending at its age: reads then see the end of the stream, so
-/// the server closes the connection and its proxy reconnects.
-pub struct Limited<S> {
-    inner: S,
-    _place: OwnedSemaphorePermit,
-    ends: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Limited<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if let Some(ends) = this.ends.as_mut() {
-            if ends.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Ok(()));
-            }
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Limited<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-impl<S: Connected> Connected for Limited<S> {
-    type ConnectInfo = S::ConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
-    }
-}
-
-async fn handshake(
-    acceptor: TlsAcceptor,
-    tcp: TcpStream,
-    peer: SocketAddr,
-) -> Option<TlsStream<TcpStream>> {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) => Some(stream),
-        Ok(Err(error)) => {
-            info!(%peer, %error, "TLS handshake refused");
-            None
-        }
-        Err(_) => {
-            info!(%peer, "TLS handshake timed out");
-            None
+    fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> impl Future<Output = std::io::Result<TlsStream<TcpStream>>> + Send + 'static {
+        let acceptor = TlsAcceptor::from(self.config.load_full());
+        async move {
+            let peer = tcp.peer_addr().ok();
+            acceptor.accept(tcp).await.inspect_err(|error| {
+                info!(?peer, %error, "TLS handshake refused");
+            })
         }
     }
 }

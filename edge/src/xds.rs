@@ -29,8 +29,7 @@ use self::{
     response::ResponseCache,
     state::{NonceCheck, StreamState, TypeUpdate},
 };
-use crate::classify::ClassifyError;
-use crate::metrics::Protocol;
+use crate::{classify::ClassifyError, connections::Closing, metrics::Protocol};
 
 /// Bounds on what one client may make a stream hold.
 #[derive(Clone, Copy, Debug)]
@@ -101,6 +100,18 @@ pub(crate) enum Refusal {
     FirstRequestTimeout,
     #[error("the edge is draining; reconnect to another edge")]
     Draining,
+    #[error("the edge is overloaded; reconnect later, perhaps to another edge")]
+    Overloaded,
+    #[error("{}", closing_message(*.0))]
+    ConnectionClosing(Closing),
+}
+
+fn closing_message(closing: Closing) -> &'static str {
+    match closing {
+        Closing::Aged => "the connection reached its maximum age; reconnect",
+        Closing::Shed => "the edge is overloaded and closed this connection; reconnect later",
+        Closing::Draining => "the edge is draining; reconnect to another edge",
+    }
 }
 
 impl Refusal {
@@ -116,6 +127,8 @@ impl Refusal {
             Refusal::StreamTooLarge => "stream_too_large",
             Refusal::FirstRequestTimeout => "first_request_timeout",
             Refusal::Draining => "draining",
+            Refusal::Overloaded => "overloaded",
+            Refusal::ConnectionClosing(closing) => closing.reason(),
         }
     }
 
@@ -123,7 +136,9 @@ impl Refusal {
         match self {
             Refusal::FirstRequestTimeout => Status::deadline_exceeded(self.to_string()),
             Refusal::NoClass(_) => Status::permission_denied(self.to_string()),
-            Refusal::Draining => Status::unavailable(self.to_string()),
+            Refusal::Draining | Refusal::Overloaded | Refusal::ConnectionClosing(_) => {
+                Status::unavailable(self.to_string())
+            }
             _ => Status::invalid_argument(self.to_string()),
         }
     }

@@ -332,6 +332,7 @@ async fn new_streams_are_admitted_at_the_configured_rate() {
             admission: AdmissionRate {
                 per_second: 4.0,
                 burst: 2.0,
+                ..AdmissionRate::default()
             },
             ..AdsConfig::default()
         },

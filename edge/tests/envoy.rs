@@ -9,7 +9,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result};
 use support::{eventually, free_port, http_get, upstream, Api, Envoy, Mesh, TestEdge};
-use trellis_edge::EdgeConfig;
+use trellis_edge::{AdmissionRate, AdsConfig, ConnectionLimits, EdgeConfig};
 
 fn label(api: Api) -> &'static str {
     match api {
@@ -30,7 +30,16 @@ async fn setup(
     api: Api,
     xds: SocketAddr,
 ) -> Result<(TestEdge, Mesh, Envoy, u16, Vec<tokio::task::JoinHandle<()>>)> {
-    let edge = TestEdge::start_on(xds, EdgeConfig::default()).await;
+    setup_with(api, xds, EdgeConfig::default()).await
+}
+
+/// [`setup`] with an edge of `config`.
+async fn setup_with(
+    api: Api,
+    xds: SocketAddr,
+    config: EdgeConfig,
+) -> Result<(TestEdge, Mesh, Envoy, u16, Vec<tokio::task::JoinHandle<()>>)> {
+    let edge = TestEdge::start_on(xds, config).await;
     let (first, a) = upstream("first").await;
     let (second, b) = upstream("second").await;
     let mesh = Mesh {
@@ -222,4 +231,105 @@ async fn delta_a_reconnecting_envoy_is_sent_nothing_it_holds() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sotw_a_reconnecting_envoy_is_sent_nothing_it_holds() -> Result<()> {
     a_reconnecting_envoy_is_sent_nothing_it_holds(Api::Sotw).await
+}
+
+/// Envoy's count of connections to its xDS cluster that the server closed
+/// with GOAWAY.
+const GOAWAYS: &str = "cluster.xds.upstream_cx_close_notify";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aged_connection_says_goaway_and_envoy_moves_to_a_new_one_sent_nothing_again(
+) -> Result<()> {
+    let config = EdgeConfig {
+        connections: ConnectionLimits {
+            max_age: Some(Duration::from_secs(3)),
+            max_age_jitter: 0.0,
+            ..ConnectionLimits::default()
+        },
+        ..EdgeConfig::default()
+    };
+    let (edge, mesh, envoy, _second, _upstreams) =
+        setup_with(Api::Delta, "127.0.0.1:0".parse()?, config).await?;
+    let ingress = SocketAddr::from(([127, 0, 0, 1], mesh.listen_port));
+    let sent = edge.metric_sum("trellis_edge_resources_sent_total").await;
+    eventually(
+        Duration::from_secs(20),
+        "Envoy on a second connection after a GOAWAY",
+        || async {
+            envoy.stat(GOAWAYS).await >= 1
+                && envoy.stat("cluster.xds.upstream_cx_total").await >= 2
+                && edge
+                    .metric(r#"trellis_edge_streams{protocol="delta"}"#)
+                    .await
+                    == 1.0
+        },
+    )
+    .await
+    .with_context(|| envoy.log())?;
+    assert!(
+        edge.metric(r#"trellis_edge_connections_closed_total{reason="max_age"}"#)
+            .await
+            >= 1.0
+    );
+    // The Delta reconnect declared what Envoy holds: nothing was sent again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        edge.metric_sum("trellis_edge_resources_sent_total").await,
+        sent
+    );
+    assert!(answers(ingress, "first").await);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_edge_sheds_a_new_stream_by_closing_its_connection_and_envoy_retries(
+) -> Result<()> {
+    // One stream every four seconds, and none may wait past half a second:
+    // the second Envoy finds the edge overloaded.
+    let config = EdgeConfig {
+        ads: AdsConfig {
+            admission: AdmissionRate {
+                per_second: 0.25,
+                burst: 1.0,
+                max_wait: Duration::from_millis(500),
+            },
+            ..AdsConfig::default()
+        },
+        ..EdgeConfig::default()
+    };
+    let (edge, mesh, first, _second, _upstreams) =
+        setup_with(Api::Delta, "127.0.0.1:0".parse()?, config).await?;
+    // Same class, so the same listener port: it cannot bind it, but its
+    // clusters say whether it was served.
+    let node = format!("node-shed-{}", mesh.listen_port);
+    let shed = Envoy::start(&node, support::CLASS, edge.xds, Api::Delta).await?;
+    eventually(
+        Duration::from_secs(10),
+        "the second Envoy refused and its connection closed with GOAWAY",
+        || async {
+            edge.metric(r#"trellis_edge_refused_total{reason="overloaded"}"#)
+                .await
+                >= 1.0
+                && edge
+                    .metric(r#"trellis_edge_connections_closed_total{reason="shed"}"#)
+                    .await
+                    >= 1.0
+                && shed.stat(GOAWAYS).await >= 1
+        },
+    )
+    .await
+    .with_context(|| shed.log())?;
+    // The first Envoy's stream was never touched.
+    assert_eq!(first.stat(GOAWAYS).await, 0);
+    assert_eq!(first.stat("cluster.xds.upstream_cx_total").await, 1);
+    // Once the bucket refills, the retry is admitted and served.
+    eventually(
+        Duration::from_secs(30),
+        "the shed Envoy served on a retry",
+        || async { shed.stat("cluster_manager.cds.update_success").await >= 1 },
+    )
+    .await
+    .with_context(|| shed.log())?;
+    assert!(shed.stat("cluster.xds.upstream_cx_total").await >= 2);
+    Ok(())
 }

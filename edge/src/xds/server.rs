@@ -38,6 +38,7 @@ use super::{
 };
 use crate::{
     classify::{bound_class, BindingKey, ClassifyError, ProxyClassifier},
+    connections::{Closing, ConnectionHandle},
     demand::{ClassDemand, Need},
     metrics::{Metrics, Protocol, ProtocolLabels, TypeLabels},
     store::SnapshotStore,
@@ -172,14 +173,23 @@ impl AdsServer {
     fn open<V: Variant>(
         &self,
         peer: Option<Result<PeerIdentity, PeerError>>,
+        connection: Option<ConnectionHandle>,
         inbound: Streaming<V::Request>,
     ) -> ReceiverStream<Result<Outbound, Status>> {
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let shared = self.shared.clone();
         tokio::spawn(async move {
-            if let Err(refusal) = drive::<V>(&shared, peer, inbound, &tx).await {
-                warn!(reason = %refusal, protocol = ?V::PROTOCOL, "refusing xDS stream");
-                shared.metrics.refuse(refusal.reason());
+            if let Err(refusal) = drive::<V>(&shared, peer, connection, inbound, &tx).await {
+                if let Refusal::ConnectionClosing(closing) = refusal {
+                    // Counted once per connection, not per stream.
+                    debug!(
+                        reason = closing.reason(),
+                        "stream ended with its connection"
+                    );
+                } else {
+                    warn!(reason = %refusal, protocol = ?V::PROTOCOL, "refusing xDS stream");
+                    shared.metrics.refuse(refusal.reason());
+                }
                 // The client may be gone already; nothing else to tell it.
                 let _ = tx.send(Err(refusal.status())).await;
             }
@@ -197,6 +207,7 @@ pub(super) enum Event<R> {
 async fn drive<V: Variant>(
     shared: &Arc<Shared>,
     peer: Option<Result<PeerIdentity, PeerError>>,
+    connection: Option<ConnectionHandle>,
     mut inbound: Streaming<V::Request>,
     out: &mpsc::Sender<Result<Outbound, Status>>,
 ) -> Result<(), Refusal> {
@@ -208,7 +219,14 @@ async fn drive<V: Variant>(
             Ok(Ok(None)) | Ok(Err(_)) => return Ok(()),
         };
     let node = V::node(&first).ok_or(Refusal::MissingNode)?.clone();
-    let waited = shared.admission.admit().await;
+    let Ok(waited) = shared.admission.admit().await else {
+        // Refusing the stream alone would have Envoy retry on the same
+        // connection to this same edge: close the connection instead.
+        if let Some(connection) = &connection {
+            connection.close(Closing::Shed);
+        }
+        return Err(Refusal::Overloaded);
+    };
     if !waited.is_zero() {
         shared.metrics.admission_waited(waited);
     }
@@ -233,7 +251,14 @@ async fn drive<V: Variant>(
     if *draining.borrow_and_update() {
         return Err(Refusal::Draining);
     }
+    let closing = async move {
+        match connection {
+            Some(connection) => connection.closed().await,
+            None => std::future::pending().await,
+        }
+    };
     async move {
+        let mut closing = std::pin::pin!(closing);
         let mut epochs = shared.store.subscribe();
         epochs.borrow_and_update();
         let mut state = StreamState::new(
@@ -263,6 +288,7 @@ async fn drive<V: Variant>(
                         Err(_) => break,
                     },
                     _ = draining.changed() => return Err(Refusal::Draining),
+                    closing = &mut closing => return Err(Refusal::ConnectionClosing(closing)),
                 },
             };
             // A pod-bound certificate is honoured only while its pod is
@@ -612,9 +638,12 @@ impl<V: Variant> StreamingService<V::Request> for Method<V> {
             Some(cert) => PeerIdentity::from_der(cert),
             None => Err(PeerError::Unreadable("no certificate".to_owned())),
         });
-        std::future::ready(Ok(Response::new(
-            self.server.open::<V>(peer, request.into_inner()),
-        )))
+        let connection = request.extensions().get::<ConnectionHandle>().cloned();
+        std::future::ready(Ok(Response::new(self.server.open::<V>(
+            peer,
+            connection,
+            request.into_inner(),
+        ))))
     }
 }
 

@@ -238,6 +238,10 @@ struct Serving {
     /// added since; a Delta proxy is sent nothing again). 0: for ever.
     #[arg(long, default_value_t = 30 * 60)]
     max_connection_age_secs: u64,
+    /// Seconds a closing xDS connection (aged, shed or draining: GOAWAY
+    /// sent, streams ended) may take before it is dropped.
+    #[arg(long, default_value_t = ConnectionLimits::default().close_grace.as_secs())]
+    connection_close_grace_secs: u64,
     /// New xDS streams admitted per second once the burst is spent; the
     /// others wait their turn (a reconnect storm is taken in steadily).
     #[arg(long, default_value_t = AdmissionRate::default().per_second)]
@@ -245,6 +249,12 @@ struct Serving {
     /// New xDS streams admitted at once after a quiet spell.
     #[arg(long, default_value_t = AdmissionRate::default().burst)]
     stream_admission_burst: f64,
+    /// Longest a new xDS stream waits for admission, in milliseconds; one
+    /// that would wait longer finds the edge overloaded: it is refused and
+    /// its connection closed (GOAWAY), so its proxy reconnects with
+    /// backoff, perhaps to another edge.
+    #[arg(long, default_value_t = duration_ms(AdmissionRate::default().max_wait))]
+    stream_admission_max_wait_ms: u64,
     /// HTTP/2 streams one xDS connection may open.
     #[arg(long, default_value_t = EdgeConfig::default().max_concurrent_streams)]
     max_streams_per_connection: u32,
@@ -260,6 +270,11 @@ struct Serving {
     max_stream_name_bytes: usize,
 }
 
+/// `duration` in whole milliseconds, for a flag's default.
+const fn duration_ms(duration: Duration) -> u64 {
+    duration.as_secs() * 1000 + duration.subsec_millis() as u64
+}
+
 impl Serving {
     /// The edge's settings these flags ask for.
     fn edge_config(&self) -> EdgeConfig {
@@ -270,6 +285,7 @@ impl Serving {
                 max_handshakes: self.max_handshakes,
                 max_age: (self.max_connection_age_secs > 0)
                     .then(|| Duration::from_secs(self.max_connection_age_secs)),
+                close_grace: Duration::from_secs(self.connection_close_grace_secs),
                 ..ConnectionLimits::default()
             },
             max_concurrent_streams: self.max_streams_per_connection,
@@ -277,6 +293,7 @@ impl Serving {
                 admission: AdmissionRate {
                     per_second: self.stream_admission_rate,
                     burst: self.stream_admission_burst,
+                    max_wait: Duration::from_millis(self.stream_admission_max_wait_ms),
                 },
                 limits: Limits {
                     max_names: self.max_names_per_type,
