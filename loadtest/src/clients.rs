@@ -7,7 +7,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
@@ -48,9 +48,48 @@ pub struct Share {
     pub nack_fraction: f64,
     /// Class ids, dealt out to clients in turn.
     pub classes: Vec<String>,
-    /// The edges' xDS addresses. Connection `c` goes to edge `c mod n`
-    /// first and, when its stream ends, to the next.
+    /// The edges' xDS addresses, those started later included. Connection
+    /// `c` goes to edge `c mod n` first and, when its stream ends, to one
+    /// of the ready edges at random, as through a Service.
     pub edges: Vec<SocketAddr>,
+    /// The edges ready when the share starts (indices into `edges`).
+    pub ready: Vec<usize>,
+}
+
+impl Share {
+    /// The edge connection `c` goes to first: the ready ones in turn.
+    fn first_edge_of(&self, c: usize) -> usize {
+        self.ready
+            .get(c % self.ready.len().max(1))
+            .copied()
+            .unwrap_or(c % self.edges.len().max(1))
+    }
+}
+
+/// The edges a reconnecting client may be sent to, as a Service's
+/// endpoints: only the ready ones, picked at random as kube-proxy does.
+/// Shared by every client of a process; the harness changes it when it
+/// kills, restarts or adds an edge.
+#[derive(Clone, Debug, Default)]
+pub struct Endpoints(Arc<RwLock<Vec<usize>>>);
+
+impl Endpoints {
+    /// Endpoints with `ready` edges.
+    pub fn new(ready: Vec<usize>) -> Endpoints {
+        Endpoints(Arc::new(RwLock::new(ready)))
+    }
+
+    /// Replaces the ready edges.
+    pub fn set(&self, ready: Vec<usize>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = ready;
+    }
+
+    /// The ready edge `draw` picks, if any is ready.
+    pub fn pick(&self, draw: u64) -> Option<usize> {
+        let ready = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let len = u64::try_from(ready.len()).ok().filter(|n| *n > 0)?;
+        ready.get(usize::try_from(draw % len).ok()?).copied()
+    }
 }
 
 /// Why clients could not be started.
@@ -147,28 +186,27 @@ fn endpoint(
 
 /// Opens the share's connections, at most 64 handshakes at once: to each
 /// connection's first edge now, to the others lazily (when its stream moves
-/// there). Over mTLS when `credentials` are given, one per connection.
+/// there). Each connection's channels are indexed by edge. Over mTLS when
+/// `credentials` are given, one per connection.
 async fn connect(
     share: &Share,
     connections: std::ops::Range<usize>,
     credentials: &[Credentials],
 ) -> Result<Vec<Vec<Channel>>, ClientsError> {
     let gate = Arc::new(Semaphore::new(64));
-    let edges = share.edges.len().max(1);
     let mut pending = Vec::with_capacity(connections.len());
     for (local, c) in connections.enumerate() {
         let tls = credentials.get(local).map(|c| c.tls.clone());
         let source = source_address(share, c);
-        let order: Vec<SocketAddr> = (0..edges)
-            .filter_map(|k| share.edges.get((c + k) % edges).copied())
-            .collect();
+        let first = share.first_edge_of(c);
+        let addresses = share.edges.clone();
         let gate = gate.clone();
         pending.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await;
-            let mut channels = Vec::with_capacity(order.len());
-            for (k, edge) in order.iter().enumerate() {
-                let endpoint = endpoint(*edge, source, tls.as_ref())?;
-                channels.push(if k == 0 {
+            let mut channels = Vec::with_capacity(addresses.len());
+            for (edge, address) in addresses.iter().enumerate() {
+                let endpoint = endpoint(*address, source, tls.as_ref())?;
+                channels.push(if edge == first {
                     endpoint.connect().await.map_err(|e| format!("{e:?}"))?
                 } else {
                     endpoint.connect_lazy()
@@ -193,10 +231,12 @@ async fn connect(
 }
 
 /// Connects the share and starts one task per client, reporting to
-/// `events`; over mTLS when `issuer` is given.
+/// `events` and reconnecting to what `endpoints` holds ready; over mTLS
+/// when `issuer` is given.
 pub async fn start(
     share: &Share,
     issuer: Option<&dyn CertificateIssuer>,
+    endpoints: &Endpoints,
     events: mpsc::UnboundedSender<Event>,
 ) -> Result<Vec<JoinHandle<()>>, ClientsError> {
     let per_connection = share.streams_per_connection.max(1);
@@ -224,13 +264,18 @@ pub async fn start(
             api: api_of(index, share.sotw_fraction),
             nack_fraction: share.nack_fraction,
         };
-        let channels = channels[local].clone();
-        tasks.push(tokio::spawn(envoy::run(channels, me, events.clone())));
+        let route = envoy::Route {
+            channels: channels[local].clone(),
+            first: share.first_edge_of(index / per_connection),
+            endpoints: endpoints.clone(),
+        };
+        tasks.push(tokio::spawn(envoy::run(route, me, events.clone())));
     }
     Ok(tasks)
 }
 
-/// The edge client `index` connects to first.
+/// The edge client `index` connects to first, when the first `edges` are
+/// the ready ones.
 pub fn first_edge(index: usize, streams_per_connection: usize, edges: usize) -> usize {
     (index / streams_per_connection.max(1)) % edges.max(1)
 }
@@ -255,6 +300,7 @@ mod tests {
             nack_fraction: 0.0,
             classes: Vec::new(),
             edges: Vec::new(),
+            ready: Vec::new(),
         };
         assert_eq!(
             source_address(&share, 0),
@@ -265,5 +311,15 @@ mod tests {
             IpAddr::V4(Ipv4Addr::new(127, 3, 1, 44))
         );
         assert_eq!(source_address(&share, 300), source_address(&share, 0));
+    }
+
+    #[test]
+    fn reconnects_go_only_to_ready_edges() {
+        let endpoints = Endpoints::new(vec![0, 2]);
+        let picked: std::collections::BTreeSet<_> =
+            (0..100).filter_map(|d| endpoints.pick(d)).collect();
+        assert_eq!(picked, [0, 2].into());
+        endpoints.set(Vec::new());
+        assert_eq!(endpoints.pick(7), None);
     }
 }

@@ -50,6 +50,7 @@ use trellis_proto::pb::{
 use trellis_shared::type_url;
 
 use crate::{
+    clients::Endpoints,
     clock,
     mesh::{generation_of, policy_generation_of_weight, POLICY_BACKEND_CLUSTER},
 };
@@ -108,11 +109,14 @@ pub enum Event {
         generation: u64,
         at: Duration,
     },
-    /// A response arrived: its size, and a key per resource in it (the
-    /// hash of its type, name and bytes: equal keys are the same version).
+    /// A response arrived: its size, a key per resource in it (the hash
+    /// of its type, name and bytes: equal keys are the same version), and
+    /// how many of them the client already held at that version (sent
+    /// again for nothing).
     Response {
         bytes: u64,
         resources: Vec<u64>,
+        unchanged: u32,
         at: Duration,
     },
     /// A response was rejected.
@@ -308,6 +312,9 @@ struct Stream {
     /// State of the world: the last accepted version of each type.
     sotw_versions: BTreeMap<&'static str, String>,
     responses: u64,
+    /// The version key last received of each resource, by the key of its
+    /// type and name: what arrives again unchanged was re-sent.
+    versions: HashMap<u64, u64>,
 }
 
 const FOLLOWED: [&str; 3] = [type_url::ENDPOINT, type_url::ROUTE, type_url::SECRET];
@@ -333,6 +340,7 @@ impl Stream {
             subscribed: BTreeMap::new(),
             sotw_versions: BTreeMap::new(),
             responses: 0,
+            versions: HashMap::new(),
         }
     }
 
@@ -490,17 +498,52 @@ fn nack_detail() -> rpc::Status {
     }
 }
 
-/// Runs client `me` until aborted: a stream on the first of `channels`,
-/// and after it ends (the edge gone, say) a new one on the next, after a
-/// short jittered pause, holding on to what it was sent.
-pub async fn run(channels: Vec<Channel>, me: Identity, events: mpsc::UnboundedSender<Event>) {
+/// Where a client's streams go.
+pub struct Route {
+    /// One channel per edge, indexed by edge.
+    pub channels: Vec<Channel>,
+    /// The edge of the first stream.
+    pub first: usize,
+    /// The edges a later stream may go to.
+    pub endpoints: Endpoints,
+}
+
+impl Route {
+    /// The channel of attempt `attempt`: the first edge, then a ready one
+    /// at random (the next edge in turn when none is ready).
+    fn channel(&self, index: usize, attempt: usize) -> Option<Channel> {
+        let edges = self.channels.len().max(1);
+        let edge = match attempt {
+            0 => self.first,
+            _ => self
+                .endpoints
+                .pick(draw(index, attempt, 1))
+                .unwrap_or((self.first + attempt) % edges),
+        };
+        self.channels.get(edge).cloned()
+    }
+}
+
+/// A reproducible random number for client `index`'s attempt `attempt`.
+fn draw(index: usize, attempt: usize, purpose: u64) -> u64 {
+    let key = [index as u64, attempt as u64, purpose];
+    let bytes: Vec<u8> = key.iter().flat_map(|k| k.to_le_bytes()).collect();
+    xxhash_rust::xxh3::xxh3_64(&bytes)
+}
+
+/// Runs client `me` until aborted: a stream on its first edge, and after
+/// it ends (the edge gone, the connection aged) a new one on a ready edge,
+/// after a short jittered pause, holding on to what it was sent.
+pub async fn run(route: Route, me: Identity, events: mpsc::UnboundedSender<Event>) {
     let index = me.index;
     let api = me.api;
     let mut stream = Stream::new(me, events.clone());
+    let mut failures = 0;
     for attempt in 0usize.. {
-        let Some(channel) = channels.get(attempt % channels.len().max(1)).cloned() else {
+        let Some(channel) = route.channel(index, attempt) else {
             return;
         };
+        let responses = stream.responses;
         let result = match api {
             Api::Delta => delta(channel, &mut stream).await,
             Api::Sotw => sotw(channel, &mut stream).await,
@@ -511,17 +554,22 @@ pub async fn run(channels: Vec<Channel>, me: Identity, events: mpsc::UnboundedSe
             error,
             at: clock::now(),
         });
-        tokio::time::sleep(reconnect_pause(index, attempt)).await;
+        // A stream that was served resets the backoff, as Envoy's does.
+        failures = if stream.responses > responses {
+            0
+        } else {
+            failures + 1
+        };
+        tokio::time::sleep(reconnect_pause(index, attempt, failures)).await;
     }
 }
 
 /// Envoy waits a jittered backoff before reconnecting; the harness keeps it
-/// short (50 to 150 ms, times the attempts in a row up to 8) so an edge's
-/// loss shows the server's recovery, not the client's patience.
-fn reconnect_pause(index: usize, attempt: usize) -> Duration {
-    let key = (index as u64) << 20 | attempt as u64;
-    let jitter = xxhash_rust::xxh3::xxh3_64(&key.to_le_bytes()) % 100;
-    Duration::from_millis((50 + jitter) * (attempt as u64 % 8 + 1))
+/// short (50 to 150 ms, times the failed attempts in a row up to 8) so an
+/// edge's loss shows the server's recovery, not the client's patience.
+fn reconnect_pause(index: usize, attempt: usize, failures: usize) -> Duration {
+    let jitter = draw(index, attempt, 0) % 100;
+    Duration::from_millis((50 + jitter) * (failures.min(7) as u64 + 1))
 }
 
 /// The request side of a stream: a channel gRPC sends from.
@@ -580,16 +628,26 @@ impl Stream {
 
     /// Reports a response; its type if it is one Envoy follows.
     fn arrived<'a>(
-        &self,
+        &mut self,
         bytes: usize,
         type_url: &str,
         resources: impl Iterator<Item = (&'a str, &'a Any)>,
     ) -> Option<&'static str> {
+        let mut unchanged = 0;
+        let keys = resources
+            .map(|(name, any)| {
+                let key = version_key(type_url, name, any);
+                let slot = version_key(type_url, name, &Any::default());
+                if self.versions.insert(slot, key) == Some(key) {
+                    unchanged += 1;
+                }
+                key
+            })
+            .collect();
         let _ = self.events.send(Event::Response {
             bytes: bytes as u64,
-            resources: resources
-                .map(|(name, any)| version_key(type_url, name, any))
-                .collect(),
+            resources: keys,
+            unchanged,
             at: clock::now(),
         });
         static_type(type_url)

@@ -11,11 +11,15 @@
 //! * [`worker`]: shares in several processes, reporting to the one that
 //!   measures.
 //! * [`run`]: connect storm, settle, the scenario (steady, churn, policy,
-//!   edge kill, leader failover), measure.
+//!   edge kill, leader failover, scale-out, chaos), measure.
+//! * [`scale_out`]: edges added under load, and how streams spread onto
+//!   them.
+//! * [`chaos`]: edges and leaders killed and restarted at random.
 //! * [`clock`]: the time every process of a run reads.
 //! * [`report`]: percentiles, resource use, summary, JSON and SVG.
 //! * [`procfs`]: CPU and memory of the processes under test.
 
+pub mod chaos;
 pub mod clients;
 pub mod clock;
 pub mod envoy;
@@ -23,5 +27,6 @@ pub mod mesh;
 pub mod procfs;
 pub mod report;
 pub mod run;
+pub mod scale_out;
 pub mod target;
 pub mod worker;

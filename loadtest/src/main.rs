@@ -17,8 +17,9 @@ use trellis_loadtest::{
     version,
     args_conflicts_with_subcommands = true,
     about = "Simulated Envoys against an ADS server: connect storm, settle, then a scenario \
-             (steady, endpoint churn, policy change, an edge killed, the leader replaced); \
-             convergence percentiles, what was re-sent, CPU and memory of the server"
+             (steady, endpoint churn, policy change, an edge killed, the leader replaced, \
+             edges added, chaos); convergence percentiles, what was re-sent, CPU and memory \
+             of the server"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -34,12 +35,25 @@ struct Cli {
     /// group (leader-failover then kills the Raft leader).
     #[arg(long, default_value_t = 1)]
     leaders: usize,
+    /// Edges started only after settling, by the scale-out scenario (with
+    /// --edges).
+    #[arg(long, default_value_t = 0)]
+    added_edges: usize,
+    /// An extra argument for every edge process (repeat it), e.g.
+    /// --edge-arg=--max-connection-age-secs=30.
+    #[arg(long, allow_hyphen_values = true)]
+    edge_arg: Vec<String>,
+    /// Seed of the chaos scenario's kills (default: from the clock,
+    /// printed in the report).
+    #[arg(long)]
+    seed: Option<u64>,
     /// Harness processes to spread the clients over (each may hold 20,000
     /// open files).
     #[arg(long, default_value_t = 1)]
     processes: usize,
-    /// Seconds the steady scenario (and a passive run) holds, and that
-    /// re-sent resources are counted after a disruption.
+    /// Seconds the steady scenario (and a passive run) holds, that
+    /// re-sent resources are counted after a disruption, and that
+    /// scale-out samples the edges.
     #[arg(long, default_value_t = 5)]
     hold: u64,
     /// Simulated Envoys.
@@ -129,6 +143,8 @@ async fn main() -> Result<()> {
                 trellis: cli.trellis.clone(),
                 edges: cli.edges,
                 leaders: cli.leaders,
+                added_edges: cli.added_edges,
+                edge_args: cli.edge_arg.clone(),
             }
         }
     };
@@ -153,6 +169,11 @@ async fn main() -> Result<()> {
         dir: dir.clone(),
         progress: true,
         mtls: cli.mtls,
+        seed: cli.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        }),
     };
     let report = run(&config).await.context("load test")?;
     print!("{}", report.summary());

@@ -7,7 +7,9 @@ use std::{fmt::Write as _, path::Path, time::Duration};
 use plotters::prelude::*;
 use serde::Serialize;
 
-use crate::{envoy::Api, procfs::Usage, run::Scenario};
+use crate::{
+    chaos::Disruption, envoy::Api, procfs::Usage, run::Scenario, scale_out::ScaleOutReport,
+};
 
 /// Percentiles of a set of durations, in milliseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -128,6 +130,33 @@ pub struct DisruptionReport {
     pub seconds_counted: f64,
 }
 
+/// What the chaos scenario did and what it cost.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ChaosReport {
+    /// The seed of its choices.
+    pub seed: u64,
+    /// Seconds it lasted.
+    pub seconds: f64,
+    /// Each process killed and restarted.
+    pub disruptions: Vec<Disruption>,
+    /// Edges killed.
+    pub edge_kills: usize,
+    /// Leaders killed.
+    pub leader_kills: usize,
+    /// Client streams that ended meanwhile (and until every client
+    /// converged).
+    pub streams_ended: usize,
+    /// Resources that reached a client holding them at that very version:
+    /// sent again for nothing.
+    pub resources_resent: u64,
+    /// Resources received in all meanwhile.
+    pub resources_received: u64,
+    /// The slowest change to reach every client.
+    pub worst_change_to_all_ms: f64,
+    /// The slowest change to reach one client.
+    pub worst_convergence_ms: f64,
+}
+
 /// Everything a run measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
@@ -152,6 +181,10 @@ pub struct Report {
     pub spread: Distribution,
     /// The scenario's disruption, if it had one.
     pub disruption: Option<DisruptionReport>,
+    /// The scale-out scenario's spread onto the added edges.
+    pub scale_out: Option<ScaleOutReport>,
+    /// The chaos scenario's kills and their cost.
+    pub chaos: Option<ChaosReport>,
     /// Bytes of discovery responses received by all clients.
     pub bytes_received: u64,
     /// Resources those responses carried.
@@ -178,6 +211,7 @@ impl Report {
     pub fn converged(&self) -> bool {
         self.first_config.count == self.settings.clients
             && self.disruption.as_ref().is_none_or(|d| d.recovered)
+            && self.scale_out.as_ref().is_none_or(ScaleOutReport::balanced)
             && self.changes_converged == self.settings.changes
     }
 
@@ -229,6 +263,52 @@ impl Report {
                 "  re-sent in the {:.1} s after it: {} resources, {} bytes",
                 r.seconds_counted, r.resources_resent, r.bytes_resent
             );
+        }
+        if let Some(r) = &self.scale_out {
+            let _ = writeln!(
+                out,
+                "scale-out: {} edges + {} added, fair share {:.0} streams each",
+                r.edges_before, r.edges_added, r.fair_share
+            );
+            for (i, reached) in r.share_reached_s.iter().enumerate() {
+                let edge = r.edges_before + i;
+                let _ = match reached {
+                    Some(s) => writeln!(
+                        out,
+                        "  edge-{edge} held {:.0}% of its share after {s:.1} s",
+                        crate::scale_out::SHARE * 100.0
+                    ),
+                    None => writeln!(out, "  edge-{edge} never held its share"),
+                };
+            }
+            if let Some(last) = r.samples.last() {
+                let _ = writeln!(
+                    out,
+                    "  streams per edge after {:.1} s: {:?}",
+                    last.at_s, last.streams
+                );
+            }
+        }
+        if let Some(r) = &self.chaos {
+            let _ = writeln!(
+                out,
+                "chaos (seed {}): {:.0} s, {} edge kills, {} leader kills; {} streams ended; {} of {} resources received were re-sent; worst change to all clients {:.0} ms, to one client {:.0} ms",
+                r.seed, r.seconds, r.edge_kills, r.leader_kills, r.streams_ended,
+                r.resources_resent, r.resources_received, r.worst_change_to_all_ms,
+                r.worst_convergence_ms
+            );
+            for d in &r.disruptions {
+                let _ = writeln!(
+                    out,
+                    "  {:>6.1} s: {} killed, down {:.0} ms{}",
+                    d.at_s,
+                    d.process,
+                    d.down_ms,
+                    d.ready_ms
+                        .map(|ms| format!(", ready {ms:.0} ms after restart"))
+                        .unwrap_or_default()
+                );
+            }
         }
         if s.changes > 0 {
             let _ = writeln!(

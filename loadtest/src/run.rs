@@ -14,12 +14,16 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use trellis_leader::ca::CertificateIssuer;
 
 use crate::{
-    clients::{self, first_edge, ClientsError, Share},
+    chaos,
+    clients::{self, first_edge, ClientsError, Endpoints, Share},
     clock,
     envoy::{Api, ChangeKind, Event},
     mesh::{Mesh, MeshError},
     procfs::{self, Usage},
-    report::{api_of, DisruptionReport, Distribution, ProcessReport, Report, Settings},
+    report::{
+        api_of, ChaosReport, DisruptionReport, Distribution, ProcessReport, Report, Settings,
+    },
+    scale_out,
     target::{self, Process, Target, TargetError, TargetSpec},
     worker::{self, Assignment, WorkerError},
 };
@@ -43,6 +47,12 @@ pub enum Scenario {
     /// The leader is killed and a new one started; the edges follow it;
     /// then endpoint churn.
     LeaderFailover,
+    /// The added edges start under endpoint churn; connections reaching
+    /// their age move, and the edges' streams are sampled for the hold.
+    ScaleOut,
+    /// Endpoint churn while edges and the (Raft) leader are killed and
+    /// restarted at random; then every client must hold the latest.
+    Chaos,
 }
 
 impl Scenario {
@@ -50,9 +60,11 @@ impl Scenario {
         match self {
             Scenario::ConnectStorm | Scenario::Steady => None,
             Scenario::Policy => Some(ChangeKind::Policy),
-            Scenario::Churn | Scenario::EdgeKill | Scenario::LeaderFailover => {
-                Some(ChangeKind::Endpoint)
-            }
+            Scenario::Churn
+            | Scenario::EdgeKill
+            | Scenario::LeaderFailover
+            | Scenario::ScaleOut
+            | Scenario::Chaos => Some(ChangeKind::Endpoint),
         }
     }
 }
@@ -99,6 +111,9 @@ pub struct Config {
     pub processes: usize,
     /// The `trellis-loadtest` executable workers are started from.
     pub harness: Option<PathBuf>,
+    /// Seed of the chaos scenario's choices (the same seed, the same
+    /// kills at the same times).
+    pub seed: u64,
 }
 
 /// Why a run could not be made.
@@ -146,6 +161,8 @@ struct Collector {
     applied: Vec<Vec<Duration>>,
     bytes: u64,
     resources: u64,
+    /// Resources that arrived at a version their client already held.
+    unchanged: u64,
     nacks: u64,
     ended: BTreeMap<String, usize>,
     /// Per resource version (its key): when it arrived.
@@ -165,6 +182,7 @@ impl Collector {
             applied: Vec::new(),
             bytes: 0,
             resources: 0,
+            unchanged: 0,
             nacks: 0,
             ended: BTreeMap::new(),
             versions: HashMap::new(),
@@ -209,10 +227,12 @@ impl Collector {
             Event::Response {
                 bytes,
                 resources,
+                unchanged,
                 at,
             } => {
                 self.bytes += bytes;
                 self.resources += resources.len() as u64;
+                self.unchanged += u64::from(unchanged);
                 for key in resources {
                     let arrivals = self.versions.entry(key).or_insert(Arrivals {
                         first: at,
@@ -294,7 +314,12 @@ async fn wait_for(
 
 /// Splits the clients into one share per process, on connection
 /// boundaries, each process with its own block of source addresses.
-fn shares(config: &Config, classes: &[String], edges: &[SocketAddr]) -> Vec<Share> {
+fn shares(
+    config: &Config,
+    classes: &[String],
+    edges: &[SocketAddr],
+    ready: &[usize],
+) -> Vec<Share> {
     let per_connection = config.streams_per_connection.max(1);
     let connections = config.clients.div_ceil(per_connection);
     let processes = config.processes.clamp(1, connections.max(1));
@@ -314,6 +339,7 @@ fn shares(config: &Config, classes: &[String], edges: &[SocketAddr]) -> Vec<Shar
             nack_fraction: config.nack_fraction,
             classes: classes.to_vec(),
             edges: edges.to_vec(),
+            ready: ready.to_vec(),
         });
         first_connection += these;
     }
@@ -321,14 +347,29 @@ fn shares(config: &Config, classes: &[String], edges: &[SocketAddr]) -> Vec<Shar
 }
 
 /// The simulated Envoys, wherever they run.
-enum Clients {
-    Here(Vec<JoinHandle<()>>),
+pub(crate) enum Clients {
+    Here(Vec<JoinHandle<()>>, Endpoints),
     Workers(worker::Workers),
+}
+
+impl Clients {
+    /// Tells every client which edges a reconnect may go to: the running
+    /// ones, as a Service's endpoints would be.
+    pub(crate) async fn follow(&mut self, target: &Target) -> Result<(), RunError> {
+        let ready: Vec<usize> = (target.edges_running().iter().enumerate())
+            .filter_map(|(edge, running)| running.then_some(edge))
+            .collect();
+        match self {
+            Clients::Here(_, endpoints) => endpoints.set(ready),
+            Clients::Workers(workers) => workers.set_ready(&ready).await?,
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Clients {
     fn drop(&mut self) {
-        if let Clients::Here(tasks) = self {
+        if let Clients::Here(tasks, _) = self {
             for task in tasks {
                 task.abort();
             }
@@ -347,11 +388,12 @@ async fn start_clients(
             .tls
             .as_ref()
             .map(|tls| tls.issuer.as_ref() as &dyn CertificateIssuer);
+        let endpoints = Endpoints::new(shares.first().map(|s| s.ready.clone()).unwrap_or_default());
         let mut tasks = Vec::new();
         for share in &shares {
-            tasks.extend(clients::start(share, issuer, events.clone()).await?);
+            tasks.extend(clients::start(share, issuer, &endpoints, events.clone()).await?);
         }
-        return Ok(Clients::Here(tasks));
+        return Ok(Clients::Here(tasks, endpoints));
     }
     let Some(harness) = &config.harness else {
         return Err(RunError::Settings(
@@ -386,6 +428,7 @@ async fn start_clients(
 async fn disrupt(
     config: &Config,
     target: &mut Target,
+    clients: &mut Clients,
     collector: &Shared,
 ) -> Result<Option<DisruptionReport>, RunError> {
     let (resources_before, bytes_before) = {
@@ -395,7 +438,7 @@ async fn disrupt(
     let mut report = DisruptionReport::default();
     let at = match config.scenario {
         Scenario::EdgeKill => {
-            let edges = target.xds.len();
+            let edges = target.edges_running().iter().filter(|r| **r).count();
             if edges < 2 {
                 return Err(RunError::Settings(
                     "edge-kill needs two edges or more (--edges 2)".into(),
@@ -406,6 +449,7 @@ async fn disrupt(
                 .collect();
             let at = clock::now();
             target.kill_edge(0)?;
+            clients.follow(target).await?;
             let recovered = wait_for(collector, config, "reconnecting", |c| {
                 affected
                     .iter()
@@ -544,11 +588,14 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
     });
 
     let started = clock::now();
-    let shares = shares(config, &mesh.classes, &target.xds);
-    let clients = start_clients(config, shares, &target, events).await?;
+    let ready: Vec<usize> = (target.edges_running().iter().enumerate())
+        .filter_map(|(edge, running)| running.then_some(edge))
+        .collect();
+    let shares = shares(config, &mesh.classes, &target.xds, &ready);
+    let mut clients = start_clients(config, shares, &target, events).await?;
     let worker_pids = match &clients {
         Clients::Workers(workers) => workers.pids(),
-        Clients::Here(_) => Vec::new(),
+        Clients::Here(..) => Vec::new(),
     };
     let count = config.clients;
     wait_for(&collector, config, "connecting", |c| {
@@ -564,16 +611,35 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
     let settled = usages(&measured);
 
     let disruption = if target.controlled {
-        disrupt(config, &mut target, &collector).await?
+        disrupt(config, &mut target, &mut clients, &collector).await?
     } else {
         None
     };
-    match changing {
-        Some(kind) => change(config, &mesh, kind, &collector).await?,
-        None if config.scenario == Scenario::Steady || !target.controlled => {
+    let mut scale_out = None;
+    let mut chaos = None;
+    match (config.scenario, changing) {
+        (Scenario::ScaleOut, Some(kind)) => {
+            let adding = scale_out::add_edges(
+                &mut target,
+                &mut clients,
+                count,
+                config.hold,
+                config.patience,
+            );
+            let (added, changed) = tokio::join!(adding, change(config, &mesh, kind, &collector));
+            changed?;
+            scale_out = Some(added?);
+        }
+        (Scenario::Chaos, Some(kind)) => {
+            chaos = Some(
+                unleash_chaos(config, &mesh, kind, &mut target, &mut clients, &collector).await?,
+            );
+        }
+        (_, Some(kind)) => change(config, &mesh, kind, &collector).await?,
+        (scenario, None) if scenario == Scenario::Steady || !target.controlled => {
             tokio::time::sleep(config.hold).await
         }
-        None => {}
+        (_, None) => {}
     }
     let end = usages(&measured);
     let harness_end = procfs::usage(std::process::id()).unwrap_or_default();
@@ -612,7 +678,7 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
         .map(|a| a.last.saturating_sub(a.first))
         .collect();
     let per_connection = config.streams_per_connection.max(1);
-    let edges = target.xds.len();
+    let edges = ready.len();
     let processes = measured
         .iter()
         .zip(idle.iter().zip(settled.iter().zip(&end)))
@@ -645,6 +711,7 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
             trellis,
             edges,
             leaders,
+            ..
         } => format!(
             "{} leader ×{} and {edges} edges",
             trellis.display(),
@@ -681,6 +748,8 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
         changes_converged,
         spread: Distribution::of(&mut spread),
         disruption,
+        scale_out,
+        chaos,
         bytes_received: c.bytes,
         resources_received: c.resources,
         nacks_sent: c.nacks,
@@ -692,5 +761,56 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
     };
     report.convergence = Distribution::of(&mut latencies);
     report.latencies = latencies;
+    if let Some(chaos) = &mut report.chaos {
+        chaos.worst_change_to_all_ms = report.change_to_all.max_ms;
+        chaos.worst_convergence_ms = report.convergence.max_ms;
+    }
     Ok(report)
+}
+
+/// Churns the mesh while processes are killed and restarted, for as long
+/// as the changes take; then waits until every client holds the last.
+async fn unleash_chaos(
+    config: &Config,
+    mesh: &Mesh,
+    kind: ChangeKind,
+    target: &mut Target,
+    clients: &mut Clients,
+    collector: &Shared,
+) -> Result<ChaosReport, RunError> {
+    let edges = target.xds.len();
+    if edges < 2 {
+        return Err(RunError::Settings(
+            "chaos needs two edges or more to keep one serving (--edges 2)".into(),
+        ));
+    }
+    let (ended, unchanged, resources) = {
+        let c = lock(collector);
+        (c.ended.values().sum::<usize>(), c.unchanged, c.resources)
+    };
+    let started = clock::now();
+    let lasting = Duration::from_secs_f64(config.changes as f64 / config.change_rate.max(0.001));
+    let killing = chaos::unleash(target, clients, lasting, config.seed, config.patience);
+    let (disruptions, changed) = tokio::join!(killing, change(config, mesh, kind, collector));
+    changed?;
+    let disruptions = disruptions?;
+    let c = lock(collector);
+    Ok(ChaosReport {
+        seed: config.seed,
+        seconds: clock::now().saturating_sub(started).as_secs_f64(),
+        edge_kills: disruptions
+            .iter()
+            .filter(|d| d.process.starts_with("edge-"))
+            .count(),
+        leader_kills: disruptions
+            .iter()
+            .filter(|d| d.process.starts_with("leader"))
+            .count(),
+        disruptions,
+        streams_ended: c.ended.values().sum::<usize>() - ended,
+        resources_resent: c.unchanged - unchanged,
+        resources_received: c.resources - resources,
+        worst_change_to_all_ms: 0.0,
+        worst_convergence_ms: 0.0,
+    })
 }

@@ -45,6 +45,11 @@ pub enum TargetSpec {
         /// Leader processes behind separate edges (more than one: a Raft
         /// group, plaintext between replicas).
         leaders: usize,
+        /// Edges whose addresses are chosen now but which start only when
+        /// the run adds them (scale-out).
+        added_edges: usize,
+        /// Extra arguments of every edge (`trellis edge`, or `trellis run`).
+        edge_args: Vec<String>,
     },
     /// Leader and edge inside the harness's own process (for tests; CPU and
     /// memory then include the simulated Envoys).
@@ -112,39 +117,61 @@ pub struct Process {
     pub pid: u32,
 }
 
-/// A child process and how to start it again.
+/// A child process and how to start it (again).
 struct Child {
     role: String,
     command: Command,
-    process: std::process::Child,
+    process: Option<std::process::Child>,
     log: PathBuf,
+    starts: usize,
 }
 
 impl Child {
-    fn start(role: &str, mut command: Command, log: PathBuf) -> Result<Child, TargetError> {
+    /// A process not started yet.
+    fn new(role: &str, mut command: Command, log: PathBuf) -> Child {
+        command.env("RUST_LOG", "warn").stdin(Stdio::null());
+        Child {
+            role: role.to_owned(),
+            command,
+            process: None,
+            log,
+            starts: 0,
+        }
+    }
+
+    /// Starts the process (again: on the same arguments, data and
+    /// addresses, as a restarted pod) with its own log; returns its PID.
+    fn start(&mut self) -> Result<u32, TargetError> {
+        let log = match self.starts {
+            0 => self.log.clone(),
+            n => self.log.with_extension(format!("{}.log", n + 1)),
+        };
         let file = std::fs::File::create(&log)?;
-        let process = command
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
+        let process = self
+            .command
             .stdout(file.try_clone()?)
             .stderr(file)
             .spawn()
             .map_err(|source| TargetError::Spawn {
-                trellis: PathBuf::from(command.get_program()),
+                trellis: PathBuf::from(self.command.get_program()),
                 source,
             })?;
-        Ok(Child {
-            role: role.to_owned(),
-            command,
-            process,
-            log,
-        })
+        self.starts += 1;
+        let pid = process.id();
+        self.process = Some(process);
+        Ok(pid)
     }
 
     /// SIGKILL, as a crashed or evicted pod: no goodbye to its peers.
     fn kill(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
+        if let Some(mut process) = self.process.take() {
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
+
+    fn running(&self) -> bool {
+        self.process.is_some()
     }
 }
 
@@ -191,18 +218,69 @@ impl Drop for Target {
 }
 
 impl Target {
+    fn child(&mut self, role: &str, needs: &'static str) -> Result<&mut Child, TargetError> {
+        self.children
+            .iter_mut()
+            .find(|c| c.role == role)
+            .ok_or(TargetError::Unsupported(needs))
+    }
+
     /// Kills edge `index` with SIGKILL; its clients must find another.
     pub fn kill_edge(&mut self, index: usize) -> Result<(), TargetError> {
-        let role = format!("edge-{index}");
-        let child =
-            self.children
-                .iter_mut()
-                .find(|c| c.role == role)
-                .ok_or(TargetError::Unsupported(
-                    "killing an edge needs separate edge processes (--edges 2 or more)",
-                ))?;
-        child.kill();
+        self.child(
+            &format!("edge-{index}"),
+            "killing an edge needs separate edge processes (--edges 2 or more)",
+        )?
+        .kill();
         Ok(())
+    }
+
+    /// Starts edge `index`, one killed or one added, and waits until it is
+    /// ready (synced with the leader).
+    pub async fn start_edge(&mut self, index: usize, within: Duration) -> Result<(), TargetError> {
+        let role = format!("edge-{index}");
+        let child = self.child(&role, "no such edge")?;
+        if child.running() {
+            return Ok(());
+        }
+        let pid = child.start()?;
+        let log = child.log.display().to_string();
+        self.started(&role, pid);
+        let admin = self
+            .admins
+            .get(index)
+            .copied()
+            .ok_or(TargetError::Unsupported("no admin address for this edge"))?;
+        wait_ready(admin, within, log).await
+    }
+
+    /// Edges started or not, by index: whether each is running.
+    pub fn edges_running(&self) -> Vec<bool> {
+        (0..self.xds.len())
+            .map(|i| {
+                let role = format!("edge-{i}");
+                self.children.iter().any(|c| c.role == role && c.running())
+            })
+            .collect()
+    }
+
+    /// Whether the leader runs in a process of its own (one that can be
+    /// killed without the edges).
+    pub fn has_leader(&self) -> bool {
+        self.children
+            .iter()
+            .any(|c| c.role == "leader" || c.role.starts_with("leader-"))
+    }
+
+    /// Records `role`'s new PID (measured from now on).
+    fn started(&mut self, role: &str, pid: u32) {
+        match self.processes.iter_mut().find(|p| p.role == role) {
+            Some(process) => process.pid = pid,
+            None => self.processes.push(Process {
+                role: role.to_owned(),
+                pid,
+            }),
+        }
     }
 
     /// Kills the leader with SIGKILL. A single leader is started again on
@@ -210,30 +288,32 @@ impl Target {
     /// be; in a Raft group the Raft leader is killed and stays down, so
     /// the others must elect one of themselves.
     pub async fn replace_leader(&mut self) -> Result<(), TargetError> {
-        if !self.replicas.is_empty() {
-            let role = self.raft_leader().await?;
-            if let Some(child) = self.children.iter_mut().find(|c| c.role == role) {
-                child.kill();
-            }
-            self.replicas.retain(|(r, _)| *r != role);
-            return Ok(());
+        let role = self.kill_leader().await?;
+        if self.replicas.is_empty() {
+            self.start_leader(&role)?;
         }
-        let child = self
-            .children
-            .iter_mut()
-            .find(|c| c.role == "leader")
-            .ok_or(TargetError::Unsupported(
-                "replacing the leader needs separate leader and edge processes (--edges 1 or more)",
-            ))?;
-        child.kill();
-        let mut command = Command::new(child.command.get_program());
-        command.args(child.command.get_args());
-        let log = child.log.with_extension("2.log");
-        *child = Child::start("leader", command, log)?;
-        let pid = child.process.id();
-        if let Some(process) = self.processes.iter_mut().find(|p| p.role == "leader") {
-            process.pid = pid;
-        }
+        Ok(())
+    }
+
+    /// Kills the leader, or a group's Raft leader, with SIGKILL; returns
+    /// its role.
+    pub async fn kill_leader(&mut self) -> Result<String, TargetError> {
+        let role = match self.replicas.is_empty() {
+            true => "leader".to_owned(),
+            false => self.raft_leader().await?,
+        };
+        self.child(
+            &role,
+            "killing the leader needs separate leader and edge processes (--edges 1 or more)",
+        )?
+        .kill();
+        Ok(role)
+    }
+
+    /// Starts leader `role` again on its inputs, CA, addresses and data.
+    pub fn start_leader(&mut self, role: &str) -> Result<(), TargetError> {
+        let pid = self.child(role, "no such leader")?.start()?;
+        self.started(role, pid);
         Ok(())
     }
 
@@ -245,8 +325,12 @@ impl Target {
         ))?;
         let tls = ControlTls::from_dir(&control.join("leader-1"))
             .map_err(|e| TargetError::Ca(e.to_string()))?;
-        for (index, (_, raft)) in self.replicas.iter().enumerate() {
-            let id = u64::try_from(index + 1).unwrap_or(u64::MAX);
+        for (role, raft) in &self.replicas {
+            let running = self.children.iter().any(|c| c.role == *role && c.running());
+            let id = role.strip_prefix("leader-").and_then(|id| id.parse().ok());
+            let (true, Some(id)) = (running, id) else {
+                continue;
+            };
             let Ok(endpoint) = Endpoint::from_shared(format!("https://{raft}")) else {
                 continue;
             };
@@ -316,11 +400,7 @@ pub async fn start(
             replicas: Vec::new(),
             control: None,
         }),
-        TargetSpec::Spawn {
-            trellis,
-            edges,
-            leaders,
-        } => spawn(trellis, (*edges, *leaders), dir, ready_within, mtls).await,
+        TargetSpec::Spawn { .. } => spawn(spec, dir, ready_within, mtls).await,
         TargetSpec::InProcess => in_process(dir, ready_within, mtls).await,
     }
 }
@@ -339,12 +419,22 @@ fn harness_ca(dir: &Path) -> Result<(PathBuf, ClientTls), TargetError> {
 }
 
 async fn spawn(
-    trellis: &Path,
-    (edges, leaders): (usize, usize),
+    spec: &TargetSpec,
     dir: &Path,
     ready_within: Duration,
     mtls: bool,
 ) -> Result<Target, TargetError> {
+    let TargetSpec::Spawn {
+        trellis,
+        edges,
+        leaders,
+        added_edges,
+        edge_args,
+    } = spec
+    else {
+        return Err(TargetError::Unsupported("not a target to start"));
+    };
+    let (edges, leaders) = (*edges, *leaders);
     // The CA is kept on disk even for plaintext xDS: a replaced leader then
     // signs with the same root, as a real one would.
     let (ca_dir, tls) = harness_ca(dir)?;
@@ -365,11 +455,11 @@ async fn spawn(
             "--admin",
             &admin.to_string(),
         ]);
-        command.arg("--ca-dir").arg(&ca_dir);
+        command.arg("--ca-dir").arg(&ca_dir).args(edge_args);
         if !mtls {
             command.arg("--plaintext");
         }
-        children.push(Child::start("trellis run", command, log("trellis"))?);
+        children.push(Child::new("trellis run", command, log("trellis")));
         xds.push(address);
         admins.push(admin);
     } else {
@@ -408,29 +498,30 @@ async fn spawn(
                 .arg(publish[index].trim_start_matches("https://"))
                 .arg("--peer-tls-dir")
                 .arg(control.join(role));
-            if leaders > 1 {
-                command
-                    .args(["--node-id", &(index + 1).to_string()])
-                    .arg("--data-dir")
-                    .arg(dir.with_extension(format!("{role}.data")));
-                for peer in &peers {
-                    command.args(["--peer", peer]);
+            let role = match leaders > 1 {
+                true => {
+                    command
+                        .args(["--node-id", &(index + 1).to_string()])
+                        .arg("--data-dir")
+                        .arg(dir.with_extension(format!("{role}.data")));
+                    for peer in &peers {
+                        command.args(["--peer", peer]);
+                    }
+                    role.as_str()
                 }
-            }
-            children.push(Child::start(role, command, log(role))?);
+                false => "leader",
+            };
+            children.push(Child::new(role, command, log(role)));
         }
         if leaders <= 1 {
             replicas.clear();
-            if let Some(child) = children.last_mut() {
-                child.role = "leader".to_owned();
-            }
         }
         let publish = publish.join(",");
         let tls_dir = match mtls {
             true => Some(edge_cert(trellis, &ca_dir, dir).await?),
             false => None,
         };
-        for index in 0..edges {
+        for index in 0..edges + added_edges {
             let (address, admin) = (free.next().await?, free.next().await?);
             let role = format!("edge-{index}");
             let mut command = Command::new(trellis);
@@ -449,18 +540,21 @@ async fn spawn(
                 Some(tls_dir) => command.arg("--tls-dir").arg(tls_dir),
                 None => command.arg("--plaintext"),
             };
-            children.push(Child::start(&role, command, log(&role))?);
+            command.args(edge_args);
+            children.push(Child::new(&role, command, log(&role)));
             xds.push(address);
             admins.push(admin);
         }
     }
-    let processes = children
-        .iter()
-        .map(|c| Process {
-            role: c.role.clone(),
-            pid: c.process.id(),
-        })
-        .collect();
+    // Everything but the edges added later starts now.
+    let mut processes = Vec::new();
+    let later = children.len() - added_edges;
+    for child in &mut children[..later] {
+        processes.push(Process {
+            role: child.role.clone(),
+            pid: child.start()?,
+        });
+    }
     let target = Target {
         xds,
         admins: admins.clone(),
@@ -473,18 +567,27 @@ async fn spawn(
         control: Some(control),
     };
     let deadline = Instant::now() + ready_within;
-    for admin in admins {
-        while http_status(admin, "/readyz").await != Some(200) {
-            if Instant::now() > deadline {
-                return Err(TargetError::NotReady(
-                    ready_within,
-                    log("*").display().to_string(),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    for admin in &admins[..admins.len() - added_edges] {
+        wait_ready(
+            *admin,
+            deadline.saturating_duration_since(Instant::now()),
+            log("*").display().to_string(),
+        )
+        .await?;
     }
     Ok(target)
+}
+
+/// Waits until the admin endpoint at `admin` answers `/readyz` with 200.
+async fn wait_ready(admin: SocketAddr, within: Duration, logs: String) -> Result<(), TargetError> {
+    let deadline = Instant::now() + within;
+    while http_status(admin, "/readyz").await != Some(200) {
+        if Instant::now() > deadline {
+            return Err(TargetError::NotReady(within, logs));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 /// `trellis control-cert <args>` into `<control>/<name>`, from the
@@ -552,6 +655,24 @@ pub async fn metric(admin: SocketAddr, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|value| value.trim().parse().ok())
+}
+
+/// The sum of every series of metric family `family` (a counter or gauge,
+/// labelled or not) on the admin endpoint at `admin`.
+pub async fn metric_sum(admin: SocketAddr, family: &str) -> Option<f64> {
+    let text = http_body(admin, "/metrics").await?;
+    Some(
+        text.lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix(family)?;
+                let value = match rest.strip_prefix('{') {
+                    Some(labelled) => labelled.split_once("} ")?.1,
+                    None => rest.strip_prefix(' ')?,
+                };
+                value.trim().parse::<f64>().ok()
+            })
+            .sum(),
+    )
 }
 
 /// The whole response to `GET path` on `addr`, if it answers.

@@ -1,23 +1,23 @@
 //! Several harness processes. A process may hold 20,000 open files here, so
 //! a run above that spreads its clients over workers: the coordinator (the
 //! process the user started) starts `trellis-loadtest worker` children,
-//! hands each its [`Share`] as one JSON line on stdin, and reads their
-//! events back as JSON lines on their stdout. The coordinator alone makes
-//! changes and measures.
+//! hands each its [`Share`] as one JSON line on stdin, then the ready edges
+//! whenever they change, and reads their events back as JSON lines on
+//! their stdout. The coordinator alone makes changes and measures.
 
 use std::{path::PathBuf, process::Stdio};
 
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter},
-    process::{Child, Command},
+    process::{Child, ChildStdin, Command},
     sync::mpsc,
     task::JoinHandle,
 };
 use trellis_leader::ca::{BuiltinCa, CertificateIssuer};
 
 use crate::{
-    clients::{self, Share},
+    clients::{self, Endpoints, Share},
     envoy::Event,
 };
 
@@ -71,6 +71,7 @@ pub enum WorkerError {
 #[derive(Debug)]
 pub struct Workers {
     children: Vec<Child>,
+    inputs: Vec<ChildStdin>,
     readers: Vec<JoinHandle<()>>,
 }
 
@@ -78,6 +79,19 @@ impl Workers {
     /// PIDs of the worker processes.
     pub fn pids(&self) -> Vec<u32> {
         self.children.iter().filter_map(Child::id).collect()
+    }
+
+    /// Tells every worker which edges are ready now.
+    pub async fn set_ready(&mut self, ready: &[usize]) -> Result<(), WorkerError> {
+        let mut line =
+            serde_json::to_string(ready).map_err(|e| WorkerError::Assignment(e.to_string()))?;
+        line.push('\n');
+        for (index, input) in self.inputs.iter_mut().enumerate() {
+            let io = |source| WorkerError::Io { index, source };
+            input.write_all(line.as_bytes()).await.map_err(io)?;
+            input.flush().await.map_err(io)?;
+        }
+        Ok(())
     }
 }
 
@@ -98,6 +112,7 @@ pub async fn spawn(
     events: mpsc::UnboundedSender<Event>,
 ) -> Result<Workers, WorkerError> {
     let mut children = Vec::new();
+    let mut inputs = Vec::new();
     let mut readers = Vec::new();
     let mut started = Vec::new();
     for (index, assignment) in assignments.into_iter().enumerate() {
@@ -117,7 +132,7 @@ pub async fn spawn(
             .map_err(|e| WorkerError::Assignment(e.to_string()))?;
         text.push('\n');
         stdin.write_all(text.as_bytes()).await.map_err(io)?;
-        drop(stdin);
+        inputs.push(stdin);
         let (ready, ready_rx) = tokio::sync::oneshot::channel();
         let events = events.clone();
         readers.push(tokio::spawn(read_lines(stdout, ready, events)));
@@ -136,7 +151,11 @@ pub async fn spawn(
             }
         }
     }
-    Ok(Workers { children, readers })
+    Ok(Workers {
+        children,
+        inputs,
+        readers,
+    })
 }
 
 /// Forwards a worker's events; says once whether it started.
@@ -172,13 +191,15 @@ async fn read_lines(
 }
 
 /// The worker's side: reads its assignment from `input`, starts the share
-/// and writes its events to `output` until the coordinator kills it.
+/// and writes its events to `output` until the coordinator kills it; each
+/// later line of `input` is the ready edges.
 pub async fn serve(
-    input: impl AsyncRead + Unpin,
+    input: impl AsyncRead + Unpin + Send + 'static,
     output: impl AsyncWrite + Unpin,
 ) -> Result<(), WorkerError> {
     let mut line = String::new();
-    BufReader::new(input)
+    let mut input = BufReader::new(input);
+    input
         .read_line(&mut line)
         .await
         .map_err(|e| WorkerError::Assignment(e.to_string()))?;
@@ -195,7 +216,17 @@ pub async fn serve(
     };
     let (events, mut received) = mpsc::unbounded_channel();
     let issuer = issuer.as_ref().map(|ca| ca as &dyn CertificateIssuer);
-    let _clients = match clients::start(&assignment.share, issuer, events).await {
+    let endpoints = Endpoints::new(assignment.share.ready.clone());
+    let following = endpoints.clone();
+    let _updates = tokio::spawn(async move {
+        let mut lines = input.lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Ok(ready) = serde_json::from_str::<Vec<usize>>(&line) {
+                following.set(ready);
+            }
+        }
+    });
+    let _clients = match clients::start(&assignment.share, issuer, &endpoints, events).await {
         Ok(clients) => clients,
         Err(error) => return write_failed(&mut out, error.to_string()).await,
     };

@@ -34,6 +34,7 @@ fn config(name: &str, target: TargetSpec, scenario: Scenario) -> Config {
         mtls: true,
         processes: 1,
         harness: None,
+        seed: 7,
     }
 }
 
@@ -131,6 +132,8 @@ async fn clients_of_a_killed_edge_reconnect_elsewhere_and_are_sent_nothing_they_
         trellis: trellis(),
         edges: 2,
         leaders: 1,
+        added_edges: 0,
+        edge_args: Vec::new(),
     };
     let config = Config {
         clients: 200,
@@ -180,6 +183,8 @@ async fn a_replaced_leader_is_followed_without_resending_anything() {
         trellis: trellis(),
         edges: 1,
         leaders: 1,
+        added_edges: 0,
+        edge_args: Vec::new(),
     };
     let config = Config {
         clients: 100,
@@ -211,6 +216,8 @@ async fn a_killed_raft_leader_is_followed_and_nothing_is_resent() {
         trellis: trellis(),
         edges: 1,
         leaders: 3,
+        added_edges: 0,
+        edge_args: Vec::new(),
     };
     let config = Config {
         clients: 100,
@@ -233,6 +240,79 @@ async fn a_killed_raft_leader_is_followed_and_nothing_is_resent() {
             .count(),
         3
     );
+    std::fs::remove_dir_all(&config.dir).unwrap();
+}
+
+/// An edge added under churn: connections reaching their age (3 s here)
+/// reconnect through the Service, which now lists both edges, and the new
+/// edge holds its share within about one age.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_added_edge_takes_its_share_as_connections_reach_their_age() {
+    let age = 3.0;
+    let spawn = TargetSpec::Spawn {
+        trellis: trellis(),
+        edges: 1,
+        leaders: 1,
+        added_edges: 1,
+        edge_args: vec![format!("--max-connection-age-secs={age}")],
+    };
+    let config = Config {
+        clients: 200,
+        streams_per_connection: 1,
+        sotw_fraction: 0.0,
+        nack_fraction: 0.0,
+        changes: 8,
+        change_rate: 2.0,
+        hold: Duration::from_secs(10),
+        ..config("scale-out", spawn, Scenario::ScaleOut)
+    };
+    let report = run(&config).await.unwrap();
+    assert_every_client_converged(&report, &config);
+    let scale_out = report.scale_out.as_ref().unwrap();
+    assert_eq!((scale_out.edges_before, scale_out.edges_added), (1, 1));
+    assert_eq!(scale_out.fair_share, 100.0);
+    let reached = scale_out.share_reached_s[0].expect("the added edge never held its share");
+    assert!(
+        reached <= 2.0 * age,
+        "the added edge took {reached:.1} s to hold its share"
+    );
+    // Before any connection aged, the new edge held nothing.
+    assert!(scale_out.samples[0].streams[1] < 90);
+    std::fs::remove_dir_all(&config.dir).unwrap();
+}
+
+/// Two edges behind a Raft group of three, endpoint churn for ten seconds
+/// while edges and the Raft leader are killed and restarted at random:
+/// every client ends up with the last change, and nothing a client held
+/// was sent to it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_chaos_every_client_converges_and_nothing_is_resent() {
+    let spawn = TargetSpec::Spawn {
+        trellis: trellis(),
+        edges: 2,
+        leaders: 3,
+        added_edges: 0,
+        edge_args: vec!["--max-connection-age-secs=4".to_owned()],
+    };
+    let config = Config {
+        clients: 200,
+        sotw_fraction: 0.0,
+        nack_fraction: 0.0,
+        changes: 24,
+        change_rate: 2.0,
+        ..config("chaos", spawn, Scenario::Chaos)
+    };
+    let report = run(&config).await.unwrap();
+    assert_every_client_converged(&report, &config);
+    let chaos = report.chaos.as_ref().unwrap();
+    assert!(!chaos.disruptions.is_empty(), "nothing was killed");
+    assert_eq!(
+        chaos.edge_kills + chaos.leader_kills,
+        chaos.disruptions.len()
+    );
+    assert!(chaos.streams_ended > 0);
+    assert_eq!(chaos.resources_resent, 0, "{:#?}", chaos);
+    assert!(chaos.worst_change_to_all_ms >= report.change_to_all.p50_ms);
     std::fs::remove_dir_all(&config.dir).unwrap();
 }
 
