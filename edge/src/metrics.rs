@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -51,8 +51,13 @@ pub(crate) struct ReasonLabels {
     pub(crate) reason: &'static str,
 }
 
+/// Upper bounds of the convergence histogram's buckets, in seconds.
+const CONVERGENCE_BUCKETS: [f64; 12] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
 /// Counters and gauges of the Envoy-facing server.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     pub(crate) streams: Family<ProtocolLabels, Gauge>,
     pub(crate) connections: Gauge,
@@ -74,6 +79,35 @@ pub struct Metrics {
     pub(crate) upstream_syncs: Counter,
     pub(crate) admission_waits: Counter,
     pub(crate) admission_wait_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    pub(crate) proxy_convergence: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            streams: Family::default(),
+            connections: Gauge::default(),
+            connections_closed: Family::default(),
+            responses: Family::default(),
+            resources_sent: Family::default(),
+            acks: Family::default(),
+            nacks: Family::default(),
+            stale_nonces: Family::default(),
+            refused: Family::default(),
+            snapshot_epoch: Gauge::default(),
+            snapshot_scopes: Gauge::default(),
+            snapshot_resources: Gauge::default(),
+            snapshot_classes: Gauge::default(),
+            response_cache_hits: Counter::default(),
+            response_cache_misses: Counter::default(),
+            upstream_connected: Gauge::default(),
+            upstream_commits: Counter::default(),
+            upstream_syncs: Counter::default(),
+            admission_waits: Counter::default(),
+            admission_wait_seconds: Counter::default(),
+            proxy_convergence: Histogram::new(CONVERGENCE_BUCKETS),
+        }
+    }
 }
 
 impl Metrics {
@@ -81,6 +115,11 @@ impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
         let edge = registry.sub_registry_with_prefix("trellis_edge");
         edge.register("streams", "Connected xDS streams", self.streams.clone());
+        edge.register(
+            "proxy_convergence_seconds",
+            "From a source event reaching the leader to a proxy ACKing every response of the snapshot answering it",
+            self.proxy_convergence.clone(),
+        );
         edge.register(
             "connections",
             "Open xDS connections (handshakes done)",
@@ -179,6 +218,18 @@ impl Metrics {
 
     pub(crate) fn refuse(&self, reason: &'static str) {
         self.refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// A proxy now holds the snapshot answering a source event that
+    /// reached the leader at `caused_at_ms` (Unix milliseconds, the
+    /// leader's clock: skew between the clocks moves the figure by as
+    /// much; a negative one counts as zero).
+    pub(crate) fn converged(&self, caused_at_ms: u64) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let millis = now.saturating_sub(caused_at_ms);
+        self.proxy_convergence.observe(millis as f64 / 1000.0);
     }
 
     pub(crate) fn connection_closed(&self, reason: &'static str) {

@@ -38,6 +38,7 @@ use trellis_proto::pb::{
     },
     google::rpc,
 };
+use trellis_proto::trellis::v1::Commit;
 use trellis_shared::{
     replication::{parse_replica_name, replica_name, LEADER_HINT, REPLICATED_TYPES},
     type_url, Resource, Snapshot, SnapshotBuilder, SnapshotError,
@@ -373,7 +374,10 @@ impl Session<'_> {
             self.metrics.upstream_syncs.inc();
             return Ok(());
         }
-        let snapshot = pending.build()?;
+        let mut snapshot = pending.build()?;
+        if let Some(caused_at) = caused_at(response) {
+            snapshot = snapshot.caused_at(caused_at);
+        }
         info!(
             leader_epoch = %response.system_version_info,
             epoch = snapshot.epoch(),
@@ -386,6 +390,13 @@ impl Session<'_> {
         self.metrics.upstream_syncs.inc();
         Ok(())
     }
+}
+
+/// When the source event a commit answers reached the leader, if it says.
+fn caused_at(response: &DeltaDiscoveryResponse) -> Option<u64> {
+    let any = response.resources.first()?.resource.as_ref()?;
+    let commit = <Commit as prost::Message>::decode(any.value.as_slice()).ok()?;
+    (commit.caused_at_unix_ms > 0).then_some(commit.caused_at_unix_ms)
 }
 
 /// The versions of one type the edge holds, by wire name.

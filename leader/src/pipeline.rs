@@ -122,6 +122,9 @@ struct Pending {
     /// Certificates are due or the CA's roots changed: the catalog stays,
     /// the classes holding those certificates (or all, for roots) compile.
     certificates: bool,
+    /// When the earliest of these changes arrived: the snapshot answering
+    /// them carries it, and edges measure convergence from it.
+    caused_at: Option<SystemTime>,
 }
 
 /// Puts the `changed` resources of `compiled` into `builder`: their new
@@ -257,6 +260,7 @@ impl Pipeline {
 
     /// Takes in one source update.
     pub fn apply(&mut self, update: SourceUpdate) {
+        self.pending.caused_at.get_or_insert_with(SystemTime::now);
         for change in update.changes {
             let (r, object) = match change {
                 Change::Apply(object) => (object.object_ref(), Some(*object)),
@@ -338,7 +342,7 @@ impl Pipeline {
                 Some(builder) => {
                     let snapshot = builder.build()?;
                     self.snapshot = snapshot.clone();
-                    self.publish(&snapshot);
+                    self.publish(&snapshot, pending.caused_at);
                     self.status
                         .send_modify(|s| Arc::make_mut(s).epoch = snapshot.epoch());
                     return Ok(Some(snapshot));
@@ -382,7 +386,7 @@ impl Pipeline {
         };
         self.report(&problems);
         if changed {
-            self.publish(&snapshot);
+            self.publish(&snapshot, pending.caused_at);
         }
         let gateway = &compiled.ingress_gateway;
         self.ingress_gateway.send_if_modified(|held| {
@@ -436,6 +440,9 @@ impl Pipeline {
         }
         let due = advanced || renewed > 0;
         self.pending.certificates |= due;
+        if due {
+            self.pending.caused_at.get_or_insert(now);
+        }
         due
     }
 
@@ -461,9 +468,13 @@ impl Pipeline {
         }
     }
 
-    fn publish(&self, snapshot: &Snapshot) {
+    fn publish(&self, snapshot: &Snapshot, caused_at: Option<SystemTime>) {
         if let Some(sink) = &self.sink {
-            sink.publish(snapshot.clone());
+            let snapshot = match caused_at {
+                Some(at) => snapshot.clone().caused_at(unix_millis(at)),
+                None => snapshot.clone(),
+            };
+            sink.publish(snapshot);
         }
     }
 
@@ -535,6 +546,12 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// `time` as Unix milliseconds (0 before 1970).
+fn unix_millis(time: SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Runs `work` on the blocking pool: compiling and signing take seconds on

@@ -568,6 +568,7 @@ impl EdgeStream {
             type_url: type_url::COMMIT.to_owned(),
             value: prost::Message::encode_to_vec(&Commit {
                 epoch: snapshot.epoch(),
+                caused_at_unix_ms: snapshot.caused_at_ms().unwrap_or(0),
             }),
         };
         let resource = WireResource {

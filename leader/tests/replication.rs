@@ -234,6 +234,23 @@ async fn envoy_behind_an_edge_follows_the_leader_across_a_partition() -> Result<
     .await
     .with_context(|| envoy.log())?;
     assert_eq!(envoy.stat("listener_manager.lds.update_rejected").await, 0);
+    // The commit carried when the leader saw the change; Envoy's ACK of it
+    // is measured from then, partition included.
+    assert!(edge.store.load().caused_at_ms().is_some());
+    eventually(
+        Duration::from_secs(10),
+        "the convergence measured",
+        || async {
+            edge.metric("trellis_edge_proxy_convergence_seconds_count")
+                .await
+                >= 1.0
+        },
+    )
+    .await?;
+    let sum = edge
+        .metric("trellis_edge_proxy_convergence_seconds_sum")
+        .await;
+    assert!(sum >= 0.3, "converged in {sum} s, partition included");
     Ok(())
 }
 

@@ -51,6 +51,48 @@ impl Distribution {
     }
 }
 
+impl Distribution {
+    /// Percentiles estimated from cumulative histogram buckets (upper bound
+    /// in seconds, count), interpolating linearly within a bucket as
+    /// Prometheus's `histogram_quantile` does; the largest is the upper
+    /// bound of the highest bucket holding a value.
+    pub fn of_buckets(buckets: &[(f64, f64)]) -> Distribution {
+        let total = buckets.last().map_or(0.0, |(_, count)| *count);
+        let quantile = |q: f64| -> f64 {
+            let rank = q * total;
+            let mut below = (0.0, 0.0);
+            for (le, count) in buckets {
+                if *count >= rank {
+                    if le.is_infinite() {
+                        return below.0 * 1000.0;
+                    }
+                    let within = (rank - below.1) / (count - below.1).max(f64::MIN_POSITIVE);
+                    return (below.0 + (le - below.0) * within) * 1000.0;
+                }
+                below = (*le, *count);
+            }
+            below.0 * 1000.0
+        };
+        let highest = buckets
+            .iter()
+            .find(|(_, count)| *count >= total)
+            .map_or(0.0, |(le, _)| {
+                if le.is_finite() {
+                    le * 1000.0
+                } else {
+                    f64::INFINITY
+                }
+            });
+        Distribution {
+            count: total as usize,
+            p50_ms: quantile(0.5),
+            p90_ms: quantile(0.9),
+            p99_ms: quantile(0.99),
+            max_ms: highest,
+        }
+    }
+}
+
 /// The settings a run used.
 #[derive(Clone, Debug, Serialize)]
 pub struct Settings {
@@ -173,6 +215,11 @@ pub struct Report {
     pub convergence: Distribution,
     /// Per change: until the last client applied it.
     pub change_to_all: Distribution,
+    /// The edges' own figure of the same
+    /// (`trellis_edge_proxy_convergence_seconds`, every edge's histogram
+    /// added up over the changes), estimated from its buckets; measured
+    /// from when the leader saw the change to the proxy's ACK.
+    pub edge_convergence: Option<Distribution>,
     /// Changes every client applied.
     pub changes_converged: u64,
     /// Per resource version first sent after settling: from the first
@@ -318,6 +365,13 @@ impl Report {
             );
             let _ = writeln!(out, "  change to each client: {}", d(&self.convergence));
             let _ = writeln!(out, "  change to all clients: {}", d(&self.change_to_all));
+            if let Some(edges) = &self.edge_convergence {
+                let _ = writeln!(
+                    out,
+                    "  the edges' convergence histogram (from the leader's sight of each change to the ACK): {}",
+                    d(edges)
+                );
+            }
         }
         if self.spread.count > 0 {
             let _ = writeln!(
@@ -423,6 +477,22 @@ pub fn api_of(index: usize, sotw_fraction: f64) -> Api {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percentiles_from_buckets_interpolate_within_a_bucket() {
+        let buckets = [
+            (0.1, 0.0),
+            (0.2, 50.0),
+            (0.5, 100.0),
+            (f64::INFINITY, 100.0),
+        ];
+        let d = Distribution::of_buckets(&buckets);
+        assert_eq!(d.count, 100);
+        assert!((d.p50_ms - 200.0).abs() < 1e-6, "{d:?}");
+        assert!((d.p90_ms - 440.0).abs() < 1e-6, "{d:?}");
+        assert_eq!(d.max_ms, 500.0);
+        assert_eq!(Distribution::of_buckets(&[]).count, 0);
+    }
 
     #[test]
     fn percentiles_use_the_nearest_rank() {

@@ -522,6 +522,29 @@ fn streams_served(role: &str, clients: usize, per_connection: usize, edges: usiz
     }
 }
 
+/// Every edge's convergence histogram added up, bucket by bucket (absent
+/// when no edge has one).
+async fn edge_convergence(admins: &[SocketAddr]) -> Option<Vec<(f64, f64)>> {
+    let mut total: Option<Vec<(f64, f64)>> = None;
+    for admin in admins {
+        let Some(buckets) =
+            target::histogram(*admin, "trellis_edge_proxy_convergence_seconds").await
+        else {
+            continue;
+        };
+        match &mut total {
+            Some(total) if total.len() == buckets.len() => {
+                for (sum, (_, count)) in total.iter_mut().zip(&buckets) {
+                    sum.1 += count;
+                }
+            }
+            Some(_) => {}
+            None => total = Some(buckets),
+        }
+    }
+    total.filter(|t| !t.is_empty())
+}
+
 /// Each edge's count of leader commits it synced with.
 async fn syncs(admins: &[SocketAddr]) -> Vec<f64> {
     let mut counts = Vec::with_capacity(admins.len());
@@ -609,6 +632,7 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
     .await;
     let settled_at = clock::now();
     let settled = usages(&measured);
+    let histogram_settled = edge_convergence(&target.admins).await;
 
     let disruption = if target.controlled {
         disrupt(config, &mut target, &mut clients, &collector).await?
@@ -642,6 +666,7 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
         (_, None) => {}
     }
     let end = usages(&measured);
+    let histogram_end = edge_convergence(&target.admins).await;
     let harness_end = procfs::usage(std::process::id()).unwrap_or_default();
     let workers_cpu: f64 = worker_pids
         .iter()
@@ -745,6 +770,16 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
         first_config: Distribution::of(&mut first_config),
         convergence: Distribution::default(),
         change_to_all: Distribution::of(&mut to_all),
+        edge_convergence: changing.and(histogram_end).map(|end| {
+            let start = histogram_settled.unwrap_or_default();
+            let during: Vec<(f64, f64)> = (end.iter().enumerate())
+                .map(|(i, (le, count))| {
+                    let before = start.get(i).map_or(0.0, |(_, c)| *c);
+                    (*le, (count - before).max(0.0))
+                })
+                .collect();
+            Distribution::of_buckets(&during)
+        }),
         changes_converged,
         spread: Distribution::of(&mut spread),
         disruption,

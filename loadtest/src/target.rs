@@ -675,6 +675,26 @@ pub async fn metric_sum(admin: SocketAddr, family: &str) -> Option<f64> {
     )
 }
 
+/// The cumulative buckets of histogram `family` on the admin endpoint at
+/// `admin`: (upper bound in seconds, observations at or below it), the
+/// `+Inf` bucket last.
+pub async fn histogram(admin: SocketAddr, family: &str) -> Option<Vec<(f64, f64)>> {
+    let text = http_body(admin, "/metrics").await?;
+    let prefix = format!("{family}_bucket{{le=\"");
+    let buckets = text
+        .lines()
+        .filter_map(|line| {
+            let (le, count) = line.strip_prefix(&prefix)?.split_once("\"} ")?;
+            let le = match le {
+                "+Inf" => f64::INFINITY,
+                le => le.parse().ok()?,
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    Some(buckets)
+}
+
 /// The whole response to `GET path` on `addr`, if it answers.
 async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect(addr).await.ok()?;

@@ -96,6 +96,19 @@ async fn a_few_hundred_envoys_all_converge_on_every_endpoint_change() {
     assert!(report.processes[0].end.unwrap().peak_rss_kib > 0);
     // Each change is one new assignment, received by every client.
     assert_eq!(report.spread.count, config.changes as usize);
+    // The edge measured the same convergence itself: once per client and
+    // change it ACKed (fewer if the edge coalesced two changes), from when
+    // the leader saw the change, so no later than the harness saw it
+    // applied (its buckets blur that by up to a bucket's width).
+    let edges = report.edge_convergence.unwrap();
+    assert!(
+        (config.clients..=config.clients * config.changes as usize).contains(&edges.count),
+        "{edges:?}"
+    );
+    assert!(
+        edges.p50_ms <= report.convergence.max_ms + 250.0,
+        "{edges:?}"
+    );
 
     let svg = config.dir.with_extension("svg");
     report.draw(&svg).unwrap();

@@ -44,6 +44,9 @@ pub struct Snapshot {
     scopes: OrdMap<Scope, ScopeEntry>,
     log: OrdMap<(Epoch, Scope), ()>,
     classes: OrdMap<Arc<str>, Arc<ClassManifest>>,
+    /// When the earliest source event this epoch answers reached the
+    /// leader (Unix milliseconds, the leader's clock), if known.
+    caused_at_ms: Option<u64>,
 }
 
 /// Why a snapshot could not be built.
@@ -94,7 +97,22 @@ impl Snapshot {
             scopes: OrdMap::new(),
             log: OrdMap::new(),
             classes: OrdMap::new(),
+            caused_at_ms: None,
         }
+    }
+
+    /// When the earliest source event this epoch answers reached the
+    /// leader (Unix milliseconds), if known: where convergence is measured
+    /// from.
+    pub fn caused_at_ms(&self) -> Option<u64> {
+        self.caused_at_ms
+    }
+
+    /// This snapshot, answering a source event that reached the leader at
+    /// `unix_ms`.
+    pub fn caused_at(mut self, unix_ms: u64) -> Snapshot {
+        self.caused_at_ms = Some(unix_ms);
+        self
     }
 
     /// This snapshot's epoch.
@@ -424,6 +442,8 @@ impl SnapshotBuilder {
             self.next.log.insert((epoch, scope), ());
         }
         self.next.epoch = epoch;
+        // A derived snapshot answers its own event, not its parent's.
+        self.next.caused_at_ms = None;
         Ok(self.next)
     }
 }

@@ -352,11 +352,15 @@ fn step<V: Variant>(
             match &outcome.nonce {
                 NonceCheck::Ack => {
                     shared.metrics.acks.get_or_create(&labels).inc();
+                    if let Some(caused_at_ms) = state.accepted(type_name) {
+                        shared.metrics.converged(caused_at_ms);
+                    }
                     // The common case: count it in place, no new report.
                     shared.report_ack(id, type_name, state);
                 }
                 NonceCheck::Nack(detail) => {
                     shared.metrics.nacks.get_or_create(&labels).inc();
+                    state.rejected(type_name);
                     warn!(type_url = %type_name, detail = %detail, "client rejected a response");
                     shared.report(id, state);
                 }
@@ -424,6 +428,7 @@ fn respond<V: Variant>(
     };
     let nonce = state.next_nonce();
     state.type_state(&update.type_url)?.last_nonce = Some(nonce);
+    state.responded(&update.type_url);
     let labels = TypeLabels {
         protocol: V::PROTOCOL,
         r#type: type_url::short_name(&update.type_url),

@@ -11,7 +11,7 @@ use std::{
     sync::Arc,
 };
 
-use trellis_shared::{type_url, ClassDelta, ClassView, Resource, Snapshot, Version};
+use trellis_shared::{type_url, ClassDelta, ClassView, Epoch, Resource, Snapshot, Version};
 
 use super::{Limits, Refusal};
 
@@ -38,6 +38,16 @@ pub(crate) struct TypeState {
     pub(crate) last_nack: Option<String>,
     pub(crate) acks: u64,
     pub(crate) nacks: u64,
+    /// The latest response, until the client answers it.
+    awaiting: Option<Sent>,
+}
+
+/// Which snapshot a response came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Sent {
+    epoch: Epoch,
+    /// When the source event that snapshot answers reached the leader.
+    caused_at_ms: Option<u64>,
 }
 
 /// Names to reconcile, each with whether it must be answered even if the
@@ -230,6 +240,12 @@ pub(crate) struct StreamState {
     types: BTreeMap<Arc<str>, TypeState>,
     next_nonce: u64,
     limits: Limits,
+    /// The newest snapshot whose responses the client ACKed, while other
+    /// types still await their answer.
+    acked: Option<Sent>,
+    /// The newest epoch whose convergence was measured (at first, the one
+    /// the stream opened at: a first configuration is not a change).
+    converged: Epoch,
 }
 
 /// How a request's nonce relates to what this stream sent.
@@ -249,11 +265,53 @@ impl StreamState {
     pub(crate) fn new(class: Arc<str>, snapshot: Arc<Snapshot>, limits: Limits) -> StreamState {
         StreamState {
             class,
+            converged: snapshot.epoch(),
             snapshot,
             types: BTreeMap::new(),
             next_nonce: 1,
             limits,
+            acked: None,
         }
+    }
+
+    /// Records that the latest response of `type_url` came from the
+    /// stream's snapshot.
+    pub(crate) fn responded(&mut self, type_url: &str) {
+        let sent = Sent {
+            epoch: self.snapshot.epoch(),
+            caused_at_ms: self.snapshot.caused_at_ms(),
+        };
+        if let Some(types) = self.types.get_mut(type_url) {
+            types.awaiting = Some(sent);
+        }
+    }
+
+    /// The client rejected the latest response of `type_url`: it does not
+    /// hold that snapshot.
+    pub(crate) fn rejected(&mut self, type_url: &str) {
+        if let Some(types) = self.types.get_mut(type_url) {
+            types.awaiting = None;
+        }
+    }
+
+    /// The client accepted the latest response of `type_url`. Once every
+    /// type's latest response is accepted, the client holds everything sent
+    /// up to the newest snapshot among them: returns, once per snapshot,
+    /// when the source event that snapshot answers reached the leader.
+    pub(crate) fn accepted(&mut self, type_url: &str) -> Option<u64> {
+        let sent = self.types.get_mut(type_url)?.awaiting.take()?;
+        if self.acked.is_none_or(|acked| acked.epoch < sent.epoch) {
+            self.acked = Some(sent);
+        }
+        if self.types.values().any(|t| t.awaiting.is_some()) {
+            return None;
+        }
+        let newest = self.acked.take()?;
+        if newest.epoch <= self.converged {
+            return None;
+        }
+        self.converged = newest.epoch;
+        newest.caused_at_ms
     }
 
     pub(crate) fn limits(&self) -> &Limits {

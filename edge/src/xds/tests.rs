@@ -110,6 +110,7 @@ fn derive(previous: &Snapshot, items: &[Item]) -> Arc<Snapshot> {
 
 struct Harness<V: Variant> {
     store: Arc<SnapshotStore>,
+    metrics: Arc<Metrics>,
     server: AdsServer,
     state: StreamState,
     _variant: std::marker::PhantomData<V>,
@@ -119,10 +120,11 @@ impl<V: Variant> Harness<V> {
     fn new(items: &[Item]) -> Self {
         let store = Arc::new(SnapshotStore::new());
         store.publish((*derive(&store.load(), items)).clone());
+        let metrics = Arc::new(Metrics::default());
         let server = AdsServer::new(
             store.clone(),
             Arc::new(NodeClassifier::default()),
-            Arc::new(Metrics::default()),
+            metrics.clone(),
             AdsConfig {
                 limits: Limits {
                     max_names: 3,
@@ -135,6 +137,7 @@ impl<V: Variant> Harness<V> {
         let state = StreamState::new(CLASS.into(), store.load(), server.shared_limits());
         Harness {
             store,
+            metrics,
             server,
             state,
             _variant: std::marker::PhantomData,
@@ -153,7 +156,11 @@ impl<V: Variant> Harness<V> {
 
     fn publish(&mut self, items: &[Item]) -> Vec<(u64, bytes::Bytes)> {
         let next = derive(&self.store.load(), items);
-        self.store.publish((*next).clone());
+        self.publish_snapshot((*next).clone())
+    }
+
+    fn publish_snapshot(&mut self, next: Snapshot) -> Vec<(u64, bytes::Bytes)> {
+        self.store.publish(next);
         let responses =
             handle::<V>(&self.server.shared, 1, &mut self.state, Event::Snapshot).unwrap();
         responses.into_iter().map(|o| (o.nonce, wire(&o))).collect()
@@ -503,6 +510,79 @@ fn ack_and_nack_are_tracked_per_type_and_rejected_bytes_never_repushed() {
     let fixed =
         decode_delta(&h.publish(&[(type_url::CLUSTER, "a", 3), (type_url::LISTENER, "l", 2)]));
     assert_eq!(fixed[0].type_url, type_url::CLUSTER);
+}
+
+/// The convergence histogram's count and sum, from the metrics text.
+fn convergence(metrics: &Metrics) -> (f64, f64) {
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap()
+    };
+    (
+        value("trellis_edge_proxy_convergence_seconds_count"),
+        value("trellis_edge_proxy_convergence_seconds_sum"),
+    )
+}
+
+#[test]
+fn convergence_is_measured_once_a_change_is_acked_in_every_type() {
+    let mut h = Harness::<Delta>::new(&[(type_url::CLUSTER, "a", 1), (type_url::LISTENER, "l", 1)]);
+    let cds = h.request(delta(type_url::CLUSTER, &[], &[], "")).unwrap();
+    let lds = h.request(delta(type_url::LISTENER, &[], &[], "")).unwrap();
+    h.request(delta(type_url::CLUSTER, &[], &[], &cds[0].0.to_string()))
+        .unwrap();
+    h.request(delta(type_url::LISTENER, &[], &[], &lds[0].0.to_string()))
+        .unwrap();
+    // A first configuration answers no change.
+    assert_eq!(convergence(&h.metrics), (0.0, 0.0));
+
+    // A change that reached the leader 300 ms ago touches both types.
+    let caused = std::time::SystemTime::now() - std::time::Duration::from_millis(300);
+    let caused = caused
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let next = derive(
+        &h.store.load(),
+        &[(type_url::CLUSTER, "a", 2), (type_url::LISTENER, "l", 2)],
+    );
+    let pushed = h.publish_snapshot((*next).clone().caused_at(caused));
+    assert_eq!(pushed.len(), 2);
+    h.request(delta(type_url::CLUSTER, &[], &[], &pushed[0].0.to_string()))
+        .unwrap();
+    assert_eq!(
+        convergence(&h.metrics).0,
+        0.0,
+        "the listener is not ACKed yet"
+    );
+    h.request(delta(
+        type_url::LISTENER,
+        &[],
+        &[],
+        &pushed[1].0.to_string(),
+    ))
+    .unwrap();
+    let (count, sum) = convergence(&h.metrics);
+    assert_eq!(count, 1.0);
+    assert!((0.3..5.0).contains(&sum), "{sum}");
+
+    // A rejected change is not held: nothing measured.
+    let next = derive(
+        &h.store.load(),
+        &[(type_url::CLUSTER, "a", 3), (type_url::LISTENER, "l", 2)],
+    );
+    let pushed = h.publish_snapshot((*next).clone().caused_at(caused));
+    h.request(nack(
+        delta(type_url::CLUSTER, &[], &[], &pushed[0].0.to_string()),
+        "no",
+    ))
+    .unwrap();
+    assert_eq!(convergence(&h.metrics).0, 1.0);
 }
 
 #[test]
