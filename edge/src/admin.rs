@@ -117,6 +117,11 @@ impl Admin {
         }
     }
 
+    /// Adds the metrics `register` registers.
+    pub fn register(&mut self, register: &(dyn Fn(&mut Registry) + Send + Sync)) {
+        register(&mut self.registry);
+    }
+
     /// Serves HTTP/1 on `listener` until the task is dropped; a connection
     /// that has not sent a request's headers within `header_timeout` is
     /// closed.
@@ -168,6 +173,13 @@ impl Admin {
         self.metrics
             .snapshot_classes
             .set(i64::try_from(snapshot.class_names().count()).unwrap_or(i64::MAX));
+        let (stale, nacked) = self.ads.out_of_sync();
+        self.metrics
+            .stale_streams
+            .set(i64::try_from(stale).unwrap_or(i64::MAX));
+        self.metrics
+            .nacked_streams
+            .set(i64::try_from(nacked).unwrap_or(i64::MAX));
         admin::metrics(&self.registry)
     }
 }

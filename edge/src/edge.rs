@@ -55,14 +55,25 @@ pub enum EdgeError {
 }
 
 /// A Trellis edge.
-#[derive(Debug)]
 pub struct Edge {
     store: Arc<SnapshotStore>,
     metrics: Arc<Metrics>,
     ads: AdsServer,
     config: EdgeConfig,
     operator_token: Option<Arc<str>>,
+    more_metrics: Option<RegisterMetrics>,
 }
+
+impl std::fmt::Debug for Edge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Edge")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Registers more metrics on the edge's admin endpoint.
+pub type RegisterMetrics = Arc<dyn Fn(&mut prometheus_client::registry::Registry) + Send + Sync>;
 
 impl Edge {
     /// An edge that classifies proxies from their node, in the default
@@ -87,6 +98,7 @@ impl Edge {
             ads,
             config,
             operator_token: None,
+            more_metrics: None,
         }
     }
 
@@ -95,6 +107,13 @@ impl Edge {
     /// bound to loopback serves it.
     pub fn with_operator_token(mut self, token: Arc<str>) -> Edge {
         self.operator_token = Some(token);
+        self
+    }
+
+    /// Serves the metrics `register` adds on the admin endpoint too (an
+    /// in-process leader's, say).
+    pub fn with_metrics(mut self, register: RegisterMetrics) -> Edge {
+        self.more_metrics = Some(register);
         self
     }
 
@@ -161,15 +180,17 @@ impl Edge {
         if matches!(debug, DebugAccess::Closed) {
             info!("the admin port is reachable from outside and no operator token is set: /debug/ is closed");
         }
-        let mut admin_task = tokio::spawn(
-            Arc::new(Admin::new(
-                self.store.clone(),
-                self.metrics.clone(),
-                self.ads.clone(),
-                debug,
-            ))
-            .serve(admin, self.config.admin_header_timeout),
+        let mut endpoint = Admin::new(
+            self.store.clone(),
+            self.metrics.clone(),
+            self.ads.clone(),
+            debug,
         );
+        if let Some(register) = &self.more_metrics {
+            endpoint.register(register.as_ref());
+        }
+        let mut admin_task =
+            tokio::spawn(Arc::new(endpoint).serve(admin, self.config.admin_header_timeout));
         let ads = self.ads.clone();
         let shutdown = async move {
             shutdown.await;

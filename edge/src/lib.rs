@@ -34,7 +34,7 @@ pub use crate::{
     classify::{ClassifyError, NodeClassifier, ProxyClassifier, CLASS_METADATA_KEY},
     connections::ConnectionLimits,
     demand::{ClassDemand, Need},
-    edge::{Edge, EdgeConfig, EdgeError},
+    edge::{Edge, EdgeConfig, EdgeError, RegisterMetrics},
     metrics::{Metrics, Protocol},
     store::SnapshotStore,
     tls::{

@@ -62,6 +62,8 @@ pub struct Metrics {
     pub(crate) streams: Family<ProtocolLabels, Gauge>,
     pub(crate) connections: Gauge,
     pub(crate) connections_closed: Family<ReasonLabels, Counter>,
+    pub(crate) stale_streams: Gauge,
+    pub(crate) nacked_streams: Gauge,
     pub(crate) responses: Family<TypeLabels, Counter>,
     pub(crate) resources_sent: Family<TypeLabels, Counter>,
     pub(crate) acks: Family<TypeLabels, Counter>,
@@ -88,6 +90,8 @@ impl Default for Metrics {
             streams: Family::default(),
             connections: Gauge::default(),
             connections_closed: Family::default(),
+            stale_streams: Gauge::default(),
+            nacked_streams: Gauge::default(),
             responses: Family::default(),
             resources_sent: Family::default(),
             acks: Family::default(),
@@ -119,6 +123,16 @@ impl Metrics {
             "proxy_convergence_seconds",
             "From a source event reaching the leader to a proxy ACKing every response of the snapshot answering it",
             self.proxy_convergence.clone(),
+        );
+        edge.register(
+            "stale_streams",
+            "Streams whose proxy has left a response unanswered longer than the stale wait (30 s by default)",
+            self.stale_streams.clone(),
+        );
+        edge.register(
+            "nacked_streams",
+            "Streams whose proxy's latest answer of some type was a NACK",
+            self.nacked_streams.clone(),
         );
         edge.register(
             "connections",

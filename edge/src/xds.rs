@@ -67,6 +67,10 @@ pub struct AdsConfig {
     pub limits: Limits,
     /// How fast new streams are admitted.
     pub admission: AdmissionRate,
+    /// How long a response may wait for its proxy's answer before the
+    /// stream counts as stale (default 30 s): Envoy answers in
+    /// milliseconds, and one that does not is stuck or overloaded.
+    pub stale_after: Duration,
 }
 
 impl Default for AdsConfig {
@@ -75,6 +79,7 @@ impl Default for AdsConfig {
             first_request_timeout: Duration::from_secs(30),
             limits: Limits::default(),
             admission: AdmissionRate::default(),
+            stale_after: Duration::from_secs(30),
         }
     }
 }

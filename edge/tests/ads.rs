@@ -359,3 +359,53 @@ async fn new_streams_are_admitted_at_the_configured_rate() {
     assert!(answered[5] >= Duration::from_millis(900), "{answered:?}");
     assert!(edge.metric("trellis_edge_admission_waits_total").await >= 4.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_that_leave_a_response_unanswered_or_nack_it_are_counted() {
+    let edge = edge_with_mesh(EdgeConfig {
+        ads: AdsConfig {
+            stale_after: Duration::from_millis(300),
+            ..AdsConfig::default()
+        },
+        ..EdgeConfig::default()
+    })
+    .await;
+    let (stale, nacked) = ("trellis_edge_stale_streams", "trellis_edge_nacked_streams");
+    // One proxy ACKs, one never answers, one rejects.
+    let mut clients = Vec::new();
+    for answer in ["ack", "none", "nack"] {
+        let mut client = Client::connect(&edge).await;
+        let mut ask = request(node(CLASS), type_url::ENDPOINT, &["upstream"]);
+        ask.node.as_mut().unwrap().id = format!("proxy-{answer}");
+        client.send(ask).await;
+        let response = client.next().await.unwrap();
+        let mut reply = request(None, type_url::ENDPOINT, &[]);
+        reply.response_nonce = response.nonce;
+        match answer {
+            "ack" => client.send(reply).await,
+            "nack" => {
+                reply.error_detail = Some(Default::default());
+                client.send(reply).await
+            }
+            _ => {}
+        }
+        clients.push(client);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(edge.metric(stale).await, 0.0, "not yet past the wait");
+    assert_eq!(edge.metric(nacked).await, 1.0);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(edge.metric(stale).await, 1.0, "the silent proxy is stale");
+
+    // The next change answered by all: nobody stale or NACKed any more.
+    mesh(2).publish(&edge.store);
+    for client in &mut clients {
+        let response = client.next().await.unwrap();
+        let mut reply = request(None, type_url::ENDPOINT, &[]);
+        reply.response_nonce = response.nonce;
+        client.send(reply).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(edge.metric(stale).await, 0.0);
+    assert_eq!(edge.metric(nacked).await, 0.0);
+}

@@ -16,6 +16,8 @@ use prometheus_client::{metrics::gauge::Gauge, registry::Registry};
 use tokio::net::TcpListener;
 use trellis_transport::admin::{self, text};
 
+use crate::pipeline::PipelineMetrics;
+
 /// What the leader reports on `/metrics`; refreshed at each scrape.
 #[derive(Debug, Default)]
 pub struct LeaderMetrics {
@@ -117,11 +119,17 @@ impl std::fmt::Debug for LeaderAdmin {
 }
 
 impl LeaderAdmin {
-    /// Reports `probe`, and not ready once `stopping` holds a reason.
-    pub fn new(probe: Arc<dyn Probe>, stopping: Arc<Stopping>) -> LeaderAdmin {
+    /// Reports `probe` and `pipeline`'s figures, and not ready once
+    /// `stopping` holds a reason.
+    pub fn new(
+        probe: Arc<dyn Probe>,
+        pipeline: &PipelineMetrics,
+        stopping: Arc<Stopping>,
+    ) -> LeaderAdmin {
         let metrics = LeaderMetrics::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry);
+        pipeline.register(&mut registry);
         LeaderAdmin {
             probe,
             stopping,
@@ -261,7 +269,11 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let stopping = Arc::new(Stopping::default());
-        let admin = Arc::new(LeaderAdmin::new(Arc::new(Ready), stopping.clone()));
+        let admin = Arc::new(LeaderAdmin::new(
+            Arc::new(Ready),
+            &PipelineMetrics::default(),
+            stopping.clone(),
+        ));
         tokio::spawn(admin.serve(listener, Duration::from_secs(5)));
         assert!(get(address, "/readyz").await.starts_with("HTTP/1.1 200"));
         assert!(get(address, "/metrics")

@@ -37,6 +37,7 @@ use trellis_shared::{
 use xxhash_rust::xxh3::Xxh3;
 
 use self::certs::Certs;
+pub use self::certs::IssuanceCounts;
 pub use self::gateway::IngressGatewayCert;
 use self::inputs::{Changed, Input, Reads};
 use crate::{
@@ -335,6 +336,19 @@ fn hash_text(text: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(text.as_bytes())
 }
 
+/// The identities' certificates, as the leader's metrics report them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CertificateFigures {
+    /// Identities holding a certificate.
+    pub held: usize,
+    /// Identities whose certificate could not be issued.
+    pub missing: usize,
+    /// When the first held certificate expires.
+    pub soonest_expiry: Option<SystemTime>,
+    /// Issuances since the figures were last taken.
+    pub since_last: IssuanceCounts,
+}
+
 impl Compiler {
     /// A compiler issuing certificates with `issuer`.
     pub fn new(issuer: Arc<dyn CertificateIssuer>) -> Compiler {
@@ -495,6 +509,18 @@ impl Compiler {
     /// The issuer certificates come from.
     pub fn issuer(&self) -> &Arc<dyn CertificateIssuer> {
         &self.issuer
+    }
+
+    /// The identities' certificates now: how many are held, how many
+    /// identities have none, the soonest expiry, and the issuances since
+    /// the last call.
+    pub fn take_certificate_figures(&mut self) -> CertificateFigures {
+        CertificateFigures {
+            held: self.certs.len(),
+            missing: self.certs.missing(),
+            soonest_expiry: self.certs.soonest_expiry(),
+            since_last: self.certs.take_counts(),
+        }
     }
 
     /// When the next certificate is due for renewal.

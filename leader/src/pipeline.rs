@@ -7,6 +7,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use prometheus_client::{
+    metrics::{counter::Counter, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, info_span, warn};
 use trellis_proto::trellis::v1::ProxyBinding;
@@ -14,7 +18,9 @@ use trellis_shared::{type_url, Epoch, Resource, Scope, Snapshot, SnapshotBuilder
 
 use crate::{
     catalog::{self, Catalog, Problem, ServiceKey},
-    compile::{ClassSummary, Compiled, Compiler, IngressGatewayCert, ResourceKey},
+    compile::{
+        CertificateFigures, ClassSummary, Compiled, Compiler, IngressGatewayCert, ResourceKey,
+    },
     kinds::{Object, ObjectRef},
     source::{Change, SourceUpdate},
 };
@@ -29,6 +35,103 @@ impl SnapshotSink for trellis_edge::SnapshotStore {
     fn publish(&self, snapshot: Snapshot) {
         trellis_edge::SnapshotStore::publish(self, snapshot);
     }
+}
+
+/// Upper bounds of the compile-time histogram's buckets, in seconds.
+const COMPILE_BUCKETS: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The pipeline's figures on the leader's `/metrics`. Cloning shares them:
+/// every term of a group adds to the same.
+#[derive(Clone, Debug)]
+pub struct PipelineMetrics {
+    /// Seconds each compile took, endpoint-only ones included.
+    pub compile_seconds: Histogram,
+    /// Snapshots handed to the edges.
+    pub snapshots_published: Counter,
+    /// Certificates issued.
+    pub certificates_issued: Counter,
+    /// Issuances that failed (the certificate held stays while valid).
+    pub certificate_failures: Counter,
+    /// Identities holding a certificate.
+    pub certificates: Gauge,
+    /// Identities without one: their issuance failed.
+    pub identities_without_certificate: Gauge,
+    /// When the first held certificate expires, Unix seconds (0: none).
+    pub certificate_expiry: Gauge,
+}
+
+impl Default for PipelineMetrics {
+    fn default() -> Self {
+        PipelineMetrics {
+            compile_seconds: Histogram::new(COMPILE_BUCKETS),
+            snapshots_published: Counter::default(),
+            certificates_issued: Counter::default(),
+            certificate_failures: Counter::default(),
+            certificates: Gauge::default(),
+            identities_without_certificate: Gauge::default(),
+            certificate_expiry: Gauge::default(),
+        }
+    }
+}
+
+impl PipelineMetrics {
+    /// Registers every figure under the `trellis_leader` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        let leader = registry.sub_registry_with_prefix("trellis_leader");
+        leader.register(
+            "compile_seconds",
+            "Seconds each compile took",
+            self.compile_seconds.clone(),
+        );
+        leader.register(
+            "snapshots_published",
+            "Snapshots handed to the edges",
+            self.snapshots_published.clone(),
+        );
+        leader.register(
+            "certificates_issued",
+            "Identity certificates issued",
+            self.certificates_issued.clone(),
+        );
+        leader.register(
+            "certificate_failures",
+            "Identity certificate issuances that failed",
+            self.certificate_failures.clone(),
+        );
+        leader.register(
+            "certificates",
+            "Identities holding a certificate",
+            self.certificates.clone(),
+        );
+        leader.register(
+            "identities_without_certificate",
+            "Identities whose certificate could not be issued",
+            self.identities_without_certificate.clone(),
+        );
+        leader.register(
+            "certificate_expiry_timestamp_seconds",
+            "When the first identity certificate held expires (Unix seconds, 0: none)",
+            self.certificate_expiry.clone(),
+        );
+    }
+
+    fn record(&self, figures: CertificateFigures) {
+        self.certificates_issued.inc_by(figures.since_last.issued);
+        self.certificate_failures.inc_by(figures.since_last.failed);
+        self.certificates.set(gauge(figures.held));
+        self.identities_without_certificate
+            .set(gauge(figures.missing));
+        let expiry = figures
+            .soonest_expiry
+            .map_or(0, |at| unix_millis(at) / 1000);
+        self.certificate_expiry.set(gauge(expiry));
+    }
+}
+
+fn gauge(value: impl TryInto<i64>) -> i64 {
+    value.try_into().unwrap_or(i64::MAX)
 }
 
 /// Settings of the pipeline.
@@ -48,6 +151,8 @@ pub struct PipelineConfig {
     /// At most this many certificates are signed per compile (default 500),
     /// so a mass renewal is spread over several snapshots.
     pub renewal_batch: usize,
+    /// Where the pipeline's figures go.
+    pub metrics: PipelineMetrics,
 }
 
 impl Default for PipelineConfig {
@@ -59,6 +164,7 @@ impl Default for PipelineConfig {
             max_delay: Duration::from_secs(1),
             certificate_tick: Duration::from_secs(1),
             renewal_batch: 500,
+            metrics: PipelineMetrics::default(),
         }
     }
 }
@@ -450,7 +556,13 @@ impl Pipeline {
     /// logs the outcome.
     fn compile_pending(&mut self) {
         let span = info_span!("compile", objects = self.objects.len());
+        let started = std::time::Instant::now();
         let result = span.in_scope(|| self.compile());
+        let metrics = &self.config.metrics;
+        metrics
+            .compile_seconds
+            .observe(started.elapsed().as_secs_f64());
+        metrics.record(self.compiler.take_certificate_figures());
         match result {
             Ok(None) => debug!("compiled; nothing changed"),
             Ok(Some(snapshot)) => {
@@ -475,6 +587,7 @@ impl Pipeline {
                 None => snapshot.clone(),
             };
             sink.publish(snapshot);
+            self.config.metrics.snapshots_published.inc();
         }
     }
 

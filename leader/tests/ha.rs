@@ -719,6 +719,24 @@ async fn a_replica_whose_source_ends_says_why_and_stops() -> Result<()> {
         "{metrics}"
     );
     assert_eq!(metric_value(&metrics, "trellis_leader_raft_leader"), 1.0);
+    // The term's pipeline reports on the replica's endpoint.
+    assert!(metric_value(&metrics, "trellis_leader_compile_seconds_count") >= 1.0);
+    assert!(metric_value(&metrics, "trellis_leader_snapshots_published_total") >= 1.0);
+    let certificates = metric_value(&metrics, "trellis_leader_certificates");
+    assert!(certificates >= 1.0, "{metrics}");
+    assert!(metric_value(&metrics, "trellis_leader_certificates_issued_total") >= certificates);
+    assert_eq!(
+        metric_value(&metrics, "trellis_leader_identities_without_certificate"),
+        0.0
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    let expiry = metric_value(
+        &metrics,
+        "trellis_leader_certificate_expiry_timestamp_seconds",
+    );
+    assert!(expiry > now, "{expiry} is not after {now}");
 
     // The manifests' directory goes: the file source ends. The replica
     // stops with the reason, instead of starting a term every second.

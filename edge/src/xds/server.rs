@@ -98,6 +98,23 @@ pub struct StreamReport {
     pub protocol: Protocol,
     /// Per-type delivery state.
     pub types: Vec<TypeReport>,
+    /// Since when a response has waited for the proxy's answer.
+    #[serde(skip)]
+    pub(crate) unanswered_since: Option<std::time::Instant>,
+}
+
+impl StreamReport {
+    /// Whether a response has waited for the proxy's answer longer than
+    /// `after`.
+    pub fn stale(&self, after: std::time::Duration) -> bool {
+        self.unanswered_since
+            .is_some_and(|since| since.elapsed() > after)
+    }
+
+    /// Whether the proxy's latest answer of some type was a NACK.
+    pub fn nacked(&self) -> bool {
+        self.types.iter().any(|t| t.last_nack.is_some())
+    }
 }
 
 /// Delivery state of one type on one stream.
@@ -156,6 +173,21 @@ impl AdsServer {
     /// another edge.
     pub fn drain(&self) {
         self.shared.draining.send_replace(true);
+    }
+
+    /// How many streams are stale (a response unanswered for longer than
+    /// the configured wait) and how many proxies' latest answer was a NACK.
+    pub fn out_of_sync(&self) -> (usize, usize) {
+        let after = self.shared.config.stale_after;
+        self.shared
+            .streams
+            .iter()
+            .fold((0, 0), |(stale, nacked), e| {
+                (
+                    stale + usize::from(e.stale(after)),
+                    nacked + usize::from(e.nacked()),
+                )
+            })
     }
 
     /// Reports of the connected streams, by id.
@@ -322,11 +354,17 @@ pub(super) fn handle<V: Variant>(
     state: &mut StreamState,
     event: Event<V::Request>,
 ) -> Result<Vec<Outbound>, Refusal> {
+    let waiting = state.unanswered_since();
     let (updates, before) = step::<V>(shared, id, state, event)?;
     let mut responses = Vec::with_capacity(updates.len());
     for update in &updates {
         if let Some(outbound) = respond::<V>(shared, state, update, &before)? {
             responses.push(outbound);
+        }
+    }
+    if state.unanswered_since() != waiting {
+        if let Some(mut report) = shared.streams.get_mut(&id) {
+            report.unanswered_since = state.unanswered_since();
         }
     }
     Ok(responses)
@@ -557,6 +595,7 @@ impl Registration {
                 class: class.to_owned(),
                 protocol,
                 types: Vec::new(),
+                unanswered_since: None,
             },
         );
         let class = Need::Class(Arc::from(class));

@@ -246,6 +246,8 @@ pub(crate) struct StreamState {
     /// The newest epoch whose convergence was measured (at first, the one
     /// the stream opened at: a first configuration is not a change).
     converged: Epoch,
+    /// Since when a response has waited for the client's answer.
+    unanswered_since: Option<std::time::Instant>,
 }
 
 /// How a request's nonce relates to what this stream sent.
@@ -271,6 +273,19 @@ impl StreamState {
             next_nonce: 1,
             limits,
             acked: None,
+            unanswered_since: None,
+        }
+    }
+
+    /// Since when the oldest response still unanswered was sent.
+    pub(crate) fn unanswered_since(&self) -> Option<std::time::Instant> {
+        self.unanswered_since
+    }
+
+    /// Forgets the wait once no response awaits an answer.
+    fn answered(&mut self) {
+        if self.types.values().all(|t| t.awaiting.is_none()) {
+            self.unanswered_since = None;
         }
     }
 
@@ -283,6 +298,8 @@ impl StreamState {
         };
         if let Some(types) = self.types.get_mut(type_url) {
             types.awaiting = Some(sent);
+            self.unanswered_since
+                .get_or_insert_with(std::time::Instant::now);
         }
     }
 
@@ -292,6 +309,7 @@ impl StreamState {
         if let Some(types) = self.types.get_mut(type_url) {
             types.awaiting = None;
         }
+        self.answered();
     }
 
     /// The client accepted the latest response of `type_url`. Once every
@@ -303,7 +321,8 @@ impl StreamState {
         if self.acked.is_none_or(|acked| acked.epoch < sent.epoch) {
             self.acked = Some(sent);
         }
-        if self.types.values().any(|t| t.awaiting.is_some()) {
+        self.answered();
+        if self.unanswered_since.is_some() {
             return None;
         }
         let newest = self.acked.take()?;

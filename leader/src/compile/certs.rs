@@ -48,6 +48,17 @@ pub(super) struct Certs {
     failed: HashMap<Identity, String>,
     /// When failed issuances are tried again.
     retry_at: Option<SystemTime>,
+    /// Issuances that succeeded and failed since [`Certs::take_counts`].
+    counts: IssuanceCounts,
+}
+
+/// Certificates issued and issuances failed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IssuanceCounts {
+    /// Certificates issued.
+    pub issued: u64,
+    /// Issuances that failed.
+    pub failed: u64,
 }
 
 impl Certs {
@@ -86,12 +97,14 @@ impl Certs {
         for (identity, issued) in wanted.into_iter().zip(issuer.issue_batch(&requests)) {
             match issued {
                 Ok(cert) => {
+                    self.counts.issued += 1;
                     self.renewing.remove(identity);
                     self.failed.remove(identity);
                     self.held.insert(identity.clone(), HeldCert::new(cert));
                 }
                 Err(error) => {
                     failures += 1;
+                    self.counts.failed += 1;
                     match self.held.get(identity) {
                         Some(held) if held.cert.not_after > now => warn!(
                             %identity,
@@ -110,6 +123,21 @@ impl Certs {
         if failures > 0 {
             self.retry_at.get_or_insert(now + RETRY_AFTER);
         }
+    }
+
+    /// Issuances since the last call.
+    pub(super) fn take_counts(&mut self) -> IssuanceCounts {
+        std::mem::take(&mut self.counts)
+    }
+
+    /// Identities without a certificate (their issuance failed).
+    pub(super) fn missing(&self) -> usize {
+        self.failed.len()
+    }
+
+    /// When the first held certificate expires.
+    pub(super) fn soonest_expiry(&self) -> Option<SystemTime> {
+        self.held.values().map(|held| held.cert.not_after).min()
     }
 
     /// `identity`'s certificate, or why it has none.

@@ -69,7 +69,12 @@ pub(crate) fn pod_bootstrap(
     edge: &EdgeAddress,
 ) -> Result<EnvoyBootstrap> {
     let mut source = FileSource::new(dir);
-    let mut pipeline = pipeline(mesh, trust_domain, ca.clone());
+    let mut pipeline = pipeline(
+        mesh,
+        trust_domain,
+        ca.clone(),
+        trellis_leader::pipeline::PipelineMetrics::default(),
+    );
     pipeline.apply(source.scan()?);
     pipeline.compile()?;
     let status = pipeline.status().borrow().clone();

@@ -43,7 +43,7 @@ use trellis_leader::{
     compile::Compiler,
     ingress_gateway::Keeper,
     issuance::{GroupSigner, Issuance, KubeRegistry, NoRegistry, Registry},
-    pipeline::{Pipeline, PipelineConfig, Status},
+    pipeline::{Pipeline, PipelineConfig, PipelineMetrics, Status},
     publish,
     publish::{Gate, Publisher},
     raft::{
@@ -627,10 +627,16 @@ async fn main() -> Result<()> {
     }
 }
 
-fn pipeline(mesh: &str, trust_domain: &str, ca: Arc<dyn CertificateIssuer>) -> Pipeline {
+fn pipeline(
+    mesh: &str,
+    trust_domain: &str,
+    ca: Arc<dyn CertificateIssuer>,
+    metrics: PipelineMetrics,
+) -> Pipeline {
     let config = PipelineConfig {
         mesh: mesh.to_owned(),
         trust_domain: trust_domain.to_owned(),
+        metrics,
         ..PipelineConfig::default()
     };
     Pipeline::new(config, Compiler::new(ca))
@@ -649,7 +655,12 @@ fn require_dir(dir: &Path) -> Result<()> {
 fn check(dir: PathBuf, mesh: String) -> Result<()> {
     require_dir(&dir)?;
     let mut source = FileSource::new(&dir);
-    let mut pipeline = pipeline(&mesh, TRUST_DOMAIN, credentials::open_ca(None)?);
+    let mut pipeline = pipeline(
+        &mesh,
+        TRUST_DOMAIN,
+        credentials::open_ca(None)?,
+        PipelineMetrics::default(),
+    );
     pipeline.apply(source.scan()?);
     pipeline.compile()?;
     let status = pipeline.status().borrow().clone();
@@ -680,6 +691,7 @@ struct Leader {
     ca: Arc<BuiltinCa>,
     first: Arc<Status>,
     status: tokio::sync::watch::Receiver<Arc<Status>>,
+    metrics: PipelineMetrics,
 }
 
 /// Starts the source and the pipeline publishing into `store`, and waits
@@ -692,7 +704,13 @@ async fn start_leader(inputs: Inputs, store: Arc<SnapshotStore>) -> Result<Leade
         Some(external) => external.issuer,
         None => ca.clone(),
     };
-    let pipeline = pipeline(&inputs.mesh, &inputs.trust.trust_domain, leaves);
+    let metrics = PipelineMetrics::default();
+    let pipeline = pipeline(
+        &inputs.mesh,
+        &inputs.trust.trust_domain,
+        leaves,
+        metrics.clone(),
+    );
     let mut status = pipeline.status();
     let (updates, received) = mpsc::channel(64);
     let mut tasks = supervise::Tasks::default();
@@ -738,6 +756,7 @@ async fn start_leader(inputs: Inputs, store: Arc<SnapshotStore>) -> Result<Leade
         ca,
         first,
         status,
+        metrics,
     })
 }
 
@@ -768,6 +787,9 @@ async fn run(inputs: Inputs, serving: Serving) -> Result<()> {
     let xds_listener = bind("xDS", serving.xds).await?;
     let admin_listener = bind("admin", serving.admin).await?;
     let mut leader = start_leader(inputs, edge.store().clone()).await?;
+    // One process, one admin endpoint: the leader's figures join the edge's.
+    let metrics = leader.metrics.clone();
+    let edge = edge.with_metrics(Arc::new(move |registry| metrics.register(registry)));
     let (xds, admin) = (serving.xds, serving.admin);
     println!(
         "Trellis is serving {} (leader and edge in one process)",
@@ -830,9 +852,10 @@ fn serve_admin(
     tasks: &mut supervise::Tasks,
     listener: TcpListener,
     probe: Arc<dyn Probe>,
+    pipeline: &PipelineMetrics,
     stopping: &Arc<Stopping>,
 ) {
-    let admin = Arc::new(LeaderAdmin::new(probe, stopping.clone()));
+    let admin = Arc::new(LeaderAdmin::new(probe, pipeline, stopping.clone()));
     tasks.spawn_unit(
         "the admin endpoint",
         admin.serve(listener, ADMIN_HEADER_TIMEOUT),
@@ -859,6 +882,7 @@ async fn leader(
         &mut leader.tasks,
         admin_listener,
         Arc::new(leader.status.clone()),
+        &leader.metrics,
         &stopping,
     );
     let issuance = Issuance::new(Arc::new(leader.ca.clone()), registry, &trust_domain);
@@ -1028,11 +1052,13 @@ async fn leader_group(
         .serve_with_incoming_shutdown(incoming(listener), async {
             stop_signal().await;
         });
+    let pipeline_metrics = PipelineMetrics::default();
     let leading = Leading {
         source,
         pipeline: PipelineConfig {
             mesh: inputs.mesh.clone(),
             trust_domain: inputs.trust.trust_domain.clone(),
+            metrics: pipeline_metrics.clone(),
             ..PipelineConfig::default()
         },
         ingress_gateway: keeper,
@@ -1053,6 +1079,7 @@ async fn leader_group(
         &mut tasks,
         admin_listener,
         Arc::new(GroupView::of(&replica)),
+        &pipeline_metrics,
         &stopping,
     );
     let result = tokio::select! {
