@@ -1997,3 +1997,29 @@ async fn the_api_server_sends_mesh_pods_to_the_injector_and_refuses_them_while_i
         .await
         .unwrap();
 }
+
+#[test]
+fn the_monitoring_component_renders_its_dashboard_and_rules() {
+    let dir = scratch("monitoring");
+    let rendered = render_with_component("monitoring");
+    let file = dir.join("monitoring.yaml");
+    std::fs::write(&file, &rendered).unwrap();
+    assert_eq!(
+        errors(&validate(std::slice::from_ref(&file))),
+        Vec::<String>::new()
+    );
+    let objects = objects(&rendered);
+    let dashboard = find(&objects, "ConfigMap", "trellis-dashboard");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    let json: serde_json::Value = serde_json::from_str(
+        dashboard["data"]["trellis-dashboard.json"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(json["panels"].as_array().is_some_and(|p| p.len() >= 8));
+    let alerts = find(&objects, "ConfigMap", "trellis-alerts");
+    assert!(alerts["data"]["trellis-alerts.yaml"]
+        .as_str()
+        .is_some_and(|rules| rules.contains("TrellisNoLeader")));
+}
