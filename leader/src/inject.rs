@@ -43,6 +43,8 @@ use serde_json::Value;
 use tracing::{info, warn};
 use trellis_shared::{bootstrap::AdsApi, CLASS_METADATA_KEY};
 
+pub use self::metrics::InjectorMetrics;
+use self::metrics::Outcome;
 use crate::{
     bootstrap::{envoy_bootstrap, new_proxy_uuid, EdgeAddress, Proxy},
     catalog::Identity,
@@ -51,6 +53,7 @@ use crate::{
 
 mod decide;
 pub mod issuer;
+mod metrics;
 mod probes;
 mod review;
 mod server;
@@ -60,7 +63,7 @@ mod tests;
 
 pub use decide::PROXY_UUID_LABEL;
 pub use review::ReviewError;
-pub use server::{publish_ca_bundle, serve, WebhookTls, WEBHOOK_PATH};
+pub use server::{publish_ca_bundle, serve, serve_admin, WebhookTls, WEBHOOK_PATH};
 pub use sidecar::SidecarImages;
 
 use decide::{Decision, Exclusions};
@@ -119,6 +122,7 @@ pub struct Injector {
     config: InjectorConfig,
     issuer: issuer::GroupIssuer,
     client: Client,
+    metrics: InjectorMetrics,
 }
 
 impl std::fmt::Debug for Injector {
@@ -146,13 +150,27 @@ impl Injector {
             config,
             issuer,
             client,
+            metrics: InjectorMetrics::default(),
         }
+    }
+
+    /// The reviews answered and how long they took.
+    pub fn metrics(&self) -> &InjectorMetrics {
+        &self.metrics
     }
 
     /// Answers one review: the AdmissionReview to send back, or why the
     /// body is not a review.
     pub async fn review(&self, body: &[u8]) -> Result<Value, ReviewError> {
-        let request = review::parse(body)?;
+        let started = std::time::Instant::now();
+        let request = match review::parse(body) {
+            Ok(request) => request,
+            Err(error) => {
+                self.metrics
+                    .record(Outcome::Invalid, started.elapsed().as_secs_f64());
+                return Err(error);
+            }
+        };
         let mut warnings = Vec::new();
         // Answer before the API server gives up on the webhook (it waits
         // timeoutSeconds, 10 in deploy/), rather than be cut off.
@@ -182,6 +200,13 @@ impl Injector {
         for warning in &warnings {
             warn!(%pod, %warning, "injection warning");
         }
+        let outcome = match &verdict {
+            Verdict::Skip(_) => Outcome::Skipped,
+            Verdict::Patch(_) => Outcome::Injected,
+            Verdict::Deny(_) => Outcome::Denied,
+        };
+        self.metrics
+            .record(outcome, started.elapsed().as_secs_f64());
         Ok(review::respond(&request.uid, &verdict, &warnings))
     }
 

@@ -492,7 +492,8 @@ fn the_overlays_wire_leaders_edges_and_the_webhook_together() {
             .collect();
         assert_eq!(secrets, ["trellis-injector-control"], "{overlay}");
         // Only the API server's range reaches the webhook: the parameter,
-        // copied into the NetworkPolicy.
+        // copied into the NetworkPolicy. The admin port is open to probes
+        // and Prometheus.
         let parameters = find(&objects, "ConfigMap", "trellis-parameters");
         let policy = find(&objects, "NetworkPolicy", "trellis-injector");
         assert_eq!(
@@ -500,6 +501,8 @@ fn the_overlays_wire_leaders_edges_and_the_webhook_together() {
             json!([{
                 "from": [{ "ipBlock": { "cidr": parameters["data"]["apiServerCIDR"] } }],
                 "ports": [{ "port": 9090, "protocol": "TCP" }],
+            }, {
+                "ports": [{ "port": 9091, "protocol": "TCP" }],
             }])
         );
         assert!(labels_match(
@@ -923,6 +926,7 @@ impl Injector {
                 .arg(&control)
                 .args(["--leader", &format!("https://{}", leader.publish)])
                 .args(["--listen", &address.to_string()])
+                .args(["--admin", "127.0.0.1:0"])
                 .args(["--webhook-configuration", webhook])
                 .args([
                     "--edge",

@@ -1215,6 +1215,7 @@ async fn pods_are_injected_while_the_group_elects_a_leader() -> Result<()> {
         &control.to_string_lossy(),
     ]);
     let port = free_port();
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     // The killed leader first in the list: every review during the
     // election must move on to a follower.
     let mut leaders: Vec<String> = vec![format!("https://{}", group.publish[&first.leader])];
@@ -1232,6 +1233,8 @@ async fn pods_are_injected_while_the_group_elects_a_leader() -> Result<()> {
             &leaders.join(","),
             "--listen",
             &format!("127.0.0.1:{port}"),
+            "--admin",
+            &admin.to_string(),
         ],
         &[("KUBECONFIG", cluster.kubeconfig())],
         group.dir.join("inject.log"),
@@ -1285,9 +1288,21 @@ async fn pods_are_injected_while_the_group_elects_a_leader() -> Result<()> {
         !answers.is_empty(),
         "no pod was created during the election"
     );
+    let count = answers.len() as f64;
     for answer in answers {
         let answer = answer?;
         assert!(injected(&answer), "{answer}\n{}", injector.log());
     }
+    // The injector counted every one (and the first, before the election).
+    let (_, metrics) = http_get(admin, "/metrics", None).await?;
+    let injected = metric_value(
+        &metrics,
+        r#"trellis_injector_reviews_total{outcome="injected"}"#,
+    );
+    assert!(
+        injected > count,
+        "{injected} counted of {count}+1:\n{metrics}"
+    );
+    assert!(metric_value(&metrics, "trellis_injector_review_seconds_count") >= injected);
     Ok(())
 }

@@ -270,3 +270,23 @@ pub async fn serve(
         });
     }
 }
+
+/// Serves the injector's admin endpoint on `listener` (plain HTTP, as the
+/// leader's and edges' are: nothing here names a pod): `/healthz`,
+/// `/readyz` and `/metrics` with [`super::InjectorMetrics`]. Runs until the
+/// task is dropped.
+pub async fn serve_admin(injector: Arc<Injector>, listener: TcpListener) {
+    let mut registry = prometheus_client::registry::Registry::default();
+    injector.metrics().register(&mut registry);
+    let handler = move |request: &Request<Incoming>| {
+        if let Some(answer) = trellis_transport::admin::common(request) {
+            return answer;
+        }
+        match request.uri().path() {
+            "/readyz" => text(StatusCode::OK, "ready\n"),
+            "/metrics" => trellis_transport::admin::metrics(&registry),
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    };
+    trellis_transport::admin::serve(listener, CLIENT_TIMEOUT, Arc::new(handler)).await
+}

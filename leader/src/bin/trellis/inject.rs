@@ -5,8 +5,8 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use trellis_leader::inject::{
-    issuer::GroupIssuer, publish_ca_bundle, serve, Injector, InjectorConfig, SidecarImages,
-    WebhookTls, WEBHOOK_PATH,
+    issuer::GroupIssuer, publish_ca_bundle, serve, serve_admin, Injector, InjectorConfig,
+    SidecarImages, WebhookTls, WEBHOOK_PATH,
 };
 use trellis_transport::Role;
 
@@ -37,6 +37,10 @@ pub(crate) struct InjectArgs {
     /// Address the webhook (HTTPS) listens on.
     #[arg(long, default_value = "0.0.0.0:9090")]
     listen: SocketAddr,
+    /// Address of the injector's admin endpoint (/metrics, /healthz,
+    /// /readyz; plain HTTP).
+    #[arg(long, default_value = "127.0.0.1:9093")]
+    admin: SocketAddr,
     /// Mesh name, the value of the namespaces' openservicemesh.io/monitored-by label.
     #[arg(long, default_value = "osm")]
     mesh: String,
@@ -102,10 +106,19 @@ pub(crate) async fn run(args: InjectArgs) -> Result<()> {
         args.leaders.join(", "),
         args.edge
     );
+    let admin = TcpListener::bind(args.admin)
+        .await
+        .with_context(|| format!("binding the admin endpoint {}", args.admin))?;
+    println!(
+        "  admin: http://{}/metrics  /healthz  /readyz",
+        admin.local_addr()?
+    );
     tokio::spawn(tls.clone().follow_dir());
+    let admin = tokio::spawn(serve_admin(injector.clone(), admin));
     serve(injector, tls, listener, async {
         crate::stop_signal().await;
     })
     .await;
+    admin.abort();
     Ok(())
 }
