@@ -102,6 +102,11 @@ pub trait Probe: Send + Sync + 'static {
     fn ready(&self) -> Result<(), String>;
     /// Sets `metrics` to the figures now.
     fn refresh(&self, metrics: &LeaderMetrics);
+    /// The objects the last compile skipped, and why; `None` where this
+    /// process does not compile.
+    fn problems(&self) -> Option<Vec<crate::catalog::Problem>> {
+        None
+    }
 }
 
 /// The endpoint.
@@ -165,6 +170,23 @@ impl LeaderAdmin {
                 self.probe.refresh(&self.metrics);
                 admin::metrics(&self.registry)
             }
+            "/problems" => match self.probe.problems() {
+                Some(problems) => {
+                    let listed: Vec<serde_json::Value> = (problems.iter())
+                        .map(|p| serde_json::json!({ "object": p.object, "reason": p.reason }))
+                        .collect();
+                    admin::response(
+                        StatusCode::OK,
+                        "application/json",
+                        serde_json::Value::Array(listed).to_string().into(),
+                    )
+                }
+                None => text(
+                    StatusCode::NOT_FOUND,
+                    "this replica does not compile; the group's leader writes each object's status\n"
+                        .into(),
+                ),
+            },
             _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
         }
     }
@@ -184,6 +206,10 @@ impl Probe for tokio::sync::watch::Receiver<Arc<crate::pipeline::Status>> {
         metrics.snapshot_epoch.set(gauge_value(status.epoch));
         metrics.problems.set(gauge_value(status.problems.len()));
         metrics.leading.set(1);
+    }
+
+    fn problems(&self) -> Option<Vec<crate::catalog::Problem>> {
+        Some(self.borrow().problems.clone())
     }
 }
 
@@ -287,5 +313,46 @@ mod tests {
             "{answer}"
         );
         assert!(get(address, "/healthz").await.starts_with("HTTP/1.1 200"));
+    }
+
+    #[tokio::test]
+    async fn a_compiling_leader_lists_the_objects_it_skipped_and_a_replica_says_it_does_not() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let status = crate::pipeline::Status {
+            epoch: 3,
+            problems: vec![crate::catalog::Problem {
+                object: "TrafficTarget ns/bad".to_owned(),
+                reason: "destination is outside the namespace".to_owned(),
+            }],
+            ..crate::pipeline::Status::default()
+        };
+        let (_keep, compiled) = tokio::sync::watch::channel(Arc::new(status));
+        let admin = Arc::new(LeaderAdmin::new(
+            Arc::new(compiled),
+            &PipelineMetrics::default(),
+            Arc::new(Stopping::default()),
+        ));
+        tokio::spawn(admin.serve(listener, Duration::from_secs(5)));
+        let answer = get(address, "/problems").await;
+        let body = answer.split_once("\r\n\r\n").unwrap().1;
+        let listed: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(
+            listed,
+            serde_json::json!([{
+                "object": "TrafficTarget ns/bad",
+                "reason": "destination is outside the namespace"
+            }])
+        );
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let admin = Arc::new(LeaderAdmin::new(
+            Arc::new(Ready),
+            &PipelineMetrics::default(),
+            Arc::new(Stopping::default()),
+        ));
+        tokio::spawn(admin.serve(listener, Duration::from_secs(5)));
+        assert!(get(address, "/problems").await.starts_with("HTTP/1.1 404"));
     }
 }

@@ -41,6 +41,7 @@ pub struct TrafficTargetRule {
 /// access.smi-spec.io/v1alpha3 TrafficTarget.
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[kube(
+    derive = "PartialEq",
     group = "access.smi-spec.io",
     version = "v1alpha3",
     kind = "TrafficTarget",
@@ -79,6 +80,7 @@ pub struct HttpMatch {
 /// specs.smi-spec.io/v1alpha4 HTTPRouteGroup.
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[kube(
+    derive = "PartialEq",
     group = "specs.smi-spec.io",
     version = "v1alpha4",
     kind = "HTTPRouteGroup",
@@ -107,6 +109,7 @@ pub struct TcpMatch {
 /// specs.smi-spec.io/v1alpha4 TCPRoute.
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[kube(
+    derive = "PartialEq",
     group = "specs.smi-spec.io",
     version = "v1alpha4",
     kind = "TCPRoute",
@@ -133,6 +136,7 @@ pub struct TrafficSplitBackend {
 /// split.smi-spec.io/v1alpha2 TrafficSplit.
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[kube(
+    derive = "PartialEq",
     group = "split.smi-spec.io",
     version = "v1alpha2",
     kind = "TrafficSplit",
@@ -265,6 +269,7 @@ pub struct TracingSpec {
 /// config.openservicemesh.io/v1alpha2 MeshConfig (`osm-mesh-config`).
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[kube(
+    derive = "PartialEq",
     group = "config.openservicemesh.io",
     version = "v1alpha2",
     kind = "MeshConfig",
@@ -315,6 +320,7 @@ pub struct RouteReference {
 /// reach outside the mesh.
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[kube(
+    derive = "PartialEq",
     group = "policy.openservicemesh.io",
     version = "v1alpha1",
     kind = "Egress",
@@ -381,6 +387,7 @@ pub struct IngressSource {
 /// of a namespace's services from outside the mesh.
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[kube(
+    derive = "PartialEq",
     group = "policy.openservicemesh.io",
     version = "v1alpha1",
     kind = "IngressBackend",
@@ -432,6 +439,7 @@ pub struct RetryPolicySpec {
 /// requests to some Services are retried.
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[kube(
+    derive = "PartialEq",
     group = "policy.openservicemesh.io",
     version = "v1alpha1",
     kind = "Retry",
@@ -580,6 +588,7 @@ pub struct HttpRouteSetting {
 /// the connections and requests to one service.
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[kube(
+    derive = "PartialEq",
     group = "policy.openservicemesh.io",
     version = "v1alpha1",
     kind = "UpstreamTrafficSetting",
@@ -601,7 +610,7 @@ pub struct UpstreamTrafficSettingSpec {
 }
 
 /// Any object the sources read.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 #[allow(clippy::large_enum_variant)]
 pub enum Object {
     /// core/v1 Namespace.
@@ -663,6 +672,19 @@ pub(crate) fn reference_text(kind: &str, namespace: &str, name: &str) -> String 
     }
 }
 
+/// The reference [`reference_text`] wrote, if it names a kind Trellis
+/// reads.
+pub fn parse_reference(text: &str) -> Option<ObjectRef> {
+    let (kind, rest) = text.split_once(' ')?;
+    let kind = Object::known_kind(kind)?;
+    let (namespace, name) = rest.split_once('/').unwrap_or(("", rest));
+    Some(ObjectRef {
+        kind,
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    })
+}
+
 /// Why a manifest is not an object Trellis reads.
 #[derive(Debug, thiserror::Error)]
 pub enum KindError {
@@ -711,6 +733,25 @@ macro_rules! kinds {
                             .map_err(|source| KindError::Invalid { kind, name, source })
                     })*
                     _ => Err(KindError::Unsupported { api_version, kind }),
+                }
+            }
+
+            /// The kind named `kind`, as its `'static` name, if Trellis reads it.
+            pub fn known_kind(kind: &str) -> Option<&'static str> {
+                [$($kind,)*].into_iter().find(|known| *known == kind)
+            }
+
+            /// The object's metadata.
+            pub fn metadata(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                match self {
+                    $(Object::$variant(o) => &o.metadata,)*
+                }
+            }
+
+            /// The apiVersion Trellis reads the object's kind at.
+            pub fn api_version(&self) -> &'static str {
+                match self {
+                    $(Object::$variant(_) => $api,)*
                 }
             }
 

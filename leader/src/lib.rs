@@ -21,6 +21,8 @@
 //!   Secret (or files).
 //! * [`private_files`]: the one writer of keys and other private files.
 //! * [`admin`]: the leader's admin endpoint (probes, Prometheus).
+//! * [`status`]: the policy objects' status and Events: whether each is in
+//!   the mesh, and why not.
 
 pub mod admin;
 pub mod bootstrap;
@@ -37,6 +39,7 @@ pub mod private_files;
 pub mod publish;
 pub mod raft;
 pub mod source;
+pub mod status;
 
 // The property tests' JSON paths, shared with `tests/properties.rs`.
 #[cfg(test)]

@@ -178,6 +178,9 @@ pub struct Status {
     pub classes: BTreeMap<String, ClassSummary>,
     /// Objects skipped, and why.
     pub problems: Vec<Problem>,
+    /// The policy objects held, whose status says whether they are in the
+    /// mesh.
+    pub policies: Arc<Vec<crate::status::Reviewed>>,
 }
 
 impl Status {
@@ -372,6 +375,11 @@ impl Pipeline {
                 Change::Apply(object) => (object.object_ref(), Some(*object)),
                 Change::Delete(r) => (r, None),
             };
+            // The same object again (a status write, a re-list): nothing to
+            // compile.
+            if object.is_some() && self.objects.get(&r) == object.as_ref() {
+                continue;
+            }
             let before = self.objects.get(&r).and_then(endpoints_owner);
             let after = object.as_ref().and_then(endpoints_owner);
             let endpoints = before.is_some() || after.is_some();
@@ -521,6 +529,11 @@ impl Pipeline {
             epoch: snapshot.epoch(),
             classes: compiled.classes.clone(),
             problems: problems.clone(),
+            policies: Arc::new(crate::status::policies(
+                (self.objects.iter())
+                    .filter(|(r, _)| catalog.namespaces.contains(r.namespace.as_str()))
+                    .map(|(_, object)| object),
+            )),
         }));
         self.problems = problems;
         self.snapshot = snapshot.clone();

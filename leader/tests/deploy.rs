@@ -2027,3 +2027,210 @@ fn the_monitoring_component_renders_its_dashboard_and_rules() {
         .as_str()
         .is_some_and(|rules| rules.contains("TrellisNoLeader")));
 }
+
+/// A TrafficTarget from ServiceAccount `client` to `server`, both of
+/// `namespace`; its destination in `destination_namespace`.
+fn traffic_target(namespace: &str, name: &str, destination_namespace: &str) -> Value {
+    json!({
+        "apiVersion": "access.smi-spec.io/v1alpha3",
+        "kind": "TrafficTarget",
+        "metadata": { "name": name, "namespace": namespace },
+        "spec": {
+            "destination": { "kind": "ServiceAccount", "name": "server", "namespace": destination_namespace },
+            "sources": [{ "kind": "ServiceAccount", "name": "client", "namespace": namespace }],
+            "rules": [{ "kind": "TCPRoute", "name": "any" }]
+        }
+    })
+}
+
+/// `kubectl get` of TrafficTarget `namespace/name` with `output` options.
+fn get_traffic_target(cluster: &Cluster, namespace: &str, name: &str, output: &[&str]) -> String {
+    let mut args = vec![
+        "get",
+        "traffictargets.access.smi-spec.io",
+        "-n",
+        namespace,
+        name,
+    ];
+    args.extend_from_slice(output);
+    cluster.kubectl_ok(args)
+}
+
+/// The `Accepted` condition of TrafficTarget `namespace/name`, and the
+/// managers of its status.
+fn accepted_condition(cluster: &Cluster, namespace: &str, name: &str) -> (Value, Vec<String>) {
+    let text = get_traffic_target(
+        cluster,
+        namespace,
+        name,
+        &["-o", "json", "--show-managed-fields"],
+    );
+    let object: Value = serde_json::from_str(&text).unwrap();
+    let condition = (object["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten())
+    .find(|c| c["type"] == "Accepted")
+    .cloned()
+    .unwrap_or(Value::Null);
+    let managers = (object["metadata"]["managedFields"]
+        .as_array()
+        .into_iter()
+        .flatten())
+    .filter(|f| f["subresource"] == "status")
+    .filter_map(|f| f["manager"].as_str().map(str::to_owned))
+    .collect();
+    (condition, managers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_writes_each_policys_status_and_an_event_for_a_skipped_one_with_its_rbac() {
+    use trellis_leader::{
+        ca::BuiltinCa,
+        compile::Compiler,
+        pipeline::{Pipeline, PipelineConfig},
+        source::{kube::KubeSource, Source},
+        status::{self, WriterConfig},
+    };
+    let cluster = Cluster::shared();
+    install_crds(cluster);
+    install_rbac(cluster);
+    let admin = cluster.client().await;
+    let namespace = "status-feedback";
+    cluster
+        .namespace(
+            &admin,
+            namespace,
+            &[("openservicemesh.io/monitored-by", "osm")],
+        )
+        .await;
+    let route = json!({
+        "apiVersion": "specs.smi-spec.io/v1alpha4",
+        "kind": "TCPRoute",
+        "metadata": { "name": "any", "namespace": namespace },
+        "spec": {}
+    });
+    apply(
+        cluster,
+        "status-policies",
+        &[
+            route,
+            traffic_target(namespace, "good", namespace),
+            traffic_target(namespace, "bad", "elsewhere"),
+        ],
+    );
+
+    // The leader as deploy/ runs it: its ServiceAccount, its RBAC.
+    let token = cluster
+        .service_account_token(&admin, "trellis-system", "trellis-leader")
+        .await;
+    let leader = cluster.client_with_token(&token).await;
+    let ca = Arc::new(BuiltinCa::generate().unwrap());
+    let pipeline = Pipeline::new(
+        PipelineConfig {
+            quiet: Duration::from_millis(50),
+            ..PipelineConfig::default()
+        },
+        Compiler::new(ca),
+    );
+    let compiled = pipeline.status();
+    let (updates, received) = tokio::sync::mpsc::channel(64);
+    let source = tokio::spawn(KubeSource::new(leader.clone()).run(updates));
+    let store = Arc::new(trellis_edge::SnapshotStore::new());
+    let run = tokio::spawn(pipeline.run(received, store));
+    let writer = tokio::spawn(status::write(
+        leader,
+        compiled.clone(),
+        WriterConfig {
+            instance: "replica-1".to_owned(),
+            ..WriterConfig::default()
+        },
+    ));
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (good, bad) = loop {
+        let good = accepted_condition(cluster, namespace, "good");
+        let bad = accepted_condition(cluster, namespace, "bad");
+        if !good.0.is_null() && !bad.0.is_null() {
+            break (good, bad);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no status written: {good:?} {bad:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(good.0["status"], "True", "{good:?}");
+    assert_eq!(good.0["observedGeneration"], 1);
+    assert_eq!(bad.0["status"], "False", "{bad:?}");
+    assert_eq!(bad.0["reason"], "Invalid");
+    let message = bad.0["message"].as_str().unwrap();
+    assert!(
+        message.contains("outside the TrafficTarget's namespace"),
+        "{message}"
+    );
+    // The same words as the compiler's problem.
+    assert!(compiled
+        .borrow()
+        .problems
+        .iter()
+        .any(|p| p.object == format!("TrafficTarget {namespace}/bad") && p.reason == message));
+    assert_eq!(good.1, ["trellis-leader/replica-1"]);
+
+    // A Warning Event says it too.
+    let events: Value = serde_json::from_str(&cluster.kubectl_ok([
+        "get",
+        "events.events.k8s.io",
+        "-n",
+        namespace,
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let skipped: Vec<&Value> = (events["items"].as_array().into_iter().flatten())
+        .filter(|e| e["regarding"]["name"] == "bad" && e["reason"] == "Skipped")
+        .collect();
+    assert_eq!(skipped.len(), 1, "{events}");
+    assert_eq!(skipped[0]["type"], "Warning");
+    assert_eq!(skipped[0]["note"], message);
+
+    // No write loop: the status write changed no generation, and nothing
+    // is written again; the resourceVersion holds still.
+    let version = |name: &str| {
+        get_traffic_target(
+            cluster,
+            namespace,
+            name,
+            &[
+                "-o",
+                "jsonpath={.metadata.resourceVersion} {.metadata.generation}",
+            ],
+        )
+    };
+    let (good_before, bad_before) = (version("good"), version("bad"));
+    assert!(good_before.ends_with(" 1") && bad_before.ends_with(" 1"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!((version("good"), version("bad")), (good_before, bad_before));
+
+    // Fixed: the status follows, with the new generation.
+    apply(
+        cluster,
+        "status-fixed",
+        &[traffic_target(namespace, "bad", namespace)],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (condition, _) = accepted_condition(cluster, namespace, "bad");
+        if condition["status"] == "True" && condition["observedGeneration"] == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not accepted once fixed: {condition}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    writer.abort();
+    run.abort();
+    source.abort();
+}

@@ -50,9 +50,12 @@ pub struct Leading {
     pub pipeline: PipelineConfig,
     /// Where the ingress gateway certificate is kept.
     pub ingress_gateway: Keeper,
-    /// With the Kubernetes source: removes the bootstrap Secrets of gone
-    /// pods through this client.
-    pub bootstrap_secrets: Option<kube::Client>,
+    /// With the Kubernetes source, the client through which the term
+    /// removes the bootstrap Secrets of gone pods and writes the policy
+    /// objects' status.
+    pub kube: Option<kube::Client>,
+    /// The status writer's settings.
+    pub status_writer: crate::status::WriterConfig,
     /// The operator's CA directory, used by the group's first leader only.
     pub ca_dir: Option<PathBuf>,
     /// How long each root rotation step is held so every proxy has caught
@@ -245,13 +248,20 @@ async fn lead_term(
     );
     let keeper = leading.ingress_gateway.spawn(pipeline.ingress_gateway());
     let mut tasks = vec![source.abort_handle(), keeper.abort_handle()];
-    if let Some(client) = &leading.bootstrap_secrets {
+    if let Some(client) = &leading.kube {
         let janitor = tokio::spawn(bootstrap_secrets::remove_gone(
             client.clone(),
             pipeline.proxies(),
             bootstrap_secrets::GRACE,
         ));
         tasks.push(janitor.abort_handle());
+        // Only the term's leader writes status, and only for its term.
+        let writer = tokio::spawn(crate::status::write(
+            client.clone(),
+            pipeline.status(),
+            leading.status_writer.clone(),
+        ));
+        tasks.push(writer.abort_handle());
     }
     let pipeline = tokio::spawn(pipeline.run(received, Arc::new(Handoff(handoff))));
     tasks.push(pipeline.abort_handle());

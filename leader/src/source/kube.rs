@@ -123,6 +123,13 @@ fn convert(resource: &ApiResource, object: DynamicObject) -> Result<Object, Prob
     })?;
     value["apiVersion"] = serde_json::Value::String(resource.api_version.clone());
     value["kind"] = serde_json::Value::String(resource.kind.clone());
+    // What changes with every write, the leader's own status writes
+    // included, and means nothing to the catalog: an object that differs
+    // only here is the same object, and compiles nothing.
+    if let Some(metadata) = value["metadata"].as_object_mut() {
+        metadata.remove("resourceVersion");
+        metadata.remove("managedFields");
+    }
     Object::from_manifest(value).map_err(|e| Problem {
         object: name,
         reason: e.to_string(),

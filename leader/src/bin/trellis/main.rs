@@ -737,6 +737,14 @@ async fn start_leader(inputs: Inputs, store: Arc<SnapshotStore>) -> Result<Leade
                 "the Kubernetes source",
                 KubeSource::new(client.clone()).run(updates),
             );
+            tasks.spawn_unit(
+                "the status writer",
+                trellis_leader::status::write(
+                    client.clone(),
+                    pipeline.status(),
+                    status_writer_config(),
+                ),
+            );
             ("the Kubernetes API".to_owned(), Keeper::Secret(client))
         }
     };
@@ -758,6 +766,14 @@ async fn start_leader(inputs: Inputs, store: Arc<SnapshotStore>) -> Result<Leade
         status,
         metrics,
     })
+}
+
+/// The status writer's settings: Events name this pod.
+fn status_writer_config() -> trellis_leader::status::WriterConfig {
+    trellis_leader::status::WriterConfig {
+        instance: std::env::var("HOSTNAME").unwrap_or_else(|_| "trellis-leader".to_owned()),
+        ..trellis_leader::status::WriterConfig::default()
+    }
 }
 
 async fn kube_client() -> Result<kube::Client> {
@@ -1062,7 +1078,8 @@ async fn leader_group(
             ..PipelineConfig::default()
         },
         ingress_gateway: keeper,
-        bootstrap_secrets: client,
+        kube: client,
+        status_writer: status_writer_config(),
         ca_dir: inputs.ca_dir.clone(),
         rotation_overlap: Duration::from_secs(group.rotation_overlap_secs),
         external: external.clone(),
