@@ -230,7 +230,12 @@ impl Group {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = self.dir.join(format!("{name}.log"));
         match &self.kubeconfig {
-            Some(kubeconfig) => Process::spawn_with(&args, &[("KUBECONFIG", kubeconfig)], log),
+            // Each replica is its own pod: status it writes names it.
+            Some(kubeconfig) => Process::spawn_with(
+                &args,
+                &[("KUBECONFIG", kubeconfig), ("HOSTNAME", Path::new(name))],
+                log,
+            ),
             None => Process::spawn(&args, log),
         }
     }
@@ -883,6 +888,14 @@ async fn a_group_reading_the_api_server_fails_over_without_envoy_seeing_a_change
         group.start(id);
     }
     let first = group.agreed_leader(Duration::from_secs(30)).await?;
+    // Only the Raft leader writes the policy objects' status.
+    let leader_manager = format!("trellis-leader/leader-{}", first.leader);
+    eventually(
+        Duration::from_secs(30),
+        "the leader to write TrafficTarget bookstore/bookstore's status",
+        || async { status_managers(cluster, "bookstore", "bookstore") == [leader_manager.clone()] },
+    )
+    .await?;
     let edges = [EdgeProcess::start(&group, "edge-kube")];
     edges[0].ready().await?;
     // The class the file source gives bookbuyer's pod is the one the group
@@ -898,11 +911,46 @@ async fn a_group_reading_the_api_server_fails_over_without_envoy_seeing_a_change
         .replace_leader(first.leader, &edges, Duration::from_secs(30))
         .await?;
     nothing_reached_envoy(&edges, &commits_before, &envoy, settled).await;
+    // The new leader found the status already said: nobody else wrote it.
+    assert_eq!(
+        status_managers(cluster, "bookstore", "bookstore"),
+        [leader_manager]
+    );
 
     // A change made through the API server reaches Envoy.
     cluster.kubectl_ok(["delete", "traffictarget", "-n", "bookstore", "bookstore"]);
     change_reaches(&envoy, settled).await?;
     Ok(())
+}
+
+/// Who wrote TrafficTarget `namespace/name`'s status, if it is accepted.
+fn status_managers(cluster: &Cluster, namespace: &str, name: &str) -> Vec<String> {
+    let text = cluster.kubectl_ok([
+        "get",
+        "traffictargets.access.smi-spec.io",
+        "-n",
+        namespace,
+        name,
+        "-o",
+        "json",
+        "--show-managed-fields",
+    ]);
+    let object: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let accepted = (object["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten())
+    .any(|c| c["type"] == "Accepted" && c["status"] == "True");
+    if !accepted {
+        return Vec::new();
+    }
+    (object["metadata"]["managedFields"]
+        .as_array()
+        .into_iter()
+        .flatten())
+    .filter(|f| f["subresource"] == "status")
+    .filter_map(|f| f["manager"].as_str().map(str::to_owned))
+    .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
