@@ -152,6 +152,16 @@ impl Admin {
                 Ok(json) => response(StatusCode::OK, "application/json", json.into()),
                 Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")),
             },
+            // What `trellis proxy-status` reads: every stream's delivery
+            // state and the leader's epoch this edge serves.
+            "/debug/sync" => {
+                let sync = serde_json::json!({
+                    "leader_epoch": self.store.leader_epoch(),
+                    "stale_after_ms": u64::try_from(self.ads.stale_after().as_millis()).unwrap_or(u64::MAX),
+                    "streams": self.ads.streams(),
+                });
+                response(StatusCode::OK, "application/json", sync.to_string().into())
+            }
             _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
         }
     }

@@ -141,13 +141,25 @@ impl BindingKey {
     }
 }
 
-/// The class `snapshot` binds `peer`'s proxy UUID to, if it holds one.
-pub(crate) fn bound_class(snapshot: &Snapshot, peer: &PeerIdentity) -> Option<String> {
+/// The binding of `peer`'s proxy UUID in `snapshot`, if it holds one.
+fn binding(snapshot: &Snapshot, peer: &PeerIdentity) -> Option<ProxyBinding> {
     let key = BindingKey::of(peer)?;
     let resource = snapshot.get(&key.scope, type_url::PROXY_BINDING, &key.uuid)?;
     let any = Any::decode(resource.any().clone()).ok()?;
-    let binding = ProxyBinding::decode(any.value.as_slice()).ok()?;
-    Some(binding.class)
+    ProxyBinding::decode(any.value.as_slice()).ok()
+}
+
+/// The class `snapshot` binds `peer`'s proxy UUID to, if it holds one.
+pub(crate) fn bound_class(snapshot: &Snapshot, peer: &PeerIdentity) -> Option<String> {
+    binding(snapshot, peer).map(|b| b.class)
+}
+
+/// The pod (`<namespace>/<name>`) `snapshot` binds `peer`'s proxy UUID
+/// to, if it holds one.
+pub(crate) fn bound_pod(snapshot: &Snapshot, peer: &PeerIdentity) -> Option<String> {
+    binding(snapshot, peer)
+        .map(|b| b.pod)
+        .filter(|pod| !pod.is_empty())
 }
 
 /// Takes the class from node metadata `trellis.class`, else from the node's

@@ -7,7 +7,10 @@
 //! carries the epoch, so a slow stream that wakes late reads the latest
 //! snapshot and skips everything in between.
 
-use std::sync::Arc;
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
+};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
@@ -21,6 +24,9 @@ pub struct SnapshotStore {
     /// Set by the first publish: the edge serves nothing before it has a
     /// complete snapshot.
     ready: watch::Sender<bool>,
+    /// The leader's epoch of the snapshot served: comparable across edges
+    /// following one leader group, where their own epochs are not.
+    leader_epoch: AtomicU64,
 }
 
 impl Default for SnapshotStore {
@@ -39,15 +45,35 @@ impl SnapshotStore {
             current: ArcSwap::from_pointee(empty),
             epochs,
             ready,
+            leader_epoch: AtomicU64::new(0),
         }
     }
 
-    /// Serves `snapshot` from now on and wakes every stream.
+    /// Serves `snapshot` from now on and wakes every stream: the leader's
+    /// own (an in-process leader), so its epoch is the leader's.
     pub fn publish(&self, snapshot: Snapshot) {
+        let epoch = snapshot.epoch();
+        self.publish_from_leader(snapshot, epoch);
+    }
+
+    /// Serves `snapshot`, built from the leader's snapshot `leader_epoch`.
+    pub fn publish_from_leader(&self, snapshot: Snapshot, leader_epoch: Epoch) {
+        self.leader_epoch.store(leader_epoch, Ordering::Relaxed);
         let epoch = snapshot.epoch();
         self.current.store(Arc::new(snapshot));
         self.epochs.send_replace(epoch);
         self.ready.send_replace(true);
+    }
+
+    /// The leader moved to `leader_epoch` without changing what this edge
+    /// serves: it is in step all the same.
+    pub fn note_leader_epoch(&self, leader_epoch: Epoch) {
+        self.leader_epoch.store(leader_epoch, Ordering::Relaxed);
+    }
+
+    /// The leader's epoch of the snapshot served (0 before the first).
+    pub fn leader_epoch(&self) -> Epoch {
+        self.leader_epoch.load(Ordering::Relaxed)
     }
 
     /// The snapshot being served.

@@ -368,23 +368,26 @@ impl Session<'_> {
         response: &DeltaDiscoveryResponse,
     ) -> Result<(), UpstreamError> {
         let first = !self.store.is_ready();
+        let commit = commit_of(response);
+        let leader_epoch = commit.as_ref().map_or(0, |c| c.epoch);
         if !pending.has_changes() && !first {
-            debug!(leader_epoch = %response.system_version_info, "commit without changes");
+            debug!(leader_epoch, "commit without changes");
+            self.store.note_leader_epoch(leader_epoch);
             self.committed = true;
             self.metrics.upstream_syncs.inc();
             return Ok(());
         }
         let mut snapshot = pending.build()?;
-        if let Some(caused_at) = caused_at(response) {
+        if let Some(caused_at) = commit.map(|c| c.caused_at_unix_ms).filter(|at| *at > 0) {
             snapshot = snapshot.caused_at(caused_at);
         }
         info!(
-            leader_epoch = %response.system_version_info,
+            leader_epoch,
             epoch = snapshot.epoch(),
             resources = received,
             "applied the leader's snapshot"
         );
-        self.store.publish(snapshot);
+        self.store.publish_from_leader(snapshot, leader_epoch);
         self.committed = true;
         self.metrics.upstream_commits.inc();
         self.metrics.upstream_syncs.inc();
@@ -392,11 +395,11 @@ impl Session<'_> {
     }
 }
 
-/// When the source event a commit answers reached the leader, if it says.
-fn caused_at(response: &DeltaDiscoveryResponse) -> Option<u64> {
+/// The commit a response carries: the leader's epoch, and when the source
+/// event it answers reached the leader.
+fn commit_of(response: &DeltaDiscoveryResponse) -> Option<Commit> {
     let any = response.resources.first()?.resource.as_ref()?;
-    let commit = <Commit as prost::Message>::decode(any.value.as_slice()).ok()?;
-    (commit.caused_at_unix_ms > 0).then_some(commit.caused_at_unix_ms)
+    <Commit as prost::Message>::decode(any.value.as_slice()).ok()
 }
 
 /// The versions of one type the edge holds, by wire name.

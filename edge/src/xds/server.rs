@@ -37,7 +37,7 @@ use super::{
     AdsConfig, Refusal, Variant,
 };
 use crate::{
-    classify::{bound_class, BindingKey, ClassifyError, ProxyClassifier},
+    classify::{bound_class, bound_pod, BindingKey, ClassifyError, ProxyClassifier},
     connections::{Closing, ConnectionHandle},
     demand::{ClassDemand, Need},
     metrics::{Metrics, Protocol, ProtocolLabels, TypeLabels},
@@ -98,9 +98,12 @@ pub struct StreamReport {
     pub protocol: Protocol,
     /// Per-type delivery state.
     pub types: Vec<TypeReport>,
-    /// Since when a response has waited for the proxy's answer.
-    #[serde(skip)]
+    /// How long a response has waited for the proxy's answer (shown in
+    /// milliseconds; absent when none waits).
+    #[serde(rename = "unanswered_ms", serialize_with = "elapsed_ms")]
     pub(crate) unanswered_since: Option<std::time::Instant>,
+    /// The pod the leader binds the proxy's UUID to, when it does.
+    pub pod: Option<String>,
 }
 
 impl StreamReport {
@@ -130,6 +133,25 @@ pub struct TypeReport {
     pub nacks: u64,
     /// Error detail of the latest rejection, while it is the latest answer.
     pub last_nack: Option<String>,
+    /// When the proxy last accepted a response of this type (Unix
+    /// milliseconds, the edge's clock).
+    pub last_ack_unix_ms: Option<u64>,
+    /// Whether the latest response of this type awaits the proxy's answer.
+    pub awaiting: bool,
+}
+
+fn unix_ms(time: std::time::SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// How long ago `since` was, in milliseconds.
+fn elapsed_ms<S: serde::Serializer>(
+    since: &Option<std::time::Instant>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let millis = since.map(|s| u64::try_from(s.elapsed().as_millis()).unwrap_or(u64::MAX));
+    serde::Serialize::serialize(&millis, serializer)
 }
 
 impl AdsServer {
@@ -173,6 +195,12 @@ impl AdsServer {
     /// another edge.
     pub fn drain(&self) {
         self.shared.draining.send_replace(true);
+    }
+
+    /// How long a response may wait for its answer before the stream is
+    /// stale.
+    pub fn stale_after(&self) -> std::time::Duration {
+        self.shared.config.stale_after
     }
 
     /// How many streams are stale (a response unanswered for longer than
@@ -277,7 +305,10 @@ async fn drive<V: Variant>(
         .map_err(Refusal::NoClass)?;
     let id = shared.next_stream.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("xds_stream", stream = id, proxy = %node.id, class = %class, protocol = ?V::PROTOCOL);
-    let _registration = Registration::new(shared, id, &node.id, &class, V::PROTOCOL);
+    let pod = (peer.as_ref())
+        .filter(|p| p.pod_bound)
+        .and_then(|p| bound_pod(&shared.store.load(), p));
+    let _registration = Registration::new(shared, id, &node.id, &class, V::PROTOCOL, pod);
 
     let mut draining = shared.draining.subscribe();
     if *draining.borrow_and_update() {
@@ -363,9 +394,7 @@ pub(super) fn handle<V: Variant>(
         }
     }
     if state.unanswered_since() != waiting {
-        if let Some(mut report) = shared.streams.get_mut(&id) {
-            report.unanswered_since = state.unanswered_since();
-        }
+        shared.report(id, state);
     }
     Ok(responses)
 }
@@ -511,6 +540,9 @@ impl Shared {
                 entry.acks = acked.acks;
                 entry.held = acked.sent().len();
                 entry.last_nack = None;
+                entry.last_ack_unix_ms = acked.last_ack_at.map(unix_ms);
+                entry.awaiting = state.awaiting(type_url);
+                report.unanswered_since = state.unanswered_since();
             }
             _ => {
                 drop(report);
@@ -524,14 +556,17 @@ impl Shared {
         let Some(mut report) = self.streams.get_mut(&id) else {
             return;
         };
+        report.unanswered_since = state.unanswered_since();
         report.types = state
             .types()
             .map(|(type_url, t)| TypeReport {
+                awaiting: state.awaiting(type_url),
                 type_url: type_url.to_string(),
                 held: t.sent().len(),
                 acks: t.acks,
                 nacks: t.nacks,
                 last_nack: t.last_nack.clone(),
+                last_ack_unix_ms: t.last_ack_at.map(unix_ms),
             })
             .collect();
     }
@@ -581,6 +616,7 @@ impl Registration {
         node: &str,
         class: &str,
         protocol: Protocol,
+        pod: Option<String>,
     ) -> Registration {
         shared
             .metrics
@@ -596,6 +632,7 @@ impl Registration {
                 protocol,
                 types: Vec::new(),
                 unanswered_since: None,
+                pod,
             },
         );
         let class = Need::Class(Arc::from(class));

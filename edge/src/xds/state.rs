@@ -38,6 +38,8 @@ pub(crate) struct TypeState {
     pub(crate) last_nack: Option<String>,
     pub(crate) acks: u64,
     pub(crate) nacks: u64,
+    /// When the client last accepted a response of this type.
+    pub(crate) last_ack_at: Option<std::time::SystemTime>,
     /// The latest response, until the client answers it.
     awaiting: Option<Sent>,
 }
@@ -282,6 +284,13 @@ impl StreamState {
         self.unanswered_since
     }
 
+    /// Whether the latest response of `type_url` awaits the client's answer.
+    pub(crate) fn awaiting(&self, type_url: &str) -> bool {
+        self.types
+            .get(type_url)
+            .is_some_and(|t| t.awaiting.is_some())
+    }
+
     /// Forgets the wait once no response awaits an answer.
     fn answered(&mut self) {
         if self.types.values().all(|t| t.awaiting.is_none()) {
@@ -409,6 +418,7 @@ impl StreamState {
             None => {
                 state.acks += 1;
                 state.last_nack = None;
+                state.last_ack_at = Some(std::time::SystemTime::now());
                 NonceCheck::Ack
             }
         }

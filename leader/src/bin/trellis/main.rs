@@ -60,6 +60,7 @@ mod credentials;
 mod inject;
 mod mesh_root;
 mod providers;
+mod proxy_status;
 mod supervise;
 
 use credentials::EDGE_SERVER_NAME;
@@ -485,6 +486,10 @@ enum Command {
     /// Run the sidecar injector: a mutating admission webhook (HTTPS) adding
     /// the Envoy sidecar to pods created in the mesh's namespaces.
     Inject(inject::InjectArgs),
+    /// Every proxy across the edges, and whether it holds the latest
+    /// configuration per type: SYNCED, STALE (behind the newest leader
+    /// snapshot, or a response unanswered), NACKED (with Envoy's reason).
+    ProxyStatus(proxy_status::ProxyStatusArgs),
     /// Compile a directory of manifests once; print classes and problems.
     /// Exits 1 if any object was skipped.
     Check {
@@ -624,6 +629,7 @@ async fn main() -> Result<()> {
         }
         Command::CaStatus { access, json } => mesh_root::status(&access, json).await,
         Command::Inject(args) => inject::run(args).await,
+        Command::ProxyStatus(args) => proxy_status::run(args).await,
     }
 }
 
