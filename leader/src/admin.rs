@@ -324,6 +324,7 @@ mod tests {
             problems: vec![crate::catalog::Problem {
                 object: "TrafficTarget ns/bad".to_owned(),
                 reason: "destination is outside the namespace".to_owned(),
+                kind: crate::catalog::ProblemKind::Invalid,
             }],
             ..crate::pipeline::Status::default()
         };

@@ -308,6 +308,23 @@ pub struct Problem {
     pub object: String,
     /// What is wrong with it.
     pub reason: String,
+    /// What kind of problem: the admission webhook refuses only invalid
+    /// objects, and warns of the rest.
+    pub kind: ProblemKind,
+}
+
+/// What kind of problem an object has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ProblemKind {
+    /// The object itself is wrong; it is left out.
+    Invalid,
+    /// An object it names is missing, or lacks what it names: created or
+    /// fixed, that object makes this one valid, so manifests applied in any
+    /// order go in.
+    Unresolved,
+    /// A field Trellis does not implement: it has no effect, the object
+    /// applies.
+    Unimplemented,
 }
 
 impl Problem {
@@ -315,7 +332,36 @@ impl Problem {
         Problem {
             object: object.to_string(),
             reason: reason.into(),
+            kind: ProblemKind::Invalid,
         }
+    }
+
+    /// The problem `skip` says of `object`.
+    pub(crate) fn skipped(object: &ObjectRef, skip: Skip) -> Problem {
+        let (reason, kind) = match skip {
+            Skip::Invalid(reason) => (reason, ProblemKind::Invalid),
+            Skip::Unresolved(reason) => (reason, ProblemKind::Unresolved),
+        };
+        Problem {
+            object: object.to_string(),
+            reason,
+            kind,
+        }
+    }
+}
+
+/// Why the catalog leaves an object out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Skip {
+    /// The object itself is wrong.
+    Invalid(String),
+    /// An object it names is missing, or lacks what it names.
+    Unresolved(String),
+}
+
+impl From<String> for Skip {
+    fn from(reason: String) -> Skip {
+        Skip::Invalid(reason)
     }
 }
 

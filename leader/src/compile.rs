@@ -478,6 +478,7 @@ impl Compiler {
             Err(error) => self.output.problems.push(Problem {
                 object: "the ingress gateway certificate".to_owned(),
                 reason: error.to_string(),
+                kind: crate::catalog::ProblemKind::Invalid,
             }),
         }
         if regrouped || outcomes_changed {
@@ -495,6 +496,7 @@ impl Compiler {
                 Some(Err(reason)) => self.output.problems.push(Problem {
                     object: format!("class {id}"),
                     reason: reason.clone(),
+                    kind: crate::catalog::ProblemKind::Invalid,
                 }),
                 _ => {}
             }

@@ -358,14 +358,17 @@ mod tests {
                 Problem {
                     object: "TrafficTarget ns/bad".to_owned(),
                     reason: "no such route".to_owned(),
+                    kind: crate::catalog::ProblemKind::Invalid,
                 },
                 Problem {
                     object: "Retry ns/unreadable".to_owned(),
                     reason: "spec.retryOn: expected a string".to_owned(),
+                    kind: crate::catalog::ProblemKind::Invalid,
                 },
                 Problem {
                     object: "Pod ns/p".to_owned(),
                     reason: "not a policy".to_owned(),
+                    kind: crate::catalog::ProblemKind::Invalid,
                 },
             ],
             ..Status::default()

@@ -277,12 +277,15 @@ fn not_implemented(r: &ObjectRef, spec: &MeshConfigSpec, problems: &mut Vec<Prob
             }
             _ => "",
         };
-        problems.push(Problem::new(
-            r,
-            format!(
-                "{field} is not implemented by this version of Trellis; it has no effect{instead}"
-            ),
-        ));
+        problems.push(Problem {
+            kind: super::ProblemKind::Unimplemented,
+            ..Problem::new(
+                r,
+                format!(
+                    "{field} is not implemented by this version of Trellis; it has no effect{instead}"
+                ),
+            )
+        });
     }
 }
 

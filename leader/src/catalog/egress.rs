@@ -10,7 +10,7 @@ use std::{
 
 use super::{
     policy::{identity, referenced_rules, Groups},
-    HttpRule, Identity, MeshSettings, Problem,
+    HttpRule, Identity, MeshSettings, Problem, Skip,
 };
 use crate::kinds::{Egress, ObjectRef};
 
@@ -75,7 +75,7 @@ pub(super) fn build(
                         .extend(found.iter().cloned());
                 }
             }
-            Err(reason) => problems.push(Problem::new(r, reason)),
+            Err(skip) => problems.push(Problem::skipped(r, skip)),
         }
     }
     rules
@@ -89,13 +89,13 @@ fn egress_rules(
     r: &ObjectRef,
     egress: &Egress,
     groups: &Groups<'_>,
-) -> Result<(Vec<Identity>, Vec<EgressRule>), String> {
+) -> Result<(Vec<Identity>, Vec<EgressRule>), Skip> {
     let spec = &egress.spec;
     let sources = (spec.sources.iter())
         .map(|s| identity(s, &r.namespace))
         .collect::<Result<Vec<_>, _>>()?;
     if sources.is_empty() {
-        return Err("no sources".to_owned());
+        return Err(Skip::Invalid("no sources".to_owned()));
     }
     let ranges = (spec.ip_addresses.iter())
         .map(|text| {
@@ -111,28 +111,28 @@ fn egress_rules(
             "tcp-server-first" => EgressProtocol::TcpServerFirst,
             "https" => EgressProtocol::Https,
             other => {
-                return Err(format!(
+                return Err(Skip::Invalid(format!(
                     "port {}: protocol {other:?} is not http, https, tcp or tcp-server-first",
                     port.number
-                ))
+                )))
             }
         };
         if port.number == 0 {
-            return Err("port 0 is not a port".to_owned());
+            return Err(Skip::Invalid("port 0 is not a port".to_owned()));
         }
         let (hosts, ranges) = match protocol {
             EgressProtocol::Http | EgressProtocol::Https if spec.hosts.is_empty() => {
-                return Err(format!(
+                return Err(Skip::Invalid(format!(
                     "port {}: {} egress needs hosts",
                     port.number, port.protocol
-                ))
+                )))
             }
             EgressProtocol::Http | EgressProtocol::Https => (spec.hosts.clone(), Vec::new()),
             _ if ranges.is_empty() => {
-                return Err(format!(
+                return Err(Skip::Invalid(format!(
                     "port {}: tcp egress needs ipAddresses",
                     port.number
-                ))
+                )))
             }
             _ => (Vec::new(), ranges.clone()),
         };

@@ -20,7 +20,7 @@ use super::{
     egress::{host_range, range},
     is_dns_name,
     policy::{referenced_rules, Groups},
-    HttpRule, MeshService, MeshSettings, Problem, ServiceKey,
+    HttpRule, MeshService, MeshSettings, Problem, ServiceKey, Skip,
 };
 use crate::kinds::{IngressBackend, Object, ObjectRef};
 
@@ -107,7 +107,7 @@ pub(super) fn build(
                     ingress.rules.entry(service).or_default().push(rule);
                 }
             }
-            Err(reason) => problems.push(Problem::new(r, reason)),
+            Err(skip) => problems.push(Problem::skipped(r, skip)),
         }
     }
     for rules in ingress.rules.values_mut() {
@@ -125,10 +125,10 @@ fn rules(
     groups: &Groups<'_>,
     services: &BTreeMap<ServiceKey, MeshService>,
     followed: &mut BTreeSet<ServiceKey>,
-) -> Result<Vec<(ServiceKey, IngressRule)>, String> {
+) -> Result<Vec<(ServiceKey, IngressRule)>, Skip> {
     let spec = &backend.spec;
     if spec.sources.is_empty() {
-        return Err("no sources".to_owned());
+        return Err(Skip::Invalid("no sources".to_owned()));
     }
     // `None` until an address source is seen: then only those addresses.
     let mut ranges: Option<Vec<(IpAddr, u8)>> = None;
@@ -159,16 +159,16 @@ fn rules(
                     || name.len() > MAX_PRINCIPAL
                     || name.chars().any(char::is_whitespace)
                 {
-                    return Err(format!(
+                    return Err(Skip::Invalid(format!(
                         "source AuthenticatedPrincipal {name:?} is not a certificate name"
-                    ));
+                    )));
                 }
                 principals.push(name.clone());
             }
             other => {
-                return Err(format!(
+                return Err(Skip::Invalid(format!(
                     "source kind {other:?} is not Service, IPRange or AuthenticatedPrincipal"
-                ))
+                )))
             }
         }
     }
@@ -183,22 +183,22 @@ fn rules(
     for target in &spec.backends {
         let tls = match (target.port.protocol.as_str(), &target.tls) {
             ("http", Some(_)) => {
-                return Err(format!("backend {}: tls applies only to https backends", target.name))
+                return Err(Skip::Invalid(format!("backend {}: tls applies only to https backends", target.name)))
             }
             ("http", None) if !principals.is_empty() => {
-                return Err(format!(
+                return Err(Skip::Invalid(format!(
                     "backend {}: AuthenticatedPrincipal sources need an https backend; this one is http",
                     target.name
-                ))
+                )))
             }
             ("http", None) if ranges.is_none() => {
-                return Err(format!("backend {}: an http backend needs an IPRange or Service source", target.name))
+                return Err(Skip::Invalid(format!("backend {}: an http backend needs an IPRange or Service source", target.name)))
             }
             ("http", None) => None,
             ("https", tls) => {
                 let tls = tls.clone().unwrap_or_default();
                 if let Some(bad) = tls.sni_hosts.iter().find(|h| !is_dns_name(h)) {
-                    return Err(format!("backend {}: sniHosts entry {bad:?} is not a DNS name", target.name));
+                    return Err(Skip::Invalid(format!("backend {}: sniHosts entry {bad:?} is not a DNS name", target.name)));
                 }
                 let mut sni_hosts = tls.sni_hosts;
                 sni_hosts.sort();
@@ -208,7 +208,7 @@ fn rules(
                     principals: (!tls.skip_client_cert_validation).then(|| principals.clone()),
                 })
             }
-            (other, _) => return Err(format!("backend {}: protocol {other:?} is not http or https", target.name)),
+            (other, _) => return Err(Skip::Invalid(format!("backend {}: protocol {other:?} is not http or https", target.name))),
         };
         let key = ServiceKey {
             namespace: r.namespace.clone(),
@@ -216,16 +216,16 @@ fn rules(
         };
         let service = services
             .get(&key)
-            .ok_or_else(|| format!("backend service {key} is not in the mesh"))?;
+            .ok_or_else(|| Skip::Unresolved(format!("backend service {key} is not in the mesh")))?;
         if !service
             .ports
             .iter()
             .any(|p| p.target_port == target.port.number)
         {
-            return Err(format!(
+            return Err(Skip::Unresolved(format!(
                 "backend service {key} has no target port {}",
                 target.port.number
-            ));
+            )));
         }
         found.push((
             key,

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
     egress, ingress, retry, traffic_setting, EgressRule, Identity, MeshService, MeshSettings,
-    Problem, ServiceKey,
+    Problem, ServiceKey, Skip,
 };
 use crate::kinds::{
     HTTPRouteGroup, HttpMatch, IdentityBinding, Object, ObjectRef, RouteReference, TCPRoute,
@@ -110,8 +110,8 @@ pub(super) fn build(
         .into_iter()
         .filter_map(|(r, t)| match target(r, t, &groups, &tcp_routes) {
             Ok(t) => Some(t),
-            Err(reason) => {
-                problems.push(Problem::new(r, reason));
+            Err(skip) => {
+                problems.push(Problem::skipped(r, skip));
                 None
             }
         })
@@ -127,17 +127,17 @@ pub(super) fn build(
     let mut by_root: BTreeMap<ServiceKey, Split> = BTreeMap::new();
     for (r, s) in splits {
         let result = split(r, s, services).and_then(|split| match by_root.get(&split.root) {
-            Some(first) => Err(format!(
+            Some(first) => Err(Skip::Invalid(format!(
                 "a second TrafficSplit for {}; {} applies",
                 split.root, first.name
-            )),
+            ))),
             None => Ok(split),
         });
         match result {
             Ok(split) => {
                 by_root.insert(split.root.clone(), split);
             }
-            Err(reason) => problems.push(Problem::new(r, reason)),
+            Err(skip) => problems.push(Problem::skipped(r, skip)),
         }
     }
     let egress = egress::build(&egresses, &groups, settings, problems);
@@ -207,13 +207,13 @@ fn target(
     t: &TrafficTarget,
     groups: &Groups<'_>,
     tcp_routes: &BTreeMap<(String, String), &TCPRoute>,
-) -> Result<Target, String> {
+) -> Result<Target, Skip> {
     let destination = identity(&t.spec.destination, &r.namespace)?;
     if destination.namespace != r.namespace {
-        return Err(format!(
+        return Err(Skip::Invalid(format!(
             "destination {destination} is outside the TrafficTarget's namespace {}",
             r.namespace
-        ));
+        )));
     }
     let sources = t
         .spec
@@ -227,9 +227,12 @@ fn target(
         let key = (r.namespace.clone(), rule.name.clone());
         match rule.kind.as_str() {
             "HTTPRouteGroup" => {
-                let group = groups
-                    .get(&key)
-                    .ok_or_else(|| format!("HTTPRouteGroup {} is missing or invalid", rule.name))?;
+                let group = groups.get(&key).ok_or_else(|| {
+                    Skip::Unresolved(format!(
+                        "HTTPRouteGroup {} is missing or invalid",
+                        rule.name
+                    ))
+                })?;
                 // SMI: no match names means every match of the group (OSM
                 // compiled no routes here; Trellis follows the spec).
                 let chosen: Vec<&HttpMatch> = if rule.matches.is_empty() {
@@ -244,7 +247,10 @@ fn target(
                                 .iter()
                                 .find(|m| &m.name == name)
                                 .ok_or_else(|| {
-                                    format!("HTTPRouteGroup {} has no match {name:?}", rule.name)
+                                    Skip::Unresolved(format!(
+                                        "HTTPRouteGroup {} has no match {name:?}",
+                                        rule.name
+                                    ))
                                 })
                         })
                         .collect::<Result<_, _>>()?
@@ -252,17 +258,17 @@ fn target(
                 http.extend(http_rules(&rule.name, chosen.into_iter()));
             }
             "TCPRoute" => {
-                let route = tcp_routes
-                    .get(&key)
-                    .ok_or_else(|| format!("TCPRoute {} is missing", rule.name))?;
+                let route = tcp_routes.get(&key).ok_or_else(|| {
+                    Skip::Unresolved(format!("TCPRoute {} is missing", rule.name))
+                })?;
                 tcp.insert(TcpRule {
                     ports: route.spec.matches.ports.clone(),
                 });
             }
             other => {
-                return Err(format!(
+                return Err(Skip::Invalid(format!(
                     "rule kind {other:?} is not HTTPRouteGroup or TCPRoute"
-                ))
+                )))
             }
         }
     }
@@ -281,18 +287,23 @@ pub(super) fn referenced_rules(
     namespace: &str,
     references: &[RouteReference],
     groups: &Groups<'_>,
-) -> Result<Vec<HttpRule>, String> {
+) -> Result<Vec<HttpRule>, Skip> {
     let mut rules = Vec::new();
     for reference in references {
         if reference.kind != "HTTPRouteGroup" {
-            return Err(format!(
+            return Err(Skip::Invalid(format!(
                 "matches: {} {} is not an HTTPRouteGroup",
                 reference.kind, reference.name
-            ));
+            )));
         }
         let group = groups
             .get(&(namespace.to_owned(), reference.name.clone()))
-            .ok_or_else(|| format!("HTTPRouteGroup {} is missing or invalid", reference.name))?;
+            .ok_or_else(|| {
+                Skip::Unresolved(format!(
+                    "HTTPRouteGroup {} is missing or invalid",
+                    reference.name
+                ))
+            })?;
         rules.extend(http_rules(&reference.name, group.spec.matches.iter()));
     }
     Ok(rules)
@@ -321,25 +332,29 @@ fn split(
     r: &ObjectRef,
     s: &TrafficSplit,
     services: &BTreeMap<ServiceKey, MeshService>,
-) -> Result<Split, String> {
+) -> Result<Split, Skip> {
     let key = |name: &str| ServiceKey {
         namespace: r.namespace.clone(),
         name: name.to_owned(),
     };
     let root = key(&s.spec.service);
     if !services.contains_key(&root) {
-        return Err(format!("root service {root} does not exist"));
+        return Err(Skip::Unresolved(format!(
+            "root service {root} does not exist"
+        )));
     }
     let mut backends = Vec::new();
     for backend in &s.spec.backends {
         let service = key(&backend.service);
         if !services.contains_key(&service) {
-            return Err(format!("backend service {service} does not exist"));
+            return Err(Skip::Unresolved(format!(
+                "backend service {service} does not exist"
+            )));
         }
         backends.push((service, backend.weight));
     }
     if backends.iter().map(|(_, w)| u64::from(*w)).sum::<u64>() == 0 {
-        return Err("backend weights sum to zero".to_owned());
+        return Err(Skip::Invalid("backend weights sum to zero".to_owned()));
     }
     Ok(Split {
         name: format!("{}/{}", r.namespace, r.name),

@@ -79,6 +79,7 @@ impl FileSource {
                     state.problems = vec![Problem {
                         object: shown,
                         reason: format!("cannot be read: {error}"),
+                        kind: crate::catalog::ProblemKind::Invalid,
                     }];
                     continue;
                 }
@@ -163,6 +164,7 @@ impl FileSource {
                 reason: format!(
                     "cannot list this directory ({error}); its files keep their objects"
                 ),
+                kind: crate::catalog::ProblemKind::Invalid,
             }
         }));
         for (r, owners) in self.owners.iter().filter(|(_, o)| o.len() > 1) {
@@ -181,6 +183,7 @@ impl FileSource {
                     "defined in several files ({}); the last one applies",
                     files.join(", ")
                 ),
+                kind: crate::catalog::ProblemKind::Invalid,
             });
         }
         problems.sort();
@@ -300,11 +303,13 @@ fn parse(file: &str, bytes: &[u8]) -> Result<(BTreeMap<ObjectRef, Object>, Vec<P
     let text = std::str::from_utf8(bytes).map_err(|e| Problem {
         object: file.to_owned(),
         reason: format!("not UTF-8: {e}"),
+        kind: crate::catalog::ProblemKind::Invalid,
     })?;
     let documents: Vec<serde_json::Value> =
         serde_saphyr::from_multiple(text).map_err(|e| Problem {
             object: file.to_owned(),
             reason: format!("YAML does not parse: {e}"),
+            kind: crate::catalog::ProblemKind::Invalid,
         })?;
     let mut objects = BTreeMap::new();
     let mut problems = Vec::new();
@@ -322,6 +327,7 @@ fn parse(file: &str, bytes: &[u8]) -> Result<(BTreeMap<ObjectRef, Object>, Vec<P
             Err(error) => problems.push(Problem {
                 object: format!("{file} (document {})", index + 1),
                 reason: error.to_string(),
+                kind: crate::catalog::ProblemKind::Invalid,
             }),
         }
     }

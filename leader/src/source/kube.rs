@@ -120,6 +120,7 @@ fn convert(resource: &ApiResource, object: DynamicObject) -> Result<Object, Prob
     let mut value = serde_json::to_value(&object).map_err(|e| Problem {
         object: name.clone(),
         reason: e.to_string(),
+        kind: crate::catalog::ProblemKind::Invalid,
     })?;
     value["apiVersion"] = serde_json::Value::String(resource.api_version.clone());
     value["kind"] = serde_json::Value::String(resource.kind.clone());
@@ -133,6 +134,7 @@ fn convert(resource: &ApiResource, object: DynamicObject) -> Result<Object, Prob
     Object::from_manifest(value).map_err(|e| Problem {
         object: name,
         reason: e.to_string(),
+        kind: crate::catalog::ProblemKind::Invalid,
     })
 }
 
@@ -227,6 +229,7 @@ impl Held {
                     Problem {
                         object,
                         reason: "the API server does not serve this kind (is its CRD installed?); none are read until it does".to_owned(),
+                        kind: crate::catalog::ProblemKind::Invalid,
                     },
                 );
             }
@@ -287,6 +290,7 @@ mod tests {
         Step::Apply(Err(Problem {
             object: object.to_owned(),
             reason: "does not decode".to_owned(),
+            kind: crate::catalog::ProblemKind::Invalid,
         }))
     }
 
