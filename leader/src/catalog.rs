@@ -8,6 +8,7 @@ mod ingress;
 mod policy;
 mod retry;
 mod traffic_setting;
+mod validate;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -25,6 +26,7 @@ pub use self::retry::{Retries, RetryRule};
 pub use self::traffic_setting::{
     ConnectionLimits, HttpRateLimit, TokenBucket, TrafficSetting, TrafficSettings,
 };
+pub use self::validate::{judge, Judgement};
 use crate::kinds::ObjectRef;
 
 /// Kinds that only [`rebuild_policies`] reads: a change to them leaves the

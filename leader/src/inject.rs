@@ -60,11 +60,13 @@ mod server;
 mod sidecar;
 #[cfg(test)]
 mod tests;
+mod validate;
 
 pub use decide::PROXY_UUID_LABEL;
 pub use review::ReviewError;
-pub use server::{publish_ca_bundle, serve, serve_admin, WebhookTls, WEBHOOK_PATH};
+pub use server::{publish_ca_bundle, serve, serve_admin, WebhookKind, WebhookTls, WEBHOOK_PATH};
 pub use sidecar::SidecarImages;
+pub use validate::VALIDATE_PATH;
 
 use decide::{Decision, Exclusions};
 use review::Verdict;

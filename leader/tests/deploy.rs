@@ -915,6 +915,11 @@ impl Injector {
 
     /// [`Injector::start`] on `port`.
     async fn start_on(dir: &Path, kubeconfig: &Path, webhook: &str, port: u16) -> Injector {
+        Injector::start_with(dir, kubeconfig, &["--webhook-configuration", webhook], port).await
+    }
+
+    /// `trellis inject` with `args` on `port`.
+    async fn start_with(dir: &Path, kubeconfig: &Path, args: &[&str], port: u16) -> Injector {
         let leader = IssuingLeader::start(dir).await;
         let control = dir.join("injector-control");
         leader.control_cert("injector", &["--dns", "localhost"], &control);
@@ -927,7 +932,7 @@ impl Injector {
                 .args(["--leader", &format!("https://{}", leader.publish)])
                 .args(["--listen", &address.to_string()])
                 .args(["--admin", "127.0.0.1:0"])
-                .args(["--webhook-configuration", webhook])
+                .args(args)
                 .args([
                     "--edge",
                     "trellis-edge.trellis-system.svc.cluster.local:15128",
@@ -2096,12 +2101,14 @@ async fn the_leader_writes_each_policys_status_and_an_event_for_a_skipped_one_wi
     install_crds(cluster);
     install_rbac(cluster);
     let admin = cluster.client().await;
-    let namespace = "status-feedback";
+    // A mesh of its own: other tests' leaders on the shared API server
+    // (mesh osm) leave this namespace alone.
+    let (namespace, mesh) = ("status-feedback", "status-mesh");
     cluster
         .namespace(
             &admin,
             namespace,
-            &[("openservicemesh.io/monitored-by", "osm")],
+            &[("openservicemesh.io/monitored-by", mesh)],
         )
         .await;
     let route = json!({
@@ -2128,6 +2135,7 @@ async fn the_leader_writes_each_policys_status_and_an_event_for_a_skipped_one_wi
     let ca = Arc::new(BuiltinCa::generate().unwrap());
     let pipeline = Pipeline::new(
         PipelineConfig {
+            mesh: mesh.to_owned(),
             quiet: Duration::from_millis(50),
             ..PipelineConfig::default()
         },
@@ -2233,4 +2241,162 @@ async fn the_leader_writes_each_policys_status_and_an_event_for_a_skipped_one_wi
     writer.abort();
     run.abort();
     source.abort();
+}
+
+/// Removes the validating webhook configuration a test registered.
+struct RegisteredValidator<'a>(&'a Cluster);
+
+impl Drop for RegisteredValidator<'_> {
+    fn drop(&mut self) {
+        let _ = (self.0.kubectl())
+            .args([
+                "delete",
+                "validatingwebhookconfiguration",
+                "trellis-policy-validator",
+                "--ignore-not-found",
+            ])
+            .output();
+    }
+}
+
+/// `kubectl apply` of `object` (server-side dry run when `dry_run`):
+/// whether it went in, and what kubectl said.
+fn kubectl_apply(cluster: &Cluster, object: &Value, dry_run: bool) -> (bool, String) {
+    let path = scratch("validator-apply").join("object.json");
+    std::fs::write(&path, object.to_string()).unwrap();
+    let mut command = cluster.kubectl();
+    command.args(["apply", "-f", path.to_str().unwrap()]);
+    if dry_run {
+        command.arg("--dry-run=server");
+    }
+    let output = command.output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), said)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_apply_of_a_policy_the_compiler_would_skip_fails_with_its_words() {
+    let dir = scratch("validator");
+    let cluster = Cluster::shared();
+    install_crds(cluster);
+    install_rbac(cluster);
+    let admin = cluster.client().await;
+    // The test's namespace alone is sent to this validator, so other tests
+    // on the shared API server apply what they like.
+    let namespace = "a-validator";
+    cluster
+        .namespace(
+            &admin,
+            namespace,
+            &[
+                ("openservicemesh.io/monitored-by", "osm"),
+                ("trellis-test", "validator"),
+            ],
+        )
+        .await;
+    let port = free_port();
+    let mut webhook = find(
+        &objects(&render("small")),
+        "ValidatingWebhookConfiguration",
+        "trellis-policy-validator",
+    )
+    .clone();
+    assert_eq!(webhook["webhooks"][0]["failurePolicy"], "Ignore");
+    webhook["webhooks"][0]["clientConfig"] =
+        json!({ "url": format!("https://localhost:{port}/validate-policy") });
+    webhook["webhooks"][0]["namespaceSelector"] =
+        json!({ "matchLabels": { "trellis-test": "validator" } });
+    let _registered = RegisteredValidator(cluster);
+    apply(cluster, "validator-webhook", &[webhook]);
+
+    // The injector's process serves it, as its ServiceAccount.
+    let token = cluster
+        .service_account_token(&admin, "trellis-system", "trellis-injector")
+        .await;
+    let kubeconfig = dir.join("injector.kubeconfig");
+    cluster.kubeconfig_with_token(&token, &kubeconfig);
+    let injector = Injector::start_with(
+        &dir,
+        &kubeconfig,
+        &[
+            "--validating-webhook-configuration",
+            "trellis-policy-validator",
+        ],
+        port,
+    )
+    .await;
+
+    // Wrong in itself: refused, in the compiler's words.
+    let (went_in, said) =
+        kubectl_apply(cluster, &traffic_target(namespace, "t", "elsewhere"), false);
+    assert!(!went_in, "{said}\n{}", injector.log());
+    assert!(said.contains("denied the request"), "{said}");
+    assert!(
+        said.contains("is outside the TrafficTarget's namespace"),
+        "{said}"
+    );
+
+    // Naming a route not created yet: admitted, with a warning.
+    let (went_in, said) = kubectl_apply(cluster, &traffic_target(namespace, "t", namespace), false);
+    assert!(went_in, "{said}\n{}", injector.log());
+    assert!(said.contains("Warning: TCPRoute any is missing"), "{said}");
+    let route = json!({
+        "apiVersion": "specs.smi-spec.io/v1alpha4",
+        "kind": "TCPRoute",
+        "metadata": { "name": "any", "namespace": namespace },
+        "spec": {}
+    });
+    let (went_in, said) = kubectl_apply(cluster, &route, false);
+    assert!(went_in && !said.contains("Warning"), "{said}");
+    let (went_in, said) = kubectl_apply(cluster, &traffic_target(namespace, "t", namespace), false);
+    assert!(went_in && !said.contains("Warning"), "{said}");
+
+    // A MeshConfig field Trellis does not implement: a warning (a server
+    // dry run, so no leader of another test reads it).
+    let config = json!({
+        "apiVersion": "config.openservicemesh.io/v1alpha2",
+        "kind": "MeshConfig",
+        "metadata": { "name": "osm-mesh-config", "namespace": namespace },
+        "spec": { "featureFlags": { "enableSnapshotCacheMode": true } }
+    });
+    let (went_in, said) = kubectl_apply(cluster, &config, true);
+    assert!(went_in, "{said}\n{}", injector.log());
+    assert!(
+        said.contains("spec.featureFlags.enableSnapshotCacheMode is not implemented"),
+        "{said}"
+    );
+
+    // The same judgement answers an AdmissionReview posted directly.
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "u-1",
+            "kind": { "group": "access.smi-spec.io", "version": "v1alpha3", "kind": "TrafficTarget" },
+            "namespace": namespace,
+            "name": "t2",
+            "operation": "CREATE",
+            "object": traffic_target(namespace, "t2", "elsewhere"),
+        }
+    });
+    let (status, body) = injector
+        .call("POST", "/validate-policy", review.to_string().as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["response"]["uid"], "u-1");
+    assert_eq!(answer["response"]["allowed"], false);
+    assert!(answer["response"]["status"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("outside the TrafficTarget's namespace"));
+    let _ = cluster
+        .kubectl()
+        .args(["delete", "namespace", namespace, "--wait=false"])
+        .output();
 }

@@ -11,9 +11,11 @@ use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use kube::{
-    api::{Api, Patch, PatchParams},
+    api::{Api, ApiResource, DynamicObject, Patch, PatchParams},
     Client,
 };
 use rustls::ServerConfig;
@@ -25,7 +27,7 @@ use tracing::{debug, info, warn};
 
 use trellis_transport::{ControlTls, TransportError};
 
-use super::Injector;
+use super::{validate::VALIDATE_PATH, Injector};
 
 /// Where the API server posts reviews (OSM's path).
 pub const WEBHOOK_PATH: &str = "/mutate-pod-creation";
@@ -146,24 +148,39 @@ impl WebhookTls {
     }
 }
 
-/// Sets `caBundle` of every webhook of MutatingWebhookConfiguration `name`
-/// to `bundle` (the control-plane CA, which signs the serving certificate), so the
-/// API server trusts the webhook without the operator copying it there.
+/// Which webhook configuration the injector serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WebhookKind {
+    /// The sidecar injector's MutatingWebhookConfiguration.
+    Mutating,
+    /// The policy validator's ValidatingWebhookConfiguration.
+    Validating,
+}
+
+/// Sets `caBundle` of every webhook of the `kind` configuration `name` to
+/// `bundle` (the control-plane CA, which signs the serving certificate), so
+/// the API server trusts the webhook without the operator copying it there.
 pub async fn publish_ca_bundle(
     client: Client,
+    kind: WebhookKind,
     name: &str,
     bundle: &str,
 ) -> Result<(), WebhookError> {
-    let api = Api::<MutatingWebhookConfiguration>::all(client);
+    let resource = match kind {
+        WebhookKind::Mutating => ApiResource::erase::<MutatingWebhookConfiguration>(&()),
+        WebhookKind::Validating => ApiResource::erase::<ValidatingWebhookConfiguration>(&()),
+    };
+    let api = Api::<DynamicObject>::all_with(client, &resource);
     let failed = |source| WebhookError::CaBundle {
         name: name.to_owned(),
         source,
     };
     let current = api.get(name).await.map_err(failed)?;
     let encoded = k8s_openapi::ByteString(bundle.as_bytes().to_vec());
-    // A strategic merge patch merges webhooks by name and leaves the rest.
-    let webhooks: Vec<_> = (current.webhooks.iter().flatten())
-        .map(|w| json!({ "name": w.name, "clientConfig": { "caBundle": encoded } }))
+    // A merge by name (strategic for these kinds) leaves the rest alone.
+    let webhooks: Vec<_> = (current.data["webhooks"].as_array().into_iter().flatten())
+        .filter_map(|w| w["name"].as_str())
+        .map(|name| json!({ "name": name, "clientConfig": { "caBundle": encoded } }))
         .collect();
     api.patch(
         name,
@@ -193,7 +210,8 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 async fn handle(injector: &Injector, request: Request<Incoming>) -> Response<Full<Bytes>> {
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::POST, WEBHOOK_PATH) => {
+        (&Method::POST, path @ (WEBHOOK_PATH | VALIDATE_PATH)) => {
+            let validating = path == VALIDATE_PATH;
             let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
                 Ok(body) => body.to_bytes(),
                 Err(error) => {
@@ -203,7 +221,11 @@ async fn handle(injector: &Injector, request: Request<Incoming>) -> Response<Ful
                     )
                 }
             };
-            match injector.review(&body).await {
+            let answer = match validating {
+                true => injector.validate(&body).await,
+                false => injector.review(&body).await,
+            };
+            match answer {
                 Ok(review) => {
                     let mut response = Response::new(Full::new(Bytes::from(review.to_string())));
                     response.headers_mut().insert(
@@ -218,7 +240,9 @@ async fn handle(injector: &Injector, request: Request<Incoming>) -> Response<Ful
                 }
             }
         }
-        (_, WEBHOOK_PATH) => text(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview\n"),
+        (_, WEBHOOK_PATH | VALIDATE_PATH) => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview\n")
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

@@ -109,7 +109,7 @@ impl KubeSource {
 
 /// A listed or watched object as a typed one. List items carry no
 /// apiVersion/kind, so they are taken from the API resource.
-fn convert(resource: &ApiResource, object: DynamicObject) -> Result<Object, Problem> {
+pub(crate) fn convert(resource: &ApiResource, object: DynamicObject) -> Result<Object, Problem> {
     // Named as `ObjectRef` displays, so the problem is found again by the
     // object's reference once it is fixed or deleted.
     let name = kinds::reference_text(

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use trellis_leader::inject::{
     issuer::GroupIssuer, publish_ca_bundle, serve, serve_admin, Injector, InjectorConfig,
-    SidecarImages, WebhookTls, WEBHOOK_PATH,
+    SidecarImages, WebhookKind, WebhookTls, WEBHOOK_PATH,
 };
 use trellis_transport::Role;
 
@@ -57,6 +57,10 @@ pub(crate) struct InjectArgs {
     /// control-plane CA at start.
     #[arg(long)]
     webhook_configuration: Option<String>,
+    /// The ValidatingWebhookConfiguration (of the SMI and policy objects)
+    /// whose caBundle is set to the control-plane CA at start.
+    #[arg(long)]
+    validating_webhook_configuration: Option<String>,
     /// The sidecar's Envoy image.
     #[arg(long, default_value = "envoyproxy/envoy:v1.40.0")]
     envoy_image: String,
@@ -84,7 +88,16 @@ pub(crate) async fn run(args: InjectArgs) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{e:?}"))
         .context("connecting to Kubernetes (in-cluster config or kubeconfig)")?;
     if let Some(name) = &args.webhook_configuration {
-        publish_ca_bundle(client.clone(), name, tls.ca_bundle()).await?;
+        publish_ca_bundle(client.clone(), WebhookKind::Mutating, name, tls.ca_bundle()).await?;
+    }
+    if let Some(name) = &args.validating_webhook_configuration {
+        publish_ca_bundle(
+            client.clone(),
+            WebhookKind::Validating,
+            name,
+            tls.ca_bundle(),
+        )
+        .await?;
     }
     let config = InjectorConfig {
         mesh: args.mesh.clone(),

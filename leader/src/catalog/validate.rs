@@ -1,0 +1,123 @@
+//! One object judged as the compiler judges it: the catalog is built from
+//! the object and the objects around it, and what the build says of it is
+//! the verdict. The admission webhook refuses what the compiler would skip
+//! as invalid, with the compiler's words, and passes the rest with a
+//! warning: a reference to an object not created yet (manifests applied in
+//! any order go in), a field Trellis does not implement.
+
+use std::collections::BTreeMap;
+
+use super::{build_in, ProblemKind};
+use crate::kinds::{Object, ObjectRef};
+
+/// What the compiler would say of one object.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Judgement {
+    /// Why it would be skipped: refuse it.
+    pub refused: Vec<String>,
+    /// What it waits for, or what has no effect: admit it, and say so.
+    pub warnings: Vec<String>,
+}
+
+/// Judges `candidate` among `context` (the objects it may name, its
+/// namespace, the MeshConfig) for mesh `mesh`.
+pub fn judge(
+    candidate: Object,
+    mut context: BTreeMap<ObjectRef, Object>,
+    mesh: &str,
+    trust_domain: &str,
+) -> Judgement {
+    let named = candidate.object_ref().to_string();
+    context.insert(candidate.object_ref(), candidate);
+    let catalog = build_in(&context, mesh, trust_domain);
+    let mut judgement = Judgement::default();
+    for problem in catalog.problems.iter().filter(|p| p.object == named) {
+        match problem.kind {
+            ProblemKind::Invalid => judgement.refused.push(problem.reason.clone()),
+            ProblemKind::Unresolved | ProblemKind::Unimplemented => {
+                judgement.warnings.push(problem.reason.clone())
+            }
+        }
+    }
+    judgement
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn object(value: serde_json::Value) -> Object {
+        Object::from_manifest(value).unwrap()
+    }
+
+    fn mesh_namespace() -> BTreeMap<ObjectRef, Object> {
+        let namespace = object(json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": { "name": "app", "labels": { "openservicemesh.io/monitored-by": "osm" } }
+        }));
+        BTreeMap::from([(namespace.object_ref(), namespace)])
+    }
+
+    fn target(destination_namespace: &str, route: &str) -> Object {
+        object(json!({
+            "apiVersion": "access.smi-spec.io/v1alpha3", "kind": "TrafficTarget",
+            "metadata": { "name": "t", "namespace": "app" },
+            "spec": {
+                "destination": { "kind": "ServiceAccount", "name": "server", "namespace": destination_namespace },
+                "sources": [{ "kind": "ServiceAccount", "name": "client", "namespace": "app" }],
+                "rules": [{ "kind": "TCPRoute", "name": route }]
+            }
+        }))
+    }
+
+    #[test]
+    fn a_wrong_object_is_refused_and_one_waiting_for_another_admitted_with_a_warning() {
+        let wrong = judge(
+            target("elsewhere", "any"),
+            mesh_namespace(),
+            "osm",
+            "cluster.local",
+        );
+        assert_eq!(wrong.refused.len(), 1, "{wrong:?}");
+        assert!(wrong.refused[0].contains("outside the TrafficTarget's namespace"));
+
+        let waiting = judge(
+            target("app", "any"),
+            mesh_namespace(),
+            "osm",
+            "cluster.local",
+        );
+        assert_eq!(
+            waiting,
+            Judgement {
+                refused: Vec::new(),
+                warnings: vec!["TCPRoute any is missing".to_owned()],
+            }
+        );
+
+        let mut context = mesh_namespace();
+        let route = object(json!({
+            "apiVersion": "specs.smi-spec.io/v1alpha4", "kind": "TCPRoute",
+            "metadata": { "name": "any", "namespace": "app" }, "spec": {}
+        }));
+        context.insert(route.object_ref(), route);
+        let fine = judge(target("app", "any"), context, "osm", "cluster.local");
+        assert_eq!(fine, Judgement::default());
+    }
+
+    #[test]
+    fn a_meshconfig_field_trellis_does_not_implement_is_a_warning() {
+        let config = object(json!({
+            "apiVersion": "config.openservicemesh.io/v1alpha2", "kind": "MeshConfig",
+            "metadata": { "name": "osm-mesh-config", "namespace": "osm-system" },
+            "spec": { "featureFlags": { "enableSnapshotCacheMode": true } }
+        }));
+        let judgement = judge(config, BTreeMap::new(), "osm", "cluster.local");
+        assert!(judgement.refused.is_empty(), "{judgement:?}");
+        assert_eq!(judgement.warnings.len(), 1, "{judgement:?}");
+        assert!(judgement.warnings[0].contains("not implemented"));
+    }
+}
