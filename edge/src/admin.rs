@@ -152,6 +152,20 @@ impl Admin {
                 Ok(json) => response(StatusCode::OK, "application/json", json.into()),
                 Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")),
             },
+            // What `trellis proxy-config` reads: what a proxy is served.
+            "/debug/config" => {
+                let proxy = (request.uri().query().unwrap_or_default().split('&'))
+                    .find_map(|pair| pair.strip_prefix("proxy="))
+                    .map(|p| p.replace("%2F", "/").replace("%2f", "/"))
+                    .unwrap_or_default();
+                let config =
+                    crate::proxy_config::of(&self.store.load(), &self.ads.streams(), &proxy);
+                response(
+                    StatusCode::OK,
+                    "application/json",
+                    serde_json::Value::Array(config).to_string().into(),
+                )
+            }
             // What `trellis proxy-status` reads: every stream's delivery
             // state and the leader's epoch this edge serves.
             "/debug/sync" => {

@@ -24,6 +24,7 @@ mod connections;
 mod demand;
 mod edge;
 mod metrics;
+mod proxy_config;
 mod store;
 mod tls;
 mod upstream;

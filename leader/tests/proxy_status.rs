@@ -33,12 +33,17 @@ fn mesh(connect_timeout_ms: i64) -> Mesh {
 }
 
 fn proxy_status(edges: &[&TestEdge], extra: &[&str]) -> String {
+    trellis_on_edges("proxy-status", edges, extra)
+}
+
+/// `trellis <command> --edge <every edge> <extra>`, its output.
+fn trellis_on_edges(command: &str, edges: &[&TestEdge], extra: &[&str]) -> String {
     let list: Vec<String> = edges
         .iter()
         .map(|e| format!("http://{}", e.admin))
         .collect();
     let output = Command::new(TRELLIS)
-        .args(["proxy-status", "--edge", &list.join(",")])
+        .args([command, "--edge", &list.join(",")])
         .args(extra)
         .output()
         .unwrap();
@@ -120,5 +125,33 @@ async fn proxy_status_tells_synced_nacking_and_stale_envoys_apart() -> Result<()
     assert!(table.contains("STALE (5 of 7)"), "{table}");
     let detail = proxy_status(&edges, &["nacking"]);
     assert!(detail.contains("cds: NACKED: "), "{detail}");
+
+    // What the edge serves the synced proxy, from its snapshot, in
+    // Envoy's JSON: the same cluster, listener and routes Envoy holds.
+    let config: serde_json::Value = serde_json::from_str(&trellis_on_edges(
+        "proxy-config",
+        &edges,
+        &["synced", "-o", "json"],
+    ))
+    .unwrap();
+    let served = &config[0];
+    assert_eq!(served["edge"], format!("http://{}", current.admin));
+    assert_eq!(served["class"], CLASS);
+    let cluster = &served["resources"]["cds"][0];
+    assert_eq!(cluster["name"], "upstream");
+    assert_eq!(cluster["resource"]["name"], "upstream");
+    assert_eq!(cluster["resource"]["connectTimeout"], "1s");
+    let listener = &served["resources"]["lds"][0]["resource"];
+    assert_eq!(listener["name"], "ingress");
+    assert!(
+        listener["filterChains"][0]["filters"][0]["typedConfig"]["@type"]
+            .as_str()
+            .unwrap()
+            .ends_with("HttpConnectionManager"),
+        "{listener}"
+    );
+    let table = trellis_on_edges("proxy-config", &edges, &["synced"]);
+    assert!(table.contains("CDS  upstream"), "{table}");
+    assert!(table.contains("LDS  ingress"), "{table}");
     Ok(())
 }

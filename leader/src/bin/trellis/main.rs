@@ -490,6 +490,9 @@ enum Command {
     /// configuration per type: SYNCED, STALE (behind the newest leader
     /// snapshot, or a response unanswered), NACKED (with Envoy's reason).
     ProxyStatus(proxy_status::ProxyStatusArgs),
+    /// The resources the edges serve one proxy (its pod or node id), from
+    /// their snapshots, not from Envoy; secrets named, never shown.
+    ProxyConfig(proxy_status::ProxyConfigArgs),
     /// Compile a directory of manifests once; print classes and problems.
     /// Exits 1 if any object was skipped.
     Check {
@@ -630,6 +633,7 @@ async fn main() -> Result<()> {
         Command::CaStatus { access, json } => mesh_root::status(&access, json).await,
         Command::Inject(args) => inject::run(args).await,
         Command::ProxyStatus(args) => proxy_status::run(args).await,
+        Command::ProxyConfig(args) => proxy_status::config(args).await,
     }
 }
 

@@ -65,11 +65,33 @@ pub(crate) struct ProxyStatus {
     pub(crate) since_last_ack_secs: Option<f64>,
 }
 
-/// Where to find the edges, and how to read them.
+/// `trellis proxy-status`'s arguments.
 #[derive(clap::Args)]
 pub(crate) struct ProxyStatusArgs {
     /// One proxy's detail: its pod (`<namespace>/<name>`) or node id.
     proxy: Option<String>,
+    #[command(flatten)]
+    edges: Edges,
+    /// `table` or `json`.
+    #[arg(short = 'o', long, default_value = "table")]
+    output: String,
+}
+
+/// `trellis proxy-config`'s arguments.
+#[derive(clap::Args)]
+pub(crate) struct ProxyConfigArgs {
+    /// The proxy: its pod (`<namespace>/<name>`) or node id.
+    proxy: String,
+    #[command(flatten)]
+    edges: Edges,
+    /// `table` (type, name, version) or `json` (every resource in full).
+    #[arg(short = 'o', long, default_value = "table")]
+    output: String,
+}
+
+/// Where to find the edges, and how to read them.
+#[derive(clap::Args)]
+pub(crate) struct Edges {
     /// Edge admin endpoints, `http://host:port`, comma-separated.
     #[arg(long, value_delimiter = ',', required_unless_present = "edge_service")]
     edge: Vec<String>,
@@ -84,34 +106,87 @@ pub(crate) struct ProxyStatusArgs {
     /// File holding the operator token the edges' admin ports ask for.
     #[arg(long)]
     token_file: Option<PathBuf>,
-    /// `table` or `json`.
-    #[arg(short = 'o', long, default_value = "table")]
-    output: String,
 }
 
-/// Runs the command.
+impl Edges {
+    /// Every edge's answer to `GET path` (a path and query on the admin
+    /// endpoint), by edge.
+    async fn ask(&self, path: &str) -> Result<Vec<(String, Value)>> {
+        let token = (self.token_file.as_deref())
+            .map(credentials::operator_token)
+            .transpose()?;
+        let edges = match &self.edge_service {
+            Some(service) => edges_of_service(service, self.admin_port).await?,
+            None => self.edge.clone(),
+        };
+        if edges.is_empty() {
+            bail!("no edge to ask");
+        }
+        let mut answers = Vec::new();
+        for edge in edges {
+            let token = token.clone();
+            let url = format!("{}{path}", edge.trim_end_matches('/'));
+            let answer = tokio::task::spawn_blocking(move || fetch(&url, token.as_deref()))
+                .await
+                .context("asking an edge")??;
+            answers.push((edge, answer));
+        }
+        Ok(answers)
+    }
+}
+
+/// Runs `trellis proxy-config`: the resources the edges serve the proxy,
+/// read from their snapshots.
+pub(crate) async fn config(args: ProxyConfigArgs) -> Result<()> {
+    let query = format!("/debug/config?proxy={}", args.proxy.replace('/', "%2F"));
+    let mut served = Vec::new();
+    for (edge, answer) in args.edges.ask(&query).await? {
+        for mut proxy in answer.as_array().cloned().unwrap_or_default() {
+            proxy["edge"] = Value::String(edge.clone());
+            served.push(proxy);
+        }
+    }
+    if served.is_empty() {
+        bail!("no edge serves a proxy {}", args.proxy);
+    }
+    match args.output.as_str() {
+        "json" => println!("{}", serde_json::to_string_pretty(&served)?),
+        "table" => print!("{}", config_table(&served)),
+        other => bail!("-o {other}: table or json"),
+    }
+    Ok(())
+}
+
+/// One line per resource: type, name, version.
+fn config_table(served: &[Value]) -> String {
+    let mut out = String::new();
+    for proxy in served {
+        out.push_str(&format!(
+            "{} (class {}, edge {})\n",
+            proxy["pod"]
+                .as_str()
+                .or(proxy["node"].as_str())
+                .unwrap_or_default(),
+            proxy["class"].as_str().unwrap_or_default(),
+            proxy["edge"].as_str().unwrap_or_default()
+        ));
+        for (kind, resources) in proxy["resources"].as_object().into_iter().flatten() {
+            for resource in resources.as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "  {:<4} {}  {}\n",
+                    kind.to_uppercase(),
+                    resource["name"].as_str().unwrap_or_default(),
+                    resource["version"].as_str().unwrap_or_default()
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Runs `trellis proxy-status`.
 pub(crate) async fn run(args: ProxyStatusArgs) -> Result<()> {
-    let token = args
-        .token_file
-        .as_deref()
-        .map(credentials::operator_token)
-        .transpose()?;
-    let edges = match &args.edge_service {
-        Some(service) => edges_of_service(service, args.admin_port).await?,
-        None => args.edge.clone(),
-    };
-    if edges.is_empty() {
-        bail!("no edge to ask");
-    }
-    let mut answers = Vec::new();
-    for edge in edges {
-        let token = token.clone();
-        let url = format!("{}/debug/sync", edge.trim_end_matches('/'));
-        let answer = tokio::task::spawn_blocking(move || fetch(&url, token.as_deref()))
-            .await
-            .context("asking an edge")??;
-        answers.push((edge, answer));
-    }
+    let answers = args.edges.ask("/debug/sync").await?;
     let mut proxies = statuses(&answers, std::time::SystemTime::now());
     if let Some(wanted) = &args.proxy {
         proxies.retain(|p| p.name == *wanted || p.node == *wanted);
