@@ -338,6 +338,15 @@ impl Problem {
         }
     }
 
+    /// `object` waits for, or is overridden by, another object: admitted with
+    /// a warning.
+    pub(crate) fn unresolved(object: &ObjectRef, reason: impl Into<String>) -> Problem {
+        Problem {
+            kind: ProblemKind::Unresolved,
+            ..Problem::new(object, reason)
+        }
+    }
+
     /// The problem `skip` says of `object`.
     pub(crate) fn skipped(object: &ObjectRef, skip: Skip) -> Problem {
         let (reason, kind) = match skip {

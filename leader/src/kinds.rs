@@ -748,6 +748,13 @@ macro_rules! kinds {
                 }
             }
 
+            /// The object's metadata, to change.
+            pub fn metadata_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                match self {
+                    $(Object::$variant(o) => &mut o.metadata,)*
+                }
+            }
+
             /// The apiVersion Trellis reads the object's kind at.
             pub fn api_version(&self) -> &'static str {
                 match self {

@@ -60,7 +60,7 @@ pub(super) fn build(
     }
     for (r, egress) in egresses {
         if !settings.egress_policy {
-            problems.push(Problem::new(
+            problems.push(Problem::unresolved(
                 r,
                 "featureFlags.enableEgressPolicy is off in the MeshConfig; the object has no effect",
             ));

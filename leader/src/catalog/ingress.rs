@@ -77,7 +77,7 @@ pub(super) fn build(
     };
     for (r, backend) in backends {
         if !settings.ingress_backend_policy {
-            problems.push(Problem::new(
+            problems.push(Problem::unresolved(
                 r,
                 "featureFlags.enableIngressBackendPolicy is off in the MeshConfig; the object has no effect",
             ));

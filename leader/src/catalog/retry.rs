@@ -72,7 +72,7 @@ pub(super) fn build(
     });
     for (r, retry) in retries {
         if !settings.retry_policy {
-            problems.push(Problem::new(
+            problems.push(Problem::unresolved(
                 r,
                 "featureFlags.enableRetryPolicy is off in the MeshConfig; the object has no effect",
             ));
@@ -96,7 +96,7 @@ pub(super) fn build(
             }
         }
         if !taken.is_empty() {
-            problems.push(Problem::new(
+            problems.push(Problem::unresolved(
                 r,
                 format!(
                     "an older Retry already applies from {source} to {}; not applied there",

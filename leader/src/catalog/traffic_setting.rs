@@ -90,24 +90,32 @@ pub(super) fn build(
     });
     let mut settings = TrafficSettings::new();
     for (r, object) in objects {
-        let parsed = host(r, &object.spec.host)
-            .and_then(|service| match services.contains_key(&service) {
-                true => Ok(service),
-                false => Err(format!(
+        let service = match host(r, &object.spec.host) {
+            Ok(service) => service,
+            Err(reason) => {
+                problems.push(Problem::new(r, reason));
+                continue;
+            }
+        };
+        if !services.contains_key(&service) {
+            problems.push(Problem::unresolved(
+                r,
+                format!(
                     "host {:?}: no Service {service} in the mesh",
                     object.spec.host
-                )),
-            })
-            .and_then(|service| setting(r, object, problems).map(|s| (service, s)));
-        let (service, setting) = match parsed {
-            Ok(parsed) => parsed,
+                ),
+            ));
+            continue;
+        }
+        let setting = match setting(r, object, problems) {
+            Ok(setting) => setting,
             Err(reason) => {
                 problems.push(Problem::new(r, reason));
                 continue;
             }
         };
         for path in routes.unmatched(&service, services, &setting) {
-            problems.push(Problem::new(
+            problems.push(Problem::unresolved(
                 r,
                 format!(
                     "httpRoutes path {path:?} is no inbound route of {service} (its routes are its TrafficTargets' HTTPRouteGroup matches, or .* in permissive mode); that limit has no effect"

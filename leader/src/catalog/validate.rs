@@ -22,11 +22,19 @@ pub struct Judgement {
 /// Judges `candidate` among `context` (the objects it may name, its
 /// namespace, the MeshConfig) for mesh `mesh`.
 pub fn judge(
-    candidate: Object,
+    mut candidate: Object,
     mut context: BTreeMap<ObjectRef, Object>,
     mesh: &str,
     trust_domain: &str,
 ) -> Judgement {
+    // Being created, it is the newest: where the oldest of two objects
+    // wins, it is the one left out.
+    candidate
+        .metadata_mut()
+        .creation_timestamp
+        .get_or_insert_with(|| {
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now())
+        });
     let named = candidate.object_ref().to_string();
     context.insert(candidate.object_ref(), candidate);
     let catalog = build_in(&context, mesh, trust_domain);
@@ -119,5 +127,135 @@ mod tests {
         assert!(judgement.refused.is_empty(), "{judgement:?}");
         assert_eq!(judgement.warnings.len(), 1, "{judgement:?}");
         assert!(judgement.warnings[0].contains("not implemented"));
+    }
+
+    /// The mesh namespace `app` with Services `root` and `b` (port 80), and
+    /// a MeshConfig turning retries on.
+    fn with_services() -> BTreeMap<ObjectRef, Object> {
+        let mut context = mesh_namespace();
+        let config = object(json!({
+            "apiVersion": "config.openservicemesh.io/v1alpha2", "kind": "MeshConfig",
+            "metadata": { "name": "osm-mesh-config", "namespace": "osm-system" },
+            "spec": { "featureFlags": { "enableRetryPolicy": true } }
+        }));
+        context.insert(config.object_ref(), config);
+        for name in ["root", "b"] {
+            let service = object(json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": { "name": name, "namespace": "app" },
+                "spec": { "ports": [{ "name": "http", "port": 80, "targetPort": 80 }] }
+            }));
+            context.insert(service.object_ref(), service);
+        }
+        context
+    }
+
+    #[test]
+    fn each_kind_the_compiler_would_skip_as_invalid_is_refused_with_its_reason() {
+        let policy = |kind: &str, spec: serde_json::Value| {
+            let api = match kind {
+                "HTTPRouteGroup" => "specs.smi-spec.io/v1alpha4",
+                "TrafficSplit" => "split.smi-spec.io/v1alpha2",
+                _ => "policy.openservicemesh.io/v1alpha1",
+            };
+            object(json!({
+                "apiVersion": api, "kind": kind,
+                "metadata": { "name": "bad", "namespace": "app" },
+                "spec": spec
+            }))
+        };
+        let cases = [
+            (
+                policy(
+                    "HTTPRouteGroup",
+                    json!({ "matches": [{ "name": "m", "pathRegex": "(" }] }),
+                ),
+                "pathRegex",
+            ),
+            (
+                policy(
+                    "TrafficSplit",
+                    json!({ "service": "root", "backends": [{ "service": "b", "weight": 0 }] }),
+                ),
+                "backend weights sum to zero",
+            ),
+            (
+                policy(
+                    "Egress",
+                    json!({ "sources": [], "hosts": ["x.org"], "ports": [{ "number": 80, "protocol": "http" }] }),
+                ),
+                "no sources",
+            ),
+            (
+                policy(
+                    "IngressBackend",
+                    json!({ "sources": [], "backends": [{ "name": "b", "port": { "number": 80, "protocol": "http" } }] }),
+                ),
+                "no sources",
+            ),
+            (
+                policy(
+                    "Retry",
+                    json!({
+                        "source": { "kind": "ServiceAccount", "name": "a", "namespace": "app" },
+                        "destinations": [{ "kind": "Service", "name": "b", "namespace": "app" }],
+                        "retryPolicy": { "retryOn": "sometimes", "numRetries": 1 }
+                    }),
+                ),
+                "not an Envoy retry condition",
+            ),
+            (
+                policy(
+                    "UpstreamTrafficSetting",
+                    json!({
+                        "host": "b.app.svc.cluster.local",
+                        "rateLimit": { "local": { "http": { "requests": 10, "unit": "fortnight" } } }
+                    }),
+                ),
+                "is not second, minute or hour",
+            ),
+        ];
+        for (candidate, expected) in cases {
+            let kind = candidate.object_ref().kind;
+            let judgement = judge(candidate, with_services(), "osm", "cluster.local");
+            assert!(
+                judgement.refused.iter().any(|r| r.contains(expected)),
+                "{kind}: {judgement:?}"
+            );
+        }
+        // A second split of one root: the one being created is the newer,
+        // so the one refused.
+        let mut context = with_services();
+        let mut first = policy(
+            "TrafficSplit",
+            json!({ "service": "root", "backends": [{ "service": "b", "weight": 1 }] }),
+        );
+        first.metadata_mut().name = Some("first".to_owned());
+        first.metadata_mut().creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2026-01-01T00:00:00Z".parse().unwrap(),
+            ));
+        context.insert(first.object_ref(), first);
+        let second = policy(
+            "TrafficSplit",
+            json!({ "service": "root", "backends": [{ "service": "b", "weight": 1 }] }),
+        );
+        let judgement = judge(second, context, "osm", "cluster.local");
+        assert!(
+            judgement
+                .refused
+                .iter()
+                .any(|r| r.contains("a second TrafficSplit for app/root")),
+            "{judgement:?}"
+        );
+
+        // Naming a Service not created yet waits instead.
+        let early = policy(
+            "UpstreamTrafficSetting",
+            json!({ "host": "later.app.svc.cluster.local" }),
+        );
+        let judgement = judge(early, with_services(), "osm", "cluster.local");
+        assert!(judgement.refused.is_empty(), "{judgement:?}");
+        assert_eq!(judgement.warnings.len(), 1, "{judgement:?}");
     }
 }
