@@ -89,6 +89,7 @@ pub struct Admin {
     registry: Registry,
     ads: AdsServer,
     debug: DebugAccess,
+    routes: Vec<(&'static str, crate::edge::AdminRoute)>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -114,7 +115,13 @@ impl Admin {
             registry,
             ads,
             debug,
+            routes: Vec::new(),
         }
+    }
+
+    /// Serves `route`'s JSON on `path`.
+    pub fn route(&mut self, path: &'static str, route: crate::edge::AdminRoute) {
+        self.routes.push((path, route));
     }
 
     /// Adds the metrics `register` registers.
@@ -143,6 +150,13 @@ impl Admin {
             if let Some(refused) = self.debug.refusal(request) {
                 return refused;
             }
+        }
+        if let Some((_, route)) = self.routes.iter().find(|(p, _)| *p == path) {
+            return response(
+                StatusCode::OK,
+                "application/json",
+                route().to_string().into(),
+            );
         }
         match path {
             "/readyz" if self.store.is_ready() => text(StatusCode::OK, "ready\n".into()),

@@ -62,7 +62,12 @@ pub struct Edge {
     config: EdgeConfig,
     operator_token: Option<Arc<str>>,
     more_metrics: Option<RegisterMetrics>,
+    more_routes: Vec<(&'static str, AdminRoute)>,
 }
+
+/// A JSON document served on one more path of the edge's admin endpoint
+/// (an in-process leader's problems, say), computed at each request.
+pub type AdminRoute = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 impl std::fmt::Debug for Edge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -99,6 +104,7 @@ impl Edge {
             config,
             operator_token: None,
             more_metrics: None,
+            more_routes: Vec::new(),
         }
     }
 
@@ -114,6 +120,12 @@ impl Edge {
     /// in-process leader's, say).
     pub fn with_metrics(mut self, register: RegisterMetrics) -> Edge {
         self.more_metrics = Some(register);
+        self
+    }
+
+    /// Serves `route`'s JSON on `path` of the admin endpoint too.
+    pub fn with_admin_route(mut self, path: &'static str, route: AdminRoute) -> Edge {
+        self.more_routes.push((path, route));
         self
     }
 
@@ -188,6 +200,9 @@ impl Edge {
         );
         if let Some(register) = &self.more_metrics {
             endpoint.register(register.as_ref());
+        }
+        for (path, route) in &self.more_routes {
+            endpoint.route(path, route.clone());
         }
         let mut admin_task =
             tokio::spawn(Arc::new(endpoint).serve(admin, self.config.admin_header_timeout));

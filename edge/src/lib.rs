@@ -35,7 +35,7 @@ pub use crate::{
     classify::{ClassifyError, NodeClassifier, ProxyClassifier, CLASS_METADATA_KEY},
     connections::ConnectionLimits,
     demand::{ClassDemand, Need},
-    edge::{Edge, EdgeConfig, EdgeError, RegisterMetrics},
+    edge::{AdminRoute, Edge, EdgeConfig, EdgeError, RegisterMetrics},
     metrics::{Metrics, Protocol},
     store::SnapshotStore,
     tls::{

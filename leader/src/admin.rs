@@ -74,6 +74,13 @@ impl LeaderMetrics {
     }
 }
 
+/// `problems` as the admin endpoints list them.
+pub fn problems_json(problems: &[crate::catalog::Problem]) -> serde_json::Value {
+    (problems.iter())
+        .map(|p| serde_json::json!({ "object": p.object, "reason": p.reason }))
+        .collect()
+}
+
 /// Converts a count for a gauge.
 pub fn gauge_value(value: impl TryInto<i64>) -> i64 {
     value.try_into().unwrap_or(i64::MAX)
@@ -171,16 +178,11 @@ impl LeaderAdmin {
                 admin::metrics(&self.registry)
             }
             "/problems" => match self.probe.problems() {
-                Some(problems) => {
-                    let listed: Vec<serde_json::Value> = (problems.iter())
-                        .map(|p| serde_json::json!({ "object": p.object, "reason": p.reason }))
-                        .collect();
-                    admin::response(
-                        StatusCode::OK,
-                        "application/json",
-                        serde_json::Value::Array(listed).to_string().into(),
-                    )
-                }
+                Some(problems) => admin::response(
+                    StatusCode::OK,
+                    "application/json",
+                    problems_json(&problems).to_string().into(),
+                ),
                 None => text(
                     StatusCode::NOT_FOUND,
                     "this replica does not compile; the group's leader writes each object's status\n"

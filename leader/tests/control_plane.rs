@@ -549,3 +549,68 @@ async fn the_edges_stream_limits_are_set_by_its_flags() {
         "{refused:?}"
     );
 }
+
+/// The body of `GET path` on loopback `port`.
+fn admin_body(port: u16, path: &str) -> String {
+    let output = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "5"])
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .output()
+        .expect("curl (scripts/test installs it)");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trellis_run_lists_the_objects_it_skipped_and_the_leaders_figures_on_its_admin_port() {
+    let dir = std::env::temp_dir().join(format!("trellis-run-problems-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_example(&dir);
+    std::fs::write(
+        dir.join("zz-bad.yaml"),
+        "apiVersion: access.smi-spec.io/v1alpha3\nkind: TrafficTarget\n\
+         metadata: { name: astray, namespace: bookstore }\n\
+         spec:\n  destination: { kind: ServiceAccount, name: bookstore, namespace: bookbuyer }\n\
+         \x20 sources: [{ kind: ServiceAccount, name: bookbuyer, namespace: bookbuyer }]\n",
+    )
+    .unwrap();
+    let (xds, admin) = (free_port(), free_port());
+    let mut run = std::process::Command::new(TRELLIS)
+        .args(["run", "--plaintext", "--dir"])
+        .arg(&dir)
+        .args(["--xds", &format!("127.0.0.1:{xds}")])
+        .args(["--admin", &format!("127.0.0.1:{admin}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "trellis run to be ready",
+        || async { admin_status(admin, "/readyz", None) == "200" },
+    )
+    .await
+    .unwrap();
+    let problems: serde_json::Value =
+        serde_json::from_str(&admin_body(admin, "/problems")).unwrap();
+    let metrics = admin_body(admin, "/metrics");
+    let _ = run.kill();
+    let _ = run.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        problems[0]["object"], "TrafficTarget bookstore/astray",
+        "{problems}"
+    );
+    assert!(
+        problems[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("outside the TrafficTarget's namespace"),
+        "{problems}"
+    );
+    // One process, one admin port: the leader's figures beside the edge's.
+    assert!(
+        metrics.contains("trellis_leader_compile_seconds_count"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("trellis_edge_connections "), "{metrics}");
+}

@@ -815,7 +815,13 @@ async fn run(inputs: Inputs, serving: Serving) -> Result<()> {
     let mut leader = start_leader(inputs, edge.store().clone()).await?;
     // One process, one admin endpoint: the leader's figures join the edge's.
     let metrics = leader.metrics.clone();
-    let edge = edge.with_metrics(Arc::new(move |registry| metrics.register(registry)));
+    let status = leader.status.clone();
+    let edge = edge
+        .with_metrics(Arc::new(move |registry| metrics.register(registry)))
+        .with_admin_route(
+            "/problems",
+            Arc::new(move || trellis_leader::admin::problems_json(&status.borrow().problems)),
+        );
     let (xds, admin) = (serving.xds, serving.admin);
     println!(
         "Trellis is serving {} (leader and edge in one process)",
