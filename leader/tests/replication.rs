@@ -568,3 +568,65 @@ async fn a_reconnecting_edge_is_sent_only_what_changed() {
         );
     }
 }
+
+/// Two edges follow the leader, one Envoy behind each; one edge is cut off
+/// from the leader and the mesh changes: `trellis proxy-status` reports the
+/// cut edge's Envoy STALE (its edge serves an older leader snapshot) and
+/// the other SYNCED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_status_reports_the_envoy_of_an_edge_cut_from_the_leader_stale() -> Result<()> {
+    let mut leader = TestLeader::start("replication-proxy-status").await;
+    let current = TestEdge::following_with(leader.upstream("edge-current")).await;
+    let mut cut = TestEdge::following_with(leader.upstream("edge-cut")).await;
+    for edge in [&current, &cut] {
+        eventually(Duration::from_secs(20), "the edge to be ready", || async {
+            edge.admin("/readyz").await.0 == 200
+        })
+        .await?;
+    }
+    let class = leader.class_of("bookbuyer/bookbuyer-0");
+    let kept = Envoy::start("bookbuyer-kept", &class, current.xds, Api::Delta).await?;
+    let stranded = Envoy::start("bookbuyer-stranded", &class, cut.xds, Api::Delta).await?;
+    kept.wait_warm(1, 4).await?;
+    stranded.wait_warm(1, 4).await?;
+
+    cut.stop_following();
+    leader.edit_policies(without_bookbuyer).await;
+    eventually(
+        Duration::from_secs(20),
+        "the other edge to follow",
+        || async { kept.stat("listener_manager.listener_modified").await >= 1 },
+    )
+    .await
+    .with_context(|| kept.log())?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let edges = format!("http://{},http://{}", current.admin, cut.admin);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(["proxy-status", "--edge", &edges, "-o", "json"])
+        .output()?;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let proxies: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let states = |node: &str| -> Vec<String> {
+        (proxies.as_array().into_iter().flatten())
+            .filter(|p| p["node"] == node)
+            .flat_map(|p| p["types"].as_object().cloned().unwrap_or_default())
+            .map(|(_, t)| t["state"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let kept_states = states("bookbuyer-kept");
+    assert!(
+        !kept_states.is_empty() && kept_states.iter().all(|s| s == "SYNCED"),
+        "{proxies}"
+    );
+    let stranded_states = states("bookbuyer-stranded");
+    assert!(
+        !stranded_states.is_empty() && stranded_states.iter().all(|s| s == "STALE"),
+        "{proxies}"
+    );
+    Ok(())
+}

@@ -133,6 +133,13 @@ impl TestEdge {
     }
 
     /// Drains the edge and waits until it stopped serving.
+    /// Cuts the edge off from its leader: it keeps serving what it holds.
+    pub fn stop_following(&mut self) {
+        if let Some(follow) = self.follow.take() {
+            follow.abort();
+        }
+    }
+
     pub async fn stop(mut self) {
         if let Some(follow) = self.follow.take() {
             follow.abort();
