@@ -92,6 +92,9 @@ pub struct InjectorConfig {
     pub trust_domain: String,
     /// The images of the sidecar and its init container.
     pub images: SidecarImages,
+    /// Envoy as a native sidecar (Kubernetes 1.29 and later), else as an
+    /// ordinary container.
+    pub native_sidecar: bool,
 }
 
 /// Why the injector could not do its part for a pod; the review is denied
@@ -273,6 +276,7 @@ impl Injector {
             resources: (mesh_config.sidecar.resources.as_ref())
                 .and_then(|r| serde_json::to_value(r).ok()),
             metrics: decide::metrics(&ns, warnings),
+            native: self.config.native_sidecar,
         };
         let uuid = new_proxy_uuid();
         let secret_name = crate::bootstrap_secrets::secret_name(&uuid);

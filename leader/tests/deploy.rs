@@ -1969,12 +1969,20 @@ async fn the_api_server_sends_mesh_pods_to_the_injector_and_refuses_them_while_i
         .cloned()
         .expect("the pod came back without its proxy UUID");
     let spec = created.spec.unwrap();
+    // This API server runs native sidecars: Envoy is an init container
+    // that keeps running, after the interception and before the app, and
+    // the API server stored it so.
     let containers: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
-    assert_eq!(containers, ["app", "envoy"]);
+    assert_eq!(containers, ["app"]);
     let init: Vec<&str> = (spec.init_containers.iter().flatten())
         .map(|c| c.name.as_str())
         .collect();
-    assert_eq!(init, ["osm-init"]);
+    assert_eq!(init, ["osm-init", "envoy"]);
+    let envoy = (spec.init_containers.iter().flatten())
+        .find(|c| c.name == "envoy")
+        .unwrap();
+    assert_eq!(envoy.restart_policy.as_deref(), Some("Always"));
+    assert!(envoy.startup_probe.is_some());
     let secret = Api::<Secret>::namespaced(admin.clone(), "called-mesh")
         .get(&format!("envoy-bootstrap-config-{uuid}"))
         .await

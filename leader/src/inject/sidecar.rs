@@ -56,10 +56,12 @@ fn pointer_token(key: &str) -> String {
     key.replace('~', "~0").replace('/', "~1")
 }
 
-/// Adds `value` to the array at `path`, creating the array if the pod has
-/// none (appending to a missing array fails the whole patch).
+/// Adds `value` to the array at `path`, creating the array if neither the
+/// pod nor an earlier operation has it (appending to a missing array fails
+/// the whole patch; creating it twice loses the first value).
 fn append(ops: &mut Vec<Value>, pod: &Value, path: &str, value: Value) {
-    if pod.pointer(path).is_some_and(Value::is_array) {
+    let created = ops.iter().any(|op| op["path"] == path);
+    if created || pod.pointer(path).is_some_and(Value::is_array) {
         ops.push(json!({ "op": "add", "path": format!("{path}/-"), "value": value }));
     } else {
         ops.push(json!({ "op": "add", "path": path, "value": [value] }));
@@ -100,7 +102,14 @@ pub(crate) struct Settings {
     pub(crate) resources: Option<Value>,
     /// Whether Prometheus scrapes the pod (its namespace said so).
     pub(crate) metrics: bool,
+    /// Envoy as a native sidecar (an init container that keeps running),
+    /// else as an ordinary container.
+    pub(crate) native: bool,
 }
+
+/// Where the sidecar's Envoy serves Prometheus, once its configuration
+/// arrived.
+const PROMETHEUS_PORT: u16 = 15010;
 
 /// The annotations that make Prometheus scrape a pod's sidecar.
 const SCRAPE_ANNOTATIONS: [(&str, &str); 3] = [
@@ -255,7 +264,22 @@ pub(crate) fn sidecar(
     if let Some(resources) = &settings.resources {
         envoy["resources"] = resources.clone();
     }
-    append(&mut ops, pod, "/spec/containers", envoy);
+    if settings.native {
+        // A native sidecar: the kubelet starts it after osm-init and before
+        // the application, holds the application until its startup probe
+        // passes (the Prometheus listener, which comes with Envoy's first
+        // configuration), and does not wait for it to end: a Job's pod
+        // completes when its application does.
+        envoy["restartPolicy"] = json!("Always");
+        envoy["startupProbe"] = json!({
+            "tcpSocket": { "port": PROMETHEUS_PORT },
+            "periodSeconds": 1,
+            "failureThreshold": 300,
+        });
+        append(&mut ops, pod, "/spec/initContainers", envoy);
+    } else {
+        append(&mut ops, pod, "/spec/containers", envoy);
+    }
     ops.extend(probes.ops.iter().cloned());
     Ok(Sidecar {
         patch: Value::Array(ops),

@@ -188,6 +188,7 @@ fn mesh_settings_reach_the_sidecar_resources_scrape_annotations_and_interception
         log_level: "info".into(),
         resources: Some(json!({ "limits": { "memory": "512Mi" }, "requests": { "cpu": "100m" } })),
         metrics: true,
+        native: false,
     };
     for pod in [
         json!({ "spec": { "containers": [{ "name": "app" }] } }),
@@ -218,6 +219,42 @@ fn mesh_settings_reach_the_sidecar_resources_scrape_annotations_and_interception
     assert!(container(&patched, "containers", "envoy")
         .get("resources")
         .is_none());
+}
+
+#[test]
+fn a_native_sidecar_is_an_init_container_that_keeps_running_after_osm_init() {
+    let settings = sidecar::Settings {
+        log_level: "info".into(),
+        native: true,
+        ..sidecar::Settings::default()
+    };
+    let pod = json!({ "spec": {
+        "initContainers": [{ "name": "migrate" }],
+        "containers": [{ "name": "app" }]
+    } });
+    let (patched, _, _) = inject_with(&pod, &settings).unwrap();
+    let names = |list: &str| -> Vec<String> {
+        (patched["spec"][list].as_array().into_iter().flatten())
+            .map(|c| c["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // The pod's own init containers first, then interception, then Envoy.
+    assert_eq!(names("initContainers"), ["migrate", "osm-init", "envoy"]);
+    assert_eq!(names("containers"), ["app"]);
+    let envoy = container(&patched, "initContainers", "envoy");
+    assert_eq!(envoy["restartPolicy"], "Always");
+    assert_eq!(envoy["startupProbe"]["tcpSocket"]["port"], 15010);
+    // A pod without init containers gets both, in order.
+    let bare = json!({ "spec": { "containers": [{ "name": "app" }] } });
+    let (patched, _, _) = inject_with(&bare, &settings).unwrap();
+    let init: Vec<&str> = (patched["spec"]["initContainers"].as_array().unwrap().iter())
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(init, ["osm-init", "envoy"]);
+    // The old shape on request: an ordinary container, no restartPolicy.
+    let (patched, _, _) = inject(&pod).unwrap();
+    let envoy = container(&patched, "containers", "envoy");
+    assert!(envoy.get("restartPolicy").is_none());
 }
 
 fn images() -> SidecarImages {

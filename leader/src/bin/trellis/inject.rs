@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use trellis_leader::inject::{
     issuer::GroupIssuer, publish_ca_bundle, serve, serve_admin, Injector, InjectorConfig,
-    SidecarImages, WebhookKind, WebhookTls, WEBHOOK_PATH,
+    SidecarImages, WebhookKind, WebhookTls, VALIDATE_PATH, WEBHOOK_PATH,
 };
 use trellis_transport::Role;
 
@@ -67,6 +67,11 @@ pub(crate) struct InjectArgs {
     /// The init container's image (needs /bin/sh and iptables).
     #[arg(long, default_value = "trellis-init:0.1.0")]
     init_image: String,
+    /// Inject Envoy as an ordinary container even where the API server
+    /// supports native sidecars (Kubernetes 1.29 and later), the shape
+    /// before this option: a Job's pod then never completes.
+    #[arg(long)]
+    sidecar_container: bool,
     #[command(flatten)]
     trust: crate::TrustDomain,
 }
@@ -99,6 +104,7 @@ pub(crate) async fn run(args: InjectArgs) -> Result<()> {
         )
         .await?;
     }
+    let native_sidecar = !args.sidecar_container && supports_native_sidecars(&client).await;
     let config = InjectorConfig {
         mesh: args.mesh.clone(),
         edge: credentials::edge_address(&args.edge, &args.edge_server_name)?,
@@ -107,17 +113,19 @@ pub(crate) async fn run(args: InjectArgs) -> Result<()> {
             envoy: args.envoy_image,
             init: args.init_image,
         },
+        native_sidecar,
     };
     let injector = Arc::new(Injector::new(config, issuer, client));
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding the webhook {}", args.listen))?;
     println!(
-        "Trellis sidecar injector for mesh {}: https://{}{WEBHOOK_PATH}; bootstrap certificates from {}; sidecars dial {}",
+        "Trellis sidecar injector for mesh {}: https://{}{WEBHOOK_PATH} (policies: {VALIDATE_PATH}); bootstrap certificates from {}; sidecars dial {}; Envoy as {}",
         args.mesh,
         args.listen,
         args.leaders.join(", "),
-        args.edge
+        args.edge,
+        if native_sidecar { "a native sidecar" } else { "a container" }
     );
     let admin = TcpListener::bind(args.admin)
         .await
@@ -134,4 +142,24 @@ pub(crate) async fn run(args: InjectArgs) -> Result<()> {
     .await;
     admin.abort();
     Ok(())
+}
+
+/// Whether the API server runs pods' native sidecars (init containers with
+/// `restartPolicy: Always`): on by default from Kubernetes 1.29. A server
+/// that does not say gets the ordinary container, which runs everywhere.
+async fn supports_native_sidecars(client: &kube::Client) -> bool {
+    match client.apiserver_version().await {
+        Ok(info) => {
+            let minor: u32 = (info.minor.chars())
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .unwrap_or(0);
+            info.major == "1" && minor >= 29
+        }
+        Err(error) => {
+            tracing::warn!(%error, "the API server's version is unknown; injecting Envoy as a container");
+            false
+        }
+    }
 }
