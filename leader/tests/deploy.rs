@@ -2408,3 +2408,86 @@ async fn kubectl_apply_of_a_policy_the_compiler_would_skip_fails_with_its_words(
         .args(["delete", "namespace", namespace, "--wait=false"])
         .output();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_documented_uninstall_mesh_pods_are_created_again_and_running_ones_untouched() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, PostParams};
+    // An API server of its own: the shipped webhooks would stand in every
+    // other test's way.
+    let cluster = Cluster::start(trellis_test_cluster::Options::default());
+    let admin = cluster.client().await;
+    cluster
+        .namespace(
+            &admin,
+            "shop",
+            &[("openservicemesh.io/monitored-by", "osm")],
+        )
+        .await;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "shop");
+    let running = pods
+        .create(&PostParams::default(), &pod("running"))
+        .await
+        .unwrap();
+
+    // Trellis installed, its injector not running: mesh pods are refused
+    // (failurePolicy: Fail), which is why the webhooks go first.
+    let (crds, rest): (Vec<Value>, Vec<Value>) = objects(&render("small"))
+        .into_iter()
+        .partition(|o| o["kind"] == "CustomResourceDefinition");
+    apply(&cluster, "uninstall-crds", &crds);
+    cluster.crds_established();
+    apply(&cluster, "uninstall-install", &rest);
+    let refused = pods.create(&PostParams::default(), &pod("during")).await;
+    assert!(refused.is_err(), "the injector's webhook let a mesh pod in");
+    let policy = json!({
+        "apiVersion": "specs.smi-spec.io/v1alpha4",
+        "kind": "TCPRoute",
+        "metadata": { "name": "kept", "namespace": "shop" },
+        "spec": {}
+    });
+    apply(&cluster, "uninstall-policy", &[policy]);
+
+    let output = Command::new(root().join("deploy/uninstall.sh"))
+        .env("KUBECTL", kubectl())
+        .env("KUBECONFIG", cluster.kubeconfig())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // Pods are created again, without a sidecar; the running one is as it
+    // was; the policies stay (their CRDs were kept).
+    let created = pods
+        .create(&PostParams::default(), &pod("after"))
+        .await
+        .unwrap();
+    assert_eq!(created.spec.unwrap().containers.len(), 1);
+    let still = pods.get("running").await.unwrap();
+    assert_eq!(still.metadata.uid, running.metadata.uid);
+    assert_eq!(
+        still.metadata.resource_version,
+        running.metadata.resource_version
+    );
+    let webhooks = cluster.kubectl_ok([
+        "get",
+        "mutatingwebhookconfigurations,validatingwebhookconfigurations",
+        "-l",
+        "app.kubernetes.io/part-of=trellis",
+        "-o",
+        "name",
+    ]);
+    assert!(webhooks.trim().is_empty(), "{webhooks}");
+    let kept = cluster.kubectl_ok([
+        "get",
+        "tcproutes.specs.smi-spec.io",
+        "-n",
+        "shop",
+        "-o",
+        "name",
+    ]);
+    assert!(kept.contains("kept"), "{kept}");
+}
