@@ -327,7 +327,31 @@ pub enum ProblemKind {
     /// A field Trellis does not implement: it has no effect, the object
     /// applies.
     Unimplemented,
+    /// Something the cluster runs that Trellis does not support (IPv6):
+    /// a leader refuses to start on it.
+    Unsupported,
 }
+
+/// Why a leader refuses to start on a mesh with `problems`: something in
+/// it Trellis does not support; `None` when all is supported.
+pub fn refusal(problems: &[Problem]) -> Option<String> {
+    let unsupported: Vec<&str> = (problems.iter())
+        .filter(|p| p.kind == ProblemKind::Unsupported)
+        .map(|p| p.object.as_str())
+        .collect();
+    let (first, more) = unsupported.split_first()?;
+    Some(format!(
+        "this cluster runs IPv6 or dual-stack workloads ({first}{}), which Trellis does not support: the sidecar intercepts IPv4 only, so their IPv6 traffic would bypass it (README, IPv6)",
+        match more.len() {
+            0 => String::new(),
+            n => format!(" and {n} more"),
+        }
+    ))
+}
+
+/// Why an IPv6 or dual-stack object is left out.
+pub(crate) const IPV6_UNSUPPORTED: &str =
+    "IPv6 and dual-stack workloads are not supported (the sidecar intercepts IPv4 only; README, IPv6)";
 
 impl Problem {
     pub(crate) fn new(object: &ObjectRef, reason: impl Into<String>) -> Problem {
@@ -343,6 +367,14 @@ impl Problem {
     pub(crate) fn unresolved(object: &ObjectRef, reason: impl Into<String>) -> Problem {
         Problem {
             kind: ProblemKind::Unresolved,
+            ..Problem::new(object, reason)
+        }
+    }
+
+    /// `object` is something Trellis does not support.
+    pub(crate) fn unsupported(object: &ObjectRef, reason: impl Into<String>) -> Problem {
+        Problem {
+            kind: ProblemKind::Unsupported,
             ..Problem::new(object, reason)
         }
     }

@@ -614,3 +614,34 @@ async fn trellis_run_lists_the_objects_it_skipped_and_the_leaders_figures_on_its
     );
     assert!(metrics.contains("trellis_edge_connections "), "{metrics}");
 }
+
+#[test]
+fn trellis_refuses_to_start_on_a_cluster_with_ipv6_workloads() {
+    let dir = std::env::temp_dir().join(format!("trellis-ipv6-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_example(&dir);
+    std::fs::write(
+        dir.join("zz-ipv6.yaml"),
+        "apiVersion: v1\nkind: Pod\n\
+         metadata: { name: dual-stack, namespace: bookstore }\n\
+         spec: { containers: [{ name: app, image: app }] }\n\
+         status: { podIP: 10.1.0.9, podIPs: [{ ip: 10.1.0.9 }, { ip: \"fd00::9\" }] }\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(TRELLIS)
+        .args(["run", "--plaintext", "--dir"])
+        .arg(&dir)
+        .args(["--xds", &format!("127.0.0.1:{}", free_port())])
+        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("refusing to start")
+            && stderr.contains("Pod bookstore/dual-stack")
+            && stderr.contains("IPv4 only"),
+        "{stderr}"
+    );
+}

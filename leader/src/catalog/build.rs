@@ -64,6 +64,10 @@ pub fn build_in(objects: &BTreeMap<ObjectRef, Object>, mesh: &str, trust_domain:
     let mut pod_labels = BTreeMap::new();
     for (r, object) in objects.iter().filter(|(r, _)| in_mesh(r)) {
         if let Object::Pod(pod) = object {
+            if pod_has_ipv6(pod) {
+                problems.push(Problem::unsupported(r, super::IPV6_UNSUPPORTED));
+                continue;
+            }
             let (mesh_pod, labels) = mesh_pod(r, pod);
             pod_labels.insert(mesh_pod.name.clone(), labels);
             pods.insert(mesh_pod.name.clone(), mesh_pod);
@@ -74,6 +78,9 @@ pub fn build_in(objects: &BTreeMap<ObjectRef, Object>, mesh: &str, trust_domain:
     let mut endpoints: BTreeMap<ServiceKey, &Endpoints> = BTreeMap::new();
     for (r, object) in objects.iter().filter(|(r, _)| in_mesh(r)) {
         match object {
+            Object::EndpointSlice(slice) if slice.address_type == "IPv6" => {
+                problems.push(Problem::unsupported(r, super::IPV6_UNSUPPORTED));
+            }
             Object::EndpointSlice(slice) => {
                 let Some(service) = slice
                     .metadata
@@ -109,6 +116,10 @@ pub fn build_in(objects: &BTreeMap<ObjectRef, Object>, mesh: &str, trust_domain:
         let Object::Service(service) = object else {
             continue;
         };
+        if service_has_ipv6(service) {
+            problems.push(Problem::unsupported(r, super::IPV6_UNSUPPORTED));
+            continue;
+        }
         let key = ServiceKey {
             namespace: r.namespace.clone(),
             name: r.name.clone(),
@@ -448,6 +459,29 @@ pub(crate) fn parse_go_duration(text: &str) -> Option<Duration> {
     Duration::try_from_secs_f64(total).ok()
 }
 
+fn is_ipv6(text: &str) -> bool {
+    text.parse::<IpAddr>().is_ok_and(|ip| ip.is_ipv6())
+}
+
+/// Whether `pod` has an IPv6 address (alone, or beside an IPv4 one).
+fn pod_has_ipv6(pod: &Pod) -> bool {
+    let Some(status) = pod.status.as_ref() else {
+        return false;
+    };
+    status.pod_ip.as_deref().is_some_and(is_ipv6)
+        || (status.pod_ips.iter().flatten()).any(|ip| is_ipv6(&ip.ip))
+}
+
+/// Whether `service` is IPv6 or dual-stack.
+fn service_has_ipv6(service: &Service) -> bool {
+    let Some(spec) = service.spec.as_ref() else {
+        return false;
+    };
+    spec.cluster_ip.as_deref().is_some_and(is_ipv6)
+        || (spec.cluster_ips.iter().flatten()).any(|ip| is_ipv6(ip))
+        || (spec.ip_families.iter().flatten()).any(|family| family == "IPv6")
+}
+
 fn mesh_pod(r: &ObjectRef, pod: &Pod) -> (MeshPod, BTreeMap<String, String>) {
     let spec = pod.spec.as_ref();
     let account = spec
@@ -527,7 +561,8 @@ fn slice_endpoints(
             let identity = identity_of(namespace, target, pods);
             let hostname = endpoint.hostname.clone().or_else(|| pod_name(target));
             for address in &endpoint.addresses {
-                if let Ok(ip) = address.parse() {
+                // IPv4 only: an IPv6 address would bypass interception.
+                if let Ok(ip @ IpAddr::V4(_)) = address.parse() {
                     found.insert(Endpoint {
                         ip,
                         identity: identity.clone(),
@@ -569,7 +604,7 @@ fn legacy_endpoints(
                     t.namespace.as_deref(),
                 ))
             });
-            if let Ok(ip) = address.ip.parse() {
+            if let Ok(ip @ IpAddr::V4(_)) = address.ip.parse() {
                 found.insert(Endpoint {
                     ip,
                     identity: identity_of(namespace, target, pods),

@@ -41,7 +41,9 @@ pub fn judge(
     let mut judgement = Judgement::default();
     for problem in catalog.problems.iter().filter(|p| p.object == named) {
         match problem.kind {
-            ProblemKind::Invalid => judgement.refused.push(problem.reason.clone()),
+            ProblemKind::Invalid | ProblemKind::Unsupported => {
+                judgement.refused.push(problem.reason.clone())
+            }
             ProblemKind::Unresolved | ProblemKind::Unimplemented => {
                 judgement.warnings.push(problem.reason.clone())
             }
@@ -257,5 +259,47 @@ mod tests {
         let judgement = judge(early, with_services(), "osm", "cluster.local");
         assert!(judgement.refused.is_empty(), "{judgement:?}");
         assert_eq!(judgement.warnings.len(), 1, "{judgement:?}");
+    }
+
+    #[test]
+    fn ipv6_and_dual_stack_workloads_are_left_out_and_refuse_a_start() {
+        let mut objects = mesh_namespace();
+        for manifest in [
+            json!({ "apiVersion": "v1", "kind": "Pod",
+                "metadata": { "name": "v4", "namespace": "app" },
+                "spec": { "containers": [{ "name": "a" }] },
+                "status": { "podIP": "10.0.0.1", "podIPs": [{ "ip": "10.0.0.1" }] } }),
+            json!({ "apiVersion": "v1", "kind": "Pod",
+                "metadata": { "name": "dual", "namespace": "app" },
+                "spec": { "containers": [{ "name": "a" }] },
+                "status": { "podIP": "10.0.0.2", "podIPs": [{ "ip": "10.0.0.2" }, { "ip": "fd00::2" }] } }),
+            json!({ "apiVersion": "v1", "kind": "Service",
+                "metadata": { "name": "six", "namespace": "app" },
+                "spec": { "clusterIP": "fd00::10", "ipFamilies": ["IPv6"], "ports": [{ "port": 80 }] } }),
+            json!({ "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": { "name": "six-x", "namespace": "app",
+                              "labels": { "kubernetes.io/service-name": "six" } },
+                "addressType": "IPv6", "endpoints": [{ "addresses": ["fd00::2"] }] }),
+        ] {
+            let object = object(manifest);
+            objects.insert(object.object_ref(), object);
+        }
+        let catalog = build_in(&objects, "osm", "cluster.local");
+        let unsupported: Vec<&str> = (catalog.problems.iter())
+            .filter(|p| p.kind == ProblemKind::Unsupported)
+            .map(|p| p.object.as_str())
+            .collect();
+        assert_eq!(
+            unsupported,
+            ["EndpointSlice app/six-x", "Pod app/dual", "Service app/six"]
+        );
+        assert!(catalog.pods.keys().any(|p| p == "app/v4"));
+        assert!(!catalog.pods.keys().any(|p| p == "app/dual"));
+        let refusal = super::super::refusal(&catalog.problems).unwrap();
+        assert!(
+            refusal.contains("IPv6") && refusal.contains("and 2 more"),
+            "{refusal}"
+        );
+        assert!(super::super::refusal(&[]).is_none());
     }
 }

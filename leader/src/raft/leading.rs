@@ -263,6 +263,7 @@ async fn lead_term(
         ));
         tasks.push(writer.abort_handle());
     }
+    let mut compiled = pipeline.status();
     let pipeline = tokio::spawn(pipeline.run(received, Arc::new(Handoff(handoff))));
     tasks.push(pipeline.abort_handle());
     let _stop = AbortOnDrop(tasks);
@@ -285,6 +286,19 @@ async fn lead_term(
         // Only the latest matters if several are waiting.
         while let Ok(later) = snapshots.try_recv() {
             snapshot = later;
+        }
+        if published == 0 {
+            // The pipeline reports a compile's problems just after handing
+            // over its snapshot.
+            let epoch = snapshot.epoch();
+            let reported = compiled.wait_for(|s| s.epoch >= epoch);
+            let problems = match tokio::time::timeout(Duration::from_secs(5), reported).await {
+                Ok(Ok(status)) => status.problems.clone(),
+                _ => Vec::new(),
+            };
+            if let Some(refusal) = crate::catalog::refusal(&problems) {
+                return Err(GroupError::Stopped(format!("refusing to lead: {refusal}")));
+            }
         }
         let issued = issuer.take_issued();
         published += 1;

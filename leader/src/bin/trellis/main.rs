@@ -768,6 +768,9 @@ async fn start_leader(inputs: Inputs, store: Arc<SnapshotStore>) -> Result<Leade
         .await
         .context("the pipeline stopped before compiling")?;
     let first = status.borrow_and_update().clone();
+    if let Some(refusal) = trellis_leader::catalog::refusal(&first.problems) {
+        bail!("refusing to start: {refusal}");
+    }
     Ok(Leader {
         tasks,
         origin,
