@@ -59,6 +59,13 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// The current snapshot: its metadata and its data.
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 
+/// The format of what this build writes: the tables and their JSON. A
+/// store without the key is format 1 (written before the key existed).
+/// A later build that changes the format raises it and reads (or migrates)
+/// every older one; this build refuses a newer one rather than misread it.
+pub const STORE_FORMAT: u32 = 1;
+const FORMAT: &str = "format";
+
 const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const PURGED: &str = "last_purged";
@@ -108,6 +115,17 @@ pub enum StoreError {
         /// Why.
         #[source]
         source: redb::DatabaseError,
+    },
+    /// The file is in a format newer than this build reads: a replica
+    /// rolled back past an upgrade that changed it.
+    #[error("{}: written by a newer Trellis (store format {found}); this build reads formats up to {supported}. Run the newer version, or restore a backup taken before the upgrade", path.display())]
+    NewerFormat {
+        /// The file.
+        path: PathBuf,
+        /// Its format.
+        found: u32,
+        /// The newest this build reads.
+        supported: u32,
     },
     /// The file opened, but reading or preparing its tables failed.
     #[error("cannot read the Raft store {}: {source}", path.display())]
@@ -214,6 +232,11 @@ fn open_file(path: &Path) -> Result<(Database, Option<Content<MeshState>>), Stor
             path: path.to_owned(),
             source,
         },
+        Fault::Newer(found) => StoreError::NewerFormat {
+            path: path.to_owned(),
+            found,
+            supported: STORE_FORMAT,
+        },
         fault @ (Fault::Codec { .. } | Fault::Mismatch) => StoreError::Corrupted {
             path: path.to_owned(),
             detail: fault.to_string(),
@@ -230,6 +253,11 @@ fn prepare(db: &Database) -> Result<Option<Content<MeshState>>, Fault> {
         txn.open_table(SNAPSHOT)?;
         Ok(())
     })?;
+    match read_meta::<u32>(db, FORMAT)? {
+        Some(found) if found > STORE_FORMAT => return Err(Fault::Newer(found)),
+        Some(_) => {}
+        None => write_meta(db, FORMAT, Some(&STORE_FORMAT))?,
+    }
     let Some((meta, data)) = read_snapshot(db)? else {
         return Ok(None);
     };
@@ -288,6 +316,10 @@ enum Fault {
     },
     #[error("the snapshot's data is not what its metadata says")]
     Mismatch,
+    #[error(
+        "written by a newer Trellis (store format {0}; this build reads up to {STORE_FORMAT})"
+    )]
+    Newer(u32),
 }
 
 macro_rules! redb_faults {

@@ -553,3 +553,60 @@ async fn a_replica_restarted_after_compaction_has_its_state_back() {
     assert_eq!(metrics.purged, metrics.snapshot);
     raft.shutdown().await.unwrap();
 }
+
+/// A store this format's first build wrote, checked in: every later build
+/// must read it (or migrate it). `TRELLIS_UPDATE_GOLDEN=1` writes it again,
+/// which only a format change may do.
+const GOLDEN: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/golden/raft-store-format-1.redb"
+);
+
+#[tokio::test]
+async fn the_checked_in_store_of_format_1_is_read() {
+    let dir = Scratch::new("golden");
+    if std::env::var_os("TRELLIS_UPDATE_GOLDEN").is_some() {
+        let bytes = a_written_file(&dir).await;
+        std::fs::write(GOLDEN, bytes).unwrap();
+        std::fs::remove_file(dir.file()).unwrap();
+    }
+    std::fs::copy(GOLDEN, dir.file()).unwrap();
+    let (mut log, mut sm) = open(dir.path()).unwrap();
+    let state = MeshState::clone(&sm.subscribe().borrow());
+    assert_eq!(state.epoch, 2, "restored from the snapshot");
+    let names: BTreeSet<&str> = state
+        .leaves
+        .values()
+        .map(|l| l.common_name.as_str())
+        .collect();
+    assert_eq!(names, BTreeSet::from(["a", "b", "c"]));
+    assert_eq!(
+        state.ca.as_ref().map(|c| c.key_pem.as_str()),
+        Some("root key")
+    );
+    assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(1, 1)));
+    let entries = log.try_get_log_entries(0..10).await.unwrap();
+    assert_eq!(json(&entries), json(&history()));
+    let (applied, _) = sm.applied_state().await.unwrap();
+    assert_eq!(applied, Some(log_id(2, 5)));
+}
+
+#[tokio::test]
+async fn a_store_of_a_newer_format_is_refused_with_both_formats_named() {
+    let dir = Scratch::new("newer");
+    drop(open(dir.path()).unwrap());
+    {
+        let db = Database::create(dir.file()).unwrap();
+        write_meta(&db, FORMAT, Some(&(STORE_FORMAT + 1))).unwrap();
+    }
+    let error = match open(dir.path()) {
+        Err(error) => error.to_string(),
+        Ok(_) => panic!("a newer store was opened"),
+    };
+    assert!(
+        error.contains("newer Trellis")
+            && error.contains(&format!("store format {}", STORE_FORMAT + 1))
+            && error.contains(&format!("up to {STORE_FORMAT}")),
+        "{error}"
+    );
+}
