@@ -40,7 +40,9 @@ use trellis_proto::pb::{
 };
 use trellis_proto::trellis::v1::Commit;
 use trellis_shared::{
-    replication::{parse_replica_name, replica_name, LEADER_HINT, REPLICATED_TYPES},
+    replication::{
+        parse_replica_name, replica_name, LEADER_HINT, PUBLISH_FORMAT, REPLICATED_TYPES,
+    },
     type_url, Resource, Snapshot, SnapshotBuilder, SnapshotError,
 };
 
@@ -120,6 +122,14 @@ pub enum UpstreamError {
     /// A commit would not make a valid snapshot.
     #[error("commit refused: {0}")]
     Snapshot(#[from] SnapshotError),
+    /// The leader speaks a newer publish format than this edge reads.
+    #[error("the leader publishes format {found}; this edge reads up to {supported}: upgrade the edges before the leaders (the edge keeps serving what it holds)")]
+    NewerFormat {
+        /// The leader's format.
+        found: u32,
+        /// The newest this edge reads.
+        supported: u32,
+    },
 }
 
 /// Follows the leader until the task is dropped, reconnecting after every
@@ -369,6 +379,13 @@ impl Session<'_> {
     ) -> Result<(), UpstreamError> {
         let first = !self.store.is_ready();
         let commit = commit_of(response);
+        let format = commit.as_ref().map_or(0, |c| c.format).max(1);
+        if format > PUBLISH_FORMAT {
+            return Err(UpstreamError::NewerFormat {
+                found: format,
+                supported: PUBLISH_FORMAT,
+            });
+        }
         let leader_epoch = commit.as_ref().map_or(0, |c| c.epoch);
         if !pending.has_changes() && !first {
             debug!(leader_epoch, "commit without changes");
@@ -557,5 +574,53 @@ mod tests {
             let mut pending = Snapshot::empty().to_builder();
             assert!(apply(&mut pending, &bad).is_err(), "{what} was accepted");
         }
+    }
+
+    fn commit_response(format: u32, epoch: u64) -> DeltaDiscoveryResponse {
+        let commit = Any {
+            type_url: type_url::COMMIT.to_owned(),
+            value: prost::Message::encode_to_vec(&Commit {
+                epoch,
+                caused_at_unix_ms: 0,
+                format,
+            }),
+        };
+        let name = trellis_shared::replication::COMMIT_NAME;
+        response(type_url::COMMIT, name, Some(commit), &epoch.to_string())
+    }
+
+    #[test]
+    fn a_commit_of_a_newer_publish_format_is_refused_and_nothing_is_served() {
+        let config = UpstreamConfig::new(["http://leader"], "edge");
+        let store = Arc::new(SnapshotStore::new());
+        let metrics = Arc::new(Metrics::default());
+        let demand = Arc::new(ClassDemand::default());
+        let mut session = Session {
+            leader: "http://leader",
+            config: &config,
+            store: &store,
+            metrics: &metrics,
+            demand: &demand,
+            committed: false,
+        };
+        let pending = Snapshot::empty().to_builder();
+        let newer = commit_response(PUBLISH_FORMAT + 1, 3);
+        let refused = session.commit(pending, 0, &newer);
+        match refused {
+            Err(UpstreamError::NewerFormat { found, supported }) => {
+                assert_eq!((found, supported), (PUBLISH_FORMAT + 1, PUBLISH_FORMAT));
+            }
+            other => panic!("not refused: {other:?}"),
+        }
+        assert!(!store.is_ready(), "a commit of a newer format was served");
+        // Today's format, and a leader from before the field (0), go in.
+        for format in [PUBLISH_FORMAT, 0] {
+            let pending = store.load().to_builder();
+            session
+                .commit(pending, 0, &commit_response(format, 4))
+                .unwrap();
+        }
+        assert!(store.is_ready());
+        assert_eq!(store.leader_epoch(), 4);
     }
 }

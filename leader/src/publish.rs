@@ -569,6 +569,7 @@ impl EdgeStream {
             value: prost::Message::encode_to_vec(&Commit {
                 epoch: snapshot.epoch(),
                 caused_at_unix_ms: snapshot.caused_at_ms().unwrap_or(0),
+                format: trellis_shared::replication::PUBLISH_FORMAT,
             }),
         };
         let resource = WireResource {

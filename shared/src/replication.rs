@@ -27,6 +27,11 @@ pub const LEADER_HINT: &str = "trellis-leader";
 /// The one commit resource's name.
 pub const COMMIT_NAME: &str = "commit";
 
+/// The publish format this build speaks and reads up to: the replicated
+/// types, their scopes and names, and the commit. A change to any raises
+/// it; edges read every older format, and refuse a newer one.
+pub const PUBLISH_FORMAT: u32 = 1;
+
 /// In a sharded edge's subscription (the class type's names), `<identity
 /// scope> *` asks for every proxy binding of that identity: how a sharded
 /// edge classifies an injected proxy before it serves the proxy's class.
