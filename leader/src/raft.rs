@@ -12,6 +12,10 @@
 //! * [`issuer`]: the certificate issuer of a term, root rotation included.
 //! * [`mesh_root`]: the operators' service starting a rotation.
 
+/// The format of the Raft messages between replicas (openraft's, as JSON):
+/// a change raises it, and a replica refuses a newer one it cannot read.
+pub const RAFT_FORMAT: u32 = 1;
+
 pub mod group;
 pub mod issuer;
 pub mod leading;

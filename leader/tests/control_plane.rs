@@ -261,12 +261,23 @@ async fn an_edge_follows_only_a_leader_certificate_of_its_group() {
 
 /// A vote request to the Raft server at `address`, declaring `from`.
 async fn vote(address: SocketAddr, tls: ClientTlsConfig, from: u64) -> Result<(), String> {
+    vote_in_format(address, tls, from, 0).await
+}
+
+/// [`vote`], in Raft message format `format`.
+async fn vote_in_format(
+    address: SocketAddr,
+    tls: ClientTlsConfig,
+    from: u64,
+    format: u32,
+) -> Result<(), String> {
     let channel = channel(address, Some(tls)).await?;
     RaftClient::new(channel)
         .vote(RaftRequest {
             cluster: GROUP.to_owned(),
             from,
             payload: b"{}".to_vec(),
+            format,
         })
         .await
         .map(|_| ())
@@ -331,6 +342,24 @@ async fn the_raft_port_hears_only_its_peers_as_themselves() {
             .as_ref()
             .is_err_and(|e| e.starts_with("InvalidArgument")),
         "{heard:?}"
+    );
+    // A peer speaking a newer Raft format is refused with both named,
+    // before its message is read.
+    let peer = with(&issue(&control, GROUP, Role::Leader(2)));
+    let newer = vote_in_format(raft, peer, 2, trellis_leader::raft::RAFT_FORMAT + 1).await;
+    assert!(
+        newer
+            .as_ref()
+            .is_err_and(|e| e.starts_with("FailedPrecondition")
+                && e.contains(&format!(
+                    "Raft format {}",
+                    trellis_leader::raft::RAFT_FORMAT + 1
+                ))
+                && e.contains(&format!(
+                    "reads up to {}",
+                    trellis_leader::raft::RAFT_FORMAT
+                ))),
+        "{newer:?}"
     );
 }
 

@@ -159,6 +159,7 @@ impl Peer {
             cluster: self.network.cluster.clone(),
             from: self.network.id,
             payload,
+            format: super::RAFT_FORMAT,
         });
         message.set_timeout(option.hard_ttl());
         let reply = match call(client, message).await {

@@ -97,6 +97,18 @@ impl RaftService {
                 self.peers.keys().collect::<Vec<_>>()
             )));
         }
+        let format = request.format.max(1);
+        if format > super::RAFT_FORMAT {
+            warn!(
+                from = request.from,
+                format, "refused a Raft message of a newer format"
+            );
+            return Err(Status::failed_precondition(format!(
+                "replica {} speaks Raft format {format}; this replica reads up to {}: upgrade the replicas one at a time, each to the new version",
+                request.from,
+                super::RAFT_FORMAT
+            )));
+        }
         serde_json::from_slice(&request.payload)
             .map_err(|e| Status::invalid_argument(format!("unreadable Raft message: {e}")))
     }
