@@ -1354,3 +1354,52 @@ async fn pods_are_injected_while_the_group_elects_a_leader() -> Result<()> {
     assert!(metric_value(&metrics, "trellis_injector_review_seconds_count") >= injected);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_data_is_lost_rejoins_the_group_instead_of_starting_another() -> Result<()>
+{
+    let mut group = Group::prepare("rejoin", 3);
+    for id in group.ids.clone() {
+        group.start(id);
+    }
+    group.agreed_leader(Duration::from_secs(30)).await?;
+    // Replica 1, the one that initialized the group, loses its disk.
+    if let Some(mut replica) = group.replicas.remove(&1) {
+        replica.kill();
+    }
+    let running = group
+        .agreed_leader_besides(1, Duration::from_secs(30))
+        .await?;
+    std::fs::remove_dir_all(group.dir.join("data-1"))?;
+    group.start(1);
+
+    // It joins the running group (same leader, same term) and is caught
+    // up; it never leads a group of its own.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rejoined = group.ask(1).await.ok();
+        let leader = group.ask(running.leader).await?;
+        if let Some(reply) = &rejoined {
+            assert!(
+                reply.leader == 0 || (reply.leader == running.leader && reply.term == running.term),
+                "replica 1 follows another group: {reply:?}"
+            );
+            if reply.leader == running.leader
+                && reply.applied >= leader.applied.min(running.applied)
+                && reply.applied > 0
+            {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica 1 was not caught up: {rejoined:?}\n{}",
+            group.replicas[&1].log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = group.replicas[&1].log();
+    assert!(log.contains("the group already runs"), "{log}");
+    assert!(!log.contains("initializing a new leader group"), "{log}");
+    Ok(())
+}

@@ -269,9 +269,15 @@ impl LeaderGroup {
             tls: config.tls.clone(),
             refusals: refusals.clone(),
         };
-        let raft = Raft::new(config.id, Arc::new(raft_config), network, log, machine)
-            .await
-            .map_err(|e| GroupError::Raft(e.to_string()))?;
+        let raft = Raft::new(
+            config.id,
+            Arc::new(raft_config),
+            network.clone(),
+            log,
+            machine,
+        )
+        .await
+        .map_err(|e| GroupError::Raft(e.to_string()))?;
 
         let bind = match (&config.listen, me.raft.rsplit_once(':')) {
             (Some(listen), _) => listen.clone(),
@@ -320,14 +326,12 @@ impl LeaderGroup {
             .map_err(|e| GroupError::Raft(e.to_string()))?;
         let lowest = config.peers.keys().next() == Some(&config.id);
         if !initialized && lowest {
-            info!(
-                peers = config.peers.len(),
-                "initializing a new leader group"
-            );
-            if let Err(error) = raft.initialize(config.peers.clone()).await {
-                // Another start already initialized it: nothing to do.
-                warn!(%error, "initializing the group");
-            }
+            tokio::spawn(initialize_unless_running(
+                raft.clone(),
+                network,
+                config.peers.clone(),
+                config.id,
+            ));
         }
         info!(id = config.id, cluster = %config.cluster, %me, "replica started");
         Ok(LeaderGroup {
@@ -403,4 +407,50 @@ impl LeaderGroup {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Initializes the group, as the lowest replica of one that never ran, but
+/// only once most other replicas say it never ran either: a replica whose
+/// data was lost must rejoin the group that runs (its leader catches it
+/// up), never start a second one beside it. Until enough replicas answer,
+/// it asks again every second.
+async fn initialize_unless_running(
+    raft: Raft<TypeConfig>,
+    mut network: Network,
+    peers: BTreeMap<NodeId, Replica>,
+    me: NodeId,
+) {
+    let others: Vec<(NodeId, Replica)> = (peers.iter())
+        .filter(|(id, _)| **id != me)
+        .map(|(id, replica)| (*id, replica.clone()))
+        .collect();
+    loop {
+        let mut answered = 0;
+        for (id, replica) in &others {
+            let mut peer =
+                openraft::RaftNetworkFactory::new_client(&mut network, *id, replica).await;
+            let Some(reply) = peer.ask_leader().await else {
+                continue;
+            };
+            if reply.term > 0 || reply.leader != 0 || reply.applied > 0 {
+                info!(
+                    replica = id,
+                    term = reply.term,
+                    "the group already runs: not initializing another; its leader will catch this replica up"
+                );
+                return;
+            }
+            answered += 1;
+        }
+        // This replica and the ones that answered are most of the group.
+        if (answered + 1) * 2 > peers.len() {
+            info!(peers = peers.len(), "initializing a new leader group");
+            if let Err(error) = raft.initialize(peers.clone()).await {
+                // Another start already initialized it: nothing to do.
+                warn!(%error, "initializing the group");
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }

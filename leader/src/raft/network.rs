@@ -129,6 +129,19 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 }
 
 impl Peer {
+    /// What the replica says of its group (who leads, in which term, how
+    /// far it applied); `None` if it does not answer within two seconds.
+    pub(super) async fn ask_leader(
+        &mut self,
+    ) -> Option<trellis_proto::trellis::raft::v1::LeaderReply> {
+        let client = self.client.as_mut()?;
+        let asked = client.leader(trellis_proto::trellis::raft::v1::LeaderRequest {});
+        match tokio::time::timeout(Duration::from_secs(2), asked).await {
+            Ok(Ok(reply)) => Some(reply.into_inner()),
+            _ => None,
+        }
+    }
+
     /// Sends one request; `call` picks the RPC.
     async fn call<Req, Resp, E>(
         &mut self,
