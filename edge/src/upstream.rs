@@ -622,4 +622,72 @@ mod tests {
         assert!(store.is_ready());
         assert_eq!(store.leader_epoch(), 4);
     }
+
+    /// A publish stream of format 1 as the first build of that format sent
+    /// it, length-delimited responses: a cluster, then the commit.
+    /// `TRELLIS_UPDATE_GOLDEN=1` writes it again, which only a format
+    /// change may do; every later edge must read it.
+    const GOLDEN: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/publish-format-1.bin"
+    );
+
+    #[test]
+    fn the_checked_in_publish_stream_of_format_1_is_read() {
+        let any = Any {
+            type_url: type_url::CLUSTER.to_owned(),
+            value: Vec::new(),
+        };
+        let version = Resource::from_any(prost::Message::encode_to_vec(&any).into())
+            .version()
+            .to_string();
+        let written = [
+            response(
+                type_url::CLUSTER,
+                "service:ns/svc ns/svc|80",
+                Some(any),
+                &version,
+            ),
+            commit_response(PUBLISH_FORMAT, 9),
+        ];
+        if std::env::var_os("TRELLIS_UPDATE_GOLDEN").is_some() {
+            let mut bytes = Vec::new();
+            for response in &written {
+                let framed = prost::Message::encode_length_delimited_to_vec(response);
+                bytes.extend(framed);
+            }
+            assert!(std::fs::write(GOLDEN, bytes).is_ok());
+        }
+        let bytes = std::fs::read(GOLDEN).unwrap_or_default();
+        let mut rest = bytes.as_slice();
+        let mut read = Vec::new();
+        while !rest.is_empty() {
+            let decoded: Result<DeltaDiscoveryResponse, _> =
+                prost::Message::decode_length_delimited(&mut rest);
+            assert!(decoded.is_ok(), "{decoded:?}");
+            read.extend(decoded.ok());
+        }
+        assert_eq!(read.len(), 2);
+
+        let config = UpstreamConfig::new(["http://leader"], "edge");
+        let store = Arc::new(SnapshotStore::new());
+        let (metrics, demand) = (
+            Arc::new(Metrics::default()),
+            Arc::new(ClassDemand::default()),
+        );
+        let mut session = Session {
+            leader: "http://leader",
+            config: &config,
+            store: &store,
+            metrics: &metrics,
+            demand: &demand,
+            committed: false,
+        };
+        let mut pending = Snapshot::empty().to_builder();
+        assert_eq!(apply(&mut pending, &read[0]).ok(), Some(1));
+        let committed = session.commit(pending, 1, &read[1]);
+        assert!(committed.is_ok(), "{committed:?}");
+        assert_eq!(store.leader_epoch(), 9);
+        assert_eq!(store.load().resources_of(type_url::CLUSTER).count(), 1);
+    }
 }

@@ -610,3 +610,35 @@ async fn a_store_of_a_newer_format_is_refused_with_both_formats_named() {
         "{error}"
     );
 }
+
+/// An AppendEntries message of Raft format 1, as a replica of the first
+/// build of that format sent it (`TRELLIS_UPDATE_GOLDEN=1` writes it
+/// again, which only a format change may do): every later build must read
+/// it to the same entries.
+const GOLDEN_APPEND: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/golden/raft-append-entries-format-1.json"
+);
+
+#[test]
+fn the_checked_in_raft_message_of_format_1_is_read() {
+    let request = openraft::raft::AppendEntriesRequest::<TypeConfig> {
+        vote: Vote::new_committed(2, 1),
+        prev_log_id: None,
+        entries: history(),
+        leader_commit: Some(log_id(2, 4)),
+    };
+    if std::env::var_os("TRELLIS_UPDATE_GOLDEN").is_some() {
+        std::fs::write(
+            GOLDEN_APPEND,
+            serde_json::to_string_pretty(&request).unwrap(),
+        )
+        .unwrap();
+    }
+    let text = std::fs::read_to_string(GOLDEN_APPEND).unwrap();
+    let read: openraft::raft::AppendEntriesRequest<TypeConfig> =
+        serde_json::from_str(&text).unwrap();
+    assert_eq!(read.vote, request.vote);
+    assert_eq!(read.leader_commit, request.leader_commit);
+    assert_eq!(json(&read.entries), json(&request.entries));
+}
