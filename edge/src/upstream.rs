@@ -535,13 +535,7 @@ mod tests {
 
     #[test]
     fn a_response_is_applied_only_if_every_resource_is_sound() {
-        let any = Any {
-            type_url: type_url::CLUSTER.to_owned(),
-            value: Vec::new(),
-        };
-        let version = Resource::from_any(prost::Message::encode_to_vec(&any).into())
-            .version()
-            .to_string();
+        let (any, version) = sound_cluster();
         let name = "service:ns/svc ns/svc|80";
         let mut pending = Snapshot::empty().to_builder();
         let good = response(type_url::CLUSTER, name, Some(any.clone()), &version);
@@ -576,6 +570,48 @@ mod tests {
         }
     }
 
+    /// A cluster resource and its version, as the leader sends them.
+    fn sound_cluster() -> (Any, String) {
+        let any = Any {
+            type_url: type_url::CLUSTER.to_owned(),
+            value: Vec::new(),
+        };
+        let version = Resource::from_any(prost::Message::encode_to_vec(&any).into())
+            .version()
+            .to_string();
+        (any, version)
+    }
+
+    /// What a session with the leader works on.
+    struct Following {
+        config: UpstreamConfig,
+        store: Arc<SnapshotStore>,
+        metrics: Arc<Metrics>,
+        demand: Arc<ClassDemand>,
+    }
+
+    impl Following {
+        fn new() -> Following {
+            Following {
+                config: UpstreamConfig::new(["http://leader"], "edge"),
+                store: Arc::new(SnapshotStore::new()),
+                metrics: Arc::new(Metrics::default()),
+                demand: Arc::new(ClassDemand::default()),
+            }
+        }
+
+        fn session(&self) -> Session<'_> {
+            Session {
+                leader: "http://leader",
+                config: &self.config,
+                store: &self.store,
+                metrics: &self.metrics,
+                demand: &self.demand,
+                committed: false,
+            }
+        }
+    }
+
     fn commit_response(format: u32, epoch: u64) -> DeltaDiscoveryResponse {
         let commit = Any {
             type_url: type_url::COMMIT.to_owned(),
@@ -591,18 +627,9 @@ mod tests {
 
     #[test]
     fn a_commit_of_a_newer_publish_format_is_refused_and_nothing_is_served() {
-        let config = UpstreamConfig::new(["http://leader"], "edge");
-        let store = Arc::new(SnapshotStore::new());
-        let metrics = Arc::new(Metrics::default());
-        let demand = Arc::new(ClassDemand::default());
-        let mut session = Session {
-            leader: "http://leader",
-            config: &config,
-            store: &store,
-            metrics: &metrics,
-            demand: &demand,
-            committed: false,
-        };
+        let edge = Following::new();
+        let store = &edge.store;
+        let mut session = edge.session();
         let pending = Snapshot::empty().to_builder();
         let newer = commit_response(PUBLISH_FORMAT + 1, 3);
         let refused = session.commit(pending, 0, &newer);
@@ -634,13 +661,7 @@ mod tests {
 
     #[test]
     fn the_checked_in_publish_stream_of_format_1_is_read() {
-        let any = Any {
-            type_url: type_url::CLUSTER.to_owned(),
-            value: Vec::new(),
-        };
-        let version = Resource::from_any(prost::Message::encode_to_vec(&any).into())
-            .version()
-            .to_string();
+        let (any, version) = sound_cluster();
         let written = [
             response(
                 type_url::CLUSTER,
@@ -669,20 +690,9 @@ mod tests {
         }
         assert_eq!(read.len(), 2);
 
-        let config = UpstreamConfig::new(["http://leader"], "edge");
-        let store = Arc::new(SnapshotStore::new());
-        let (metrics, demand) = (
-            Arc::new(Metrics::default()),
-            Arc::new(ClassDemand::default()),
-        );
-        let mut session = Session {
-            leader: "http://leader",
-            config: &config,
-            store: &store,
-            metrics: &metrics,
-            demand: &demand,
-            committed: false,
-        };
+        let edge = Following::new();
+        let store = &edge.store;
+        let mut session = edge.session();
         let mut pending = Snapshot::empty().to_builder();
         assert_eq!(apply(&mut pending, &read[0]).ok(), Some(1));
         let committed = session.commit(pending, 1, &read[1]);
