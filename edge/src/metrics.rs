@@ -239,9 +239,7 @@ impl Metrics {
     /// leader's clock: skew between the clocks moves the figure by as
     /// much; a negative one counts as zero).
     pub(crate) fn converged(&self, caused_at_ms: u64) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let now = trellis_shared::unix_millis(std::time::SystemTime::now());
         let millis = now.saturating_sub(caused_at_ms);
         self.proxy_convergence.observe(millis as f64 / 1000.0);
     }

@@ -125,7 +125,7 @@ impl PipelineMetrics {
             .set(gauge(figures.missing));
         let expiry = figures
             .soonest_expiry
-            .map_or(0, |at| unix_millis(at) / 1000);
+            .map_or(0, |at| trellis_shared::unix_millis(at) / 1000);
         self.certificate_expiry.set(gauge(expiry));
     }
 }
@@ -596,7 +596,7 @@ impl Pipeline {
     fn publish(&self, snapshot: &Snapshot, caused_at: Option<SystemTime>) {
         if let Some(sink) = &self.sink {
             let snapshot = match caused_at {
-                Some(at) => snapshot.clone().caused_at(unix_millis(at)),
+                Some(at) => snapshot.clone().caused_at(trellis_shared::unix_millis(at)),
                 None => snapshot.clone(),
             };
             sink.publish(snapshot);
@@ -672,12 +672,6 @@ impl Pipeline {
             }
         }
     }
-}
-
-/// `time` as Unix milliseconds (0 before 1970).
-fn unix_millis(time: SystemTime) -> u64 {
-    time.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Runs `work` on the blocking pool: compiling and signing take seconds on

@@ -26,6 +26,13 @@ pub const CLASS_METADATA_KEY: &str = "trellis.class";
 /// edge serves such a proxy only while the leader binds its UUID to a pod.
 pub const POD_BOUND_UNIT: &str = "trellis-pod-bound";
 
+/// `time` as milliseconds since the Unix epoch (0 before it), as
+/// snapshots, the replicated state and the edges' figures keep time.
+pub fn unix_millis(time: std::time::SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 pub use crate::{
     canonical::{put_len_delimited, EncodeError},
     class::{ClassDelta, ClassManifest, ClassView, InvalidClass, TypeDelta},

@@ -140,11 +140,6 @@ pub struct TypeReport {
     pub awaiting: bool,
 }
 
-fn unix_ms(time: std::time::SystemTime) -> u64 {
-    time.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 /// How long ago `since` was, in milliseconds.
 fn elapsed_ms<S: serde::Serializer>(
     since: &Option<std::time::Instant>,
@@ -540,7 +535,7 @@ impl Shared {
                 entry.acks = acked.acks;
                 entry.held = acked.sent().len();
                 entry.last_nack = None;
-                entry.last_ack_unix_ms = acked.last_ack_at.map(unix_ms);
+                entry.last_ack_unix_ms = acked.last_ack_at.map(trellis_shared::unix_millis);
                 entry.awaiting = state.awaiting(type_url);
                 report.unanswered_since = state.unanswered_since();
             }
@@ -566,7 +561,7 @@ impl Shared {
                 acks: t.acks,
                 nacks: t.nacks,
                 last_nack: t.last_nack.clone(),
-                last_ack_unix_ms: t.last_ack_at.map(unix_ms),
+                last_ack_unix_ms: t.last_ack_at.map(trellis_shared::unix_millis),
             })
             .collect();
     }

@@ -52,10 +52,7 @@ pub struct Leaf {
 }
 
 /// Milliseconds since the Unix epoch, as the replicated state keeps time.
-pub fn millis(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub use trellis_shared::unix_millis as millis;
 
 fn time(millis: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(millis)
