@@ -388,8 +388,10 @@ pub(super) fn handle<V: Variant>(
             responses.push(outbound);
         }
     }
+    // Twice per change on every stream (sent, then answered): updated in
+    // place, never rebuilt.
     if state.unanswered_since() != waiting {
-        shared.report(id, state);
+        shared.report_waiting(id, state);
     }
     Ok(responses)
 }
@@ -537,12 +539,23 @@ impl Shared {
                 entry.last_nack = None;
                 entry.last_ack_unix_ms = acked.last_ack_at.map(trellis_shared::unix_millis);
                 entry.awaiting = state.awaiting(type_url);
-                report.unanswered_since = state.unanswered_since();
             }
             _ => {
                 drop(report);
                 self.report(id, state);
             }
+        }
+    }
+
+    /// Records in the admin report of stream `id` which responses await the
+    /// proxy's answer, and since when.
+    fn report_waiting(&self, id: u64, state: &StreamState) {
+        let Some(mut report) = self.streams.get_mut(&id) else {
+            return;
+        };
+        report.unanswered_since = state.unanswered_since();
+        for entry in &mut report.types {
+            entry.awaiting = state.awaiting(&entry.type_url);
         }
     }
 
