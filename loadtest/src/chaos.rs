@@ -52,9 +52,7 @@ pub(crate) async fn unleash(
             return Ok(disruptions);
         }
         tokio::time::sleep(gap).await;
-        let running: Vec<usize> = (target.edges_running().iter().enumerate())
-            .filter_map(|(edge, running)| running.then_some(edge))
-            .collect();
+        let running: Vec<usize> = target.edges(true);
         let kill_leader = target.has_leader() && (running.len() < 2 || rng.u8(0..3) == 0);
         let at = clock::now();
         let process = if kill_leader {

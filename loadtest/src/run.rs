@@ -356,9 +356,7 @@ impl Clients {
     /// Tells every client which edges a reconnect may go to: the running
     /// ones, as a Service's endpoints would be.
     pub(crate) async fn follow(&mut self, target: &Target) -> Result<(), RunError> {
-        let ready: Vec<usize> = (target.edges_running().iter().enumerate())
-            .filter_map(|(edge, running)| running.then_some(edge))
-            .collect();
+        let ready: Vec<usize> = target.edges(true);
         match self {
             Clients::Here(_, endpoints) => endpoints.set(ready),
             Clients::Workers(workers) => workers.set_ready(&ready).await?,
@@ -438,7 +436,7 @@ async fn disrupt(
     let mut report = DisruptionReport::default();
     let at = match config.scenario {
         Scenario::EdgeKill => {
-            let edges = target.edges_running().iter().filter(|r| **r).count();
+            let edges = target.edges(true).len();
             if edges < 2 {
                 return Err(RunError::Settings(
                     "edge-kill needs two edges or more (--edges 2)".into(),
@@ -611,9 +609,7 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
     });
 
     let started = clock::now();
-    let ready: Vec<usize> = (target.edges_running().iter().enumerate())
-        .filter_map(|(edge, running)| running.then_some(edge))
-        .collect();
+    let ready: Vec<usize> = target.edges(true);
     let shares = shares(config, &mesh.classes, &target.xds, &ready);
     let mut clients = start_clients(config, shares, &target, events).await?;
     let worker_pids = match &clients {

@@ -58,9 +58,7 @@ pub(crate) async fn add_edges(
     hold: Duration,
     patience: Duration,
 ) -> Result<ScaleOutReport, RunError> {
-    let added: Vec<usize> = (target.edges_running().iter().enumerate())
-        .filter_map(|(edge, running)| (!running).then_some(edge))
-        .collect();
+    let added: Vec<usize> = target.edges(false);
     if added.is_empty() {
         return Err(RunError::Settings(
             "scale-out needs edges to add (--added-edges 1 or more)".into(),

@@ -254,12 +254,14 @@ impl Target {
         wait_ready(admin, within, log).await
     }
 
-    /// Edges started or not, by index: whether each is running.
-    pub fn edges_running(&self) -> Vec<bool> {
+    /// The edges running (or, with `running` false, not running), by
+    /// index.
+    pub fn edges(&self, running: bool) -> Vec<usize> {
         (0..self.xds.len())
-            .map(|i| {
+            .filter(|i| {
                 let role = format!("edge-{i}");
-                self.children.iter().any(|c| c.role == role && c.running())
+                let up = self.children.iter().any(|c| c.role == role && c.running());
+                up == running
             })
             .collect()
     }
