@@ -529,11 +529,12 @@ impl Pipeline {
             epoch: snapshot.epoch(),
             classes: compiled.classes.clone(),
             problems: problems.clone(),
-            policies: Arc::new(crate::status::policies(
+            policies: Arc::new(
                 (self.objects.iter())
                     .filter(|(r, _)| catalog.namespaces.contains(r.namespace.as_str()))
-                    .map(|(_, object)| object),
-            )),
+                    .filter_map(|(_, object)| crate::status::Reviewed::of(object))
+                    .collect(),
+            ),
         }));
         self.problems = problems;
         self.snapshot = snapshot.clone();

@@ -13,11 +13,7 @@
 //! an object's generation (the CRDs have a status subresource) nor what the
 //! source hands the pipeline, so it starts no compile and no write loop.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::{
@@ -318,15 +314,6 @@ fn truncate(text: &str, max: usize) -> String {
         end -= 1;
     }
     text[..end].to_owned()
-}
-
-/// The objects of `set` that are policy objects.
-pub fn policies<'a>(set: impl IntoIterator<Item = &'a Object>) -> Vec<Reviewed> {
-    let mut seen = BTreeSet::new();
-    set.into_iter()
-        .filter_map(Reviewed::of)
-        .filter(|r| seen.insert(r.object.clone()))
-        .collect()
 }
 
 #[cfg(test)]
