@@ -13,6 +13,7 @@
 
 use std::{future::Future, pin::pin, sync::Arc, time::Duration};
 
+use futures::StreamExt;
 use hyper::{body::Incoming, server::conn::http2, service::Service};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
@@ -21,15 +22,12 @@ use tokio::{
     sync::{watch, OwnedSemaphorePermit, Semaphore},
 };
 use tonic::transport::server::Connected;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::{metrics::Metrics, xds::AdsServer};
 
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the accept loop pauses after a failed accept (out of file
-/// descriptors, say) instead of spinning.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// How many connections an edge holds, how many TLS handshakes it runs at
 /// once, and how long a connection lives.
@@ -176,18 +174,21 @@ pub(crate) async fn serve<H: Handshake>(
     let handshakes = Arc::new(Semaphore::new(serving.limits.max_handshakes));
     let (draining, drained) = watch::channel(false);
     let mut shutdown = pin!(shutdown);
+    // The shared accept loop: a failed accept pauses it instead of spinning.
+    let mut accepted = Box::pin(trellis_transport::server::incoming(listener));
     loop {
-        let (tcp, peer) = tokio::select! {
+        let tcp = tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    warn!(%error, "accept failed; pausing");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    continue;
-                }
+            next = accepted.next() => match next {
+                Some(Ok(tcp)) => tcp,
+                // The shared loop hands out no errors, and never ends.
+                Some(Err(_)) => continue,
+                None => break,
             },
         };
+        let peer = tcp
+            .peer_addr()
+            .map_or_else(|_| "an unknown peer".to_owned(), |a| a.to_string());
         let Ok(place) = places.clone().try_acquire_owned() else {
             debug!(%peer, "connection limit reached: closed");
             metrics.refuse("connection_limit");
@@ -234,7 +235,7 @@ pub(crate) async fn serve<H: Handshake>(
     }
     // Stop accepting at once: new clients are refused by the kernel rather
     // than left waiting on a port nobody reads.
-    drop(listener);
+    drop(accepted);
     let _ = draining.send(true);
     drop(drained);
     draining.closed().await;
