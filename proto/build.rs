@@ -37,6 +37,7 @@ const RPC_FILES: &[&str] = &[
     "trellis/raft/v1/raft.proto",
     "trellis/issuance/v1/issuance.proto",
     "trellis/ca/v1/ca.proto",
+    "trellis/group/v1/group.proto",
 ];
 
 /// Folders under envoy-types' `proto/` that hold import roots.

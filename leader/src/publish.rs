@@ -694,7 +694,8 @@ pub fn server(
 
 /// Who may call what on the publish port: the edges of `group` and its
 /// leaders (a replica forwarding) replicate; its injector asks for
-/// bootstrap certificates; its operators manage the mesh root. Everything
+/// bootstrap certificates; its operators manage the mesh root and the
+/// group (members, backups). Everything
 /// else, a proxy's certificate included (it is not from the control-plane
 /// CA at all), is refused.
 pub fn policy(group: &str) -> Policy {
@@ -702,18 +703,19 @@ pub fn policy(group: &str) -> Policy {
     let replication = AggregatedDiscoveryServiceServer::<Publisher>::NAME;
     let issuance = crate::issuance::SERVICE_NAME;
     let mesh_root = crate::raft::mesh_root::SERVICE_NAME;
+    let group_service = crate::raft::group_service::SERVICE_NAME;
     Arc::new(move |caller: &ControlIdentity, service: &str| {
         let allowed = caller.group == group
             && match &caller.role {
                 Role::Edge(_) | Role::Leader(_) => service == replication,
                 Role::Injector => service == issuance,
-                Role::Operator(_) => service == mesh_root,
+                Role::Operator(_) => service == mesh_root || service == group_service,
             };
         if allowed {
             Ok(())
         } else {
             Err(format!(
-                "{caller} may not call {service} on leader group {group:?}: edges and leaders of the group replicate, its injector asks for bootstrap certificates, its operators manage the mesh root"
+                "{caller} may not call {service} on leader group {group:?}: edges and leaders of the group replicate, its injector asks for bootstrap certificates, its operators manage the mesh root and the group"
             ))
         }
     })
@@ -730,17 +732,22 @@ mod tests {
         let replication = AggregatedDiscoveryServiceServer::<Publisher>::NAME;
         let issuance = crate::issuance::SERVICE_NAME;
         let mesh_root = crate::raft::mesh_root::SERVICE_NAME;
+        let group = crate::raft::group_service::SERVICE_NAME;
         let who = |role, group: &str| ControlIdentity::new("cluster.local", group, role).unwrap();
-        let cases = [
-            (Role::Edge("a".into()), replication),
-            (Role::Leader(2), replication),
-            (Role::Injector, issuance),
-            (Role::Operator("ops".into()), mesh_root),
+        let cases: [(Role, &[&str]); 4] = [
+            (Role::Edge("a".into()), &[replication]),
+            (Role::Leader(2), &[replication]),
+            (Role::Injector, &[issuance]),
+            (Role::Operator("ops".into()), &[mesh_root, group]),
         ];
         for (role, own) in cases {
-            for service in [replication, issuance, mesh_root] {
+            for service in [replication, issuance, mesh_root, group] {
                 let allowed = policy(&who(role.clone(), "trellis"), service).is_ok();
-                assert_eq!(allowed, service == own, "{role:?} calling {service}");
+                assert_eq!(
+                    allowed,
+                    own.contains(&service),
+                    "{role:?} calling {service}"
+                );
                 assert!(policy(&who(role.clone(), "other"), service).is_err());
             }
         }

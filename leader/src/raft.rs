@@ -11,14 +11,21 @@
 //! * [`leading`]: what a replica runs while it leads.
 //! * [`issuer`]: the certificate issuer of a term, root rotation included.
 //! * [`mesh_root`]: the operators' service starting a rotation.
+//! * [`members`]: adding and removing replicas of a running group;
+//!   [`group_service`]: the operators' service for it, and for backups.
+//! * [`backup`]: the sealed backup file `trellis backup` writes and
+//!   `trellis restore` reads.
 
 /// The format of the Raft messages between replicas (openraft's, as JSON):
 /// a change raises it, and a replica refuses a newer one it cannot read.
 pub const RAFT_FORMAT: u32 = 1;
 
+pub mod backup;
 pub mod group;
+pub mod group_service;
 pub mod issuer;
 pub mod leading;
+pub mod members;
 pub mod mesh_root;
 pub mod network;
 pub mod service;

@@ -11,10 +11,11 @@
 //! * [`worker`]: shares in several processes, reporting to the one that
 //!   measures.
 //! * [`run`]: connect storm, settle, the scenario (steady, churn, policy,
-//!   edge kill, leader failover, scale-out, chaos), measure.
+//!   edge kill, leader failover, scale-out, chaos, membership), measure.
 //! * [`scale_out`]: edges added under load, and how streams spread onto
 //!   them.
 //! * [`chaos`]: edges and leaders killed and restarted at random.
+//! * [`membership`]: the leader group grown and shrunk under load.
 //! * [`clock`]: the time every process of a run reads.
 //! * [`report`]: percentiles, resource use, summary, JSON and SVG.
 //! * [`procfs`]: CPU and memory of the processes under test.
@@ -23,6 +24,7 @@ pub mod chaos;
 pub mod clients;
 pub mod clock;
 pub mod envoy;
+pub mod membership;
 pub mod mesh;
 pub mod procfs;
 pub mod report;

@@ -18,7 +18,7 @@ use trellis_loadtest::{
     args_conflicts_with_subcommands = true,
     about = "Simulated Envoys against an ADS server: connect storm, settle, then a scenario \
              (steady, endpoint churn, policy change, an edge killed, the leader replaced, \
-             edges added, chaos); convergence percentiles, what was re-sent, CPU and memory \
+             edges added, chaos, leader group grown and shrunk); convergence percentiles, what was re-sent, CPU and memory \
              of the server"
 )]
 struct Cli {
@@ -39,6 +39,10 @@ struct Cli {
     /// --edges).
     #[arg(long, default_value_t = 0)]
     added_edges: usize,
+    /// Leader replicas the membership scenario adds to the group (and
+    /// removes half of again).
+    #[arg(long, default_value_t = 0)]
+    added_leaders: usize,
     /// An extra argument for every edge process (repeat it), e.g.
     /// --edge-arg=--max-connection-age-secs=30.
     #[arg(long, allow_hyphen_values = true)]
@@ -144,6 +148,7 @@ async fn main() -> Result<()> {
                 edges: cli.edges,
                 leaders: cli.leaders,
                 added_edges: cli.added_edges,
+                added_leaders: cli.added_leaders,
                 edge_args: cli.edge_arg.clone(),
             }
         }

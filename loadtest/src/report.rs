@@ -8,7 +8,8 @@ use plotters::prelude::*;
 use serde::Serialize;
 
 use crate::{
-    chaos::Disruption, envoy::Api, procfs::Usage, run::Scenario, scale_out::ScaleOutReport,
+    chaos::Disruption, envoy::Api, membership::MembershipStep, procfs::Usage, run::Scenario,
+    scale_out::ScaleOutReport,
 };
 
 /// Percentiles of a set of durations, in milliseconds.
@@ -199,6 +200,19 @@ pub struct ChaosReport {
     pub worst_convergence_ms: f64,
 }
 
+/// What the membership scenario did and what it cost.
+#[derive(Clone, Debug, Serialize)]
+pub struct MembershipReport {
+    /// Each change of the group's size.
+    pub steps: Vec<MembershipStep>,
+    /// Client streams that ended meanwhile.
+    pub streams_ended: usize,
+    /// Resources that reached a client holding them at that very version.
+    pub resources_resent: u64,
+    /// Resources received in all meanwhile.
+    pub resources_received: u64,
+}
+
 /// Everything a run measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
@@ -232,6 +246,8 @@ pub struct Report {
     pub scale_out: Option<ScaleOutReport>,
     /// The chaos scenario's kills and their cost.
     pub chaos: Option<ChaosReport>,
+    /// The membership scenario's steps and their cost.
+    pub membership: Option<MembershipReport>,
     /// Bytes of discovery responses received by all clients.
     pub bytes_received: u64,
     /// Resources those responses carried.
@@ -354,6 +370,29 @@ impl Report {
                     d.ready_ms
                         .map(|ms| format!(", ready {ms:.0} ms after restart"))
                         .unwrap_or_default()
+                );
+            }
+        }
+        if let Some(r) = &self.membership {
+            let _ = writeln!(
+                out,
+                "membership: {} streams ended; {} of {} resources received were re-sent",
+                r.streams_ended, r.resources_resent, r.resources_received
+            );
+            for step in &r.steps {
+                let _ = writeln!(
+                    out,
+                    "  {:>6.1} s: voters {:?} after {:.0} ms{}",
+                    step.at_s,
+                    step.voters,
+                    step.took_ms,
+                    match step.stopped_by_themselves.is_empty() {
+                        true => String::new(),
+                        false => format!(
+                            "; removed replicas {:?} stopped by themselves",
+                            step.stopped_by_themselves
+                        ),
+                    }
                 );
             }
         }

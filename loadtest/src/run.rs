@@ -18,10 +18,12 @@ use crate::{
     clients::{self, first_edge, ClientsError, Endpoints, Share},
     clock,
     envoy::{Api, ChangeKind, Event},
+    membership,
     mesh::{Mesh, MeshError},
     procfs::{self, Usage},
     report::{
-        api_of, ChaosReport, DisruptionReport, Distribution, ProcessReport, Report, Settings,
+        api_of, ChaosReport, DisruptionReport, Distribution, MembershipReport, ProcessReport,
+        Report, Settings,
     },
     scale_out,
     target::{self, Process, Target, TargetError, TargetSpec},
@@ -53,6 +55,10 @@ pub enum Scenario {
     /// Endpoint churn while edges and the (Raft) leader are killed and
     /// restarted at random; then every client must hold the latest.
     Chaos,
+    /// Endpoint churn while the leader group grows by the added replicas
+    /// and shrinks back (1 → 3 → 5 → 3 with --leaders 1 --added-leaders
+    /// 4).
+    Membership,
 }
 
 impl Scenario {
@@ -64,7 +70,8 @@ impl Scenario {
             | Scenario::EdgeKill
             | Scenario::LeaderFailover
             | Scenario::ScaleOut
-            | Scenario::Chaos => Some(ChangeKind::Endpoint),
+            | Scenario::Chaos
+            | Scenario::Membership => Some(ChangeKind::Endpoint),
         }
     }
 }
@@ -637,7 +644,12 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
     };
     let mut scale_out = None;
     let mut chaos = None;
+    let mut membership = None;
     match (config.scenario, changing) {
+        (Scenario::Membership, Some(kind)) => {
+            membership =
+                Some(change_membership(config, &mesh, kind, &mut target, &collector).await?);
+        }
         (Scenario::ScaleOut, Some(kind)) => {
             let adding = scale_out::add_edges(
                 &mut target,
@@ -781,6 +793,7 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
         disruption,
         scale_out,
         chaos,
+        membership,
         bytes_received: c.bytes,
         resources_received: c.resources,
         nacks_sent: c.nacks,
@@ -797,6 +810,43 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
         chaos.worst_convergence_ms = report.convergence.max_ms;
     }
     Ok(report)
+}
+
+/// Churns the mesh while the leader group grows and shrinks; what it cost
+/// the clients.
+async fn change_membership(
+    config: &Config,
+    mesh: &Mesh,
+    kind: ChangeKind,
+    target: &mut Target,
+    collector: &Shared,
+) -> Result<MembershipReport, RunError> {
+    let TargetSpec::Spawn {
+        leaders,
+        added_leaders,
+        ..
+    } = &config.target
+    else {
+        return Err(RunError::Settings(
+            "membership needs a group the harness starts".into(),
+        ));
+    };
+    let (ended, unchanged, resources) = {
+        let c = lock(collector);
+        (c.ended.values().sum::<usize>(), c.unchanged, c.resources)
+    };
+    let first: Vec<u64> = (1..=(*leaders).max(1) as u64).collect();
+    let changing = membership::grow_and_shrink(target, first, *added_leaders, config.patience);
+    let (steps, changed) = tokio::join!(changing, change(config, mesh, kind, collector));
+    changed?;
+    let steps = steps?;
+    let c = lock(collector);
+    Ok(MembershipReport {
+        steps,
+        streams_ended: c.ended.values().sum::<usize>() - ended,
+        resources_resent: c.unchanged - unchanged,
+        resources_received: c.resources - resources,
+    })
 }
 
 /// Churns the mesh while processes are killed and restarted, for as long

@@ -23,8 +23,14 @@ use trellis_leader::{
     pipeline::{Pipeline, PipelineConfig},
     source::{files::FileSource, Source},
 };
-use trellis_proto::trellis::raft::v1::{raft_client::RaftClient, LeaderRequest};
-use trellis_transport::{identity::replica_server_name, ControlTls};
+use trellis_proto::trellis::{
+    group::v1::{group_client::GroupClient, MembersReply, MembersRequest, RemoveReplicaRequest},
+    raft::v1::{raft_client::RaftClient, LeaderRequest},
+};
+use trellis_transport::{
+    identity::{leader_server_name, replica_server_name},
+    ControlTls,
+};
 
 /// The leader group the harness starts.
 const GROUP: &str = "trellis";
@@ -48,6 +54,10 @@ pub enum TargetSpec {
         /// Edges whose addresses are chosen now but which start only when
         /// the run adds them (scale-out).
         added_edges: usize,
+        /// Leader replicas beyond `leaders`, started only when the run adds
+        /// them (membership): each joins the group by itself (`--advertise`).
+        /// With any, the leaders form a Raft group even if `leaders` is 1.
+        added_leaders: usize,
         /// Extra arguments of every edge (`trellis edge`, or `trellis run`).
         edge_args: Vec<String>,
     },
@@ -93,6 +103,9 @@ pub enum TargetError {
     /// The scenario needs processes the target does not have.
     #[error("{0}")]
     Unsupported(&'static str),
+    /// The group's membership did not change as asked.
+    #[error("{0}")]
+    Membership(String),
 }
 
 /// The name on the edge's certificate (`trellis run`'s default).
@@ -124,6 +137,8 @@ struct Child {
     process: Option<std::process::Child>,
     log: PathBuf,
     starts: usize,
+    /// Started with the target (not added later by the run).
+    at_start: bool,
 }
 
 impl Child {
@@ -136,7 +151,14 @@ impl Child {
             process: None,
             log,
             starts: 0,
+            at_start: true,
         }
+    }
+
+    /// A process the run starts later.
+    fn later(mut self) -> Child {
+        self.at_start = false;
+        self
     }
 
     /// Starts the process (again: on the same arguments, data and
@@ -173,6 +195,15 @@ impl Child {
     fn running(&self) -> bool {
         self.process.is_some()
     }
+
+    /// Whether the process ended by itself (it is then reaped).
+    fn exited(&mut self) -> bool {
+        let ended = (self.process.as_mut()).is_some_and(|p| p.try_wait().ok().flatten().is_some());
+        if ended {
+            self.process = None;
+        }
+        ended
+    }
 }
 
 /// A started target.
@@ -190,8 +221,8 @@ pub struct Target {
     pub tls: Option<ClientTls>,
     children: Vec<Child>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// A Raft group's replicas: role and Raft address.
-    replicas: Vec<(String, SocketAddr)>,
+    /// A Raft group's replicas: role, Raft and publish address.
+    replicas: Vec<(String, SocketAddr, SocketAddr)>,
     /// The control-plane CA and the certificates issued from it (for the
     /// processes the harness starts).
     control: Option<PathBuf>,
@@ -327,7 +358,7 @@ impl Target {
         ))?;
         let tls = ControlTls::from_dir(&control.join("leader-1"))
             .map_err(|e| TargetError::Ca(e.to_string()))?;
-        for (role, raft) in &self.replicas {
+        for (role, raft, _) in &self.replicas {
             let running = self.children.iter().any(|c| c.role == *role && c.running());
             let id = role.strip_prefix("leader-").and_then(|id| id.parse().ok());
             let (true, Some(id)) = (running, id) else {
@@ -354,6 +385,138 @@ impl Target {
         Err(TargetError::Unsupported(
             "no replica of the group names a leader",
         ))
+    }
+}
+
+impl Target {
+    /// Channels to every running replica's publish port, as the harness's
+    /// operator.
+    fn operator_channels(&self) -> Result<Vec<tonic::transport::Channel>, TargetError> {
+        let control = (self.control.as_ref()).ok_or(TargetError::Unsupported(
+            "the group's members are known only for a group the harness started",
+        ))?;
+        let tls = ControlTls::from_dir(&control.join("operator"))
+            .map_err(|e| TargetError::Ca(e.to_string()))?;
+        let mut channels = Vec::new();
+        for (role, _, publish) in &self.replicas {
+            if !self.children.iter().any(|c| c.role == *role && c.running()) {
+                continue;
+            }
+            let endpoint = Endpoint::from_shared(format!("https://{publish}"))
+                .map_err(|e| TargetError::Ca(e.to_string()))?
+                .tls_config(tls.client(&leader_server_name(GROUP)))
+                .map_err(|e| TargetError::Ca(e.to_string()))?
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(30));
+            channels.push(endpoint.connect_lazy());
+        }
+        Ok(channels)
+    }
+
+    /// The group's members as its leader reports them (any replica's view
+    /// while none leads).
+    pub async fn members(&self) -> Result<MembersReply, TargetError> {
+        let mut seen = None;
+        for channel in self.operator_channels()? {
+            if let Ok(reply) = GroupClient::new(channel).members(MembersRequest {}).await {
+                let reply = reply.into_inner();
+                if reply.leader != 0 && reply.leader == reply.replica {
+                    return Ok(reply);
+                }
+                seen = Some(reply);
+            }
+        }
+        seen.ok_or(TargetError::Unsupported("no replica of the group answers"))
+    }
+
+    /// The voters' ids, once the group's leader reports exactly `ids` as
+    /// its members, all voting, within `within`.
+    pub async fn wait_for_voters(&self, ids: &[u64], within: Duration) -> Result<(), TargetError> {
+        let deadline = Instant::now() + within;
+        loop {
+            let reply = self.members().await.ok();
+            let now: Option<Vec<(u64, bool)>> =
+                reply.map(|r| r.members.iter().map(|m| (m.id, m.voter)).collect());
+            if now.as_ref().is_some_and(|now| {
+                now.len() == ids.len() && now.iter().all(|(id, voter)| *voter && ids.contains(id))
+            }) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(TargetError::Membership(format!(
+                    "the group's members did not become voters {ids:?} within {within:?}: {now:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Starts the next `count` replicas not started yet (each joins by
+    /// itself); their ids.
+    pub fn start_added_leaders(&mut self, count: usize) -> Result<Vec<u64>, TargetError> {
+        let waiting: Vec<String> = (self.children.iter())
+            .filter(|c| c.role.starts_with("leader-") && !c.at_start && c.starts == 0)
+            .take(count)
+            .map(|c| c.role.clone())
+            .collect();
+        if waiting.len() < count {
+            return Err(TargetError::Unsupported(
+                "not enough replicas left to add (--added-leaders)",
+            ));
+        }
+        let mut ids = Vec::new();
+        for role in waiting {
+            self.start_leader(&role)?;
+            ids.extend(
+                role.strip_prefix("leader-")
+                    .and_then(|id| id.parse::<u64>().ok()),
+            );
+        }
+        Ok(ids)
+    }
+
+    /// Removes replica `id` from the group through its leader, as an
+    /// operator would; waits up to `within` for the replica to learn it
+    /// and stop by itself, then stops it. Whether it stopped by itself.
+    pub async fn remove_leader(&mut self, id: u64, within: Duration) -> Result<bool, TargetError> {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut answers = Vec::new();
+            for channel in self.operator_channels()? {
+                match GroupClient::new(channel)
+                    .remove_replica(RemoveReplicaRequest { id })
+                    .await
+                {
+                    Ok(_) => answers.clear(),
+                    Err(status) => {
+                        answers.push(status.message().to_owned());
+                        continue;
+                    }
+                }
+                break;
+            }
+            if answers.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(TargetError::Membership(format!(
+                    "no replica removed replica {id}: {answers:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let role = format!("leader-{id}");
+        loop {
+            let child = self.child(&role, "no such leader")?;
+            if child.exited() {
+                return Ok(true);
+            }
+            if Instant::now() > deadline {
+                child.kill();
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
@@ -431,12 +594,15 @@ async fn spawn(
         edges,
         leaders,
         added_edges,
+        added_leaders,
         edge_args,
     } = spec
     else {
         return Err(TargetError::Unsupported("not a target to start"));
     };
-    let (edges, leaders) = (*edges, *leaders);
+    let (edges, seeds) = (*edges, (*leaders).max(1));
+    let leaders = seeds + added_leaders;
+    let group = leaders > 1;
     // The CA is kept on disk even for plaintext xDS: a replaced leader then
     // signs with the same root, as a real one would.
     let (ca_dir, tls) = harness_ca(dir)?;
@@ -467,11 +633,16 @@ async fn spawn(
     } else {
         let mut peers = Vec::new();
         let mut publish = Vec::new();
-        for id in 1..=leaders.max(1) {
+        let mut advertise = Vec::new();
+        for id in 1..=leaders {
             let (raft, address) = (free.next().await?, free.next().await?);
-            peers.push(format!("{id}={raft},{address}"));
+            // Only the first replicas form the group; the others join it.
+            if id <= seeds {
+                peers.push(format!("{id}={raft},{address}"));
+            }
+            advertise.push(format!("{raft},{address}"));
             publish.push(format!("https://{address}"));
-            replicas.push((format!("leader-{id}"), raft));
+            replicas.push((format!("leader-{id}"), raft, address));
             control_cert(
                 trellis,
                 &control,
@@ -480,6 +651,13 @@ async fn spawn(
             )
             .await?;
         }
+        control_cert(
+            trellis,
+            &control,
+            &["--role", "operator", "--name", "harness"],
+            "operator",
+        )
+        .await?;
         let edge_control = control_cert(
             trellis,
             &control,
@@ -487,7 +665,7 @@ async fn spawn(
             "edge",
         )
         .await?;
-        for (index, (role, _)) in replicas.iter().enumerate() {
+        for (index, (role, _, _)) in replicas.iter().enumerate() {
             let mut command = Command::new(trellis);
             command
                 .arg("leader")
@@ -500,7 +678,7 @@ async fn spawn(
                 .arg(publish[index].trim_start_matches("https://"))
                 .arg("--peer-tls-dir")
                 .arg(control.join(role));
-            let role = match leaders > 1 {
+            let role = match group {
                 true => {
                     command
                         .args(["--node-id", &(index + 1).to_string()])
@@ -509,13 +687,17 @@ async fn spawn(
                     for peer in &peers {
                         command.args(["--peer", peer]);
                     }
+                    if index >= seeds {
+                        command.args(["--advertise", &advertise[index]]);
+                    }
                     role.as_str()
                 }
                 false => "leader",
             };
-            children.push(Child::new(role, command, log(role)));
+            let child = Child::new(role, command, log(role));
+            children.push(if index < seeds { child } else { child.later() });
         }
-        if leaders <= 1 {
+        if !group {
             replicas.clear();
         }
         let publish = publish.join(",");
@@ -543,15 +725,15 @@ async fn spawn(
                 None => command.arg("--plaintext"),
             };
             command.args(edge_args);
-            children.push(Child::new(&role, command, log(&role)));
+            let child = Child::new(&role, command, log(&role));
+            children.push(if index < edges { child } else { child.later() });
             xds.push(address);
             admins.push(admin);
         }
     }
-    // Everything but the edges added later starts now.
+    // Everything but the edges and replicas added later starts now.
     let mut processes = Vec::new();
-    let later = children.len() - added_edges;
-    for child in &mut children[..later] {
+    for child in children.iter_mut().filter(|c| c.at_start) {
         processes.push(Process {
             role: child.role.clone(),
             pid: child.start()?,

@@ -146,6 +146,7 @@ async fn clients_of_a_killed_edge_reconnect_elsewhere_and_are_sent_nothing_they_
         edges: 2,
         leaders: 1,
         added_edges: 0,
+        added_leaders: 0,
         edge_args: Vec::new(),
     };
     let config = Config {
@@ -197,6 +198,7 @@ async fn a_replaced_leader_is_followed_without_resending_anything() {
         edges: 1,
         leaders: 1,
         added_edges: 0,
+        added_leaders: 0,
         edge_args: Vec::new(),
     };
     let config = Config {
@@ -230,6 +232,7 @@ async fn a_killed_raft_leader_is_followed_and_nothing_is_resent() {
         edges: 1,
         leaders: 3,
         added_edges: 0,
+        added_leaders: 0,
         edge_args: Vec::new(),
     };
     let config = Config {
@@ -267,6 +270,7 @@ async fn an_added_edge_takes_its_share_as_connections_reach_their_age() {
         edges: 1,
         leaders: 1,
         added_edges: 1,
+        added_leaders: 0,
         edge_args: vec![format!("--max-connection-age-secs={age}")],
     };
     let config = Config {
@@ -305,6 +309,7 @@ async fn under_chaos_every_client_converges_and_nothing_is_resent() {
         edges: 2,
         leaders: 3,
         added_edges: 0,
+        added_leaders: 0,
         edge_args: vec!["--max-connection-age-secs=4".to_owned()],
     };
     let config = Config {
@@ -326,6 +331,50 @@ async fn under_chaos_every_client_converges_and_nothing_is_resent() {
     assert!(chaos.streams_ended > 0);
     assert_eq!(chaos.resources_resent, 0, "{:#?}", chaos);
     assert!(chaos.worst_change_to_all_ms >= report.change_to_all.p50_ms);
+    std::fs::remove_dir_all(&config.dir).unwrap();
+}
+
+/// Two edges behind a leader group started as one replica, endpoint churn
+/// while the group grows to three, then five, and shrinks back to three:
+/// every client ends up with the last change, nothing is sent again, and
+/// the removed replicas stop by themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_group_grows_and_shrinks_under_load_and_nothing_is_resent() {
+    let spawn = TargetSpec::Spawn {
+        trellis: trellis(),
+        edges: 2,
+        leaders: 1,
+        added_edges: 0,
+        added_leaders: 4,
+        edge_args: Vec::new(),
+    };
+    let config = Config {
+        clients: 200,
+        sotw_fraction: 0.0,
+        nack_fraction: 0.0,
+        changes: 30,
+        change_rate: 2.0,
+        ..config("membership", spawn, Scenario::Membership)
+    };
+    let report = run(&config).await.unwrap();
+    assert_every_client_converged(&report, &config);
+    let membership = report.membership.as_ref().unwrap();
+    let voters: Vec<&[u64]> = membership
+        .steps
+        .iter()
+        .map(|s| s.voters.as_slice())
+        .collect();
+    assert_eq!(
+        voters,
+        [&[1, 2, 3][..], &[1, 2, 3, 4, 5], &[1, 2, 3]],
+        "{membership:#?}"
+    );
+    assert_eq!(
+        membership.steps[2].stopped_by_themselves,
+        [5, 4],
+        "{membership:#?}"
+    );
+    assert_eq!(membership.resources_resent, 0, "{membership:#?}");
     std::fs::remove_dir_all(&config.dir).unwrap();
 }
 

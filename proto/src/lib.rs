@@ -6,6 +6,8 @@
 //! * [`trellis::raft::v1`]: the leader group's RPCs between replicas.
 //! * [`trellis::issuance::v1`]: bootstrap certificates for the injector.
 //! * [`trellis::ca::v1`]: the mesh root, for operators (root rotation).
+//! * [`trellis::group::v1`]: the leader group's members and backups, for
+//!   operators.
 //! * [`descriptors`]: descriptors of every message Trellis encodes (its own
 //!   and the Envoy messages it emits), used to encode them canonically.
 //! * [`pb`]: the Envoy v3 API types, re-exported from `envoy-types`.
@@ -42,6 +44,15 @@ pub mod trellis {
         #[allow(missing_docs, unreachable_pub, clippy::all)]
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/trellis.ca.v1.rs"));
+        }
+    }
+
+    /// The leader group's membership and backups, for operators.
+    pub mod group {
+        /// Version 1 of the group RPC.
+        #[allow(missing_docs, unreachable_pub, clippy::all)]
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/trellis.group.v1.rs"));
         }
     }
 

@@ -1,9 +1,12 @@
 //! One replica of the leader group: its store, its Raft node, the server
 //! the other replicas reach it on, and who leads.
 //!
-//! Membership comes from configuration: every replica is started with the
-//! same peer list (a static list, or the StatefulSet's stable names), and
-//! the replica with the lowest id initializes a group that has never run.
+//! The group's first members come from configuration: every replica is
+//! started with the same peer list (a static list, or the StatefulSet's
+//! stable names), and the replica with the lowest id initializes a group
+//! that has never run. From then on the membership is Raft's own: a replica
+//! started under another id, with its own addresses (`advertise`), asks to
+//! join (see [`super::members`]), and operators add and remove replicas.
 
 use std::{
     collections::BTreeMap,
@@ -21,22 +24,30 @@ use trellis_transport::{server, AuthorizeLayer, ControlIdentity, ControlTls, Pol
 use crate::{catalog::TRUST_DOMAIN, private_files};
 
 use super::{
+    members,
     network::{Network, Refusals},
-    service::RaftService,
+    service::{JoinPolicy, RaftService},
     state::{Applied, Command, MeshState},
     store::{self, StoreError},
     NodeId, Replica, TypeConfig,
 };
 
 /// How one replica joins its group.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct GroupConfig {
     /// This replica's id: one of `peers`.
     pub id: NodeId,
     /// The group's name; replicas of another group are refused.
     pub cluster: String,
-    /// Every replica of the group, this one included.
+    /// The group's first replicas: the members a group that never ran
+    /// starts with, and where a new replica asks to join.
     pub peers: BTreeMap<NodeId, Replica>,
+    /// This replica's addresses when its id is not among `peers`: it joins
+    /// the running group as a new member.
+    pub advertise: Option<Replica>,
+    /// Which replicas may join while this one leads (default: any replica
+    /// of the group).
+    pub joinable: JoinPolicy,
     /// Where the Raft log and state live.
     pub data_dir: PathBuf,
     /// This replica's control-plane certificate (a leader of `cluster`
@@ -67,6 +78,8 @@ impl GroupConfig {
             id,
             cluster: cluster.to_owned(),
             peers,
+            advertise: None,
+            joinable: Arc::new(|_| Ok(())),
             data_dir: data_dir.to_owned(),
             tls: None,
             listen: None,
@@ -93,8 +106,9 @@ pub enum GroupError {
     /// cannot be read; it stops so another replica leads.
     #[error("this replica cannot sign for the group: {0}")]
     Signing(crate::ca::CaError),
-    /// This replica's id is not in the peer list.
-    #[error("replica id {id} is not among the peers {peers:?} (--node-id must be one of --peers)")]
+    /// This replica's id is not in the peer list, and it was given no
+    /// addresses to join with.
+    #[error("replica id {id} is not among the peers {peers:?} (--node-id must be one of --peer, or give --advertise RAFT,PUBLISH to join the running group as a new replica)")]
     UnknownSelf {
         /// This replica's id.
         id: NodeId,
@@ -148,6 +162,9 @@ pub enum GroupError {
     /// under an id the group does not know.
     #[error("{0}")]
     Refused(String),
+    /// The group removed this replica.
+    #[error("this replica (id {0}) was removed from the leader group; to add it again, delete its data directory and start it with --advertise, or add it with `trellis group add`")]
+    Removed(NodeId),
 }
 
 /// Written in the data directory on first start: whose data it is.
@@ -197,6 +214,27 @@ fn claim(dir: &Path, cluster: &str, id: NodeId) -> Result<(), GroupError> {
     }
 }
 
+/// Starts a new group from `state` at `position` (a backup, or a surviving
+/// replica's data): writes `data_dir` as the data of replica `id` of group
+/// `cluster`, its only member, at `me`. Started with that data, the replica
+/// leads at once; others join it as new replicas.
+pub fn restore(
+    data_dir: &Path,
+    cluster: &str,
+    id: NodeId,
+    me: Replica,
+    position: Option<openraft::LogId<NodeId>>,
+    state: &MeshState,
+) -> Result<(), GroupError> {
+    claim(data_dir, cluster, id)?;
+    let membership = openraft::Membership::new(
+        vec![std::collections::BTreeSet::from([id])],
+        BTreeMap::from([(id, me)]),
+    );
+    store::restore(data_dir, position, membership, id, state)?;
+    Ok(())
+}
+
 /// A running replica.
 pub struct LeaderGroup {
     id: NodeId,
@@ -226,7 +264,7 @@ impl LeaderGroup {
     /// initializes the group if it never ran and this replica has the
     /// lowest id.
     pub async fn start(config: GroupConfig) -> Result<LeaderGroup, GroupError> {
-        let Some(me) = config.peers.get(&config.id).cloned() else {
+        let Some(me) = (config.peers.get(&config.id).cloned()).or(config.advertise.clone()) else {
             return Err(GroupError::UnknownSelf {
                 id: config.id,
                 peers: config.peers.keys().copied().collect(),
@@ -278,6 +316,7 @@ impl LeaderGroup {
         )
         .await
         .map_err(|e| GroupError::Raft(e.to_string()))?;
+        refusals.follow(raft.metrics());
 
         let bind = match (&config.listen, me.raft.rsplit_once(':')) {
             (Some(listen), _) => listen.clone(),
@@ -293,18 +332,17 @@ impl LeaderGroup {
         let service = RaftService::new(
             raft.clone(),
             &config.cluster,
-            config.peers.clone(),
             refusals,
+            config.joinable.clone(),
         )
         .into_server();
-        let peers = config.peers.clone();
         let group = config.cluster.clone();
-        // The Raft server carries only the Raft service.
+        // The Raft server carries only the Raft service, to the group's
+        // replicas; which of them are members, the service checks.
         let policy: Policy = Arc::new(move |caller: &ControlIdentity, _| match caller.role {
-            Role::Leader(id) if caller.group == group && peers.contains_key(&id) => Ok(()),
+            Role::Leader(_) if caller.group == group => Ok(()),
             _ => Err(format!(
-                "{caller} is not a replica of leader group {group:?} (peers {:?})",
-                peers.keys().collect::<Vec<_>>()
+                "{caller} is not a replica of leader group {group:?}"
             )),
         });
         let secured = (config.tls.as_ref()).map(|tls| (tls, AuthorizeLayer::new("raft", policy)));
@@ -324,13 +362,25 @@ impl LeaderGroup {
             .is_initialized()
             .await
             .map_err(|e| GroupError::Raft(e.to_string()))?;
-        let lowest = config.peers.keys().next() == Some(&config.id);
-        if !initialized && lowest {
-            tokio::spawn(initialize_unless_running(
-                raft.clone(),
+        // A replica without data asks to join: it may be new, or a group
+        // restored from a backup may not list it yet. (Asking a group that
+        // already counts it changes nothing.) The lowest configured one
+        // also initializes a group that never ran.
+        if !initialized {
+            if config.peers.keys().next() == Some(&config.id) {
+                tokio::spawn(initialize_unless_running(
+                    raft.clone(),
+                    network.clone(),
+                    config.peers.clone(),
+                    config.id,
+                ));
+            }
+            tokio::spawn(members::join(
                 network,
-                config.peers.clone(),
                 config.id,
+                me.clone(),
+                config.peers.clone().into_iter().collect(),
+                raft.metrics(),
             ));
         }
         info!(id = config.id, cluster = %config.cluster, %me, "replica started");
@@ -373,18 +423,27 @@ impl LeaderGroup {
             .map_err(|e| GroupError::Raft(e.to_string()))
     }
 
-    /// Completes when this replica must stop: a peer refused it, or Raft
-    /// stopped (its storage failed).
+    /// Completes when this replica must stop: a peer refused it, the group
+    /// removed it, or Raft stopped (its storage failed).
     pub async fn failed(&self) -> GroupError {
         let mut refused = self.refused.clone();
         let mut metrics = self.raft.metrics();
+        let mut was_member = false;
         loop {
             if let Some(reason) = refused.borrow_and_update().clone() {
                 return GroupError::Refused(reason);
             }
-            if let Err(fatal) = &metrics.borrow_and_update().running_state {
+            let now = metrics.borrow_and_update().clone();
+            if let Err(fatal) = &now.running_state {
                 return GroupError::Stopped(fatal.to_string());
             }
+            // Only a change seen here counts: a replica catching up may
+            // briefly hold a membership from before it was added.
+            let member = members::is_member(&now, self.id);
+            if was_member && !member {
+                return GroupError::Removed(self.id);
+            }
+            was_member |= member;
             tokio::select! {
                 changed = refused.changed() => if changed.is_err() {
                     return GroupError::Stopped("the replica is shutting down".to_owned());

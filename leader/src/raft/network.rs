@@ -2,14 +2,14 @@
 //! tonic (mTLS unless the group runs plaintext for development), each
 //! message JSON inside the `trellis.raft.v1` envelope.
 //!
-//! A peer that refuses this replica (another group's name, or an id it does
-//! not know) is counted in [`Refusals`]: refused by a majority of the group,
-//! this replica is the misconfigured one, and it stops instead of disturbing
-//! the group.
+//! A peer that refuses this replica (another group's name, or an id that is
+//! not a member) is counted in [`Refusals`]: refused by a majority of the
+//! group's voters, this replica is the misconfigured (or removed) one, and
+//! it stops instead of disturbing the group.
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
 
@@ -20,11 +20,14 @@ use openraft::{
         AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
         InstallSnapshotResponse, VoteRequest, VoteResponse,
     },
+    RaftMetrics,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
-use trellis_proto::trellis::raft::v1::{raft_client::RaftClient, RaftRequest};
+use trellis_proto::trellis::raft::v1::{
+    raft_client::RaftClient, JoinReply, JoinRequest, RaftRequest,
+};
 use trellis_transport::{identity::replica_server_name, ControlTls};
 
 use super::{NodeId, Replica, TypeConfig};
@@ -32,27 +35,45 @@ use super::{NodeId, Replica, TypeConfig};
 /// Who refused this replica, and whether it must stop because of it.
 #[derive(Debug)]
 pub struct Refusals {
-    /// Refusals by this many replicas make a majority of the group.
-    majority: usize,
+    /// The configured group's size, until this replica knows its
+    /// membership.
+    configured: usize,
+    /// The membership, once Raft runs: a majority of its voters counts.
+    metrics: OnceLock<watch::Receiver<RaftMetrics<NodeId, Replica>>>,
     by: Mutex<BTreeMap<NodeId, String>>,
     stop: watch::Sender<Option<String>>,
 }
 
 impl Refusals {
-    /// Refusals for a group of `size` replicas; `stop` says why this one
-    /// must stop.
+    /// Refusals for a group configured with `size` replicas; `stop` says
+    /// why this one must stop.
     pub fn new(size: usize, stop: watch::Sender<Option<String>>) -> Refusals {
         Refusals {
-            majority: size / 2 + 1,
+            configured: size,
+            metrics: OnceLock::new(),
             by: Mutex::new(BTreeMap::new()),
             stop,
         }
     }
 
+    /// Counts refusals against the membership `metrics` show from now on.
+    pub fn follow(&self, metrics: watch::Receiver<RaftMetrics<NodeId, Replica>>) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    /// Refusals by this many replicas make a majority of the group.
+    fn majority(&self) -> usize {
+        let voters = (self.metrics.get())
+            .map(|metrics| metrics.borrow().membership_config.voter_ids().count())
+            .filter(|voters| *voters > 0)
+            .unwrap_or(self.configured);
+        voters / 2 + 1
+    }
+
     fn refused(&self, by: NodeId, reason: String) {
         let mut refusals = self.by.lock().unwrap_or_else(|e| e.into_inner());
         refusals.insert(by, reason);
-        if refusals.len() >= self.majority {
+        if refusals.len() >= self.majority() {
             let reasons: Vec<&str> = refusals.values().map(String::as_str).collect();
             self.stop.send_replace(Some(format!(
                 "a majority of the group refused this replica: {}",
@@ -140,6 +161,30 @@ impl Peer {
             Ok(Ok(reply)) => Some(reply.into_inner()),
             _ => None,
         }
+    }
+
+    /// Asks the replica to add this one (`me` at `replica`) to the group;
+    /// waits while the leader catches it up.
+    pub(super) async fn ask_to_join(
+        &mut self,
+        me: NodeId,
+        replica: &Replica,
+    ) -> Result<JoinReply, tonic::Status> {
+        let Some(client) = self.client.as_mut() else {
+            return Err(tonic::Status::unavailable(format!(
+                "replica {} has an unusable address",
+                self.target
+            )));
+        };
+        let mut request = tonic::Request::new(JoinRequest {
+            cluster: self.network.cluster.clone(),
+            id: me,
+            raft: replica.raft.clone(),
+            publish: replica.publish.clone(),
+            format: super::RAFT_FORMAT,
+        });
+        request.set_timeout(super::members::CATCH_UP + Duration::from_secs(10));
+        client.join(request).await.map(tonic::Response::into_inner)
     }
 
     /// Sends one request; `call` picks the RPC.

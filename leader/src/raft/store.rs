@@ -190,6 +190,92 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
     ))
 }
 
+/// The state a stopped replica's data in `dir` holds: its last snapshot
+/// with every entry after it that it knew committed applied, and the log
+/// position that is. For recovering a group that lost its quorum from a
+/// surviving replica's data; the replica must not be running.
+pub fn committed_state(dir: &Path) -> Result<(Option<LogId<NodeId>>, MeshState), StoreError> {
+    let path = dir.join(FILE);
+    if !path.is_file() {
+        return Err(StoreError::Directory {
+            path: dir.to_owned(),
+            source: io::Error::new(io::ErrorKind::NotFound, "no Raft store in it"),
+        });
+    }
+    let (db, restored) = open_file(&path)?;
+    let failed = |fault: Fault| StoreError::Corrupted {
+        path: path.clone(),
+        detail: fault.to_string(),
+    };
+    let (mut position, mut state) = restored.map_or_else(
+        || (None, MeshState::default()),
+        |content| (content.last_applied, content.state),
+    );
+    let committed: Option<LogId<NodeId>> = read_meta(&db, COMMITTED).map_err(failed)?;
+    if let Some(committed) = committed.filter(|c| Some(*c) > position) {
+        let from = position.map_or(0, |p| p.index + 1);
+        let range = (Bound::Included(from), Bound::Included(committed.index));
+        for entry in read_entries(&db, range).map_err(failed)? {
+            if let EntryPayload::Normal(command) = &entry.payload {
+                state.apply(command);
+            }
+            position = Some(entry.log_id);
+        }
+    }
+    Ok((position, state))
+}
+
+/// Writes a new store in `dir` holding `state` at `position`, as a group of
+/// its own whose only member is `membership`'s: what a restore starts from.
+/// The vote carries `position`'s term, so the new group's terms go on from
+/// it. Refuses a directory that already holds a store.
+pub fn restore(
+    dir: &Path,
+    position: Option<LogId<NodeId>>,
+    membership: openraft::Membership<NodeId, Replica>,
+    me: NodeId,
+    state: &MeshState,
+) -> Result<(), StoreError> {
+    let path = dir.join(FILE);
+    if path.exists() {
+        return Err(StoreError::Directory {
+            path: dir.to_owned(),
+            source: io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "already holds a Raft store; restore into an empty directory",
+            ),
+        });
+    }
+    let private = |error: crate::private_files::PrivateFileError| StoreError::Directory {
+        path: error.path,
+        source: error.source,
+    };
+    crate::private_files::create_dir(dir).map_err(private)?;
+    crate::private_files::create_file(&path).map_err(private)?;
+    let (db, _) = open_file(&path)?;
+    let meta = Meta {
+        last_log_id: position,
+        last_membership: StoredMembership::new(position, membership),
+        snapshot_id: snapshot_id(position),
+    };
+    let content = Content {
+        last_applied: position,
+        membership: meta.last_membership.clone(),
+        state,
+    };
+    let vote = Vote::new(position.map_or(0, |p| p.leader_id.term), me);
+    let written = encode(&content, "snapshot data").and_then(|data| {
+        write_snapshot(&db, &meta, &data, false)?;
+        write_meta(&db, VOTE, Some(&vote))?;
+        write_meta(&db, COMMITTED, position.as_ref())?;
+        write_meta(&db, PURGED, position.as_ref())
+    });
+    written.map_err(|fault| StoreError::Corrupted {
+        path: path.clone(),
+        detail: fault.to_string(),
+    })
+}
+
 /// Opens the database at `path`, checks it, and reads the snapshot to
 /// restore.
 fn open_file(path: &Path) -> Result<(Database, Option<Content<MeshState>>), StoreError> {

@@ -48,6 +48,7 @@ use trellis_leader::{
     publish::{Gate, Publisher},
     raft::{
         group::{GroupConfig, LeaderGroup},
+        group_service::GroupService,
         leading::{lead, Leading, SourceStarter},
         mesh_root::MeshRootService,
         NodeId, Replica,
@@ -57,6 +58,7 @@ use trellis_leader::{
 use trellis_transport::server::incoming;
 
 mod credentials;
+mod group;
 mod inject;
 mod mesh_root;
 mod providers;
@@ -150,6 +152,12 @@ struct GroupArgs {
     /// `<name>-<k>` is id k+1.
     #[arg(long, requires = "peers", conflicts_with = "node_id")]
     node_id_from_hostname: bool,
+    /// This replica's own addresses, `RAFT_ADDRESS,PUBLISH_ADDRESS`, when
+    /// its id is not among the --peer ids: started without data, it asks
+    /// the group to add it (a StatefulSet scaled up). In a pod spec,
+    /// `$(POD_NAME)` in it is the pod's name.
+    #[arg(long, requires = "peers", value_name = "RAFT,PUBLISH")]
+    advertise: Option<String>,
     /// Where this replica keeps its Raft log and state.
     #[arg(long, requires = "peers")]
     data_dir: Option<PathBuf>,
@@ -474,6 +482,24 @@ enum Command {
         #[arg(long, requires = "leader")]
         provider: Option<String>,
     },
+    /// A leader group's members: list them, add a replica, remove one.
+    Group {
+        #[command(subcommand)]
+        command: group::GroupCommand,
+    },
+    /// Write a new key for sealing backups (32 random bytes, base64).
+    BackupKey {
+        /// Where to write it (never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write a sealed backup of a leader group's state (the mesh CA, the
+    /// leaves, the epoch): from a running group, or from a stopped
+    /// replica's data.
+    Backup(group::BackupArgs),
+    /// Start a new leader group's first replica from a backup, or from a
+    /// surviving replica's data (recovering a group that lost its quorum).
+    Restore(group::RestoreArgs),
     /// Where a leader group's mesh root stands: stable, or the rotation's
     /// step, with the roots proxies trust.
     CaStatus {
@@ -631,6 +657,10 @@ async fn main() -> Result<()> {
             mesh_root::rotate(&access, next_ca_dir.as_deref(), provider).await
         }
         Command::CaStatus { access, json } => mesh_root::status(&access, json).await,
+        Command::Group { command } => group::run(command).await,
+        Command::BackupKey { out } => group::key(&out),
+        Command::Backup(args) => group::backup(args).await,
+        Command::Restore(args) => group::restore(args),
         Command::Inject(args) => inject::run(args).await,
         Command::ProxyStatus(args) => proxy_status::run(args).await,
         Command::ProxyConfig(args) => proxy_status::config(args).await,
@@ -1059,6 +1089,10 @@ async fn leader_group(
         }
     };
     let mut config = GroupConfig::new(id, &control.cluster, peers, &data_dir);
+    config.advertise = (group.advertise.as_deref())
+        .map(|addresses| parse_peer(&format!("{id}={addresses}")).map(|(_, replica)| replica))
+        .transpose()
+        .context("--advertise: expected RAFT_ADDRESS,PUBLISH_ADDRESS")?;
     config.tls = tls.clone();
     config.listen = group.raft_listen;
     let replica = Arc::new(
@@ -1084,6 +1118,7 @@ async fn leader_group(
         .add_service(gate.clone().into_service())
         .add_service(issuance.into_service())
         .add_service(MeshRootService::new(replica.clone(), external.clone()).into_service())
+        .add_service(GroupService::new(replica.clone(), &control.cluster).into_service())
         .serve_with_incoming_shutdown(incoming(listener), async {
             stop_signal().await;
         });

@@ -29,7 +29,12 @@ pub(crate) struct GroupAccess {
 }
 
 impl GroupAccess {
-    fn clients(&self) -> Result<Vec<(String, MeshRootClient<tonic::transport::Channel>)>> {
+    /// A channel to each replica, by its address, whose calls give up
+    /// after `timeout`.
+    pub(crate) fn channels(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Result<Vec<(String, tonic::transport::Channel)>> {
         let tls = ControlTls::from_dir(&self.control_tls_dir).with_context(|| {
             format!(
                 "reading the operator certificate in {}",
@@ -41,12 +46,21 @@ impl GroupAccess {
             let channel = Endpoint::from_shared(address.clone())
                 .with_context(|| format!("--leader {address:?}"))?
                 .connect_timeout(std::time::Duration::from_secs(2))
-                .timeout(std::time::Duration::from_secs(10))
+                .timeout(timeout)
                 .tls_config(tls.client(&leader_server_name(&self.cluster)))?
                 .connect_lazy();
-            clients.push((address.clone(), MeshRootClient::new(channel)));
+            clients.push((address.clone(), channel));
         }
         Ok(clients)
+    }
+
+    fn clients(&self) -> Result<Vec<(String, MeshRootClient<tonic::transport::Channel>)>> {
+        let channels = self
+            .channels(std::time::Duration::from_secs(10))?
+            .into_iter();
+        Ok(channels
+            .map(|(address, channel)| (address, MeshRootClient::new(channel)))
+            .collect())
     }
 }
 
