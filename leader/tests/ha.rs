@@ -563,11 +563,11 @@ async fn a_killed_raft_leader_is_replaced_without_envoy_seeing_a_change() -> Res
 }
 
 impl Group {
-    /// `trellis <command>` as the group's operator; its output, or why it
-    /// failed.
+    /// `trellis <command>` (words, such as `group members`) as the group's
+    /// operator; its output, or why it failed.
     fn operate(&self, command: &str, args: &[&str]) -> Result<String, String> {
         let output = Command::new(TRELLIS)
-            .arg(command)
+            .args(command.split_whitespace())
             .args([
                 "--leader",
                 &self.publish_list(),
@@ -1401,5 +1401,188 @@ async fn a_replica_whose_data_is_lost_rejoins_the_group_instead_of_starting_anot
     let log = group.replicas[&1].log();
     assert!(log.contains("the group already runs"), "{log}");
     assert!(!log.contains("initializing a new leader group"), "{log}");
+    Ok(())
+}
+
+impl Group {
+    /// Kills every replica and deletes its data.
+    fn wipe(&mut self) {
+        self.replicas.clear();
+        for id in &self.ids {
+            let _ = std::fs::remove_dir_all(self.dir.join(format!("data-{id}")));
+        }
+    }
+
+    /// Replica `id` as `trellis restore --replica` takes it.
+    fn replica_arg(&self, id: u64) -> String {
+        format!("{id}={},{}", self.raft[&id], self.publish[&id])
+    }
+
+    /// Waits until the group's leader reports `ids` as its voters.
+    async fn voters(&self, ids: &[u64], within: Duration) -> Result<serde_json::Value> {
+        let mut last = serde_json::Value::Null;
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(text) = self.operate("group members", &["--json"]) {
+                last = serde_json::from_str(&text).unwrap_or_default();
+                let voters: BTreeSet<u64> = (last["members"].as_array().into_iter().flatten())
+                    .filter(|m| m["voter"] == true)
+                    .filter_map(|m| m["id"].as_u64())
+                    .collect();
+                if voters == ids.iter().copied().collect() && last["leader"] != 0 {
+                    return Ok(last);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        bail!("the group's voters did not become {ids:?}: {last}")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_restored_from_a_backup_keeps_envoy_on_its_certificates() -> Result<()> {
+    let mut group = Group::prepare("backup", 3);
+    for id in group.ids.clone() {
+        group.start(id);
+    }
+    group.agreed_leader(Duration::from_secs(30)).await?;
+    let edges = [EdgeProcess::start(&group, "edge-a")];
+    edges[0].ready().await?;
+    let mesh = group.dir.join("mesh");
+    let class = class_of(&mesh, "bookbuyer/bookbuyer");
+    let envoy = Envoy::start("bookbuyer-backup", &class, edges[0].xds, Api::Delta).await?;
+    let settled = settled_on_its_class(&envoy).await?;
+    let certs = envoy_certs(&envoy).await;
+    assert!(!certs.1.is_empty(), "Envoy holds no leaf");
+
+    // A sealed backup, from the running group.
+    let key = group.dir.join("backup.key");
+    trellis(&["backup-key", "--out", &key.to_string_lossy()]);
+    let backup = group.dir.join("group.backup");
+    let started = Instant::now();
+    let wrote = group
+        .operate(
+            "backup",
+            &[
+                "--key-file",
+                &key.to_string_lossy(),
+                "--out",
+                &backup.to_string_lossy(),
+            ],
+        )
+        .map_err(anyhow::Error::msg)?;
+    println!("backup: {} in {:?}", wrote.trim(), started.elapsed());
+    let sealed = std::fs::read(&backup)?;
+    assert!(!String::from_utf8_lossy(&sealed).contains("PRIVATE KEY"));
+
+    // Every replica and its data gone; the edge keeps serving Envoy.
+    group.wipe();
+    let (syncs_before, commits_before) = (syncs(&edges).await, commits(&edges).await);
+
+    // A new group from the backup: replica 1 first, the others join it.
+    let data = group.dir.join("data-1");
+    let restored = trellis(&[
+        "restore",
+        "--backup",
+        &backup.to_string_lossy(),
+        "--key-file",
+        &key.to_string_lossy(),
+        "--replica",
+        &group.replica_arg(1),
+        "--data-dir",
+        &data.to_string_lossy(),
+    ]);
+    assert!(
+        restored.contains("a new group \"trellis\" of one replica"),
+        "{restored}"
+    );
+    group.start(1);
+    group.voters(&[1], Duration::from_secs(30)).await?;
+    group.start(2);
+    group.start(3);
+    group.voters(&[1, 2, 3], Duration::from_secs(30)).await?;
+
+    // The edge follows the restored group, which publishes what it had:
+    // the same leaves, so nothing reaches Envoy and its certificates stay.
+    edges_follow(&edges, &syncs_before, Duration::from_secs(30)).await?;
+    nothing_reached_envoy(&edges, &commits_before, &envoy, settled).await;
+    assert_eq!(envoy_certs(&envoy).await, certs);
+    // A change made after the restore reaches Envoy.
+    remove_bookbuyer_from_policies(&mesh)?;
+    change_reaches(&envoy, settled).await?;
+
+    // Another key does not open it, and a restore never overwrites a store.
+    let other = group.dir.join("other.key");
+    trellis(&["backup-key", "--out", &other.to_string_lossy()]);
+    let refused = Command::new(TRELLIS)
+        .args([
+            "restore",
+            "--backup",
+            &backup.to_string_lossy(),
+            "--key-file",
+        ])
+        .arg(&other)
+        .args(["--replica", &group.replica_arg(1), "--data-dir"])
+        .arg(group.dir.join("data-other"))
+        .output()?;
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("cannot be decrypted with this key"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_that_lost_its_quorum_is_recovered_from_a_surviving_replica() -> Result<()> {
+    let mut group = Group::prepare("quorum", 3);
+    for id in group.ids.clone() {
+        group.start(id);
+    }
+    let leader = group.agreed_leader(Duration::from_secs(30)).await?;
+    let root = group.root_status()["signingCertPem"].clone();
+    assert!(root.is_string());
+
+    // Two replicas lost for good: the survivor alone cannot elect.
+    let survivor = *group.ids.iter().find(|id| **id != leader.leader).unwrap();
+    for id in group.ids.clone() {
+        if id != survivor {
+            group.replicas.remove(&id);
+            std::fs::remove_dir_all(group.dir.join(format!("data-{id}")))?;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        group.ask(survivor).await?.leader,
+        0,
+        "a lone replica of three leads"
+    );
+
+    // Stop it, force a new one-member group from its data, start it there.
+    group.replicas.remove(&survivor);
+    let old = group.dir.join(format!("data-{survivor}"));
+    let new = group.dir.join(format!("data-{survivor}-recovered"));
+    let recovered = trellis(&[
+        "restore",
+        "--from-data-dir",
+        &old.to_string_lossy(),
+        "--replica",
+        &group.replica_arg(survivor),
+        "--data-dir",
+        &new.to_string_lossy(),
+    ]);
+    assert!(recovered.contains("a new group"), "{recovered}");
+    group.start_as(survivor, "trellis", &new);
+    group.voters(&[survivor], Duration::from_secs(30)).await?;
+    // The replaced replicas start without data and join it.
+    for id in group.ids.clone() {
+        if id != survivor {
+            group.start(id);
+        }
+    }
+    group.voters(&[1, 2, 3], Duration::from_secs(30)).await?;
+    // The same CA signs: nothing the mesh trusted changed.
+    assert_eq!(group.root_status()["signingCertPem"], root);
     Ok(())
 }
