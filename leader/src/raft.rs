@@ -12,6 +12,7 @@
 //! * [`issuer`]: the certificate issuer of a term, root rotation included.
 //! * [`mesh_root`]: the operators' service starting a rotation.
 //! * [`members`]: adding and removing replicas of a running group;
+//!   [`statefulset`]: the group's size following its StatefulSet;
 //!   [`group_service`]: the operators' service for it, and for backups.
 //! * [`backup`]: the sealed backup file `trellis backup` writes and
 //!   `trellis restore` reads.
@@ -30,6 +31,7 @@ pub mod mesh_root;
 pub mod network;
 pub mod service;
 pub mod state;
+pub mod statefulset;
 pub mod store;
 
 use std::io::Cursor;

@@ -143,6 +143,37 @@ fn write_overlays(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Every overlay's leader is started with the base's flags (the large one
+/// lists more peers, and nothing less): its probes, scrapes and membership
+/// depend on them.
+#[test]
+fn every_overlays_leader_keeps_the_base_flags() {
+    let flags = |overlay: &str| -> BTreeSet<String> {
+        let set = objects(&render(overlay))
+            .into_iter()
+            .find(|o| o["kind"] == "StatefulSet" && o["metadata"]["name"] == "trellis-leader")
+            .unwrap();
+        (set["spec"]["template"]["spec"]["containers"][0]["args"].as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str())
+            .filter(|a| !a.starts_with("--peer="))
+            .map(str::to_owned)
+            .collect()
+    };
+    let small = flags("small");
+    for flag in [
+        "--admin=$(POD_IP):9091",
+        "--membership-from-statefulset=trellis-leader",
+    ] {
+        assert!(small.contains(flag), "{small:?}");
+    }
+    assert!(small
+        .iter()
+        .any(|f| f.starts_with("--advertise=$(POD_NAME).")));
+    assert_eq!(flags("large"), small);
+}
+
 #[test]
 fn every_overlay_renders_and_every_object_fits_its_schema() {
     let dir = scratch("schemas");
@@ -564,15 +595,24 @@ fn the_overlays_wire_leaders_edges_and_the_webhook_together() {
             .filter(|o| matches!(o["kind"].as_str(), Some("Deployment" | "StatefulSet")))
         {
             let container = &workload["spec"]["template"]["spec"]["containers"][0];
+            let pod_ip = json!({ "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } });
+            let pod_name = json!({ "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } });
+            // Leader replicas also advertise their pod's stable name.
+            let env = match workload["kind"] == "StatefulSet" {
+                true => json!([pod_ip, pod_name]),
+                false => json!([pod_ip]),
+            };
             assert_eq!(
-                container["env"],
-                json!([{ "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } }]),
+                container["env"], env,
                 "{overlay}: {}",
                 workload["metadata"]["name"]
             );
             let mut args: Vec<String> = (args(workload).iter())
                 .inspect(|a| assert!(!a.contains("0.0.0.0"), "{overlay}: {a}"))
-                .map(|a| a.replace("$(POD_IP)", "10.1.2.3"))
+                .map(|a| {
+                    a.replace("$(POD_IP)", "10.1.2.3")
+                        .replace("$(POD_NAME)", "trellis-leader-4")
+                })
                 .collect();
             for listen in ["xds", "admin", "listen", "publish", "raft-listen"] {
                 for address in flag(&args, listen) {

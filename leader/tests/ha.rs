@@ -98,6 +98,8 @@ struct Group {
     /// With a kubeconfig, the replicas read that API server instead of the
     /// mesh directory.
     kubeconfig: Option<PathBuf>,
+    /// More arguments for every replica.
+    extra_args: Vec<String>,
     ids: Vec<u64>,
     raft: BTreeMap<u64, SocketAddr>,
     publish: BTreeMap<u64, SocketAddr>,
@@ -167,6 +169,7 @@ impl Group {
             admin,
             dir,
             kubeconfig: None,
+            extra_args: Vec::new(),
             ids,
             raft,
             publish,
@@ -227,6 +230,7 @@ impl Group {
         .map(str::to_owned)
         .to_vec();
         args.extend(self.peer_args());
+        args.extend(self.extra_args.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = self.dir.join(format!("{name}.log"));
         match &self.kubeconfig {
@@ -1584,5 +1588,88 @@ async fn a_group_that_lost_its_quorum_is_recovered_from_a_surviving_replica() ->
     group.voters(&[1, 2, 3], Duration::from_secs(30)).await?;
     // The same CA signs: nothing the mesh trusted changed.
     assert_eq!(group.root_status()["signingCertPem"], root);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_group_follows_its_statefulset_scaled_down_and_up() -> Result<()> {
+    let cluster = Cluster::shared();
+    let name = "trellis-leader-membership";
+    let statefulset = |replicas: u32| {
+        format!(
+            "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{ name: {name}, namespace: default }}\nspec:\n  replicas: {replicas}\n  serviceName: {name}\n  selector: {{ matchLabels: {{ app: {name} }} }}\n  template:\n    metadata: {{ labels: {{ app: {name} }} }}\n    spec: {{ containers: [{{ name: leader, image: trellis }}] }}\n"
+        )
+    };
+    let apply = |replicas: u32| {
+        let mut kubectl = cluster.kubectl();
+        let mut child = kubectl
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(statefulset(replicas).as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success());
+    };
+    apply(3);
+    let mut group = Group::prepare("statefulset", 3);
+    group.kubeconfig = Some(cluster.kubeconfig().to_owned());
+    // A mesh of its own: this group writes no status on the shared cluster.
+    group.extra_args = [
+        "--mesh",
+        "statefulset-test",
+        "--membership-from-statefulset",
+        name,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    for id in group.ids.clone() {
+        group.start(id);
+    }
+    group.voters(&[1, 2, 3], Duration::from_secs(30)).await?;
+
+    // Scaled down: the leader removes replica 3, which stops by itself.
+    apply(2);
+    group.voters(&[1, 2], Duration::from_secs(30)).await?;
+    let mut removed = group.replicas.remove(&3).unwrap();
+    let (status, log) = removed.exited(Duration::from_secs(30)).await?;
+    assert!(!status.success());
+    // It learned its removal, or heard it from the members it asked to vote.
+    assert!(
+        log.contains("was removed from the leader group")
+            || log.contains("replica id 3 is not a member of leader group"),
+        "{log}"
+    );
+
+    // Its pod coming back without data is refused while the StatefulSet is
+    // smaller.
+    std::fs::remove_dir_all(group.dir.join("data-3"))?;
+    group.start(3);
+    eventually(
+        Duration::from_secs(30),
+        "replica 3 to be refused",
+        || async {
+            group.replicas[&3]
+                .log()
+                .contains("beyond the StatefulSet's 2 replicas")
+        },
+    )
+    .await
+    .with_context(|| group.replicas[&3].log())?;
+    group.voters(&[1, 2], Duration::from_secs(5)).await?;
+
+    // Scaled up again, the new pod joins.
+    apply(3);
+    group.replicas.remove(&3);
+    std::fs::remove_dir_all(group.dir.join("data-3"))?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    group.start(3);
+    group.voters(&[1, 2, 3], Duration::from_secs(30)).await?;
     Ok(())
 }

@@ -258,4 +258,26 @@ mod tests {
         ));
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// A backup this format's first build sealed, with its key, checked in:
+    /// every later build must open it. `TRELLIS_UPDATE_GOLDEN=1` writes them
+    /// again, which only a format change may do.
+    #[test]
+    fn the_checked_in_backup_of_format_1_is_read() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+        let (file, key_file) = (
+            dir.join("backup-format-1.backup"),
+            dir.join("backup-format-1.key"),
+        );
+        if std::env::var_os("TRELLIS_UPDATE_GOLDEN").is_some() {
+            std::fs::write(&key_file, BackupKey::generate().unwrap()).unwrap();
+            std::fs::write(
+                &file,
+                seal(&sample(), &BackupKey::read(&key_file).unwrap()).unwrap(),
+            )
+            .unwrap();
+        }
+        let key = BackupKey::read(&key_file).unwrap();
+        assert_eq!(read(&file, &key).unwrap(), sample());
+    }
 }

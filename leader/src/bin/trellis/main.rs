@@ -51,7 +51,7 @@ use trellis_leader::{
         group_service::GroupService,
         leading::{lead, Leading, SourceStarter},
         mesh_root::MeshRootService,
-        NodeId, Replica,
+        statefulset, NodeId, Replica,
     },
     source::{files::FileSource, kube::KubeSource, Source},
 };
@@ -158,6 +158,11 @@ struct GroupArgs {
     /// `$(POD_NAME)` in it is the pod's name.
     #[arg(long, requires = "peers", value_name = "RAFT,PUBLISH")]
     advertise: Option<String>,
+    /// The group's size follows this StatefulSet (in the replica's
+    /// namespace): replicas above its count are removed, and refused should
+    /// they ask to join. Needs the Kubernetes API.
+    #[arg(long, requires = "peers", value_name = "NAME")]
+    membership_from_statefulset: Option<String>,
     /// Where this replica keeps its Raft log and state.
     #[arg(long, requires = "peers")]
     data_dir: Option<PathBuf>,
@@ -1095,11 +1100,33 @@ async fn leader_group(
         .context("--advertise: expected RAFT_ADDRESS,PUBLISH_ADDRESS")?;
     config.tls = tls.clone();
     config.listen = group.raft_listen;
+    let size = statefulset::Size::default();
+    let statefulset = match group.membership_from_statefulset {
+        Some(name) => {
+            config.joinable = size.join_policy();
+            let client = match &client {
+                Some(client) => client.clone(),
+                None => kube_client().await?,
+            };
+            Some((client, name))
+        }
+        None => None,
+    };
     let replica = Arc::new(
         LeaderGroup::start(config)
             .await
             .context("starting this leader replica")?,
     );
+    if let Some((client, name)) = statefulset {
+        let namespace = client.default_namespace().to_owned();
+        tokio::spawn(statefulset::follow(
+            client,
+            namespace,
+            name,
+            replica.clone(),
+            size,
+        ));
+    }
     let gate = Gate::default();
     let external = inputs.certificates.external().await?;
     let listener = bind("publish", publish).await?;
