@@ -285,7 +285,7 @@ async fn vote_in_format(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_raft_port_hears_only_its_peers_as_themselves() {
+async fn the_raft_port_hears_only_its_members_as_themselves() {
     let control = BuiltinCa::generate().unwrap();
     let ca_pem = control.trust_bundle().to_string();
     let raft = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -297,9 +297,12 @@ async fn the_raft_port_hears_only_its_peers_as_themselves() {
         (1, replica(raft.to_string())),
         (2, replica(format!("127.0.0.1:{}", free_port()))),
     ]);
-    let mut config = GroupConfig::new(1, GROUP, peers, &scratch("raft"));
+    let mut config = GroupConfig::new(1, GROUP, peers.clone(), &scratch("raft"));
     config.tls = Some(issue(&control, GROUP, Role::Leader(1)));
-    let _group = LeaderGroup::start(config).await.unwrap();
+    let group = LeaderGroup::start(config).await.unwrap();
+    // Its members known (replica 2 never runs to agree to it), the
+    // replica hears only them.
+    let _ = group.raft().initialize(peers).await;
     let server_name = replica_server_name(GROUP, 1);
     let with =
         |tls: &ControlTls| client(Some((&tls.chain_pem, &tls.key_pem)), &ca_pem, &server_name);
@@ -316,10 +319,10 @@ async fn the_raft_port_hears_only_its_peers_as_themselves() {
             "is not a replica of leader group",
         ),
         (
-            "a leader that is not a peer",
+            "a leader that is not a member",
             issue(&control, GROUP, Role::Leader(3)),
             3,
-            "is not a replica of leader group",
+            "is not a member of leader group",
         ),
         (
             "a peer declaring another id",

@@ -35,7 +35,7 @@ use super::{
 /// How one replica joins its group.
 #[derive(Clone)]
 pub struct GroupConfig {
-    /// This replica's id: one of `peers`.
+    /// This replica's id: one of `peers`, or a new one with `advertise`.
     pub id: NodeId,
     /// The group's name; replicas of another group are refused.
     pub cluster: String,

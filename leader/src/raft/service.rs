@@ -145,12 +145,6 @@ fn supported(from: NodeId, format: u32) -> Result<(), Status> {
     Ok(())
 }
 
-impl RaftService {
-    fn raft_id(&self) -> NodeId {
-        self.raft.metrics().borrow().id
-    }
-}
-
 fn reply<T: Serialize>(result: &T) -> Result<Response<RaftReply>, Status> {
     let payload = serde_json::to_vec(result)
         .map_err(|e| Status::internal(format!("encoding the Raft reply: {e}")))?;
@@ -195,7 +189,10 @@ impl raft_server::Raft for RaftService {
             raft: request.raft,
             publish: request.publish,
         };
-        let leads = self.raft.metrics().borrow().current_leader == Some(self.raft_id());
+        let leads = {
+            let metrics = self.raft.metrics().borrow().clone();
+            metrics.current_leader == Some(metrics.id)
+        };
         if leads {
             (self.joinable)(request.id).map_err(|reason| {
                 warn!(id = request.id, %reason, "refused a replica asking to join");
