@@ -365,10 +365,16 @@ impl Pod {
     /// Starts the sidecar: a real Envoy as the proxy UID with `bootstrap`
     /// (admin on 127.0.0.1:15000 in the pod).
     pub fn start_envoy(&self, bootstrap: &EnvoyBootstrap) -> Result<(), DemoError> {
+        self.start_envoy_with(&bootstrap.to_json())
+    }
+
+    /// Starts a sidecar Envoy on the configuration `json` as given, not one
+    /// Trellis serves (an OSM-configured sidecar, say).
+    pub fn start_envoy_with(&self, json: &str) -> Result<(), DemoError> {
         let envoy = proxy_readable(&self.binaries.envoy)?;
         let config = self.dir.join("bootstrap.json");
         let failed = |what: &str| io(format!("{what} for the sidecar of {}", self.netns));
-        std::fs::write(&config, bootstrap.to_json()).map_err(failed("writing the bootstrap"))?;
+        std::fs::write(&config, json).map_err(failed("writing the bootstrap"))?;
         for path in [&self.dir, &config] {
             std::os::unix::fs::chown(path, Some(PROXY_UID), Some(PROXY_UID))
                 .map_err(failed("handing the bootstrap to the proxy UID"))?;

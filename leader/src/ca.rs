@@ -13,6 +13,7 @@
 mod authority;
 mod cert_manager;
 mod external_roots;
+pub mod import;
 mod root;
 mod vault;
 

@@ -364,3 +364,84 @@ fn pem_blocks(text: &str) -> impl Iterator<Item = &str> {
         .filter(|block| block.ends_with(END))
         .map(str::trim_start)
 }
+
+/// `trellis import-root`: where the root comes from and where it goes.
+#[derive(clap::Args)]
+pub(crate) struct ImportRootArgs {
+    /// OSM's CA bundle Secret as a manifest file (`kubectl get secret -n
+    /// osm-system osm-ca-bundle -o yaml`).
+    #[arg(long, group = "source")]
+    osm_secret: Option<PathBuf>,
+    /// OSM's CA bundle Secret read from the cluster, `NAMESPACE/NAME`
+    /// (usually `osm-system/osm-ca-bundle`).
+    #[arg(long, group = "source")]
+    osm_secret_in_cluster: Option<String>,
+    /// A PEM certificate of a CA (with --key).
+    #[arg(long, group = "source", requires = "key")]
+    cert: Option<PathBuf>,
+    /// Its PEM (PKCS#8) private key.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// The CA directory to write (`ca.crt`, `ca.key`; never overwritten).
+    #[arg(long)]
+    out: PathBuf,
+    /// Write it as the next root instead (`next-ca.crt`, `next-ca.key`),
+    /// for `trellis rotate-ca` on a mesh already running on another root.
+    #[arg(long)]
+    next: bool,
+}
+
+/// Runs `trellis import-root`.
+pub(crate) async fn import_root(args: ImportRootArgs) -> Result<()> {
+    use trellis_leader::ca::import;
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let (pair, what) = match (
+        &args.osm_secret,
+        &args.osm_secret_in_cluster,
+        &args.cert,
+        &args.key,
+    ) {
+        (Some(file), _, _, _) => {
+            let secret: k8s_openapi::api::core::v1::Secret =
+                serde_saphyr::from_str(&read(file)?)
+                    .with_context(|| format!("{}: not a Secret manifest", file.display()))?;
+            let what = file.display().to_string();
+            (import::from_osm_secret(&secret, &what)?, what)
+        }
+        (None, Some(name), _, _) => {
+            let (namespace, name) = name
+                .split_once('/')
+                .context("--osm-secret-in-cluster: expected NAMESPACE/NAME")?;
+            let client = crate::kube_client().await?;
+            let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+                kube::Api::namespaced(client, namespace);
+            let secret = secrets
+                .get(name)
+                .await
+                .with_context(|| format!("reading Secret {namespace}/{name}"))?;
+            let what = format!("Secret {namespace}/{name}");
+            (import::from_osm_secret(&secret, &what)?, what)
+        }
+        (None, None, Some(cert), Some(key)) => (
+            import::PemPair {
+                cert_pem: read(cert)?,
+                key_pem: read(key)?,
+            },
+            cert.display().to_string(),
+        ),
+        _ => bail!("give --osm-secret, --osm-secret-in-cluster, or --cert with --key"),
+    };
+    let root = import::import(&pair, &what, &args.out, args.next)?;
+    println!(
+        "imported the root of {what} into {} ({}); it is valid until {}",
+        args.out.display(),
+        match args.next {
+            true => "as the next root: start the rotation with `trellis rotate-ca`",
+            false => "as the root: start Trellis with --ca-dir pointing there, or put its files in the trellis-ca Secret",
+        },
+        time::OffsetDateTime::from(root.not_after())
+    );
+    Ok(())
+}

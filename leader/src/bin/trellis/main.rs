@@ -505,6 +505,11 @@ enum Command {
     /// Start a new leader group's first replica from a backup, or from a
     /// surviving replica's data (recovering a group that lost its quorum).
     Restore(group::RestoreArgs),
+    /// Import an existing root into a CA directory (as --ca-dir, or the
+    /// `trellis-ca` Secret's files): OSM's CA bundle Secret, or any PEM
+    /// pair, so the sidecars OSM issued and Trellis's trust each other
+    /// while the mesh moves over.
+    ImportRoot(credentials::ImportRootArgs),
     /// Where a leader group's mesh root stands: stable, or the rotation's
     /// step, with the roots proxies trust.
     CaStatus {
@@ -663,6 +668,7 @@ async fn main() -> Result<()> {
         }
         Command::CaStatus { access, json } => mesh_root::status(&access, json).await,
         Command::Group { command } => group::run(command).await,
+        Command::ImportRoot(args) => credentials::import_root(args).await,
         Command::BackupKey { out } => group::key(&out),
         Command::Backup(args) => group::backup(args).await,
         Command::Restore(args) => group::restore(args),
