@@ -23,7 +23,8 @@
 //! the reason; a pod that cannot be injected without breaking it (a bad
 //! annotation, a reserved container name or port, probes the sidecar cannot
 //! carry, an API failure) with a denial saying why; an already injected pod
-//! (it has the label) unchanged.
+//! (it has the label) unchanged, unless the sidecar it carries is OSM's:
+//! that one is replaced ([`from_osm`]).
 //!
 //! The Secret is not owned by the pod (a pod has no UID at admission); the
 //! leader removes the Secrets of deleted pods ([`crate::bootstrap_secrets`]).
@@ -52,6 +53,7 @@ use crate::{
 };
 
 mod decide;
+mod from_osm;
 pub mod issuer;
 mod metrics;
 mod probes;
@@ -260,11 +262,21 @@ impl Injector {
                 "namespace {namespace} does not exist"
             )));
         };
-        match decide::decide(pod, &ns, &self.config.mesh) {
-            Decision::Inject => {}
+        // A pod OSM's webhook injected first is injected as its owner
+        // wrote it: OSM's sidecar is taken out by the first operations.
+        let (cleaned, mut patch) = match decide::decide(pod, &ns, &self.config.mesh) {
+            Decision::Inject => (None, Vec::new()),
+            Decision::Reinject => match from_osm::strip(raw) {
+                Ok((cleaned, ops)) => (Some(cleaned), ops),
+                Err(reason) => {
+                    warnings.push(reason.clone());
+                    return Ok(Verdict::Skip(reason));
+                }
+            },
             Decision::Skip(reason) => return Ok(Verdict::Skip(reason)),
             Decision::Deny(reason) => return Ok(Verdict::Deny(reason)),
-        }
+        };
+        let raw = cleaned.as_ref().unwrap_or(raw);
         let mesh_config = self.mesh_config(warnings).await?;
         let mut exclusions = Exclusions::from_mesh_config(&mesh_config.traffic, warnings);
         if let Err(reason) = exclusions.add_pod_annotations(pod.metadata.annotations.as_ref()) {
@@ -304,7 +316,11 @@ impl Injector {
             self.create_secret(namespace, &secret_name, &uuid, pod, bootstrap)
                 .await?;
         }
-        Ok(Verdict::Patch(sidecar.patch))
+        match sidecar.patch {
+            Value::Array(ops) => patch.extend(ops),
+            other => patch.push(other),
+        }
+        Ok(Verdict::Patch(Value::Array(patch)))
     }
 
     /// MeshConfig's spec, or the defaults when there is none or it does not

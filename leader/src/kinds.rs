@@ -184,6 +184,11 @@ pub struct TrafficSpec {
 pub struct CertificateSpec {
     /// Leaf validity, a Go duration such as `24h` or `90m`.
     pub service_cert_validity_duration: String,
+    /// OSM's RSA key size for leaves (its schema requires it). Trellis's
+    /// leaves are ECDSA P-256, as strong as RSA 3072: a larger size is
+    /// reported as not implemented.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_key_bit_size: Option<u64>,
     /// The certificate an ingress outside the mesh presents to `https`
     /// backends.
     #[serde(skip_serializing_if = "Option::is_none")]

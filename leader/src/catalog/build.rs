@@ -278,6 +278,16 @@ fn not_implemented(r: &ObjectRef, spec: &MeshConfigSpec, problems: &mut Vec<Prob
                 .map(|(flag, _)| format!("spec.featureFlags.{flag}")),
         );
     }
+    // P-256 leaves are as strong as RSA 3072; more is not on offer.
+    if let Some(bits) = spec
+        .certificate
+        .cert_key_bit_size
+        .filter(|bits| *bits > 3072)
+    {
+        fields.push(format!(
+            "spec.certificate.certKeyBitSize {bits} (leaves are ECDSA P-256, as strong as RSA 3072)"
+        ));
+    }
     fields.sort();
     for field in fields {
         // MeshRootCertificate objects are not read: rotations and provider

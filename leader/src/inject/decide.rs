@@ -28,6 +28,8 @@ pub(crate) const METRICS_ANNOTATION: &str = "openservicemesh.io/metrics";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Decision {
     Inject,
+    /// Inject, once OSM's sidecar is taken out (see [`super::from_osm`]).
+    Reinject,
     Skip(String),
     Deny(String),
 }
@@ -61,14 +63,20 @@ pub(crate) fn decide(pod: &Pod, namespace: &Namespace, mesh: &str) -> Decision {
     if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
         return Decision::Skip("the pod uses the host's network".to_owned());
     }
+    let from_osm = super::from_osm::osm_injected(pod);
     if let Some(uuid) = pod
         .metadata
         .labels
         .as_ref()
         .and_then(|labels| labels.get(PROXY_UUID_LABEL))
+        .filter(|_| !from_osm)
     {
         return Decision::Skip(format!("already injected ({PROXY_UUID_LABEL}={uuid})"));
     }
+    let inject = match from_osm {
+        true => Decision::Reinject,
+        false => Decision::Inject,
+    };
     let annotation = |annotations: &Option<BTreeMap<String, String>>| {
         annotations
             .as_ref()
@@ -81,10 +89,10 @@ pub(crate) fn decide(pod: &Pod, namespace: &Namespace, mesh: &str) -> Decision {
     ) {
         (Some(value), _) => (value, "the pod's".to_owned()),
         (None, Some(value)) => (value, format!("namespace {ns_name}'s")),
-        (None, None) => return Decision::Inject,
+        (None, None) => return inject,
     };
     match switch(&value) {
-        Some(true) => Decision::Inject,
+        Some(true) => inject,
         Some(false) => Decision::Skip(format!("{whose} {INJECTION_ANNOTATION} is {value:?}")),
         None => Decision::Deny(format!(
             "{whose} annotation {INJECTION_ANNOTATION}={value:?} is neither \"enabled\" nor \"disabled\""

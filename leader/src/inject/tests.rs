@@ -694,3 +694,85 @@ mod review_properties {
         }
     }
 }
+
+/// An application pod, and the same pod as OSM's injector left it: its
+/// label, `osm-init`, `envoy` and the bootstrap volume added.
+fn app_and_osm_injected() -> (Value, Value) {
+    let app = json!({
+        "metadata": { "name": "web-0", "namespace": "shop", "labels": { "app": "web" } },
+        "spec": {
+            "serviceAccountName": "web",
+            "containers": [{
+                "name": "web",
+                "image": "web:1",
+                "ports": [{ "containerPort": 8080 }],
+                "readinessProbe": { "httpGet": { "path": "/ready", "port": 8080 } }
+            }],
+            "volumes": [{ "name": "data", "emptyDir": {} }]
+        }
+    });
+    let mut osm = app.clone();
+    osm["metadata"]["labels"]["osm-proxy-uuid"] = json!("0f5e-osm");
+    osm["spec"]["initContainers"] =
+        json!([{ "name": "osm-init", "image": "openservicemesh/init:v1.2.0" }]);
+    osm["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({
+            "name": "envoy",
+            "image": "envoyproxy/envoy:v1.19.3",
+            "args": ["--config-path", "/etc/envoy/bootstrap.yaml"]
+        }));
+    osm["spec"]["volumes"].as_array_mut().unwrap().push(
+        json!({ "name": "envoy-bootstrap-config-volume", "secret": { "secretName": "envoy-bootstrap-config-0f5e-osm" } }),
+    );
+    (app, osm)
+}
+
+#[test]
+fn a_pod_osm_injected_is_injected_by_trellis_as_its_owner_wrote_it() {
+    let (app, osm) = app_and_osm_injected();
+    let ns = namespace(monitored(), json!({}));
+    assert_eq!(decide(&pod(osm.clone()), &ns, "osm"), Decision::Reinject);
+    // OSM's additions out: the owner's pod again.
+    let (cleaned, strip_ops) = super::from_osm::strip(&osm).unwrap();
+    assert_eq!(cleaned, app);
+    // Those operations, then Trellis's own, make of OSM's pod exactly what
+    // Trellis makes of the owner's.
+    let (expected, _, _) = inject(&app).unwrap();
+    let (_, sidecar, _) = inject(&cleaned).unwrap();
+    let mut ops = strip_ops;
+    ops.extend(sidecar.patch.as_array().unwrap().iter().cloned());
+    let ops: json_patch::Patch = serde_json::from_value(Value::Array(ops)).unwrap();
+    let mut patched = osm.clone();
+    json_patch::patch(&mut patched, &ops).unwrap();
+    assert_eq!(patched, expected);
+    let envoys = (patched["spec"]["containers"].as_array().unwrap().iter())
+        .filter(|c| c["name"] == "envoy")
+        .count();
+    assert_eq!(envoys, 1);
+    assert_eq!(patched["metadata"]["labels"]["osm-proxy-uuid"], "u-1");
+}
+
+#[test]
+fn a_pod_whose_probes_osm_rewrote_keeps_osms_sidecar_saying_why() {
+    let (_, mut osm) = app_and_osm_injected();
+    osm["spec"]["containers"][0]["readinessProbe"] =
+        json!({ "httpGet": { "path": "/osm-readiness-probe", "port": 15902 } });
+    let reason = super::from_osm::strip(&osm).unwrap_err();
+    assert!(
+        reason.contains("readinessProbe of container web"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("Remove OSM's MutatingWebhookConfiguration"),
+        "{reason}"
+    );
+    // A label alone (no sidecar in the pod) is not OSM's injection.
+    let labelled = pod(json!({
+        "metadata": { "name": "p", "labels": { "osm-proxy-uuid": "u-1" } },
+        "spec": { "containers": [{ "name": "web" }] }
+    }));
+    let ns = namespace(monitored(), json!({}));
+    assert!(matches!(decide(&labelled, &ns, "osm"), Decision::Skip(_)));
+}
