@@ -65,6 +65,20 @@ fn run(command: &mut Command) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// `kubectl create secret generic <name> --from-file=<key>=<path>...`.
+fn secret(cluster: &Cluster, namespace: &str, name: &str, files: &[(&str, &Path)]) {
+    let mut args = vec![
+        "-n".to_owned(),
+        namespace.to_owned(),
+        "create".to_owned(),
+        "secret".to_owned(),
+        "generic".to_owned(),
+        name.to_owned(),
+    ];
+    args.extend((files.iter()).map(|(key, path)| format!("--from-file={key}={}", path.display())));
+    cluster.kubectl_ok(args);
+}
+
 #[test]
 fn osms_root_is_imported_from_its_secret_as_the_guide_says() {
     let cluster = Cluster::start(Options::default());
@@ -92,20 +106,15 @@ fn osms_root_is_imported_from_its_secret_as_the_guide_says() {
         "keyUsage=critical,keyCertSign,cRLSign",
     ]));
     cluster.kubectl_ok(["create", "namespace", "osm-system"]);
-    cluster.kubectl_ok([
-        "-n".as_ref(),
-        "osm-system".as_ref(),
-        "create".as_ref(),
-        "secret".as_ref(),
-        "generic".as_ref(),
-        "osm-ca-bundle".as_ref(),
-        format!("--from-file=ca.crt={}", dir.join("ca.crt").display()).as_ref(),
-        format!(
-            "--from-file=private.key={}",
-            dir.join("private.key").display()
-        )
-        .as_ref(),
-    ] as [&std::ffi::OsStr; 8]);
+    secret(
+        &cluster,
+        "osm-system",
+        "osm-ca-bundle",
+        &[
+            ("ca.crt", &dir.join("ca.crt")),
+            ("private.key", &dir.join("private.key")),
+        ],
+    );
 
     // The guide's step 1.
     let ca = dir.join("ca");
@@ -127,16 +136,15 @@ fn osms_root_is_imported_from_its_secret_as_the_guide_says() {
         std::fs::read_to_string(dir.join("ca.crt")).unwrap()
     );
     cluster.kubectl_ok(["create", "namespace", "trellis-system"]);
-    cluster.kubectl_ok([
-        "-n".as_ref(),
-        "trellis-system".as_ref(),
-        "create".as_ref(),
-        "secret".as_ref(),
-        "generic".as_ref(),
-        "trellis-ca".as_ref(),
-        format!("--from-file=ca.crt={}", ca.join("ca.crt").display()).as_ref(),
-        format!("--from-file=ca.key={}", ca.join("ca.key").display()).as_ref(),
-    ] as [&std::ffi::OsStr; 8]);
+    secret(
+        &cluster,
+        "trellis-system",
+        "trellis-ca",
+        &[
+            ("ca.crt", &ca.join("ca.crt")),
+            ("ca.key", &ca.join("ca.key")),
+        ],
+    );
     // The leader opens that directory as its CA: the same root signs.
     let leaf = run(Command::new(TRELLIS)
         .args(["bootstrap", "--ca-dir"])
