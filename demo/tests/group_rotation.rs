@@ -3,7 +3,9 @@
 //! requests throughout: a new built-in root with the Raft leader killed
 //! mid-rotation, then (after a rolling restart giving every replica Vault's
 //! flags) a switch to a real OpenBao, then a failover that sends the pods
-//! no new certificate. No request fails.
+//! no new certificate. No request fails. And a group backed up, lost with
+//! all its data and restored from the backup: no request fails and the
+//! pods keep their certificates.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -207,13 +209,8 @@ impl Group {
     /// `trellis <command>` as the group's operator.
     fn operate(&self, command: &str, args: &[&str]) -> Result<String, String> {
         let (leaders, operator) = (self.publish_list(), self.path("operator"));
-        let mut all = vec![
-            command,
-            "--leader",
-            &leaders,
-            "--control-tls-dir",
-            &operator,
-        ];
+        let mut all: Vec<&str> = command.split_whitespace().collect();
+        all.extend(["--leader", &leaders, "--control-tls-dir", &operator]);
         all.extend(args);
         trellis(&all)
     }
@@ -309,6 +306,20 @@ async fn pods_trust(pods: [&Pod; 2], roots: &BTreeSet<String>, what: &str) -> Re
     Ok(())
 }
 
+/// A three-replica group and its edge serving `pair`'s manifests, the
+/// pods' sidecars up and a first request through them answered.
+async fn serving(pair: &trellis_demo::ClientServer, name: &str) -> Result<Group> {
+    let host = IpAddr::V4(pair.net.host());
+    let mut group = Group::prepare(name, &pair.dir, host);
+    for id in 1..=3 {
+        group.start(id, &[]);
+    }
+    group.leader().await?;
+    group.start_edge();
+    pair.start_pods(|pod| group.bootstrap(pod)).await?;
+    Ok(group)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_and_provider_switch_under_the_group_fail_no_request() -> Result<()> {
     let pair = common::pair(60, "group-rotation")?;
@@ -316,14 +327,7 @@ async fn rotation_and_provider_switch_under_the_group_fail_no_request() -> Resul
         "{ traffic: { enablePermissiveTrafficPolicyMode: false }, \
          certificate: { serviceCertValidityDuration: 1h } }",
     ))?;
-    let host = IpAddr::V4(pair.net.host());
-    let mut group = Group::prepare("rotation", &pair.dir, host);
-    for id in 1..=3 {
-        group.start(id, &[]);
-    }
-    group.leader().await?;
-    group.start_edge();
-    pair.start_pods(|pod| group.bootstrap(pod)).await?;
+    let mut group = serving(&pair, "rotation").await?;
     let pods = [&pair.client, &pair.server];
     let old_root = serials_of(group.ca.trust_bundle().as_ref());
     pods_trust(pods, &old_root, "the pods to trust the group's root").await?;
@@ -449,4 +453,106 @@ async fn rotate_then_switch(
         "a failover re-sent certificates"
     );
     Ok(())
+}
+
+impl Group {
+    /// Replica `id` as `trellis restore --replica` takes it.
+    fn replica(&self, id: u64) -> String {
+        format!("{id}={},{}", self.raft[&id], self.publish[&id])
+    }
+
+    /// How many replicas the group's leader counts as voters.
+    fn voters(&self) -> usize {
+        let members = self
+            .operate("group members", &["--json"])
+            .unwrap_or_default();
+        let members: serde_json::Value = serde_json::from_str(&members).unwrap_or_default();
+        (members["members"].as_array().into_iter().flatten())
+            .filter(|m| m["voter"] == true)
+            .count()
+    }
+
+    /// How many times the edge synced with a leader.
+    async fn edge_syncs(&self) -> f64 {
+        let admin = SocketAddr::new(self.host, 9091);
+        match support::http_get(admin, "/metrics", None).await {
+            Ok((200, text)) => support::metric_value(&text, "trellis_edge_upstream_syncs_total"),
+            _ => -1.0,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_restored_from_a_backup_fails_no_request_and_keeps_the_certificates() -> Result<()>
+{
+    let pair = common::pair(100, "group-backup")?;
+    pair.write(&pair.manifests("{ traffic: { enablePermissiveTrafficPolicyMode: false } }"))?;
+    let mut group = serving(&pair, "backup").await?;
+    let pods = [&pair.client, &pair.server];
+    let leaves = (leaf_serials(pods[0]).await, leaf_serials(pods[1]).await);
+
+    let (stop, stopped) = watch::channel(false);
+    let steps = async {
+        let result = back_up_wipe_and_restore(&mut group).await;
+        let _ = stop.send(true);
+        result
+    };
+    let ((ok, failed), result) = tokio::join!(traffic(&pair.client, stopped), steps);
+    println!("{ok} requests answered while the group was backed up, lost and restored");
+    result?;
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    assert!(ok > 20, "only {ok} requests were made");
+    // The restored group serves the leaves it had: the pods hold the same.
+    let after = (leaf_serials(pods[0]).await, leaf_serials(pods[1]).await);
+    assert_eq!(after, leaves, "the pods were sent new certificates");
+    Ok(())
+}
+
+/// Backs the group up, kills every replica and deletes its data, restores
+/// replica 1 from the backup and lets the others join it; returns once the
+/// edge follows the restored group.
+async fn back_up_wipe_and_restore(group: &mut Group) -> Result<()> {
+    let (key, backup) = (group.path("backup.key"), group.path("mesh.backup"));
+    trellis(&["backup-key", "--out", &key]).map_err(anyhow::Error::msg)?;
+    group
+        .operate("backup", &["--key-file", &key, "--out", &backup])
+        .map_err(anyhow::Error::msg)?;
+    for id in 1..=3 {
+        group.kill(id);
+        std::fs::remove_dir_all(group.path(&format!("data-{id}")))?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = group.edge_syncs().await;
+    let data = group.path("data-1");
+    let replica = group.replica(1);
+    trellis(&[
+        "restore",
+        "--backup",
+        &backup,
+        "--key-file",
+        &key,
+        "--replica",
+        &replica,
+        "--data-dir",
+        &data,
+    ])
+    .map_err(anyhow::Error::msg)?;
+    for id in 1..=3 {
+        group.start(id, &[]);
+    }
+    group.leader().await?;
+    eventually(
+        Duration::from_secs(60),
+        "the edge to follow the restored group",
+        || async { group.edge_syncs().await > before },
+    )
+    .await
+    .with_context(|| group.logs())?;
+    eventually(
+        Duration::from_secs(60),
+        "all three replicas to vote",
+        || async { group.voters() == 3 },
+    )
+    .await
+    .with_context(|| group.logs())
 }
