@@ -213,9 +213,10 @@ fn is_refusal(error: &UpstreamError) -> bool {
     matches!(error, UpstreamError::Grpc(status) if status.code() == tonic::Code::Unavailable)
 }
 
-/// The leader a refusing replica named, as a URI with `tried`'s scheme,
-/// if it is one of `configured`: a hint to anywhere else is not followed,
-/// whoever sent it.
+/// The leader a refusing replica named, as a URI with `tried`'s scheme.
+/// Over TLS it is followed wherever it is (a replica the group added since
+/// the edge started, say): only a leader certificate of the group answers
+/// there. In plaintext only one of `configured` is followed.
 fn leader_hint(error: &UpstreamError, tried: &str, configured: &[String]) -> Option<String> {
     let UpstreamError::Grpc(status) = error else {
         return None;
@@ -223,8 +224,8 @@ fn leader_hint(error: &UpstreamError, tried: &str, configured: &[String]) -> Opt
     let hint = status.metadata().get(LEADER_HINT)?.to_str().ok()?;
     let scheme = tried.split_once("://").map_or("http", |(scheme, _)| scheme);
     let hint = format!("{scheme}://{hint}");
-    if !configured.contains(&hint) {
-        warn!(%tried, %hint, "a replica named a leader that is not among the configured ones; not following it");
+    if scheme != "https" && !configured.contains(&hint) {
+        warn!(%tried, %hint, "a replica named a leader that is not among the configured ones; in plaintext, not following it");
         return None;
     }
     Some(hint)
@@ -487,7 +488,7 @@ mod tests {
     }
 
     #[test]
-    fn a_refusing_replica_names_a_configured_leader_with_the_scheme_the_edge_used() {
+    fn a_refusing_replica_names_the_leader_with_the_scheme_the_edge_used() {
         let mut status = tonic::Status::unavailable("not the leader");
         status.metadata_mut().insert(
             LEADER_HINT,
@@ -502,11 +503,14 @@ mod tests {
             leader_hint(&error, "https://10.0.0.1:15129", &group).as_deref(),
             Some("https://10.0.0.2:15129")
         );
-        // A hint to an address the edge was not given is not followed.
+        // Over TLS a hint to an address the edge was not given is followed
+        // (the certificate there decides); in plaintext it is not.
         assert_eq!(
-            leader_hint(&error, "https://10.0.0.1:15129", &group[..1]),
-            None
+            leader_hint(&error, "https://10.0.0.1:15129", &group[..1]).as_deref(),
+            Some("https://10.0.0.2:15129")
         );
+        let plain = ["http://10.0.0.1:15129".to_owned()];
+        assert_eq!(leader_hint(&error, "http://10.0.0.1:15129", &plain), None);
         let unnamed = UpstreamError::Grpc(tonic::Status::unavailable("no leader yet"));
         assert_eq!(leader_hint(&unnamed, "http://10.0.0.1:15129", &group), None);
         assert_eq!(

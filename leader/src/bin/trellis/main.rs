@@ -206,8 +206,8 @@ struct ControlArgs {
 #[derive(clap::Args)]
 struct FollowArgs {
     /// The leader's publish address; for a leader group, every replica's,
-    /// comma-separated (the edge finds the one leading, and follows a
-    /// replica's hint only to one of these).
+    /// comma-separated (the edge finds the one leading among them, and
+    /// follows a replica's hint to a leader elsewhere only over TLS).
     #[arg(long, default_value = "https://127.0.0.1:15129", value_delimiter = ',')]
     leader: Vec<String>,
     /// The leader group followed: only a leader certificate of this group
