@@ -1146,7 +1146,7 @@ async fn the_injector_answers_the_fixture_reviews_and_envoy_accepts_the_bootstra
         .filter(|p| p.to_string_lossy().ends_with(".review.json"))
         .collect();
     cases.sort();
-    assert_eq!(cases.len(), 12);
+    assert_eq!(cases.len(), 13);
     let mut patched_pods = Vec::new();
     let mut proxies = BTreeMap::new();
     let mut answered = BTreeSet::new();
@@ -1214,7 +1214,7 @@ async fn the_injector_answers_the_fixture_reviews_and_envoy_accepts_the_bootstra
             proxies.insert(uuid, (name, request["request"].clone()));
         }
     }
-    assert_eq!(patched_pods.len(), 4);
+    assert_eq!(patched_pods.len(), 5);
     let report = validate(&patched_pods);
     assert_eq!(errors(&report), Vec::<String>::new());
     assert!(report
