@@ -1,0 +1,232 @@
+//! What an idle xDS stream costs the edge in heap, counted by allocation
+//! rather than read off the process's RSS, so a regression shows up in
+//! `cargo bench` without the load test.
+//!
+//! The edge runs on a runtime of its own whose threads are marked; a
+//! counting allocator keeps the bytes those threads hold. Clients on the
+//! bench's own runtime open Delta streams that subscribe to ten endpoint
+//! assignments and ACK them; once every stream holds its configuration and
+//! is idle, the edge's heap growth divided by the streams is the figure.
+//! Two shapes: one stream per HTTP/2 connection (Envoy's), and 100 streams
+//! per connection.
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    cell::Cell,
+    sync::{
+        atomic::{AtomicIsize, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use tokio::{net::TcpListener, runtime::Runtime, sync::Notify};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use trellis_edge::{Edge, EdgeConfig, SnapshotStore};
+use trellis_proto::pb::envoy::{
+    config::{core::v3::Node, endpoint::v3::ClusterLoadAssignment},
+    service::discovery::v3::{
+        aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+        DeltaDiscoveryRequest,
+    },
+};
+use trellis_shared::{type_url, ClassManifest, Resource, Scope, Snapshot};
+
+thread_local! {
+    /// Set on the edge runtime's threads.
+    static EDGE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Bytes the edge's threads hold: allocated there, less freed there.
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+struct Counting;
+
+fn on_edge() -> bool {
+    EDGE.try_with(Cell::get).unwrap_or(false)
+}
+
+fn size(bytes: usize) -> isize {
+    isize::try_from(bytes).unwrap_or(isize::MAX)
+}
+
+// SAFETY: every call is passed to the system allocator unchanged; the
+// counting only reads sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if on_edge() {
+            LIVE.fetch_add(size(layout.size()), Ordering::Relaxed);
+        }
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if on_edge() {
+            LIVE.fetch_sub(size(layout.size()), Ordering::Relaxed);
+        }
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if on_edge() {
+            LIVE.fetch_add(size(new_size) - size(layout.size()), Ordering::Relaxed);
+        }
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+const CLASS: &str = "bench";
+const STREAMS: usize = 1_000;
+/// Endpoint assignments each stream subscribes to.
+const SUBSCRIBED: usize = 10;
+
+fn name(i: usize) -> String {
+    format!("ns-{}/svc-{i}|8080", i % 10)
+}
+
+/// A class of `SUBSCRIBED` endpoint assignments.
+fn mesh() -> Snapshot {
+    let mut builder = Snapshot::empty().to_builder();
+    let mut manifest = ClassManifest::default();
+    for i in 0..SUBSCRIBED {
+        let scope = Scope::Service(format!("ns-{}/svc-{i}", i % 10).into());
+        let message = ClusterLoadAssignment {
+            cluster_name: name(i),
+            ..Default::default()
+        };
+        let resource = Resource::encode(type_url::ENDPOINT, &message).unwrap();
+        builder
+            .insert(scope.clone(), type_url::ENDPOINT, &name(i), resource)
+            .unwrap();
+        manifest
+            .insert(scope, type_url::ENDPOINT, &name(i))
+            .unwrap();
+    }
+    builder
+        .insert(
+            Scope::Class(CLASS.into()),
+            type_url::PROXY_CLASS,
+            CLASS,
+            manifest.to_resource().unwrap(),
+        )
+        .unwrap();
+    builder.build().unwrap()
+}
+
+/// The edge, serving on its own marked runtime.
+fn edge() -> (Runtime, Arc<SnapshotStore>, String) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .on_thread_start(|| EDGE.with(|edge| edge.set(true)))
+        .enable_all()
+        .build()
+        .unwrap();
+    let config = EdgeConfig {
+        max_concurrent_streams: 10_000,
+        ..EdgeConfig::default()
+    };
+    let (store, url) = runtime.block_on(async {
+        let edge = Edge::new(config);
+        let store = edge.store().clone();
+        let xds = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", xds.local_addr().unwrap());
+        tokio::spawn(edge.serve(xds, admin, std::future::pending()));
+        (store, url)
+    });
+    store.publish(mesh());
+    (runtime, store, url)
+}
+
+/// A Delta stream subscribed to the class's assignments, ACKing them,
+/// counting responses in `received`; kept open by its task.
+async fn subscribe(channel: Channel, received: Arc<AtomicUsize>, notify: Arc<Notify>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: "bench".into(),
+            cluster: CLASS.into(),
+            ..Default::default()
+        }),
+        type_url: type_url::ENDPOINT.into(),
+        resource_names_subscribe: (0..SUBSCRIBED).map(name).collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut responses = AggregatedDiscoveryServiceClient::new(channel)
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::spawn(async move {
+        while let Ok(Some(response)) = responses.message().await {
+            let ack = DeltaDiscoveryRequest {
+                type_url: response.type_url.clone(),
+                response_nonce: response.nonce.clone(),
+                ..Default::default()
+            };
+            if tx.send(ack).await.is_err() {
+                return;
+            }
+            received.fetch_add(1, Ordering::Relaxed);
+            notify.notify_waiters();
+        }
+    });
+}
+
+/// The edge's heap per idle stream, `per_connection` streams on each
+/// connection.
+fn idle_stream_bytes(per_connection: usize) -> isize {
+    let (edge_runtime, _store, url) = edge();
+    let clients = Runtime::new().unwrap();
+    let bytes = clients.block_on(async {
+        // Let the edge settle (its tasks, the snapshot) before counting.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = LIVE.load(Ordering::Relaxed);
+        let (received, notify) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
+        for _ in 0..STREAMS / per_connection {
+            let channel = Endpoint::from_shared(url.clone())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            for _ in 0..per_connection {
+                subscribe(channel.clone(), received.clone(), notify.clone()).await;
+            }
+        }
+        while received.load(Ordering::Relaxed) < STREAMS {
+            let _ = tokio::time::timeout(Duration::from_millis(50), notify.notified()).await;
+        }
+        // The ACKs of the last responses, read and answered.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        LIVE.load(Ordering::Relaxed) - before
+    });
+    drop(clients);
+    drop(edge_runtime);
+    bytes / isize::try_from(STREAMS).unwrap_or(1)
+}
+
+fn main() {
+    // `cargo test --benches` runs bench targets with `--bench` absent:
+    // nothing to measure then.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    for per_connection in [1, 100] {
+        let bytes = idle_stream_bytes(per_connection);
+        println!(
+            "edge_memory/idle_stream/{per_connection}_per_connection: {bytes} bytes of edge heap per stream ({:.1} KiB; {STREAMS} streams)",
+            bytes as f64 / 1024.0
+        );
+    }
+}
