@@ -8,7 +8,7 @@
 //! assignments and ACK them; once every stream holds its configuration and
 //! is idle, the edge's heap growth divided by the streams is the figure.
 //! Two shapes: one stream per HTTP/2 connection (Envoy's), and 100 streams
-//! per connection.
+//! per connection; and, to tell them apart, a connection without a stream.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
@@ -185,7 +185,7 @@ async fn subscribe(channel: Channel, received: Arc<AtomicUsize>, notify: Arc<Not
 }
 
 /// The edge's heap per idle stream, `per_connection` streams on each
-/// connection.
+/// connection (0: per connection without any stream).
 fn idle_stream_bytes(per_connection: usize) -> isize {
     let (edge_runtime, _store, url) = edge();
     let clients = Runtime::new().unwrap();
@@ -194,7 +194,8 @@ fn idle_stream_bytes(per_connection: usize) -> isize {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let before = LIVE.load(Ordering::Relaxed);
         let (received, notify) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
-        for _ in 0..STREAMS / per_connection {
+        let mut channels = Vec::new();
+        for _ in 0..STREAMS / per_connection.max(1) {
             let channel = Endpoint::from_shared(url.clone())
                 .unwrap()
                 .connect()
@@ -203,13 +204,17 @@ fn idle_stream_bytes(per_connection: usize) -> isize {
             for _ in 0..per_connection {
                 subscribe(channel.clone(), received.clone(), notify.clone()).await;
             }
+            channels.push(channel);
         }
-        while received.load(Ordering::Relaxed) < STREAMS {
+        let streams = STREAMS / per_connection.max(1) * per_connection;
+        while received.load(Ordering::Relaxed) < streams {
             let _ = tokio::time::timeout(Duration::from_millis(50), notify.notified()).await;
         }
         // The ACKs of the last responses, read and answered.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        LIVE.load(Ordering::Relaxed) - before
+        let bytes = LIVE.load(Ordering::Relaxed) - before;
+        drop(channels);
+        bytes
     });
     drop(clients);
     drop(edge_runtime);
@@ -222,10 +227,16 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    for per_connection in [1, 100] {
+    for per_connection in [0, 1, 100] {
         let bytes = idle_stream_bytes(per_connection);
+        let what = match per_connection {
+            0 => "idle_connection: {bytes} bytes of edge heap per connection without a stream"
+                .to_owned(),
+            n => format!("idle_stream/{n}_per_connection: {{bytes}} bytes of edge heap per stream"),
+        };
         println!(
-            "edge_memory/idle_stream/{per_connection}_per_connection: {bytes} bytes of edge heap per stream ({:.1} KiB; {STREAMS} streams)",
+            "edge_memory/{} ({:.1} KiB; {STREAMS} connections or streams)",
+            what.replace("{bytes}", &bytes.to_string()),
             bytes as f64 / 1024.0
         );
     }

@@ -233,13 +233,66 @@ impl TypeState {
     }
 }
 
+/// A stream's types, sorted by type URL. A stream has a handful (five for
+/// Envoy): a vector sized to them, where a B-tree's first node would hold
+/// room for eleven, is most of what an idle stream saves.
+#[derive(Debug, Default)]
+struct Types(Vec<(Arc<str>, TypeState)>);
+
+impl Types {
+    fn position(&self, type_url: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(t, _)| (**t).cmp(type_url))
+    }
+
+    fn get(&self, type_url: &str) -> Option<&TypeState> {
+        self.position(type_url).ok().map(|i| &self.0[i].1)
+    }
+
+    fn get_mut(&mut self, type_url: &str) -> Option<&mut TypeState> {
+        self.position(type_url).ok().map(|i| &mut self.0[i].1)
+    }
+
+    fn contains_key(&self, type_url: &str) -> bool {
+        self.position(type_url).is_ok()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn get_or_insert(&mut self, type_url: &str) -> &mut TypeState {
+        let i = match self.position(type_url) {
+            Ok(i) => i,
+            Err(i) => {
+                self.0.reserve_exact(1);
+                self.0
+                    .insert(i, (Arc::from(type_url), TypeState::default()));
+                i
+            }
+        };
+        &mut self.0[i].1
+    }
+
+    fn values(&self) -> impl Iterator<Item = &TypeState> {
+        self.0.iter().map(|(_, t)| t)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &TypeState)> {
+        self.0.iter().map(|(u, t)| (u, t))
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (&Arc<str>, &mut TypeState)> {
+        self.0.iter_mut().map(|(u, t)| (&*u, t))
+    }
+}
+
 /// The state of one stream.
 #[derive(Debug)]
 pub(crate) struct StreamState {
     pub(crate) class: Arc<str>,
     /// The snapshot the sent state reflects.
     pub(crate) snapshot: Arc<Snapshot>,
-    types: BTreeMap<Arc<str>, TypeState>,
+    types: Types,
     next_nonce: u64,
     limits: Limits,
     /// The newest snapshot whose responses the client ACKed, while other
@@ -271,7 +324,7 @@ impl StreamState {
             class,
             converged: snapshot.epoch(),
             snapshot,
-            types: BTreeMap::new(),
+            types: Types::default(),
             next_nonce: 1,
             limits,
             acked: None,
@@ -362,7 +415,7 @@ impl StreamState {
         if !self.types.contains_key(type_url) && self.types.len() >= self.limits.max_types {
             return Err(Refusal::TooManyTypes);
         }
-        Ok(self.types.entry(Arc::from(type_url)).or_default())
+        Ok(self.types.get_or_insert(type_url))
     }
 
     /// Refuses the stream if the names its client made it hold (subscribed
