@@ -316,10 +316,7 @@ impl Injector {
             self.create_secret(namespace, &secret_name, &uuid, pod, bootstrap)
                 .await?;
         }
-        match sidecar.patch {
-            Value::Array(ops) => patch.extend(ops),
-            other => patch.push(other),
-        }
+        patch.extend(sidecar.patch);
         Ok(Verdict::Patch(Value::Array(patch)))
     }
 

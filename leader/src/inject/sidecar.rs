@@ -45,8 +45,8 @@ pub struct SidecarImages {
 /// The sidecar for one pod.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Sidecar {
-    /// The patch, ready to send.
-    pub(crate) patch: Value,
+    /// The patch's operations, in order.
+    pub(crate) patch: Vec<Value>,
     /// The probe rewrites, whose listeners go into the bootstrap.
     pub(crate) probes: ProbeRewrites,
 }
@@ -281,8 +281,5 @@ pub(crate) fn sidecar(
         append(&mut ops, pod, "/spec/containers", envoy);
     }
     ops.extend(probes.ops.iter().cloned());
-    Ok(Sidecar {
-        patch: Value::Array(ops),
-        probes,
-    })
+    Ok(Sidecar { patch: ops, probes })
 }

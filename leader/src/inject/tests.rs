@@ -291,7 +291,8 @@ fn inject_with(
         &images(),
         &mut warnings,
     )?;
-    let ops: json_patch::Patch = serde_json::from_value(sidecar.patch.clone()).unwrap();
+    let ops: json_patch::Patch =
+        serde_json::from_value(Value::Array(sidecar.patch.clone())).unwrap();
     let mut patched = pod.clone();
     json_patch::patch(&mut patched, &ops).unwrap();
     Ok((patched, sidecar, warnings))
@@ -742,7 +743,7 @@ fn a_pod_osm_injected_is_injected_by_trellis_as_its_owner_wrote_it() {
     let (expected, _, _) = inject(&app).unwrap();
     let (_, sidecar, _) = inject(&cleaned).unwrap();
     let mut ops = strip_ops;
-    ops.extend(sidecar.patch.as_array().unwrap().iter().cloned());
+    ops.extend(sidecar.patch.iter().cloned());
     let ops: json_patch::Patch = serde_json::from_value(Value::Array(ops)).unwrap();
     let mut patched = osm.clone();
     json_patch::patch(&mut patched, &ops).unwrap();
