@@ -23,17 +23,9 @@ use std::{
 };
 
 use tokio::{net::TcpListener, runtime::Runtime, sync::Notify};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
+use trellis_benches::{mesh, name, subscribe, wait_for};
 use trellis_edge::{Edge, EdgeConfig, SnapshotStore};
-use trellis_proto::pb::envoy::{
-    config::{core::v3::Node, endpoint::v3::ClusterLoadAssignment},
-    service::discovery::v3::{
-        aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
-        DeltaDiscoveryRequest,
-    },
-};
-use trellis_shared::{type_url, ClassManifest, Resource, Scope, Snapshot};
 
 thread_local! {
     /// Set on the edge runtime's threads.
@@ -84,43 +76,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-const CLASS: &str = "bench";
 const STREAMS: usize = 1_000;
 /// Endpoint assignments each stream subscribes to.
 const SUBSCRIBED: usize = 10;
-
-fn name(i: usize) -> String {
-    format!("ns-{}/svc-{i}|8080", i % 10)
-}
-
-/// A class of `SUBSCRIBED` endpoint assignments.
-fn mesh() -> Snapshot {
-    let mut builder = Snapshot::empty().to_builder();
-    let mut manifest = ClassManifest::default();
-    for i in 0..SUBSCRIBED {
-        let scope = Scope::Service(format!("ns-{}/svc-{i}", i % 10).into());
-        let message = ClusterLoadAssignment {
-            cluster_name: name(i),
-            ..Default::default()
-        };
-        let resource = Resource::encode(type_url::ENDPOINT, &message).unwrap();
-        builder
-            .insert(scope.clone(), type_url::ENDPOINT, &name(i), resource)
-            .unwrap();
-        manifest
-            .insert(scope, type_url::ENDPOINT, &name(i))
-            .unwrap();
-    }
-    builder
-        .insert(
-            Scope::Class(CLASS.into()),
-            type_url::PROXY_CLASS,
-            CLASS,
-            manifest.to_resource().unwrap(),
-        )
-        .unwrap();
-    builder.build().unwrap()
-}
 
 /// The edge, serving on its own marked runtime.
 fn edge() -> (Runtime, Arc<SnapshotStore>, String) {
@@ -143,45 +101,8 @@ fn edge() -> (Runtime, Arc<SnapshotStore>, String) {
         tokio::spawn(edge.serve(xds, admin, std::future::pending()));
         (store, url)
     });
-    store.publish(mesh());
+    store.publish(mesh(SUBSCRIBED));
     (runtime, store, url)
-}
-
-/// A Delta stream subscribed to the class's assignments, ACKing them,
-/// counting responses in `received`; kept open by its task.
-async fn subscribe(channel: Channel, received: Arc<AtomicUsize>, notify: Arc<Notify>) {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(DeltaDiscoveryRequest {
-        node: Some(Node {
-            id: "bench".into(),
-            cluster: CLASS.into(),
-            ..Default::default()
-        }),
-        type_url: type_url::ENDPOINT.into(),
-        resource_names_subscribe: (0..SUBSCRIBED).map(name).collect(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut responses = AggregatedDiscoveryServiceClient::new(channel)
-        .delta_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    tokio::spawn(async move {
-        while let Ok(Some(response)) = responses.message().await {
-            let ack = DeltaDiscoveryRequest {
-                type_url: response.type_url.clone(),
-                response_nonce: response.nonce.clone(),
-                ..Default::default()
-            };
-            if tx.send(ack).await.is_err() {
-                return;
-            }
-            received.fetch_add(1, Ordering::Relaxed);
-            notify.notify_waiters();
-        }
-    });
 }
 
 /// The edge's heap per idle stream, `per_connection` streams on each
@@ -202,14 +123,17 @@ fn idle_stream_bytes(per_connection: usize) -> isize {
                 .await
                 .unwrap();
             for _ in 0..per_connection {
-                subscribe(channel.clone(), received.clone(), notify.clone()).await;
+                let names = (0..SUBSCRIBED).map(name).collect();
+                subscribe(channel.clone(), names, received.clone(), notify.clone()).await;
             }
             channels.push(channel);
         }
-        let streams = STREAMS / per_connection.max(1) * per_connection;
-        while received.load(Ordering::Relaxed) < streams {
-            let _ = tokio::time::timeout(Duration::from_millis(50), notify.notified()).await;
-        }
+        wait_for(
+            &received,
+            &notify,
+            STREAMS / per_connection.max(1) * per_connection,
+        )
+        .await;
         // The ACKs of the last responses, read and answered.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let bytes = LIVE.load(Ordering::Relaxed) - before;
@@ -229,14 +153,12 @@ fn main() {
     }
     for per_connection in [0, 1, 100] {
         let bytes = idle_stream_bytes(per_connection);
-        let what = match per_connection {
-            0 => "idle_connection: {bytes} bytes of edge heap per connection without a stream"
-                .to_owned(),
-            n => format!("idle_stream/{n}_per_connection: {{bytes}} bytes of edge heap per stream"),
+        let (label, per) = match per_connection {
+            0 => ("idle_connection".to_owned(), "connection without a stream"),
+            n => (format!("idle_stream/{n}_per_connection"), "stream"),
         };
         println!(
-            "edge_memory/{} ({:.1} KiB; {STREAMS} connections or streams)",
-            what.replace("{bytes}", &bytes.to_string()),
+            "edge_memory/{label}: {bytes} bytes of edge heap per {per} ({:.1} KiB; {STREAMS} of them)",
             bytes as f64 / 1024.0
         );
     }
