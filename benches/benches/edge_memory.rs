@@ -22,10 +22,10 @@ use std::{
     time::Duration,
 };
 
-use tokio::{net::TcpListener, runtime::Runtime, sync::Notify};
+use tokio::{runtime::Runtime, sync::Notify};
 use tonic::transport::Endpoint;
-use trellis_benches::{mesh, name, subscribe, wait_for};
-use trellis_edge::{Edge, EdgeConfig, SnapshotStore};
+use trellis_benches::{mesh, name, serve, subscribe, wait_for};
+use trellis_edge::{EdgeConfig, SnapshotStore};
 
 thread_local! {
     /// Set on the edge runtime's threads.
@@ -92,15 +92,8 @@ fn edge() -> (Runtime, Arc<SnapshotStore>, String) {
         max_concurrent_streams: 10_000,
         ..EdgeConfig::default()
     };
-    let (store, url) = runtime.block_on(async {
-        let edge = Edge::new(config);
-        let store = edge.store().clone();
-        let xds = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", xds.local_addr().unwrap());
-        tokio::spawn(edge.serve(xds, admin, std::future::pending()));
-        (store, url)
-    });
+    // Spawned from inside the edge's runtime, the edge's tasks run there.
+    let (store, url) = runtime.block_on(serve(config));
     store.publish(mesh(SUBSCRIBED));
     (runtime, store, url)
 }
