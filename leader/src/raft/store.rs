@@ -142,14 +142,7 @@ pub enum StoreError {
 /// state machine, over one database file, the state machine restored from
 /// the last snapshot. Blocks on file I/O.
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
-    // The store holds the CA key and every leaf key: owner only.
-    let private = |error: crate::private_files::PrivateFileError| StoreError::Directory {
-        path: error.path,
-        source: error.source,
-    };
-    crate::private_files::create_dir(dir).map_err(private)?;
-    let path = dir.join(FILE);
-    crate::private_files::create_file(&path).map_err(private)?;
+    let path = create_private(dir)?;
     // redb asserts on some damaged files (a truncated one among them) rather
     // than returning an error: such a file is refused like any damaged one.
     // Nothing opened survives the unwinding, so no broken state is kept.
@@ -246,12 +239,7 @@ pub fn restore(
             ),
         });
     }
-    let private = |error: crate::private_files::PrivateFileError| StoreError::Directory {
-        path: error.path,
-        source: error.source,
-    };
-    crate::private_files::create_dir(dir).map_err(private)?;
-    crate::private_files::create_file(&path).map_err(private)?;
+    create_private(dir)?;
     let (db, _) = open_file(&path)?;
     let meta = Meta {
         last_log_id: position,
@@ -274,6 +262,19 @@ pub fn restore(
         path: path.clone(),
         detail: fault.to_string(),
     })
+}
+
+/// Creates `dir` and the store's file in it, owner only (the store holds
+/// the CA key and every leaf key); the file's path.
+fn create_private(dir: &Path) -> Result<PathBuf, StoreError> {
+    let private = |error: crate::private_files::PrivateFileError| StoreError::Directory {
+        path: error.path,
+        source: error.source,
+    };
+    crate::private_files::create_dir(dir).map_err(private)?;
+    let path = dir.join(FILE);
+    crate::private_files::create_file(&path).map_err(private)?;
+    Ok(path)
 }
 
 /// Opens the database at `path`, checks it, and reads the snapshot to
