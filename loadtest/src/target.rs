@@ -480,27 +480,19 @@ impl Target {
     /// and stop by itself, then stops it. Whether it stopped by itself.
     pub async fn remove_leader(&mut self, id: u64, within: Duration) -> Result<bool, TargetError> {
         let deadline = Instant::now() + within;
-        loop {
-            let mut answers = Vec::new();
+        // Every replica is asked in turn; only the leader removes.
+        'asking: loop {
+            let mut refusals = Vec::new();
             for channel in self.operator_channels()? {
-                match GroupClient::new(channel)
-                    .remove_replica(RemoveReplicaRequest { id })
-                    .await
-                {
-                    Ok(_) => answers.clear(),
-                    Err(status) => {
-                        answers.push(status.message().to_owned());
-                        continue;
-                    }
+                let mut client = GroupClient::new(channel);
+                match client.remove_replica(RemoveReplicaRequest { id }).await {
+                    Ok(_) => break 'asking,
+                    Err(status) => refusals.push(status.message().to_owned()),
                 }
-                break;
-            }
-            if answers.is_empty() {
-                break;
             }
             if Instant::now() > deadline {
                 return Err(TargetError::Membership(format!(
-                    "no replica removed replica {id}: {answers:?}"
+                    "no replica removed replica {id}: {refusals:?}"
                 )));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
