@@ -80,18 +80,23 @@ impl RaftService {
             .await?;
         // A replica that knows no members yet takes the group's word: it
         // is new (or lost its data), and the leader is catching it up.
-        let metrics = self.raft.metrics().borrow().clone();
-        let members = members::members(&metrics);
-        if !members.is_empty() && !members.iter().any(|m| m.id == request.from) {
+        // (Every Raft message passes here: nothing is copied to check.)
+        let refused = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            let membership = metrics.membership_config.membership();
+            let known = membership.nodes().next().is_some();
+            (known && membership.get_node(&request.from).is_none())
+                .then(|| membership.nodes().map(|(id, _)| *id).collect::<Vec<_>>())
+        };
+        if let Some(members) = refused {
             warn!(
                 from = request.from,
                 "refused a replica that is not a member"
             );
             return Err(Status::permission_denied(format!(
-                "replica id {} is not a member of leader group {:?} (members {:?}); a removed replica must not come back with its old data: delete its data directory, and it joins again as new",
-                request.from,
-                self.cluster,
-                members.iter().map(|m| m.id).collect::<Vec<_>>()
+                "replica id {} is not a member of leader group {:?} (members {members:?}); a removed replica must not come back with its old data: delete its data directory, and it joins again as new",
+                request.from, self.cluster,
             )));
         }
         supported(request.from, request.format)?;
