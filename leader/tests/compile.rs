@@ -1993,3 +1993,86 @@ fn the_file_source_tracks_duplicates_and_deleted_files() {
     assert_eq!(label(&source.scan().unwrap()).as_deref(), Some("deleted"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `trellis export` writes exactly what the compiler serves each class:
+/// every class `trellis check` lists, each resource an `Any` of its type
+/// whose message carries its name, at the version Trellis sends.
+#[test]
+fn trellis_export_writes_each_class_resources_as_served() {
+    use base64::Engine as _;
+    use trellis_shared::{type_url, Version};
+
+    let trellis = env!("CARGO_BIN_EXE_trellis");
+    let dir = std::env::temp_dir().join(format!("trellis-export-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    support::copy_example(&dir);
+    let out = dir.join("export.json");
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new(trellis)
+            .args(args)
+            .arg("--dir")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let listed = run(&["check"]);
+    run(&["export", "--out", out.to_str().unwrap()]);
+    let export: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(export["format"], "trellis-export 1");
+    let classes = export["classes"].as_object().unwrap();
+    let checked: Vec<&str> = listed
+        .lines()
+        .filter_map(|l| l.strip_prefix("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(classes.keys().collect::<Vec<_>>(), checked);
+    let mut types = BTreeMap::new();
+    for (class, resources) in classes {
+        // Every class holds its proxy's certificate and the roots.
+        assert!(
+            resources
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["type_url"] == type_url::SECRET),
+            "{class}"
+        );
+        for resource in resources.as_array().unwrap() {
+            let (type_name, name) = (
+                resource["type_url"].as_str().unwrap(),
+                resource["name"].as_str().unwrap(),
+            );
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(resource["any"].as_str().unwrap())
+                .unwrap();
+            assert_eq!(
+                resource["version"].as_str().unwrap(),
+                Version::of(&bytes).to_string()
+            );
+            let any = Any::decode(bytes.as_slice()).unwrap();
+            assert_eq!(any.type_url, type_name);
+            let named = match type_name {
+                type_url::LISTENER => Listener::decode(&*any.value).unwrap().name,
+                type_url::ROUTE => RouteConfiguration::decode(&*any.value).unwrap().name,
+                type_url::CLUSTER => Cluster::decode(&*any.value).unwrap().name,
+                type_url::ENDPOINT => {
+                    ClusterLoadAssignment::decode(&*any.value)
+                        .unwrap()
+                        .cluster_name
+                }
+                type_url::SECRET => Secret::decode(&*any.value).unwrap().name,
+                other => panic!("{class}: unexpected type {other}"),
+            };
+            assert_eq!(named, name, "{class}");
+            *types.entry(type_url::short_name(type_name)).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(
+        types.keys().copied().collect::<Vec<_>>(),
+        ["cds", "eds", "lds", "rds", "sds"]
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

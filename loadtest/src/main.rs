@@ -6,6 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use trellis_loadtest::{
+    mesh::Mesh,
     run::{run, Config, Scenario},
     target::TargetSpec,
     worker,
@@ -98,6 +99,12 @@ struct Cli {
     /// the spread of every resource version sent meanwhile.
     #[arg(long)]
     external: Option<SocketAddr>,
+    /// The external server takes the harness's endpoint changes at this
+    /// HTTP address (`GET /generation/<g>`, as the peers under
+    /// `benches/peers/` do): the churn scenario then runs against it as
+    /// against Trellis.
+    #[arg(long, requires = "external")]
+    external_changes: Option<SocketAddr>,
     /// PIDs of the external server's processes, to measure.
     #[arg(long, value_delimiter = ',')]
     pids: Vec<u32>,
@@ -120,21 +127,44 @@ enum Internal {
     /// A worker process of a several-process run (started by the harness).
     #[command(hide = true)]
     Worker,
+    /// Write the generated mesh of a run and exit (for `trellis export`,
+    /// so another server can serve the same configuration).
+    Mesh {
+        /// Proxy classes (application services).
+        #[arg(long, default_value_t = 100)]
+        classes: usize,
+        /// Where to write it.
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    if let Some(Internal::Worker) = cli.internal {
-        worker::serve(tokio::io::stdin(), tokio::io::stdout())
-            .await
-            .context("load-test worker")?;
-        return Ok(());
+    match cli.internal {
+        Some(Internal::Worker) => {
+            worker::serve(tokio::io::stdin(), tokio::io::stdout())
+                .await
+                .context("load-test worker")?;
+            return Ok(());
+        }
+        Some(Internal::Mesh { classes, dir }) => {
+            let mesh = Mesh::generate(&dir, classes)
+                .with_context(|| format!("writing the mesh into {}", dir.display()))?;
+            println!("{} classes in {}", mesh.classes.len(), dir.display());
+            return Ok(());
+        }
+        None => {}
+    }
+    if cli.external_changes.is_some() && cli.scenario != Scenario::Churn {
+        bail!("--external-changes runs only the churn scenario");
     }
     let target = match cli.external {
         Some(xds) => TargetSpec::External {
             xds,
             pids: cli.pids.clone(),
+            changes: cli.external_changes,
         },
         None => {
             if !cli.trellis.is_file() {

@@ -563,11 +563,51 @@ async fn syncs(admins: &[SocketAddr]) -> Vec<f64> {
     counts
 }
 
+/// Who makes a change: the harness, rewriting the mesh its target reads,
+/// or an external server asked over HTTP.
+pub(crate) struct Changer<'a> {
+    mesh: &'a Mesh,
+    external: Option<SocketAddr>,
+}
+
+impl<'a> Changer<'a> {
+    fn files(mesh: &'a Mesh) -> Changer<'a> {
+        Changer {
+            mesh,
+            external: None,
+        }
+    }
+
+    async fn make(&self, kind: ChangeKind, generation: u64) -> Result<(), RunError> {
+        match (kind, self.external) {
+            (ChangeKind::Endpoint, None) => self.mesh.set_generation(generation)?,
+            (ChangeKind::Policy, None) => self.mesh.set_policy_generation(generation)?,
+            (ChangeKind::Endpoint, Some(server)) => {
+                let path = format!("/generation/{generation}");
+                match target::http_status(server, &path).await {
+                    Some(200) => {}
+                    status => {
+                        return Err(RunError::Settings(format!(
+                            "the external server at {server} answered GET {path} with {status:?}, not 200"
+                        )))
+                    }
+                }
+            }
+            (ChangeKind::Policy, Some(_)) => {
+                return Err(RunError::Settings(
+                    "an external server takes only endpoint changes".to_owned(),
+                ))
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Makes the scenario's changes at the change rate, then waits for every
 /// client to apply the last.
 async fn change(
     config: &Config,
-    mesh: &Mesh,
+    changer: &Changer<'_>,
     kind: ChangeKind,
     collector: &Shared,
 ) -> Result<(), RunError> {
@@ -578,10 +618,7 @@ async fn change(
             c.changes.push(clock::now());
             c.applied.push(Vec::with_capacity(config.clients));
         }
-        match kind {
-            ChangeKind::Endpoint => mesh.set_generation(generation)?,
-            ChangeKind::Policy => mesh.set_policy_generation(generation)?,
-        }
+        changer.make(kind, generation).await?;
         tokio::time::sleep(interval).await;
     }
     wait_for(collector, config, "converging", |c| {
@@ -601,10 +638,13 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
     let measured = target.processes.clone();
     let idle = usages(&measured);
     let harness_start = procfs::usage(std::process::id()).unwrap_or_default();
-    let changing = target
-        .controlled
-        .then(|| config.scenario.change())
-        .flatten();
+    // An external server changes only when it takes changes over HTTP,
+    // and then only its endpoints.
+    let changing = match (target.controlled, target.changes) {
+        (true, _) => config.scenario.change(),
+        (false, Some(_)) => Some(ChangeKind::Endpoint),
+        (false, None) => None,
+    };
 
     let collector = Arc::new(Mutex::new(Collector::new(config.clients, changing)));
     let (events, mut received) = mpsc::unbounded_channel();
@@ -642,6 +682,10 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
     } else {
         None
     };
+    let changer = Changer {
+        mesh: &mesh,
+        external: target.changes,
+    };
     let mut scale_out = None;
     let mut chaos = None;
     let mut membership = None;
@@ -658,7 +702,7 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
                 config.hold,
                 config.patience,
             );
-            let (added, changed) = tokio::join!(adding, change(config, &mesh, kind, &collector));
+            let (added, changed) = tokio::join!(adding, change(config, &changer, kind, &collector));
             changed?;
             scale_out = Some(added?);
         }
@@ -667,7 +711,7 @@ pub async fn run(config: &Config) -> Result<Report, RunError> {
                 unleash_chaos(config, &mesh, kind, &mut target, &mut clients, &collector).await?,
             );
         }
-        (_, Some(kind)) => change(config, &mesh, kind, &collector).await?,
+        (_, Some(kind)) => change(config, &changer, kind, &collector).await?,
         (scenario, None) if scenario == Scenario::Steady || !target.controlled => {
             tokio::time::sleep(config.hold).await
         }
@@ -837,7 +881,8 @@ async fn change_membership(
     };
     let first: Vec<u64> = (1..=(*leaders).max(1) as u64).collect();
     let changing = membership::grow_and_shrink(target, first, *added_leaders, config.patience);
-    let (steps, changed) = tokio::join!(changing, change(config, mesh, kind, collector));
+    let changer = Changer::files(mesh);
+    let (steps, changed) = tokio::join!(changing, change(config, &changer, kind, collector));
     changed?;
     let steps = steps?;
     let c = lock(collector);
@@ -872,7 +917,8 @@ async fn unleash_chaos(
     let started = clock::now();
     let lasting = Duration::from_secs_f64(config.changes as f64 / config.change_rate.max(0.001));
     let killing = chaos::unleash(target, clients, lasting, config.seed, config.patience);
-    let (disruptions, changed) = tokio::join!(killing, change(config, mesh, kind, collector));
+    let changer = Changer::files(mesh);
+    let (disruptions, changed) = tokio::join!(killing, change(config, &changer, kind, collector));
     changed?;
     let disruptions = disruptions?;
     let c = lock(collector);

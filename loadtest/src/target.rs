@@ -64,12 +64,17 @@ pub enum TargetSpec {
     /// Leader and edge inside the harness's own process (for tests; CPU and
     /// memory then include the simulated Envoys).
     InProcess,
-    /// A server the harness does not control: measured passively.
+    /// A server the harness does not start: measured passively, unless it
+    /// takes the harness's endpoint changes over HTTP.
     External {
         /// Its ADS address.
         xds: SocketAddr,
         /// Processes to measure.
         pids: Vec<u32>,
+        /// Where it takes endpoint change `g` as `GET /generation/<g>` (the
+        /// benchmark peers do), so the harness drives its changes as it
+        /// drives Trellis's.
+        changes: Option<SocketAddr>,
     },
 }
 
@@ -217,6 +222,8 @@ pub struct Target {
     /// Whether the harness changes the mesh it serves (not for external
     /// servers).
     pub controlled: bool,
+    /// An external server's change address (see [`TargetSpec::External`]).
+    pub changes: Option<SocketAddr>,
     /// Set when the target serves mTLS xDS.
     pub tls: Option<ClientTls>,
     children: Vec<Child>,
@@ -540,7 +547,8 @@ pub async fn start(
 ) -> Result<Target, TargetError> {
     match spec {
         TargetSpec::External { .. } if mtls => Err(TargetError::MtlsExternal),
-        TargetSpec::External { xds, pids } => Ok(Target {
+        TargetSpec::External { xds, pids, changes } => Ok(Target {
+            changes: *changes,
             xds: vec![*xds],
             admins: Vec::new(),
             processes: pids
@@ -736,6 +744,7 @@ async fn spawn(
         admins: admins.clone(),
         processes,
         controlled: true,
+        changes: None,
         tls,
         children,
         tasks: Vec::new(),
@@ -882,7 +891,7 @@ async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
 }
 
 /// The status code of `GET path` on `addr`, if it answers.
-async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+pub async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     http_get(addr, path)
         .await?
         .split_whitespace()
@@ -972,6 +981,7 @@ async fn in_process(dir: &Path, ready_within: Duration, mtls: bool) -> Result<Ta
             pid: std::process::id(),
         }],
         controlled: true,
+        changes: None,
         tls: client_tls,
         children: Vec::new(),
         tasks,

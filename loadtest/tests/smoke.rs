@@ -378,15 +378,12 @@ async fn the_leader_group_grows_and_shrinks_under_load_and_nothing_is_resent() {
     std::fs::remove_dir_all(&config.dir).unwrap();
 }
 
-/// A server the harness does not control: it only connects and watches,
-/// and reports how far apart clients received each new version (here the
-/// server's mesh is changed behind the harness's back).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_passive_run_measures_the_spread_of_versions_it_did_not_cause() {
-    let served_dir =
-        std::env::temp_dir().join(format!("trellis-loadtest-served-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&served_dir);
-    let mesh = Mesh::generate(&served_dir, 10).unwrap();
+/// A mesh of ten classes served by Trellis in this process, as a server
+/// the harness does not start: its mesh, the target and its directory.
+async fn served_elsewhere(name: &str) -> (Mesh, target::Target, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("trellis-loadtest-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mesh = Mesh::generate(&dir, 10).unwrap();
     let served = target::start(
         &TargetSpec::InProcess,
         mesh.dir(),
@@ -395,9 +392,19 @@ async fn a_passive_run_measures_the_spread_of_versions_it_did_not_cause() {
     )
     .await
     .unwrap();
+    (mesh, served, dir)
+}
+
+/// A server the harness does not control: it only connects and watches,
+/// and reports how far apart clients received each new version (here the
+/// server's mesh is changed behind the harness's back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passive_run_measures_the_spread_of_versions_it_did_not_cause() {
+    let (mesh, served, served_dir) = served_elsewhere("served").await;
     let external = TargetSpec::External {
         xds: served.xds[0],
         pids: vec![std::process::id()],
+        changes: None,
     };
     let config = Config {
         clients: 50,
@@ -423,6 +430,60 @@ async fn a_passive_run_measures_the_spread_of_versions_it_did_not_cause() {
     assert!(report.converged());
     assert_eq!(report.spread.count, 1, "one new assignment, sent to all 50");
     assert!(report.spread.max_ms >= report.spread.p50_ms);
+    std::fs::remove_dir_all(&config.dir).unwrap();
+    std::fs::remove_dir_all(&served_dir).unwrap();
+}
+
+/// A server the harness does not start but which takes its endpoint
+/// changes over HTTP (as the benchmark peers do): the churn scenario runs
+/// against it as against Trellis, every change made by the harness and
+/// converged at every client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_server_takes_the_harness_changes_over_http() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (mesh, served, served_dir) = served_elsewhere("hooked-served").await;
+    // The change endpoint: `GET /generation/<g>` rewrites the served mesh.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let control = listener.local_addr().unwrap();
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = asked.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut request = vec![0; 1024];
+            let n = stream.read(&mut request).await.unwrap();
+            let line = String::from_utf8_lossy(&request[..n]).into_owned();
+            let generation: u64 = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|path| path.strip_prefix("/generation/"))
+                .and_then(|g| g.parse().ok())
+                .unwrap();
+            mesh.set_generation(generation).unwrap();
+            seen.lock().unwrap().push(generation);
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await
+                .unwrap();
+        }
+    });
+    let external = TargetSpec::External {
+        xds: served.xds[0],
+        pids: vec![std::process::id()],
+        changes: Some(control),
+    };
+    let config = Config {
+        clients: 50,
+        classes: 10,
+        changes: 3,
+        mtls: false,
+        nack_fraction: 0.0,
+        ..config("hooked", external, Scenario::Churn)
+    };
+    let report = run(&config).await.unwrap();
+    assert_every_client_converged(&report, &config);
+    assert_eq!(report.settings.changes, 3);
+    assert_eq!(*asked.lock().unwrap(), [1, 2, 3]);
     std::fs::remove_dir_all(&config.dir).unwrap();
     std::fs::remove_dir_all(&served_dir).unwrap();
 }

@@ -9,6 +9,8 @@
 //! * `trellis edge`: follows a leader and serves Envoys, until Ctrl-C.
 //! * `trellis check`: compile a manifest directory once; print its classes
 //!   and every object skipped, with the reason.
+//! * `trellis export`: compile a manifest directory once; write every
+//!   class's resources to a file.
 //! * `trellis bootstrap`: a pod's bootstrap certificate and Envoy bootstrap.
 //! * `trellis edge-cert`: an edge's serving certificate, for `--tls-dir`.
 //! * `trellis peer-cert`: a leader replica's certificate, for
@@ -58,6 +60,7 @@ use trellis_leader::{
 use trellis_transport::server::incoming;
 
 mod credentials;
+mod export;
 mod group;
 mod inject;
 mod mesh_root;
@@ -539,6 +542,10 @@ enum Command {
         #[arg(long, default_value = "osm")]
         mesh: String,
     },
+    /// Compile a directory of manifests once and write every class's
+    /// resources to a JSON file (for serving the same configuration from
+    /// another xDS server in benchmarks).
+    Export(export::ExportArgs),
 }
 
 /// Where `trellis run` reads the mesh from.
@@ -600,6 +607,7 @@ async fn main() -> Result<()> {
             edge(follow, edge_args, serving).await
         }
         Command::Check { dir, mesh } => check(dir, mesh),
+        Command::Export(args) => export::export(args),
         Command::Bootstrap {
             ca_dir,
             dir,
@@ -703,18 +711,27 @@ fn require_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn check(dir: PathBuf, mesh: String) -> Result<()> {
-    require_dir(&dir)?;
-    let mut source = FileSource::new(&dir);
+/// The snapshot of a manifest directory compiled once, with a throwaway
+/// CA, and the compiler's status.
+fn compile_once(dir: &Path, mesh: &str) -> Result<(trellis_shared::Snapshot, Arc<Status>)> {
+    require_dir(dir)?;
+    let mut source = FileSource::new(dir);
     let mut pipeline = pipeline(
-        &mesh,
+        mesh,
         TRUST_DOMAIN,
         credentials::open_ca(None)?,
         PipelineMetrics::default(),
     );
     pipeline.apply(source.scan()?);
-    pipeline.compile()?;
+    let snapshot = pipeline
+        .compile()?
+        .context("the mesh compiled to nothing")?;
     let status = pipeline.status().borrow().clone();
+    Ok((snapshot, status))
+}
+
+fn check(dir: PathBuf, mesh: String) -> Result<()> {
+    let (_, status) = compile_once(&dir, &mesh)?;
     print_classes(&status);
     if status.problems.is_empty() {
         println!("no problems");
