@@ -39,6 +39,14 @@ pub(crate) struct ProtocolLabels {
     pub(crate) protocol: Protocol,
 }
 
+/// One stream's counters of one type (handles on the families' values).
+#[derive(Clone, Debug)]
+pub(crate) struct TypeCounters {
+    pub(crate) responses: Counter,
+    pub(crate) resources_sent: Counter,
+    pub(crate) acks: Counter,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct TypeLabels {
     pub(crate) protocol: Protocol,
@@ -228,6 +236,16 @@ impl Metrics {
             "Leader commits received and found sound, changed or not",
             self.upstream_syncs.clone(),
         );
+    }
+
+    /// The counters one stream moves for one type, taken from their
+    /// families once: looking a family up hashes its labels under a lock.
+    pub(crate) fn type_counters(&self, labels: &TypeLabels) -> TypeCounters {
+        TypeCounters {
+            responses: self.responses.get_or_create(labels).clone(),
+            resources_sent: self.resources_sent.get_or_create(labels).clone(),
+            acks: self.acks.get_or_create(labels).clone(),
+        }
     }
 
     pub(crate) fn refuse(&self, reason: &'static str) {

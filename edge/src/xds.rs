@@ -19,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tonic::Status;
 use trellis_proto::pb::envoy::config::core::v3::Node;
-use trellis_shared::{ClassView, Epoch};
+use trellis_shared::{Epoch, Snapshot};
 
 pub use self::{
     admission::AdmissionRate,
@@ -180,11 +180,12 @@ pub(crate) trait Variant: Send + Sync + 'static {
         request: Self::Request,
     ) -> Result<RequestOutcome, Refusal>;
     /// The response for `update`, or `None` if this variant has nothing to
-    /// say about it. `before` is the view the client was last brought to.
+    /// say about it. `before` is the snapshot the client was last brought
+    /// to.
     fn encode(
         state: &StreamState,
         update: &TypeUpdate,
-        before: ClassView<'_>,
+        before: &Snapshot,
         cache: &ResponseCache,
         epoch: Epoch,
     ) -> Option<Encoded>;

@@ -181,9 +181,24 @@ impl Snapshot {
         self.classes.get(class)
     }
 
+    /// The snapshot's own copy of a class's name, if it defines the class:
+    /// every stream of the class can share it, rather than each holding a
+    /// copy of its own.
+    pub fn class_name(&self, class: &str) -> Option<&Arc<str>> {
+        self.classes.get_key_value(class).map(|(name, _)| name)
+    }
+
     /// A class's configuration in this snapshot.
     pub fn class(&self, class: &str) -> ClassView<'_> {
         ClassView::new(self, self.classes.get(class).map(|m| m.as_ref()))
+    }
+
+    /// A class's configuration in this snapshot, from the manifest a caller
+    /// already looked up here with [`Snapshot::manifest`]: a stream asks
+    /// for its view on every request, and the lookup by name is a string
+    /// compare at each level of the class map.
+    pub fn class_with<'a>(&'a self, manifest: Option<&'a Arc<ClassManifest>>) -> ClassView<'a> {
+        ClassView::new(self, manifest.map(|m| m.as_ref()))
     }
 
     /// Names of every class.

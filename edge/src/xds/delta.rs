@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use trellis_proto::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
-use trellis_shared::{type_url, ClassView, Epoch, Version};
+use trellis_shared::{type_url, Epoch, Snapshot, Version};
 
 use super::{
     response::{self, ResponseCache},
@@ -54,7 +54,7 @@ impl super::Variant for Delta {
     fn encode(
         _state: &StreamState,
         update: &TypeUpdate,
-        _before: ClassView<'_>,
+        _before: &Snapshot,
         cache: &ResponseCache,
         epoch: Epoch,
     ) -> Option<Encoded> {
@@ -89,11 +89,9 @@ fn on_request(
             return Err(Refusal::NameTooLong);
         }
     }
-    let snapshot = state.snapshot.clone();
-    let class = state.class.clone();
-    let view = snapshot.class(&class);
-    let type_url: Arc<str> = Arc::from(request.type_url.as_str());
-    let types = state.type_state(&type_url)?;
+    let (snapshot, manifest) = state.reflected();
+    let view = snapshot.class_with(manifest.as_ref());
+    let (type_url, types) = state.type_entry(&request.type_url)?;
     let error = request.error_detail.as_ref().map(|s| s.message.as_str());
     let nonce = StreamState::check_nonce(types, &request.response_nonce, error);
 

@@ -52,7 +52,8 @@ impl Outbound {
 /// epoch being served: a new epoch clears the cache.
 #[derive(Debug, Default)]
 pub(crate) struct ResponseCache {
-    bodies: DashMap<u128, Bytes>,
+    /// Keys are fingerprints the edge computed: a fast hasher is enough.
+    bodies: DashMap<u128, Bytes, foldhash::fast::RandomState>,
     epoch: AtomicU64,
 }
 

@@ -17,7 +17,10 @@ use std::{
 use dashmap::DashMap;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{
+    wrappers::{ReceiverStream, WatchStream},
+    StreamExt,
+};
 use tonic::{
     body::Body,
     codegen::{BoxFuture, StdError},
@@ -33,14 +36,14 @@ use super::{
     delta::Delta,
     response::{Outbound, ResponseCache},
     sotw::Sotw,
-    state::{make_before_break, NonceCheck, StreamState, TypeUpdate},
+    state::{make_before_break, NonceCheck, StreamState, TypeState, TypeUpdate},
     AdsConfig, Refusal, Variant,
 };
 use crate::{
     classify::{bound_class, bound_pod, BindingKey, ClassifyError, ProxyClassifier},
     connections::{Closing, ConnectionHandle},
     demand::{ClassDemand, Need},
-    metrics::{Metrics, Protocol, ProtocolLabels, TypeLabels},
+    metrics::{Metrics, Protocol, ProtocolLabels, TypeCounters, TypeLabels},
     store::SnapshotStore,
     tls::{PeerError, PeerIdentity},
 };
@@ -54,6 +57,9 @@ const DELTA_PATH: &str =
 /// so a slow client holds few encoded responses and catches up to the latest
 /// snapshot instead.
 const OUTBOUND_QUEUE: usize = 4;
+
+/// The hasher of maps keyed by what the edge made: seeded per process.
+type FastHash = foldhash::fast::RandomState;
 
 /// The ADS gRPC service. Cloning shares the same state.
 #[derive(Clone)]
@@ -74,7 +80,9 @@ pub(super) struct Shared {
     config: AdsConfig,
     responses: ResponseCache,
     deltas: DeltaCache,
-    streams: DashMap<u64, StreamReport>,
+    /// Updated twice per change on every stream: hashed with a fast hasher
+    /// (the keys are ours, not a client's).
+    streams: DashMap<u64, StreamReport, FastHash>,
     /// The classes of the open streams (what a sharded edge subscribes to).
     demand: Arc<ClassDemand>,
     next_stream: AtomicU64,
@@ -123,8 +131,9 @@ impl StreamReport {
 /// Delivery state of one type on one stream.
 #[derive(Clone, Debug, Serialize)]
 pub struct TypeReport {
-    /// The type URL.
-    pub type_url: String,
+    /// The type URL (the stream's own copy, which updates carry: found by
+    /// pointer when a report changes).
+    pub type_url: Arc<str>,
     /// Resources the client holds (or rejected).
     pub held: usize,
     /// Responses acknowledged.
@@ -166,7 +175,7 @@ impl AdsServer {
                 config,
                 responses: ResponseCache::default(),
                 deltas: DeltaCache::default(),
-                streams: DashMap::new(),
+                streams: DashMap::default(),
                 demand: Arc::new(ClassDemand::default()),
                 next_stream: AtomicU64::new(1),
                 draining: watch::channel(false).0,
@@ -309,6 +318,10 @@ async fn drive<V: Variant>(
     if *draining.borrow_and_update() {
         return Err(Refusal::Draining);
     }
+    // Every stream waits on the same two channels. A `changed()` future
+    // made afresh on each turn of the loop would join and leave their
+    // shared waiter lists once per request; these stay registered.
+    let mut draining = WatchStream::from_changes(draining);
     let closing = async move {
         match connection {
             Some(connection) => connection.closed().await,
@@ -317,8 +330,7 @@ async fn drive<V: Variant>(
     };
     async move {
         let mut closing = std::pin::pin!(closing);
-        let mut epochs = shared.store.subscribe();
-        epochs.borrow_and_update();
+        let mut epochs = WatchStream::from_changes(shared.store.subscribe());
         let mut state = StreamState::new(
             Arc::from(class.as_str()),
             shared.store.load(),
@@ -341,11 +353,11 @@ async fn drive<V: Variant>(
                             break;
                         }
                     },
-                    changed = epochs.changed() => match changed {
-                        Ok(()) => Event::Snapshot,
-                        Err(_) => break,
+                    changed = epochs.next() => match changed {
+                        Some(_) => Event::Snapshot,
+                        None => break,
                     },
-                    _ = draining.changed() => return Err(Refusal::Draining),
+                    _ = draining.next() => return Err(Refusal::Draining),
                     closing = &mut closing => return Err(Refusal::ConnectionClosing(closing)),
                 },
             };
@@ -415,7 +427,9 @@ fn step<V: Variant>(
             let type_name = &outcome.update.type_url;
             match &outcome.nonce {
                 NonceCheck::Ack => {
-                    shared.metrics.acks.get_or_create(&labels).inc();
+                    counters::<V>(shared, state.type_state(type_name)?, type_name)
+                        .acks
+                        .inc();
                     if let Some(caused_at_ms) = state.accepted(type_name) {
                         shared.metrics.converged(caused_at_ms);
                     }
@@ -461,10 +475,14 @@ fn step<V: Variant>(
 /// they are answered as not existing, whether they belong to another class
 /// or to nobody, but a proxy asking for them is worth an operator's look.
 fn refuse_foreign_names<V: Variant>(shared: &Shared, state: &StreamState, request: &V::Request) {
+    let subscribed = V::subscribed(request);
+    if subscribed.is_empty() {
+        return;
+    }
     let type_name = V::type_url(request);
     let known = state.get(type_name).map(|types| &types.names);
-    let view = state.snapshot.class(&state.class);
-    for name in V::subscribed(request) {
+    let view = state.view();
+    for name in subscribed {
         let fresh = known.is_none_or(|names| !names.contains(name.as_str()));
         if fresh && name != "*" && view.get(type_name, name).is_none() {
             shared.metrics.refuse("resource_not_in_class");
@@ -481,28 +499,16 @@ fn respond<V: Variant>(
     before: &Snapshot,
 ) -> Result<Option<Outbound>, Refusal> {
     let epoch = state.snapshot.epoch();
-    let Some(encoded) = V::encode(
-        state,
-        update,
-        before.class(&state.class),
-        &shared.responses,
-        epoch,
-    ) else {
+    let Some(encoded) = V::encode(state, update, before, &shared.responses, epoch) else {
         return Ok(None);
     };
     let nonce = state.next_nonce();
-    state.type_state(&update.type_url)?.last_nonce = Some(nonce);
+    let types = state.type_state(&update.type_url)?;
+    types.last_nonce = Some(nonce);
+    let counters = counters::<V>(shared, types, &update.type_url);
+    counters.responses.inc();
+    counters.resources_sent.inc_by(encoded.resources as u64);
     state.responded(&update.type_url);
-    let labels = TypeLabels {
-        protocol: V::PROTOCOL,
-        r#type: type_url::short_name(&update.type_url),
-    };
-    shared.metrics.responses.get_or_create(&labels).inc();
-    shared
-        .metrics
-        .resources_sent
-        .get_or_create(&labels)
-        .inc_by(encoded.resources as u64);
     if encoded.cached {
         shared.metrics.response_cache_hits.inc();
     } else {
@@ -521,16 +527,30 @@ fn respond<V: Variant>(
     }))
 }
 
+/// A type's counters on this stream, taken from the families on first use.
+fn counters<'a, V: Variant>(
+    shared: &Shared,
+    types: &'a mut TypeState,
+    type_name: &str,
+) -> &'a TypeCounters {
+    types.counters.get_or_insert_with(|| {
+        shared.metrics.type_counters(&TypeLabels {
+            protocol: V::PROTOCOL,
+            r#type: type_url::short_name(type_name),
+        })
+    })
+}
+
 impl Shared {
     /// Records an ACK in the admin report of stream `id` without rebuilding
     /// it: every response is ACKed, so this runs once per response.
-    fn report_ack(&self, id: u64, type_url: &str, state: &StreamState) {
+    fn report_ack(&self, id: u64, type_url: &Arc<str>, state: &StreamState) {
         let Some(mut report) = self.streams.get_mut(&id) else {
             return;
         };
         let acked = state.get(type_url);
         match (
-            report.types.iter_mut().find(|t| t.type_url == type_url),
+            (report.types.iter_mut()).find(|t| Arc::ptr_eq(&t.type_url, type_url)),
             acked,
         ) {
             (Some(entry), Some(acked)) => {
@@ -554,8 +574,19 @@ impl Shared {
             return;
         };
         report.unanswered_since = state.unanswered_since();
-        for entry in &mut report.types {
-            entry.awaiting = state.awaiting(&entry.type_url);
+        // The report lists the stream's types in the stream's order, unless
+        // a type was added since it was last rebuilt.
+        let types = state.types();
+        if report.types.len() != types.len() {
+            drop(report);
+            return self.report(id, state);
+        }
+        for (entry, (type_url, types)) in report.types.iter_mut().zip(types) {
+            if !Arc::ptr_eq(&entry.type_url, type_url) {
+                drop(report);
+                return self.report(id, state);
+            }
+            entry.awaiting = types.is_awaiting();
         }
     }
 
@@ -568,8 +599,8 @@ impl Shared {
         report.types = state
             .types()
             .map(|(type_url, t)| TypeReport {
-                awaiting: state.awaiting(type_url),
-                type_url: type_url.to_string(),
+                awaiting: t.is_awaiting(),
+                type_url: type_url.clone(),
                 held: t.sent().len(),
                 acks: t.acks,
                 nacks: t.nacks,
@@ -674,8 +705,9 @@ impl Drop for Registration {
 /// for.
 #[derive(Default)]
 struct DeltaCache {
-    diffs: DashMap<Transition, Arc<SnapshotDiff>>,
-    classes: DashMap<(Arc<str>, Transition), Arc<ClassDelta>>,
+    diffs: DashMap<Transition, Arc<SnapshotDiff>, FastHash>,
+    /// Looked up by every stream on every change.
+    classes: DashMap<(Arc<str>, Transition), Arc<ClassDelta>, FastHash>,
     newest: AtomicU64,
 }
 

@@ -14,7 +14,7 @@
 use std::{collections::HashSet, sync::Arc};
 
 use trellis_proto::pb::envoy::service::discovery::v3::DiscoveryRequest;
-use trellis_shared::{type_url, ClassView, Epoch};
+use trellis_shared::{type_url, Epoch, Snapshot};
 
 use super::{
     response::{self, ResponseCache},
@@ -55,7 +55,7 @@ impl super::Variant for Sotw {
     fn encode(
         state: &StreamState,
         update: &TypeUpdate,
-        before: ClassView<'_>,
+        before: &Snapshot,
         cache: &ResponseCache,
         epoch: Epoch,
     ) -> Option<Encoded> {
@@ -65,6 +65,7 @@ impl super::Variant for Sotw {
         if type_url::supports_wildcard(type_url) {
             // Full state: everything held, plus removals deferred to a later
             // response (make-before-break).
+            let before = before.class(&state.class);
             let holding = response::full_state(
                 update.holding.iter().cloned(),
                 type_url,
@@ -116,11 +117,9 @@ fn on_request(
     {
         return Err(Refusal::NameTooLong);
     }
-    let snapshot = state.snapshot.clone();
-    let class = state.class.clone();
-    let view = snapshot.class(&class);
-    let type_url: Arc<str> = Arc::from(request.type_url.as_str());
-    let types = state.type_state(&type_url)?;
+    let (snapshot, manifest) = state.reflected();
+    let view = snapshot.class_with(manifest.as_ref());
+    let (type_url, types) = state.type_entry(&request.type_url)?;
     let error = request.error_detail.as_ref().map(|s| s.message.as_str());
     let nonce = StreamState::check_nonce(types, &request.response_nonce, error);
     let mut update = TypeUpdate::new(type_url.clone());

@@ -11,9 +11,12 @@ use std::{
     sync::Arc,
 };
 
-use trellis_shared::{type_url, ClassDelta, ClassView, Epoch, Resource, Snapshot, Version};
+use trellis_shared::{
+    type_url, ClassDelta, ClassManifest, ClassView, Epoch, Resource, Snapshot, Version,
+};
 
 use super::{Limits, Refusal};
+use crate::metrics::TypeCounters;
 
 /// Per-type subscription and delivery state.
 #[derive(Debug, Default)]
@@ -42,6 +45,8 @@ pub(crate) struct TypeState {
     pub(crate) last_ack_at: Option<std::time::SystemTime>,
     /// The latest response, until the client answers it.
     awaiting: Option<Sent>,
+    /// This type's counters, taken from the metric families on first use.
+    pub(crate) counters: Option<TypeCounters>,
 }
 
 /// Which snapshot a response came from.
@@ -111,6 +116,11 @@ fn entry_hash(name: &str, version: Version) -> u64 {
 }
 
 impl TypeState {
+    /// Whether the latest response of this type awaits the client's answer.
+    pub(crate) fn is_awaiting(&self) -> bool {
+        self.awaiting.is_some()
+    }
+
     /// Whether the client wants this name.
     pub(crate) fn interested(&self, name: &str) -> bool {
         self.wildcard || self.names.contains(name)
@@ -240,49 +250,51 @@ impl TypeState {
 struct Types(Vec<(Arc<str>, TypeState)>);
 
 impl Types {
-    fn position(&self, type_url: &str) -> Result<usize, usize> {
-        self.0.binary_search_by(|(t, _)| (**t).cmp(type_url))
+    /// Found by equality, not by the order: type URLs share a 26-byte
+    /// prefix, which an ordered search compares on every probe, while
+    /// Envoy's five differ in length, so equality compares one.
+    fn position(&self, type_url: &str) -> Option<usize> {
+        self.0.iter().position(|(t, _)| **t == *type_url)
     }
 
     fn get(&self, type_url: &str) -> Option<&TypeState> {
-        self.position(type_url).ok().map(|i| &self.0[i].1)
+        self.position(type_url).map(|i| &self.0[i].1)
     }
 
     fn get_mut(&mut self, type_url: &str) -> Option<&mut TypeState> {
-        self.position(type_url).ok().map(|i| &mut self.0[i].1)
+        self.position(type_url).map(|i| &mut self.0[i].1)
     }
 
     fn contains_key(&self, type_url: &str) -> bool {
-        self.position(type_url).is_ok()
+        self.position(type_url).is_some()
     }
 
     fn len(&self) -> usize {
         self.0.len()
     }
 
-    fn get_or_insert(&mut self, type_url: &str) -> &mut TypeState {
+    /// The type's state, and the stream's own copy of its URL.
+    fn get_or_insert(&mut self, type_url: &str) -> (Arc<str>, &mut TypeState) {
         let i = match self.position(type_url) {
-            Ok(i) => i,
-            Err(i) => {
+            Some(i) => i,
+            None => {
+                let i = self.0.partition_point(|(t, _)| **t < *type_url);
                 self.0.reserve_exact(1);
                 self.0
                     .insert(i, (Arc::from(type_url), TypeState::default()));
                 i
             }
         };
-        &mut self.0[i].1
+        let (type_url, state) = &mut self.0[i];
+        (type_url.clone(), state)
     }
 
     fn values(&self) -> impl Iterator<Item = &TypeState> {
         self.0.iter().map(|(_, t)| t)
     }
 
-    fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &TypeState)> {
+    fn iter(&self) -> impl ExactSizeIterator<Item = (&Arc<str>, &TypeState)> {
         self.0.iter().map(|(u, t)| (u, t))
-    }
-
-    fn iter_mut(&mut self) -> impl Iterator<Item = (&Arc<str>, &mut TypeState)> {
-        self.0.iter_mut().map(|(u, t)| (&*u, t))
     }
 }
 
@@ -292,6 +304,8 @@ pub(crate) struct StreamState {
     pub(crate) class: Arc<str>,
     /// The snapshot the sent state reflects.
     pub(crate) snapshot: Arc<Snapshot>,
+    /// The class's manifest in `snapshot`, looked up once per snapshot.
+    manifest: Option<Arc<ClassManifest>>,
     types: Types,
     next_nonce: u64,
     limits: Limits,
@@ -321,7 +335,8 @@ pub(crate) enum NonceCheck {
 impl StreamState {
     pub(crate) fn new(class: Arc<str>, snapshot: Arc<Snapshot>, limits: Limits) -> StreamState {
         StreamState {
-            class,
+            manifest: snapshot.manifest(&class).cloned(),
+            class: snapshot.class_name(&class).cloned().unwrap_or(class),
             converged: snapshot.epoch(),
             snapshot,
             types: Types::default(),
@@ -401,11 +416,26 @@ impl StreamState {
 
     /// The class's configuration in the snapshot the stream reflects.
     pub(crate) fn view(&self) -> ClassView<'_> {
-        self.snapshot.class(&self.class)
+        self.snapshot.class_with(self.manifest.as_ref())
+    }
+
+    /// The snapshot and the class's manifest in it, to take a view from
+    /// while the stream's types change.
+    pub(crate) fn reflected(&self) -> (Arc<Snapshot>, Option<Arc<ClassManifest>>) {
+        (self.snapshot.clone(), self.manifest.clone())
     }
 
     /// The state of one type, created on first use within the stream's limit.
     pub(crate) fn type_state(&mut self, type_url: &str) -> Result<&mut TypeState, Refusal> {
+        self.type_entry(type_url).map(|(_, state)| state)
+    }
+
+    /// [`StreamState::type_state`], with the stream's own copy of the type
+    /// URL: updates carry it, so reports find their type by pointer.
+    pub(crate) fn type_entry(
+        &mut self,
+        type_url: &str,
+    ) -> Result<(Arc<str>, &mut TypeState), Refusal> {
         if type_url.is_empty() {
             return Err(Refusal::MissingTypeUrl);
         }
@@ -436,7 +466,7 @@ impl StreamState {
         self.types.get(type_url)
     }
 
-    pub(crate) fn types(&self) -> impl Iterator<Item = (&Arc<str>, &TypeState)> {
+    pub(crate) fn types(&self) -> impl ExactSizeIterator<Item = (&Arc<str>, &TypeState)> {
         self.types.iter()
     }
 
@@ -485,8 +515,9 @@ impl StreamState {
         delta: &ClassDelta,
     ) -> Vec<TypeUpdate> {
         let mut updates = Vec::new();
-        for (type_url, state) in self.types.iter_mut().filter(|(_, s)| s.requested) {
-            let Some(changes) = delta.types.get(type_url) else {
+        // A change touches a type or two of the stream's five: look those up.
+        for (type_url, changes) in &delta.types {
+            let Some(state) = self.types.get_mut(type_url).filter(|s| s.requested) else {
                 continue;
             };
             let mut update = TypeUpdate::new(type_url.clone());
@@ -500,6 +531,7 @@ impl StreamState {
                 updates.push(update);
             }
         }
+        self.manifest = snapshot.manifest(&self.class).cloned();
         self.snapshot = snapshot;
         updates
     }
@@ -519,8 +551,8 @@ impl StreamState {
         if clusters.is_empty() {
             return;
         }
-        let snapshot = self.snapshot.clone();
-        let view = snapshot.class(&self.class);
+        let (snapshot, manifest) = self.reflected();
+        let view = snapshot.class_with(manifest.as_ref());
         let Some(endpoints) = self
             .types
             .get_mut(type_url::ENDPOINT)
