@@ -5,6 +5,8 @@
 // Bench fixtures: a failure is the benchmark's failure.
 #![allow(clippy::unwrap_used)]
 
+pub mod large_mesh;
+
 use std::{
     sync::{
         atomic::{AtomicUsize, Ordering},
