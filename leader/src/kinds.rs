@@ -650,6 +650,23 @@ pub enum Object {
     UpstreamTrafficSetting(UpstreamTrafficSetting),
 }
 
+/// The objects of `kinds`: a map keyed by [`ObjectRef`] sorts by kind
+/// first, so each kind is one range, and the other kinds (a large mesh's
+/// pods and endpoints) are never visited.
+pub fn of_kinds<'a>(
+    objects: &'a BTreeMap<ObjectRef, Object>,
+    kinds: &'a [&'static str],
+) -> impl Iterator<Item = (&'a ObjectRef, &'a Object)> + 'a {
+    kinds.iter().flat_map(move |kind| {
+        let first = ObjectRef {
+            kind,
+            namespace: String::new(),
+            name: String::new(),
+        };
+        (objects.range(first..)).take_while(move |(r, _)| r.kind == *kind)
+    })
+}
+
 /// Identifies an object: kind, namespace (empty if cluster-scoped), name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectRef {

@@ -530,9 +530,9 @@ impl Pipeline {
             classes: compiled.classes.clone(),
             problems: problems.clone(),
             policies: Arc::new(
-                (self.objects.iter())
+                crate::kinds::of_kinds(&self.objects, catalog::POLICY_KINDS)
                     .filter(|(r, _)| catalog.namespaces.contains(r.namespace.as_str()))
-                    .filter_map(|(_, object)| crate::status::Reviewed::of(object))
+                    .filter_map(|(r, object)| crate::status::Reviewed::of(r, object))
                     .collect(),
             ),
         }));

@@ -50,14 +50,13 @@ pub struct Reviewed {
 }
 
 impl Reviewed {
-    /// `object`, if it is a policy object.
-    pub fn of(object: &Object) -> Option<Reviewed> {
-        let reference = object.object_ref();
+    /// `object`, held under `reference`, if it is a policy object.
+    pub fn of(reference: &ObjectRef, object: &Object) -> Option<Reviewed> {
         POLICY_KINDS.contains(&reference.kind).then(|| Reviewed {
             api_version: object.api_version(),
             generation: object.metadata().generation,
             uid: object.metadata().uid.clone(),
-            object: reference,
+            object: reference.clone(),
         })
     }
 }

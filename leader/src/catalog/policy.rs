@@ -8,8 +8,8 @@ use super::{
     Problem, ServiceKey, Skip,
 };
 use crate::kinds::{
-    HTTPRouteGroup, HttpMatch, IdentityBinding, Object, ObjectRef, RouteReference, TCPRoute,
-    TrafficSplit, TrafficTarget,
+    of_kinds, HTTPRouteGroup, HttpMatch, IdentityBinding, Object, ObjectRef, RouteReference,
+    TCPRoute, TrafficSplit, TrafficTarget,
 };
 
 /// Allowed HTTP traffic: one named match of a route group.
@@ -86,7 +86,7 @@ pub(super) fn build(
     let mut ingress_backends = Vec::new();
     let mut retries = Vec::new();
     let mut traffic_settings = Vec::new();
-    for (r, object) in objects.iter().filter(|(r, _)| in_mesh(r)) {
+    for (r, object) in of_kinds(objects, super::POLICY_KINDS).filter(|(r, _)| in_mesh(r)) {
         match object {
             Object::HttpRouteGroup(group) => match invalid_regex(&group.spec.matches) {
                 Some(reason) => problems.push(Problem::new(r, reason)),
