@@ -26,7 +26,7 @@ mod tests;
 mod traffic_setting;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     sync::Arc,
     time::SystemTime,
 };
@@ -47,6 +47,11 @@ use crate::{
         ServicePort, Target,
     },
 };
+
+/// The compiler's maps are keyed by names it holds (classes, identities,
+/// resources) and looked up per class on every update: a fast hasher,
+/// seeded per process.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Where a compiled resource goes: scope, type URL, name.
 pub type ResourceKey = (Scope, &'static str, String);
@@ -357,7 +362,7 @@ impl Compiler {
             issuer,
             certs: Certs::default(),
             output: Compiled::default(),
-            classes: HashMap::new(),
+            classes: HashMap::default(),
             roots,
             grouping: None,
             gateway: gateway::Gateway::default(),
@@ -395,8 +400,9 @@ impl Compiler {
         let classes = &grouping.classes;
         let mut touched = Touched::default();
         let mut outcomes_changed = false;
+        // The same grouping has the classes this compiler holds already.
         let gone: Vec<ClassKey> = (self.classes.keys())
-            .filter(|key| !classes.contains_key(*key))
+            .filter(|key| regrouped && !classes.contains_key(*key))
             .cloned()
             .collect();
         for key in gone {
@@ -974,20 +980,20 @@ struct Access<'a> {
 
 impl<'a> Access<'a> {
     fn new(catalog: &'a Catalog) -> Self {
-        let mut backed_by: HashMap<&Identity, Vec<&MeshService>> = HashMap::new();
+        let mut backed_by: HashMap<&Identity, Vec<&MeshService>> = HashMap::default();
         for service in catalog.services.values() {
             for identity in service.identities() {
                 backed_by.entry(identity).or_default().push(service);
             }
         }
-        let mut roots_of: HashMap<&ServiceKey, Vec<&ServiceKey>> = HashMap::new();
+        let mut roots_of: HashMap<&ServiceKey, Vec<&ServiceKey>> = HashMap::default();
         for split in catalog.splits.values() {
             for (backend, _) in &split.backends {
                 roots_of.entry(backend).or_default().push(&split.root);
             }
         }
-        let mut by_source: HashMap<&Identity, Vec<&Target>> = HashMap::new();
-        let mut by_destination: HashMap<&Identity, Vec<&Target>> = HashMap::new();
+        let mut by_source: HashMap<&Identity, Vec<&Target>> = HashMap::default();
+        let mut by_destination: HashMap<&Identity, Vec<&Target>> = HashMap::default();
         for target in &catalog.targets {
             by_destination
                 .entry(&target.destination)

@@ -4,8 +4,9 @@
 //! and the certificate held is still valid, so an issuer's outage changes
 //! nothing for the proxies.
 
+use super::HashMap;
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::BTreeSet,
     time::{Duration, SystemTime},
 };
 
