@@ -93,6 +93,9 @@ pub enum TargetError {
     /// It did not become ready.
     #[error("not ready within {0:?} (see {1})")]
     NotReady(Duration, String),
+    /// A process ended while the target started.
+    #[error("{0} exited while the target started (see {1})")]
+    Exited(String, String),
     /// Local I/O failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -739,7 +742,7 @@ async fn spawn(
             pid: child.start()?,
         });
     }
-    let target = Target {
+    let mut target = Target {
         xds,
         admins: admins.clone(),
         processes,
@@ -759,6 +762,17 @@ async fn spawn(
             log("*").display().to_string(),
         )
         .await?;
+    }
+    // Edges are ready with a majority of the group: a replica that could
+    // not start (its port taken meanwhile) would leave the run measuring a
+    // group one kill from losing its quorum.
+    for child in target.children.iter_mut().filter(|c| c.at_start) {
+        if child.exited() {
+            return Err(TargetError::Exited(
+                child.role.clone(),
+                child.log.display().to_string(),
+            ));
+        }
     }
     Ok(target)
 }
