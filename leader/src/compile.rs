@@ -415,13 +415,12 @@ impl Compiler {
         }
 
         let access = Access::new(catalog);
-        let mut shared = Shared::default();
-        let mut classes_compiled = 0;
         self.certs.issue(
             classes.keys().map(|key| &key.identity),
             self.issuer.as_ref(),
             catalog,
         );
+        let mut due = Vec::new();
         for (key, (id, _)) in classes {
             let issued = self.certs.get(&key.identity);
             let cert_hash = issued.as_ref().map_or(0, |held| held.hash);
@@ -430,21 +429,17 @@ impl Compiler {
                     continue;
                 }
             }
-            classes_compiled += 1;
-            let mut class = ClassOutput::new(id);
-            let compiled = issued.map_err(ClassError::Certificate).and_then(|held| {
-                compile_class(
-                    catalog,
-                    &access,
-                    &mut shared,
-                    key,
-                    &held.cert,
-                    &bundle,
-                    &mut class,
-                )
+            due.push(Due {
+                key,
+                id,
+                cert: issued.map(|held| &held.cert),
             });
-            let reads = std::mem::take(&mut class.reads);
-            let compiled = compiled.and_then(|()| class.finish());
+        }
+        let classes_compiled = due.len();
+        let outputs = compile_all(&due, catalog, &access, &bundle);
+        drop(access);
+        for (key, (compiled, reads)) in due.iter().map(|d| d.key).zip(outputs) {
+            let cert_hash = self.certs.get(&key.identity).map_or(0, |held| held.hash);
             let previous = self.classes.remove(key).map(|memo| memo.outcome);
             outcomes_changed |= previous.as_ref().map(Result::is_ok) != Some(compiled.is_ok());
             let outcome = match (compiled, previous) {
@@ -464,7 +459,7 @@ impl Compiler {
                 }
             };
             let memo = Memo {
-                reads: reads.finish(),
+                reads,
                 cert: cert_hash,
                 outcome,
             };
@@ -1089,6 +1084,70 @@ impl<'a> Access<'a> {
             .flat_map(|t| t.sources.iter().cloned())
             .collect()
     }
+}
+
+/// A class whose inputs or certificate changed since it was compiled.
+struct Due<'a> {
+    key: &'a ClassKey,
+    id: &'a str,
+    cert: Result<&'a IssuedCert, String>,
+}
+
+/// Below this many classes, one thread compiles them: starting threads
+/// costs more than a few classes do.
+const CLASSES_PER_THREAD: usize = 64;
+
+/// Compiles `due` on every core, each thread a contiguous share with its
+/// own cache of shared resources; returns each class's outcome and what it
+/// read, in `due`'s order.
+fn compile_all(
+    due: &[Due<'_>],
+    catalog: &Catalog,
+    access: &Access<'_>,
+    roots: &str,
+) -> Vec<(Result<ClassResources, ClassError>, Reads)> {
+    let compile_share = |share: &[Due<'_>]| {
+        let mut shared = Shared::default();
+        (share.iter())
+            .map(|due| {
+                let mut class = ClassOutput::new(due.id);
+                let compiled = (due.cert.clone())
+                    .map_err(ClassError::Certificate)
+                    .and_then(|cert| {
+                        compile_class(
+                            catalog,
+                            access,
+                            &mut shared,
+                            due.key,
+                            cert,
+                            roots,
+                            &mut class,
+                        )
+                    });
+                let reads = std::mem::take(&mut class.reads).finish();
+                (compiled.and_then(|()| class.finish()), reads)
+            })
+            .collect::<Vec<_>>()
+    };
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let threads = cores.min(due.len() / CLASSES_PER_THREAD).max(1);
+    if threads == 1 {
+        return compile_share(due);
+    }
+    std::thread::scope(|scope| {
+        let shares: Vec<_> = (due.chunks(due.len().div_ceil(threads)))
+            .map(|share| scope.spawn(move || compile_share(share)))
+            .collect();
+        (shares.into_iter())
+            .flat_map(|share| {
+                // A compile that panicked panics the update, as it would
+                // on this thread.
+                share
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    })
 }
 
 /// Resources outside class scopes (endpoint assignments, secrets) that
