@@ -117,9 +117,7 @@ fn on_request(
     {
         return Err(Refusal::NameTooLong);
     }
-    let (snapshot, manifest) = state.reflected();
-    let view = snapshot.class_with(manifest.as_ref());
-    let (type_url, types) = state.type_entry(&request.type_url)?;
+    let (view, type_url, types) = state.view_and_type(&request.type_url)?;
     let error = request.error_detail.as_ref().map(|s| s.message.as_str());
     let nonce = StreamState::check_nonce(types, &request.response_nonce, error);
     let mut update = TypeUpdate::new(type_url.clone());

@@ -419,23 +419,29 @@ impl StreamState {
         self.snapshot.class_with(self.manifest.as_ref())
     }
 
-    /// The snapshot and the class's manifest in it, to take a view from
-    /// while the stream's types change.
-    pub(crate) fn reflected(&self) -> (Arc<Snapshot>, Option<Arc<ClassManifest>>) {
-        (self.snapshot.clone(), self.manifest.clone())
-    }
-
     /// The state of one type, created on first use within the stream's limit.
     pub(crate) fn type_state(&mut self, type_url: &str) -> Result<&mut TypeState, Refusal> {
-        self.type_entry(type_url).map(|(_, state)| state)
+        self.check_type(type_url)?;
+        Ok(self.types.get_or_insert(type_url).1)
     }
 
-    /// [`StreamState::type_state`], with the stream's own copy of the type
-    /// URL: updates carry it, so reports find their type by pointer.
-    pub(crate) fn type_entry(
+    /// [`StreamState::type_state`] with the stream's own copy of the type
+    /// URL (updates carry it, so reports find their type by pointer),
+    /// beside the class's view: a request reads the one while it changes
+    /// the other, and the stream's own fields lend both without touching
+    /// the shared snapshot's count.
+    pub(crate) fn view_and_type(
         &mut self,
         type_url: &str,
-    ) -> Result<(Arc<str>, &mut TypeState), Refusal> {
+    ) -> Result<(ClassView<'_>, Arc<str>, &mut TypeState), Refusal> {
+        self.check_type(type_url)?;
+        let view = self.snapshot.class_with(self.manifest.as_ref());
+        let (type_url, types) = self.types.get_or_insert(type_url);
+        Ok((view, type_url, types))
+    }
+
+    /// Whether the stream may hold state for `type_url`.
+    fn check_type(&self, type_url: &str) -> Result<(), Refusal> {
         if type_url.is_empty() {
             return Err(Refusal::MissingTypeUrl);
         }
@@ -445,7 +451,7 @@ impl StreamState {
         if !self.types.contains_key(type_url) && self.types.len() >= self.limits.max_types {
             return Err(Refusal::TooManyTypes);
         }
-        Ok(self.types.get_or_insert(type_url))
+        Ok(())
     }
 
     /// Refuses the stream if the names its client made it hold (subscribed
@@ -551,8 +557,7 @@ impl StreamState {
         if clusters.is_empty() {
             return;
         }
-        let (snapshot, manifest) = self.reflected();
-        let view = snapshot.class_with(manifest.as_ref());
+        let view = self.snapshot.class_with(self.manifest.as_ref());
         let Some(endpoints) = self
             .types
             .get_mut(type_url::ENDPOINT)
