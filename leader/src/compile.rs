@@ -401,10 +401,13 @@ impl Compiler {
         let mut touched = Touched::default();
         let mut outcomes_changed = false;
         // The same grouping has the classes this compiler holds already.
-        let gone: Vec<ClassKey> = (self.classes.keys())
-            .filter(|key| regrouped && !classes.contains_key(*key))
-            .cloned()
-            .collect();
+        let gone: Vec<ClassKey> = match regrouped {
+            true => (self.classes.keys())
+                .filter(|key| !classes.contains_key(*key))
+                .cloned()
+                .collect(),
+            false => Vec::new(),
+        };
         for key in gone {
             if let Some(Memo {
                 outcome: Ok(keys), ..
@@ -433,13 +436,13 @@ impl Compiler {
                 key,
                 id,
                 cert: issued.map(|held| &held.cert),
+                cert_hash,
             });
         }
         let classes_compiled = due.len();
         let outputs = compile_all(&due, catalog, &access, &bundle);
         drop(access);
-        for (key, (compiled, reads)) in due.iter().map(|d| d.key).zip(outputs) {
-            let cert_hash = self.certs.get(&key.identity).map_or(0, |held| held.hash);
+        for (Due { key, cert_hash, .. }, (compiled, reads)) in due.into_iter().zip(outputs) {
             let previous = self.classes.remove(key).map(|memo| memo.outcome);
             outcomes_changed |= previous.as_ref().map(Result::is_ok) != Some(compiled.is_ok());
             let outcome = match (compiled, previous) {
@@ -1091,6 +1094,8 @@ struct Due<'a> {
     key: &'a ClassKey,
     id: &'a str,
     cert: Result<&'a IssuedCert, String>,
+    /// The certificate's hash, which the class's memo keeps.
+    cert_hash: u64,
 }
 
 /// Below this many classes, one thread compiles them: starting threads
