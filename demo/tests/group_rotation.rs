@@ -273,6 +273,21 @@ impl Drop for Group {
     }
 }
 
+/// [`traffic`] from `client` for as long as `steps` runs: what it
+/// counted, and what the steps returned.
+async fn traffic_during<T>(
+    client: &Pod,
+    steps: impl std::future::Future<Output = T>,
+) -> ((u64, Vec<String>), T) {
+    let (stop, stopped) = watch::channel(false);
+    let steps = async {
+        let result = steps.await;
+        let _ = stop.send(true);
+        result
+    };
+    tokio::join!(traffic(client, stopped), steps)
+}
+
 /// Requests from `client` every 50 ms until `stop`: how many succeeded,
 /// and every failure.
 async fn traffic(client: &Pod, mut stop: watch::Receiver<bool>) -> (u64, Vec<String>) {
@@ -332,13 +347,8 @@ async fn rotation_and_provider_switch_under_the_group_fail_no_request() -> Resul
     let old_root = serials_of(group.ca.trust_bundle().as_ref());
     pods_trust(pods, &old_root, "the pods to trust the group's root").await?;
 
-    let (stop, stopped) = watch::channel(false);
-    let steps = async {
-        let result = rotate_then_switch(&mut group, pods, &old_root).await;
-        let _ = stop.send(true);
-        result
-    };
-    let ((ok, failed), result) = tokio::join!(traffic(&pair.client, stopped), steps);
+    let steps = rotate_then_switch(&mut group, pods, &old_root);
+    let ((ok, failed), result) = traffic_during(&pair.client, steps).await;
     println!("{ok} requests answered during the rotation and the switch");
     result?;
     assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
@@ -491,13 +501,8 @@ async fn a_group_restored_from_a_backup_fails_no_request_and_keeps_the_certifica
     let pods = [&pair.client, &pair.server];
     let leaves = (leaf_serials(pods[0]).await, leaf_serials(pods[1]).await);
 
-    let (stop, stopped) = watch::channel(false);
-    let steps = async {
-        let result = back_up_wipe_and_restore(&mut group).await;
-        let _ = stop.send(true);
-        result
-    };
-    let ((ok, failed), result) = tokio::join!(traffic(&pair.client, stopped), steps);
+    let steps = back_up_wipe_and_restore(&mut group);
+    let ((ok, failed), result) = traffic_during(&pair.client, steps).await;
     println!("{ok} requests answered while the group was backed up, lost and restored");
     result?;
     assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
