@@ -13,7 +13,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -110,10 +110,7 @@ fn document(object: &Object) -> String {
 }
 
 fn free_address() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    trellis_test_ports::loopback_address().unwrap()
 }
 
 /// Waits until the leader's admin port answers `/readyz` with 200.

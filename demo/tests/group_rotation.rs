@@ -16,7 +16,7 @@ mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
     sync::Arc,
@@ -71,11 +71,7 @@ fn trellis(args: &[&str]) -> Result<String, String> {
 }
 
 fn loopback_port() -> SocketAddr {
-    let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap();
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+    SocketAddr::from((Ipv4Addr::LOCALHOST, support::free_port()))
 }
 
 /// Three `trellis leader` processes reading the pair's manifests, and one

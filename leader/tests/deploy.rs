@@ -52,6 +52,7 @@ use trellis_proto::trellis::issuance::v1::{
     bootstrap_issuer_client::BootstrapIssuerClient, BootstrapCertificate, BootstrapRequest,
 };
 use trellis_test_cluster::Cluster;
+use trellis_test_ports::free_port;
 use trellis_transport::identity::leader_server_name;
 
 const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
@@ -730,14 +731,6 @@ fn node_id_from_hostname_is_the_statefulset_ordinal_plus_one() {
         stderr.contains("host name \"trellis-leader\" does not end in -<ordinal>"),
         "{stderr}"
     );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Applies `objects` to the test API server (server-side, idempotent).

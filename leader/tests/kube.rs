@@ -341,13 +341,7 @@ async fn trellis_run_with_the_kube_source_serves_the_classes_of_the_manifests() 
         String::from_utf8_lossy(&check.stdout)
     );
 
-    let port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .to_string()
-    };
+    let port = || trellis_test_ports::loopback_address().unwrap().to_string();
     let mut run = std::process::Command::new(TRELLIS)
         .args([
             "run",

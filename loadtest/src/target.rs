@@ -27,6 +27,7 @@ use trellis_proto::trellis::{
     group::v1::{group_client::GroupClient, MembersReply, MembersRequest, RemoveReplicaRequest},
     raft::v1::{raft_client::RaftClient, LeaderRequest},
 };
+use trellis_test_ports::loopback_address;
 use trellis_transport::{
     identity::{leader_server_name, replica_server_name},
     ControlTls,
@@ -93,8 +94,9 @@ pub enum TargetError {
     /// It did not become ready.
     #[error("not ready within {0:?} (see {1})")]
     NotReady(Duration, String),
-    /// A process ended while the target started.
-    #[error("{0} exited while the target started (see {1})")]
+    /// A process ended by itself (while the target started, or a replica
+    /// the run was waiting for).
+    #[error("{0} exited by itself (see {1})")]
     Exited(String, String),
     /// Local I/O failed.
     #[error(transparent)]
@@ -441,9 +443,24 @@ impl Target {
 
     /// The voters' ids, once the group's leader reports exactly `ids` as
     /// its members, all voting, within `within`.
-    pub async fn wait_for_voters(&self, ids: &[u64], within: Duration) -> Result<(), TargetError> {
+    pub async fn wait_for_voters(
+        &mut self,
+        ids: &[u64],
+        within: Duration,
+    ) -> Result<(), TargetError> {
         let deadline = Instant::now() + within;
         loop {
+            // A replica that could not start (or crashed) never votes: say
+            // so now, with its log, rather than after the patience.
+            let roles: Vec<String> = ids.iter().map(|id| format!("leader-{id}")).collect();
+            for child in self.children.iter_mut().filter(|c| roles.contains(&c.role)) {
+                if child.exited() {
+                    return Err(TargetError::Exited(
+                        child.role.clone(),
+                        child.log.display().to_string(),
+                    ));
+                }
+            }
             let reply = self.members().await.ok();
             let now: Option<Vec<(u64, bool)>> =
                 reply.map(|r| r.members.iter().map(|m| (m.id, m.voter)).collect());
@@ -518,23 +535,6 @@ impl Target {
                 return Ok(false);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-/// Loopback addresses free when asked for, never the same one twice: a
-/// port is only free until someone binds it, and the processes bind theirs
-/// after all of them are chosen, so the kernel may offer one again.
-#[derive(Default)]
-struct FreeAddresses(std::collections::HashSet<SocketAddr>);
-
-impl FreeAddresses {
-    async fn next(&mut self) -> std::io::Result<SocketAddr> {
-        loop {
-            let address = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
-            if self.0.insert(address) {
-                return Ok(address);
-            }
         }
     }
 }
@@ -616,9 +616,8 @@ async fn spawn(
     let mut xds = Vec::new();
     let mut admins = Vec::new();
     let mut replicas = Vec::new();
-    let mut free = FreeAddresses::default();
     if edges == 0 {
-        let (address, admin) = (free.next().await?, free.next().await?);
+        let (address, admin) = (loopback_address()?, loopback_address()?);
         let mut command = Command::new(trellis);
         command.arg("run").arg("--dir").arg(dir).args([
             "--xds",
@@ -638,7 +637,7 @@ async fn spawn(
         let mut publish = Vec::new();
         let mut advertise = Vec::new();
         for id in 1..=leaders {
-            let (raft, address) = (free.next().await?, free.next().await?);
+            let (raft, address) = (loopback_address()?, loopback_address()?);
             // Only the first replicas form the group; the others join it.
             if id <= seeds {
                 peers.push(format!("{id}={raft},{address}"));
@@ -709,7 +708,7 @@ async fn spawn(
             false => None,
         };
         for index in 0..edges + added_edges {
-            let (address, admin) = (free.next().await?, free.next().await?);
+            let (address, admin) = (loopback_address()?, loopback_address()?);
             let role = format!("edge-{index}");
             let mut command = Command::new(trellis);
             command.arg("edge").args([

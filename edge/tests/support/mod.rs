@@ -417,13 +417,9 @@ pub fn copy_example(to: &std::path::Path) {
     }
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+// Not every test binary that includes this module needs it.
+#[allow(unused_imports)]
+pub use trellis_test_ports::free_port;
 
 /// An HTTP server answering every request with `name`.
 pub async fn upstream(name: &'static str) -> (u16, JoinHandle<()>) {

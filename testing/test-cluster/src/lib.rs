@@ -18,7 +18,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{mpsc, Mutex, OnceLock},
@@ -39,6 +39,7 @@ use kube::{
 };
 use process::Process;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+use trellis_test_ports::free_port;
 
 /// How long etcd or the API server may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -497,14 +498,6 @@ fn http_post(port: u16, path: &str, body: Option<&str>) -> std::io::Result<Strin
         return Err(std::io::Error::other(answer.clone()));
     }
     Ok(body.to_owned())
-}
-
-/// A free loopback port (free when asked; the processes bind it soon after).
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("a free port: {e}"))
 }
 
 fn unique_id() -> u64 {

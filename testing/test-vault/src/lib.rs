@@ -13,7 +13,6 @@
 //! what went wrong and the server's log.
 
 use std::{
-    net::{Ipv4Addr, TcpListener},
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -21,6 +20,7 @@ use std::{
 
 use serde_json::{json, Value};
 use trellis_test_cluster::process::Process;
+use trellis_test_ports::free_port;
 use ureq::{
     tls::{Certificate, RootCerts, TlsConfig},
     Agent,
@@ -44,13 +44,6 @@ pub struct Vault {
 
 fn bao() -> PathBuf {
     std::env::var_os("BAO_BIN").map_or_else(|| PathBuf::from("bao"), PathBuf::from)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("a free port: {e}"))
 }
 
 fn fresh_dir(name: &str) -> PathBuf {
