@@ -101,8 +101,9 @@ pub struct ClassSummary {
 pub struct Compiled {
     /// Every resource, including each class's `ProxyClass` manifest.
     pub resources: BTreeMap<ResourceKey, Resource>,
-    /// Classes by id.
-    pub classes: BTreeMap<String, ClassSummary>,
+    /// Classes by id (shared with the status, which reports them after
+    /// every compile while they rarely change).
+    pub classes: Arc<BTreeMap<String, ClassSummary>>,
     /// Objects skipped, by the catalog or the compiler.
     pub problems: Vec<Problem>,
     /// Every endpoint assignment, by the service it is compiled from, so an
@@ -220,6 +221,9 @@ pub struct Update {
     pub changed: Vec<ResourceKey>,
     /// How many classes were compiled; the others' inputs did not change.
     pub classes_compiled: usize,
+    /// Whether the classes or their pods changed (a regrouping, or a class
+    /// that now compiles or no longer does).
+    pub classes_changed: bool,
 }
 
 /// How one endpoint assignment is compiled: which service, which port, and
@@ -288,6 +292,9 @@ pub struct Compiler {
     grouping: Option<Grouping>,
     /// The ingress gateway certificate.
     gateway: gateway::Gateway,
+    /// Why the classes that do not compile do not, as problems; found
+    /// again only when the classes or their outcomes change.
+    class_problems: Vec<Problem>,
 }
 
 /// Pods grouped into classes, remembered with the pods they came from.
@@ -362,6 +369,7 @@ impl Compiler {
             issuer,
             certs: Certs::default(),
             output: Compiled::default(),
+            class_problems: Vec::new(),
             classes: HashMap::default(),
             roots,
             grouping: None,
@@ -444,7 +452,9 @@ impl Compiler {
         drop(access);
         for (Due { key, cert_hash, .. }, (compiled, reads)) in due.into_iter().zip(outputs) {
             let previous = self.classes.remove(key).map(|memo| memo.outcome);
-            outcomes_changed |= previous.as_ref().map(Result::is_ok) != Some(compiled.is_ok());
+            // A failing class (before or now) may fail for another reason,
+            // which the problems must say.
+            outcomes_changed |= !matches!((&previous, &compiled), (Some(Ok(_)), Ok(_)));
             let outcome = match (compiled, previous) {
                 // Recompiled to the same resources: nothing to hold anew.
                 (Ok(class), Some(Ok(held))) if class.same_as(&held) => Ok(held),
@@ -469,9 +479,12 @@ impl Compiler {
             self.classes.insert(key.clone(), memo);
         }
 
-        // Certificates of identities no class has any more are not renewed.
-        let identities: BTreeSet<&Identity> = classes.keys().map(|key| &key.identity).collect();
-        self.certs.retain(&identities);
+        // Certificates of identities no class has any more are not renewed
+        // (the same grouping has the same identities).
+        if regrouped {
+            let identities: BTreeSet<&Identity> = classes.keys().map(|key| &key.identity).collect();
+            self.certs.retain(&identities);
+        }
 
         self.output.problems = catalog.problems.clone();
         let gateway = catalog.mesh.ingress_gateway.as_ref();
@@ -485,30 +498,35 @@ impl Compiler {
                 kind: crate::catalog::ProblemKind::Invalid,
             }),
         }
-        if regrouped || outcomes_changed {
-            self.output.classes.clear();
-        }
-        for (key, (id, pods)) in classes {
-            match self.classes.get(key).map(|m| &m.outcome) {
-                Some(Ok(_)) if regrouped || outcomes_changed => {
-                    let summary = ClassSummary {
-                        key: key.clone(),
-                        pods: pods.clone(),
-                    };
-                    self.output.classes.insert(id.clone(), summary);
+        let classes_changed = regrouped || outcomes_changed;
+        if classes_changed {
+            let mut summaries = BTreeMap::new();
+            self.class_problems.clear();
+            for (key, (id, pods)) in classes {
+                match self.classes.get(key).map(|m| &m.outcome) {
+                    Some(Ok(_)) => {
+                        let summary = ClassSummary {
+                            key: key.clone(),
+                            pods: pods.clone(),
+                        };
+                        summaries.insert(id.clone(), summary);
+                    }
+                    Some(Err(reason)) => self.class_problems.push(Problem {
+                        object: format!("class {id}"),
+                        reason: reason.clone(),
+                        kind: crate::catalog::ProblemKind::Invalid,
+                    }),
+                    None => {}
                 }
-                Some(Err(reason)) => self.output.problems.push(Problem {
-                    object: format!("class {id}"),
-                    reason: reason.clone(),
-                    kind: crate::catalog::ProblemKind::Invalid,
-                }),
-                _ => {}
             }
+            self.output.classes = Arc::new(summaries);
         }
+        (self.output.problems).extend(self.class_problems.iter().cloned());
         self.grouping = Some(grouping);
         Update {
             changed: self.output.changed(touched),
             classes_compiled,
+            classes_changed,
         }
     }
 

@@ -23,6 +23,7 @@ use crate::{
     },
     kinds::{Object, ObjectRef},
     source::{Change, SourceUpdate},
+    status::Reviewed,
 };
 
 /// Where compiled snapshots go.
@@ -175,12 +176,13 @@ pub struct Status {
     /// Epoch of the last snapshot published.
     pub epoch: Epoch,
     /// Classes and their pods.
-    pub classes: BTreeMap<String, ClassSummary>,
+    pub classes: Arc<BTreeMap<String, ClassSummary>>,
     /// Objects skipped, and why.
     pub problems: Vec<Problem>,
-    /// The policy objects held, whose status says whether they are in the
-    /// mesh.
-    pub policies: Arc<Vec<crate::status::Reviewed>>,
+    /// The policy objects held in the mesh's namespaces, whose status says
+    /// whether they are in the mesh (a persistent map: each status shares
+    /// all but what changed with the one before).
+    pub policies: imbl::OrdMap<ObjectRef, crate::status::Reviewed>,
 }
 
 impl Status {
@@ -226,6 +228,8 @@ struct Pending {
     workloads: bool,
     /// SMI or OSM policy objects changed: only the catalog's policies are.
     policies: bool,
+    /// Which policy objects changed (applied or deleted).
+    policy_objects: BTreeSet<ObjectRef>,
     /// Services whose endpoints changed.
     endpoints_of: BTreeSet<ServiceKey>,
     /// Certificates are due or the CA's roots changed: the catalog stays,
@@ -388,6 +392,7 @@ impl Pipeline {
                 .extend(before.into_iter().chain(after));
             if catalog::POLICY_KINDS.contains(&r.kind) {
                 self.pending.policies = true;
+                self.pending.policy_objects.insert(r.clone());
             } else if !endpoints {
                 self.pending.workloads = true;
             }
@@ -489,9 +494,15 @@ impl Pipeline {
         problems.sort();
         problems.dedup();
 
+        // A policy-only rebuild keeps the pods: nothing to recompute.
+        let same_pods =
+            (self.catalog.as_ref()).is_some_and(|c| Arc::ptr_eq(&c.pods, &catalog.pods));
         let mut builder = self.snapshot.to_builder();
         put(&mut builder, compiled, &update.changed)?;
-        self.bindings = bind(&mut builder, &catalog, compiled, &self.bindings)?;
+        // The same pods in the same classes are bound as they were.
+        if !same_pods || update.classes_changed {
+            self.bindings = bind(&mut builder, &catalog, compiled, &self.bindings)?;
+        }
         let changed = builder.has_changes();
         let snapshot = if changed {
             builder.build()?
@@ -510,9 +521,6 @@ impl Pipeline {
             }
             modified
         });
-        // A policy-only rebuild keeps the pods: nothing to recompute.
-        let same_pods =
-            (self.catalog.as_ref()).is_some_and(|c| Arc::ptr_eq(&c.pods, &catalog.pods));
         if !same_pods {
             let proxies: BTreeSet<(String, String)> = (catalog.pods.values())
                 .filter_map(|pod| Some((pod.identity.namespace.clone(), pod.proxy_uuid.clone()?)))
@@ -525,21 +533,53 @@ impl Pipeline {
                 modified
             });
         }
+        let policies = self.reviewed(&catalog, &pending.policy_objects);
         self.status.send_replace(Arc::new(Status {
             epoch: snapshot.epoch(),
             classes: compiled.classes.clone(),
             problems: problems.clone(),
-            policies: Arc::new(
-                crate::kinds::of_kinds(&self.objects, catalog::POLICY_KINDS)
-                    .filter(|(r, _)| catalog.namespaces.contains(r.namespace.as_str()))
-                    .filter_map(|(r, object)| crate::status::Reviewed::of(r, object))
-                    .collect(),
-            ),
+            policies,
         }));
         self.problems = problems;
         self.snapshot = snapshot.clone();
         self.catalog = Some(catalog);
         Ok(changed.then_some(snapshot))
+    }
+
+    /// The policy objects `catalog`'s namespaces hold, for the status: the
+    /// last status's with `changed` looked up again, while the namespaces
+    /// are the same; otherwise all of them.
+    fn reviewed(
+        &self,
+        catalog: &Catalog,
+        changed: &BTreeSet<ObjectRef>,
+    ) -> imbl::OrdMap<ObjectRef, Reviewed> {
+        let in_mesh = |r: &ObjectRef| catalog.namespaces.contains(r.namespace.as_str());
+        let same_namespaces = (self.catalog.as_ref()).is_some_and(|c| {
+            Arc::ptr_eq(&c.namespaces, &catalog.namespaces) || c.namespaces == catalog.namespaces
+        });
+        if !same_namespaces {
+            return crate::kinds::of_kinds(&self.objects, catalog::POLICY_KINDS)
+                .filter(|(r, _)| in_mesh(r))
+                .filter_map(|(r, object)| Some((r.clone(), Reviewed::of(r, object)?)))
+                .collect();
+        }
+        let mut reviewed = self.status.borrow().policies.clone();
+        for r in changed {
+            let now = (self.objects.get(r))
+                .filter(|_| in_mesh(r))
+                .and_then(|object| Reviewed::of(r, object));
+            match now {
+                Some(now) if reviewed.get(r) != Some(&now) => {
+                    reviewed.insert(r.clone(), now);
+                }
+                Some(_) => {}
+                None => {
+                    reviewed.remove(r);
+                }
+            }
+        }
+        reviewed
     }
 
     /// Renews the certificates due at `now` (a batch of them) and moves

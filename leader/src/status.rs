@@ -80,7 +80,7 @@ pub fn verdicts(status: &Status) -> BTreeMap<ObjectRef, (Verdict, Option<String>
         .map(|p| (p.object.as_str(), p.reason.as_str()))
         .collect();
     let mut verdicts = BTreeMap::new();
-    for reviewed in status.policies.iter() {
+    for reviewed in status.policies.values() {
         let problem = problems.get(reviewed.object.to_string().as_str());
         let verdict = Verdict {
             accepted: problem.is_none(),
@@ -336,10 +336,13 @@ mod tests {
     #[test]
     fn objects_held_are_accepted_unless_a_problem_names_them() {
         let status = Status {
-            policies: Arc::new(vec![
+            policies: [
                 reviewed("TrafficTarget", "good", 2),
                 reviewed("TrafficTarget", "bad", 5),
-            ]),
+            ]
+            .into_iter()
+            .map(|r| (r.object.clone(), r))
+            .collect(),
             problems: vec![
                 Problem {
                     object: "TrafficTarget ns/bad".to_owned(),

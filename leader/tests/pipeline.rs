@@ -597,3 +597,89 @@ fn root_rotation_trusts_then_signs_then_forgets() {
         .all(|(_, name)| name.starts_with("root-cert-for-mtls-")));
     assert_eq!(secret_pem(&done, buyer, roots), new_root);
 }
+
+/// A TrafficTarget allowing bookthief to call bookstore, in `namespace`.
+fn thief_target(namespace: &str, generation: i64) -> Object {
+    manifest(&format!(
+        "apiVersion: access.smi-spec.io/v1alpha3\nkind: TrafficTarget\nmetadata: {{ name: thief, namespace: {namespace}, generation: {generation}, uid: thief-uid }}\nspec:\n  destination: {{ kind: ServiceAccount, name: bookstore, namespace: bookstore }}\n  rules:\n  - {{ kind: HTTPRouteGroup, name: bookstore-service-routes, matches: [buy-a-book] }}\n  sources:\n  - {{ kind: ServiceAccount, name: bookthief, namespace: bookthief }}\n"
+    ))
+}
+
+/// The status's policy list is kept by change (only the objects that
+/// changed are looked at again), and after every step it is what a fresh
+/// pipeline reports for the same objects: a changed generation, a
+/// deletion, an object outside the mesh, and its namespace joining.
+#[test]
+fn the_status_policy_list_follows_each_change_as_a_fresh_compile_reports_it() {
+    let (mut pipeline, mut objects, _) = example_pipeline();
+    let thief = ObjectRef {
+        kind: "TrafficTarget",
+        namespace: "bookstore".to_owned(),
+        name: "thief".to_owned(),
+    };
+    let generation_of = |pipeline: &Pipeline, r: &ObjectRef| {
+        (pipeline.status().borrow().policies.get(r)).map(|reviewed| reviewed.generation)
+    };
+    let same_as_fresh = |pipeline: &Pipeline, objects: &BTreeMap<ObjectRef, Object>| {
+        let (_, fresh) = fully_compiled(objects);
+        assert_eq!(pipeline.status().borrow().policies, fresh.policies);
+    };
+    let held = pipeline.status().borrow().policies.len();
+    assert!(held > 0, "the example's policies are listed");
+
+    apply(&mut pipeline, &mut objects, thief_target("bookstore", 1));
+    assert_eq!(generation_of(&pipeline, &thief), Some(Some(1)));
+    same_as_fresh(&pipeline, &objects);
+
+    // A new generation with the same spec compiles to the same resources,
+    // but its status must describe the new generation.
+    objects.insert(thief.clone(), thief_target("bookstore", 2));
+    pipeline.apply(SourceUpdate {
+        changes: vec![Change::Apply(Box::new(thief_target("bookstore", 2)))],
+        problems: Vec::new(),
+    });
+    pipeline.compile().unwrap();
+    assert_eq!(generation_of(&pipeline, &thief), Some(Some(2)));
+    same_as_fresh(&pipeline, &objects);
+
+    objects.remove(&thief);
+    pipeline.apply(SourceUpdate {
+        changes: vec![Change::Delete(thief.clone())],
+        problems: Vec::new(),
+    });
+    pipeline
+        .compile()
+        .unwrap()
+        .expect("the change is published");
+    assert_eq!(generation_of(&pipeline, &thief), None);
+    assert_eq!(pipeline.status().borrow().policies.len(), held);
+    same_as_fresh(&pipeline, &objects);
+
+    // Outside the mesh, a policy object is not the mesh's to describe...
+    let outside = ObjectRef {
+        namespace: "elsewhere".to_owned(),
+        ..thief.clone()
+    };
+    let target = thief_target("elsewhere", 7);
+    objects.insert(outside.clone(), target.clone());
+    pipeline.apply(SourceUpdate {
+        changes: vec![Change::Apply(Box::new(target))],
+        problems: Vec::new(),
+    });
+    pipeline.compile().unwrap();
+    assert_eq!(generation_of(&pipeline, &outside), None);
+    same_as_fresh(&pipeline, &objects);
+
+    // ...until its namespace joins, which changes nothing of the object.
+    let namespace = manifest(
+        "apiVersion: v1\nkind: Namespace\nmetadata: { name: elsewhere, labels: { openservicemesh.io/monitored-by: osm } }\n",
+    );
+    objects.insert(namespace.object_ref(), namespace.clone());
+    pipeline.apply(SourceUpdate {
+        changes: vec![Change::Apply(Box::new(namespace))],
+        problems: Vec::new(),
+    });
+    pipeline.compile().unwrap();
+    assert_eq!(generation_of(&pipeline, &outside), Some(Some(7)));
+    same_as_fresh(&pipeline, &objects);
+}

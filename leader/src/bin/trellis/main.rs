@@ -746,7 +746,7 @@ fn check(dir: PathBuf, mesh: String) -> Result<()> {
 
 fn print_classes(status: &Status) {
     println!("classes:");
-    for (id, class) in &status.classes {
+    for (id, class) in status.classes.iter() {
         println!("  {id}  ({})", class.pods.join(", "));
     }
 }
