@@ -21,7 +21,7 @@ use std::{
 pub use self::build::{build, build_in, rebuild_policies, rebuild_service};
 pub use self::egress::{host_range, EgressProtocol, EgressRule};
 pub use self::ingress::{IngressRule, IngressTls};
-pub use self::policy::{HttpRule, Split, Target, TcpRule};
+pub use self::policy::{HttpRule, Split, Target, Targets, TcpRule};
 pub use self::retry::{Retries, RetryRule};
 pub use self::traffic_setting::{
     ConnectionLimits, HttpRateLimit, TokenBucket, TrafficSetting, TrafficSettings,
@@ -429,8 +429,8 @@ pub struct Catalog {
     pub services: Arc<BTreeMap<ServiceKey, MeshService>>,
     /// Pods in monitored namespaces.
     pub pods: Arc<BTreeMap<String, MeshPod>>,
-    /// Valid TrafficTargets.
-    pub targets: Vec<Target>,
+    /// TrafficTargets, valid and skipped.
+    pub targets: Targets,
     /// Valid TrafficSplits, by root service.
     pub splits: BTreeMap<ServiceKey, Split>,
     /// Valid Egress policies' rules, by source identity.

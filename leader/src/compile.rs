@@ -1010,7 +1010,7 @@ impl<'a> Access<'a> {
         }
         let mut by_source: HashMap<&Identity, Vec<&Target>> = HashMap::default();
         let mut by_destination: HashMap<&Identity, Vec<&Target>> = HashMap::default();
-        for target in &catalog.targets {
+        for target in catalog.targets.iter() {
             by_destination
                 .entry(&target.destination)
                 .or_default()

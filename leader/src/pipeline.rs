@@ -455,6 +455,16 @@ impl Pipeline {
     /// status; `None` when the result is what is already served.
     pub fn compile(&mut self) -> Result<Option<Snapshot>, SnapshotError> {
         let pending = std::mem::take(&mut self.pending);
+        let compiled = self.compile_changes(pending);
+        if compiled.is_err() {
+            // Which objects changed went with the failed compile: the next
+            // one rebuilds the catalog from all of them.
+            self.pending.workloads = true;
+        }
+        compiled
+    }
+
+    fn compile_changes(&mut self, pending: Pending) -> Result<Option<Snapshot>, SnapshotError> {
         if !pending.workloads && !pending.policies && !pending.certificates {
             match self.compile_endpoints(&pending.endpoints_of)? {
                 Some(builder) if !builder.has_changes() => return Ok(None),
@@ -475,7 +485,11 @@ impl Pipeline {
         let catalog = match &self.catalog {
             Some(previous) if !pending.workloads && pending.endpoints_of.is_empty() => {
                 if pending.policies {
-                    catalog::rebuild_policies(previous.clone(), &self.objects)
+                    catalog::rebuild_policies(
+                        previous.clone(),
+                        &self.objects,
+                        &pending.policy_objects,
+                    )
                 } else {
                     previous.clone()
                 }

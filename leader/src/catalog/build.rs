@@ -170,13 +170,32 @@ pub fn build_in(objects: &BTreeMap<ObjectRef, Object>, mesh: &str, trust_domain:
         workload_problems: problems,
         ..Catalog::default()
     };
-    rebuild_policies(workloads, objects)
+    rebuild(workloads, objects, None)
 }
 
 /// `catalog` with its policies (TrafficTargets, TrafficSplits and their
 /// problems) rebuilt from `objects`, and its workloads kept: what a change
-/// to SMI objects alone needs.
-pub fn rebuild_policies(mut catalog: Catalog, objects: &BTreeMap<ObjectRef, Object>) -> Catalog {
+/// to SMI objects alone needs. `changed` are the policy objects applied or
+/// deleted since `catalog` was built: the TrafficTargets not among them
+/// are kept, unless a route changed.
+pub fn rebuild_policies(
+    catalog: Catalog,
+    objects: &BTreeMap<ObjectRef, Object>,
+    changed: &BTreeSet<ObjectRef>,
+) -> Catalog {
+    let targets = catalog.targets.clone();
+    let before = policy::Before {
+        targets: &targets,
+        changed,
+    };
+    rebuild(catalog, objects, Some(before))
+}
+
+fn rebuild(
+    mut catalog: Catalog,
+    objects: &BTreeMap<ObjectRef, Object>,
+    before: Option<policy::Before<'_>>,
+) -> Catalog {
     let namespaces = catalog.namespaces.clone();
     let in_mesh = |r: &ObjectRef| namespaces.contains(r.namespace.as_str());
     let mut problems = catalog.workload_problems.clone();
@@ -186,6 +205,7 @@ pub fn rebuild_policies(mut catalog: Catalog, objects: &BTreeMap<ObjectRef, Obje
         &catalog.services,
         &catalog.mesh,
         &mut problems,
+        before,
     );
     problems.sort();
     catalog.targets = policies.targets;

@@ -9,7 +9,7 @@ use super::{
 };
 use crate::kinds::{
     of_kinds, HTTPRouteGroup, HttpMatch, IdentityBinding, Object, ObjectRef, RouteReference,
-    TCPRoute, TrafficSplit, TrafficTarget,
+    TrafficSplit, TrafficTarget,
 };
 
 /// Allowed HTTP traffic: one named match of a route group.
@@ -47,6 +47,48 @@ pub struct Target {
     pub tcp: Vec<TcpRule>,
 }
 
+/// A catalog's TrafficTargets, by object: those valid, and why the others
+/// were skipped. Persistent maps: a policy rebuild shares every target that
+/// did not change with the catalog before it, and comparing the two visits
+/// only what differs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Targets {
+    /// Valid TrafficTargets.
+    pub valid: imbl::OrdMap<ObjectRef, Target>,
+    /// TrafficTargets skipped, with why.
+    pub skipped: imbl::OrdMap<ObjectRef, Problem>,
+}
+
+impl Targets {
+    /// The valid TrafficTargets, in object order.
+    pub fn iter(&self) -> impl Iterator<Item = &Target> {
+        self.valid.values()
+    }
+
+    /// Compiles TrafficTarget `r` (`None`: gone, or outside the mesh) in
+    /// place of what was held for it.
+    fn put(&mut self, r: &ObjectRef, compiled: Option<Result<Target, Skip>>) {
+        self.valid.remove(r);
+        self.skipped.remove(r);
+        match compiled {
+            Some(Ok(target)) => {
+                self.valid.insert(r.clone(), target);
+            }
+            Some(Err(skip)) => {
+                self.skipped.insert(r.clone(), Problem::skipped(r, skip));
+            }
+            None => {}
+        }
+    }
+}
+
+/// The TrafficTargets of the catalog a policy rebuild starts from, and the
+/// policy objects changed since it was built.
+pub(super) struct Before<'a> {
+    pub(super) targets: &'a Targets,
+    pub(super) changed: &'a BTreeSet<ObjectRef>,
+}
+
 /// A valid TrafficSplit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Split {
@@ -63,7 +105,7 @@ pub(super) type Groups<'a> = BTreeMap<(String, String), &'a HTTPRouteGroup>;
 
 /// The valid policies of the mesh.
 pub(super) struct Policies {
-    pub(super) targets: Vec<Target>,
+    pub(super) targets: Targets,
     pub(super) splits: BTreeMap<ServiceKey, Split>,
     pub(super) egress: BTreeMap<Identity, Vec<EgressRule>>,
     pub(super) ingress: ingress::Ingress,
@@ -77,16 +119,25 @@ pub(super) fn build(
     services: &BTreeMap<ServiceKey, MeshService>,
     settings: &MeshSettings,
     problems: &mut Vec<Problem>,
+    before: Option<Before<'_>>,
 ) -> Policies {
+    // A TrafficTarget reads only itself and the routes it names: while no
+    // route changed, those that did not change are kept as they were.
+    let reuse = before.filter(|before| {
+        !(before.changed.iter()).any(|r| r.kind == "HTTPRouteGroup" || r.kind == "TCPRoute")
+    });
+    // TCPRoutes are looked up by the targets naming them.
+    let kinds: Vec<&'static str> = (super::POLICY_KINDS.iter().copied())
+        .filter(|kind| *kind != "TCPRoute" && (reuse.is_none() || *kind != "TrafficTarget"))
+        .collect();
     let mut groups: Groups<'_> = BTreeMap::new();
-    let mut tcp_routes = BTreeMap::new();
     let mut targets = Vec::new();
     let mut splits = Vec::new();
     let mut egresses = Vec::new();
     let mut ingress_backends = Vec::new();
     let mut retries = Vec::new();
     let mut traffic_settings = Vec::new();
-    for (r, object) in of_kinds(objects, super::POLICY_KINDS).filter(|(r, _)| in_mesh(r)) {
+    for (r, object) in of_kinds(objects, &kinds).filter(|(r, _)| in_mesh(r)) {
         match object {
             Object::HttpRouteGroup(group) => match invalid_regex(&group.spec.matches) {
                 Some(reason) => problems.push(Problem::new(r, reason)),
@@ -94,9 +145,6 @@ pub(super) fn build(
                     groups.insert((r.namespace.clone(), r.name.clone()), group);
                 }
             },
-            Object::TcpRoute(route) => {
-                tcp_routes.insert((r.namespace.clone(), r.name.clone()), route);
-            }
             Object::TrafficTarget(t) => targets.push((r, t)),
             Object::TrafficSplit(s) => splits.push((r, s)),
             Object::Egress(e) => egresses.push((r, e)),
@@ -106,16 +154,30 @@ pub(super) fn build(
             _ => {}
         }
     }
-    let targets: Vec<Target> = targets
-        .into_iter()
-        .filter_map(|(r, t)| match target(r, t, &groups, &tcp_routes) {
-            Ok(t) => Some(t),
-            Err(skip) => {
-                problems.push(Problem::skipped(r, skip));
-                None
+    let targets = match reuse {
+        Some(before) => {
+            let mut kept = before.targets.clone();
+            let changed = (before.changed.iter()).filter(|r| r.kind == "TrafficTarget");
+            for r in changed {
+                let compiled = match objects.get(r) {
+                    Some(Object::TrafficTarget(t)) if in_mesh(r) => {
+                        Some(target(r, t, &groups, objects))
+                    }
+                    _ => None,
+                };
+                kept.put(r, compiled);
             }
-        })
-        .collect();
+            kept
+        }
+        None => {
+            let mut all = Targets::default();
+            for (r, t) in targets {
+                all.put(r, Some(target(r, t, &groups, objects)));
+            }
+            all
+        }
+    };
+    problems.extend(targets.skipped.values().cloned());
 
     // The first split of a root wins; later ones are reported.
     splits.sort_by_key(|(r, s)| {
@@ -206,7 +268,7 @@ fn target(
     r: &ObjectRef,
     t: &TrafficTarget,
     groups: &Groups<'_>,
-    tcp_routes: &BTreeMap<(String, String), &TCPRoute>,
+    objects: &BTreeMap<ObjectRef, Object>,
 ) -> Result<Target, Skip> {
     let destination = identity(&t.spec.destination, &r.namespace)?;
     if destination.namespace != r.namespace {
@@ -258,9 +320,18 @@ fn target(
                 http.extend(http_rules(&rule.name, chosen.into_iter()));
             }
             "TCPRoute" => {
-                let route = tcp_routes.get(&key).ok_or_else(|| {
-                    Skip::Unresolved(format!("TCPRoute {} is missing", rule.name))
-                })?;
+                // In the TrafficTarget's namespace, which is in the mesh.
+                let route = ObjectRef {
+                    kind: "TCPRoute",
+                    namespace: key.0,
+                    name: key.1,
+                };
+                let Some(Object::TcpRoute(route)) = objects.get(&route) else {
+                    return Err(Skip::Unresolved(format!(
+                        "TCPRoute {} is missing",
+                        rule.name
+                    )));
+                };
                 tcp.insert(TcpRule {
                     ports: route.spec.matches.ports.clone(),
                 });

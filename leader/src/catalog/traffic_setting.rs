@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use super::{build::parse_go_duration, MeshService, Problem, ServiceKey, Target, CLUSTER_DOMAIN};
+use super::{build::parse_go_duration, MeshService, Problem, ServiceKey, Targets, CLUSTER_DOMAIN};
 use crate::kinds::{
     ConnectionSettings, HttpLocalRateLimit, ObjectRef, TcpLocalRateLimit, UpstreamTrafficSetting,
 };
@@ -143,7 +143,7 @@ pub(super) struct InboundRoutes<'a> {
     /// Permissive mode: one catch-all route (`.*`) per service.
     pub(super) permissive: bool,
     /// SMI mode: the valid TrafficTargets, whose HTTP matches are routes.
-    pub(super) targets: &'a [Target],
+    pub(super) targets: &'a Targets,
 }
 
 impl InboundRoutes<'_> {

@@ -7,14 +7,15 @@
 //! every changed input is marked.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, HashSet},
     hash::{Hash, Hasher},
     sync::Arc,
 };
 
+use imbl::ordmap::DiffItem;
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::catalog::{Catalog, Identity, ServiceKey, Target};
+use crate::catalog::{Catalog, Identity, ServiceKey};
 
 /// One part of the catalog a class may read.
 #[derive(Hash)]
@@ -115,12 +116,19 @@ impl Changed {
                 }
             }
         }
-        let old_targets: BTreeSet<&Target> = old.targets.iter().collect();
-        let new_targets: BTreeSet<&Target> = new.targets.iter().collect();
-        for target in old_targets.symmetric_difference(&new_targets) {
-            mark(Input::To(&target.destination));
-            for source in &target.sources {
-                mark(Input::From(source));
+        // Persistent maps: the targets a policy rebuild kept are shared,
+        // and not visited.
+        for difference in old.targets.valid.diff(&new.targets.valid) {
+            let (before, after) = match difference {
+                DiffItem::Add(_, target) => (None, Some(target)),
+                DiffItem::Remove(_, target) => (Some(target), None),
+                DiffItem::Update { old, new } => (Some(old.1), Some(new.1)),
+            };
+            for target in before.into_iter().chain(after) {
+                mark(Input::To(&target.destination));
+                for source in &target.sources {
+                    mark(Input::From(source));
+                }
             }
         }
         for (identity, _, _) in differing(&old.egress, &new.egress) {

@@ -51,9 +51,11 @@ impl Incremental {
     fn edit(&mut self, what: &str, yaml: &str, deletes: &[(&'static str, &str, &str)]) -> Update {
         let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(yaml).unwrap();
         let mut policies_only = true;
+        let mut changed = std::collections::BTreeSet::new();
         for doc in docs {
             let object = Object::from_manifest(doc).unwrap();
             policies_only &= catalog::POLICY_KINDS.contains(&object.object_ref().kind);
+            changed.insert(object.object_ref());
             self.objects.insert(object.object_ref(), object);
         }
         for (kind, namespace, name) in deletes {
@@ -64,11 +66,12 @@ impl Incremental {
             };
             assert!(self.objects.remove(&r).is_some(), "{what}: no {r}");
             policies_only &= catalog::POLICY_KINDS.contains(kind);
+            changed.insert(r);
         }
         let mut catalog = catalog::build(&self.objects, "osm");
         if policies_only {
             // What the pipeline does for such edits: keep the workloads.
-            let rebuilt = catalog::rebuild_policies(self.catalog.clone(), &self.objects);
+            let rebuilt = catalog::rebuild_policies(self.catalog.clone(), &self.objects, &changed);
             assert_eq!(rebuilt, catalog, "{what}: policies rebuilt alone");
             assert!(Arc::ptr_eq(&rebuilt.services, &self.catalog.services));
             catalog = rebuilt;
@@ -99,6 +102,25 @@ spec:
     matches: [books-bought]
   sources:
   - { kind: ServiceAccount, name: bookthief, namespace: bookthief }
+";
+
+const TCP_TARGET: &str = "
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: { name: over-tcp, namespace: bookwarehouse }
+spec:
+  destination: { kind: ServiceAccount, name: bookwarehouse, namespace: bookwarehouse }
+  rules:
+  - { kind: TCPRoute, name: any-port }
+  sources:
+  - { kind: ServiceAccount, name: bookthief, namespace: bookthief }
+";
+
+const TCP_ROUTE: &str = "
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: TCPRoute
+metadata: { name: any-port, namespace: bookwarehouse }
+spec: {}
 ";
 
 const PERMISSIVE: &str = "
@@ -136,6 +158,24 @@ fn every_kind_of_edit_compiled_incrementally_equals_compiling_every_class() {
     assert_eq!(classes, 6);
 
     mesh.edit("a new TrafficTarget", THIEF_TARGET, &[]);
+    mesh.edit(
+        "a TrafficTarget's sources",
+        &THIEF_TARGET.replace(
+            "  - { kind: ServiceAccount, name: bookthief, namespace: bookthief }",
+            "  - { kind: ServiceAccount, name: bookthief, namespace: bookthief }\n  - { kind: ServiceAccount, name: bookbuyer, namespace: bookbuyer }",
+        ),
+        &[],
+    );
+    // Skipped targets stay reported while other targets change, and are
+    // compiled again when the route they name appears.
+    mesh.edit("a TrafficTarget naming a missing TCPRoute", TCP_TARGET, &[]);
+    mesh.edit("another TrafficTarget's sources", THIEF_TARGET, &[]);
+    mesh.edit("the TCPRoute it names", TCP_ROUTE, &[]);
+    mesh.edit(
+        "that TCPRoute deleted",
+        "",
+        &[("TCPRoute", "bookwarehouse", "any-port")],
+    );
     mesh.edit(
         "a route group's matches",
         "
