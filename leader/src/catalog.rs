@@ -429,6 +429,10 @@ pub struct Catalog {
     pub services: Arc<BTreeMap<ServiceKey, MeshService>>,
     /// Pods in monitored namespaces.
     pub pods: Arc<BTreeMap<String, MeshPod>>,
+    /// The services each identity's pods back, by key: built with the
+    /// services, kept while their identities are (a policy rebuild, an
+    /// endpoint change within the same identities).
+    backed_by: Arc<BTreeMap<Identity, Vec<ServiceKey>>>,
     /// TrafficTargets, valid and skipped.
     pub targets: Targets,
     /// Valid TrafficSplits, by root service.
@@ -448,4 +452,12 @@ pub struct Catalog {
     /// The workloads' share of `problems`, kept when only policies are
     /// rebuilt.
     workload_problems: Vec<Problem>,
+}
+
+impl Catalog {
+    /// The services `identity`'s pods back, in key order.
+    pub fn backed_by(&self, identity: &Identity) -> impl Iterator<Item = &MeshService> {
+        (self.backed_by.get(identity).into_iter().flatten())
+            .filter_map(|key| self.services.get(key))
+    }
 }

@@ -26,7 +26,7 @@ mod tests;
 mod traffic_setting;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     sync::Arc,
     time::SystemTime,
 };
@@ -39,7 +39,7 @@ use xxhash_rust::xxh3::Xxh3;
 use self::certs::Certs;
 pub use self::certs::IssuanceCounts;
 pub use self::gateway::IngressGatewayCert;
-use self::inputs::{Changed, Input, Reads};
+use self::inputs::{Changed, Input, InputId, Reads};
 use crate::{
     ca::{CertificateIssuer, IssuedCert},
     catalog::{
@@ -285,7 +285,12 @@ pub struct Compiler {
     /// Each identity's certificate.
     certs: Certs,
     output: Compiled,
-    classes: HashMap<ClassKey, Memo>,
+    classes: HashMap<Arc<ClassKey>, Memo>,
+    /// The classes that read each input, so that a change finds the
+    /// classes it touches without visiting every class. Rebuilt on a
+    /// regrouping; in between, a class that stops reading an input (or is
+    /// gone) is dropped from its entry when the entry is next used.
+    readers: HashMap<InputId, Vec<Arc<ClassKey>>>,
     /// Hash of the roots the kept classes were compiled with.
     roots: u64,
     /// The classes the last catalog's pods formed.
@@ -371,6 +376,7 @@ impl Compiler {
             output: Compiled::default(),
             class_problems: Vec::new(),
             classes: HashMap::default(),
+            readers: HashMap::default(),
             roots,
             grouping: None,
             gateway: gateway::Gateway::default(),
@@ -409,9 +415,9 @@ impl Compiler {
         let mut touched = Touched::default();
         let mut outcomes_changed = false;
         // The same grouping has the classes this compiler holds already.
-        let gone: Vec<ClassKey> = match regrouped {
+        let gone: Vec<Arc<ClassKey>> = match regrouped {
             true => (self.classes.keys())
-                .filter(|key| !classes.contains_key(*key))
+                .filter(|key| !classes.contains_key(&***key))
                 .cloned()
                 .collect(),
             false => Vec::new(),
@@ -426,13 +432,19 @@ impl Compiler {
         }
 
         let access = Access::new(catalog);
-        self.certs.issue(
+        let issued = self.certs.issue(
             classes.keys().map(|key| &key.identity),
             self.issuer.as_ref(),
             catalog,
         );
+        // Within the same grouping, only the classes reading a changed
+        // input or holding a new certificate can be due.
+        let candidates: Vec<(&ClassKey, &String)> = match (&changed, regrouped) {
+            (Changed::Inputs(inputs), false) => self.touched(classes, inputs, &issued),
+            _ => (classes.iter()).map(|(key, (id, _))| (key, id)).collect(),
+        };
         let mut due = Vec::new();
-        for (key, (id, _)) in classes {
+        for (key, id) in candidates {
             let issued = self.certs.get(&key.identity);
             let cert_hash = issued.as_ref().map_or(0, |held| held.hash);
             if let Some(memo) = self.classes.get(key) {
@@ -450,8 +462,18 @@ impl Compiler {
         let classes_compiled = due.len();
         let outputs = compile_all(&due, catalog, &access, &bundle);
         drop(access);
+        let reindex = regrouped || matches!(changed, Changed::Everything);
         for (Due { key, cert_hash, .. }, (compiled, reads)) in due.into_iter().zip(outputs) {
-            let previous = self.classes.remove(key).map(|memo| memo.outcome);
+            let key = Arc::new(key.clone());
+            let (previous, read_before) = match self.classes.remove(&*key) {
+                Some(memo) => (Some(memo.outcome), memo.reads),
+                None => (None, Reads::default()),
+            };
+            if !reindex {
+                for input in reads.iter().filter(|input| !read_before.contains(input)) {
+                    self.readers.entry(*input).or_default().push(key.clone());
+                }
+            }
             // A failing class (before or now) may fail for another reason,
             // which the problems must say.
             outcomes_changed |= !matches!((&previous, &compiled), (Some(Ok(_)), Ok(_)));
@@ -476,7 +498,15 @@ impl Compiler {
                 cert: cert_hash,
                 outcome,
             };
-            self.classes.insert(key.clone(), memo);
+            self.classes.insert(key, memo);
+        }
+        if reindex {
+            self.readers.clear();
+            for (key, memo) in &self.classes {
+                for input in memo.reads.iter() {
+                    self.readers.entry(*input).or_default().push(key.clone());
+                }
+            }
         }
 
         // Certificates of identities no class has any more are not renewed
@@ -528,6 +558,42 @@ impl Compiler {
             classes_compiled,
             classes_changed,
         }
+    }
+
+    /// The classes of `classes` that read one of `inputs` or whose
+    /// identity's certificate was `issued` again, in key order.
+    fn touched<'g>(
+        &mut self,
+        classes: &'g BTreeMap<ClassKey, (String, Vec<String>)>,
+        inputs: &HashSet<InputId>,
+        issued: &[Identity],
+    ) -> Vec<(&'g ClassKey, &'g String)> {
+        let mut touched: BTreeMap<&ClassKey, &String> = BTreeMap::new();
+        for input in inputs {
+            let Some(readers) = self.readers.get_mut(input) else {
+                continue;
+            };
+            let memos = &self.classes;
+            readers.retain(|key| memos.get(&**key).is_some_and(|m| m.reads.contains(input)));
+            for key in readers.iter() {
+                if let Some((key, (id, _))) = classes.get_key_value(&**key) {
+                    touched.insert(key, id);
+                }
+            }
+        }
+        for identity in issued {
+            let first = ClassKey {
+                identity: identity.clone(),
+                services: BTreeSet::new(),
+                metrics: false,
+            };
+            let of_identity =
+                (classes.range(first..)).take_while(|(key, _)| key.identity == *identity);
+            for (key, (id, _)) in of_identity {
+                touched.insert(key, id);
+            }
+        }
+        touched.into_iter().collect()
     }
 
     /// The issuer certificates come from.
@@ -988,44 +1054,18 @@ fn backends<'a>(
 /// visits only what it can reach.
 struct Access<'a> {
     catalog: &'a Catalog,
-    backed_by: HashMap<&'a Identity, Vec<&'a MeshService>>,
     roots_of: HashMap<&'a ServiceKey, Vec<&'a ServiceKey>>,
-    by_source: HashMap<&'a Identity, Vec<&'a Target>>,
-    by_destination: HashMap<&'a Identity, Vec<&'a Target>>,
 }
 
 impl<'a> Access<'a> {
     fn new(catalog: &'a Catalog) -> Self {
-        let mut backed_by: HashMap<&Identity, Vec<&MeshService>> = HashMap::default();
-        for service in catalog.services.values() {
-            for identity in service.identities() {
-                backed_by.entry(identity).or_default().push(service);
-            }
-        }
         let mut roots_of: HashMap<&ServiceKey, Vec<&ServiceKey>> = HashMap::default();
         for split in catalog.splits.values() {
             for (backend, _) in &split.backends {
                 roots_of.entry(backend).or_default().push(&split.root);
             }
         }
-        let mut by_source: HashMap<&Identity, Vec<&Target>> = HashMap::default();
-        let mut by_destination: HashMap<&Identity, Vec<&Target>> = HashMap::default();
-        for target in catalog.targets.iter() {
-            by_destination
-                .entry(&target.destination)
-                .or_default()
-                .push(target);
-            for source in &target.sources {
-                by_source.entry(source).or_default().push(target);
-            }
-        }
-        Access {
-            catalog,
-            backed_by,
-            roots_of,
-            by_source,
-            by_destination,
-        }
+        Access { catalog, roots_of }
     }
 
     /// The identities `source` may reach; `None` means every identity
@@ -1034,7 +1074,7 @@ impl<'a> Access<'a> {
         if self.catalog.mesh.permissive {
             return None;
         }
-        let targets = self.by_source.get(source).into_iter().flatten();
+        let targets = self.catalog.targets.from(source);
         Some(targets.map(|t| t.destination.clone()).collect())
     }
 
@@ -1054,10 +1094,7 @@ impl<'a> Access<'a> {
         for identity in allowed {
             reads.add(Input::BackedBy(identity));
         }
-        for service in allowed
-            .iter()
-            .flat_map(|i| self.backed_by.get(i).into_iter().flatten())
-        {
+        for service in allowed.iter().flat_map(|i| self.catalog.backed_by(i)) {
             found.insert(&service.key, service);
             reads.add(Input::RootsOf(&service.key));
             for root in self.roots_of.get(&service.key).into_iter().flatten() {
@@ -1071,11 +1108,7 @@ impl<'a> Access<'a> {
     }
 
     fn targets_to(&self, destination: &Identity) -> impl Iterator<Item = &'a Target> + '_ {
-        self.by_destination
-            .get(destination)
-            .into_iter()
-            .flatten()
-            .copied()
+        self.catalog.targets.to(destination)
     }
 
     /// For traffic to `destination`: each allowed HTTP match and who may use it.

@@ -161,11 +161,20 @@ pub fn build_in(objects: &BTreeMap<ObjectRef, Object>, mesh: &str, trust_domain:
             .collect();
     }
 
+    let mut backed_by: BTreeMap<Identity, Vec<ServiceKey>> = BTreeMap::new();
+    for service in services.values() {
+        for identity in service.identities() {
+            let backs = backed_by.entry(identity.clone()).or_default();
+            backs.push(service.key.clone());
+        }
+    }
+
     let namespaces = monitored.iter().map(|ns| (*ns).to_owned()).collect();
     let workloads = Catalog {
         mesh: settings,
         namespaces: Arc::new(namespaces),
         services: Arc::new(services),
+        backed_by: Arc::new(backed_by),
         pods: Arc::new(pods),
         workload_problems: problems,
         ..Catalog::default()

@@ -1,7 +1,10 @@
 //! SMI policies, validated: TrafficTargets resolved against their route
 //! groups, and one TrafficSplit per root service.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use super::{
     egress, ingress, retry, traffic_setting, EgressRule, Identity, MeshService, MeshSettings,
@@ -54,30 +57,75 @@ pub struct Target {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Targets {
     /// Valid TrafficTargets.
-    pub valid: imbl::OrdMap<ObjectRef, Target>,
+    pub valid: imbl::OrdMap<ObjectRef, Arc<Target>>,
     /// TrafficTargets skipped, with why.
     pub skipped: imbl::OrdMap<ObjectRef, Problem>,
+    /// The valid targets naming each identity as a source, and as their
+    /// destination: a compile looks up a class's targets here instead of
+    /// indexing them all again.
+    by_source: Index,
+    by_destination: Index,
 }
+
+/// Targets by an identity they name, each in object order.
+type Index = imbl::OrdMap<Identity, imbl::OrdMap<ObjectRef, Arc<Target>>>;
 
 impl Targets {
     /// The valid TrafficTargets, in object order.
     pub fn iter(&self) -> impl Iterator<Item = &Target> {
-        self.valid.values()
+        self.valid.values().map(|target| &**target)
+    }
+
+    /// The valid TrafficTargets naming `source` as a source.
+    pub fn from(&self, source: &Identity) -> impl Iterator<Item = &Target> {
+        named(&self.by_source, source)
+    }
+
+    /// The valid TrafficTargets to `destination`.
+    pub fn to(&self, destination: &Identity) -> impl Iterator<Item = &Target> {
+        named(&self.by_destination, destination)
     }
 
     /// Compiles TrafficTarget `r` (`None`: gone, or outside the mesh) in
     /// place of what was held for it.
     fn put(&mut self, r: &ObjectRef, compiled: Option<Result<Target, Skip>>) {
-        self.valid.remove(r);
+        if let Some(gone) = self.valid.remove(r) {
+            for source in &gone.sources {
+                unindex(&mut self.by_source, source, r);
+            }
+            unindex(&mut self.by_destination, &gone.destination, r);
+        }
         self.skipped.remove(r);
         match compiled {
             Some(Ok(target)) => {
+                let target = Arc::new(target);
+                for source in &target.sources {
+                    let named = self.by_source.entry(source.clone()).or_default();
+                    named.insert(r.clone(), target.clone());
+                }
+                let named = (self.by_destination)
+                    .entry(target.destination.clone())
+                    .or_default();
+                named.insert(r.clone(), target.clone());
                 self.valid.insert(r.clone(), target);
             }
             Some(Err(skip)) => {
                 self.skipped.insert(r.clone(), Problem::skipped(r, skip));
             }
             None => {}
+        }
+    }
+}
+
+fn named<'a>(index: &'a Index, identity: &Identity) -> impl Iterator<Item = &'a Target> {
+    (index.get(identity).into_iter()).flat_map(|named| named.values().map(|target| &**target))
+}
+
+fn unindex(index: &mut Index, identity: &Identity, r: &ObjectRef) {
+    if let Some(named) = index.get_mut(identity) {
+        named.remove(r);
+        if named.is_empty() {
+            index.remove(identity);
         }
     }
 }

@@ -69,21 +69,23 @@ impl Certs {
 
     /// Issues, as one batch, the certificates of `identities` that are
     /// missing or being renewed. A failed renewal keeps the certificate
-    /// held while it is valid; failures are retried after a pause.
+    /// held while it is valid; failures are retried after a pause. Returns
+    /// the identities asked for, whose certificate (or failure) may be new.
     pub(super) fn issue<'a>(
         &mut self,
         identities: impl IntoIterator<Item = &'a Identity>,
         issuer: &dyn CertificateIssuer,
         catalog: &Catalog,
-    ) {
+    ) -> Vec<Identity> {
         let wanted: Vec<&Identity> = (identities.into_iter())
             .filter(|identity| {
                 !self.held.contains_key(*identity) || self.renewing.contains(*identity)
             })
             .collect();
         if wanted.is_empty() {
-            return;
+            return Vec::new();
         }
+        let asked: Vec<Identity> = wanted.iter().map(|identity| (*identity).clone()).collect();
         let requests: Vec<LeafRequest> = (wanted.iter())
             .map(|identity| {
                 LeafRequest::identity(
@@ -124,6 +126,7 @@ impl Certs {
         if failures > 0 {
             self.retry_at.get_or_insert(now + RETRY_AFTER);
         }
+        asked
     }
 
     /// Issuances since the last call.

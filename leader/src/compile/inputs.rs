@@ -72,6 +72,15 @@ impl Reads {
         self.0.dedup();
         self
     }
+
+    /// Whether `input` was read (the reads are finished: sorted).
+    pub(super) fn contains(&self, input: &InputId) -> bool {
+        self.0.binary_search(input).is_ok()
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = &InputId> {
+        self.0.iter()
+    }
 }
 
 /// What differs between two catalogs, as inputs.
