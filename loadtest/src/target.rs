@@ -943,7 +943,7 @@ async fn in_process(dir: &Path, ready_within: Duration, mtls: bool) -> Result<Ta
         }),
         tokio::spawn(pipeline.run(received, store.clone())),
     ];
-    let xds_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let xds_listener = trellis_transport::server::bind(([127, 0, 0, 1], 0).into())?;
     let admin_listener = TcpListener::bind("127.0.0.1:0").await?;
     let xds = xds_listener.local_addr()?;
     let admin = admin_listener.local_addr()?;

@@ -5,12 +5,12 @@
 //! limits: a TLS handshake deadline, HTTP/2 keepalive (a peer that
 //! vanished without closing is noticed), a cap on streams per connection,
 //! and [`incoming`], an accept loop that pauses after a failed accept
-//! instead of spinning.
+//! instead of spinning. [`bind`] gives every listener a deep accept queue.
 
-use std::{io, time::Duration};
+use std::{io, net::SocketAddr, time::Duration};
 
 use futures::{stream, Stream};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tonic::transport::Server;
 use tower::{
     layer::util::{Identity, Stack},
@@ -32,6 +32,25 @@ pub const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(30), Duration::
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 /// How long the accept loop pauses after a failed accept.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// Connections the kernel may queue for the accept loop; Linux caps it at
+/// `net.core.somaxconn` (4096 by default). The standard library's and
+/// tokio's 128 is far too few when thousands of Envoys connect at once (a
+/// rollout, an edge restarting): the kernel drops the SYNs past it, and
+/// each client dropped waits out a retransmission, 1 s and then 3 s later.
+pub const ACCEPT_BACKLOG: u32 = 65_535;
+
+/// A listener on `address` with an accept queue of [`ACCEPT_BACKLOG`], and
+/// the address reusable at once after a restart, as tokio's own bind.
+/// Needs a Tokio runtime.
+pub fn bind(address: SocketAddr) -> io::Result<TcpListener> {
+    let socket = match address {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
 
 /// A server builder: with `secured`, serving `ControlTls::server` and
 /// admitting requests as the layer's policy says.
@@ -124,5 +143,28 @@ mod tests {
         assert!(first.is_ok(), "an accept error reached the server");
         // Fifty failures cost fifty pauses, not a busy loop.
         assert!(started.elapsed() >= ACCEPT_ERROR_PAUSE * 50);
+    }
+
+    /// A burst of connections larger than the standard 128 is queued by
+    /// the kernel while nothing accepts yet, each connecting at once
+    /// rather than after a dropped SYN's retransmission (1 s).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_connections_waits_in_the_accept_queue_not_in_retransmission() {
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(4096);
+        let burst = 600.min(somaxconn);
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let address = listener.local_addr().unwrap();
+        let connects = (0..burst)
+            .map(|_| tokio::time::timeout(Duration::from_millis(700), TcpStream::connect(address)));
+        let connected = futures::future::join_all(connects).await;
+        let in_time = connected.iter().filter(|c| matches!(c, Ok(Ok(_)))).count();
+        assert_eq!(
+            in_time, burst,
+            "connected within 700 ms while nothing accepted"
+        );
+        drop(listener);
     }
 }

@@ -855,10 +855,8 @@ async fn kube_client() -> Result<kube::Client> {
         .context("connecting to Kubernetes (in-cluster config or kubeconfig)")
 }
 
-async fn bind(what: &str, address: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(address)
-        .await
-        .with_context(|| format!("binding {what} {address}"))
+fn bind(what: &str, address: SocketAddr) -> Result<TcpListener> {
+    trellis_transport::server::bind(address).with_context(|| format!("binding {what} {address}"))
 }
 
 fn print_problems(status: &Status) {
@@ -871,8 +869,8 @@ fn print_problems(status: &Status) {
 async fn run(inputs: Inputs, serving: Serving) -> Result<()> {
     let trust_domain = inputs.trust.trust_domain.clone();
     let edge = Edge::in_trust_domain(serving.edge_config(), &trust_domain);
-    let xds_listener = bind("xDS", serving.xds).await?;
-    let admin_listener = bind("admin", serving.admin).await?;
+    let xds_listener = bind("xDS", serving.xds)?;
+    let admin_listener = bind("admin", serving.admin)?;
     let mut leader = start_leader(inputs, edge.store().clone()).await?;
     // One process, one admin endpoint: the leader's figures join the edge's.
     let metrics = leader.metrics.clone();
@@ -964,8 +962,8 @@ async fn leader(
     // A single leader is replica 1 of its group.
     let tls = credentials::leader_control_tls(&control, 1)?;
     let store = Arc::new(SnapshotStore::new());
-    let listener = bind("publish", publish).await?;
-    let admin_listener = bind("admin", admin).await?;
+    let listener = bind("publish", publish)?;
+    let admin_listener = bind("admin", admin)?;
     let admin_address = admin_listener.local_addr()?;
     let registry = registry(&inputs).await?;
     let trust_domain = inputs.trust.trust_domain.clone();
@@ -1152,7 +1150,7 @@ async fn leader_group(
     }
     let gate = Gate::default();
     let external = inputs.certificates.external().await?;
-    let listener = bind("publish", publish).await?;
+    let listener = bind("publish", publish)?;
     let issuance = Issuance::new(
         Arc::new(GroupSigner::new(replica.state())),
         registry(&inputs).await?,
@@ -1191,7 +1189,7 @@ async fn leader_group(
     };
     let stopping = Arc::new(Stopping::default());
     let mut tasks = supervise::Tasks::default();
-    let admin_listener = bind("admin", admin).await?;
+    let admin_listener = bind("admin", admin)?;
     println!(
         "  admin: http://{}/metrics  /healthz  /readyz",
         admin_listener.local_addr()?
@@ -1243,8 +1241,8 @@ async fn edge(follow: FollowArgs, args: EdgeArgs, serving: Serving) -> Result<()
     if let Some(token) = operator_token {
         edge = edge.with_operator_token(token);
     }
-    let xds_listener = bind("xDS", serving.xds).await?;
-    let admin_listener = bind("admin", serving.admin).await?;
+    let xds_listener = bind("xDS", serving.xds)?;
+    let admin_listener = bind("admin", serving.admin)?;
     let mut upstream = UpstreamConfig::new(&follow.leader, &name);
     upstream.sharded = sharded;
     upstream.group = follow.group.clone();
