@@ -182,7 +182,7 @@ pub struct Status {
     /// The policy objects held in the mesh's namespaces, whose status says
     /// whether they are in the mesh (a persistent map: each status shares
     /// all but what changed with the one before).
-    pub policies: imbl::OrdMap<ObjectRef, crate::status::Reviewed>,
+    pub policies: imbl::OrdMap<ObjectRef, Reviewed>,
 }
 
 impl Status {
@@ -482,8 +482,10 @@ impl Pipeline {
                 ),
             }
         }
+        // Kept: the workloads (namespaces included) of the last catalog.
+        let kept = self.catalog.is_some() && !pending.workloads && pending.endpoints_of.is_empty();
         let catalog = match &self.catalog {
-            Some(previous) if !pending.workloads && pending.endpoints_of.is_empty() => {
+            Some(previous) if kept => {
                 if pending.policies {
                     catalog::rebuild_policies(
                         previous.clone(),
@@ -547,7 +549,7 @@ impl Pipeline {
                 modified
             });
         }
-        let policies = self.reviewed(&catalog, &pending.policy_objects);
+        let policies = self.reviewed(&catalog, kept.then_some(&pending.policy_objects));
         self.status.send_replace(Arc::new(Status {
             epoch: snapshot.epoch(),
             classes: compiled.classes.clone(),
@@ -561,23 +563,21 @@ impl Pipeline {
     }
 
     /// The policy objects `catalog`'s namespaces hold, for the status: the
-    /// last status's with `changed` looked up again, while the namespaces
-    /// are the same; otherwise all of them.
+    /// last status's with the `changed` objects looked up again, when the
+    /// catalog kept the last one's namespaces; otherwise (`None`, a full
+    /// build) all of them.
     fn reviewed(
         &self,
         catalog: &Catalog,
-        changed: &BTreeSet<ObjectRef>,
+        changed: Option<&BTreeSet<ObjectRef>>,
     ) -> imbl::OrdMap<ObjectRef, Reviewed> {
         let in_mesh = |r: &ObjectRef| catalog.namespaces.contains(r.namespace.as_str());
-        let same_namespaces = (self.catalog.as_ref()).is_some_and(|c| {
-            Arc::ptr_eq(&c.namespaces, &catalog.namespaces) || c.namespaces == catalog.namespaces
-        });
-        if !same_namespaces {
+        let Some(changed) = changed else {
             return crate::kinds::of_kinds(&self.objects, catalog::POLICY_KINDS)
                 .filter(|(r, _)| in_mesh(r))
                 .filter_map(|(r, object)| Some((r.clone(), Reviewed::of(r, object)?)))
                 .collect();
-        }
+        };
         let mut reviewed = self.status.borrow().policies.clone();
         for r in changed {
             let now = (self.objects.get(r))
