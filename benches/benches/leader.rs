@@ -9,6 +9,8 @@
 //!   touches are compiled, then the next snapshot is derived.
 //! * `one_endpoint_change_10k`: one EndpointSlice changes; apply, compile and
 //!   derive the next snapshot.
+//! * `policy_change_beside_10k_route_groups`: the policy change again, with
+//!   10,000 HTTPRouteGroups (two regex matches each) in the mesh.
 //! * `renewal_batch_of_500_10k`: one renewal tick: 500 certificates signed,
 //!   their classes compiled, the next snapshot derived.
 //! * `ca/issue_10k_identities`: a leaf (fresh ECDSA P-256 key) for each of
@@ -28,7 +30,7 @@ use trellis_leader::{
     source::{Change, SourceUpdate},
 };
 
-use trellis_benches::large_mesh::{mesh, ns, slice, target, FAN_OUT, SERVICES};
+use trellis_benches::large_mesh::{mesh, ns, route_group, slice, target, FAN_OUT, SERVICES};
 
 fn update(objects: impl IntoIterator<Item = Object>) -> SourceUpdate {
     SourceUpdate {
@@ -97,6 +99,30 @@ fn compile(c: &mut Criterion) {
         b.iter(|| {
             generation += 1;
             pipeline.apply(update([Object::EndpointSlice(slice(42, generation))]));
+            pipeline
+                .compile()
+                .unwrap()
+                .expect("the change is published")
+        })
+    });
+    // The same change beside 10,000 HTTPRouteGroups (an HTTP mesh has one
+    // per API), which a policy rebuild must not validate again.
+    let mut sources = FAN_OUT;
+    let groups = (0..SERVICES).map(|i| Object::HttpRouteGroup(route_group(i)));
+    pipeline.apply(update(
+        groups.chain([Object::TrafficTarget(target(42, sources))]),
+    ));
+    pipeline.compile().unwrap();
+    assert!(pipeline.status().borrow().problems.is_empty());
+    group.bench_function("policy_change_beside_10k_route_groups", |b| {
+        b.iter(|| {
+            sources = if sources == FAN_OUT {
+                FAN_OUT + 1
+            } else {
+                FAN_OUT
+            };
+            let target = target(42, sources);
+            pipeline.apply(update([Object::TrafficTarget(target)]));
             pipeline
                 .compile()
                 .unwrap()

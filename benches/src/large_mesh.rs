@@ -16,8 +16,8 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use trellis_leader::kinds::{
-    IdentityBinding, Object, TCPRoute, TcpRouteSpec, TrafficTarget, TrafficTargetRule,
-    TrafficTargetSpec,
+    HTTPRouteGroup, HttpMatch, HttpRouteGroupSpec, IdentityBinding, Object, TCPRoute, TcpRouteSpec,
+    TrafficTarget, TrafficTargetRule, TrafficTargetSpec,
 };
 
 /// Services (each with its own ServiceAccount and class).
@@ -174,4 +174,21 @@ pub fn target(i: usize, fan_out: usize) -> TrafficTarget {
     );
     target.metadata.namespace = Some(namespace);
     target
+}
+
+/// An HTTPRouteGroup in service `i`'s namespace with two regex matches, as
+/// an HTTP mesh has one per API; no target names it here.
+pub fn route_group(i: usize) -> HTTPRouteGroup {
+    let matches = ["orders", "payments"]
+        .into_iter()
+        .map(|api| HttpMatch {
+            name: api.to_owned(),
+            path_regex: format!("/{api}/v[0-9]+/[a-z-]+/.*"),
+            methods: vec!["GET".to_owned(), "POST".to_owned()],
+            headers: BTreeMap::from([("x-tenant".to_owned(), "tenant-[0-9]{1,4}".to_owned())]),
+        })
+        .collect();
+    let mut group = HTTPRouteGroup::new(&format!("svc-{i}-routes"), HttpRouteGroupSpec { matches });
+    group.metadata.namespace = Some(ns(i));
+    group
 }

@@ -452,6 +452,9 @@ pub struct Catalog {
     /// The workloads' share of `problems`, kept when only policies are
     /// rebuilt.
     workload_problems: Vec<Problem>,
+    /// HTTPRouteGroups whose regexes do not compile, with why: a policy
+    /// rebuild judges again only the groups that changed.
+    invalid_groups: imbl::OrdMap<ObjectRef, Problem>,
 }
 
 impl Catalog {

@@ -192,9 +192,10 @@ pub fn rebuild_policies(
     objects: &BTreeMap<ObjectRef, Object>,
     changed: &BTreeSet<ObjectRef>,
 ) -> Catalog {
-    let targets = catalog.targets.clone();
+    let (targets, invalid_groups) = (catalog.targets.clone(), catalog.invalid_groups.clone());
     let before = policy::Before {
         targets: &targets,
+        invalid_groups: &invalid_groups,
         changed,
     };
     rebuild(catalog, objects, Some(before))
@@ -218,6 +219,7 @@ fn rebuild(
     );
     problems.sort();
     catalog.targets = policies.targets;
+    catalog.invalid_groups = policies.invalid_groups;
     catalog.splits = policies.splits;
     catalog.egress = policies.egress;
     catalog.ingress = policies.ingress.rules;

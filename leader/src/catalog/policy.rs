@@ -130,10 +130,13 @@ fn unindex(index: &mut Index, identity: &Identity, r: &ObjectRef) {
     }
 }
 
-/// The TrafficTargets of the catalog a policy rebuild starts from, and the
-/// policy objects changed since it was built.
+/// What a policy rebuild keeps of the catalog it starts from (its
+/// TrafficTargets, and its HTTPRouteGroups found invalid), and the policy
+/// objects changed since that catalog was built.
+#[derive(Clone, Copy)]
 pub(super) struct Before<'a> {
     pub(super) targets: &'a Targets,
+    pub(super) invalid_groups: &'a imbl::OrdMap<ObjectRef, Problem>,
     pub(super) changed: &'a BTreeSet<ObjectRef>,
 }
 
@@ -154,6 +157,7 @@ pub(super) type Groups<'a> = BTreeMap<(String, String), &'a HTTPRouteGroup>;
 /// The valid policies of the mesh.
 pub(super) struct Policies {
     pub(super) targets: Targets,
+    pub(super) invalid_groups: imbl::OrdMap<ObjectRef, Problem>,
     pub(super) splits: BTreeMap<ServiceKey, Split>,
     pub(super) egress: BTreeMap<Identity, Vec<EgressRule>>,
     pub(super) ingress: ingress::Ingress,
@@ -179,6 +183,7 @@ pub(super) fn build(
         .filter(|kind| *kind != "TCPRoute" && (reuse.is_none() || *kind != "TrafficTarget"))
         .collect();
     let mut groups: Groups<'_> = BTreeMap::new();
+    let mut invalid_groups = imbl::OrdMap::new();
     let mut targets = Vec::new();
     let mut splits = Vec::new();
     let mut egresses = Vec::new();
@@ -187,12 +192,26 @@ pub(super) fn build(
     let mut traffic_settings = Vec::new();
     for (r, object) in of_kinds(objects, &kinds).filter(|(r, _)| in_mesh(r)) {
         match object {
-            Object::HttpRouteGroup(group) => match invalid_regex(&group.spec.matches) {
-                Some(reason) => problems.push(Problem::new(r, reason)),
-                None => {
-                    groups.insert((r.namespace.clone(), r.name.clone()), group);
+            Object::HttpRouteGroup(group) => {
+                // Compiling every group's regexes again on each rebuild
+                // would cost a mesh of many groups more than the rest:
+                // only a changed group is judged again.
+                let invalid = match before {
+                    Some(before) if !before.changed.contains(r) => {
+                        before.invalid_groups.get(r).cloned()
+                    }
+                    _ => invalid_regex(&group.spec.matches).map(|reason| Problem::new(r, reason)),
+                };
+                match invalid {
+                    Some(problem) => {
+                        problems.push(problem.clone());
+                        invalid_groups.insert(r.clone(), problem);
+                    }
+                    None => {
+                        groups.insert((r.namespace.clone(), r.name.clone()), group);
+                    }
                 }
-            },
+            }
             Object::TrafficTarget(t) => targets.push((r, t)),
             Object::TrafficSplit(s) => splits.push((r, s)),
             Object::Egress(e) => egresses.push((r, e)),
@@ -267,6 +286,7 @@ pub(super) fn build(
     let traffic_settings = traffic_setting::build(traffic_settings, services, &routes, problems);
     Policies {
         targets,
+        invalid_groups,
         splits: by_root,
         egress,
         ingress,

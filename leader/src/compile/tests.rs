@@ -116,6 +116,15 @@ spec:
   - { kind: ServiceAccount, name: bookthief, namespace: bookthief }
 ";
 
+const BROKEN_GROUP: &str = "
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: { name: broken, namespace: bookstore }
+spec:
+  matches:
+  - { name: unclosed, pathRegex: \"/books(\" }
+";
+
 const TCP_ROUTE: &str = "
 apiVersion: specs.smi-spec.io/v1alpha4
 kind: TCPRoute
@@ -170,6 +179,20 @@ fn every_kind_of_edit_compiled_incrementally_equals_compiling_every_class() {
     // compiled again when the route they name appears.
     mesh.edit("a TrafficTarget naming a missing TCPRoute", TCP_TARGET, &[]);
     mesh.edit("another TrafficTarget's sources", THIEF_TARGET, &[]);
+    // An invalid route group stays reported, unjudged, while others change.
+    let broken = |mesh: &Incremental| {
+        (mesh.catalog.problems.iter()).any(|p| p.object == "HTTPRouteGroup bookstore/broken")
+    };
+    mesh.edit("a route group with an invalid regex", BROKEN_GROUP, &[]);
+    assert!(broken(&mesh), "{:?}", mesh.catalog.problems);
+    mesh.edit("a TrafficTarget beside it", TCP_TARGET, &[]);
+    assert!(broken(&mesh), "{:?}", mesh.catalog.problems);
+    mesh.edit(
+        "the broken group deleted",
+        "",
+        &[("HTTPRouteGroup", "bookstore", "broken")],
+    );
+    assert!(!broken(&mesh), "{:?}", mesh.catalog.problems);
     mesh.edit("the TCPRoute it names", TCP_ROUTE, &[]);
     mesh.edit(
         "that TCPRoute deleted",
