@@ -11,6 +11,8 @@
 //!   derive the next snapshot.
 //! * `policy_change_beside_10k_route_groups`: the policy change again, with
 //!   10,000 HTTPRouteGroups (two regex matches each) in the mesh.
+//! * `pod_change_beside_10k_route_groups`: one pod relabelled there, which
+//!   rebuilds the catalog and regroups the classes.
 //! * `renewal_batch_of_500_10k`: one renewal tick: 500 certificates signed,
 //!   their classes compiled, the next snapshot derived.
 //! * `ca/issue_10k_identities`: a leaf (fresh ECDSA P-256 key) for each of
@@ -30,7 +32,7 @@ use trellis_leader::{
     source::{Change, SourceUpdate},
 };
 
-use trellis_benches::large_mesh::{mesh, ns, route_group, slice, target, FAN_OUT, SERVICES};
+use trellis_benches::large_mesh::{mesh, ns, pod, route_group, slice, target, FAN_OUT, SERVICES};
 
 fn update(objects: impl IntoIterator<Item = Object>) -> SourceUpdate {
     SourceUpdate {
@@ -127,6 +129,16 @@ fn compile(c: &mut Criterion) {
                 .compile()
                 .unwrap()
                 .expect("the change is published")
+        })
+    });
+    // A workload change beside them: one pod relabelled, which rebuilds
+    // the whole catalog (route groups included) and regroups the classes.
+    let mut revision = 0;
+    group.bench_function("pod_change_beside_10k_route_groups", |b| {
+        b.iter(|| {
+            revision += 1;
+            pipeline.apply(update([Object::Pod(pod(42, 0, Some(revision)))]));
+            pipeline.compile().unwrap()
         })
     });
     // Renewal: every certificate is due; one tick signs a batch (500) and

@@ -117,19 +117,7 @@ pub fn mesh() -> Vec<Object> {
         }));
         objects.push(Object::EndpointSlice(slice(i, 0)));
         for p in 0..PODS_PER_SERVICE {
-            let mut m = meta(&format!("{name}-{p}"), Some(&namespace));
-            m.labels = Some(selector.clone());
-            objects.push(Object::Pod(Pod {
-                metadata: m,
-                spec: Some(PodSpec {
-                    service_account_name: Some(name.clone()),
-                    ..Default::default()
-                }),
-                status: Some(PodStatus {
-                    pod_ip: Some(ip(i, p)),
-                    ..Default::default()
-                }),
-            }));
+            objects.push(Object::Pod(pod(i, p, None)));
         }
         objects.push(Object::TcpRoute(TCPRoute::new(
             &format!("{name}-any"),
@@ -191,4 +179,27 @@ pub fn route_group(i: usize) -> HTTPRouteGroup {
     let mut group = HTTPRouteGroup::new(&format!("svc-{i}-routes"), HttpRouteGroupSpec { matches });
     group.metadata.namespace = Some(ns(i));
     group
+}
+
+/// Pod `p` of service `i`; with `revision`, carrying it as a label no
+/// selector reads (a rollout's pod-template hash, say).
+pub fn pod(i: usize, p: usize, revision: Option<usize>) -> Pod {
+    let (name, namespace) = (format!("svc-{i}"), ns(i));
+    let mut labels = BTreeMap::from([("app".to_owned(), name.clone())]);
+    if let Some(revision) = revision {
+        labels.insert("revision".to_owned(), revision.to_string());
+    }
+    let mut m = meta(&format!("{name}-{p}"), Some(&namespace));
+    m.labels = Some(labels);
+    Pod {
+        metadata: m,
+        spec: Some(PodSpec {
+            service_account_name: Some(name),
+            ..Default::default()
+        }),
+        status: Some(PodStatus {
+            pod_ip: Some(ip(i, p)),
+            ..Default::default()
+        }),
+    }
 }

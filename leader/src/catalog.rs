@@ -18,10 +18,10 @@ use std::{
     time::Duration,
 };
 
-pub use self::build::{build, build_in, rebuild_policies, rebuild_service};
+pub use self::build::{build, build_again, build_in, rebuild_policies, rebuild_service};
 pub use self::egress::{host_range, EgressProtocol, EgressRule};
 pub use self::ingress::{IngressRule, IngressTls};
-pub use self::policy::{HttpRule, Split, Target, Targets, TcpRule};
+pub use self::policy::{HttpRule, RegexVerdicts, Split, Target, Targets, TcpRule};
 pub use self::retry::{Retries, RetryRule};
 pub use self::traffic_setting::{
     ConnectionLimits, HttpRateLimit, TokenBucket, TrafficSetting, TrafficSettings,
@@ -455,6 +455,9 @@ pub struct Catalog {
     /// HTTPRouteGroups whose regexes do not compile, with why: a policy
     /// rebuild judges again only the groups that changed.
     invalid_groups: imbl::OrdMap<ObjectRef, Problem>,
+    /// The last full build's verdicts on its route groups' regexes, which
+    /// the next full build looks up instead of compiling them again.
+    regex_verdicts: policy::VerdictCache,
 }
 
 impl Catalog {

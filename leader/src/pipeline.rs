@@ -496,7 +496,13 @@ impl Pipeline {
                     previous.clone()
                 }
             }
-            _ => catalog::build_in(&self.objects, &self.config.mesh, &self.config.trust_domain),
+            Some(previous) => catalog::build_again(
+                previous,
+                &self.objects,
+                &self.config.mesh,
+                &self.config.trust_domain,
+            ),
+            None => catalog::build_in(&self.objects, &self.config.mesh, &self.config.trust_domain),
         };
         let update = self.compiler.update(self.catalog.as_ref(), &catalog);
         debug!(

@@ -17,7 +17,8 @@ use k8s_openapi::{
 
 use super::{
     is_dns_name, is_object_name, policy, AppProtocol, Catalog, Endpoint, Identity, IngressGateway,
-    MeshPod, MeshService, MeshSettings, Problem, ServiceKey, ServicePort, MONITORED_BY,
+    MeshPod, MeshService, MeshSettings, Problem, RegexVerdicts, ServiceKey, ServicePort,
+    MONITORED_BY,
 };
 use crate::kinds::{IngressGatewaySpec, MeshConfig, MeshConfigSpec, Object, ObjectRef};
 
@@ -40,6 +41,27 @@ pub fn build(objects: &BTreeMap<ObjectRef, Object>, mesh: &str) -> Catalog {
 
 /// [`build`] with identities in `trust_domain`.
 pub fn build_in(objects: &BTreeMap<ObjectRef, Object>, mesh: &str, trust_domain: &str) -> Catalog {
+    build_from(objects, mesh, trust_domain, &RegexVerdicts::new())
+}
+
+/// [`build_in`] after `previous`, whose verdicts on route groups' regexes
+/// hold (they depend on nothing else): those regexes are not compiled
+/// again.
+pub fn build_again(
+    previous: &Catalog,
+    objects: &BTreeMap<ObjectRef, Object>,
+    mesh: &str,
+    trust_domain: &str,
+) -> Catalog {
+    build_from(objects, mesh, trust_domain, &previous.regex_verdicts.0)
+}
+
+fn build_from(
+    objects: &BTreeMap<ObjectRef, Object>,
+    mesh: &str,
+    trust_domain: &str,
+    judged: &RegexVerdicts,
+) -> Catalog {
     let mut problems = Vec::new();
     let mut settings = mesh_settings(objects, &mut problems);
     settings.trust_domain = trust_domain.to_owned();
@@ -179,7 +201,7 @@ pub fn build_in(objects: &BTreeMap<ObjectRef, Object>, mesh: &str, trust_domain:
         workload_problems: problems,
         ..Catalog::default()
     };
-    rebuild(workloads, objects, None)
+    rebuild(workloads, objects, None, judged)
 }
 
 /// `catalog` with its policies (TrafficTargets, TrafficSplits and their
@@ -193,18 +215,20 @@ pub fn rebuild_policies(
     changed: &BTreeSet<ObjectRef>,
 ) -> Catalog {
     let (targets, invalid_groups) = (catalog.targets.clone(), catalog.invalid_groups.clone());
+    let judged = catalog.regex_verdicts.0.clone();
     let before = policy::Before {
         targets: &targets,
         invalid_groups: &invalid_groups,
         changed,
     };
-    rebuild(catalog, objects, Some(before))
+    rebuild(catalog, objects, Some(before), &judged)
 }
 
 fn rebuild(
     mut catalog: Catalog,
     objects: &BTreeMap<ObjectRef, Object>,
     before: Option<policy::Before<'_>>,
+    judged: &RegexVerdicts,
 ) -> Catalog {
     let namespaces = catalog.namespaces.clone();
     let in_mesh = |r: &ObjectRef| namespaces.contains(r.namespace.as_str());
@@ -216,10 +240,14 @@ fn rebuild(
         &catalog.mesh,
         &mut problems,
         before,
+        judged,
     );
     problems.sort();
     catalog.targets = policies.targets;
     catalog.invalid_groups = policies.invalid_groups;
+    if let Some(verdicts) = policies.verdicts {
+        catalog.regex_verdicts = policy::VerdictCache(Arc::new(verdicts));
+    }
     catalog.splits = policies.splits;
     catalog.egress = policies.egress;
     catalog.ingress = policies.ingress.rules;

@@ -140,6 +140,25 @@ pub(super) struct Before<'a> {
     pub(super) changed: &'a BTreeSet<ObjectRef>,
 }
 
+/// What each regex of the route groups judged last came to: `None` if it
+/// compiles, else why not. A regex's verdict depends on nothing else, so a
+/// build looks up those judged before instead of compiling them again:
+/// compiling every group's regexes on each build cost a mesh of 10,000
+/// groups seconds.
+pub type RegexVerdicts = std::collections::HashMap<String, Option<String>>;
+
+/// The [`RegexVerdicts`] a catalog keeps for the next full build. A cache,
+/// left out when catalogs are compared: a policy rebuild keeps the last
+/// full build's, which a fresh build of the same objects would not hold.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct VerdictCache(pub(crate) Arc<RegexVerdicts>);
+
+impl PartialEq for VerdictCache {
+    fn eq(&self, _: &VerdictCache) -> bool {
+        true
+    }
+}
+
 /// A valid TrafficSplit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Split {
@@ -157,7 +176,11 @@ pub(super) type Groups<'a> = BTreeMap<(String, String), &'a HTTPRouteGroup>;
 /// The valid policies of the mesh.
 pub(super) struct Policies {
     pub(super) targets: Targets,
+    /// The HTTPRouteGroups whose regexes do not compile, with why.
     pub(super) invalid_groups: imbl::OrdMap<ObjectRef, Problem>,
+    /// A full build's verdicts on its route groups' regexes (a policy
+    /// rebuild judges only the groups that changed, and keeps the cache).
+    pub(super) verdicts: Option<RegexVerdicts>,
     pub(super) splits: BTreeMap<ServiceKey, Split>,
     pub(super) egress: BTreeMap<Identity, Vec<EgressRule>>,
     pub(super) ingress: ingress::Ingress,
@@ -172,6 +195,7 @@ pub(super) fn build(
     settings: &MeshSettings,
     problems: &mut Vec<Problem>,
     before: Option<Before<'_>>,
+    judged: &RegexVerdicts,
 ) -> Policies {
     // A TrafficTarget reads only itself and the routes it names: while no
     // route changed, those that did not change are kept as they were.
@@ -183,6 +207,7 @@ pub(super) fn build(
         .filter(|kind| *kind != "TCPRoute" && (reuse.is_none() || *kind != "TrafficTarget"))
         .collect();
     let mut groups: Groups<'_> = BTreeMap::new();
+    let mut verdicts = RegexVerdicts::new();
     let mut invalid_groups = imbl::OrdMap::new();
     let mut targets = Vec::new();
     let mut splits = Vec::new();
@@ -193,14 +218,13 @@ pub(super) fn build(
     for (r, object) in of_kinds(objects, &kinds).filter(|(r, _)| in_mesh(r)) {
         match object {
             Object::HttpRouteGroup(group) => {
-                // Compiling every group's regexes again on each rebuild
-                // would cost a mesh of many groups more than the rest:
-                // only a changed group is judged again.
                 let invalid = match before {
+                    // Unchanged since the catalog rebuilt from: as judged.
                     Some(before) if !before.changed.contains(r) => {
                         before.invalid_groups.get(r).cloned()
                     }
-                    _ => invalid_regex(&group.spec.matches).map(|reason| Problem::new(r, reason)),
+                    _ => invalid_regex(&group.spec.matches, judged, &mut verdicts)
+                        .map(|reason| Problem::new(r, reason)),
                 };
                 match invalid {
                     Some(problem) => {
@@ -287,6 +311,7 @@ pub(super) fn build(
     Policies {
         targets,
         invalid_groups,
+        verdicts: before.is_none().then_some(verdicts),
         splits: by_root,
         egress,
         ingress,
@@ -295,12 +320,24 @@ pub(super) fn build(
     }
 }
 
-fn invalid_regex(matches: &[HttpMatch]) -> Option<String> {
+/// Why one of `matches`' regexes does not compile, if one does not; each
+/// verdict is taken from `judged` (or `verdicts`) when there, and kept in
+/// `verdicts`.
+fn invalid_regex(
+    matches: &[HttpMatch],
+    judged: &RegexVerdicts,
+    verdicts: &mut RegexVerdicts,
+) -> Option<String> {
     for m in matches {
         let regexes = std::iter::once(("pathRegex", &m.path_regex))
             .chain(m.headers.iter().map(|(h, v)| (h.as_str(), v)));
         for (what, re) in regexes {
-            if let Err(error) = regex::Regex::new(re) {
+            let verdict = match verdicts.get(re).or_else(|| judged.get(re)) {
+                Some(verdict) => verdict.clone(),
+                None => regex::Regex::new(re).err().map(|error| error.to_string()),
+            };
+            verdicts.insert(re.clone(), verdict.clone());
+            if let Some(error) = verdict {
                 return Some(format!(
                     "match {:?}: {what} {re:?} is not a valid regex: {error}",
                     m.name

@@ -69,6 +69,11 @@ impl Incremental {
             changed.insert(r);
         }
         let mut catalog = catalog::build(&self.objects, "osm");
+        // What the pipeline does for other edits: a full build, reusing
+        // what the last one judged of route groups' regexes.
+        let again =
+            catalog::build_again(&self.catalog, &self.objects, "osm", catalog::TRUST_DOMAIN);
+        assert_eq!(again, catalog, "{what}: built again after the last catalog");
         if policies_only {
             // What the pipeline does for such edits: keep the workloads.
             let rebuilt = catalog::rebuild_policies(self.catalog.clone(), &self.objects, &changed);
@@ -186,6 +191,17 @@ fn every_kind_of_edit_compiled_incrementally_equals_compiling_every_class() {
     mesh.edit("a route group with an invalid regex", BROKEN_GROUP, &[]);
     assert!(broken(&mesh), "{:?}", mesh.catalog.problems);
     mesh.edit("a TrafficTarget beside it", TCP_TARGET, &[]);
+    assert!(broken(&mesh), "{:?}", mesh.catalog.problems);
+    mesh.edit(
+        "a service beside it",
+        &service(
+            "bookstore/extra",
+            "10.96.9.9",
+            "app: nobody",
+            ("http", 80, 80),
+        ),
+        &[],
+    );
     assert!(broken(&mesh), "{:?}", mesh.catalog.problems);
     mesh.edit(
         "the broken group deleted",
