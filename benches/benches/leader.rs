@@ -44,6 +44,15 @@ fn update(objects: impl IntoIterator<Item = Object>) -> SourceUpdate {
     }
 }
 
+/// Applies `object` and compiles: the snapshot published for it.
+fn publish(pipeline: &mut Pipeline, object: Object) -> trellis_shared::Snapshot {
+    pipeline.apply(update([object]));
+    pipeline
+        .compile()
+        .unwrap()
+        .expect("the change is published")
+}
+
 fn compile(c: &mut Criterion) {
     // The leader always runs among other threads (its runtime's, the
     // compile's), where glibc's malloc takes its locks; a benchmark
@@ -89,22 +98,14 @@ fn compile(c: &mut Criterion) {
         b.iter(|| {
             generation += 1;
             let target = target(42, FAN_OUT + generation % 2);
-            pipeline.apply(update([Object::TrafficTarget(target)]));
-            pipeline
-                .compile()
-                .unwrap()
-                .expect("the change is published")
+            publish(&mut pipeline, Object::TrafficTarget(target))
         })
     });
     let mut generation = 0;
     group.bench_function("one_endpoint_change_10k", |b| {
         b.iter(|| {
             generation += 1;
-            pipeline.apply(update([Object::EndpointSlice(slice(42, generation))]));
-            pipeline
-                .compile()
-                .unwrap()
-                .expect("the change is published")
+            publish(&mut pipeline, Object::EndpointSlice(slice(42, generation)))
         })
     });
     // The same change beside 10,000 HTTPRouteGroups (an HTTP mesh has one
@@ -123,12 +124,7 @@ fn compile(c: &mut Criterion) {
             } else {
                 FAN_OUT
             };
-            let target = target(42, sources);
-            pipeline.apply(update([Object::TrafficTarget(target)]));
-            pipeline
-                .compile()
-                .unwrap()
-                .expect("the change is published")
+            publish(&mut pipeline, Object::TrafficTarget(target(42, sources)))
         })
     });
     // A workload change beside them: one pod relabelled, which rebuilds

@@ -21,7 +21,7 @@ use std::{
 pub use self::build::{build, build_again, build_in, rebuild_policies, rebuild_service};
 pub use self::egress::{host_range, EgressProtocol, EgressRule};
 pub use self::ingress::{IngressRule, IngressTls};
-pub use self::policy::{HttpRule, RegexVerdicts, Split, Target, Targets, TcpRule};
+pub use self::policy::{HttpRule, Split, Target, Targets, TcpRule};
 pub use self::retry::{Retries, RetryRule};
 pub use self::traffic_setting::{
     ConnectionLimits, HttpRateLimit, TokenBucket, TrafficSetting, TrafficSettings,

@@ -15,10 +15,10 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
+use self::policy::RegexVerdicts;
 use super::{
     is_dns_name, is_object_name, policy, AppProtocol, Catalog, Endpoint, Identity, IngressGateway,
-    MeshPod, MeshService, MeshSettings, Problem, RegexVerdicts, ServiceKey, ServicePort,
-    MONITORED_BY,
+    MeshPod, MeshService, MeshSettings, Problem, ServiceKey, ServicePort, MONITORED_BY,
 };
 use crate::kinds::{IngressGatewaySpec, MeshConfig, MeshConfigSpec, Object, ObjectRef};
 

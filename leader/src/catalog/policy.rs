@@ -100,13 +100,9 @@ impl Targets {
             Some(Ok(target)) => {
                 let target = Arc::new(target);
                 for source in &target.sources {
-                    let named = self.by_source.entry(source.clone()).or_default();
-                    named.insert(r.clone(), target.clone());
+                    index(&mut self.by_source, source, r, &target);
                 }
-                let named = (self.by_destination)
-                    .entry(target.destination.clone())
-                    .or_default();
-                named.insert(r.clone(), target.clone());
+                index(&mut self.by_destination, &target.destination, r, &target);
                 self.valid.insert(r.clone(), target);
             }
             Some(Err(skip)) => {
@@ -119,6 +115,10 @@ impl Targets {
 
 fn named<'a>(index: &'a Index, identity: &Identity) -> impl Iterator<Item = &'a Target> {
     (index.get(identity).into_iter()).flat_map(|named| named.values().map(|target| &**target))
+}
+
+fn index(index: &mut Index, identity: &Identity, r: &ObjectRef, target: &Arc<Target>) {
+    (index.entry(identity.clone()).or_default()).insert(r.clone(), target.clone());
 }
 
 fn unindex(index: &mut Index, identity: &Identity, r: &ObjectRef) {
@@ -145,7 +145,7 @@ pub(super) struct Before<'a> {
 /// build looks up those judged before instead of compiling them again:
 /// compiling every group's regexes on each build cost a mesh of 10,000
 /// groups seconds.
-pub type RegexVerdicts = std::collections::HashMap<String, Option<String>>;
+pub(crate) type RegexVerdicts = std::collections::HashMap<String, Option<String>>;
 
 /// The [`RegexVerdicts`] a catalog keeps for the next full build. A cache,
 /// left out when catalogs are compared: a policy rebuild keeps the last
